@@ -1,0 +1,1 @@
+"""caravan coordinator: the command line and, later, discovery and placement."""

@@ -1,0 +1,147 @@
+"""The generation loop: tokens in, through a list of stages, tokens out.
+
+It sees only `list[Stage]`: one process is `[LocalStage(0, n_layers)]`, a cluster is a list of
+remote stages. Embedding, the final norm, the output head and sampling run here.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .model import ModelHead
+from .sampler import Sampler
+from .stage import Segment, Stage, StageBatch
+
+PREFILL_CHUNK = 256  # rows per forward call during prefill: bounds activation and attention scratch
+
+
+class ContextFullError(ValueError):
+    pass
+
+
+class Pipeline:
+    """A model's head plus stages that together cover every layer, in order."""
+
+    def __init__(self, head: ModelHead, stages: Sequence[Stage], n_ctx: int):
+        expected = 0
+        for stage in stages:
+            if stage.layers.start != expected:
+                raise ValueError(f"stages leave a gap or overlap at layer {expected} (next stage starts at {stage.layers.start})")
+            expected = stage.layers.stop
+        if expected != head.config.n_layers:
+            raise ValueError(f"stages cover layers [0, {expected}) of {head.config.n_layers}")
+        self.head = head
+        self.stages = list(stages)
+        self.n_ctx = n_ctx
+
+    def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
+        """Embed the tokens, run them through every stage; returns the last hidden states (T, dim)."""
+        hidden = self.head.embed(token_ids)
+        for stage in self.stages:
+            hidden = stage.forward(StageBatch(tuple(segments), hidden))
+        return hidden
+
+    def end_session(self, session_id: str) -> None:
+        for stage in self.stages:
+            stage.end_session(session_id)
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0  # from the call to the prompt's logits
+    first_token_s: float = 0.0  # from the call to the first sampled token
+    decode_s: float = 0.0  # from the first token to the last
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        # The first token comes out of prefill; decode speed counts the ones after it.
+        n = self.generated_tokens - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "first_token_s": round(self.first_token_s, 6),
+        }
+
+
+@dataclass
+class Generation:
+    """One sequence's generation; iterate it for token ids. The KV caches on every stage are
+    released when it finishes or is closed."""
+
+    pipeline: Pipeline
+    prompt_ids: Sequence[int]
+    sampler: Sampler
+    max_tokens: int
+    stop_ids: frozenset[int]
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    tokens: list[int] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+    stopped_by: str = ""  # "eog", "length" or "context"
+
+    def __post_init__(self) -> None:
+        n = len(self.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n >= self.pipeline.n_ctx:
+            raise ContextFullError(f"prompt of {n} tokens does not fit the context of {self.pipeline.n_ctx} tokens")
+
+    def __iter__(self) -> Iterator[int]:
+        try:
+            yield from self._run()
+        finally:
+            self.pipeline.end_session(self.session_id)
+
+    def _prefill(self) -> np.ndarray:
+        ids = np.asarray(self.prompt_ids, dtype=np.int64)
+        hidden = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK]
+            hidden = self.pipeline.forward([Segment(self.session_id, start, len(chunk))], chunk)
+        return self.pipeline.head.logits(hidden[-1:])[0]
+
+    def _run(self) -> Iterator[int]:
+        t0 = time.perf_counter()
+        logits = self._prefill()
+        self.timings.prompt_tokens = len(self.prompt_ids)
+        self.timings.prefill_s = time.perf_counter() - t0
+        history = list(self.prompt_ids)
+        t_first = 0.0
+        while True:
+            token = self.sampler.sample(logits, history)
+            if t_first == 0.0:
+                t_first = time.perf_counter()
+                self.timings.first_token_s = t_first - t0
+            else:
+                self.timings.decode_s = time.perf_counter() - t_first
+            if token in self.stop_ids:
+                self.stopped_by = "eog"
+                return
+            self.tokens.append(token)
+            self.timings.generated_tokens = len(self.tokens)
+            history.append(token)
+            yield token
+            if len(self.tokens) >= self.max_tokens:
+                self.stopped_by = "length"
+                return
+            position = len(history) - 1
+            if position >= self.pipeline.n_ctx:
+                self.stopped_by = "context"
+                return
+            hidden = self.pipeline.forward(
+                [Segment(self.session_id, position, 1)], np.array([token], dtype=np.int64)
+            )
+            logits = self.pipeline.head.logits(hidden)[0]

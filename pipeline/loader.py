@@ -1,0 +1,62 @@
+"""Open a GGUF model for the coordinator: config, tokenizer, chat template and head."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .chat_template import ChatTemplate
+from .generate import Pipeline
+from .gguf_file import GGUFFile
+from .model import ModelConfig, ModelError, ModelHead
+from .stage import LayerRange, LocalStage
+from .tokenizer import Tokenizer
+
+DEFAULT_CTX = 2048  # like llama.cpp's older default: a Pi's memory, not the model's maximum
+
+
+@dataclass
+class LoadedModel:
+    file: GGUFFile
+    config: ModelConfig
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    head: ModelHead
+
+    @property
+    def name(self) -> str:
+        return str(self.file.metadata.get("general.name") or self.file.path.stem)
+
+    def context_size(self, requested: int | None) -> int:
+        """The context to run with: the request (or DEFAULT_CTX), at most what the model was trained for."""
+        n_ctx = requested or DEFAULT_CTX
+        if n_ctx <= 0:
+            raise ValueError(f"context size must be positive, got {n_ctx}")
+        return min(n_ctx, self.config.context_length)
+
+    def local_pipeline(self, n_ctx: int | None = None) -> Pipeline:
+        """Every layer in this process: [LocalStage(0, n_layers)]."""
+        n_ctx = self.context_size(n_ctx)
+        stage = LocalStage.load(self.file, self.config, LayerRange(0, self.config.n_layers), n_ctx)
+        return Pipeline(self.head, [stage], n_ctx)
+
+
+def load_model(path: str | os.PathLike[str]) -> LoadedModel:
+    """Parse and check the file, build the tokenizer and head. Layer weights load per stage."""
+    gguf = GGUFFile(path)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    embd = gguf.tensors.get("token_embd.weight")
+    if embd is None:
+        raise ModelError(f"{path}: missing tensor token_embd.weight")
+    n_vocab_rows = embd.n_rows
+    if n_vocab_rows != tokenizer.vocab_size:
+        raise ModelError(
+            f"{path}: vocabulary of {tokenizer.vocab_size} tokens does not match token_embd.weight's {n_vocab_rows} rows"
+        )
+    config = ModelConfig.from_metadata(gguf.metadata, n_vocab_rows)
+    source = gguf.metadata.get("tokenizer.chat_template")
+    bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+    eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
+    template = ChatTemplate(source, bos, eos) if isinstance(source, str) and source else ChatTemplate.chatml()
+    head = ModelHead(gguf, config)
+    return LoadedModel(gguf, config, tokenizer, template, head)

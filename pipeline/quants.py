@@ -1,0 +1,333 @@
+"""Quantized weight formats and the Numba kernels that multiply by them without dequantizing.
+
+Block layouts, from ggml-common.h (block size in weights, bytes per block):
+
+    Q4_0: (32, 2 + 16)      d: f16, qs[16]: w[j] = d * ((qs[j] & 15) - 8), w[j+16] = d * ((qs[j] >> 4) - 8)
+    Q4_1: (32, 2 + 2 + 16)  d: f16, m: f16, qs[16]: w[j] = d * (qs[j] & 15) + m, w[j+16] = d * (qs[j] >> 4) + m
+    Q8_0: (32, 2 + 32)      d: f16, qs[32]: int8, w[j] = d * qs[j]
+    F16, F32: plain rows
+
+At load time each matrix is repacked once into contiguous arrays (nibbles or int8 values in one
+array, the f16 scales widened to f32 in another), so the kernels' hot loops read unit-stride
+memory with fixed trip counts. The weights stay quantized: only the scales are widened.
+
+As in llama.cpp (ggml-cpu's `vec_dot_type`), activations are quantized once per product to
+8-bit blocks of 32 and the inner loops are integer dot products: Q8_0 activations for Q4_0 and
+Q8_0 weights, Q8_1 (with the block sum, for the `m` term) for Q4_1. F16 weights see activations
+rounded to f16, as ggml_vec_dot_f16 does. Matching ggml's choice keeps caravan's numbers close
+to llama.cpp's, not only fast.
+
+Every kernel runs `prange` over output rows only: each output element is summed by one thread
+in one fixed order, so results do not depend on the thread count or on how many token rows are
+in the batch (a sequence decodes to the same tokens alone or batched with others).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from .numba_config import FASTMATH
+
+QK = 32  # weights per block, for every block format here
+
+# f16 -> f32 for every bit pattern: Numba has no float16, so compiled code decodes f16 through
+# this table, as ggml does with its ggml_table_f32_f16.
+F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+
+SUPPORTED_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+
+
+class UnsupportedTypeError(ValueError):
+    pass
+
+
+def supported_names() -> str:
+    return ", ".join(t.name for t in SUPPORTED_TYPES)
+
+
+@dataclass(frozen=True)
+class PackedMatrix:
+    """A (rows, cols) weight matrix in one format, repacked for the kernels.
+
+    arrays, by format:
+        F32:  (values f32 (rows, cols),)
+        F16:  (bits u16 (rows, cols),)
+        Q8_0: (qs i8 (rows, cols), d f32 (rows, cols // 32))
+        Q4_0: (qs u8 (rows, cols // 2), d f32 (rows, cols // 32))
+        Q4_1: (qs u8 (rows, cols // 2), d f32 (rows, cols // 32), m f32 (rows, cols // 32))
+    """
+
+    type: QT
+    rows: int
+    cols: int
+    arrays: tuple[np.ndarray, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+# ---------------------------------------------------------------------------------------------
+# Repacking from GGUF block bytes (load time, numpy)
+
+
+def _scales(blocks: np.ndarray, start: int) -> np.ndarray:
+    """(rows, n_blocks, block_bytes) uint8 -> the f16 at byte `start` of each block, as f32."""
+    return np.ascontiguousarray(blocks[:, :, start : start + 2]).view(np.float16)[..., 0].astype(np.float32)
+
+
+def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
+    """Repack a GGUF tensor (2-D view from GGUFFile.tensor_data) for the kernels."""
+    if ttype not in SUPPORTED_TYPES:
+        raise UnsupportedTypeError(f"{name}: unsupported type {ttype.name} (supported: {supported_names()})")
+    if ttype == QT.F32:
+        values = np.ascontiguousarray(raw, dtype=np.float32)
+        return PackedMatrix(ttype, values.shape[0], values.shape[1], (values,))
+    if ttype == QT.F16:
+        bits = np.ascontiguousarray(raw).view(np.uint16)
+        return PackedMatrix(ttype, bits.shape[0], bits.shape[1], (bits,))
+    rows = raw.shape[0]
+    if ttype == QT.Q8_0:
+        blocks = raw.reshape(rows, -1, 2 + QK)
+        qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, -1)
+        return PackedMatrix(ttype, rows, qs.shape[1], (qs, _scales(blocks, 0)))
+    if ttype == QT.Q4_0:
+        blocks = raw.reshape(rows, -1, 2 + QK // 2)
+        qs = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, -1)
+        return PackedMatrix(ttype, rows, qs.shape[1] * 2, (qs, _scales(blocks, 0)))
+    # Q4_1
+    blocks = raw.reshape(rows, -1, 4 + QK // 2)
+    qs = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, -1)
+    return PackedMatrix(ttype, rows, qs.shape[1] * 2, (qs, _scales(blocks, 0), _scales(blocks, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantization (per product, compiled)
+
+
+@nb.njit(cache=True)
+def _f32_to_f16_to_f32(x):
+    """Round an f32 to the nearest f16 (ties to even) and back; Numba has no float16.
+
+    An f16 keeps 11 significant bits down to 2**-14 and a fixed step of 2**-24 below it, so
+    rounding is a scale by a power of two, rint (ties to even) and the scale back, all exact
+    in float64."""
+    mag = abs(np.float64(x))
+    if mag >= 65520.0:  # rounds past f16's largest finite value, 65504
+        r = np.inf
+    elif mag == 0.0:
+        return np.float32(x)
+    else:
+        _, e = math.frexp(mag)  # mag = f * 2**e, 0.5 <= f < 1
+        step = max(e - 11, -24)
+        r = math.ldexp(np.rint(math.ldexp(mag, -step)), step)
+    return np.float32(r if x > 0 else -r)
+
+
+@nb.njit(cache=True, fastmath=FASTMATH)
+def _quantize_q8(x, qs, d, s):
+    """x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs).
+
+    ggml's quantize_row_q8_0/q8_1: d = amax / 127 stored as f16; q = round(x / d)."""
+    n_rows, n = x.shape
+    for t in range(n_rows):
+        for b in range(n // QK):
+            amax = np.float32(0.0)
+            for j in range(QK):
+                amax = max(amax, abs(x[t, b * QK + j]))
+            delta = amax / np.float32(127.0)
+            inv = np.float32(1.0) / delta if delta > 0 else np.float32(0.0)
+            total = 0
+            for j in range(QK):
+                q = np.int32(np.rint(x[t, b * QK + j] * inv))
+                qs[t, b * QK + j] = q
+                total += q
+            d16 = _f32_to_f16_to_f32(delta)
+            d[t, b] = d16
+            s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
+
+
+@nb.njit(cache=True)
+def _round_to_f16(x, out):
+    n_rows, n = x.shape
+    for t in range(n_rows):
+        for j in range(n):
+            out[t, j] = _f32_to_f16_to_f32(x[t, j])
+
+
+class Activations:
+    """One activation matrix x (T, K) f32 and its quantized forms, made on first use and shared
+    by every product that reads the same x (Q, K and V; gate and up)."""
+
+    __slots__ = ("x", "_q8", "_f16")
+
+    def __init__(self, x: np.ndarray):
+        self.x = x
+        self._q8 = None
+        self._f16 = None
+
+    def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._q8 is None:
+            n_rows, n = self.x.shape
+            qs = np.empty((n_rows, n), np.int8)
+            d = np.empty((n_rows, n // QK), np.float32)
+            s = np.empty((n_rows, n // QK), np.float32)
+            _quantize_q8(self.x, qs, d, s)
+            self._q8 = (qs, d, s)
+        return self._q8
+
+    def f16(self) -> np.ndarray:
+        if self._f16 is None:
+            self._f16 = np.empty_like(self.x)
+            _round_to_f16(self.x, self._f16)
+        return self._f16
+
+
+# ---------------------------------------------------------------------------------------------
+# Products: out (T, rows) = x (T, cols) @ W.T, one kernel per weight format
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _matmul_f32(w, x, out):
+    rows, cols = w.shape
+    for r in nb.prange(rows):
+        for t in range(x.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += w[r, j] * x[t, j]
+            out[t, r] = acc
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _matmul_f16(w, x16, table, out):
+    rows, cols = w.shape
+    for r in nb.prange(rows):
+        for t in range(x16.shape[0]):
+            acc = np.float32(0.0)
+            for j in range(cols):
+                acc += table[w[r, j]] * x16[t, j]
+            out[t, r] = acc
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _matmul_q8_0(wq, wd, xq, xd, out):
+    rows, cols = wq.shape
+    for r in nb.prange(rows):
+        for t in range(xq.shape[0]):
+            acc = np.float32(0.0)
+            for b in range(cols // QK):
+                isum = np.int32(0)
+                for j in range(QK):
+                    isum += np.int32(wq[r, b * QK + j]) * np.int32(xq[t, b * QK + j])
+                acc += (wd[r, b] * xd[t, b]) * np.float32(isum)
+            out[t, r] = acc
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _matmul_q4_0(wq, wd, xq, xd, out):
+    rows = wq.shape[0]
+    n_blocks = wd.shape[1]
+    half = QK // 2
+    for r in nb.prange(rows):
+        for t in range(xq.shape[0]):
+            acc = np.float32(0.0)
+            for b in range(n_blocks):
+                isum = np.int32(0)
+                for j in range(half):
+                    byte = np.int32(wq[r, b * half + j])
+                    isum += ((byte & 15) - 8) * np.int32(xq[t, b * QK + j])
+                    isum += ((byte >> 4) - 8) * np.int32(xq[t, b * QK + half + j])
+                acc += (wd[r, b] * xd[t, b]) * np.float32(isum)
+            out[t, r] = acc
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _matmul_q4_1(wq, wd, wm, xq, xd, xs, out):
+    rows = wq.shape[0]
+    n_blocks = wd.shape[1]
+    half = QK // 2
+    for r in nb.prange(rows):
+        for t in range(xq.shape[0]):
+            acc = np.float32(0.0)
+            for b in range(n_blocks):
+                isum = np.int32(0)
+                for j in range(half):
+                    byte = np.int32(wq[r, b * half + j])
+                    isum += (byte & 15) * np.int32(xq[t, b * QK + j])
+                    isum += (byte >> 4) * np.int32(xq[t, b * QK + half + j])
+                acc += (wd[r, b] * xd[t, b]) * np.float32(isum) + wm[r, b] * xs[t, b]
+            out[t, r] = acc
+
+
+def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) -> np.ndarray:
+    """(T, cols) activations times W (rows, cols) transposed -> (T, rows) f32."""
+    n_rows = acts.x.shape[0]
+    if out is None:
+        out = np.empty((n_rows, w.rows), np.float32)
+    if w.type == QT.Q4_1:
+        xq, xd, xs = acts.q8()
+        _matmul_q4_1(*w.arrays, xq, xd, xs, out)
+    elif w.type == QT.Q4_0:
+        xq, xd, _ = acts.q8()
+        _matmul_q4_0(*w.arrays, xq, xd, out)
+    elif w.type == QT.Q8_0:
+        xq, xd, _ = acts.q8()
+        _matmul_q8_0(*w.arrays, xq, xd, out)
+    elif w.type == QT.F16:
+        _matmul_f16(w.arrays[0], acts.f16(), F16_TO_F32, out)
+    else:
+        _matmul_f32(w.arrays[0], acts.x, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Row lookup (token embeddings): dequantize only the rows asked for
+
+
+@nb.njit(cache=True)
+def _rows_q8_0(wq, wd, ids, out):
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for j in range(wq.shape[1]):
+            out[i, j] = wd[r, j // QK] * np.float32(wq[r, j])
+
+
+@nb.njit(cache=True)
+def _rows_q4_0(wq, wd, ids, out):
+    half = QK // 2
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for b in range(wd.shape[1]):
+            for j in range(half):
+                byte = np.int32(wq[r, b * half + j])
+                out[i, b * QK + j] = wd[r, b] * np.float32((byte & 15) - 8)
+                out[i, b * QK + half + j] = wd[r, b] * np.float32((byte >> 4) - 8)
+
+
+@nb.njit(cache=True)
+def _rows_q4_1(wq, wd, wm, ids, out):
+    half = QK // 2
+    for i in range(ids.shape[0]):
+        r = ids[i]
+        for b in range(wd.shape[1]):
+            for j in range(half):
+                byte = np.int32(wq[r, b * half + j])
+                out[i, b * QK + j] = wd[r, b] * np.float32(byte & 15) + wm[r, b]
+                out[i, b * QK + half + j] = wd[r, b] * np.float32(byte >> 4) + wm[r, b]
+
+
+def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of W as f32 (len(ids), cols)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if w.type == QT.F32:
+        return w.arrays[0][ids].copy()
+    if w.type == QT.F16:
+        return F16_TO_F32[w.arrays[0][ids]]
+    out = np.empty((ids.shape[0], w.cols), np.float32)
+    {QT.Q8_0: _rows_q8_0, QT.Q4_0: _rows_q4_0, QT.Q4_1: _rows_q4_1}[w.type](*w.arrays, ids, out)
+    return out

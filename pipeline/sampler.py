@@ -1,0 +1,174 @@
+"""Pick the next token from a logits vector, as llama.cpp's default sampler chain does.
+
+The chain and its order follow llama.cpp's `common_sampler` defaults (`common/common.h`,
+`common_params_sampling::samplers`; the stages live in `src/llama-sampling.cpp`), keeping
+the stages caravan exposes:
+
+    penalties -> top-k -> top-p -> min-p -> temperature -> dist
+
+top-k, top-p and min-p see the logits before temperature, so temperature reshapes only the
+distribution among the survivors. Temperature 0 is greedy decoding after the penalties.
+Each filter keeps at least one token (llama.cpp's `min_keep = 1`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # divides the logits before the draw; 0 = greedy argmax
+    top_k: int = 40  # keep the k highest logits; 0 = off
+    top_p: float = 0.95  # keep the smallest head whose probability reaches p; 1.0 = off
+    min_p: float = 0.05  # keep tokens with p >= min_p * p_max; 0.0 = off
+    repeat_penalty: float = 1.0  # CTRL-style penalty on recent tokens; 1.0 = off
+    repeat_last_n: int = 64  # how many of the most recent tokens the penalty looks at
+    seed: int | None = None  # seeds the draws; None = fresh OS entropy
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0.0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1] (0 = off), got {self.min_p}")
+        if not (math.isfinite(self.repeat_penalty) and self.repeat_penalty > 0.0):
+            raise ValueError(
+                f"repeat_penalty must be finite and > 0 (1 = off), got {self.repeat_penalty}"
+            )
+        if self.repeat_last_n < 0:
+            raise ValueError(f"repeat_last_n must be >= 0 (0 = off), got {self.repeat_last_n}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
+
+
+def apply_repeat_penalty(
+    logits: np.ndarray, recent_tokens: np.ndarray, penalty: float
+) -> np.ndarray:
+    """A copy of logits with each distinct recent token pushed down by `penalty`.
+
+    CTRL's penalty (Keskar et al. 2019) divides a logit; llama.cpp's
+    `llama_sampler_penalties_apply` divides positive logits and multiplies the others, so
+    the penalty lowers a token whatever its sign. A token counts once however often it
+    repeated.
+    """
+    out = logits.astype(np.float32, copy=True)  # (vocab,)
+    tokens = np.unique(recent_tokens)  # (n_distinct,)
+    hit = out[tokens]
+    out[tokens] = np.where(hit <= 0.0, hit * penalty, hit / penalty)
+    return out
+
+
+def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
+    """Token ids ordered by descending logit, the k best only when 0 < k < vocab.
+
+    Ties go to the lower token id, so the result does not depend on how the selection
+    happened to order equal values. With k set, only k tokens are sorted: np.partition
+    finds the k-th largest logit in O(vocab).
+    """
+    vocab = logits.shape[0]
+    if 0 < k < vocab:
+        kth = np.partition(logits, vocab - k)[vocab - k]
+        above = np.flatnonzero(logits > kth)
+        tied = np.flatnonzero(logits == kth)[: k - above.size]
+        ids = np.sort(np.concatenate([above, tied]))  # (k,)
+    else:
+        ids = np.arange(vocab)  # (vocab,)
+    order = np.argsort(-logits[ids], kind="stable")
+    return ids[order]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities in float64, shifted by the max so exp never overflows."""
+    shifted = logits.astype(np.float64) - logits.max()
+    e = np.exp(shifted)
+    return e / e.sum()
+
+
+def top_p_count(sorted_logits: np.ndarray, p: float) -> int:
+    """How many of the (descending) candidates make up the smallest head with mass >= p.
+
+    As llama.cpp's top-p: the token that crosses p is kept; if rounding keeps the sum
+    below p, everything stays.
+    """
+    cumulative = np.cumsum(softmax(sorted_logits))
+    crossing = int(np.searchsorted(cumulative, p, side="left"))
+    return min(crossing + 1, sorted_logits.shape[0])
+
+
+def min_p_count(sorted_logits: np.ndarray, min_p: float) -> int:
+    """How many of the (descending) candidates have p >= min_p * p_max.
+
+    In logits that is logit >= max_logit + ln(min_p), as llama.cpp compares it; no
+    softmax is needed and the renormalisation after earlier filters does not matter.
+    """
+    threshold = sorted_logits[0] + math.log(min_p)
+    return max(1, int(np.count_nonzero(sorted_logits >= threshold)))
+
+
+class Sampler:
+    """Draws tokens with one seeded generator, so a seed fixes the whole sequence."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
+        """The next token id; `logits` is (vocab,) and is not modified."""
+        _validate_logits(logits)
+        p = self.params
+        logits = self._penalised(logits, previous_tokens)
+        if p.temperature == 0.0:
+            # np.argmax returns the first maximum: ties go to the lowest id.
+            return int(np.argmax(logits))
+
+        ids = top_k_candidates(logits, p.top_k)  # (n,) descending by logit
+        kept = logits[ids]
+        if p.top_p < 1.0:
+            kept = kept[: top_p_count(kept, p.top_p)]
+        if p.min_p > 0.0:
+            kept = kept[: min_p_count(kept, p.min_p)]
+
+        probs = softmax(kept / np.float32(p.temperature))  # (n_kept,)
+        # One uniform per draw, inverted through the cumulative distribution; side="right"
+        # never lands on a token whose probability underflowed to zero.
+        cumulative = np.cumsum(probs)
+        u = self._rng.random() * cumulative[-1]
+        choice = int(np.searchsorted(cumulative, u, side="right"))
+        return int(ids[min(choice, kept.shape[0] - 1)])
+
+    def _penalised(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
+        p = self.params
+        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(previous_tokens) == 0:
+            return logits
+        recent = np.asarray(previous_tokens, dtype=np.int64)[-p.repeat_last_n :]
+        vocab = logits.shape[0]
+        if recent.min() < 0 or recent.max() >= vocab:
+            raise ValueError(
+                f"previous_tokens must be token ids in [0, {vocab}), "
+                f"got values from {recent.min()} to {recent.max()}"
+            )
+        return apply_repeat_penalty(logits, recent, p.repeat_penalty)
+
+
+def _validate_logits(logits: np.ndarray) -> None:
+    """A NaN or an all -inf vector means the model broke; say so instead of drawing junk."""
+    if not isinstance(logits, np.ndarray) or logits.ndim != 1 or logits.shape[0] == 0:
+        raise ValueError(
+            f"logits must be a non-empty 1-D numpy array (vocab,), got "
+            f"{getattr(logits, 'shape', type(logits).__name__)}"
+        )
+    if not np.issubdtype(logits.dtype, np.floating):
+        raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    top = logits.max()
+    if np.isnan(top):
+        raise ValueError("logits contain NaN")
+    if top == -np.inf:
+        raise ValueError("logits are all -inf: no token can be sampled")

@@ -1,0 +1,189 @@
+"""The one seam of caravan: a Stage runs a contiguous range of transformer layers.
+
+`LocalStage` runs its layers in this process; a remote stage sends the same batch to a node.
+The generation loop sees only a list of stages, so one process and a cluster give the same
+output.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .model import LayerWeights, ModelConfig, TensorSource
+from .ops import attention, rmsnorm, rope_, rope_tables, swiglu
+from .quants import Activations, matmul
+
+log = logging.getLogger(__name__)
+
+
+class StageError(ValueError):
+    """A batch a stage cannot run (bad positions, unknown session, context full)."""
+
+
+@dataclass(frozen=True)
+class LayerRange:
+    """Half-open [start, stop) range of layer indices."""
+
+    start: int
+    stop: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start < self.stop:
+            raise ValueError(f"layer range [{self.start}, {self.stop}) is empty or negative")
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.stop))
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {self.stop})"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """`length` consecutive rows of one session, at positions start .. start + length - 1."""
+
+    session_id: str
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StageBatch:
+    """Rows from one or more sessions: a prefill chunk is one long segment, batched decode is
+    many segments of one row. hidden holds the segments' rows in order."""
+
+    segments: tuple[Segment, ...]
+    hidden: np.ndarray  # (sum of segment lengths, dim) f32
+
+    def positions(self) -> np.ndarray:
+        return np.concatenate([np.arange(s.start, s.start + s.length, dtype=np.int64) for s in self.segments])
+
+
+class Stage(Protocol):
+    layers: LayerRange
+
+    def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out
+
+    def end_session(self, session_id: str) -> None: ...
+
+
+class KVCache:
+    """Keys and values of one session for a stage's layers, grown by doubling up to n_ctx."""
+
+    def __init__(self, n_layers: int, kv_dim: int, n_ctx: int, initial: int = 64):
+        self.n_ctx = n_ctx
+        capacity = min(initial, n_ctx)
+        self.k = np.zeros((n_layers, capacity, kv_dim), np.float32)  # (layer, position, n_kv_heads * head_dim)
+        self.v = np.zeros((n_layers, capacity, kv_dim), np.float32)
+        self.length = 0  # positions 0 .. length - 1 are filled
+
+    def reserve(self, n_positions: int) -> None:
+        capacity = self.k.shape[1]
+        if n_positions <= capacity:
+            return
+        while capacity < n_positions:
+            capacity *= 2
+        capacity = min(capacity, self.n_ctx)
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = np.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
+            new[:, : old.shape[1]] = old
+            setattr(self, name, new)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class LocalStage:
+    """Layers [start, stop) of a model, run in this process, with a KV cache per session."""
+
+    def __init__(self, config: ModelConfig, layers: LayerRange, weights: Sequence[LayerWeights], n_ctx: int):
+        if len(weights) != len(layers):
+            raise ValueError(f"{len(weights)} layer weights for layer range {layers}")
+        self.config = config
+        self.layers = layers
+        self.weights = list(weights)
+        self.n_ctx = n_ctx
+        self.cos, self.sin = rope_tables(n_ctx, config.n_rot, config.rope_theta)
+        self.sessions: dict[str, KVCache] = {}
+
+    @classmethod
+    def load(cls, source: TensorSource, config: ModelConfig, layers: LayerRange, n_ctx: int) -> "LocalStage":
+        if layers.stop > config.n_layers:
+            raise ValueError(f"layer range {layers} is past the model's {config.n_layers} layers")
+        weights = [LayerWeights.load(source, config, i) for i in layers]
+        return cls(config, layers, weights, n_ctx)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights)
+
+    def end_session(self, session_id: str) -> None:
+        self.sessions.pop(session_id, None)
+
+    def _caches(self, segments: Sequence[Segment]) -> list[KVCache]:
+        if len({seg.session_id for seg in segments}) != len(segments):
+            raise StageError("a batch holds at most one segment per session")
+        caches = []
+        for seg in segments:
+            if seg.length <= 0 or seg.start < 0:
+                raise StageError(f"session {seg.session_id}: empty or negative segment")
+            if seg.start + seg.length > self.n_ctx:
+                raise StageError(
+                    f"session {seg.session_id}: position {seg.start + seg.length - 1} is past the context "
+                    f"size {self.n_ctx}"
+                )
+            cache = self.sessions.get(seg.session_id)
+            if cache is None:
+                if seg.start != 0:
+                    raise StageError(f"session {seg.session_id} is unknown here and does not start at position 0")
+                cache = KVCache(len(self.layers), self.config.kv_dim, self.n_ctx)
+                self.sessions[seg.session_id] = cache
+            elif seg.start > cache.length:
+                raise StageError(
+                    f"session {seg.session_id}: segment starts at {seg.start} but only {cache.length} positions are cached"
+                )
+            cache.reserve(seg.start + seg.length)
+            caches.append(cache)
+        return caches
+
+    def forward(self, batch: StageBatch) -> np.ndarray:
+        c = self.config
+        x = np.array(batch.hidden, dtype=np.float32, copy=True)  # (T, dim), the residual stream
+        if x.ndim != 2 or x.shape[1] != c.dim or x.shape[0] != sum(s.length for s in batch.segments):
+            raise StageError(f"hidden state of shape {x.shape} does not match the batch's segments and dim {c.dim}")
+        caches = self._caches(batch.segments)
+        positions = batch.positions()
+        for li, w in enumerate(self.weights):
+            h = rmsnorm(x, w.attn_norm, c.norm_eps)
+            acts = Activations(h)
+            q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
+            k = matmul(w.attn_k, acts)  # (T, kv_dim)
+            v = matmul(w.attn_v, acts)  # (T, kv_dim)
+            rope_(q, positions, self.cos, self.sin, c.n_heads)
+            rope_(k, positions, self.cos, self.sin, c.n_kv_heads)
+            attn = np.empty_like(q)
+            row = 0
+            for seg, cache in zip(batch.segments, caches):
+                end = seg.start + seg.length
+                cache.k[li, seg.start : end] = k[row : row + seg.length]
+                cache.v[li, seg.start : end] = v[row : row + seg.length]
+                attn[row : row + seg.length] = attention(
+                    q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads, c.n_kv_heads
+                )
+                row += seg.length
+            x += matmul(w.attn_output, Activations(attn))
+            acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))
+            hidden = swiglu(matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts))  # (T, hidden_dim)
+            x += matmul(w.ffn_down, Activations(hidden))
+        for seg, cache in zip(batch.segments, caches):
+            cache.length = seg.start + seg.length
+        return x
