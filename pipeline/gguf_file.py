@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,10 @@ class GGUFFile:
         except OSError as exc:
             raise GGUFError(f"{self.path}: cannot open ({exc.strerror})") from None
         try:
-            self.file_size = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise GGUFError(f"{self.path}: not a regular file")
+            self.file_size = info.st_size
             if self.file_size < 24:
                 raise GGUFError(f"{self.path}: not a GGUF file ({self.file_size} bytes, too short)")
             self._map = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)

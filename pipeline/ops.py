@@ -1,7 +1,8 @@
 """The layer math other than weight products: RMSNorm, RoPE, attention over a KV cache, SwiGLU.
 
 Each op is one compiled kernel with shapes in its docstring. Formulas follow ggml's CPU ops
-(ggml-cpu/ops.cpp) so that caravan and llama.cpp agree closely.
+(ggml-cpu/ops.cpp) so that caravan and llama.cpp agree closely. Only attention runs in
+parallel: the element-wise ops are a few microseconds of work, less than waking the threads.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import numpy as np
 from .numba_config import FASTMATH
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, fastmath=FASTMATH)
 def _rmsnorm(x, weight, eps, out):
     n_rows, dim = x.shape
-    for t in nb.prange(n_rows):
+    for t in range(n_rows):
         total = 0.0  # float64, as ggml_compute_forward_rms_norm sums in ggml_float
         for j in range(dim):
             total += np.float64(x[t, j]) * np.float64(x[t, j])
@@ -118,13 +119,14 @@ def attention(
     return out
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, fastmath=FASTMATH)
 def _swiglu(gate, up, out):
     n_rows, n = gate.shape
-    for t in nb.prange(n_rows):
+    for t in range(n_rows):
         for j in range(n):
             g = gate[t, j]
-            out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, j]
+            # exp in float64, clamped so the uncompiled path cannot overflow (exp(88) is past f32)
+            out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(88.0))))) * up[t, j]
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

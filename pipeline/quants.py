@@ -32,6 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from .numba_config import FASTMATH
+from .simd import dot_q4_32, dot_q8_32
 
 QK = 32  # weights per block, for every block format here
 
@@ -130,8 +131,9 @@ def _f32_to_f16_to_f32(x):
 
 
 @nb.njit(cache=True, fastmath=FASTMATH)
-def _quantize_q8(x, qs, d, s):
-    """x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs).
+def _quantize_q8(x, qs, d, s, qsum):
+    """x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs), and
+    qsum (T, K//32) i32 = sum(qs).
 
     ggml's quantize_row_q8_0/q8_1: d = amax / 127 stored as f16; q = round(x / d)."""
     n_rows, n = x.shape
@@ -142,7 +144,7 @@ def _quantize_q8(x, qs, d, s):
                 amax = max(amax, abs(x[t, b * QK + j]))
             delta = amax / np.float32(127.0)
             inv = np.float32(1.0) / delta if delta > 0 else np.float32(0.0)
-            total = 0
+            total = np.int32(0)
             for j in range(QK):
                 q = np.int32(np.rint(x[t, b * QK + j] * inv))
                 qs[t, b * QK + j] = q
@@ -150,6 +152,7 @@ def _quantize_q8(x, qs, d, s):
             d16 = _f32_to_f16_to_f32(delta)
             d[t, b] = d16
             s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
+            qsum[t, b] = total
 
 
 @nb.njit(cache=True)
@@ -171,14 +174,16 @@ class Activations:
         self._q8 = None
         self._f16 = None
 
-    def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(qs, d, s, qsum) as _quantize_q8 makes them."""
         if self._q8 is None:
             n_rows, n = self.x.shape
             qs = np.empty((n_rows, n), np.int8)
             d = np.empty((n_rows, n // QK), np.float32)
             s = np.empty((n_rows, n // QK), np.float32)
-            _quantize_q8(self.x, qs, d, s)
-            self._q8 = (qs, d, s)
+            qsum = np.empty((n_rows, n // QK), np.int32)
+            _quantize_q8(self.x, qs, d, s, qsum)
+            self._q8 = (qs, d, s, qsum)
         return self._q8
 
     def f16(self) -> np.ndarray:
@@ -216,50 +221,49 @@ def _matmul_f16(w, x16, table, out):
 
 @nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _matmul_q8_0(wq, wd, xq, xd, out):
-    rows, cols = wq.shape
-    for r in nb.prange(rows):
+    n_rows, n_cols = wq.shape
+    n_blocks = wd.shape[1]
+    w_flat = wq.reshape(-1)
+    x_flat = xq.reshape(-1)
+    for r in nb.prange(n_rows):
         for t in range(xq.shape[0]):
             acc = np.float32(0.0)
-            for b in range(cols // QK):
-                isum = np.int32(0)
-                for j in range(QK):
-                    isum += np.int32(wq[r, b * QK + j]) * np.int32(xq[t, b * QK + j])
+            for b in range(n_blocks):
+                isum = dot_q8_32(w_flat, r * n_cols + b * QK, x_flat, t * n_cols + b * QK)
                 acc += (wd[r, b] * xd[t, b]) * np.float32(isum)
             out[t, r] = acc
 
 
 @nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _matmul_q4_0(wq, wd, xq, xd, out):
-    rows = wq.shape[0]
+def _matmul_q4_0(wq, wd, xq, xd, xsum, out):
+    # sum((q - 8) * x) = sum(q * x) - 8 * sum(x): the offset folds into the activation's block sum.
+    n_rows, row_bytes = wq.shape
     n_blocks = wd.shape[1]
-    half = QK // 2
-    for r in nb.prange(rows):
+    n_cols = xq.shape[1]
+    w_flat = wq.reshape(-1)
+    x_flat = xq.reshape(-1)
+    for r in nb.prange(n_rows):
         for t in range(xq.shape[0]):
             acc = np.float32(0.0)
             for b in range(n_blocks):
-                isum = np.int32(0)
-                for j in range(half):
-                    byte = np.int32(wq[r, b * half + j])
-                    isum += ((byte & 15) - 8) * np.int32(xq[t, b * QK + j])
-                    isum += ((byte >> 4) - 8) * np.int32(xq[t, b * QK + half + j])
-                acc += (wd[r, b] * xd[t, b]) * np.float32(isum)
+                isum = dot_q4_32(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK)
+                acc += (wd[r, b] * xd[t, b]) * np.float32(isum - 8 * xsum[t, b])
             out[t, r] = acc
 
 
 @nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
 def _matmul_q4_1(wq, wd, wm, xq, xd, xs, out):
-    rows = wq.shape[0]
+    # sum((d q + m) * dx qx) = d dx sum(q qx) + m (dx sum(qx)); xs holds dx sum(qx) per block.
+    n_rows, row_bytes = wq.shape
     n_blocks = wd.shape[1]
-    half = QK // 2
-    for r in nb.prange(rows):
+    n_cols = xq.shape[1]
+    w_flat = wq.reshape(-1)
+    x_flat = xq.reshape(-1)
+    for r in nb.prange(n_rows):
         for t in range(xq.shape[0]):
             acc = np.float32(0.0)
             for b in range(n_blocks):
-                isum = np.int32(0)
-                for j in range(half):
-                    byte = np.int32(wq[r, b * half + j])
-                    isum += (byte & 15) * np.int32(xq[t, b * QK + j])
-                    isum += (byte >> 4) * np.int32(xq[t, b * QK + half + j])
+                isum = dot_q4_32(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK)
                 acc += (wd[r, b] * xd[t, b]) * np.float32(isum) + wm[r, b] * xs[t, b]
             out[t, r] = acc
 
@@ -270,13 +274,13 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((n_rows, w.rows), np.float32)
     if w.type == QT.Q4_1:
-        xq, xd, xs = acts.q8()
+        xq, xd, xs, _ = acts.q8()
         _matmul_q4_1(*w.arrays, xq, xd, xs, out)
     elif w.type == QT.Q4_0:
-        xq, xd, _ = acts.q8()
-        _matmul_q4_0(*w.arrays, xq, xd, out)
+        xq, xd, _, xsum = acts.q8()
+        _matmul_q4_0(*w.arrays, xq, xd, xsum, out)
     elif w.type == QT.Q8_0:
-        xq, xd, _ = acts.q8()
+        xq, xd, _, _ = acts.q8()
         _matmul_q8_0(*w.arrays, xq, xd, out)
     elif w.type == QT.F16:
         _matmul_f16(w.arrays[0], acts.f16(), F16_TO_F32, out)

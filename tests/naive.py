@@ -1,0 +1,210 @@
+"""Plain-numpy references for caravan's kernels and layer math, in float64.
+
+Nothing here is fast or clever: each function is the formula, written once, so that a test can
+say "the kernel agrees with the formula". Dequantization is not repeated here: gguf-py's
+`gguf.quants.dequantize` is the format's reference and the tests use it directly.
+
+Shapes follow llama2.c: x (T, dim), q (T, n_heads * head_dim), k/v (n_positions, kv_dim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+QK = 32  # weights per quantization block
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation rounding, as quants.py documents it (ggml's quantize_row_q8_0 / q8_1 and the f16
+# rounding ggml_vec_dot_f16 applies to activations)
+
+
+def quantize_q8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (T, K) -> q (T, K) int8, d (T, K // 32) f32, s (T, K // 32) f32.
+
+    Per block of 32: amax = max |x|, delta = amax / 127 (f32), q = rint(x * (1 / delta)),
+    d = delta rounded to f16, s = (delta * sum(q)) rounded to f16 (Q8_1's block sum, read by
+    Q4_1's `m` term). The arithmetic is f32 as in ggml, so the q values match the kernel's.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    n_rows, n = x.shape
+    blocks = x.reshape(n_rows, n // QK, QK)
+    amax = np.abs(blocks).max(axis=-1)  # (T, n_blocks) f32
+    delta = amax / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(delta > 0, np.float32(1.0) / delta, np.float32(0.0)).astype(np.float32)
+    q = np.rint(blocks * inv[..., None]).astype(np.int32)  # |q| <= 127
+    d = delta.astype(np.float16).astype(np.float32)
+    s = (delta * q.sum(axis=-1).astype(np.float32)).astype(np.float16).astype(np.float32)
+    return q.reshape(n_rows, n).astype(np.int8), d, s
+
+
+def dequantize_q8_activations(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """The values the integer dot products see: q * d, (T, K) float64."""
+    n_rows, n = q.shape
+    blocks = q.reshape(n_rows, n // QK, QK).astype(np.float64) * d[..., None].astype(np.float64)
+    return blocks.reshape(n_rows, n)
+
+
+def round_f16(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest f16 (ties to even), as float64."""
+    return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer ops
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x (T, dim) / sqrt(mean(x**2) + eps) * weight."""
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * np.asarray(weight, dtype=np.float64)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, n_heads: int, n_rot: int, theta_base: float) -> np.ndarray:
+    """Rotate adjacent pairs (2i, 2i+1), i < n_rot / 2, of each head by pos * base**(-2i / n_rot).
+
+    x (T, n_heads * head_dim); dimensions n_rot .. head_dim - 1 of each head are left alone."""
+    x = np.array(x, dtype=np.float64)
+    n_rows, width = x.shape
+    head_dim = width // n_heads
+    i = np.arange(n_rot // 2, dtype=np.float64)
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * theta_base ** (-2.0 * i / n_rot)  # (T, n_rot // 2)
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    heads = x.reshape(n_rows, n_heads, head_dim)
+    x0 = heads[:, :, 0:n_rot:2].copy()
+    x1 = heads[:, :, 1:n_rot:2].copy()
+    heads[:, :, 0:n_rot:2] = x0 * cos - x1 * sin
+    heads[:, :, 1:n_rot:2] = x0 * sin + x1 * cos
+    return heads.reshape(n_rows, width)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int) -> np.ndarray:
+    """Causal grouped-query attention: q (T, n_heads * hd) at positions start .. start + T - 1,
+    k and v (>= start + T, n_kv_heads * hd); query head h reads KV head h // (n_heads // n_kv_heads)."""
+    q = np.asarray(q, dtype=np.float64)
+    n_rows = q.shape[0]
+    head_dim = q.shape[1] // n_heads
+    group = n_heads // n_kv_heads
+    n_ctx = start + n_rows
+    k = np.asarray(k[:n_ctx], dtype=np.float64).reshape(n_ctx, n_kv_heads, head_dim)
+    v = np.asarray(v[:n_ctx], dtype=np.float64).reshape(n_ctx, n_kv_heads, head_dim)
+    out = np.empty((n_rows, n_heads, head_dim))
+    for t in range(n_rows):
+        n = start + t + 1
+        for h in range(n_heads):
+            kv = h // group
+            scores = k[:n, kv] @ q[t, h * head_dim : (h + 1) * head_dim] / np.sqrt(head_dim)
+            weights = np.exp(scores - scores.max())
+            weights /= weights.sum()
+            out[t, h] = weights @ v[:n, kv]
+    return out.reshape(n_rows, n_heads * head_dim)
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """silu(gate) * up."""
+    gate = np.asarray(gate, dtype=np.float64)
+    return gate / (1.0 + np.exp(-gate)) * np.asarray(up, dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole LLaMA model
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    """What the references read of a config; caravan's ModelConfig has the same field names."""
+
+    n_layers: int
+    dim: int
+    hidden_dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_rot: int
+    norm_eps: float
+    rope_theta: float
+
+
+# (weights, weight name, x (T, cols)) -> x @ W.T in float64. `exact_product` is the float64
+# model; `kernel_product` rounds activations as caravan's kernels do.
+Product = Callable[[dict, str, np.ndarray], np.ndarray]
+
+
+def exact_product(weights: dict, name: str, x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64) @ weights[name].T
+
+
+def kernel_product(weight_types: dict, q4_1_minima: dict) -> Product:
+    """Products that see the activations the kernels see: Q8 blocks for block formats, f16 for
+    F16 weights, unrounded for F32. Q4_1 reads the activation's f16 block sum s for its `m`
+    term, so m * (s - d * sum(q)) is added per block.
+
+    weight_types: tensor name -> type name ("Q4_1"); q4_1_minima: name -> m (rows, n_blocks)."""
+
+    def product(weights: dict, name: str, x: np.ndarray) -> np.ndarray:
+        kind = weight_types[name]
+        if kind == "F32":
+            return exact_product(weights, name, x)
+        if kind == "F16":
+            return round_f16(x) @ weights[name].T
+        q, d, s = quantize_q8_activations(np.asarray(x, dtype=np.float32))
+        out = dequantize_q8_activations(q, d) @ weights[name].T
+        if kind == "Q4_1":
+            block_q_sums = q.reshape(q.shape[0], -1, QK).astype(np.float64).sum(axis=-1)
+            out += (s.astype(np.float64) - d * block_q_sums) @ q4_1_minima[name].astype(np.float64).T
+        return out
+
+    return product
+
+
+def forward_layer(
+    weights: dict,
+    config: RefConfig,
+    layer: int,
+    x: np.ndarray,
+    k_cache: np.ndarray,
+    v_cache: np.ndarray,
+    start: int,
+    product: Product = exact_product,
+) -> np.ndarray:
+    """One transformer block on x (T, dim) at positions start .. start + T - 1.
+
+    weights: GGUF tensor name -> float64 array, matrices (rows, cols). k_cache, v_cache
+    (n_positions, kv_dim) float64 are written at those positions."""
+    c = config
+    p = f"blk.{layer}."
+    n_rows = x.shape[0]
+    positions = np.arange(start, start + n_rows)
+    h = rmsnorm(x, weights[p + "attn_norm.weight"], c.norm_eps)
+    q = rope(product(weights, p + "attn_q.weight", h), positions, c.n_heads, c.n_rot, c.rope_theta)
+    k = rope(product(weights, p + "attn_k.weight", h), positions, c.n_kv_heads, c.n_rot, c.rope_theta)
+    v = product(weights, p + "attn_v.weight", h)
+    k_cache[start : start + n_rows] = k
+    v_cache[start : start + n_rows] = v
+    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads)
+    x = x + product(weights, p + "attn_output.weight", attn)
+    h = rmsnorm(x, weights[p + "ffn_norm.weight"], c.norm_eps)
+    gated = swiglu(product(weights, p + "ffn_gate.weight", h), product(weights, p + "ffn_up.weight", h))
+    return x + product(weights, p + "ffn_down.weight", gated)
+
+
+def forward_model(
+    weights: dict, config: RefConfig, token_ids, product: Product = exact_product
+) -> tuple[np.ndarray, np.ndarray]:
+    """A whole prompt in one pass: token ids (T,) -> (hidden (T, dim) after the last layer,
+    logits (T, vocab)). Tied output when `output.weight` is absent."""
+    c = config
+    token_ids = np.asarray(token_ids, dtype=np.int64)
+    x = weights["token_embd.weight"][token_ids].astype(np.float64)
+    kv_dim = c.n_kv_heads * c.head_dim
+    for layer in range(c.n_layers):
+        k_cache = np.zeros((len(token_ids), kv_dim))
+        v_cache = np.zeros((len(token_ids), kv_dim))
+        x = forward_layer(weights, c, layer, x, k_cache, v_cache, 0, product)
+    out_name = "output.weight" if "output.weight" in weights else "token_embd.weight"
+    logits = product(weights, out_name, rmsnorm(x, weights["output_norm.weight"], c.norm_eps))
+    return x, logits

@@ -1,0 +1,211 @@
+"""The `caravan` command line, run as users run it: a subprocess with the real SmolLM2 model.
+
+CARAVAN_HOME points at a private cache whose one entry links to the shared model file, so
+the default model name resolves through the catalog without downloading anything.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from caravan.coordinator.cli import error_message
+from caravan.pipeline.catalog import PullError
+from caravan.pipeline.generate import ContextFullError
+
+pytestmark = pytest.mark.model
+
+TEXT = (
+    "The llama is a domesticated South American camelid, widely used as a meat and pack "
+    "animal by Andean cultures since the pre-Columbian era. Llamas are social animals and live "
+    "with others as a herd. Their wool is soft and contains only a small amount of lanolin. "
+    "Llamas can learn simple tasks after a few repetitions. When using a pack, they can carry "
+    "about 25 to 30% of their body weight for 8 to 13 km. The name llama was adopted by "
+    "European settlers from native Peruvians. The ancestors of llamas are thought to have "
+    "originated from the Great Plains of North America about 40 million years ago.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def env(smollm2_path, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("caravan-home")
+    (cache / "models").mkdir()
+    os.symlink(smollm2_path, cache / "models" / smollm2_path.name)
+    return {**os.environ, "CARAVAN_HOME": str(cache), "PYTHONIOENCODING": "utf-8"}
+
+
+def caravan(env, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "caravan.coordinator", *args],
+        input=stdin, capture_output=True, text=True, env=env, timeout=300,
+    )
+
+
+def only_json(stdout: str) -> dict:
+    """stdout must be exactly one JSON object (and its newline)."""
+    assert stdout.endswith("\n") and stdout.count("\n") == 1, stdout
+    value = json.loads(stdout)
+    assert isinstance(value, dict)
+    return value
+
+
+# One compute thread: these subprocesses share a few cores with the rest of the suite, and
+# Numba's parallel kernels slow down badly when their threads are oversubscribed.
+ONE_THREAD = ("--threads", "1")
+GREEDY = ("--temperature", "0", "--max-tokens", "8", *ONE_THREAD)
+
+
+PARIS = ("run", "The capital of France is", *GREEDY)
+
+
+@pytest.fixture(scope="module")
+def paris(env):
+    result = caravan(env, *PARIS, "--json")
+    assert result.returncode == 0, result.stderr
+    return only_json(result.stdout)
+
+
+def test_run_json_greedy_completes_paris(paris):
+    assert paris["text"].startswith(" Paris")
+    assert set(paris) == {"prompt_tokens", "tokens", "text", "timings"}
+    assert 0 < len(paris["tokens"]) <= 8 and len(paris["prompt_tokens"]) == 5
+    assert set(paris["timings"]) >= {"prefill_tokens_per_s", "decode_tokens_per_s", "first_token_s"}
+
+
+def test_run_streams_the_same_text(env, paris):
+    streamed = caravan(env, *PARIS)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == paris["text"] + "\n"
+
+
+def test_tokenize_maps_special_text_to_ids(env):
+    result = caravan(env, "tokenize", "<|im_start|>user\nHi<|im_end|>", "--json")
+    assert result.returncode == 0, result.stderr
+    tokens = only_json(result.stdout)["tokens"]
+    assert tokens[0] == 1 and tokens[-1] == 2  # <|im_start|>, <|im_end|>
+
+    result = caravan(env, "tokenize", "<|im_start|>user")
+    assert result.stdout.splitlines() == ["     1 -> '<|im_start|>'", "  4093 -> 'user'"]
+
+
+CHAT = ("chat", "--system", "Be brief.", "--temperature", "0", "--max-tokens", "6", *ONE_THREAD)
+CHAT_LINES = "What is 2+2?\nName a colour.\n"
+
+
+def test_chat_two_piped_lines_get_two_replies(env):
+    result = caravan(env, *CHAT, "--json", stdin=CHAT_LINES)
+    assert result.returncode == 0, result.stderr
+    messages = only_json(result.stdout)["messages"]
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert all(replies)
+
+    streamed = caravan(env, *CHAT, stdin=CHAT_LINES)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout == "".join(r + "\n" for r in replies)
+
+
+def test_chat_reset_and_exit(env):
+    result = caravan(env, *CHAT, "--json", stdin="Hi\n/reset\n\nHello\n/exit\nignored\n")
+    assert result.returncode == 0, result.stderr
+    messages = only_json(result.stdout)["messages"]
+    assert [(m["role"], m["content"]) for m in messages[:2]] == [("system", "Be brief."), ("user", "Hello")]
+    assert len(messages) == 3
+
+
+def test_perplexity_windows(env, tmp_path):
+    text_file = tmp_path / "llama.txt"
+    text_file.write_text(TEXT * 2, encoding="utf-8")
+    result = caravan(env, "perplexity", str(text_file), "--ctx", "64", "--max-windows", "2", "--json", *ONE_THREAD)
+    assert result.returncode == 0, result.stderr
+    out = only_json(result.stdout)
+    assert out["n_scored"] == 2 * 63
+    assert math.isfinite(out["ppl"]) and 1.0 < out["ppl"] < 1000.0
+
+
+def test_perplexity_file_too_short(env, tmp_path):
+    text_file = tmp_path / "short.txt"
+    text_file.write_text("Too short.", encoding="utf-8")
+    assert_one_error_line(caravan(env, "perplexity", str(text_file), "--ctx", "64"), "fewer than --ctx 64")
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("caravan: error: "), result.stderr
+    assert expected in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def bad_files(smollm2_path, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "text.gguf").write_text("this is not a model\n" * 10)
+    with open(smollm2_path, "rb") as f:
+        (folder / "truncated.gguf").write_bytes(f.read(1_000_000))
+    return folder
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "hi", "--model", "{bad}/missing.gguf"], "no such file"),
+        (["run", "hi", "--model", "{bad}/text.gguf"], "not a GGUF file"),
+        (["run", "hi", "--model", "{bad}/truncated.gguf"], "truncated"),
+        (["tokenize", "hi", "--model", "{bad}/truncated.gguf"], "truncated"),
+        (["run", "hi", "--model", "llama-9000"], "unknown model 'llama-9000'"),
+        (["run", "word " * 40, "--ctx", "16", *ONE_THREAD], "does not fit the context of 16 tokens"),
+        (["run", "hi", "--temperature", "-1"], "temperature must be finite and >= 0"),
+        (["run", "hi", "--threads", "0"], "--threads must be between 1"),
+        (["perplexity", "{bad}/missing.txt"], "No such file"),
+    ],
+    ids=["missing", "not-gguf", "truncated", "truncated-tokenize", "unknown-name", "prompt-too-long",
+         "bad-temperature", "bad-threads", "missing-text"],
+)
+def test_expected_failures_are_one_line(env, bad_files, args, expected):
+    args = [a.replace("{bad}", str(bad_files)) for a in args]
+    assert_one_error_line(caravan(env, *args), expected)
+
+
+def test_usage_error_exits_2(env):
+    result = caravan(env, "run")
+    assert result.returncode == 2
+    assert "usage: caravan run" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_verbose_shows_the_traceback(env, bad_files):
+    result = caravan(env, "run", "hi", "--model", str(bad_files / "text.gguf"), "-v")
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and result.stderr.splitlines()[-1].startswith("caravan: error: ")
+
+
+def test_ctrl_c_exits_130_quietly(env):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "caravan.coordinator", "run", "Once upon a time", "--max-tokens", "200", *ONE_THREAD],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        process.stdout.read(1)  # the first streamed text: the model is loaded and generating
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+
+
+def test_error_message_table():
+    assert error_message(ContextFullError("prompt of 9 tokens")) == (
+        "prompt of 9 tokens (give a larger --ctx or a shorter prompt)"
+    )
+    assert error_message(PullError("unknown model 'x'")) == "unknown model 'x'"
+    missing = FileNotFoundError(2, "No such file or directory", "a.txt")
+    assert error_message(missing) == "a.txt: No such file or directory"
+    assert error_message(KeyError("a bug")) is None

@@ -1,0 +1,27 @@
+"""The kernels as plain Python (NUMBA_DISABLE_JIT=1) pass the same quant and op tests.
+
+Compiled code can hide a bug that plain Python shows (an overflow, an integer type that wraps)
+and the reverse; stumpy runs its suite this way for the same reason. The large shapes and the
+thread-count test are left out: interpreted, they take minutes and say nothing new.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+SUBSET = "not cols1536 and not T17 and not thread_count"
+
+
+def test_quants_and_ops_without_jit():
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", SUBSET,
+         str(TESTS / "test_quants.py"), str(TESTS / "test_ops.py")],
+        cwd=TESTS.parent, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout

@@ -1,0 +1,171 @@
+"""RMSNorm, RoPE, attention and SwiGLU against the float64 formulas in tests/naive.py.
+
+The kernels compute in f32 (with ggml's float64 sums where ggml has them), so each comparison
+allows a few f32 ulps of the values involved; the tolerances below say where more is due.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import naive
+from caravan.pipeline.ops import attention, rmsnorm, rope_, rope_tables, swiglu
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@pytest.mark.parametrize("n_rows, dim", [(1, 64), (5, 96), (17, 576)], ids=["small", "T5", "T17"])
+@pytest.mark.parametrize("scale", (1e-3, 1.0, 300.0), ids=lambda s: f"x{s:g}")
+def test_rmsnorm(n_rows, dim, scale):
+    x = randn(n_rows, dim, scale=scale)
+    weight = 1.0 + randn(dim, seed=1, scale=0.1)
+    got = rmsnorm(x, weight, 1e-5)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, naive.rmsnorm(x, weight, 1e-5), rtol=4 * F32_EPS, atol=4 * F32_EPS)
+
+
+def test_rmsnorm_zero_row_is_zero():
+    x = np.zeros((2, 64), np.float32)
+    x[1] = randn(64)
+    got = rmsnorm(x, np.ones(64, np.float32), 1e-5)
+    np.testing.assert_array_equal(got[0], 0.0)
+    assert np.isfinite(got).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# RoPE
+
+
+@pytest.mark.parametrize("n_rot", (8, 16, 64), ids=lambda n: f"rot{n}")
+def test_rope_tables(n_rot):
+    """cos/sin of pos * base**(-2i/n_rot). The angles are built by repeated f32 products, as
+    ggml_rope does, so angle i at position p is off by about p * i * 2**-24 (<= 4.9e-4 here);
+    observed ~1e-5."""
+    cos, sin = rope_tables(256, n_rot, 10000.0)
+    assert cos.shape == sin.shape == (256, n_rot // 2) and cos.dtype == np.float32
+    angles = np.arange(256)[:, None] * 10000.0 ** (-2.0 * np.arange(n_rot // 2) / n_rot)
+    np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(cos[0], 1.0)
+    np.testing.assert_array_equal(sin[0], 0.0)
+
+
+@pytest.mark.parametrize(
+    "n_heads, head_dim, n_rot",
+    [(4, 16, 16), (2, 16, 8), (3, 64, 64), (4, 64, 32)],
+    ids=["small", "partial", "hd64", "partial64"],
+)
+def test_rope(n_heads, head_dim, n_rot):
+    """Adjacent pairs (2i, 2i+1) of the first n_rot dims of each head rotate; with n_rot <
+    head_dim (a table narrower than the head) the rest of each head is untouched, bit for bit."""
+    x = randn(17, n_heads * head_dim, scale=2.0)
+    positions = np.random.default_rng(4).integers(0, 256, 17)
+    positions[:3] = [0, 1, 255]
+    cos, sin = rope_tables(256, n_rot, 10000.0)
+    got = x.copy()
+    assert rope_(got, positions, cos, sin, n_heads) is None  # in place
+    expected = naive.rope(x, positions, n_heads, n_rot, 10000.0)
+    # The table's angle error (see test_rope_tables) times |x|.
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(x).max())
+    heads, x_heads = got.reshape(17, n_heads, head_dim), x.reshape(17, n_heads, head_dim)
+    np.testing.assert_array_equal(heads[:, :, n_rot:], x_heads[:, :, n_rot:])
+    np.testing.assert_array_equal(got[0], x[0])  # position 0 is the identity
+    # A rotation keeps each pair's length.
+    pair_len = lambda a: np.hypot(a[:, :, 0:n_rot:2], a[:, :, 1:n_rot:2])  # noqa: E731
+    np.testing.assert_allclose(pair_len(heads), pair_len(x_heads), rtol=8 * F32_EPS)
+
+
+def test_rope_row_by_row_equals_batch():
+    x = randn(9, 64, scale=2.0)
+    positions = np.arange(30, 39)
+    cos, sin = rope_tables(64, 16, 10000.0)
+    together = x.copy()
+    rope_(together, positions, cos, sin, 4)
+    for t in range(9):
+        alone = x[t : t + 1].copy()
+        rope_(alone, positions[t : t + 1], cos, sin, 4)
+        np.testing.assert_array_equal(together[t : t + 1], alone)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+@pytest.mark.parametrize(
+    "n_heads, n_kv_heads, head_dim, start, n_rows",
+    [
+        (4, 2, 16, 0, 1),  # the first token: attends to itself only
+        (4, 2, 16, 0, 7),  # causal prefill, GQA
+        (4, 2, 16, 11, 1),  # decode with a cache
+        (4, 2, 16, 11, 5),  # a prefill chunk after cached positions
+        (4, 4, 16, 3, 4),  # multi-head
+        (8, 1, 8, 6, 3),  # multi-query
+        (3, 3, 64, 40, 17),  # wide heads, long context
+    ],
+    ids=["first", "prefill-gqa", "decode-gqa", "chunk-gqa", "mha", "mqa", "hd64"],
+)
+def test_attention(n_heads, n_kv_heads, head_dim, start, n_rows):
+    """Positions past start + T are NaN in the cache: reading them would poison the output."""
+    kv_dim = n_kv_heads * head_dim
+    q = randn(n_rows, n_heads * head_dim, seed=1)
+    k_cache = np.full((start + n_rows + 5, kv_dim), np.nan, np.float32)
+    v_cache = np.full_like(k_cache, np.nan)
+    k_cache[: start + n_rows] = randn(start + n_rows, kv_dim, seed=2, scale=2.0)
+    v_cache[: start + n_rows] = randn(start + n_rows, kv_dim, seed=3)
+    got = attention(q, k_cache, v_cache, start, n_heads, n_kv_heads)
+    assert got.shape == q.shape and got.dtype == np.float32
+    expected = naive.attention(q, k_cache, v_cache, start, n_heads, n_kv_heads)
+    # f32 scores (error ~ head_dim ulps of |q||k|) feed exp: ~1e-6 relative in the weights.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(v_cache[: start + n_rows]).max())
+
+
+def test_attention_first_position_returns_v():
+    """With one position the softmax weight is 1: the output is V (per KV group), exactly."""
+    q = randn(1, 4 * 16, seed=1)
+    k = randn(1, 2 * 16, seed=2)
+    v = randn(1, 2 * 16, seed=3)
+    got = attention(q, k, v, 0, 4, 2).reshape(4, 16)
+    v_heads = v.reshape(2, 16)
+    np.testing.assert_array_equal(got, v_heads[[0, 0, 1, 1]])
+
+
+def test_attention_large_scores_stay_finite():
+    """Scores in the thousands: the max is subtracted before exp (no overflow to inf/NaN)."""
+    q = randn(3, 64, seed=1, scale=100.0)
+    k = randn(3, 64, seed=2, scale=100.0)
+    v = randn(3, 64, seed=3)
+    got = attention(q, k, v, 0, 4, 4)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, naive.attention(q, k, v, 0, 4, 4), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+@pytest.mark.parametrize("n_rows, hidden_dim", [(1, 96), (17, 1536)], ids=["small", "T17"])
+def test_swiglu(n_rows, hidden_dim):
+    gate = randn(n_rows, hidden_dim, seed=1, scale=4.0)
+    up = randn(n_rows, hidden_dim, seed=2)
+    got = swiglu(gate, up)
+    assert got.shape == gate.shape and got.dtype == np.float32
+    # exp may be the fast approximation ("afn" in the project's fastmath set): a few ulps.
+    np.testing.assert_allclose(got, naive.swiglu(gate, up), rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_extremes():
+    gate = np.array([[-1000.0, -100.0, -20.0, 0.0, 20.0, 100.0, 1000.0, 3e38]], np.float32)
+    up = np.ones_like(gate)
+    got = swiglu(gate, up)
+    assert np.isfinite(got).all()
+    with np.errstate(over="ignore"):
+        np.testing.assert_allclose(got, naive.swiglu(gate, up), rtol=1e-6, atol=1e-30)

@@ -1,0 +1,222 @@
+"""Weight formats and products: dequantization exact vs gguf-py, products vs float64 references.
+
+Layers of trust, in order: `dequantize_rows` is bit-exact against `gguf.quants.dequantize`; the
+activation rounding is ggml's (tests/naive.py writes it down), so `matmul` is compared tightly
+with the float64 product of the dequantized weights and the rounded activations, and loosely
+with the unrounded product; then the invariances the kernels promise (batch, thread count).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+import naive
+from caravan.pipeline.quants import (
+    F16_TO_F32,
+    SUPPORTED_TYPES,
+    Activations,
+    UnsupportedTypeError,
+    dequantize_rows,
+    matmul,
+    pack,
+)
+
+TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+ROWS = (1, 3, 67)
+COLS = (32, 96, 1536)
+TOKENS = (1, 5, 17)
+
+
+def random_weights(rows: int, cols: int, ttype: QT, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(raw GGUF data as GGUFFile.tensor_data gives it, dequantized float64 (rows, cols)).
+
+    Rows get different scales (and Q4_1 an offset) so per-block scales and minima vary."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.2, 0.2, (rows, 1))
+    raw = quantize(w.astype(np.float32), ttype)
+    return raw, dequantize(raw, ttype).astype(np.float64).reshape(rows, cols)
+
+
+def random_activations(n_rows: int, cols: int, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n_rows, cols)) * rng.uniform(0.01, 10.0, (n_rows, 1))).astype(np.float32)
+
+
+def rounded_reference(ttype: QT, raw: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 product as the kernel defines it, the scale of each output: |x'| @ |W|.T).
+
+    x' is x as the kernel sees it (naive.kernel_product): unchanged for F32, rounded to f16 for
+    F16, Q8 blocks for the block formats, plus Q4_1's f16 block-sum term."""
+    minima = {}
+    if ttype == QT.Q4_1:
+        # Q4_1 block: d f16, m f16, qs[16] (ggml-common.h)
+        minima["w"] = np.ascontiguousarray(raw.reshape(w.shape[0], -1, 20)[:, :, 2:4]).view(np.float16)[..., 0]
+    ref = naive.kernel_product({"w": ttype.name}, minima)({"w": w}, "w", x)
+    if ttype == QT.F32:
+        xr = x.astype(np.float64)
+    elif ttype == QT.F16:
+        xr = naive.round_f16(x)
+    else:
+        xr = naive.dequantize_q8_activations(*naive.quantize_q8_activations(x)[:2])
+    return ref, np.abs(xr) @ np.abs(w).T
+
+
+# ---------------------------------------------------------------------------------------------
+# Dequantization: exact
+
+
+@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("cols", (32, 96), ids=lambda c: f"cols{c}")
+def test_dequantize_rows_equals_gguf(ttype, cols):
+    raw, _ = random_weights(67, cols, ttype)
+    expected = dequantize(raw, ttype).reshape(67, cols)
+    packed = pack(ttype, raw, "w")
+    assert (packed.rows, packed.cols) == (67, cols)
+    all_rows = dequantize_rows(packed, np.arange(67))
+    assert all_rows.dtype == np.float32
+    np.testing.assert_array_equal(all_rows, expected)
+    ids = np.random.default_rng(2).integers(0, 67, 23)  # with repeats, out of order
+    np.testing.assert_array_equal(dequantize_rows(packed, ids), expected[ids])
+
+
+def test_f16_table_is_numpys_cast():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    expected = bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(F16_TO_F32), nan)
+    np.testing.assert_array_equal(F16_TO_F32[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+
+
+def test_f16_rounding_equals_numpy_cast():
+    """The compiled f32 -> f16 -> f32 rounding (used on F16 products' activations) against
+    numpy's cast, bit for bit, on random bit patterns and the edges: subnormals, ties, the
+    largest finite f16, overflow, signed zeros, inf and NaN."""
+    rng = np.random.default_rng(3)
+    random_bits = rng.integers(0, 1 << 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    f16_range = rng.uniform(-70000, 70000, 50_000).astype(np.float32)
+    subnormal = (rng.uniform(-1, 1, 50_000) * 2.0**-13).astype(np.float32)
+    tiny = 2.0**-24
+    edges = np.array(
+        [0.0, -0.0, tiny, tiny / 2, tiny * 0.5000001, tiny * 1.5, tiny * 2.5, 2.0**-14, 2.0**-14 - tiny / 2,
+         1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 65504.0, 65519.0, 65519.996, 65520.0, 65536.0, 1e30,
+         np.inf, -np.inf, np.nan, -65520.0, -tiny / 2, 1e-45, -1e-45],
+        dtype=np.float32,
+    )
+    x = np.concatenate([random_bits, f16_range, subnormal, edges, -edges])
+    x = x[: x.size // 64 * 64].reshape(-1, 64)
+    with np.errstate(over="ignore"):
+        expected = x.astype(np.float16).astype(np.float32)
+    got = Activations(x).f16()
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    mismatch = got[~nan].view(np.uint32) != expected[~nan].view(np.uint32)
+    assert not mismatch.any(), f"{mismatch.sum()} values differ, e.g. {x[~nan][mismatch][:5]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Products
+
+
+@pytest.mark.parametrize("n_tokens", TOKENS, ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("cols", COLS, ids=lambda c: f"cols{c}")
+@pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+def test_matmul_vs_float64(ttype, rows, cols, n_tokens):
+    raw, w = random_weights(rows, cols, ttype)
+    x = random_activations(n_tokens, cols)
+    out = matmul(pack(ttype, raw, "w"), Activations(x))
+    assert out.shape == (n_tokens, rows) and out.dtype == np.float32
+
+    # Tight: the same rounded activations, so only f32 accumulation differs (a few ulps of the
+    # output's scale; a single activation rounded to a different q would cost ~1e-3).
+    ref, scale = rounded_reference(ttype, raw, w, x)
+    err = np.abs(out - ref) / scale
+    assert err.max() < 1e-5, f"max error {err.max():.2e} of the row scale"
+
+    # Loose: against the unrounded activations. Q8 blocks round each x by at most d / 2 =
+    # amax / 254, f16 by 2**-11 relative; relative to |x| @ |W| that stays under 1%.
+    exact = x.astype(np.float64) @ w.T
+    err = np.abs(out - exact) / (np.abs(x.astype(np.float64)) @ np.abs(w).T)
+    assert err.max() < (1e-6 if ttype == QT.F32 else 1e-2)
+
+
+@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+def test_matmul_zero_activations(ttype):
+    """An all-zero block has scale 0: no division by zero, and the product is exactly 0
+    (Q4_1 included: its m term reads the block sum, 0)."""
+    raw, _ = random_weights(5, 64, ttype)
+    out = matmul(pack(ttype, raw, "w"), Activations(np.zeros((3, 64), np.float32)))
+    np.testing.assert_array_equal(out, 0.0)
+
+
+@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+def test_matmul_batch_invariant(ttype):
+    """T rows at once equal each row alone, bit for bit: a sequence decodes to the same tokens
+    whether it is batched with others or not."""
+    raw, _ = random_weights(67, 96, ttype)
+    packed = pack(ttype, raw, "w")
+    x = random_activations(17, 96)
+    together = matmul(packed, Activations(x))
+    for t in range(x.shape[0]):
+        np.testing.assert_array_equal(together[t : t + 1], matmul(packed, Activations(x[t : t + 1])))
+
+
+@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+def test_matmul_thread_count_invariant(ttype):
+    raw, _ = random_weights(67, 1536, ttype)
+    packed = pack(ttype, raw, "w")
+    x = random_activations(5, 1536)
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(n)
+            results.append(matmul(packed, Activations(x)))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
+
+
+def test_matmul_writes_into_out():
+    raw, _ = random_weights(3, 64, QT.Q8_0)
+    packed = pack(QT.Q8_0, raw, "w")
+    x = random_activations(2, 64)
+    out = np.full((2, 3), np.nan, np.float32)
+    result = matmul(packed, Activations(x), out=out)
+    assert result is out
+    np.testing.assert_array_equal(out, matmul(packed, Activations(x)))
+
+
+def test_shared_activations_give_the_same_products():
+    """One Activations object serves several products (Q, K, V): reusing it changes nothing."""
+    x = random_activations(4, 96)
+    acts = Activations(x)
+    for ttype in TYPES:
+        raw, _ = random_weights(7, 96, ttype, seed=5)
+        packed = pack(ttype, raw, "w")
+        np.testing.assert_array_equal(matmul(packed, acts), matmul(packed, Activations(x.copy())))
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsupported formats
+
+
+def test_supported_types():
+    assert set(SUPPORTED_TYPES) == set(TYPES)
+
+
+@pytest.mark.parametrize("ttype", (QT.Q6_K, QT.Q5_0, QT.BF16), ids=lambda t: t.name)
+def test_unsupported_type_names_tensor_type_and_supported(ttype):
+    raw = np.zeros((2, 210), np.uint8)
+    with pytest.raises(UnsupportedTypeError) as info:
+        pack(ttype, raw, "blk.3.ffn_down.weight")
+    message = str(info.value)
+    assert "blk.3.ffn_down.weight" in message
+    assert ttype.name in message
+    for supported in TYPES:
+        assert supported.name in message

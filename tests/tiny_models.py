@@ -1,0 +1,199 @@
+"""Tiny seeded LLaMA models, written as GGUF with gguf-py's GGUFWriter.
+
+`tiny_llama(...)` returns the model as plain dicts (metadata, tensors) so a test can break one
+thing and write the result with `write_gguf`; `write_tiny_llama(path, ...)` does both steps.
+The tokenizer is GPT-2 byte-level BPE: the 256 byte characters, a few merges, and
+`<|endoftext|>` as a control token used for BOS and EOS.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFValueType, GGUFWriter
+from gguf.quants import dequantize, quantize
+
+# Merge pieces, in rank order: a space joined to common letters, then common English bigrams
+# ("Ġ" is GPT-2's stand-in for the space byte).
+_SPACE = "\u0120"
+_MERGE_PAIRS = [(_SPACE, c) for c in "etaoinsrhldcumfpgwybvkxjqz"] + [
+    (a, b)
+    for a, b in (
+        "th he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve co me de "
+        "hi ri ro ic ne ea ra ce li ch ll be ma si om ur"
+    ).split()
+]
+EOT_TEXT = "<|endoftext|>"
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's 256 stand-in characters, in byte order (OpenAI's encoder.py, bytes_to_unicode)."""
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    chars, shifted = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(0x100 + shifted))
+            shifted += 1
+    return chars
+
+
+def tiny_vocabulary(vocab_size: int) -> tuple[list[str], list[str], list[int]]:
+    """(tokens, merges, token types): 256 bytes, vocab_size - 257 merges, then <|endoftext|>."""
+    n_merges = vocab_size - 257
+    if not 0 <= n_merges <= len(_MERGE_PAIRS):
+        raise ValueError(f"vocab_size must be in [257, {257 + len(_MERGE_PAIRS)}], got {vocab_size}")
+    tokens = byte_level_alphabet()
+    merges = []
+    for a, b in _MERGE_PAIRS[:n_merges]:
+        merges.append(f"{a} {b}")
+        tokens.append(a + b)
+    tokens.append(EOT_TEXT)
+    types = [1] * (len(tokens) - 1) + [3]  # gguf TokenType: NORMAL, CONTROL
+    return tokens, merges, types
+
+
+def tiny_llama(
+    *,
+    n_layers: int = 3,
+    dim: int = 64,
+    hidden_dim: int = 96,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    vocab_size: int = 300,
+    ctx: int = 256,
+    weight_type: QT = QT.Q8_0,
+    tied_output: bool = True,
+    n_rot: int | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, QT]]]:
+    """(metadata, tensors) of a random LLaMA model; tensors map GGUF name -> (float32 array
+    (rows, cols) or (n,), type to store it as). Matrices are N(0, 1/fan_in), the embedding N(0, 1),
+    norm weights 1 + N(0, 0.1**2) stored as F32 (as llama.cpp's converter does)."""
+    if hidden_dim % 32 or dim % 32:
+        raise ValueError("dim and hidden_dim must be multiples of 32 (the block size)")
+    head_dim = dim // n_heads
+    tokens, merges, types = tiny_vocabulary(vocab_size)
+    eot = len(tokens) - 1
+    metadata: dict[str, Any] = {
+        "general.architecture": "llama",
+        "general.name": f"tiny-llama-{weight_type.name.lower()}",
+        "llama.context_length": ctx,
+        "llama.embedding_length": dim,
+        "llama.block_count": n_layers,
+        "llama.feed_forward_length": hidden_dim,
+        "llama.rope.dimension_count": head_dim if n_rot is None else n_rot,
+        "llama.attention.head_count": n_heads,
+        "llama.attention.head_count_kv": n_kv_heads,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.rope.freq_base": 10000.0,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": eot,
+        "tokenizer.ggml.eos_token_id": eot,
+    }
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows: int, cols: int) -> tuple[np.ndarray, QT]:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), weight_type
+
+    def norm(n: int) -> tuple[np.ndarray, QT]:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32), QT.F32
+
+    tensors: dict[str, tuple[np.ndarray, QT]] = {
+        "token_embd.weight": (rng.standard_normal((vocab_size, dim)).astype(np.float32), weight_type),
+    }
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        tensors[p + "attn_norm.weight"] = norm(dim)
+        tensors[p + "attn_q.weight"] = matrix(q_dim, dim)
+        tensors[p + "attn_k.weight"] = matrix(kv_dim, dim)
+        tensors[p + "attn_v.weight"] = matrix(kv_dim, dim)
+        tensors[p + "attn_output.weight"] = matrix(dim, q_dim)
+        tensors[p + "ffn_norm.weight"] = norm(dim)
+        tensors[p + "ffn_gate.weight"] = matrix(hidden_dim, dim)
+        tensors[p + "ffn_up.weight"] = matrix(hidden_dim, dim)
+        tensors[p + "ffn_down.weight"] = matrix(dim, hidden_dim)
+    tensors["output_norm.weight"] = norm(dim)
+    if not tied_output:
+        tensors["output.weight"] = matrix(vocab_size, dim)
+    return metadata, tensors
+
+
+def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, (int, np.integer)):
+        writer.add_uint32(key, int(value))
+    elif isinstance(value, (float, np.floating)):
+        writer.add_float32(key, float(value))
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, np.ndarray):
+        sub = {np.dtype(np.int32): GGUFValueType.INT32, np.dtype(np.float32): GGUFValueType.FLOAT32}[value.dtype]
+        writer.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=sub)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"{key}: cannot write a {type(value).__name__}")
+
+
+def write_gguf(
+    path: str | os.PathLike[str], metadata: dict[str, Any], tensors: dict[str, tuple[np.ndarray, QT]]
+) -> Path:
+    """Write a GGUF file. metadata must hold general.architecture; ints are written as UINT32,
+    floats as FLOAT32, lists of str as string arrays, int32/float32 numpy arrays as such.
+    Tensors: float arrays are quantized to their type with gguf.quants.quantize; a uint8 array
+    is taken as the type's raw blocks (rows, row_bytes)."""
+    path = Path(path)
+    metadata = dict(metadata)
+    writer = GGUFWriter(path, arch=metadata.pop("general.architecture"))
+    for key, value in metadata.items():
+        _add_metadata(writer, key, value)
+    for name, (array, ttype) in tensors.items():
+        if array.dtype == np.uint8:
+            writer.add_tensor(name, array, raw_dtype=ttype)
+        elif ttype in (QT.F32, QT.F16):
+            writer.add_tensor(name, quantize(array.astype(np.float32), ttype))
+        else:
+            writer.add_tensor(name, quantize(array.astype(np.float32), ttype), raw_dtype=ttype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_tiny_llama(path: str | os.PathLike[str], **kwargs: Any) -> Path:
+    """Write `tiny_llama(**kwargs)` to path; returns the path."""
+    return write_gguf(path, *tiny_llama(**kwargs))
+
+
+def dequantized_weights(gguf_file) -> dict[str, np.ndarray]:
+    """Every tensor of a GGUFFile as float64 via gguf.quants.dequantize: matrices (rows, cols),
+    vectors (n,)."""
+    weights = {}
+    for name, info in gguf_file.tensors.items():
+        values = dequantize(np.asarray(gguf_file.tensor_data(name)), info.type).astype(np.float64)
+        weights[name] = values.reshape(info.shape[::-1]) if len(info.shape) > 1 else values
+    return weights
+
+
+def q4_1_minima(gguf_file) -> dict[str, np.ndarray]:
+    """m (rows, n_blocks) f32 of every Q4_1 matrix; block layout d f16, m f16, qs[16]
+    (ggml-common.h)."""
+    minima = {}
+    for name, info in gguf_file.tensors.items():
+        if info.type == QT.Q4_1:
+            raw = np.asarray(gguf_file.tensor_data(name))
+            minima[name] = np.ascontiguousarray(raw.reshape(raw.shape[0], -1, 20)[:, :, 2:4]).view(np.float16)[..., 0]
+    return minima
