@@ -32,7 +32,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from .numba_config import FASTMATH
-from .simd import dot_q4_32, dot_q8_32
+from .simd import dot_q4_32, dot_q4_32x4, dot_q8_32, dot_q8_32x4
 
 QK = 32  # weights per block, for every block format here
 
@@ -219,52 +219,108 @@ def _matmul_f16(w, x16, table, out):
             out[t, r] = acc
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+# One block's contribution to an output, per format, shared by the one-row and four-row loops
+# so that a row's sum is the same expression whether it was computed alone or in a batch. These
+# kernels compile without fastmath: with reassociation or contraction allowed, LLVM evaluates
+# the two loops' float sums differently and a sequence's logits would change with the batch
+# around it. The integer block dot products are exact either way.
+
+
+@nb.njit(inline="always")
+def _term_q8_0(wd, xd, isum):
+    return (wd * xd) * np.float32(isum)
+
+
+@nb.njit(inline="always")
+def _term_q4_0(wd, xd, xsum, isum):
+    # sum((q - 8) * x) = sum(q * x) - 8 * sum(x): the offset folds into the activation's block sum.
+    return (wd * xd) * np.float32(isum - 8 * xsum)
+
+
+@nb.njit(inline="always")
+def _term_q4_1(wd, wm, xd, xs, isum):
+    # sum((d q + m) * dx qx) = d dx sum(q qx) + m (dx sum(qx)); xs holds dx sum(qx) per block.
+    return (wd * xd) * np.float32(isum) + wm * xs
+
+
+# Each kernel walks token rows four at a time (one weight block unpacked for four activation
+# blocks: prefill and batched decode), then the rest one at a time.
+
+
+@nb.njit(cache=True, parallel=True)
 def _matmul_q8_0(wq, wd, xq, xd, out):
     n_rows, n_cols = wq.shape
     n_blocks = wd.shape[1]
+    n_tokens = xq.shape[0]
+    n_quads = n_tokens // 4 * 4
     w_flat = wq.reshape(-1)
     x_flat = xq.reshape(-1)
     for r in nb.prange(n_rows):
-        for t in range(xq.shape[0]):
+        for t in range(0, n_quads, 4):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for b in range(n_blocks):
+                i0, i1, i2, i3 = dot_q8_32x4(w_flat, r * n_cols + b * QK, x_flat, t * n_cols + b * QK, n_cols)
+                a0 += _term_q8_0(wd[r, b], xd[t, b], i0)
+                a1 += _term_q8_0(wd[r, b], xd[t + 1, b], i1)
+                a2 += _term_q8_0(wd[r, b], xd[t + 2, b], i2)
+                a3 += _term_q8_0(wd[r, b], xd[t + 3, b], i3)
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+        for t in range(n_quads, n_tokens):
             acc = np.float32(0.0)
             for b in range(n_blocks):
-                isum = dot_q8_32(w_flat, r * n_cols + b * QK, x_flat, t * n_cols + b * QK)
-                acc += (wd[r, b] * xd[t, b]) * np.float32(isum)
+                acc += _term_q8_0(wd[r, b], xd[t, b], dot_q8_32(w_flat, r * n_cols + b * QK, x_flat, t * n_cols + b * QK))
             out[t, r] = acc
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, parallel=True)
 def _matmul_q4_0(wq, wd, xq, xd, xsum, out):
-    # sum((q - 8) * x) = sum(q * x) - 8 * sum(x): the offset folds into the activation's block sum.
     n_rows, row_bytes = wq.shape
     n_blocks = wd.shape[1]
-    n_cols = xq.shape[1]
+    n_tokens, n_cols = xq.shape
+    n_quads = n_tokens // 4 * 4
     w_flat = wq.reshape(-1)
     x_flat = xq.reshape(-1)
     for r in nb.prange(n_rows):
-        for t in range(xq.shape[0]):
+        for t in range(0, n_quads, 4):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for b in range(n_blocks):
+                i0, i1, i2, i3 = dot_q4_32x4(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK, n_cols)
+                a0 += _term_q4_0(wd[r, b], xd[t, b], xsum[t, b], i0)
+                a1 += _term_q4_0(wd[r, b], xd[t + 1, b], xsum[t + 1, b], i1)
+                a2 += _term_q4_0(wd[r, b], xd[t + 2, b], xsum[t + 2, b], i2)
+                a3 += _term_q4_0(wd[r, b], xd[t + 3, b], xsum[t + 3, b], i3)
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+        for t in range(n_quads, n_tokens):
             acc = np.float32(0.0)
             for b in range(n_blocks):
                 isum = dot_q4_32(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK)
-                acc += (wd[r, b] * xd[t, b]) * np.float32(isum - 8 * xsum[t, b])
+                acc += _term_q4_0(wd[r, b], xd[t, b], xsum[t, b], isum)
             out[t, r] = acc
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, parallel=True)
 def _matmul_q4_1(wq, wd, wm, xq, xd, xs, out):
-    # sum((d q + m) * dx qx) = d dx sum(q qx) + m (dx sum(qx)); xs holds dx sum(qx) per block.
     n_rows, row_bytes = wq.shape
     n_blocks = wd.shape[1]
-    n_cols = xq.shape[1]
+    n_tokens, n_cols = xq.shape
+    n_quads = n_tokens // 4 * 4
     w_flat = wq.reshape(-1)
     x_flat = xq.reshape(-1)
     for r in nb.prange(n_rows):
-        for t in range(xq.shape[0]):
+        for t in range(0, n_quads, 4):
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for b in range(n_blocks):
+                i0, i1, i2, i3 = dot_q4_32x4(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK, n_cols)
+                a0 += _term_q4_1(wd[r, b], wm[r, b], xd[t, b], xs[t, b], i0)
+                a1 += _term_q4_1(wd[r, b], wm[r, b], xd[t + 1, b], xs[t + 1, b], i1)
+                a2 += _term_q4_1(wd[r, b], wm[r, b], xd[t + 2, b], xs[t + 2, b], i2)
+                a3 += _term_q4_1(wd[r, b], wm[r, b], xd[t + 3, b], xs[t + 3, b], i3)
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+        for t in range(n_quads, n_tokens):
             acc = np.float32(0.0)
             for b in range(n_blocks):
                 isum = dot_q4_32(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK)
-                acc += (wd[r, b] * xd[t, b]) * np.float32(isum) + wm[r, b] * xs[t, b]
+                acc += _term_q4_1(wd[r, b], wm[r, b], xd[t, b], xs[t, b], isum)
             out[t, r] = acc
 
 

@@ -90,6 +90,43 @@ def _dot_q8_32_ir(typingctx, w, w_offset, x, x_offset):
     return types.int32(w, w_offset, x, x_offset), codegen
 
 
+def _dot_rows(context, builder, signature, weights, x_arr, x_off, x_stride):
+    """weights (<32 x i32>) against 32 int8 activations at x_off + i * x_stride, i < 4."""
+    sums = []
+    for i in range(4):
+        offset = builder.add(x_off, builder.mul(x_stride, ir.Constant(x_stride.type, i)))
+        acts = _load(context, builder, signature.args[2], x_arr, offset, _V32_I8)
+        sums.append(_sum(builder, builder.mul(weights, builder.sext(acts, _V32_I32))))
+    return context.make_tuple(builder, signature.return_type, sums)
+
+
+@intrinsic
+def _dot_q4_32x4_ir(typingctx, w, w_offset, x, x_offset, x_stride):
+    _check(w, x, types.uint8, types.int8)
+
+    def codegen(context, builder, signature, args):
+        w_arr, w_off, x_arr, x_off, x_stride = args
+        packed = _load(context, builder, signature.args[0], w_arr, w_off, _V16_I8)
+        low = builder.and_(packed, ir.Constant(_V16_I8, [15] * 16))
+        high = builder.lshr(packed, ir.Constant(_V16_I8, [4] * 16))
+        nibbles = builder.zext(builder.shuffle_vector(low, high, ir.Constant(_V32_I32, list(range(32)))), _V32_I32)
+        return _dot_rows(context, builder, signature, nibbles, x_arr, x_off, x_stride)
+
+    return types.UniTuple(types.int32, 4)(w, w_offset, x, x_offset, x_stride), codegen
+
+
+@intrinsic
+def _dot_q8_32x4_ir(typingctx, w, w_offset, x, x_offset, x_stride):
+    _check(w, x, types.int8, types.int8)
+
+    def codegen(context, builder, signature, args):
+        w_arr, w_off, x_arr, x_off, x_stride = args
+        weights = builder.sext(_load(context, builder, signature.args[0], w_arr, w_off, _V32_I8), _V32_I32)
+        return _dot_rows(context, builder, signature, weights, x_arr, x_off, x_stride)
+
+    return types.UniTuple(types.int32, 4)(w, w_offset, x, x_offset, x_stride), codegen
+
+
 def dot_q4_32(w, w_offset, x, x_offset):
     packed = w[w_offset : w_offset + 16].astype(np.int32)
     nibbles = np.concatenate((packed & 15, packed >> 4))
@@ -108,3 +145,23 @@ def _dot_q4_32_compiled(w, w_offset, x, x_offset):
 @overload(dot_q8_32, inline="always")
 def _dot_q8_32_compiled(w, w_offset, x, x_offset):
     return lambda w, w_offset, x, x_offset: _dot_q8_32_ir(w, w_offset, x, x_offset)
+
+
+def dot_q4_32x4(w, w_offset, x, x_offset, x_stride):
+    """dot_q4_32 against four activation blocks x_stride apart: one unpack for four rows, as
+    prefill and batched decode use it. -> (int32,) * 4"""
+    return tuple(dot_q4_32(w, w_offset, x, x_offset + i * x_stride) for i in range(4))
+
+
+def dot_q8_32x4(w, w_offset, x, x_offset, x_stride):
+    return tuple(dot_q8_32(w, w_offset, x, x_offset + i * x_stride) for i in range(4))
+
+
+@overload(dot_q4_32x4, inline="always")
+def _dot_q4_32x4_compiled(w, w_offset, x, x_offset, x_stride):
+    return lambda w, w_offset, x, x_offset, x_stride: _dot_q4_32x4_ir(w, w_offset, x, x_offset, x_stride)
+
+
+@overload(dot_q8_32x4, inline="always")
+def _dot_q8_32x4_compiled(w, w_offset, x, x_offset, x_stride):
+    return lambda w, w_offset, x, x_offset, x_stride: _dot_q8_32x4_ir(w, w_offset, x, x_offset, x_stride)

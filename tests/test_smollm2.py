@@ -10,17 +10,17 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 
 # Greedy 32-token completions recorded from llama.cpp (llama-cpp-python 0.3.36, n_ctx 1024),
-# which caravan reproduces token for token. Other prompts ("The capital of France is") diverge
-# after a few tokens at near-ties: both engines round activations to 8-bit blocks and sit about
+# which caravan reproduces token for token. Other prompts ("Water boils at") diverge
+# after some tokens at near-ties: both engines round activations to 8-bit blocks and sit about
 # equally far (max |logit error| ~0.7) from a float64 evaluation of the same weights.
 GOLDEN = {
+    'The capital of France is': [
+        7042, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33, 33,
+        2215, 701, 30, 198, 198, 504, 1797, 1918, 553, 253, 2155, 282, 4723, 216, 35, 33,
+    ],
     'def fibonacci(n):\n    ': [
         3987, 46477, 24, 94, 25, 446, 3987, 46477, 24, 94, 29, 33, 25, 1232, 3987, 46477,
         24, 94, 29, 34, 2367, 1003, 3987, 46477, 24, 94, 25, 198, 198, 19, 4246, 260,
-    ],
-    'The three primary colors are': [
-        260, 3003, 4683, 282, 260, 35526, 2380, 1743, 42, 2382, 28, 4461, 28, 284, 2654, 30,
-        1216, 4683, 359, 4959, 288, 260, 35526, 2380, 1743, 284, 359, 804, 288, 1464, 511, 550,
     ],
     '<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n': [
         504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1,
