@@ -97,12 +97,12 @@ def _attention(q, k_cache, v_cache, start, n_heads, n_kv_heads, scale, out):
             row[p] = e
             total += e
         inv = np.float32(1.0 / total)
-        for j in range(head_dim):
-            out[t, q_off + j] = 0.0
+        acc = np.zeros(head_dim, np.float32)  # a local row: LLVM vectorizes it, not out[t, ...]
         for p in range(n):
             w = row[p] * inv
             for j in range(head_dim):
-                out[t, q_off + j] += w * v_cache[p, kv_off + j]
+                acc[j] += w * v_cache[p, kv_off + j]
+        out[t, q_off : q_off + head_dim] = acc
 
 
 def attention(
