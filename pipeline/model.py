@@ -155,10 +155,6 @@ class LayerWeights:
         return sum(m.nbytes for m in mats) + self.attn_norm.nbytes + self.ffn_norm.nbytes
 
 
-def layer_tensor_names(layer: int) -> list[str]:
-    return [f"blk.{layer}.{n}.weight" for n in LayerWeights.__dataclass_fields__]
-
-
 class ModelHead:
     """What runs around the layers: token embedding in, final norm and output projection out."""
 
