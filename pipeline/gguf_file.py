@@ -158,7 +158,8 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, key: str, depth: int = 0) ->
     return [_read_value(cur, item_type, key, depth + 1) for _ in range(count)]
 
 
-def _tensor_bytes(ttype: GGMLQuantizationType, shape: tuple[int, ...], name: str) -> int:
+def tensor_nbytes(ttype: GGMLQuantizationType, shape: tuple[int, ...], name: str) -> int:
+    """Bytes of a tensor of this type and GGUF shape; GGUFError when rows do not split into blocks."""
     block_size, type_size = GGML_QUANT_SIZES[ttype]
     if shape[0] % block_size:
         raise GGUFError(
@@ -260,7 +261,7 @@ class GGUFFile:
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
         data_size = self.file_size - self.data_offset
         for name, ttype, shape, offset in infos:
-            n_bytes = _tensor_bytes(ttype, shape, f"{what}: tensor {name}")
+            n_bytes = tensor_nbytes(ttype, shape, f"{what}: tensor {name}")
             if offset + n_bytes > data_size:
                 raise GGUFError(
                     f"{what}: tensor {name} ({n_bytes} bytes at data offset {offset}) runs past the end "
@@ -273,22 +274,30 @@ class GGUFFile:
         return None if info is None else info.type
 
     def tensor_data(self, name: str) -> np.ndarray:
-        """A read-only view of a tensor: (rows, row_length) float for F32/F16, (rows, row_bytes) uint8
-        for block formats; 1-D tensors come back 1-D."""
+        return tensor_view(self._buf, self.tensors[name])
+
+    def tensor_bytes(self, name: str) -> memoryview:
+        """The tensor's bytes exactly as stored, for sending to a node."""
         info = self.tensors[name]
-        if info.type == GGMLQuantizationType.F32:
-            dtype, width = np.dtype("<f4"), info.shape[0]
-        elif info.type == GGMLQuantizationType.F16:
-            dtype, width = np.dtype("<f2"), info.shape[0]
-        else:
-            dtype, width = np.dtype(np.uint8), info.row_bytes
-        flat = np.frombuffer(self._buf, dtype=dtype, count=info.n_bytes // dtype.itemsize, offset=info.offset)
-        if len(info.shape) == 1:
-            return flat
-        return flat.reshape(info.n_rows, width)
+        return self._buf[info.offset : info.offset + info.n_bytes]
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} keys)"
+
+
+def tensor_view(buffer, info: TensorInfo) -> np.ndarray:
+    """A read-only view of a tensor at info.offset in buffer: (rows, row_length) float for
+    F32/F16, (rows, row_bytes) uint8 for block formats; 1-D tensors come back 1-D."""
+    if info.type == GGMLQuantizationType.F32:
+        dtype, width = np.dtype("<f4"), info.shape[0]
+    elif info.type == GGMLQuantizationType.F16:
+        dtype, width = np.dtype("<f2"), info.shape[0]
+    else:
+        dtype, width = np.dtype(np.uint8), info.row_bytes
+    flat = np.frombuffer(buffer, dtype=dtype, count=info.n_bytes // dtype.itemsize, offset=info.offset)
+    if len(info.shape) == 1:
+        return flat
+    return flat.reshape(info.n_rows, width)
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:

@@ -17,6 +17,10 @@ from .ops import rmsnorm
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
+# The tensors of one transformer block, by their GGUF names (blk.N.<name>.weight).
+LAYER_TENSORS = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")
+
+
 
 class ModelError(ValueError):
     """The model file is well-formed GGUF but not a model caravan can run; the message says why."""
@@ -93,6 +97,24 @@ class ModelConfig:
             if getattr(config, field) <= 0:
                 raise ModelError(f"{arch}: {field} must be positive, got {getattr(config, field)}")
         return config
+
+
+def layer_tensor_shapes(config: "ModelConfig", layer: int) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> GGUF shape (row length first) of each tensor of block `layer`, in LAYER_TENSORS order."""
+    c = config
+    q_dim = c.n_heads * c.head_dim
+    shapes = {
+        "attn_norm": (c.dim,),
+        "attn_q": (c.dim, q_dim),
+        "attn_k": (c.dim, c.kv_dim),
+        "attn_v": (c.dim, c.kv_dim),
+        "attn_output": (q_dim, c.dim),
+        "ffn_norm": (c.dim,),
+        "ffn_gate": (c.dim, c.hidden_dim),
+        "ffn_up": (c.dim, c.hidden_dim),
+        "ffn_down": (c.hidden_dim, c.dim),
+    }
+    return {f"blk.{layer}.{name}.weight": shapes[name] for name in LAYER_TENSORS}
 
 
 def _tensor(source: TensorSource, name: str, rows: int, cols: int) -> PackedMatrix:

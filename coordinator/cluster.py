@@ -1,0 +1,256 @@
+"""From a list of nodes to a Pipeline: ask each node what it is, measure it, plan, load.
+
+    nodes = connect(["pi1:50051", "pi2:50051", LOCAL])   # LOCAL: this process hosts layers too
+    measure(nodes, model)                                # ms per layer on each, round trips
+    plan = make_plan(model, nodes, n_ctx)
+    cluster = deploy(model, nodes, plan, n_ctx, ...)     # cluster.pipeline runs generation
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
+from tqdm import tqdm
+
+from caravan.pipeline.catalog import file_sha256
+from caravan.pipeline.generate import Pipeline
+from caravan.pipeline.loader import LoadedModel
+from caravan.pipeline.model import layer_tensor_shapes
+from caravan.pipeline.quants import Activations, matmul
+from caravan.pipeline.speed import ms_per_layer
+from caravan.pipeline.stage import LayerRange, LocalStage, Stage
+from caravan.proto import caravan_pb2 as pb
+from caravan.proto import wire
+
+from .planner import ModelCost, NodeCapacity, Plan, PlanError, plan_layers
+from .remote import NodeClient, NodeError, RemoteStage
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"  # in --nodes: this process hosts a stage too
+
+# Bytes per GGUF block once repacked for the kernels (quants.PackedMatrix): f16 scales become
+# f32, so Q8_0 34 -> 36, Q4_0 18 -> 20, Q4_1 20 -> 24. F32 and F16 keep their size.
+_PACKED_BLOCK_BYTES = {QT.Q8_0: 36, QT.Q4_0: 20, QT.Q4_1: 24}
+
+
+@dataclass
+class Node:
+    """One place layers can run: a remote node (client set) or this process (client None)."""
+
+    address: str
+    client: NodeClient | None
+    info: pb.NodeInfo
+    ms_per_layer: float = math.nan
+    rtt_ms: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.info.name or self.address
+
+    @property
+    def label(self) -> str:
+        return self.client.label if self.client else "local (this process)"
+
+
+def parse_nodes(text: str) -> list[str]:
+    """`host:port,host:port,local` -> addresses, checked for shape."""
+    addresses = [a.strip() for a in text.split(",") if a.strip()]
+    if not addresses:
+        raise ValueError("--nodes needs at least one HOST:PORT")
+    for a in addresses:
+        if a == LOCAL:
+            continue
+        host, sep, port = a.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--nodes: {a!r} is not HOST:PORT")
+    if len(set(addresses)) != len(addresses):
+        raise ValueError("--nodes lists a node twice")
+    return addresses
+
+
+def _local_info() -> pb.NodeInfo:
+    mem = psutil.virtual_memory()
+    return pb.NodeInfo(protocol_version=wire.PROTOCOL_VERSION, name=LOCAL, memory_total=mem.total,
+                       memory_available=mem.available, cores=os.cpu_count() or 1,
+                       architecture=platform.machine(), state=pb.NODE_STATE_IDLE)
+
+
+def connect(addresses: list[str]) -> list[Node]:
+    """Ask every node who it is; one unreachable or incompatible node is an error naming it."""
+    nodes = []
+    try:
+        for address in addresses:
+            if address == LOCAL:
+                nodes.append(Node(LOCAL, None, _local_info()))
+                continue
+            client = NodeClient(address)
+            nodes.append(Node(address, client, pb.NodeInfo()))
+            nodes[-1].info = client.info()
+    except BaseException:
+        close_nodes(nodes)
+        raise
+    seen: dict[str, str] = {}
+    for node in nodes:
+        if node.client and node.info.node_id:
+            if node.info.node_id in seen:
+                raise NodeError(node.label, f"is the same node as {seen[node.info.node_id]}")
+            seen[node.info.node_id] = node.label
+    return nodes
+
+
+def close_nodes(nodes: list[Node]) -> None:
+    for node in nodes:
+        if node.client:
+            node.client.close()
+
+
+def layer_weight_type(model: LoadedModel) -> QT:
+    """The format most of the layers' bytes are in: what the nodes' benchmark runs."""
+    by_type: Counter[QT] = Counter()
+    for name in layer_tensor_shapes(model.config, 0):
+        info = model.file.tensors[name]
+        by_type[info.type] += info.n_bytes
+    return by_type.most_common(1)[0][0]
+
+
+def measure(nodes: list[Node], model: LoadedModel) -> None:
+    """Each node's ms per layer for this model's shape, and its round trip from here."""
+    weight_type = layer_weight_type(model)
+    for node in nodes:
+        if node.client is None:
+            node.ms_per_layer = ms_per_layer(model.config, weight_type)
+        else:
+            node.ms_per_layer = node.client.benchmark(model.config, int(weight_type))
+            node.rtt_ms = node.client.round_trip_ms()
+
+
+def layer_bytes(model: LoadedModel) -> int:
+    """Bytes of the largest layer once its weights are packed for the kernels."""
+    largest = 0
+    for layer in range(model.config.n_layers):
+        total = 0
+        for name in layer_tensor_shapes(model.config, layer):
+            info = model.file.tensors[name]
+            block_size, type_size = GGML_QUANT_SIZES[info.type]
+            total += info.n_bytes // type_size * _PACKED_BLOCK_BYTES.get(info.type, type_size)
+        largest = max(largest, total)
+    return largest
+
+
+def model_cost(model: LoadedModel, n_ctx: int, sessions: int = 1) -> ModelCost:
+    kv = 2 * n_ctx * model.config.kv_dim * 4 * sessions  # keys and values, f32
+    return ModelCost(model.config.n_layers, layer_bytes(model), kv)
+
+
+def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int) -> Plan:
+    capacities = []
+    for node in nodes:
+        if math.isnan(node.ms_per_layer):
+            raise ValueError(f"node {node.label} has not been measured")
+        capacities.append(NodeCapacity(node.address, node.ms_per_layer, node.info.memory_available, node.rtt_ms))
+    return plan_layers(capacities, model_cost(model, n_ctx))
+
+
+def head_ms(model: LoadedModel, repeats: int = 5) -> float:
+    """Time of the coordinator's share of a token: the output projection."""
+    hidden = np.random.default_rng(0).standard_normal((1, model.config.dim), dtype=np.float32)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        matmul(model.head.output, Activations(hidden))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]) * 1e3)
+
+
+@dataclass
+class Cluster:
+    pipeline: Pipeline
+    plan: Plan
+    nodes: list[Node]
+    stages: list[Stage] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)  # node address -> where its weights came from
+    pushed: dict[str, int] = field(default_factory=dict)  # node address -> weight bytes sent to it
+
+    def close(self) -> None:
+        _close(self.stages, self.nodes)
+
+
+def _close(stages: list[Stage], nodes: list[Node]) -> None:
+    for stage in stages:
+        if isinstance(stage, RemoteStage):
+            stage.close()
+    close_nodes(nodes)
+
+
+def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_dir: Path,
+           wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True) -> Cluster:
+    """Load each node's layers (pushing the weights it lacks) and build the pipeline."""
+    by_address = {n.address: n for n in nodes}
+    stages: list[Stage] = []
+    sources: dict[str, str] = {}
+    pushed: dict[str, int] = {}
+
+    try:
+        sha = file_sha256(model.file.path, cache_dir)
+        for assignment in plan.assignments:
+            node = by_address[assignment.node.name]
+            layers = assignment.layers
+            if node.client is None:
+                stages.append(LocalStage.load(model.file, model.config, layers, n_ctx))
+                sources[node.address] = "local file"
+                continue
+            pushed[node.address] = 0
+            with tqdm(total=None, unit="B", unit_scale=True, disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
+                      desc=f"{node.name} layers {layers}", leave=False) as bar:
+                def sent(n: int, address: str = node.address) -> None:
+                    pushed[address] += n
+                    bar.update(n)
+                reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
+            sources[node.address] = reply.source
+            log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
+            stages.append(RemoteStage(node.client, layers, model.config.dim, wire_format))
+        pipeline = Pipeline(model.head, stages, n_ctx)
+    except BaseException:
+        _close(stages, nodes)
+        raise
+    return Cluster(pipeline, plan, nodes, stages, sources, pushed)
+
+
+def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int, head: float) -> dict:
+    """The plan as a JSON-able dict: what `caravan plan --json` prints."""
+    by_address = {n.address: n for n in nodes}
+    cost = model_cost(model, n_ctx)
+    return {
+        "model": model.name,
+        "n_layers": model.config.n_layers,
+        "n_ctx": n_ctx,
+        "stages": [
+            {"node": by_address[a.node.name].name, "address": a.node.name, "layers": [a.layers.start, a.layers.stop],
+             "ms_per_layer": round(a.node.ms_per_layer, 4), "rtt_ms": round(a.node.rtt_ms, 4),
+             "stage_ms": round(a.stage_ms, 4),
+             "memory_bytes": len(a.layers) * cost.per_layer + cost.runtime_bytes,
+             "memory_available": a.node.memory_bytes}
+            for a in plan.assignments
+        ],
+        "unused": [{"node": by_address[n.name].name, "address": n.name, "why": why} for n, why in plan.unused],
+        "head_ms": round(head, 4),
+        "expected_tokens_per_s": round(plan.tokens_per_s(head), 2),
+        "pipelined_tokens_per_s": round(plan.pipelined_tokens_per_s(), 2),
+    }
+
+
+__all__ = ["LOCAL", "Cluster", "Node", "NodeError", "PlanError", "connect", "deploy", "describe_plan",
+           "head_ms", "make_plan", "measure", "parse_nodes"]

@@ -1,0 +1,200 @@
+"""Talking to one node: NodeClient for its control calls, RemoteStage for the hidden states.
+
+RemoteStage stands behind the same Stage interface as LocalStage (petals' RemoteSequential,
+exo's Shard): the generation loop cannot tell them apart, and with f32 on the wire the
+output is bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Iterator
+
+import grpc
+import numpy as np
+
+from caravan.pipeline.gguf_file import GGUFFile
+from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
+from caravan.pipeline.stage import LayerRange, StageBatch, StageError
+from caravan.proto import caravan_pb2 as pb
+from caravan.proto import caravan_pb2_grpc as pb_grpc
+from caravan.proto import wire
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 5.0
+CONTROL_TIMEOUT_S = 60.0  # Info, Benchmark, EndSession
+LOAD_TIMEOUT_S = 600.0  # loading and compiling a range on a Pi, or pushing it over Wi-Fi
+
+
+class NodeError(RuntimeError):
+    """A node could not be reached or refused a request; the message names the node."""
+
+    def __init__(self, node: str, message: str, code: grpc.StatusCode = grpc.StatusCode.UNKNOWN):
+        super().__init__(f"node {node}: {message}")
+        self.node = node
+        self.code = code
+
+
+def _describe(exc: grpc.RpcError) -> tuple[str, grpc.StatusCode]:
+    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        # gRPC's detail ends with the useful part: "...: Connection refused"
+        return f"unreachable ({details.rsplit(': ', 1)[-1] if details else 'no connection'})", code
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "did not answer in time", code
+    return details or code.name, code
+
+
+class NodeClient:
+    def __init__(self, address: str, max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
+        self.address = address
+        self.name = address  # replaced by the node's own name once Info answers
+        self.channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ])
+        self.stub = pb_grpc.StageStub(self.channel)
+
+    @property
+    def label(self) -> str:
+        return self.address if self.name == self.address else f"{self.name} ({self.address})"
+
+    def error(self, exc: grpc.RpcError, doing: str) -> NodeError:
+        message, code = _describe(exc)
+        return NodeError(self.label, f"{doing}: {message}", code)
+
+    def info(self, timeout: float = CONNECT_TIMEOUT_S) -> pb.NodeInfo:
+        try:
+            info = self.stub.Info(pb.InfoRequest(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc, "asking for its info") from None
+        if info.name:
+            self.name = info.name
+        if info.protocol_version != wire.PROTOCOL_VERSION:
+            raise NodeError(self.label, f"speaks protocol {info.protocol_version} (caravan {info.version}); this "
+                            f"coordinator speaks {wire.PROTOCOL_VERSION}: run the same caravan version on both")
+        return info
+
+    def round_trip_ms(self, repeats: int = 5) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.info(CONTROL_TIMEOUT_S)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1e3)
+
+    def benchmark(self, config: ModelConfig, weight_type: int) -> float:
+        try:
+            reply = self.stub.Benchmark(pb.BenchmarkRequest(config=wire.encode_config(config), weight_type=weight_type),
+                                        timeout=CONTROL_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise self.error(exc, "benchmarking its kernels") from None
+        return reply.ms_per_layer
+
+    def load(self, model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int,
+             on_bytes: Callable[[int], None] = lambda n: None) -> pb.LoadReply:
+        """Have the node load `layers`: from what it has if it can, else push exactly those tensors."""
+        request = load_request(model, model_sha256, config, layers, n_ctx)
+        doing = f"loading layers {layers}"
+        try:
+            reply = self.stub.Load(request, timeout=LOAD_TIMEOUT_S)
+            if reply.needs_weights:
+                reply = self.stub.PushWeights(_weight_chunks(model, request, on_bytes), timeout=LOAD_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise self.error(exc, doing) from None
+        if not reply.ready:
+            raise NodeError(self.label, f"{doing}: the node did not become ready")
+        return reply
+
+    def end_session(self, session_id: str) -> None:
+        try:
+            self.stub.EndSession(pb.EndSessionRequest(session_id=session_id), timeout=CONTROL_TIMEOUT_S)
+        except grpc.RpcError as exc:  # the session's cache dies with the node anyway
+            log.warning("%s", self.error(exc, f"ending session {session_id}"))
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int) -> pb.LoadRequest:
+    tensors = []
+    for layer in layers:
+        for name in layer_tensor_shapes(config, layer):
+            info = model.tensors.get(name)
+            if info is None:
+                raise ValueError(f"{model.path}: missing tensor {name}")
+            tensors.append(pb.TensorEntry(name=name, type=int(info.type), shape=info.shape, n_bytes=info.n_bytes))
+    return pb.LoadRequest(model_sha256=model_sha256, config=wire.encode_config(config), layer_start=layers.start,
+                          layer_stop=layers.stop, n_ctx=n_ctx, tensors=tensors)
+
+
+def _weight_chunks(model: GGUFFile, request: pb.LoadRequest, on_bytes: Callable[[int], None]) -> Iterator[pb.WeightChunk]:
+    """The header, the range's tensors straight from the memory-mapped file in 1 MiB pieces,
+    then the sha256 of every byte sent."""
+    yield pb.WeightChunk(header=request)
+    digest = hashlib.sha256()
+    for entry in request.tensors:
+        data = model.tensor_bytes(entry.name)
+        for start in range(0, len(data), wire.WEIGHT_CHUNK_BYTES):
+            piece = bytes(data[start : start + wire.WEIGHT_CHUNK_BYTES])
+            digest.update(piece)
+            on_bytes(len(piece))
+            yield pb.WeightChunk(data=piece)
+    yield pb.WeightChunk(sha256=digest.hexdigest())
+
+
+class RemoteStage:
+    """Layers [start, stop) on a node, over one long-lived Forward stream."""
+
+    def __init__(self, client: NodeClient, layers: LayerRange, dim: int, wire_format: int = pb.WIRE_FORMAT_F32):
+        self.client = client
+        self.layers = layers
+        self.dim = dim
+        self.wire_format = wire_format
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()  # one batch in flight per stage: replies come back in order
+        self._requests: queue.Queue[pb.ForwardRequest | None] = queue.Queue()
+        self._replies = client.stub.Forward(iter(self._requests.get, None))
+
+    def forward(self, batch: StageBatch) -> np.ndarray:
+        rows = batch.hidden.shape[0]
+        if rows > wire.MAX_BATCH_ROWS:
+            raise StageError(f"a batch of {rows} rows is more than a node takes ({wire.MAX_BATCH_ROWS})")
+        request = pb.ForwardRequest(
+            id=next(self._ids),
+            segments=wire.encode_segments(batch.segments),
+            hidden=wire.encode_hidden(batch.hidden, self.wire_format),
+            reply_format=self.wire_format,
+        )
+        with self._lock:
+            self._requests.put(request)
+            try:
+                reply = next(self._replies)
+            except (grpc.RpcError, StopIteration) as exc:
+                message = _describe(exc)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
+                raise NodeError(self.client.label, f"layers {self.layers}: {message}", grpc.StatusCode.UNAVAILABLE) from None
+        if reply.id != request.id:
+            raise NodeError(self.client.label, f"answered batch {reply.id}, expected {request.id}")
+        if reply.WhichOneof("result") == "error":
+            code = wire.status_from_value(reply.error.code)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise StageError(f"node {self.client.label}: {reply.error.message}")
+            raise NodeError(self.client.label, reply.error.message, code)
+        try:
+            return wire.decode_hidden(reply.hidden, self.dim, rows)
+        except wire.WireError as exc:
+            raise NodeError(self.client.label, f"sent a bad hidden state: {exc}") from None
+
+    def end_session(self, session_id: str) -> None:
+        self.client.end_session(session_id)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._replies.cancel()

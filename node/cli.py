@@ -1,0 +1,106 @@
+"""`caravan node`: serve a stage of layers to coordinators and advertise it on the LAN.
+
+    caravan node [--host H] [--port P] [--name N] [--threads T] [--cache-dir DIR]
+                 [--model PATH] [--no-advertise]
+
+The first line on stdout says where it listens (`caravan node NAME listening on HOST:PORT`),
+so scripts and tests that pass --port 0 learn the port. It serves until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import numba
+
+from caravan.pipeline.catalog import default_cache_dir
+from caravan.pipeline.gguf_file import GGUFError
+
+from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
+
+from .advertise import Advertisement
+from .server import VERSION, NodeSettings, create_server
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+
+
+def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve a range of a model's layers to caravan coordinators.")
+    p.add_argument("--host", default="0.0.0.0",
+                   help="address to listen on (default: 0.0.0.0, every interface; 127.0.0.1 keeps it on this machine)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--name", default=None, help="name shown to coordinators (default: HOSTNAME-PORT)")
+    p.add_argument("--threads", "-t", type=int, default=None, metavar="N",
+                   help=f"compute threads (default: all, {numba.config.NUMBA_NUM_THREADS})")
+    p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
+                   help="where received layers are kept (default: $CARAVAN_HOME, else ~/.cache/caravan)")
+    p.add_argument("--model", "-m", type=Path, default=None, metavar="PATH",
+                   help="a local copy of a model file: its layers load from it instead of the network")
+    p.add_argument("--no-advertise", action="store_true", help="do not announce the node with zeroconf")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-v info, -vv debug)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("caravan").setLevel(level)
+    try:
+        return serve(args)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError) as exc:  # bad flags, a port in use, an unreadable --model
+        print(f"caravan node: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def serve(args: argparse.Namespace) -> int:
+    limit = numba.config.NUMBA_NUM_THREADS
+    if args.threads is not None and not 1 <= args.threads <= limit:
+        raise ValueError(f"--threads must be between 1 and {limit}, got {args.threads}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    cache_dir = args.cache_dir if args.cache_dir is not None else default_cache_dir()
+    advert: Advertisement | None = None
+
+    def on_state(state: int) -> None:
+        if advert is not None:
+            advert.update(state=STATE_NAMES.get(state, "unknown"))
+
+    settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
+                            cache_dir=cache_dir, model_path=args.model)
+    try:
+        server, port, servicer = create_server(settings, on_state)
+    except GGUFError as exc:
+        raise ValueError(f"--model: {exc}") from None
+    name = args.name or f"{socket.gethostname()}-{port}"
+    servicer.settings = dataclasses.replace(settings, port=port, name=name)
+    if not args.no_advertise:
+        info = servicer.Info(None, None)
+        advert = Advertisement(name, args.host, port, {
+            "id": info.node_id, "name": name, "version": VERSION, "protocol": str(PROTOCOL_VERSION),
+            "mem": str(info.memory_total), "cores": str(info.cores), "arch": info.architecture,
+            "state": STATE_NAMES[info.state],
+        })
+    print(f"caravan node {name} listening on {args.host}:{port}", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("stopping")
+    if advert is not None:
+        advert.close()
+    server.stop(grace=2).wait()
+    servicer.close()
+    return 0

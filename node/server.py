@@ -1,0 +1,315 @@
+"""The worker: a gRPC servicer around a LocalStage, its weight cache and its health.
+
+All compute runs on one thread per process (`_compute`): Numba's default threading layer
+aborts when two Python threads run parallel kernels at once, and a gRPC server calls
+handlers from many threads. gRPC threads only decode, queue and encode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numba
+import numpy as np
+import psutil
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from caravan.pipeline.catalog import file_sha256
+from caravan.pipeline.gguf_file import GGUFFile
+from caravan.pipeline.model import ModelConfig
+from caravan.pipeline.speed import ms_per_layer
+from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch
+from caravan.proto import caravan_pb2 as pb
+from caravan.proto import caravan_pb2_grpc as pb_grpc
+from caravan.proto import wire
+
+from .weights import CachedRange, RangeManifest, WeightCache, WeightError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "caravan.v1.Stage"  # the name health reports READY under
+VERSION = package_version("caravan")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    name: str = ""  # default: <hostname>-<port>
+    threads: int | None = None  # compute threads (default: Numba's, all cores)
+    cache_dir: Path = Path(".")
+    model_path: Path | None = None  # a local copy of a model file: its layers need no transfer
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    context.abort(wire.status_code(exc), str(exc))
+
+
+class StageServicer(pb_grpc.StageServicer):
+    def __init__(self, settings: NodeSettings, on_state: Callable[[int], None] = lambda state: None):
+        self.settings = settings
+        self.threads = settings.threads or numba.config.NUMBA_NUM_THREADS
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="caravan-compute",
+                                           initializer=numba.set_num_threads, initargs=(self.threads,))
+        self._lock = threading.Lock()  # guards the fields below
+        self._stage: LocalStage | None = None
+        self._loaded: tuple[str, LayerRange, int] | None = None  # (model sha256, layers, n_ctx)
+        self._state = pb.NODE_STATE_IDLE
+        self._error = ""
+        self._benchmarks: dict[tuple, float] = {}
+        self._on_state = on_state
+        self.cache = WeightCache(settings.cache_dir)
+        self.node_id = _node_id(settings.cache_dir)
+        self.local_file: GGUFFile | None = None
+        self.local_sha256 = ""
+        if settings.model_path is not None:
+            self.local_file = GGUFFile(settings.model_path)
+            self.local_sha256 = file_sha256(settings.model_path, settings.cache_dir)
+
+    @property
+    def state(self) -> int:
+        return self._state
+
+    def _set_state(self, state: int, error: str = "") -> None:
+        with self._lock:
+            self._state, self._error = state, error
+        self._on_state(state)
+
+    def _run(self, fn, *args):
+        """Run fn on the compute thread and wait for it."""
+        return self._compute.submit(fn, *args).result()
+
+    def close(self) -> None:
+        self._compute.shutdown(wait=False, cancel_futures=True)
+
+    # --- Info and Benchmark -------------------------------------------------------------------
+
+    def Info(self, request, context):
+        mem = psutil.virtual_memory()
+        with self._lock:
+            stage, loaded, state, error = self._stage, self._loaded, self._state, self._error
+        held = stage.weight_bytes + sum(c.nbytes for c in stage.sessions.values()) if stage else 0
+        info = pb.NodeInfo(
+            protocol_version=wire.PROTOCOL_VERSION, version=VERSION, node_id=self.node_id,
+            name=self.settings.name, memory_total=mem.total, memory_available=mem.available + held,
+            cores=os.cpu_count() or 1, threads=self.threads, architecture=platform.machine(),
+            state=state, local_model_sha256=self.local_sha256, error=error,
+            max_message_bytes=wire.MAX_MESSAGE_BYTES,
+        )
+        if loaded is not None:
+            info.model_sha256, info.layer_start, info.layer_stop = loaded[0], loaded[1].start, loaded[1].stop
+        return info
+
+    def Benchmark(self, request, context):
+        try:
+            config = wire.decode_config(request.config)
+            ttype = wire.tensor_type(request.weight_type)
+            key = (config, ttype)
+            if key not in self._benchmarks:
+                self._benchmarks[key] = self._run(ms_per_layer, config, ttype)
+        except Exception as exc:  # noqa: BLE001  (mapped to a status; the node keeps serving)
+            _abort(context, exc)
+        return pb.BenchmarkReply(ms_per_layer=self._benchmarks[key])
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def _manifest(self, request: pb.LoadRequest) -> tuple[ModelConfig, RangeManifest]:
+        config = wire.decode_config(request.config)
+        if not request.layer_start < request.layer_stop <= config.n_layers:
+            raise WeightError(f"layer range [{request.layer_start}, {request.layer_stop}) is not within the model's {config.n_layers} layers")
+        if not 1 < request.n_ctx <= config.context_length:
+            raise WeightError(f"context size {request.n_ctx} is outside 2 to {config.context_length}")
+        layers = LayerRange(request.layer_start, request.layer_stop)
+        entries = [(t.name, t.type, tuple(t.shape), t.n_bytes) for t in request.tensors]
+        manifest = RangeManifest.build(request.model_sha256, config, layers, entries)
+        needed = manifest.n_bytes + 2 * len(layers) * request.n_ctx * config.kv_dim * 4
+        available = psutil.virtual_memory().available + (self._stage.weight_bytes if self._stage else 0)
+        if needed > available:
+            raise MemoryError(f"layers {layers} need {needed >> 20} MiB with a {request.n_ctx}-token context; "
+                              f"this node has {available >> 20} MiB free")
+        return config, manifest
+
+    def _already_loaded(self, request: pb.LoadRequest) -> bool:
+        with self._lock:
+            return self._state == pb.NODE_STATE_READY and self._loaded == (
+                request.model_sha256, LayerRange(request.layer_start, request.layer_stop), request.n_ctx)
+
+    def Load(self, request, context):
+        try:
+            config, manifest = self._manifest(request)
+            if self._already_loaded(request):
+                return pb.LoadReply(ready=True, source="loaded")
+            source, origin = self.cache.find(manifest.model_sha256, manifest.layers), "cache"
+            if source is None and self.local_file is not None and self.local_sha256 == manifest.model_sha256:
+                source, origin = self.local_file, "local file"
+            if source is None:
+                return pb.LoadReply(needs_weights=True)
+            self._load(source, config, manifest, request.n_ctx, origin)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+        return pb.LoadReply(ready=True, source=origin)
+
+    def PushWeights(self, request_iterator, context):
+        writer = None
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise WeightError("PushWeights must start with the load request")
+            config, manifest = self._manifest(first.header)
+            try:
+                writer = self.cache.receive(manifest, config)
+            except OSError as exc:
+                raise OSError(f"cannot write the weight cache in {self.settings.cache_dir}: {exc.strerror or exc}") from None
+            source = None
+            for chunk in request_iterator:
+                part = chunk.WhichOneof("part")
+                if part == "data" and source is None:
+                    writer.write(chunk.data)
+                elif part == "sha256" and source is None:
+                    source = writer.finish(chunk.sha256)
+                else:
+                    raise WeightError(f"unexpected {part} in the weight stream")
+            if source is None:
+                raise WeightError(f"the weight stream for layers {manifest.layers} ended before its sha256")
+            received = writer.received
+            writer = None
+            log.info("received layers %s: %d bytes", manifest.layers, received)
+            self._load(source, config, manifest, first.header.n_ctx, "pushed")
+        except Exception as exc:  # noqa: BLE001
+            if writer is not None:
+                writer.abort()
+            _abort(context, exc)
+        return pb.LoadReply(ready=True, source="pushed", bytes_received=received)
+
+    def _load(self, source: CachedRange | GGUFFile, config: ModelConfig, manifest: RangeManifest,
+              n_ctx: int, origin: str) -> None:
+        self._set_state(pb.NODE_STATE_LOADING)
+        with self._lock:
+            self._stage, self._loaded = None, None  # free the old layers before loading new ones
+        try:
+            t0 = time.perf_counter()
+            stage = self._run(_load_and_warm_up, source, config, manifest.layers, n_ctx)
+        except Exception as exc:
+            self._set_state(pb.NODE_STATE_FAILED, f"loading layers {manifest.layers} failed: {exc}")
+            raise
+        with self._lock:
+            self._stage, self._loaded = stage, (manifest.model_sha256, manifest.layers, n_ctx)
+        self._set_state(pb.NODE_STATE_READY)
+        log.info("layers %s ready (from %s) in %.2f s", manifest.layers, origin, time.perf_counter() - t0)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def Forward(self, request_iterator, context):
+        for request in request_iterator:
+            yield self._forward(request)
+
+    def _forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        with self._lock:
+            stage = self._stage
+        try:
+            if stage is None:
+                raise wire.NotReadyError("no layers are loaded on this node")
+            segments = wire.decode_segments(request.segments)
+            rows = sum(s.length for s in segments)
+            hidden = wire.decode_hidden(request.hidden, stage.config.dim, wire.MAX_BATCH_ROWS)
+            if hidden.shape[0] != rows:
+                raise wire.WireError(f"{hidden.shape[0]} hidden rows for segments of {rows} rows")
+            out = self._run(stage.forward, StageBatch(segments, hidden))
+            reply_format = request.reply_format or request.hidden.format
+            return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format))
+        except Exception as exc:  # noqa: BLE001  (one bad batch never ends the stream)
+            if wire.status_code(exc) == grpc.StatusCode.INTERNAL:
+                log.exception("forward failed")
+            return pb.ForwardReply(id=request.id, error=pb.Error(code=wire.status_code(exc).value[0], message=str(exc)))
+
+    def EndSession(self, request, context):
+        with self._lock:
+            stage = self._stage
+        if stage is not None:
+            self._run(stage.end_session, request.session_id)
+        return pb.EndSessionReply()
+
+
+def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: int) -> LocalStage:
+    """Load the layers, then run a prefill and a decode step so every kernel is compiled (or
+    read from Numba's cache) before the node says it is ready."""
+    stage = LocalStage.load(source, config, layers, n_ctx)
+    rng = np.random.default_rng(0)
+    rows = min(5, n_ctx - 1)
+    for start, n in ((0, rows), (rows, 1)):
+        hidden = rng.standard_normal((n, config.dim), dtype=np.float32)
+        stage.forward(StageBatch((Segment("warm-up", start, n),), hidden))
+    stage.end_session("warm-up")
+    return stage
+
+
+def _node_id(cache_dir: Path) -> str:
+    """A stable id for this node, kept in its cache directory."""
+    path = Path(cache_dir) / "node-id"
+    try:
+        text = path.read_text().strip()
+        if len(text) == 32:
+            return text
+    except OSError:
+        pass
+    node_id = uuid.uuid4().hex
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(node_id + "\n")
+    except OSError as exc:
+        log.warning("cannot keep the node id in %s: %s", path, exc)
+    return node_id
+
+
+class HealthReporter:
+    """grpc.health.v1: the server is SERVING once started; the Stage service is SERVING only
+    while layers are loaded and compiled."""
+
+    def __init__(self):
+        self.servicer = health.HealthServicer()
+        self.servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.servicer.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def __call__(self, state: int) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if state == pb.NODE_STATE_READY else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.servicer.set(SERVICE, status)
+
+
+def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lambda state: None):
+    """A started node server: returns (server, port, servicer). Binds settings.port (0: any free port)."""
+    health_reporter = HealthReporter()
+
+    def state_changed(state: int) -> None:
+        health_reporter(state)
+        on_state(state)
+
+    servicer = StageServicer(settings, state_changed)
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=16, thread_name_prefix="caravan-grpc"),
+        options=[
+            ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+        ],
+    )
+    pb_grpc.add_StageServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        servicer.close()
+        raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use or not on this machine)")
+    server.start()
+    return server, port, servicer

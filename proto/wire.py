@@ -1,0 +1,211 @@
+"""The one codec between numpy arrays, pipeline types and caravan.proto messages.
+
+Everything that comes off the wire is checked here before it becomes an array or a config:
+formats, row and column counts, byte lengths. Callers pass the limits they know (the model's
+dim, the most rows they accept).
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+
+from caravan.pipeline.model import ModelConfig, ModelError
+from caravan.pipeline.stage import Segment
+
+from . import caravan_pb2 as pb
+
+PROTOCOL_VERSION = 1  # bump with any incompatible change to caravan.proto
+
+Q8_BLOCK = 32  # ggml's block_q8_0: an f16 scale d, then 32 int8 q; value = q * d
+Q8_BLOCK_BYTES = 2 + Q8_BLOCK
+
+WIRE_FORMATS = {"f32": pb.WIRE_FORMAT_F32, "f16": pb.WIRE_FORMAT_F16, "q8_0": pb.WIRE_FORMAT_Q8_0}
+WIRE_NAMES = {code: name for name, code in WIRE_FORMATS.items()}
+STATE_NAMES = {pb.NODE_STATE_IDLE: "idle", pb.NODE_STATE_LOADING: "loading",
+               pb.NODE_STATE_READY: "ready", pb.NODE_STATE_FAILED: "failed"}
+
+
+# A node accepts batches of at most MAX_BATCH_ROWS rows (the coordinator sends prefill in
+# chunks of PREFILL_CHUNK = 256) and messages of at most MAX_MESSAGE_BYTES: 512 rows of an
+# 8192-wide model (70B) in f32 are 16 MiB, and weight chunks are 1 MiB.
+MAX_BATCH_ROWS = 512
+MAX_MESSAGE_BYTES = 32 << 20
+WEIGHT_CHUNK_BYTES = 1 << 20
+
+
+class WireError(ValueError):
+    """A message that does not fit what was declared or what the receiver accepts."""
+
+
+class NotReadyError(RuntimeError):
+    """The node has no layers loaded (or is loading new ones)."""
+
+
+# The one table from errors to gRPC status codes, first match wins. Nodes send these codes;
+# the coordinator reports them with the node's name.
+STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (NotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
+    (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (OSError, grpc.StatusCode.FAILED_PRECONDITION),  # the node's disk or cache directory
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # WireError, WeightError, StageError, ModelError
+)
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    for error_type, code in STATUS_CODES:
+        if isinstance(exc, error_type):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def status_from_value(value: int) -> grpc.StatusCode:
+    return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
+def wire_format(name: str) -> int:
+    try:
+        return WIRE_FORMATS[name.lower()]
+    except KeyError:
+        raise WireError(f"unknown wire format {name!r} (known: {', '.join(WIRE_FORMATS)})") from None
+
+
+def row_bytes(fmt: int, cols: int) -> int:
+    if fmt == pb.WIRE_FORMAT_F32:
+        return 4 * cols
+    if fmt == pb.WIRE_FORMAT_F16:
+        return 2 * cols
+    if fmt == pb.WIRE_FORMAT_Q8_0:
+        return cols // Q8_BLOCK * Q8_BLOCK_BYTES
+    raise WireError(f"unknown wire format {fmt}")
+
+
+# --- hidden states ----------------------------------------------------------------------------
+
+
+def encode_hidden(x: np.ndarray, fmt: int = pb.WIRE_FORMAT_F32) -> pb.Tensor:
+    """(rows, cols) f32 -> Tensor."""
+    rows, cols = x.shape
+    if fmt == pb.WIRE_FORMAT_F32:
+        data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    elif fmt == pb.WIRE_FORMAT_F16:
+        data = np.ascontiguousarray(x, dtype="<f2").tobytes()
+    elif fmt == pb.WIRE_FORMAT_Q8_0:
+        data = _quantize_q8_0(x)
+    else:
+        raise WireError(f"unknown wire format {fmt}")
+    return pb.Tensor(format=fmt, rows=rows, cols=cols, data=data)
+
+
+def decode_hidden(t: pb.Tensor, cols: int, max_rows: int) -> np.ndarray:
+    """Tensor -> (rows, cols) f32, refusing anything but the expected width and at most max_rows."""
+    if t.cols != cols:
+        raise WireError(f"hidden state has {t.cols} columns, expected {cols}")
+    if not 0 < t.rows <= max_rows:
+        raise WireError(f"hidden state has {t.rows} rows, expected 1 to {max_rows}")
+    expected = t.rows * row_bytes(t.format, cols)
+    if t.format == pb.WIRE_FORMAT_Q8_0 and cols % Q8_BLOCK:
+        raise WireError(f"Q8_0 needs a width that is a multiple of {Q8_BLOCK}, got {cols}")
+    if len(t.data) != expected:
+        raise WireError(f"hidden state of {t.rows}x{cols} {WIRE_NAMES[t.format]} has {len(t.data)} bytes, expected {expected}")
+    if t.format == pb.WIRE_FORMAT_F32:
+        return np.frombuffer(t.data, dtype="<f4").reshape(t.rows, cols).astype(np.float32)
+    if t.format == pb.WIRE_FORMAT_F16:
+        return np.frombuffer(t.data, dtype="<f2").reshape(t.rows, cols).astype(np.float32)
+    return _dequantize_q8_0(t.data, t.rows, cols)
+
+
+def _quantize_q8_0(x: np.ndarray) -> bytes:
+    """As ggml's quantize_row_q8_0_ref: d = max|x| / 127 per block, q = round(x / d)."""
+    rows, cols = x.shape
+    if cols % Q8_BLOCK:
+        raise WireError(f"Q8_0 needs a width that is a multiple of {Q8_BLOCK}, got {cols}")
+    blocks = x.astype(np.float32).reshape(rows, cols // Q8_BLOCK, Q8_BLOCK)
+    d = np.abs(blocks).max(axis=2) / 127.0  # (rows, n_blocks)
+    inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+    q = np.rint(blocks * inv[..., None]).astype(np.int8)
+    out = np.empty((rows, cols // Q8_BLOCK, Q8_BLOCK_BYTES), np.uint8)
+    out[..., :2] = d.astype("<f2")[..., None].view(np.uint8)
+    out[..., 2:] = q.view(np.uint8)
+    return out.tobytes()
+
+
+def _dequantize_q8_0(data: bytes, rows: int, cols: int) -> np.ndarray:
+    blocks = np.frombuffer(data, dtype=np.uint8).reshape(rows, cols // Q8_BLOCK, Q8_BLOCK_BYTES)
+    d = np.ascontiguousarray(blocks[..., :2]).view("<f2").astype(np.float32)  # (rows, n_blocks, 1)
+    q = blocks[..., 2:].view(np.int8).astype(np.float32)
+    return (q * d).reshape(rows, cols)
+
+
+# --- segments ---------------------------------------------------------------------------------
+
+MAX_SESSION_ID = 128  # characters
+
+
+def encode_segments(segments) -> list[pb.Segment]:
+    return [pb.Segment(session_id=s.session_id, start=s.start, length=s.length) for s in segments]
+
+
+def decode_segments(messages) -> tuple[Segment, ...]:
+    segments = []
+    for m in messages:
+        if not m.session_id or len(m.session_id) > MAX_SESSION_ID:
+            raise WireError(f"session id must have 1 to {MAX_SESSION_ID} characters")
+        if m.length == 0:
+            raise WireError(f"session {m.session_id}: segment of 0 rows")
+        segments.append(Segment(m.session_id, m.start, m.length))
+    if not segments:
+        raise WireError("a batch needs at least one segment")
+    return tuple(segments)
+
+
+# --- model config -----------------------------------------------------------------------------
+
+
+def encode_config(c: ModelConfig) -> pb.ModelConfig:
+    return pb.ModelConfig(
+        arch=c.arch, n_layers=c.n_layers, dim=c.dim, hidden_dim=c.hidden_dim, n_heads=c.n_heads,
+        n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, n_rot=c.n_rot, vocab_size=c.vocab_size,
+        context_length=c.context_length, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+    )
+
+
+MAX_DIM = 1 << 16  # wider than any LLaMA-family model; bounds what a node allocates
+
+
+def decode_config(m: pb.ModelConfig) -> ModelConfig:
+    """A ModelConfig from the wire, through the same checks as one read from a GGUF file."""
+    for field in ("dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim"):
+        if not 0 < getattr(m, field) <= MAX_DIM:
+            raise WireError(f"model config: {field} {getattr(m, field)} is out of range (1 to {MAX_DIM})")
+    if m.n_heads * m.head_dim > MAX_DIM:
+        raise WireError(f"model config: {m.n_heads} heads of {m.head_dim} are too wide")
+    a = m.arch
+    metadata = {
+        "general.architecture": a,
+        f"{a}.block_count": m.n_layers,
+        f"{a}.embedding_length": m.dim,
+        f"{a}.feed_forward_length": m.hidden_dim,
+        f"{a}.attention.head_count": m.n_heads,
+        f"{a}.attention.head_count_kv": m.n_kv_heads,
+        f"{a}.attention.key_length": m.head_dim,
+        f"{a}.rope.dimension_count": m.n_rot,
+        f"{a}.context_length": m.context_length,
+        f"{a}.attention.layer_norm_rms_epsilon": m.norm_eps,
+        f"{a}.rope.freq_base": m.rope_theta,
+    }
+    try:
+        config = ModelConfig.from_metadata(metadata, m.vocab_size)
+    except ModelError as exc:
+        raise WireError(f"model config: {exc}") from None
+    if not (config.norm_eps > 0 and config.rope_theta > 0):
+        raise WireError("model config: norm_eps and rope_theta must be positive")
+    return config
+
+
+def tensor_type(code: int) -> QT:
+    try:
+        return QT(code)
+    except ValueError:
+        raise WireError(f"unknown tensor type {code}") from None

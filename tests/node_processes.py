@@ -1,0 +1,58 @@
+"""Real `caravan node` processes on loopback ports, for cluster tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+START_TIMEOUT_S = 60.0
+
+
+class NodeProcess:
+    """`python -m caravan.node --host 127.0.0.1 --port 0 ...`; address is known once it prints
+    its first line. Its stderr goes to log_path (default: <cache_dir>.log)."""
+
+    def __init__(self, cache_dir: Path, *extra: str, threads: int = 1, advertise: bool = False,
+                 prefix: tuple[str, ...] = (), name: str | None = None, log_path: Path | None = None):
+        self.cache_dir = Path(cache_dir)
+        cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", "127.0.0.1", "--port", "0",
+               "--threads", str(threads), "--cache-dir", str(cache_dir), *extra]
+        if not advertise:
+            cmd.append("--no-advertise")
+        if name:
+            cmd += ["--name", name]
+        self.log_path = Path(log_path or f"{cache_dir}.log")
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.address = self._read_address()
+
+    def _read_address(self) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if sel.select(timeout=0.5):
+                line = self.proc.stdout.readline()
+                if " listening on " in line:
+                    return line.rsplit(" ", 1)[1].strip()
+                if not line:
+                    break
+        self.stop()
+        raise RuntimeError(f"node did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self._log.close()

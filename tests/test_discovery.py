@@ -1,0 +1,80 @@
+"""Zeroconf discovery with real advertisements, inside a network namespace the test creates.
+
+The namespace has only its own loopback interface, switched to multicast, so mDNS traffic
+never leaves it (the host's loopback has no multicast, and no other network may be touched).
+Needs root and iproute2; skipped with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from node_processes import NodeProcess
+
+pytest_plugins = ["fixtures_tiny"]
+
+_names = itertools.count()
+
+
+def _ip(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True)
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (`ip`)")
+    name = f"caravan-test-{os.getpid()}-{next(_names)}"
+    made = _ip("netns", "add", name)
+    if made.returncode != 0:
+        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
+    try:
+        for cmd in (("link", "set", "lo", "up"), ("link", "set", "lo", "multicast", "on"),
+                    ("route", "add", "224.0.0.0/4", "dev", "lo")):
+            done = _ip("netns", "exec", name, "ip", *cmd)
+            assert done.returncode == 0, done.stderr
+        yield ("ip", "netns", "exec", name)
+    finally:
+        _ip("netns", "del", name)
+
+
+def caravan_in(ns, *args, timeout=120):
+    return subprocess.run([*ns, sys.executable, "-m", "caravan.coordinator", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_nodes_are_discovered_and_used(netns, tiny_q8_path, tmp_path):
+    nodes = [NodeProcess(tmp_path / name, advertise=True, prefix=netns, name=name) for name in ("alpha", "beta")]
+    try:
+        listed = caravan_in(netns, "nodes", "--model", str(tiny_q8_path), "--json", "--discover-seconds", "2")
+        assert listed.returncode == 0, listed.stderr
+        found = {n["name"]: n for n in json.loads(listed.stdout)["nodes"]}
+        assert set(found) == {"alpha", "beta"}
+        for node in nodes:
+            row = next(r for r in found.values() if r["address"] == node.address)
+            assert row["state"] == "idle" and row["ms_per_layer"] > 0 and row["cores"] >= 1
+            assert row["memory_total"] > row["memory_available"] > 0
+
+        args = ("run", "hello world", "--model", str(tiny_q8_path), "--temperature", "0", "-n", "8", "--json",
+                "--cache-dir", str(tmp_path / "coordinator"))
+        local = caravan_in(netns, *args)
+        spread = caravan_in(netns, *args, "--discover", "--discover-seconds", "2", "-v")
+        assert spread.returncode == 0, spread.stderr
+        assert json.loads(spread.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+        assert "layers placed: " in spread.stderr
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+def test_discover_with_no_nodes_says_what_to_do(netns, tiny_q8_path):
+    result = caravan_in(netns, "run", "hi", "--model", str(tiny_q8_path), "--discover", "--discover-seconds", "0.5")
+    assert result.returncode == 1
+    assert "no caravan nodes answered" in result.stderr and result.stderr.count("\n") == 1

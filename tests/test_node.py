@@ -1,0 +1,247 @@
+"""A node server in this process, on a real port, with a tiny seeded model: what it accepts,
+what it refuses, and that one bad request never ends its stream or its service."""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from caravan.coordinator.remote import NodeClient, RemoteStage, load_request
+from caravan.node.server import SERVICE, NodeSettings, create_server
+from caravan.pipeline.loader import load_model
+from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, StageError
+from caravan.proto import caravan_pb2 as pb
+from caravan.proto import wire
+
+pytest_plugins = ["fixtures_tiny"]
+
+SHA = "ab" * 32  # the tests name the tiny model by any well-formed digest
+N_CTX = 64
+
+
+@pytest.fixture
+def model(tiny_q8_path):
+    return load_model(tiny_q8_path)
+
+
+@pytest.fixture
+def node(tmp_path):
+    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=tmp_path))
+    client = NodeClient(f"127.0.0.1:{port}")
+    yield client, servicer, tmp_path
+    client.close()
+    server.stop(0)
+    servicer.close()
+
+
+def health(client):
+    stub = health_pb2_grpc.HealthStub(client.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE)).status
+
+
+def test_health_and_info_follow_loading(model, node):
+    client, _, _ = node
+    assert health(client) == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert client.info().state == pb.NODE_STATE_IDLE
+    reply = client.load(model.file, SHA, model.config, LayerRange(1, 3), N_CTX)
+    assert reply.ready and reply.source == "pushed"
+    assert health(client) == health_pb2.HealthCheckResponse.SERVING
+    info = client.info()
+    assert (info.state, info.model_sha256, info.layer_start, info.layer_stop) == (pb.NODE_STATE_READY, SHA, 1, 3)
+    assert info.protocol_version == wire.PROTOCOL_VERSION and info.memory_available > 0
+    # loading the same range again is a no-op
+    assert client.load(model.file, SHA, model.config, LayerRange(1, 3), N_CTX).source == "loaded"
+
+
+def test_remote_stage_is_bit_identical_with_several_sessions(model, node):
+    client, _, _ = node
+    client.load(model.file, SHA, model.config, LayerRange(0, 3), N_CTX)
+    remote = RemoteStage(client, LayerRange(0, 3), model.config.dim)
+    local = LocalStage.load(model.file, model.config, LayerRange(0, 3), N_CTX)
+    rng = np.random.default_rng(0)
+    batches = [
+        StageBatch((Segment("a", 0, 7),), rng.standard_normal((7, 64), dtype=np.float32)),
+        StageBatch((Segment("b", 0, 3),), rng.standard_normal((3, 64), dtype=np.float32)),
+        StageBatch((Segment("a", 7, 1), Segment("b", 3, 1)), rng.standard_normal((2, 64), dtype=np.float32)),
+    ]
+    try:
+        for batch in batches:
+            assert np.array_equal(remote.forward(batch), local.forward(batch))
+        remote.end_session("a")
+        with pytest.raises(StageError, match="session a is unknown"):
+            remote.forward(StageBatch((Segment("a", 8, 1),), np.zeros((1, 64), np.float32)))
+    finally:
+        remote.close()
+
+
+class Stream:
+    """A raw Forward stream: send a request, read its reply."""
+
+    def __init__(self, client):
+        self.requests: queue.Queue = queue.Queue()
+        self.replies = client.stub.Forward(iter(self.requests.get, None))
+
+    def send(self, request):
+        self.requests.put(request)
+        return next(self.replies)
+
+    def close(self):
+        self.requests.put(None)
+
+
+def good_request(i=1, session="s", start=0, rows=2):
+    x = np.ones((rows, 64), np.float32)
+    return pb.ForwardRequest(id=i, segments=[pb.Segment(session_id=session, start=start, length=rows)],
+                             hidden=wire.encode_hidden(x))
+
+
+def test_forward_before_loading_is_refused(node):
+    client, _, _ = node
+    stream = Stream(client)
+    reply = stream.send(good_request())
+    stream.close()
+    assert reply.WhichOneof("result") == "error"
+    assert reply.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    assert "no layers" in reply.error.message
+
+
+def test_bad_batches_get_errors_and_the_stream_goes_on(model, node):
+    client, _, _ = node
+    client.load(model.file, SHA, model.config, LayerRange(0, 3), N_CTX)
+    stream = Stream(client)
+    bad = [
+        (pb.ForwardRequest(id=2, segments=[pb.Segment(session_id="s", start=0, length=2)],
+                           hidden=wire.encode_hidden(np.ones((2, 32), np.float32))), "columns"),
+        (pb.ForwardRequest(id=3, segments=[pb.Segment(session_id="s", start=0, length=3)],
+                           hidden=wire.encode_hidden(np.ones((2, 64), np.float32))), "2 hidden rows"),
+        (pb.ForwardRequest(id=4, segments=[], hidden=wire.encode_hidden(np.ones((2, 64), np.float32))), "segment"),
+        (good_request(5, start=10), "unknown here"),
+        (good_request(6, start=N_CTX - 1), "past the context"),
+        (pb.ForwardRequest(id=7, segments=[pb.Segment(session_id="s", start=0, length=2)],
+                           hidden=pb.Tensor(format=1, rows=2, cols=64, data=b"\0" * 7)), "bytes"),
+        (pb.ForwardRequest(id=8, segments=[pb.Segment(session_id="s", start=0, length=600)],
+                           hidden=pb.Tensor(format=1, rows=600, cols=64, data=b"")), "rows"),
+    ]
+    for request, message in bad:
+        reply = stream.send(request)
+        assert reply.id == request.id
+        assert reply.WhichOneof("result") == "error", message
+        assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert message in reply.error.message
+    reply = stream.send(good_request(9))
+    stream.close()
+    assert reply.WhichOneof("result") == "hidden" and reply.hidden.rows == 2
+    assert client.info().state == pb.NODE_STATE_READY
+
+
+def chunks(model, request, data_sha=None, extra=b"", drop_last=False):
+    yield pb.WeightChunk(header=request)
+    digest = hashlib.sha256()
+    for entry in request.tensors:
+        data = bytes(model.file.tensor_bytes(entry.name))
+        digest.update(data)
+        yield pb.WeightChunk(data=data)
+    if extra:
+        yield pb.WeightChunk(data=extra)
+    if not drop_last:
+        yield pb.WeightChunk(sha256=data_sha or digest.hexdigest())
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("bad sha", "sha256"),
+    ("extra bytes", "more than"),
+    ("no sha", "ended before its sha256"),
+    ("no header", "must start with the load request"),
+])
+def test_bad_weight_streams_are_refused_and_leave_nothing(model, node, kind, message):
+    client, _, cache_dir = node
+    request = load_request(model.file, SHA, model.config, LayerRange(0, 2), N_CTX)
+    if kind == "bad sha":
+        stream = chunks(model, request, data_sha="0" * 64)
+    elif kind == "extra bytes":
+        stream = chunks(model, request, extra=b"x")
+    elif kind == "no sha":
+        stream = chunks(model, request, drop_last=True)
+    else:
+        stream = iter([pb.WeightChunk(data=b"abc")])
+    with pytest.raises(grpc.RpcError) as caught:
+        client.stub.PushWeights(stream)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+    assert not list((cache_dir / "layers").glob("*/*")) if (cache_dir / "layers").exists() else True
+    assert client.load(model.file, SHA, model.config, LayerRange(0, 2), N_CTX).source == "pushed"
+
+
+def mangled(model, change):
+    request = load_request(model.file, SHA, model.config, LayerRange(0, 2), N_CTX)
+    change(request)
+    return request
+
+
+@pytest.mark.parametrize("change,code,message", [
+    (lambda r: r.tensors.pop(), "INVALID_ARGUMENT", "missing"),
+    (lambda r: r.tensors[1].shape.__setitem__(1, 65), "INVALID_ARGUMENT", "shape"),
+    (lambda r: setattr(r.tensors[1], "type", 14), "INVALID_ARGUMENT", "unsupported type Q6_K"),
+    (lambda r: setattr(r.tensors[1], "type", 999), "INVALID_ARGUMENT", "unknown tensor type"),
+    (lambda r: setattr(r.tensors[1], "n_bytes", 1 << 40), "INVALID_ARGUMENT", "declared"),
+    (lambda r: setattr(r, "layer_stop", 9), "INVALID_ARGUMENT", "not within"),
+    (lambda r: setattr(r, "n_ctx", 0), "INVALID_ARGUMENT", "context size"),
+    (lambda r: setattr(r, "model_sha256", "../../etc"), "INVALID_ARGUMENT", "sha256"),
+    (lambda r: (setattr(r.config, "context_length", 1 << 31), setattr(r, "n_ctx", 1 << 31)),
+     "RESOURCE_EXHAUSTED", "MiB free"),
+])
+def test_bad_load_requests_are_refused(model, node, change, code, message):
+    client, _, _ = node
+    with pytest.raises(grpc.RpcError) as caught:
+        client.stub.Load(mangled(model, change))
+    assert caught.value.code() == getattr(grpc.StatusCode, code)
+    assert message in caught.value.details()
+    assert client.info().state == pb.NODE_STATE_IDLE  # nothing was touched
+
+
+def test_damaged_cache_entry_is_ignored(model, node):
+    client, _, cache_dir = node
+    client.load(model.file, SHA, model.config, LayerRange(0, 2), N_CTX)
+    (range_dir,) = (cache_dir / "layers" / SHA).iterdir()
+    (range_dir / "manifest.json").write_text("{not json")
+    assert client.stub.Load(load_request(model.file, SHA, model.config, LayerRange(0, 1), N_CTX)).needs_weights
+
+
+def test_benchmark(model, node):
+    client, _, _ = node
+    ms = client.benchmark(model.config, int(model.file.tensors["blk.0.ffn_up.weight"].type))
+    assert 0 < ms < 1000
+
+
+def test_node_of_another_protocol_version_is_refused_by_name(tmp_path):
+    from caravan.coordinator.cluster import connect
+    from caravan.coordinator.remote import NodeError
+    from caravan.node.server import StageServicer
+
+    class FutureNode(StageServicer):
+        def Info(self, request, context):
+            info = super().Info(request, context)
+            info.protocol_version, info.version = 99, "9.0.0"
+            return info
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    from caravan.proto import caravan_pb2_grpc as pb_grpc
+
+    servicer = FutureNode(NodeSettings(name="newpi", cache_dir=tmp_path))
+    server = grpc.server(ThreadPoolExecutor(2))
+    pb_grpc.add_StageServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with pytest.raises(NodeError, match=r"node newpi \(127\.0\.0\.1:\d+\): speaks protocol 99 \(caravan 9\.0\.0\); "
+                                            r"this coordinator speaks 1"):
+            connect([f"127.0.0.1:{port}"])
+    finally:
+        server.stop(0)
+        servicer.close()

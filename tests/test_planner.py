@@ -1,0 +1,87 @@
+"""The placement planner, table-driven: speeds, memory caps, round trips, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from caravan.coordinator.planner import MIB, ModelCost, NodeCapacity, PlanError, plan_layers
+
+GIB = 1 << 30
+COST = ModelCost(n_layers=30, layer_bytes=3 * MIB, kv_bytes_per_layer=1 * MIB, runtime_bytes=100 * MIB)
+ROOMY = 8 * GIB
+
+
+def node(name, ms=1.0, memory=ROOMY, rtt=0.0):
+    return NodeCapacity(name, ms, memory, rtt)
+
+
+def layers_of(plan):
+    return {a.node.name: (a.layers.start, a.layers.stop) for a in plan.assignments}
+
+
+@pytest.mark.parametrize("nodes,expected", [
+    # equal nodes share the layers
+    ([node("a")], {"a": (0, 30)}),
+    ([node("a"), node("b")], {"a": (0, 15), "b": (15, 30)}),
+    ([node("a"), node("b"), node("c")], {"a": (0, 10), "b": (10, 20), "c": (20, 30)}),
+    # a node 4x as fast gets 4x the layers
+    ([node("fast", 0.5), node("slow", 2.0)], {"fast": (0, 24), "slow": (24, 30)}),
+    ([node("slow", 2.0), node("fast", 0.5)], {"slow": (0, 6), "fast": (6, 30)}),
+    # memory caps: 100 MiB runtime + 4 MiB a layer; "small" holds 5 layers though it is fastest
+    ([node("small", 0.1, 120 * MIB), node("big", 1.0)], {"small": (0, 5), "big": (5, 30)}),
+    # a long round trip costs a node layers
+    ([node("near", 1.0, rtt=0.0), node("far", 1.0, rtt=10.0)], {"near": (0, 20), "far": (20, 30)}),
+    # four nodes, Pi 4 / Pi 5 / laptop mix
+    ([node("pi4", 4.0), node("pi5", 2.0), node("laptop", 0.5), node("pi5b", 2.0)],
+     {"pi4": (0, 2), "pi5": (2, 7), "laptop": (7, 27), "pi5b": (27, 30)}),  # slowest stage 10 ms
+])
+def test_plans(nodes, expected):
+    plan = plan_layers(nodes, COST)
+    assert layers_of(plan) == expected
+    # contiguous, in order, covering every layer
+    ranges = [a.layers for a in plan.assignments]
+    assert ranges[0].start == 0 and ranges[-1].stop == 30
+    assert all(a.stop == b.start for a, b in zip(ranges, ranges[1:]))
+    for a in plan.assignments:
+        assert len(a.layers) <= COST.max_layers(a.node)
+
+
+def test_slowest_stage_is_as_fast_as_possible():
+    nodes = [node("a", 1.0), node("b", 1.5), node("c", 3.0)]
+    plan = plan_layers(nodes, COST)
+    # brute force over every contiguous split of 30 layers into at most 3 stages in this order
+    best = min(
+        max(i * 1.0, (j - i) * 1.5, (30 - j) * 3.0)
+        for i in range(31) for j in range(i, 31)
+    )
+    assert plan.bottleneck_ms == pytest.approx(best)
+
+
+def test_node_too_small_for_any_layer_is_left_out_with_the_reason():
+    plan = plan_layers([node("tiny", 0.1, 102 * MIB), node("a")], COST)
+    assert layers_of(plan) == {"a": (0, 30)}
+    assert [(n.name, why) for n, why in plan.unused] == [("tiny", "not enough memory for one layer")]
+
+
+def test_unneeded_slow_node_is_left_out():
+    plan = plan_layers([node("fast", 0.01), node("snail", 1000.0)], COST)
+    assert layers_of(plan) == {"fast": (0, 30)}
+    assert plan.unused[0][0].name == "snail"
+
+
+def test_pooled_memory_too_small_is_refused_up_front():
+    nodes = [node("a", memory=150 * MIB), node("b", memory=150 * MIB)]  # 12 + 12 layers of 30
+    with pytest.raises(PlanError, match=r"30 layers need 120 MiB .* 100 MiB free .* add a node or use a smaller --ctx"):
+        plan_layers(nodes, COST)
+
+
+def test_no_nodes():
+    with pytest.raises(PlanError, match="no nodes"):
+        plan_layers([], COST)
+
+
+def test_expected_speed():
+    plan = plan_layers([node("a", 1.0, rtt=0.5), node("b", 1.0, rtt=0.5)], COST)
+    assert plan.total_ms == pytest.approx(31.0)
+    assert plan.tokens_per_s(head_ms=4.0) == pytest.approx(1e3 / 35.0)
+    assert plan.pipelined_tokens_per_s() == pytest.approx(1e3 / 15.5)

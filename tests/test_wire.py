@@ -1,0 +1,127 @@
+"""The codec between arrays and messages: exact where it must be, checked against gguf-py's
+Q8_0, and refusing anything that does not match what it declares."""
+
+from __future__ import annotations
+
+import filecmp
+
+import grpc
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+from gguf.quants import dequantize, quantize
+
+from caravan.pipeline.model import ModelConfig, ModelError
+from caravan.pipeline.stage import Segment, StageError
+from caravan.proto import caravan_pb2 as pb
+from caravan.proto import wire
+
+CONFIG = ModelConfig(arch="llama", n_layers=4, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16,
+                     n_rot=16, vocab_size=300, context_length=128, norm_eps=1e-5, rope_theta=10000.0)
+
+
+def hidden(rows=5, cols=64, seed=0):
+    x = np.random.default_rng(seed).standard_normal((rows, cols)).astype(np.float32)
+    x[0, 3] = 22510.0  # a massive activation, as SmolLM2 has
+    return x
+
+
+def test_f32_round_trip_is_exact():
+    x = hidden()
+    y = wire.decode_hidden(wire.encode_hidden(x, pb.WIRE_FORMAT_F32), 64, 8)
+    assert y.dtype == np.float32 and np.array_equal(x, y)
+
+
+def test_f16_round_trip_is_numpys_f16():
+    x = hidden()
+    y = wire.decode_hidden(wire.encode_hidden(x, pb.WIRE_FORMAT_F16), 64, 8)
+    assert np.array_equal(y, x.astype(np.float16).astype(np.float32))
+
+
+def test_q8_0_matches_gguf_py():
+    x = hidden()
+    t = wire.encode_hidden(x, pb.WIRE_FORMAT_Q8_0)
+    assert t.data == quantize(x, QT.Q8_0).tobytes()
+    y = wire.decode_hidden(t, 64, 8)
+    assert np.array_equal(y, dequantize(quantize(x, QT.Q8_0), QT.Q8_0))
+    assert len(t.data) == 5 * 2 * 34  # 5 rows of two 34-byte blocks: a quarter of f32, plus scales
+
+
+def test_q8_0_of_zeros_is_zeros():
+    z = np.zeros((2, 64), np.float32)
+    assert np.array_equal(wire.decode_hidden(wire.encode_hidden(z, pb.WIRE_FORMAT_Q8_0), 64, 2), z)
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(cols=32), "columns"),
+    (dict(rows=0), "rows"),
+    (dict(rows=9), "rows"),
+    (dict(data=b"\0" * 10), "bytes"),
+    (dict(format=7), "unknown wire format"),
+])
+def test_decode_refuses_what_does_not_match(change, message):
+    t = wire.encode_hidden(hidden(), pb.WIRE_FORMAT_F32)
+    for field, value in change.items():
+        setattr(t, field, value)
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode_hidden(t, 64, 8)
+
+
+def test_q8_0_needs_whole_blocks():
+    with pytest.raises(wire.WireError, match="multiple of 32"):
+        wire.encode_hidden(np.zeros((1, 48), np.float32), pb.WIRE_FORMAT_Q8_0)
+
+
+def test_segments_round_trip_and_are_checked():
+    segments = (Segment("a", 0, 3), Segment("b", 7, 1))
+    assert wire.decode_segments(wire.encode_segments(segments)) == segments
+    with pytest.raises(wire.WireError, match="at least one"):
+        wire.decode_segments([])
+    with pytest.raises(wire.WireError, match="0 rows"):
+        wire.decode_segments([pb.Segment(session_id="a", start=0, length=0)])
+    with pytest.raises(wire.WireError, match="session id"):
+        wire.decode_segments([pb.Segment(session_id="x" * 200, start=0, length=1)])
+
+
+def test_config_round_trip():
+    assert wire.decode_config(wire.encode_config(CONFIG)) == CONFIG
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("arch", "gpt2", "unknown architecture"),
+    ("dim", 0, "dim"),
+    ("dim", 1 << 20, "dim"),
+    ("n_kv_heads", 3, "multiple"),
+    ("head_dim", 15, "even"),
+    ("norm_eps", 0.0, "positive"),
+    ("n_layers", 0, "n_layers"),
+])
+def test_config_from_the_wire_is_checked(field, value, message):
+    m = wire.encode_config(CONFIG)
+    setattr(m, field, value)
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode_config(m)
+
+
+@pytest.mark.parametrize("exc,code", [
+    (wire.WireError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (StageError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (ModelError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+    (wire.NotReadyError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (MemoryError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (RuntimeError("x"), grpc.StatusCode.INTERNAL),
+])
+def test_one_table_maps_errors_to_status_codes(exc, code):
+    assert wire.status_code(exc) == code
+    assert wire.status_from_value(code.value[0]) == code
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools regenerates the stubs (the test extra installs it)")
+    from caravan.proto.generate import PROTO_DIR, STUBS, generate
+
+    generate(tmp_path)
+    for name in STUBS:
+        assert filecmp.cmp(tmp_path / name, PROTO_DIR / name, shallow=False), (
+            f"proto/{name} is stale: run `python -m caravan.proto.generate`")
