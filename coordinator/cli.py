@@ -8,6 +8,7 @@
     caravan node                    run a worker node (caravan.node.cli)
     caravan nodes                   list the nodes this machine can see, with their speed
     caravan plan                    which node would get which layers, and the expected speed
+    caravan bench                   prefill and decode tokens/s, first token, hops, memory
 
 run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
 over worker nodes; without them every layer runs in this process.
@@ -33,6 +34,7 @@ from typing import Callable, Iterator, TextIO
 
 import numba
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, default_cache_dir, resolve_model
@@ -50,7 +52,7 @@ from caravan.proto import wire
 from .cluster import LOCAL, Node, close_nodes, connect, deploy, describe_plan, head_ms, make_plan, measure, parse_nodes
 from .discovery import DISCOVER_SECONDS, discover
 from .planner import PlanError
-from .remote import NodeError
+from .remote import NodeError, RemoteStage
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
     p.set_defaults(func=cmd_plan)
+
+    p = verbs.add_parser("bench", parents=[common, model, cluster],
+                         help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
+    p.add_argument("--ctx", "-c", type=int, default=1024, metavar="N", help="context size (default: 1024)")
+    p.add_argument("--prompt-tokens", type=_positive_int, default=256, metavar="N",
+                   help="prefill length (default: 256)")
+    p.add_argument("--decode-tokens", type=_positive_int, default=64, metavar="N",
+                   help="tokens generated after it (default: 64)")
+    p.add_argument("--runs", type=_positive_int, default=3, metavar="N", help="report medians of N runs (default: 3)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -500,6 +512,65 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         _emit(out, f"{u['node']:<20} unused: {u['why']}")
     _emit(out, f"expected: {result['expected_tokens_per_s']:.1f} tokens/s for one stream "
                f"(head {result['head_ms']:.2f} ms), {result['pipelined_tokens_per_s']:.1f} tokens/s with every stage busy")
+    return 0
+
+
+# Filler for `bench` prompts: ordinary English, repeated to the length asked for.
+_BENCH_TEXT = ("The caravan moved slowly across the desert, each animal carrying part of the load. "
+               "At every oasis the travellers rested, traded news and counted their water. ")
+
+
+def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    model = _load(args)
+    n_ctx = model.context_size(args.ctx)
+    if args.prompt_tokens + args.decode_tokens > n_ctx:
+        raise ValueError(f"--prompt-tokens plus --decode-tokens must fit the context of {n_ctx}")
+    tokenizer = model.tokenizer
+    filler = tokenizer.encode(_BENCH_TEXT, add_bos=False)
+    prefix = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
+    prompt = (prefix + filler * (args.prompt_tokens // len(filler) + 1))[: args.prompt_tokens]
+    greedy = SamplingParams(temperature=0)
+    runs = []
+    with _pipeline(args, model, n_ctx) as pipeline:
+        for _ in range(args.runs):
+            generation = Generation(pipeline, prompt, Sampler(greedy), args.decode_tokens, stop_ids=frozenset())
+            for _ in generation:
+                pass
+            runs.append(generation.timings.as_dict())
+        stages = []
+        for stage in pipeline.stages:
+            row: dict = {"layers": [stage.layers.start, stage.layers.stop]}
+            if isinstance(stage, RemoteStage):
+                info = stage.client.info()
+                row.update(node=stage.client.name, address=stage.client.address,
+                           hop_us=round(float(np.median(stage.hop_s)) * 1e6, 1) if stage.hop_s else None,
+                           rss_bytes=info.rss_bytes, weight_bytes=info.weight_bytes)
+            else:
+                row.update(node=LOCAL, weight_bytes=stage.weight_bytes)
+            stages.append(row)
+    result = {
+        "model": model.name,
+        "threads": numba.get_num_threads(),
+        "prompt_tokens": len(prompt),
+        "decode_tokens": args.decode_tokens,
+        "runs": args.runs,
+        **{key: round(float(np.median([r[key] for r in runs])), 3) for key in runs[0]},
+        "coordinator_rss_bytes": psutil.Process().memory_info().rss,
+        "stages": stages,
+    }
+    if args.json:
+        _emit(out, result)
+        return 0
+    _emit(out, f"{result['model']}, {result['threads']} thread(s), median of {args.runs} runs")
+    _emit(out, f"prefill {result['prefill_tokens_per_s']:.1f} tokens/s ({len(prompt)} tokens), "
+               f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({args.decode_tokens} tokens), "
+               f"first token {result['first_token_s'] * 1e3:.0f} ms")
+    for st in stages:
+        hop = f", hop {st['hop_us']:.0f} us" if st.get("hop_us") is not None else ""
+        rss = f", resident {st['rss_bytes'] / 2**20:.0f} MiB" if "rss_bytes" in st else ""
+        _emit(out, f"  {st['node']}: layers {st['layers'][0]}-{st['layers'][1] - 1}, "
+                   f"weights {st['weight_bytes'] / 2**20:.1f} MiB{rss}{hop}")
+    _emit(out, f"coordinator resident {result['coordinator_rss_bytes'] / 2**20:.0f} MiB")
     return 0
 
 

@@ -7,6 +7,7 @@ output is bit-identical.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import logging
@@ -162,6 +163,9 @@ class RemoteStage:
         self._lock = threading.Lock()  # one batch in flight per stage: replies come back in order
         self._requests: queue.Queue[pb.ForwardRequest | None] = queue.Queue()
         self._replies = client.stub.Forward(iter(self._requests.get, None))
+        # Seconds per round trip not spent computing on the node (encoding, gRPC, network),
+        # for the last batches: what `caravan bench` reports as the hop.
+        self.hop_s: collections.deque[float] = collections.deque(maxlen=1024)
 
     def forward(self, batch: StageBatch) -> np.ndarray:
         rows = batch.hidden.shape[0]
@@ -174,9 +178,11 @@ class RemoteStage:
             reply_format=self.wire_format,
         )
         with self._lock:
+            t0 = time.perf_counter()
             self._requests.put(request)
             try:
                 reply = next(self._replies)
+                self.hop_s.append(time.perf_counter() - t0 - reply.compute_us * 1e-6)
             except (grpc.RpcError, StopIteration) as exc:
                 message = _describe(exc)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
                 raise NodeError(self.client.label, f"layers {self.layers}: {message}", grpc.StatusCode.UNAVAILABLE) from None

@@ -99,13 +99,15 @@ class StageServicer(pb_grpc.StageServicer):
         mem = psutil.virtual_memory()
         with self._lock:
             stage, loaded, state, error = self._stage, self._loaded, self._state, self._error
-        held = stage.weight_bytes + sum(c.nbytes for c in stage.sessions.values()) if stage else 0
+        weights = stage.weight_bytes if stage else 0
+        kv = sum(c.nbytes for c in list(stage.sessions.values())) if stage else 0
         info = pb.NodeInfo(
             protocol_version=wire.PROTOCOL_VERSION, version=VERSION, node_id=self.node_id,
-            name=self.settings.name, memory_total=mem.total, memory_available=mem.available + held,
+            name=self.settings.name, memory_total=mem.total, memory_available=mem.available + weights + kv,
             cores=os.cpu_count() or 1, threads=self.threads, architecture=platform.machine(),
             state=state, local_model_sha256=self.local_sha256, error=error,
-            max_message_bytes=wire.MAX_MESSAGE_BYTES,
+            max_message_bytes=wire.MAX_MESSAGE_BYTES, rss_bytes=psutil.Process().memory_info().rss,
+            weight_bytes=weights, kv_cache_bytes=kv, sessions=len(stage.sessions) if stage else 0,
         )
         if loaded is not None:
             info.model_sha256, info.layer_start, info.layer_stop = loaded[0], loaded[1].start, loaded[1].stop
@@ -225,9 +227,11 @@ class StageServicer(pb_grpc.StageServicer):
             hidden = wire.decode_hidden(request.hidden, stage.config.dim, wire.MAX_BATCH_ROWS)
             if hidden.shape[0] != rows:
                 raise wire.WireError(f"{hidden.shape[0]} hidden rows for segments of {rows} rows")
+            t0 = time.perf_counter()
             out = self._run(stage.forward, StageBatch(segments, hidden))
+            compute_us = int((time.perf_counter() - t0) * 1e6)
             reply_format = request.reply_format or request.hidden.format
-            return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format))
+            return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format), compute_us=compute_us)
         except Exception as exc:  # noqa: BLE001  (one bad batch never ends the stream)
             if wire.status_code(exc) == grpc.StatusCode.INTERNAL:
                 log.exception("forward failed")

@@ -36,7 +36,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("protocol_version", "version", "node_id", "name", "memory_total", "memory_available", "cores", "threads", "architecture", "state", "model_sha256", "layer_start", "layer_stop", "local_model_sha256", "error", "max_message_bytes")
+    __slots__ = ("protocol_version", "version", "node_id", "name", "memory_total", "memory_available", "cores", "threads", "architecture", "state", "model_sha256", "layer_start", "layer_stop", "local_model_sha256", "error", "max_message_bytes", "rss_bytes", "weight_bytes", "kv_cache_bytes", "sessions")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,10 @@ class NodeInfo(_message.Message):
     LOCAL_MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     version: str
     node_id: str
@@ -69,7 +73,11 @@ class NodeInfo(_message.Message):
     local_model_sha256: str
     error: str
     max_message_bytes: int
-    def __init__(self, protocol_version: _Optional[int] = ..., version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., cores: _Optional[int] = ..., threads: _Optional[int] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., model_sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., local_model_sha256: _Optional[str] = ..., error: _Optional[str] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    rss_bytes: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    sessions: int
+    def __init__(self, protocol_version: _Optional[int] = ..., version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., cores: _Optional[int] = ..., threads: _Optional[int] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., model_sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., local_model_sha256: _Optional[str] = ..., error: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
     __slots__ = ("arch", "n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "n_rot", "vocab_size", "context_length", "norm_eps", "rope_theta")
@@ -206,14 +214,16 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("id", "hidden", "error")
+    __slots__ = ("id", "hidden", "error", "compute_us")
     ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     id: int
     hidden: Tensor
     error: Error
-    def __init__(self, id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    compute_us: int
+    def __init__(self, id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., compute_us: _Optional[int] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -214,3 +214,24 @@ def test_node_that_fails_while_loading_is_named(smollm2_path, tmp_path):
         assert node.proc.poll() is None  # the node itself is still serving
     finally:
         node.stop()
+
+
+def test_cli_bench_and_nodes_report_hops_and_memory(smollm2_path, node_pool):
+    nodes = ",".join(n.address for n in node_pool[:2])
+    result = caravan("bench", "--nodes", f"{nodes},local", "--json", "--runs", "1", "--prompt-tokens", "16",
+                     "--decode-tokens", "4", "-t", "1")
+    assert result.returncode == 0, result.stderr
+    bench = json.loads(result.stdout)
+    assert bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0 and bench["first_token_s"] > 0
+    remote, local = bench["stages"][:2], bench["stages"][2]
+    assert local["node"] == "local" and local["layers"][1] == 30
+    for stage in remote:
+        assert stage["hop_us"] > 0
+        assert stage["rss_bytes"] > stage["weight_bytes"] > 0
+
+    listed = caravan("nodes", "--nodes", f"{nodes},127.0.0.1:9", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)["nodes"]
+    assert [r["address"] for r in rows] == [n.address for n in node_pool[:2]] + ["127.0.0.1:9"]
+    assert all(r["ms_per_layer"] > 0 for r in rows[:2])
+    assert "unreachable" in rows[2]["error"]

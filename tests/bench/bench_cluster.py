@@ -1,0 +1,219 @@
+"""What the hops cost: caravan split over real node processes against one process.
+
+    python tests/bench/bench_cluster.py [--runs 5] [--json]
+
+- Per hop: one decode row sent to a node that holds one layer and back, minus that layer's
+  time in this process; microseconds, median of 300, for f32, f16 and Q8_0 on the wire.
+- Decode tokens/s (64 tokens after a short prompt, greedy) through 3 nodes on loopback against
+  one process, at 1 and 2 threads (every node runs that many; one node computes at a time in
+  a single stream). Median of --runs.
+- A simulated Pi network: each node behind delay_proxy.py, which holds every message 0.2 ms
+  and paces it at 1 Gbit/s, each way (`tc netem` would do it, but this machine's kernel has
+  no sch_netem), through 2 and 4 nodes, with the share of each token spent on the hops.
+- Memory per node: resident size of each node process against the bytes of its layers.
+
+Not a test: figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from node_processes import NodeProcess  # noqa: E402
+
+from caravan.coordinator.cluster import connect, deploy, layer_bytes  # noqa: E402
+from caravan.coordinator.planner import Assignment, NodeCapacity, Plan  # noqa: E402
+from caravan.coordinator.remote import RemoteStage  # noqa: E402
+from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model  # noqa: E402
+from caravan.pipeline.generate import Generation  # noqa: E402
+from caravan.pipeline.loader import load_model  # noqa: E402
+from caravan.pipeline.sampler import Sampler, SamplingParams  # noqa: E402
+from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch  # noqa: E402
+from caravan.proto import caravan_pb2 as pb  # noqa: E402
+from caravan.proto.wire import WIRE_FORMATS  # noqa: E402
+
+N_CTX = 512
+DECODE_TOKENS = 64
+PROMPT = "Once upon a time, in a small village,"
+
+
+def even_ranges(n_layers: int, n: int) -> list[tuple[int, int]]:
+    bounds = [round(i * n_layers / n) for i in range(n + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
+def split(model, nodes, ranges, cache_dir, wire_format=pb.WIRE_FORMAT_F32):
+    connected = connect([n.address for n in nodes])
+    plan = Plan(tuple(Assignment(NodeCapacity(n.address, 0.0, 0), LayerRange(a, b), 0.0)
+                      for n, (a, b) in zip(connected, ranges)))
+    return deploy(model, connected, plan, N_CTX, cache_dir, wire_format, progress=False)
+
+
+def decode_rate(model, pipeline, runs: int) -> float:
+    ids = model.tokenizer.encode(PROMPT)
+    rates = []
+    for _ in range(runs):
+        g = Generation(pipeline, ids, Sampler(SamplingParams(temperature=0)), DECODE_TOKENS, stop_ids=frozenset())
+        for _ in g:
+            pass
+        rates.append(g.timings.decode_tokens_per_s)
+    return statistics.median(rates)
+
+
+def hop_us(model, node, cache_dir, repeats: int = 300) -> dict[str, float]:
+    """Round trip of one row through a one-layer node, minus the same layer run here."""
+    layers = LayerRange(0, 1)
+    local = LocalStage.load(model.file, model.config, layers, N_CTX)
+    client = connect([node.address])[0].client
+    client.load(model.file, "0" * 64, model.config, layers, N_CTX)
+    rng = np.random.default_rng(0)
+
+    def timed(stage, session: str) -> float:
+        stage.forward(StageBatch((Segment(session, 0, 8),), rng.standard_normal((8, model.config.dim), np.float32)))
+        times = []
+        for pos in range(8, 8 + repeats):
+            x = rng.standard_normal((1, model.config.dim), np.float32)
+            t0 = time.perf_counter()
+            stage.forward(StageBatch((Segment(session, pos, 1),), x))
+            times.append(time.perf_counter() - t0)
+        stage.end_session(session)
+        return statistics.median(times) * 1e6
+
+    compute = timed(local, "local")
+    result = {}
+    for name, code in WIRE_FORMATS.items():
+        remote = RemoteStage(client, layers, model.config.dim, code)
+        result[name] = round(timed(remote, f"hop-{name}") - compute, 1)
+        remote.close()
+    result["layer_compute_us"] = round(compute, 1)
+    client.close()
+    return result
+
+
+def node_memory(model, nodes, ranges) -> list[dict]:
+    rows = []
+    per_layer = layer_bytes(model)
+    for node, (a, b) in zip(nodes, ranges):
+        rss = psutil.Process(node.proc.pid).memory_info().rss
+        rows.append({"layers": [a, b], "rss_mib": round(rss / 2**20, 1),
+                     "layer_mib": round((b - a) * per_layer / 2**20, 1),
+                     "overhead_mib": round((rss - (b - a) * per_layer) / 2**20, 1)})
+    return rows
+
+
+def loopback(model, path, runs: int, threads: list[int]) -> dict:
+    out: dict = {"decode": [], "hop_us": None, "memory": None}
+    with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
+        for t in threads:
+            numba.set_num_threads(t)
+            one = decode_rate(model, model.local_pipeline(N_CTX), runs)
+            nodes = [NodeProcess(Path(tmp) / f"t{t}-n{i}", threads=t) for i in range(3)]
+            try:
+                ranges = even_ranges(model.config.n_layers, 3)
+                cluster = split(model, nodes, ranges, Path(tmp))
+                try:
+                    three = decode_rate(model, cluster.pipeline, runs)
+                    if out["memory"] is None:
+                        out["memory"] = node_memory(model, nodes, ranges)
+                finally:
+                    cluster.close()
+                if out["hop_us"] is None:
+                    out["hop_us"] = hop_us(model, nodes[0], Path(tmp))
+            finally:
+                for n in nodes:
+                    n.stop()
+            out["decode"].append({"threads": t, "one_process": round(one, 1), "three_nodes": round(three, 1),
+                                  "ratio": round(three / one, 3)})
+    return out
+
+
+class Proxied:
+    """A node seen through delay_proxy.py: its address is the proxy's."""
+
+    def __init__(self, node: NodeProcess, delay_ms: float, rate_mbit: float):
+        self.node = node
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), node.address,
+                                      str(delay_ms), str(rate_mbit)], stdout=subprocess.PIPE, text=True)
+        self.address = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def simulated_network(model, runs: int, delay_ms: float = 0.2, rate_mbit: float = 1000.0) -> dict:
+    """Every coordinator <-> node message delayed delay_ms and paced at rate_mbit, each way."""
+    numba.set_num_threads(1)
+    one = decode_rate(model, model.local_pipeline(N_CTX), runs)
+    result = {"network": f"{delay_ms} ms each way, {rate_mbit:g} Mbit/s (user-space delay proxy)",
+              "one_process": round(one, 1), "nodes": []}
+    with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
+        for n in (2, 4):
+            nodes = [NodeProcess(Path(tmp) / f"n{n}-{i}") for i in range(n)]
+            proxies = [Proxied(node, delay_ms, rate_mbit) for node in nodes]
+            try:
+                cluster = split(model, proxies, even_ranges(model.config.n_layers, n), Path(tmp))
+                try:
+                    rate = decode_rate(model, cluster.pipeline, runs)
+                finally:
+                    cluster.close()
+            finally:
+                for p in proxies:
+                    p.stop()
+                for node in nodes:
+                    node.stop()
+            # The share of each token spent beyond one process's time: hops, encoding, waiting.
+            share = max(0.0, 1.0 / rate - 1.0 / one) * rate
+            result["nodes"].append({"nodes": n, "tokens_per_s": round(rate, 1), "ratio": round(rate / one, 3),
+                                    "hop_share": round(share, 3)})
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    path = resolve_model(args.model, default_cache_dir(), progress=False)
+    model = load_model(path)
+    result = {"model": model.name, "runs": args.runs,
+              **loopback(model, path, args.runs, [int(t) for t in args.threads.split(",")]),
+              "simulated_network": simulated_network(model, args.runs)}
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{model.name}, decode {DECODE_TOKENS} tokens, median of {args.runs} runs")
+    hop = result["hop_us"]
+    print(f"per hop on loopback (one decode row, there and back): f32 {hop['f32']} us, f16 {hop['f16']} us, "
+          f"q8_0 {hop['q8_0']} us (one layer computes in {hop['layer_compute_us']} us)")
+    for row in result["decode"]:
+        print(f"{row['threads']} thread(s): one process {row['one_process']} tok/s, 3 nodes {row['three_nodes']} "
+              f"tok/s ({row['ratio']}x)")
+    for row in result["memory"]:
+        print(f"node with layers {row['layers']}: RSS {row['rss_mib']} MiB = layers {row['layer_mib']} MiB "
+              f"+ {row['overhead_mib']} MiB")
+    sim = result["simulated_network"]
+    print(f"simulated Pi network ({sim['network']}), 1 thread: one process {sim['one_process']} tok/s")
+    for row in sim["nodes"]:
+        print(f"  {row['nodes']} nodes: {row['tokens_per_s']} tok/s ({row['ratio']}x), "
+              f"{row['hop_share'] * 100:.0f}% of each token spent on the hops")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
