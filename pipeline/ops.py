@@ -13,6 +13,7 @@ import numba as nb
 import numpy as np
 
 from .numba_config import FASTMATH
+from .simd import TILE_COLS, TILE_ROWS, round_f16, tile_f16
 
 
 @nb.njit(cache=True, fastmath=FASTMATH)
@@ -69,53 +70,92 @@ def rope_(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray
     _rope(x, positions, cos, sin, n_heads, x.shape[1] // n_heads)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
-def _attention(q, k_cache, v_cache, start, n_heads, n_kv_heads, scale, out):
-    n_rows = q.shape[0]
-    head_dim = q.shape[1] // n_heads
-    group = n_heads // n_kv_heads
-    n_ctx = start + n_rows
-    scores = np.empty((n_rows * n_heads, n_ctx), np.float32)
-    for i in nb.prange(n_rows * n_heads):
-        t = i // n_heads
-        h = i % n_heads
-        q_off = h * head_dim
-        kv_off = (h // group) * head_dim
-        n = start + t + 1  # causal: row t sees positions 0 .. start + t
+@nb.njit(cache=True, fastmath=FASTMATH)
+def _softmax_rows(scores, n_rows, start, m0, group, scale, n_max):
+    """Row i of scores (query vector m0 + i of a tile, position p in 0 .. n_max - 1) becomes
+    softmax(scale * scores[i, :n]) with n = start + (m0 + i) // group + 1 (its causal limit),
+    zero up to n_max. As ggml's soft_max: scale, subtract the max, exp, sum in float64, multiply by the
+    f32 inverse of the sum; then rounded to f16, as ggml's mul_mat(V, KQ) reads them against
+    its f16 V cache."""
+    for i in range(n_rows):
         row = scores[i]
+        n = start + (m0 + i) // group + 1
         top = -np.inf
         for p in range(n):
-            dot = np.float32(0.0)
-            for j in range(head_dim):
-                dot += q[t, q_off + j] * k_cache[p, kv_off + j]
-            dot *= scale
-            row[p] = dot
-            top = max(top, dot)
-        total = 0.0  # float64, as ggml's soft_max sums in ggml_float
+            row[p] *= scale
+            top = max(top, row[p])
+        total = 0.0
         for p in range(n):
             e = np.float32(math.exp(row[p] - top))
             row[p] = e
             total += e
         inv = np.float32(1.0 / total)
-        acc = np.zeros(head_dim, np.float32)  # a local row: LLVM vectorizes it, not out[t, ...]
         for p in range(n):
-            w = row[p] * inv
-            for j in range(head_dim):
-                acc[j] += w * v_cache[p, kv_off + j]
-        out[t, q_off : q_off + head_dim] = acc
+            row[p] = round_f16(row[p] * inv)
+        row[n:n_max] = 0.0
 
 
-def attention(
-    q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_heads: int, n_kv_heads: int
-) -> np.ndarray:
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _attention(q, k_cache, v_cache, start, n_heads, scale, out):
+    n_rows, q_dim = q.shape
+    n_kv_heads, head_dim, capacity = k_cache.shape
+    group = n_heads // n_kv_heads
+    # The query vectors that read KV head g are m = t * group + i (row t, query head
+    # g * group + i); tiles of TILE_ROWS of them share each K and V load.
+    n_vectors = n_rows * group
+    n_tiles = (n_vectors + TILE_ROWS - 1) // TILE_ROWS
+    q_flat = q.reshape(-1)
+    out_flat = out.reshape(-1)
+    k_flat = k_cache.reshape(-1)
+    v_flat = v_cache.reshape(-1)
+    for task in nb.prange(n_kv_heads * n_tiles):
+        g = task % n_kv_heads
+        # Causal tiles grow with their rows: pair light and heavy ones (0, last, 1, last - 1,
+        # ...) so that prange's contiguous chunks get about equal work.
+        j = task // n_kv_heads
+        tile = j // 2 if j % 2 == 0 else n_tiles - 1 - j // 2
+        m0 = tile * TILE_ROWS
+        mr = min(TILE_ROWS, n_vectors - m0)
+        n_max = start + (m0 + mr - 1) // group + 1  # positions the tile's last vector sees
+        q_offs = np.zeros(TILE_ROWS, np.int64)
+        out_offs = np.zeros(TILE_ROWS, np.int64)
+        for i in range(mr):
+            m = m0 + i
+            h = g * group + m % group
+            q_offs[i] = out_offs[i] = (m // group) * q_dim + h * head_dim
+        scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position)
+        s_flat = scores.reshape(-1)
+        # scores = q_tile @ K[g] (K is stored transposed: (head_dim, position))
+        for p0 in range(0, n_max, TILE_COLS):
+            tile_f16(
+                mr, q_flat, q_offs[0], q_offs[1], q_offs[2], q_offs[3],
+                k_flat, g * head_dim * capacity + p0, capacity, head_dim,
+                s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(TILE_COLS, n_max - p0),
+            )
+        _softmax_rows(scores, mr, start, m0, group, scale, n_max)
+        # out rows = probabilities @ V[g] ((position, head_dim)); zero weights past a row's
+        # limit add exact zeros
+        for j0 in range(0, head_dim, TILE_COLS):
+            tile_f16(
+                mr, s_flat, 0, n_max, 2 * n_max, 3 * n_max,
+                v_flat, g * capacity * head_dim + j0, head_dim, n_max,
+                out_flat, out_offs[0] + j0, out_offs[1] + j0, out_offs[2] + j0, out_offs[3] + j0,
+                min(TILE_COLS, head_dim - j0),
+            )
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_heads: int) -> np.ndarray:
     """Causal grouped-query attention for T consecutive rows of one sequence.
 
-    q (T, n_heads * head_dim) holds positions start .. start + T - 1; k_cache and v_cache
-    (>= start + T, n_kv_heads * head_dim) already hold those positions and all before them.
+    q (T, n_heads * head_dim) f32 holds positions start .. start + T - 1; k_cache
+    (n_kv_heads, head_dim, capacity), keys transposed so that positions are contiguous, and
+    v_cache (n_kv_heads, capacity, head_dim), both f16 bits (uint16), already hold those
+    positions and all before them.
     Query head h reads KV head h // (n_heads // n_kv_heads). Returns (T, n_heads * head_dim)."""
+    q = np.ascontiguousarray(q)
     out = np.empty_like(q)
-    head_dim = q.shape[1] // n_heads
-    _attention(q, k_cache, v_cache, start, n_heads, n_kv_heads, np.float32(1.0 / math.sqrt(head_dim)), out)
+    head_dim = k_cache.shape[1]
+    _attention(q, k_cache, v_cache, start, n_heads, np.float32(1.0 / math.sqrt(head_dim)), out)
     return out
 
 

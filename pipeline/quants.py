@@ -32,7 +32,14 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from .numba_config import FASTMATH
-from .simd import dot_q4_32, dot_q4_32x4, dot_q8_32, dot_q8_32x4
+from .simd import (
+    dot_q4_0_rows1,
+    dot_q4_0_rows4,
+    dot_q4_1_rows1,
+    dot_q4_1_rows4,
+    dot_q8_0_rows1,
+    dot_q8_0_rows4,
+)
 
 QK = 32  # weights per block, for every block format here
 
@@ -131,9 +138,8 @@ def _f32_to_f16_to_f32(x):
 
 
 @nb.njit(cache=True, fastmath=FASTMATH)
-def _quantize_q8(x, qs, d, s, qsum):
-    """x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs), and
-    qsum (T, K//32) i32 = sum(qs).
+def _quantize_q8(x, qs, d, s):
+    """x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32 and s (T, K//32) f32 = d * sum(qs).
 
     ggml's quantize_row_q8_0/q8_1: d = amax / 127 stored as f16; q = round(x / d)."""
     n_rows, n = x.shape
@@ -152,7 +158,6 @@ def _quantize_q8(x, qs, d, s, qsum):
             d16 = _f32_to_f16_to_f32(delta)
             d[t, b] = d16
             s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
-            qsum[t, b] = total
 
 
 @nb.njit(cache=True)
@@ -174,16 +179,15 @@ class Activations:
         self._q8 = None
         self._f16 = None
 
-    def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(qs, d, s, qsum) as _quantize_q8 makes them."""
+    def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(qs, d, s) as _quantize_q8 makes them."""
         if self._q8 is None:
             n_rows, n = self.x.shape
             qs = np.empty((n_rows, n), np.int8)
             d = np.empty((n_rows, n // QK), np.float32)
             s = np.empty((n_rows, n // QK), np.float32)
-            qsum = np.empty((n_rows, n // QK), np.int32)
-            _quantize_q8(self.x, qs, d, s, qsum)
-            self._q8 = (qs, d, s, qsum)
+            _quantize_q8(self.x, qs, d, s)
+            self._q8 = (qs, d, s)
         return self._q8
 
     def f16(self) -> np.ndarray:
@@ -219,109 +223,43 @@ def _matmul_f16(w, x16, table, out):
             out[t, r] = acc
 
 
-# One block's contribution to an output, per format, shared by the one-row and four-row loops
-# so that a row's sum is the same expression whether it was computed alone or in a batch. These
-# kernels compile without fastmath: with reassociation or contraction allowed, LLVM evaluates
-# the two loops' float sums differently and a sequence's logits would change with the batch
-# around it. The integer block dot products are exact either way.
-
-
-@nb.njit(inline="always")
-def _term_q8_0(wd, xd, isum):
-    return (wd * xd) * np.float32(isum)
-
-
-@nb.njit(inline="always")
-def _term_q4_0(wd, xd, xsum, isum):
-    # sum((q - 8) * x) = sum(q * x) - 8 * sum(x): the offset folds into the activation's block sum.
-    return (wd * xd) * np.float32(isum - 8 * xsum)
-
-
-@nb.njit(inline="always")
-def _term_q4_1(wd, wm, xd, xs, isum):
-    # sum((d q + m) * dx qx) = d dx sum(q qx) + m (dx sum(qx)); xs holds dx sum(qx) per block.
-    return (wd * xd) * np.float32(isum) + wm * xs
-
-
 # Each kernel walks token rows four at a time (one weight block unpacked for four activation
-# blocks: prefill and batched decode), then the rest one at a time.
+# blocks: prefill and batched decode), then the rest one at a time; simd.py computes a token
+# row's sum with the same float operations either way, so a row's output does not depend on the
+# batch around it. No fastmath here: the float work is all in simd.py's IR, in a fixed order.
 
 
 @nb.njit(cache=True, parallel=True)
 def _matmul_q8_0(wq, wd, xq, xd, out):
-    n_rows, n_cols = wq.shape
-    n_blocks = wd.shape[1]
     n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
-    w_flat = wq.reshape(-1)
-    x_flat = xq.reshape(-1)
-    for r in nb.prange(n_rows):
+    for r in nb.prange(wq.shape[0]):
         for t in range(0, n_quads, 4):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(n_blocks):
-                i0, i1, i2, i3 = dot_q8_32x4(w_flat, r * n_cols + b * QK, x_flat, t * n_cols + b * QK, n_cols)
-                a0 += _term_q8_0(wd[r, b], xd[t, b], i0)
-                a1 += _term_q8_0(wd[r, b], xd[t + 1, b], i1)
-                a2 += _term_q8_0(wd[r, b], xd[t + 2, b], i2)
-                a3 += _term_q8_0(wd[r, b], xd[t + 3, b], i3)
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_q8_0_rows4(wq, wd, r, xq, xd, t)
         for t in range(n_quads, n_tokens):
-            acc = np.float32(0.0)
-            for b in range(n_blocks):
-                acc += _term_q8_0(wd[r, b], xd[t, b], dot_q8_32(w_flat, r * n_cols + b * QK, x_flat, t * n_cols + b * QK))
-            out[t, r] = acc
+            out[t, r] = dot_q8_0_rows1(wq, wd, r, xq, xd, t)
 
 
 @nb.njit(cache=True, parallel=True)
-def _matmul_q4_0(wq, wd, xq, xd, xsum, out):
-    n_rows, row_bytes = wq.shape
-    n_blocks = wd.shape[1]
-    n_tokens, n_cols = xq.shape
+def _matmul_q4_0(wq, wd, xq, xd, out):
+    n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
-    w_flat = wq.reshape(-1)
-    x_flat = xq.reshape(-1)
-    for r in nb.prange(n_rows):
+    for r in nb.prange(wq.shape[0]):
         for t in range(0, n_quads, 4):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(n_blocks):
-                i0, i1, i2, i3 = dot_q4_32x4(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK, n_cols)
-                a0 += _term_q4_0(wd[r, b], xd[t, b], xsum[t, b], i0)
-                a1 += _term_q4_0(wd[r, b], xd[t + 1, b], xsum[t + 1, b], i1)
-                a2 += _term_q4_0(wd[r, b], xd[t + 2, b], xsum[t + 2, b], i2)
-                a3 += _term_q4_0(wd[r, b], xd[t + 3, b], xsum[t + 3, b], i3)
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_q4_0_rows4(wq, wd, r, xq, xd, t)
         for t in range(n_quads, n_tokens):
-            acc = np.float32(0.0)
-            for b in range(n_blocks):
-                isum = dot_q4_32(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK)
-                acc += _term_q4_0(wd[r, b], xd[t, b], xsum[t, b], isum)
-            out[t, r] = acc
+            out[t, r] = dot_q4_0_rows1(wq, wd, r, xq, xd, t)
 
 
 @nb.njit(cache=True, parallel=True)
 def _matmul_q4_1(wq, wd, wm, xq, xd, xs, out):
-    n_rows, row_bytes = wq.shape
-    n_blocks = wd.shape[1]
-    n_tokens, n_cols = xq.shape
+    n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
-    w_flat = wq.reshape(-1)
-    x_flat = xq.reshape(-1)
-    for r in nb.prange(n_rows):
+    for r in nb.prange(wq.shape[0]):
         for t in range(0, n_quads, 4):
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for b in range(n_blocks):
-                i0, i1, i2, i3 = dot_q4_32x4(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK, n_cols)
-                a0 += _term_q4_1(wd[r, b], wm[r, b], xd[t, b], xs[t, b], i0)
-                a1 += _term_q4_1(wd[r, b], wm[r, b], xd[t + 1, b], xs[t + 1, b], i1)
-                a2 += _term_q4_1(wd[r, b], wm[r, b], xd[t + 2, b], xs[t + 2, b], i2)
-                a3 += _term_q4_1(wd[r, b], wm[r, b], xd[t + 3, b], xs[t + 3, b], i3)
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = a0, a1, a2, a3
+            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_q4_1_rows4(wq, wd, wm, r, xq, xd, xs, t)
         for t in range(n_quads, n_tokens):
-            acc = np.float32(0.0)
-            for b in range(n_blocks):
-                isum = dot_q4_32(w_flat, r * row_bytes + b * (QK // 2), x_flat, t * n_cols + b * QK)
-                acc += _term_q4_1(wd[r, b], wm[r, b], xd[t, b], xs[t, b], isum)
-            out[t, r] = acc
+            out[t, r] = dot_q4_1_rows1(wq, wd, wm, r, xq, xd, xs, t)
 
 
 def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) -> np.ndarray:
@@ -330,13 +268,13 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
     if out is None:
         out = np.empty((n_rows, w.rows), np.float32)
     if w.type == QT.Q4_1:
-        xq, xd, xs, _ = acts.q8()
+        xq, xd, xs = acts.q8()
         _matmul_q4_1(*w.arrays, xq, xd, xs, out)
     elif w.type == QT.Q4_0:
-        xq, xd, _, xsum = acts.q8()
-        _matmul_q4_0(*w.arrays, xq, xd, xsum, out)
+        xq, xd, _ = acts.q8()
+        _matmul_q4_0(*w.arrays, xq, xd, out)
     elif w.type == QT.Q8_0:
-        xq, xd, _, _ = acts.q8()
+        xq, xd, _ = acts.q8()
         _matmul_q8_0(*w.arrays, xq, xd, out)
     elif w.type == QT.F16:
         _matmul_f16(w.arrays[0], acts.f16(), F16_TO_F32, out)

@@ -75,27 +75,45 @@ class Stage(Protocol):
 
 
 class KVCache:
-    """Keys and values of one session for a stage's layers, grown by doubling up to n_ctx."""
+    """Keys and values of one session for a stage's layers, grown by doubling up to n_ctx.
 
-    def __init__(self, n_layers: int, kv_dim: int, n_ctx: int, initial: int = 64):
+    Stored as f16 (bits in uint16 arrays), llama.cpp's default cache type: half the memory of
+    f32, and the rounding llama.cpp's attention sees. Keys are transposed, so that attention's
+    scores read positions contiguously (ops.py)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, n_ctx: int, initial: int = 64):
         self.n_ctx = n_ctx
         capacity = min(initial, n_ctx)
-        self.k = np.zeros((n_layers, capacity, kv_dim), np.float32)  # (layer, position, n_kv_heads * head_dim)
-        self.v = np.zeros((n_layers, capacity, kv_dim), np.float32)
+        self.k = np.zeros((n_layers, n_kv_heads, head_dim, capacity), np.uint16)  # (layer, kv head, head_dim, position)
+        self.v = np.zeros((n_layers, n_kv_heads, capacity, head_dim), np.uint16)  # (layer, kv head, position, head_dim)
         self.length = 0  # positions 0 .. length - 1 are filled
 
+    @property
+    def capacity(self) -> int:
+        return self.v.shape[2]
+
     def reserve(self, n_positions: int) -> None:
-        capacity = self.k.shape[1]
+        capacity = self.capacity
         if n_positions <= capacity:
             return
         while capacity < n_positions:
             capacity *= 2
         capacity = min(capacity, self.n_ctx)
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = np.zeros((old.shape[0], capacity, old.shape[2]), np.float32)
-            new[:, : old.shape[1]] = old
-            setattr(self, name, new)
+        k = np.zeros(self.k.shape[:3] + (capacity,), np.uint16)
+        k[..., : self.capacity] = self.k
+        v = np.zeros(self.v.shape[:2] + (capacity, self.v.shape[3]), np.uint16)
+        v[:, :, : self.capacity] = self.v
+        self.k, self.v = k, v
+
+    def store(self, layer: int, start: int, k: np.ndarray, v: np.ndarray) -> None:
+        """k and v (T, n_kv_heads * head_dim) f32 at positions start .. start + T - 1, rounded to
+        f16 (to nearest, ties to even, as ggml's f32 -> f16 copy)."""
+        n_rows = k.shape[0]
+        n_kv_heads, head_dim = self.v.shape[1], self.v.shape[3]
+        k_bits = k.astype(np.float16).view(np.uint16).reshape(n_rows, n_kv_heads, head_dim)
+        v_bits = v.astype(np.float16).view(np.uint16).reshape(n_rows, n_kv_heads, head_dim)
+        self.k[layer, :, :, start : start + n_rows] = k_bits.transpose(1, 2, 0)
+        self.v[layer, :, start : start + n_rows] = v_bits.transpose(1, 0, 2)
 
     @property
     def nbytes(self) -> int:
@@ -157,7 +175,9 @@ class LocalStage:
         for seg in segments:
             cache = self.sessions.get(seg.session_id)
             if cache is None:
-                cache = self.sessions[seg.session_id] = KVCache(len(self.layers), self.config.kv_dim, self.n_ctx)
+                cache = self.sessions[seg.session_id] = KVCache(
+                    len(self.layers), self.config.n_kv_heads, self.config.head_dim, self.n_ctx
+                )
             cache.reserve(seg.start + seg.length)
             caches.append(cache)
         return caches
@@ -180,11 +200,9 @@ class LocalStage:
             attn = np.empty_like(q)
             row = 0
             for seg, cache in zip(batch.segments, caches):
-                end = seg.start + seg.length
-                cache.k[li, seg.start : end] = k[row : row + seg.length]
-                cache.v[li, seg.start : end] = v[row : row + seg.length]
+                cache.store(li, seg.start, k[row : row + seg.length], v[row : row + seg.length])
                 attn[row : row + seg.length] = attention(
-                    q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads, c.n_kv_heads
+                    q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads
                 )
                 row += seg.length
             x += matmul(w.attn_output, Activations(attn))

@@ -82,9 +82,13 @@ def rope(x: np.ndarray, positions: np.ndarray, n_heads: int, n_rot: int, theta_b
     return heads.reshape(n_rows, width)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int) -> np.ndarray:
+def attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int, f16_weights: bool = False
+) -> np.ndarray:
     """Causal grouped-query attention: q (T, n_heads * hd) at positions start .. start + T - 1,
-    k and v (>= start + T, n_kv_heads * hd); query head h reads KV head h // (n_heads // n_kv_heads)."""
+    k and v (>= start + T, n_kv_heads * hd); query head h reads KV head h // (n_heads // n_kv_heads).
+    f16_weights: the softmax weights are rounded to f16 before they multiply v, as caravan's
+    kernel and ggml's mul_mat(V, KQ) on an f16 cache do."""
     q = np.asarray(q, dtype=np.float64)
     n_rows = q.shape[0]
     head_dim = q.shape[1] // n_heads
@@ -100,6 +104,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: 
             scores = k[:n, kv] @ q[t, h * head_dim : (h + 1) * head_dim] / np.sqrt(head_dim)
             weights = np.exp(scores - scores.max())
             weights /= weights.sum()
+            if f16_weights:
+                weights = weights.astype(np.float16).astype(np.float64)
             out[t, h] = weights @ v[:n, kv]
     return out.reshape(n_rows, n_heads * head_dim)
 
@@ -174,7 +180,8 @@ def forward_layer(
     """One transformer block on x (T, dim) at positions start .. start + T - 1.
 
     weights: GGUF tensor name -> float64 array, matrices (rows, cols). k_cache, v_cache
-    (n_positions, kv_dim) float64 are written at those positions."""
+    (n_positions, kv_dim) float64 are written at those positions, rounded to f16 as caravan's
+    and llama.cpp's caches hold them."""
     c = config
     p = f"blk.{layer}."
     n_rows = x.shape[0]
@@ -183,9 +190,9 @@ def forward_layer(
     q = rope(product(weights, p + "attn_q.weight", h), positions, c.n_heads, c.n_rot, c.rope_theta)
     k = rope(product(weights, p + "attn_k.weight", h), positions, c.n_kv_heads, c.n_rot, c.rope_theta)
     v = product(weights, p + "attn_v.weight", h)
-    k_cache[start : start + n_rows] = k
-    v_cache[start : start + n_rows] = v
-    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads)
+    k_cache[start : start + n_rows] = round_f16(k)
+    v_cache[start : start + n_rows] = round_f16(v)
+    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads, f16_weights=True)
     x = x + product(weights, p + "attn_output.weight", attn)
     h = rmsnorm(x, weights[p + "ffn_norm.weight"], c.norm_eps)
     gated = swiglu(product(weights, p + "ffn_gate.weight", h), product(weights, p + "ffn_up.weight", h))

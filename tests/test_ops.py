@@ -6,6 +6,7 @@ allows a few f32 ulps of the values involved; the tolerances below say where mor
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -100,6 +101,18 @@ def test_rope_row_by_row_equals_batch():
 # Attention
 
 
+def f16(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+def cache_layout(k: np.ndarray, v: np.ndarray, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """k and v (positions, n_kv_heads * head_dim) f32 -> the KV cache's layout and type: keys
+    (n_kv_heads, head_dim, positions), values (n_kv_heads, positions, head_dim), f16 bits."""
+    heads_k = k.astype(np.float16).view(np.uint16).reshape(k.shape[0], n_kv_heads, -1)
+    heads_v = v.astype(np.float16).view(np.uint16).reshape(v.shape[0], n_kv_heads, -1)
+    return np.ascontiguousarray(heads_k.transpose(1, 2, 0)), np.ascontiguousarray(heads_v.transpose(1, 0, 2))
+
+
 @pytest.mark.parametrize(
     "n_heads, n_kv_heads, head_dim, start, n_rows",
     [
@@ -121,9 +134,9 @@ def test_attention(n_heads, n_kv_heads, head_dim, start, n_rows):
     v_cache = np.full_like(k_cache, np.nan)
     k_cache[: start + n_rows] = randn(start + n_rows, kv_dim, seed=2, scale=2.0)
     v_cache[: start + n_rows] = randn(start + n_rows, kv_dim, seed=3)
-    got = attention(q, k_cache, v_cache, start, n_heads, n_kv_heads)
+    got = attention(q, *cache_layout(k_cache, v_cache, n_kv_heads), start, n_heads)
     assert got.shape == q.shape and got.dtype == np.float32
-    expected = naive.attention(q, k_cache, v_cache, start, n_heads, n_kv_heads)
+    expected = naive.attention(q, f16(k_cache), f16(v_cache), start, n_heads, n_kv_heads, f16_weights=True)
     # f32 scores (error ~ head_dim ulps of |q||k|) feed exp: ~1e-6 relative in the weights.
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(v_cache[: start + n_rows]).max())
 
@@ -133,9 +146,37 @@ def test_attention_first_position_returns_v():
     q = randn(1, 4 * 16, seed=1)
     k = randn(1, 2 * 16, seed=2)
     v = randn(1, 2 * 16, seed=3)
-    got = attention(q, k, v, 0, 4, 2).reshape(4, 16)
-    v_heads = v.reshape(2, 16)
+    got = attention(q, *cache_layout(k, v, 2), 0, 4).reshape(4, 16)
+    v_heads = f16(v).reshape(2, 16)
     np.testing.assert_array_equal(got, v_heads[[0, 0, 1, 1]])
+
+
+@pytest.mark.parametrize("n_heads, n_kv_heads, head_dim", [(9, 3, 64), (4, 2, 16), (8, 1, 8)], ids=["gqa3", "gqa2", "mqa"])
+def test_attention_rows_alone_equal_rows_together(n_heads, n_kv_heads, head_dim):
+    """Each row computed alone (as in decode) equals the same row in a chunk, bit for bit:
+    query vectors share tiles in different company but each output sums in one fixed order."""
+    start, n_rows = 13, 23
+    kv_dim = n_kv_heads * head_dim
+    q = randn(n_rows, n_heads * head_dim, seed=1)
+    k, v = cache_layout(randn(start + n_rows, kv_dim, seed=2), randn(start + n_rows, kv_dim, seed=3), n_kv_heads)
+    together = attention(q, k, v, start, n_heads)
+    for t in range(n_rows):
+        np.testing.assert_array_equal(attention(q[t : t + 1], k, v, start + t, n_heads), together[t : t + 1])
+
+
+def test_attention_thread_count_invariant():
+    q = randn(37, 9 * 64, seed=1)
+    k, v = cache_layout(randn(50, 3 * 64, seed=2), randn(50, 3 * 64, seed=3), 3)
+    before = numba.get_num_threads()
+    try:
+        results = []
+        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(n)
+            results.append(attention(q, k, v, 13, 9))
+    finally:
+        numba.set_num_threads(before)
+    for other in results[1:]:
+        np.testing.assert_array_equal(results[0], other)
 
 
 def test_attention_large_scores_stay_finite():
@@ -143,9 +184,9 @@ def test_attention_large_scores_stay_finite():
     q = randn(3, 64, seed=1, scale=100.0)
     k = randn(3, 64, seed=2, scale=100.0)
     v = randn(3, 64, seed=3)
-    got = attention(q, k, v, 0, 4, 4)
+    got = attention(q, *cache_layout(k, v, 4), 0, 4)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, naive.attention(q, k, v, 0, 4, 4), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, naive.attention(q, f16(k), f16(v), 0, 4, 4, f16_weights=True), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 import naive
+from caravan.pipeline import simd
 from caravan.pipeline.quants import (
     F16_TO_F32,
     SUPPORTED_TYPES,
@@ -180,6 +181,56 @@ def test_matmul_thread_count_invariant(ttype):
         numba.set_num_threads(before)
     for other in results[1:]:
         np.testing.assert_array_equal(results[0], other)
+
+
+def _row_dots(kernel1, kernel4, has_m):
+    """A compiled loop over every (weight row, token row) with the given simd.py intrinsics."""
+    if has_m:
+
+        @numba.njit
+        def run(wq, wd, wm, xq, xd, xs, out):
+            for r in range(wq.shape[0]):
+                out[0, r], out[1, r], out[2, r], out[3, r] = kernel4(wq, wd, wm, r, xq, xd, xs, 0)
+                for t in range(4, xq.shape[0]):
+                    out[t, r] = kernel1(wq, wd, wm, r, xq, xd, xs, t)
+
+    else:
+
+        @numba.njit
+        def run(wq, wd, xq, xd, out):
+            for r in range(wq.shape[0]):
+                out[0, r], out[1, r], out[2, r], out[3, r] = kernel4(wq, wd, r, xq, xd, 0)
+                for t in range(4, xq.shape[0]):
+                    out[t, r] = kernel1(wq, wd, r, xq, xd, t)
+
+    return run
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
+@pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1), ids=lambda t: t.name)
+def test_row_dots_give_the_same_bits_on_every_isa(ttype):
+    """simd.py's AVX2 lanes (vpmaddubsw/vpmaddwd) and its generic IR (what an aarch64 node runs)
+    give the same bits, and both equal the plain-numpy twin; the four-row and one-row forms
+    agree. On a host without AVX2 only the generic path and the twin are compared."""
+    raw, _ = random_weights(13, 256, ttype)
+    packed = pack(ttype, raw, "w")
+    xq, xd, xs = Activations(random_activations(8, 256)).q8()
+    name = ttype.name.lower()
+    has_m = ttype == QT.Q4_1
+    args = (*packed.arrays, xq, xd, xs) if has_m else (*packed.arrays, xq, xd)
+    results = []
+    for isa in simd.ISAS:
+        out = np.empty((8, 13), np.float32)
+        _row_dots(simd.INTRINSICS[(name, 1, isa)], simd.INTRINSICS[(name, 4, isa)], has_m)(*args, out)
+        results.append(out)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+    twin = getattr(simd, f"dot_{name}_rows1")
+    for r in range(13):
+        for t in range(8):
+            call = (packed.arrays[0], packed.arrays[1], packed.arrays[2], r, xq, xd, xs, t) if has_m else (*packed.arrays, r, xq, xd, t)
+            np.testing.assert_allclose(twin(*call), results[0][t, r], rtol=1e-6)
+    np.testing.assert_array_equal(matmul(packed, Activations(random_activations(8, 256))), results[0])
 
 
 def test_matmul_writes_into_out():
