@@ -49,7 +49,8 @@ from caravan.pipeline.stage import Segment, StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
 
-from .cluster import LOCAL, Node, close_nodes, connect, deploy, describe_plan, head_ms, make_plan, measure, parse_nodes
+from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
+from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS, discover
 from .planner import PlanError
 from .remote import NodeError, RemoteStage
@@ -261,27 +262,27 @@ def _measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
 
 @contextlib.contextmanager
 def _pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterator[Pipeline]:
-    """Every layer in this process, or spread over the nodes given by --nodes / --discover."""
+    """Every layer in this process, or spread over the nodes given by --nodes / --discover
+    (asked again at every re-plan, so a node that comes back is used)."""
     if not (args.nodes or args.discover):
         yield model.local_pipeline(n_ctx)
         return
     n_ctx = model.context_size(n_ctx)
-    nodes = _measured_nodes(args, model)
+    pipeline = ClusterPipeline(model, lambda: _addresses(args), n_ctx, _cache_dir(args), wire.wire_format(args.wire),
+                               progress=not args.json)
     try:
-        plan = make_plan(model, nodes, n_ctx)
-    except BaseException:
-        close_nodes(nodes)
-        raise
-    cluster = deploy(model, nodes, plan, n_ctx, _cache_dir(args), wire.wire_format(args.wire), progress=not args.json)
-    try:
-        summary = ", ".join(f"{n.name} {a.layers}" for a in plan.assignments
-                            for n in nodes if n.address == a.node.name)
+        summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(pipeline, a.node.name)} {a.layers}"
+                            for a in pipeline.plan.assignments)
         log.info("layers placed: %s", summary)
         if not args.json:
             print(f"layers: {summary}", file=sys.stderr)
-        yield cluster.pipeline
+        yield pipeline
     finally:
-        cluster.close()
+        pipeline.close()
+
+
+def _node_name(pipeline: ClusterPipeline, address: str) -> str:
+    return next((n.name for n in pipeline.cluster.nodes if n.address == address), address)
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:

@@ -35,7 +35,7 @@ from caravan.proto import caravan_pb2 as pb
 from caravan.proto import wire
 
 from .planner import ModelCost, NodeCapacity, Plan, PlanError, plan_layers
-from .remote import NodeClient, NodeError, RemoteStage
+from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, RemoteStage
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,9 @@ def _local_info() -> pb.NodeInfo:
                        architecture=platform.machine(), state=pb.NODE_STATE_IDLE)
 
 
-def connect(addresses: list[str]) -> list[Node]:
-    """Ask every node who it is; one unreachable or incompatible node is an error naming it."""
+def connect(addresses: list[str], skip_unreachable: bool = False) -> list[Node]:
+    """Ask every node who it is. One unreachable or incompatible node is an error naming it,
+    unless skip_unreachable (re-planning after a failure), which leaves it out."""
     nodes = []
     try:
         for address in addresses:
@@ -97,8 +98,13 @@ def connect(addresses: list[str]) -> list[Node]:
                 nodes.append(Node(LOCAL, None, _local_info()))
                 continue
             client = NodeClient(address)
-            nodes.append(Node(address, client, pb.NodeInfo()))
-            nodes[-1].info = client.info()
+            try:
+                nodes.append(Node(address, client, client.info()))
+            except NodeError as exc:
+                client.close()
+                if not (skip_unreachable and exc.lost):
+                    raise
+                log.warning("leaving out %s", exc)
     except BaseException:
         close_nodes(nodes)
         raise
@@ -196,7 +202,8 @@ def _close(stages: list[Stage], nodes: list[Node]) -> None:
 
 
 def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_dir: Path,
-           wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True) -> Cluster:
+           wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
+           forward_timeout_s: float = FORWARD_TIMEOUT_S) -> Cluster:
     """Load each node's layers (pushing the weights it lacks) and build the pipeline."""
     by_address = {n.address: n for n in nodes}
     stages: list[Stage] = []
@@ -221,7 +228,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
             sources[node.address] = reply.source
             log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
-            stages.append(RemoteStage(node.client, layers, model.config.dim, wire_format))
+            speed = 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer
+            stages.append(RemoteStage(node.client, layers, model.config.dim, wire_format, speed, forward_timeout_s))
         pipeline = Pipeline(model.head, stages, n_ctx)
     except BaseException:
         _close(stages, nodes)

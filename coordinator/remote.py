@@ -33,6 +33,16 @@ CONTROL_TIMEOUT_S = 60.0  # Info, Benchmark, EndSession
 LOAD_TIMEOUT_S = 600.0  # loading and compiling a range on a Pi, or pushing it over Wi-Fi
 
 
+# Codes that mean the node is gone or stuck, not that it refused the request: the
+# coordinator re-plans around it.
+LOST = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+
+# Every call keeps its connection checked: a node that stops answering pings (unplugged,
+# frozen) is noticed within KEEPALIVE_MS * 2 even while no batch is in flight.
+KEEPALIVE_MS = 2000
+FORWARD_TIMEOUT_S = 10.0  # a batch's deadline beyond what the node's measured speed predicts
+
+
 class NodeError(RuntimeError):
     """A node could not be reached or refused a request; the message names the node."""
 
@@ -40,6 +50,10 @@ class NodeError(RuntimeError):
         super().__init__(f"node {node}: {message}")
         self.node = node
         self.code = code
+
+    @property
+    def lost(self) -> bool:
+        return self.code in LOST
 
 
 def _describe(exc: grpc.RpcError) -> tuple[str, grpc.StatusCode]:
@@ -60,6 +74,10 @@ class NodeClient:
         self.channel = grpc.insecure_channel(address, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
         ])
         self.stub = pb_grpc.StageStub(self.channel)
 
@@ -107,6 +125,7 @@ class NodeClient:
         try:
             reply = self.stub.Load(request, timeout=LOAD_TIMEOUT_S)
             if reply.needs_weights:
+                request.push_layers.extend(reply.missing_layers)
                 reply = self.stub.PushWeights(_weight_chunks(model, request, on_bytes), timeout=LOAD_TIMEOUT_S)
         except grpc.RpcError as exc:
             raise self.error(exc, doing) from None
@@ -116,7 +135,7 @@ class NodeClient:
 
     def end_session(self, session_id: str) -> None:
         try:
-            self.stub.EndSession(pb.EndSessionRequest(session_id=session_id), timeout=CONTROL_TIMEOUT_S)
+            self.stub.EndSession(pb.EndSessionRequest(session_id=session_id), timeout=CONNECT_TIMEOUT_S)
         except grpc.RpcError as exc:  # the session's cache dies with the node anyway
             log.warning("%s", self.error(exc, f"ending session {session_id}"))
 
@@ -137,11 +156,14 @@ def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers
 
 
 def _weight_chunks(model: GGUFFile, request: pb.LoadRequest, on_bytes: Callable[[int], None]) -> Iterator[pb.WeightChunk]:
-    """The header, the range's tensors straight from the memory-mapped file in 1 MiB pieces,
-    then the sha256 of every byte sent."""
+    """The header, the tensors of request.push_layers straight from the memory-mapped file in
+    1 MiB pieces, then the sha256 of every byte sent."""
     yield pb.WeightChunk(header=request)
     digest = hashlib.sha256()
+    prefixes = tuple(f"blk.{layer}." for layer in request.push_layers)
     for entry in request.tensors:
+        if not entry.name.startswith(prefixes):
+            continue
         data = model.tensor_bytes(entry.name)
         for start in range(0, len(data), wire.WEIGHT_CHUNK_BYTES):
             piece = bytes(data[start : start + wire.WEIGHT_CHUNK_BYTES])
@@ -152,13 +174,21 @@ def _weight_chunks(model: GGUFFile, request: pb.LoadRequest, on_bytes: Callable[
 
 
 class RemoteStage:
-    """Layers [start, stop) on a node, over one long-lived Forward stream."""
+    """Layers [start, stop) on a node, over one long-lived Forward stream.
 
-    def __init__(self, client: NodeClient, layers: LayerRange, dim: int, wire_format: int = pb.WIRE_FORMAT_F32):
+    Each batch has a deadline: FORWARD_TIMEOUT_S plus what the node's measured speed predicts
+    for it, generously. A watchdog thread cancels the stream when a batch is late, so a node
+    that hangs fails like one that died, with a NodeError whose `lost` is true.
+    """
+
+    def __init__(self, client: NodeClient, layers: LayerRange, dim: int, wire_format: int = pb.WIRE_FORMAT_F32,
+                 ms_per_layer: float = 0.0, timeout_s: float = FORWARD_TIMEOUT_S):
         self.client = client
         self.layers = layers
         self.dim = dim
         self.wire_format = wire_format
+        self.timeout_s = timeout_s
+        self.ms_per_layer = ms_per_layer
         self._ids = itertools.count(1)
         self._lock = threading.Lock()  # one batch in flight per stage: replies come back in order
         self._requests: queue.Queue[pb.ForwardRequest | None] = queue.Queue()
@@ -166,6 +196,22 @@ class RemoteStage:
         # Seconds per round trip not spent computing on the node (encoding, gRPC, network),
         # for the last batches: what `caravan bench` reports as the hop.
         self.hop_s: collections.deque[float] = collections.deque(maxlen=1024)
+        self._deadline = 0.0  # time.monotonic() by which the batch in flight must be answered; 0: none
+        self._timed_out = False
+        self._closed = threading.Event()
+        threading.Thread(target=self._watch, name=f"caravan-watchdog-{client.address}", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(0.2):
+            deadline = self._deadline
+            if deadline and time.monotonic() > deadline:
+                self._timed_out = True
+                self._replies.cancel()
+                return
+
+    def _batch_timeout(self, rows: int) -> float:
+        # Ten times the decode speed per row is a loose bound for prefill rows too.
+        return self.timeout_s + 10 * rows * len(self.layers) * self.ms_per_layer / 1e3
 
     def forward(self, batch: StageBatch) -> np.ndarray:
         rows = batch.hidden.shape[0]
@@ -178,14 +224,21 @@ class RemoteStage:
             reply_format=self.wire_format,
         )
         with self._lock:
+            timeout = self._batch_timeout(rows)
             t0 = time.perf_counter()
+            self._deadline = time.monotonic() + timeout
             self._requests.put(request)
             try:
                 reply = next(self._replies)
                 self.hop_s.append(time.perf_counter() - t0 - reply.compute_us * 1e-6)
             except (grpc.RpcError, StopIteration) as exc:
+                if self._timed_out:
+                    raise NodeError(self.client.label, f"layers {self.layers}: no answer within {timeout:.1f} s",
+                                    grpc.StatusCode.DEADLINE_EXCEEDED) from None
                 message = _describe(exc)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
                 raise NodeError(self.client.label, f"layers {self.layers}: {message}", grpc.StatusCode.UNAVAILABLE) from None
+            finally:
+                self._deadline = 0.0
         if reply.id != request.id:
             raise NodeError(self.client.label, f"answered batch {reply.id}, expected {request.id}")
         if reply.WhichOneof("result") == "error":
@@ -202,5 +255,6 @@ class RemoteStage:
         self.client.end_session(session_id)
 
     def close(self) -> None:
+        self._closed.set()
         self._requests.put(None)
         self._replies.cancel()

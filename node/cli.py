@@ -10,6 +10,7 @@ so scripts and tests that pass --port 0 learn the port. It serves until SIGINT o
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import logging
 import signal
@@ -45,9 +46,22 @@ def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
                    help="where received layers are kept (default: $CARAVAN_HOME, else ~/.cache/caravan)")
     p.add_argument("--model", "-m", type=Path, default=None, metavar="PATH",
                    help="a local copy of a model file: its layers load from it instead of the network")
+    p.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
+                   help="offer at most SIZE of memory to coordinators, runtime included (e.g. 2G, 512M)")
     p.add_argument("--no-advertise", action="store_true", help="do not announce the node with zeroconf")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-v info, -vv debug)")
     return p
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """'2G', '512M', '1.5GiB', '1000000' -> bytes (powers of 1024, as free(1) shows them)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 2G, 512M)")
+    return int(float(match[1]) * _UNITS[match[2]])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +92,7 @@ def serve(args: argparse.Namespace) -> int:
             advert.update(state=STATE_NAMES.get(state, "unknown"))
 
     settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
-                            cache_dir=cache_dir, model_path=args.model)
+                            cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit)
     try:
         server, port, servicer = create_server(settings, on_state)
     except GGUFError as exc:

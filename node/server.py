@@ -34,7 +34,7 @@ from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import wire
 
-from .weights import CachedRange, RangeManifest, WeightCache, WeightError
+from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class NodeSettings:
     threads: int | None = None  # compute threads (default: Numba's, all cores)
     cache_dir: Path = Path(".")
     model_path: Path | None = None  # a local copy of a model file: its layers need no transfer
+    memory_limit: int | None = None  # bytes this node offers at most (runtime, layers, KV caches)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -103,7 +104,8 @@ class StageServicer(pb_grpc.StageServicer):
         kv = sum(c.nbytes for c in list(stage.sessions.values())) if stage else 0
         info = pb.NodeInfo(
             protocol_version=wire.PROTOCOL_VERSION, version=VERSION, node_id=self.node_id,
-            name=self.settings.name, memory_total=mem.total, memory_available=mem.available + weights + kv,
+            name=self.settings.name, memory_total=self._capped(mem.total),
+            memory_available=self._capped(mem.available + weights + kv),
             cores=os.cpu_count() or 1, threads=self.threads, architecture=platform.machine(),
             state=state, local_model_sha256=self.local_sha256, error=error,
             max_message_bytes=wire.MAX_MESSAGE_BYTES, rss_bytes=psutil.Process().memory_info().rss,
@@ -112,6 +114,10 @@ class StageServicer(pb_grpc.StageServicer):
         if loaded is not None:
             info.model_sha256, info.layer_start, info.layer_stop = loaded[0], loaded[1].start, loaded[1].stop
         return info
+
+    def _capped(self, n_bytes: int) -> int:
+        limit = self.settings.memory_limit
+        return n_bytes if limit is None else min(n_bytes, limit)
 
     def Benchmark(self, request, context):
         try:
@@ -136,7 +142,7 @@ class StageServicer(pb_grpc.StageServicer):
         entries = [(t.name, t.type, tuple(t.shape), t.n_bytes) for t in request.tensors]
         manifest = RangeManifest.build(request.model_sha256, config, layers, entries)
         needed = manifest.n_bytes + 2 * len(layers) * request.n_ctx * config.kv_dim * 4
-        available = psutil.virtual_memory().available + (self._stage.weight_bytes if self._stage else 0)
+        available = self._capped(psutil.virtual_memory().available + (self._stage.weight_bytes if self._stage else 0))
         if needed > available:
             raise MemoryError(f"layers {layers} need {needed >> 20} MiB with a {request.n_ctx}-token context; "
                               f"this node has {available >> 20} MiB free")
@@ -152,13 +158,15 @@ class StageServicer(pb_grpc.StageServicer):
             config, manifest = self._manifest(request)
             if self._already_loaded(request):
                 return pb.LoadReply(ready=True, source="loaded")
-            source, origin = self.cache.find(manifest.model_sha256, manifest.layers), "cache"
-            if source is None and self.local_file is not None and self.local_sha256 == manifest.model_sha256:
+            if self.local_file is not None and self.local_sha256 == manifest.model_sha256:
                 source, origin = self.local_file, "local file"
-            if source is None:
-                return pb.LoadReply(needs_weights=True)
+            else:
+                missing = self.cache.missing(manifest.model_sha256, manifest.layers)
+                if missing:
+                    return pb.LoadReply(needs_weights=True, missing_layers=missing)
+                source, origin = self.cache.source(manifest.model_sha256, manifest.layers), "cache"
             self._load(source, config, manifest, request.n_ctx, origin)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001  (mapped to a status; the node keeps serving)
             _abort(context, exc)
         return pb.LoadReply(ready=True, source=origin)
 
@@ -170,31 +178,36 @@ class StageServicer(pb_grpc.StageServicer):
                 raise WeightError("PushWeights must start with the load request")
             config, manifest = self._manifest(first.header)
             try:
-                writer = self.cache.receive(manifest, config)
+                writer = self.cache.receive(manifest, config, list(first.header.push_layers))
             except OSError as exc:
                 raise OSError(f"cannot write the weight cache in {self.settings.cache_dir}: {exc.strerror or exc}") from None
-            source = None
+            finished = False
             for chunk in request_iterator:
                 part = chunk.WhichOneof("part")
-                if part == "data" and source is None:
+                if part == "data" and not finished:
                     writer.write(chunk.data)
-                elif part == "sha256" and source is None:
-                    source = writer.finish(chunk.sha256)
+                elif part == "sha256" and not finished:
+                    writer.finish(chunk.sha256)
+                    finished = True
                 else:
                     raise WeightError(f"unexpected {part} in the weight stream")
-            if source is None:
+            if not finished:
                 raise WeightError(f"the weight stream for layers {manifest.layers} ended before its sha256")
             received = writer.received
             writer = None
-            log.info("received layers %s: %d bytes", manifest.layers, received)
-            self._load(source, config, manifest, first.header.n_ctx, "pushed")
+            log.info("received layers %s: %d bytes", list(first.header.push_layers), received)
+            missing = self.cache.missing(manifest.model_sha256, manifest.layers)
+            if missing:
+                raise WeightError(f"layers {missing} of {manifest.layers} are still missing after the push")
+            self._load(self.cache.source(manifest.model_sha256, manifest.layers), config, manifest,
+                       first.header.n_ctx, "pushed")
         except Exception as exc:  # noqa: BLE001
             if writer is not None:
                 writer.abort()
             _abort(context, exc)
         return pb.LoadReply(ready=True, source="pushed", bytes_received=received)
 
-    def _load(self, source: CachedRange | GGUFFile, config: ModelConfig, manifest: RangeManifest,
+    def _load(self, source: CachedLayers | GGUFFile, config: ModelConfig, manifest: RangeManifest,
               n_ctx: int, origin: str) -> None:
         self._set_state(pb.NODE_STATE_LOADING)
         with self._lock:
@@ -304,6 +317,10 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
         options=[
             ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
+            # Coordinators ping every 2 s to notice a dead node quickly: allow it.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+            ("grpc.http2.max_ping_strikes", 0),
         ],
     )
     pb_grpc.add_StageServicer_to_server(servicer, server)

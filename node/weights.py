@@ -1,14 +1,15 @@
-"""The node's weight cache: layer ranges it received, kept on disk so a restart reuses them.
+"""The node's weight cache: the layers it received, kept on disk so a restart reuses them.
 
-Layout, under the node's cache directory:
+Layout, under the node's cache directory, one entry per transformer layer so that after a
+re-plan a node is sent only the layers it does not have yet:
 
-    layers/<model sha256>/<start>-<stop>/manifest.json   config, tensors (name, type, shape,
-                                                         offset, n_bytes), sha256 of the data
-    layers/<model sha256>/<start>-<stop>/weights.bin     the tensors' bytes as GGUF stores them
+    layers/<model sha256>/<layer>/manifest.json   config, the layer's tensors (name, type,
+                                                  shape, n_bytes), sha256 of its data
+    layers/<model sha256>/<layer>/weights.bin     the tensors' bytes as GGUF stores them
 
-A range arrives in a temporary folder next to the others and is renamed into place only when
-every byte is there and the sha256 matches, so a crash never leaves a half range that looks
-whole. Any cached range that covers a requested one serves it.
+A push arrives in temporary folders next to the others; each layer is renamed into place only
+when every byte of the push is there and its sha256 matches, so a crash never leaves a half
+layer that looks whole.
 """
 
 from __future__ import annotations
@@ -94,104 +95,126 @@ class RangeManifest:
             offset += n_bytes
         return cls(model_sha256, layers, tuple(tensors))
 
-    def to_json(self, config: ModelConfig, data_sha256: str) -> str:
-        return json.dumps({
-            "model_sha256": self.model_sha256,
-            "layer_start": self.layers.start,
-            "layer_stop": self.layers.stop,
-            "config": dataclasses.asdict(config),
-            "data_sha256": data_sha256,
-            "tensors": [[t.name, int(t.type), list(t.shape), t.n_bytes] for t in self.tensors],
-        }, indent=1)
+    def layer_tensors(self, layer: int) -> tuple[TensorInfo, ...]:
+        prefix = f"blk.{layer}."
+        return tuple(t for t in self.tensors if t.name.startswith(prefix))
 
 
-class CachedRange:
-    """A TensorSource over a cached range, memory-mapped."""
+class CachedLayers:
+    """A TensorSource over cached layers, each memory-mapped from its weights.bin."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
-        meta = json.loads((directory / "manifest.json").read_text())
-        self.config = ModelConfig(**meta["config"])
-        layers = LayerRange(meta["layer_start"], meta["layer_stop"])
-        entries = [(n, c, tuple(s), b) for n, c, s, b in meta["tensors"]]
-        self.manifest = RangeManifest.build(meta["model_sha256"], self.config, layers, entries)
-        self._tensors = {t.name: t for t in self.manifest.tensors}
-        path = directory / "weights.bin"
-        if path.stat().st_size != self.manifest.n_bytes:
-            raise WeightError(f"{path}: {path.stat().st_size} bytes, the manifest says {self.manifest.n_bytes}")
-        with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.manifest.n_bytes else None
-
-    @property
-    def layers(self) -> LayerRange:
-        return self.manifest.layers
+    def __init__(self, directories: list[Path]):
+        self._tensors: dict[str, tuple[mmap.mmap | None, TensorInfo]] = {}
+        for directory in directories:
+            meta = json.loads((directory / "manifest.json").read_text())
+            config = ModelConfig(**meta["config"])
+            layer = int(meta["layer"])
+            entries = [(n, c, tuple(s), b) for n, c, s, b in meta["tensors"]]
+            manifest = RangeManifest.build(meta["model_sha256"], config, LayerRange(layer, layer + 1), entries)
+            path = directory / "weights.bin"
+            if path.stat().st_size != manifest.n_bytes:
+                raise WeightError(f"{path}: {path.stat().st_size} bytes, the manifest says {manifest.n_bytes}")
+            with open(path, "rb") as f:
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            for info in manifest.tensors:
+                self._tensors[info.name] = (data, info)
 
     def tensor_type(self, name: str) -> QT | None:
-        info = self._tensors.get(name)
-        return None if info is None else info.type
+        entry = self._tensors.get(name)
+        return None if entry is None else entry[1].type
 
     def tensor_data(self, name: str) -> np.ndarray:
-        return tensor_view(self._map, self._tensors[name])
+        data, info = self._tensors[name]
+        return tensor_view(data, info)
 
 
 class WeightCache:
     def __init__(self, root: Path):
         self.root = Path(root) / "layers"
 
-    def find(self, model_sha256: str, layers: LayerRange) -> CachedRange | None:
-        """A cached range of this model covering `layers`, the smallest if several do."""
-        model_dir = self.root / model_sha256
-        if not _SHA256.fullmatch(model_sha256) or not model_dir.is_dir():
-            return None
-        candidates = []
-        for entry in model_dir.iterdir():
-            m = re.fullmatch(r"(\d+)-(\d+)", entry.name)
-            if m and int(m[1]) <= layers.start and layers.stop <= int(m[2]):
-                candidates.append((int(m[2]) - int(m[1]), entry))
-        for _, directory in sorted(candidates):
+    def _layer_dir(self, model_sha256: str, layer: int) -> Path:
+        return self.root / model_sha256 / str(layer)
+
+    def missing(self, model_sha256: str, layers: LayerRange) -> list[int]:
+        """The layers of the range this cache does not hold (whole and readable)."""
+        missing = []
+        for layer in layers:
+            directory = self._layer_dir(model_sha256, layer)
             try:
-                return CachedRange(directory)
+                CachedLayers([directory])
+            except FileNotFoundError:
+                missing.append(layer)
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring damaged cached range %s: %s", directory, exc)
-        return None
+                log.warning("ignoring damaged cached layer %s: %s", directory, exc)
+                missing.append(layer)
+        return missing
 
-    def receive(self, manifest: RangeManifest, config: ModelConfig) -> "RangeWriter":
-        return RangeWriter(self, manifest, config)
+    def source(self, model_sha256: str, layers: LayerRange) -> CachedLayers:
+        return CachedLayers([self._layer_dir(model_sha256, layer) for layer in layers])
+
+    def receive(self, manifest: RangeManifest, config: ModelConfig, layers: list[int]) -> "LayerWriter":
+        return LayerWriter(self, manifest, config, layers)
 
 
-class RangeWriter:
-    """Bytes of one range as they arrive: counted against the manifest, hashed, written to a
-    temporary folder, and moved into the cache by finish()."""
+class LayerWriter:
+    """Bytes of some layers of a range as they arrive, in manifest order: counted against the
+    manifest, hashed, written to temporary folders, and moved into the cache by finish()."""
 
-    def __init__(self, cache: WeightCache, manifest: RangeManifest, config: ModelConfig):
-        self.manifest = manifest
-        self.config = config
-        self.final = cache.root / manifest.model_sha256 / f"{manifest.layers.start}-{manifest.layers.stop}"
+    def __init__(self, cache: WeightCache, manifest: RangeManifest, config: ModelConfig, layers: list[int]):
+        if not layers or sorted(set(layers)) != layers or not all(l in manifest.layers for l in layers):
+            raise WeightError(f"layers to push {layers} are not distinct, sorted and within {manifest.layers}")
+        self.cache, self.manifest, self.config = cache, manifest, config
+        self.parts = [(layer, manifest.layer_tensors(layer)) for layer in layers]
+        self.expected = sum(t.n_bytes for _, tensors in self.parts for t in tensors)
         self.tmp = cache.root / manifest.model_sha256 / f".incoming-{uuid.uuid4().hex}"
         self.tmp.mkdir(parents=True)
-        self._file = open(self.tmp / "weights.bin", "wb")
         self._hash = hashlib.sha256()
         self.received = 0
+        self._part = 0  # index into parts of the layer being written
+        self._part_left = sum(t.n_bytes for t in self.parts[0][1])
+        self._file = self._open(0)
+
+    def _open(self, part: int):
+        directory = self.tmp / str(self.parts[part][0])
+        directory.mkdir()
+        return open(directory / "weights.bin", "wb")
 
     def write(self, data: bytes) -> None:
-        if self.received + len(data) > self.manifest.n_bytes:
-            raise WeightError(f"more than the {self.manifest.n_bytes} bytes declared for layers {self.manifest.layers}")
-        self._file.write(data)
+        if self.received + len(data) > self.expected:
+            raise WeightError(f"more than the {self.expected} bytes declared for layers {[l for l, _ in self.parts]}")
         self._hash.update(data)
         self.received += len(data)
+        view = memoryview(data)
+        while view:
+            n = min(len(view), self._part_left)
+            self._file.write(view[:n])
+            view, self._part_left = view[n:], self._part_left - n
+            if self._part_left == 0 and self._part + 1 < len(self.parts):
+                self._file.close()
+                self._part += 1
+                self._part_left = sum(t.n_bytes for t in self.parts[self._part][1])
+                self._file = self._open(self._part)
 
-    def finish(self, sha256: str) -> CachedRange:
+    def finish(self, sha256: str) -> None:
         self._file.close()
-        if self.received != self.manifest.n_bytes:
-            raise WeightError(f"received {self.received} of the {self.manifest.n_bytes} bytes of layers {self.manifest.layers}")
+        if self.received != self.expected:
+            raise WeightError(f"received {self.received} of the {self.expected} bytes of layers {[l for l, _ in self.parts]}")
         digest = self._hash.hexdigest()
         if sha256 != digest:
-            raise WeightError(f"sha256 of layers {self.manifest.layers} is {digest}, the sender says {sha256}")
-        (self.tmp / "manifest.json").write_text(self.manifest.to_json(self.config, digest))
-        if self.final.exists():  # an older copy of the same range: the new one is verified
-            shutil.rmtree(self.final)
-        os.replace(self.tmp, self.final)
-        return CachedRange(self.final)
+            raise WeightError(f"sha256 of the pushed layers is {digest}, the sender says {sha256}")
+        for layer, tensors in self.parts:
+            directory = self.tmp / str(layer)
+            (directory / "manifest.json").write_text(json.dumps({
+                "model_sha256": self.manifest.model_sha256,
+                "layer": layer,
+                "config": dataclasses.asdict(self.config),
+                "tensors": [[t.name, int(t.type), list(t.shape), t.n_bytes] for t in tensors],
+            }, indent=1))
+            final = self.cache._layer_dir(self.manifest.model_sha256, layer)
+            if final.exists():  # an older, damaged copy: the new one is verified
+                shutil.rmtree(final)
+            os.replace(directory, final)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self) -> None:
         self._file.close()

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61ravan/proto/caravan.proto\x12\ncaravan.v1\"\r\n\x0bInfoRequest\"\xb8\x03\n\x08NodeInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cmemory_total\x18\x05 \x01(\x04\x12\x18\n\x10memory_available\x18\x06 \x01(\x04\x12\r\n\x05\x63ores\x18\x07 \x01(\r\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x12$\n\x05state\x18\n \x01(\x0e\x32\x15.caravan.v1.NodeState\x12\x14\n\x0cmodel_sha256\x18\x0b \x01(\t\x12\x13\n\x0blayer_start\x18\x0c \x01(\r\x12\x12\n\nlayer_stop\x18\r \x01(\r\x12\x1a\n\x12local_model_sha256\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x19\n\x11max_message_bytes\x18\x10 \x01(\x04\x12\x11\n\trss_bytes\x18\x11 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x12 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x13 \x01(\x04\x12\x10\n\x08sessions\x18\x14 \x01(\r\"\xe6\x01\n\x0bModelConfig\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x10\n\x08n_layers\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x12\n\nhidden_dim\x18\x04 \x01(\r\x12\x0f\n\x07n_heads\x18\x05 \x01(\r\x12\x12\n\nn_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\r\n\x05n_rot\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\n \x01(\r\x12\x10\n\x08norm_eps\x18\x0b \x01(\x01\x12\x12\n\nrope_theta\x18\x0c \x01(\x01\"P\n\x10\x42\x65nchmarkRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.caravan.v1.ModelConfig\x12\x13\n\x0bweight_type\x18\x02 \x01(\r\"&\n\x0e\x42\x65nchmarkReply\x12\x14\n\x0cms_per_layer\x18\x01 \x01(\x01\"I\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\"\xae\x01\n\x0bLoadRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.caravan.v1.ModelConfig\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x12\n\nlayer_stop\x18\x04 \x01(\r\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12(\n\x07tensors\x18\x06 \x03(\x0b\x32\x17.caravan.v1.TensorEntry\"Y\n\tLoadReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rneeds_weights\x18\x02 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x0e\n\x06source\x18\x04 \x01(\t\"b\n\x0bWeightChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.caravan.v1.LoadRequestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"<\n\x07Segment\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"Z\n\x06Tensor\x12&\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x16.caravan.v1.WireFormat\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x95\x01\n\x0e\x46orwardRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x08segments\x18\x02 \x03(\x0b\x32\x13.caravan.v1.Segment\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.caravan.v1.Tensor\x12,\n\x0creply_format\x18\x04 \x01(\x0e\x32\x16.caravan.v1.WireFormat\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x0c\x46orwardReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.caravan.v1.TensorH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.caravan.v1.ErrorH\x00\x12\x12\n\ncompute_us\x18\x04 \x01(\x04\x42\x08\n\x06result\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x11\n\x0f\x45ndSessionReply*\x81\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fNODE_STATE_IDLE\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x14\n\x10NODE_STATE_READY\x10\x03\x12\x15\n\x11NODE_STATE_FAILED\x10\x04*i\n\nWireFormat\x12\x1b\n\x17WIRE_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0fWIRE_FORMAT_F32\x10\x01\x12\x13\n\x0fWIRE_FORMAT_F16\x10\x02\x12\x14\n\x10WIRE_FORMAT_Q8_0\x10\x03\x32\x8d\x03\n\x05Stage\x12\x35\n\x04Info\x12\x17.caravan.v1.InfoRequest\x1a\x14.caravan.v1.NodeInfo\x12\x45\n\tBenchmark\x12\x1c.caravan.v1.BenchmarkRequest\x1a\x1a.caravan.v1.BenchmarkReply\x12\x36\n\x04Load\x12\x17.caravan.v1.LoadRequest\x1a\x15.caravan.v1.LoadReply\x12?\n\x0bPushWeights\x12\x17.caravan.v1.WeightChunk\x1a\x15.caravan.v1.LoadReply(\x01\x12\x43\n\x07\x46orward\x12\x1a.caravan.v1.ForwardRequest\x1a\x18.caravan.v1.ForwardReply(\x01\x30\x01\x12H\n\nEndSession\x12\x1d.caravan.v1.EndSessionRequest\x1a\x1b.caravan.v1.EndSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63\x61ravan/proto/caravan.proto\x12\ncaravan.v1\"\r\n\x0bInfoRequest\"\xb8\x03\n\x08NodeInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x14\n\x0cmemory_total\x18\x05 \x01(\x04\x12\x18\n\x10memory_available\x18\x06 \x01(\x04\x12\r\n\x05\x63ores\x18\x07 \x01(\r\x12\x0f\n\x07threads\x18\x08 \x01(\r\x12\x14\n\x0c\x61rchitecture\x18\t \x01(\t\x12$\n\x05state\x18\n \x01(\x0e\x32\x15.caravan.v1.NodeState\x12\x14\n\x0cmodel_sha256\x18\x0b \x01(\t\x12\x13\n\x0blayer_start\x18\x0c \x01(\r\x12\x12\n\nlayer_stop\x18\r \x01(\r\x12\x1a\n\x12local_model_sha256\x18\x0e \x01(\t\x12\r\n\x05\x65rror\x18\x0f \x01(\t\x12\x19\n\x11max_message_bytes\x18\x10 \x01(\x04\x12\x11\n\trss_bytes\x18\x11 \x01(\x04\x12\x14\n\x0cweight_bytes\x18\x12 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x13 \x01(\x04\x12\x10\n\x08sessions\x18\x14 \x01(\r\"\xe6\x01\n\x0bModelConfig\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x10\n\x08n_layers\x18\x02 \x01(\r\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12\x12\n\nhidden_dim\x18\x04 \x01(\r\x12\x0f\n\x07n_heads\x18\x05 \x01(\r\x12\x12\n\nn_kv_heads\x18\x06 \x01(\r\x12\x10\n\x08head_dim\x18\x07 \x01(\r\x12\r\n\x05n_rot\x18\x08 \x01(\r\x12\x12\n\nvocab_size\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\n \x01(\r\x12\x10\n\x08norm_eps\x18\x0b \x01(\x01\x12\x12\n\nrope_theta\x18\x0c \x01(\x01\"P\n\x10\x42\x65nchmarkRequest\x12\'\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x17.caravan.v1.ModelConfig\x12\x13\n\x0bweight_type\x18\x02 \x01(\r\"&\n\x0e\x42\x65nchmarkReply\x12\x14\n\x0cms_per_layer\x18\x01 \x01(\x01\"I\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\r\n\x05shape\x18\x03 \x03(\x04\x12\x0f\n\x07n_bytes\x18\x04 \x01(\x04\"\xc3\x01\n\x0bLoadRequest\x12\x14\n\x0cmodel_sha256\x18\x01 \x01(\t\x12\'\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x17.caravan.v1.ModelConfig\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x12\n\nlayer_stop\x18\x04 \x01(\r\x12\r\n\x05n_ctx\x18\x05 \x01(\r\x12(\n\x07tensors\x18\x06 \x03(\x0b\x32\x17.caravan.v1.TensorEntry\x12\x13\n\x0bpush_layers\x18\x07 \x03(\r\"q\n\tLoadReply\x12\r\n\x05ready\x18\x01 \x01(\x08\x12\x15\n\rneeds_weights\x18\x02 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x16\n\x0emissing_layers\x18\x05 \x03(\r\"b\n\x0bWeightChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.caravan.v1.LoadRequestH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06sha256\x18\x03 \x01(\tH\x00\x42\x06\n\x04part\"<\n\x07Segment\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\r\x12\x0e\n\x06length\x18\x03 \x01(\r\"Z\n\x06Tensor\x12&\n\x06\x66ormat\x18\x01 \x01(\x0e\x32\x16.caravan.v1.WireFormat\x12\x0c\n\x04rows\x18\x02 \x01(\r\x12\x0c\n\x04\x63ols\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x95\x01\n\x0e\x46orwardRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x08segments\x18\x02 \x03(\x0b\x32\x13.caravan.v1.Segment\x12\"\n\x06hidden\x18\x03 \x01(\x0b\x32\x12.caravan.v1.Tensor\x12,\n\x0creply_format\x18\x04 \x01(\x0e\x32\x16.caravan.v1.WireFormat\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x82\x01\n\x0c\x46orwardReply\x12\n\n\x02id\x18\x01 \x01(\x04\x12$\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.caravan.v1.TensorH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.caravan.v1.ErrorH\x00\x12\x12\n\ncompute_us\x18\x04 \x01(\x04\x42\x08\n\x06result\"\'\n\x11\x45ndSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x11\n\x0f\x45ndSessionReply*\x81\x01\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x13\n\x0fNODE_STATE_IDLE\x10\x01\x12\x16\n\x12NODE_STATE_LOADING\x10\x02\x12\x14\n\x10NODE_STATE_READY\x10\x03\x12\x15\n\x11NODE_STATE_FAILED\x10\x04*i\n\nWireFormat\x12\x1b\n\x17WIRE_FORMAT_UNSPECIFIED\x10\x00\x12\x13\n\x0fWIRE_FORMAT_F32\x10\x01\x12\x13\n\x0fWIRE_FORMAT_F16\x10\x02\x12\x14\n\x10WIRE_FORMAT_Q8_0\x10\x03\x32\x8d\x03\n\x05Stage\x12\x35\n\x04Info\x12\x17.caravan.v1.InfoRequest\x1a\x14.caravan.v1.NodeInfo\x12\x45\n\tBenchmark\x12\x1c.caravan.v1.BenchmarkRequest\x1a\x1a.caravan.v1.BenchmarkReply\x12\x36\n\x04Load\x12\x17.caravan.v1.LoadRequest\x1a\x15.caravan.v1.LoadReply\x12?\n\x0bPushWeights\x12\x17.caravan.v1.WeightChunk\x1a\x15.caravan.v1.LoadReply(\x01\x12\x43\n\x07\x46orward\x12\x1a.caravan.v1.ForwardRequest\x1a\x18.caravan.v1.ForwardReply(\x01\x30\x01\x12H\n\nEndSession\x12\x1d.caravan.v1.EndSessionRequest\x1a\x1b.caravan.v1.EndSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'caravan.proto.caravan_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=1839
-  _globals['_NODESTATE']._serialized_end=1968
-  _globals['_WIREFORMAT']._serialized_start=1970
-  _globals['_WIREFORMAT']._serialized_end=2075
+  _globals['_NODESTATE']._serialized_start=1884
+  _globals['_NODESTATE']._serialized_end=2013
+  _globals['_WIREFORMAT']._serialized_start=2015
+  _globals['_WIREFORMAT']._serialized_end=2120
   _globals['_INFOREQUEST']._serialized_start=43
   _globals['_INFOREQUEST']._serialized_end=56
   _globals['_NODEINFO']._serialized_start=59
@@ -48,25 +48,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORENTRY']._serialized_start=856
   _globals['_TENSORENTRY']._serialized_end=929
   _globals['_LOADREQUEST']._serialized_start=932
-  _globals['_LOADREQUEST']._serialized_end=1106
-  _globals['_LOADREPLY']._serialized_start=1108
-  _globals['_LOADREPLY']._serialized_end=1197
-  _globals['_WEIGHTCHUNK']._serialized_start=1199
-  _globals['_WEIGHTCHUNK']._serialized_end=1297
-  _globals['_SEGMENT']._serialized_start=1299
-  _globals['_SEGMENT']._serialized_end=1359
-  _globals['_TENSOR']._serialized_start=1361
-  _globals['_TENSOR']._serialized_end=1451
-  _globals['_FORWARDREQUEST']._serialized_start=1454
-  _globals['_FORWARDREQUEST']._serialized_end=1603
-  _globals['_ERROR']._serialized_start=1605
-  _globals['_ERROR']._serialized_end=1643
-  _globals['_FORWARDREPLY']._serialized_start=1646
-  _globals['_FORWARDREPLY']._serialized_end=1776
-  _globals['_ENDSESSIONREQUEST']._serialized_start=1778
-  _globals['_ENDSESSIONREQUEST']._serialized_end=1817
-  _globals['_ENDSESSIONREPLY']._serialized_start=1819
-  _globals['_ENDSESSIONREPLY']._serialized_end=1836
-  _globals['_STAGE']._serialized_start=2078
-  _globals['_STAGE']._serialized_end=2475
+  _globals['_LOADREQUEST']._serialized_end=1127
+  _globals['_LOADREPLY']._serialized_start=1129
+  _globals['_LOADREPLY']._serialized_end=1242
+  _globals['_WEIGHTCHUNK']._serialized_start=1244
+  _globals['_WEIGHTCHUNK']._serialized_end=1342
+  _globals['_SEGMENT']._serialized_start=1344
+  _globals['_SEGMENT']._serialized_end=1404
+  _globals['_TENSOR']._serialized_start=1406
+  _globals['_TENSOR']._serialized_end=1496
+  _globals['_FORWARDREQUEST']._serialized_start=1499
+  _globals['_FORWARDREQUEST']._serialized_end=1648
+  _globals['_ERROR']._serialized_start=1650
+  _globals['_ERROR']._serialized_end=1688
+  _globals['_FORWARDREPLY']._serialized_start=1691
+  _globals['_FORWARDREPLY']._serialized_end=1821
+  _globals['_ENDSESSIONREQUEST']._serialized_start=1823
+  _globals['_ENDSESSIONREQUEST']._serialized_end=1862
+  _globals['_ENDSESSIONREPLY']._serialized_start=1864
+  _globals['_ENDSESSIONREPLY']._serialized_end=1881
+  _globals['_STAGE']._serialized_start=2123
+  _globals['_STAGE']._serialized_end=2520
 # @@protoc_insertion_point(module_scope)

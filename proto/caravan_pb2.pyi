@@ -134,32 +134,36 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., n_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_sha256", "config", "layer_start", "layer_stop", "n_ctx", "tensors")
+    __slots__ = ("model_sha256", "config", "layer_start", "layer_stop", "n_ctx", "tensors", "push_layers")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_STOP_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    PUSH_LAYERS_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     config: ModelConfig
     layer_start: int
     layer_stop: int
     n_ctx: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
-    def __init__(self, model_sha256: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ...) -> None: ...
+    push_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_sha256: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., push_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("ready", "needs_weights", "bytes_received", "source")
+    __slots__ = ("ready", "needs_weights", "bytes_received", "source", "missing_layers")
     READY_FIELD_NUMBER: _ClassVar[int]
     NEEDS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MISSING_LAYERS_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     needs_weights: bool
     bytes_received: int
     source: str
-    def __init__(self, ready: _Optional[bool] = ..., needs_weights: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., source: _Optional[str] = ...) -> None: ...
+    missing_layers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ready: _Optional[bool] = ..., needs_weights: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., source: _Optional[str] = ..., missing_layers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("header", "data", "sha256")

@@ -86,15 +86,15 @@ class StageServicer:
 
     def Load(self, request, context):
         """Load a layer range from what the node already has (its weight cache, or a local copy of
-        the model file). Replies needs_weights when it has neither; then PushWeights.
+        the model file). Replies needs_weights and the layers it lacks otherwise; then PushWeights.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def PushWeights(self, request_iterator, context):
-        """Stream the tensors of a layer range: the first chunk is the LoadRequest, then the
-        tensors' bytes in manifest order, then the sha256 of all those bytes.
+        """Stream the missing layers' tensors: the first chunk is the LoadRequest with push_layers
+        set, then those layers' tensor bytes in manifest order, then the sha256 of all of them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -17,16 +17,17 @@ class NodeProcess:
     its first line. Its stderr goes to log_path (default: <cache_dir>.log)."""
 
     def __init__(self, cache_dir: Path, *extra: str, threads: int = 1, advertise: bool = False,
-                 prefix: tuple[str, ...] = (), name: str | None = None, log_path: Path | None = None):
+                 prefix: tuple[str, ...] = (), name: str | None = None, log_path: Path | None = None,
+                 port: int = 0):
         self.cache_dir = Path(cache_dir)
-        cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", "127.0.0.1", "--port", "0",
+        cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", "127.0.0.1", "--port", str(port),
                "--threads", str(threads), "--cache-dir", str(cache_dir), *extra]
         if not advertise:
             cmd.append("--no-advertise")
         if name:
             cmd += ["--name", name]
         self.log_path = Path(log_path or f"{cache_dir}.log")
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.address = self._read_address()
@@ -44,6 +45,15 @@ class NodeProcess:
                     break
         self.stop()
         raise RuntimeError(f"node did not start: {self.log_path.read_text()[-2000:]}")
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def kill(self) -> None:
+        """SIGKILL, as a pulled plug: no goodbye to anyone."""
+        self.proc.kill()
+        self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -127,10 +127,10 @@ def test_weights_are_pushed_once_and_cached_across_restarts(smollm2, tmp_path):
             # Each node got exactly the bytes of its own layers' tensors, nothing more.
             assert [cluster.pushed[n.address] for n in nodes] == [range_bytes(smollm2, a, b) for a, b in ranges]
             for d, (a, b) in zip(dirs, ranges):
-                (cached,) = (d / "layers").glob("*/*")
-                assert cached.name == f"{a}-{b}"
-                assert (cached / "weights.bin").stat().st_size == range_bytes(smollm2, a, b)
-                names = [t[0] for t in json.loads((cached / "manifest.json").read_text())["tensors"]]
+                cached = sorted((d / "layers" / SMOLLM2_SHA256).iterdir(), key=lambda p: int(p.name))
+                assert [p.name for p in cached] == [str(layer) for layer in range(a, b)]
+                assert sum((p / "weights.bin").stat().st_size for p in cached) == range_bytes(smollm2, a, b)
+                names = [t[0] for p in cached for t in json.loads((p / "manifest.json").read_text())["tensors"]]
                 assert names == [n for layer in range(a, b) for n in layer_tensor_shapes(smollm2.config, layer)]
         finally:
             cluster.close()
@@ -147,10 +147,12 @@ def test_weights_are_pushed_once_and_cached_across_restarts(smollm2, tmp_path):
             assert greedy(cluster.pipeline, smollm2.tokenizer, PROMPTS[0])
         finally:
             cluster.close()
-        # A range inside a cached one needs nothing either.
+        # A range inside a cached one needs nothing; one that overlaps gets only the layers it lacks.
         client = connect([restarted[1].address])[0].client
         reply = client.load(smollm2.file, SMOLLM2_SHA256, smollm2.config, LayerRange(20, 30), N_CTX)
         assert reply.ready and reply.source == "cache"
+        reply = client.load(smollm2.file, SMOLLM2_SHA256, smollm2.config, LayerRange(8, 30), N_CTX)
+        assert reply.source == "pushed" and reply.bytes_received == range_bytes(smollm2, 8, 12)
         client.close()
     finally:
         for node in restarted:

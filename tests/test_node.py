@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from caravan.coordinator.remote import NodeClient, RemoteStage, load_request
 from caravan.node.server import SERVICE, NodeSettings, create_server
 from caravan.pipeline.loader import load_model
+from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import wire
@@ -140,6 +141,7 @@ def test_bad_batches_get_errors_and_the_stream_goes_on(model, node):
 
 
 def chunks(model, request, data_sha=None, extra=b"", drop_last=False):
+    request.push_layers.extend(range(request.layer_start, request.layer_stop))
     yield pb.WeightChunk(header=request)
     digest = hashlib.sha256()
     for entry in request.tensors:
@@ -157,6 +159,7 @@ def chunks(model, request, data_sha=None, extra=b"", drop_last=False):
     ("extra bytes", "more than"),
     ("no sha", "ended before its sha256"),
     ("no header", "must start with the load request"),
+    ("no layers", "layers to push []"),
 ])
 def test_bad_weight_streams_are_refused_and_leave_nothing(model, node, kind, message):
     client, _, cache_dir = node
@@ -167,6 +170,8 @@ def test_bad_weight_streams_are_refused_and_leave_nothing(model, node, kind, mes
         stream = chunks(model, request, extra=b"x")
     elif kind == "no sha":
         stream = chunks(model, request, drop_last=True)
+    elif kind == "no layers":
+        stream = iter([pb.WeightChunk(header=request)])
     else:
         stream = iter([pb.WeightChunk(data=b"abc")])
     with pytest.raises(grpc.RpcError) as caught:
@@ -204,12 +209,24 @@ def test_bad_load_requests_are_refused(model, node, change, code, message):
     assert client.info().state == pb.NODE_STATE_IDLE  # nothing was touched
 
 
+def test_only_missing_layers_are_pushed(model, node):
+    client, _, cache_dir = node
+    first = client.load(model.file, SHA, model.config, LayerRange(0, 2), N_CTX)
+    reply = client.stub.Load(load_request(model.file, SHA, model.config, LayerRange(1, 3), N_CTX))
+    assert reply.needs_weights and list(reply.missing_layers) == [2]
+    second = client.load(model.file, SHA, model.config, LayerRange(1, 3), N_CTX)
+    layer_bytes = sum(model.file.tensors[n].n_bytes for n in layer_tensor_shapes(model.config, 2))
+    assert second.source == "pushed" and second.bytes_received == layer_bytes
+    assert first.bytes_received == 2 * layer_bytes  # the tiny model's layers are all alike
+    assert sorted(p.name for p in (cache_dir / "layers" / SHA).iterdir()) == ["0", "1", "2"]
+
+
 def test_damaged_cache_entry_is_ignored(model, node):
     client, _, cache_dir = node
     client.load(model.file, SHA, model.config, LayerRange(0, 2), N_CTX)
-    (range_dir,) = (cache_dir / "layers" / SHA).iterdir()
-    (range_dir / "manifest.json").write_text("{not json")
-    assert client.stub.Load(load_request(model.file, SHA, model.config, LayerRange(0, 1), N_CTX)).needs_weights
+    (cache_dir / "layers" / SHA / "1" / "manifest.json").write_text("{not json")
+    reply = client.stub.Load(load_request(model.file, SHA, model.config, LayerRange(0, 2), N_CTX + 1))
+    assert reply.needs_weights and list(reply.missing_layers) == [1]
 
 
 def test_benchmark(model, node):

@@ -1,0 +1,125 @@
+"""A Pipeline over nodes that keeps going when nodes die or hang (DESIGN.md, "Failure is normal").
+
+The coordinator keeps every session's tokens. When a stage is lost mid-batch (its node is
+gone, or stops answering past the batch's deadline), ClusterPipeline re-plans over the nodes
+that still answer (and any that came back or were found since), loads the layers each now
+needs, refills every session's KV cache from its tokens, and runs the batch again. The
+kernels are deterministic, so the refilled caches hold the same bits and the generation goes
+on exactly as it would have: the client sees a delay, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from caravan.pipeline.generate import PREFILL_CHUNK, Pipeline
+from caravan.pipeline.loader import LoadedModel
+from caravan.pipeline.stage import Segment
+from caravan.proto import caravan_pb2 as pb
+
+from .cluster import Cluster, close_nodes, connect, deploy, make_plan, measure
+from .planner import Plan, PlanError
+from .remote import FORWARD_TIMEOUT_S, NodeError
+
+log = logging.getLogger(__name__)
+
+MAX_RECOVERIES = 3  # per batch: past this, the error goes to the caller
+
+
+class ClusterPipeline(Pipeline):
+    def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
+                 wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
+                 forward_timeout_s: float = FORWARD_TIMEOUT_S):
+        self.model = model
+        self.addresses = addresses  # called at every (re-)plan: --nodes, plus what --discover finds then
+        self.cache_dir = cache_dir
+        self.wire_format = wire_format
+        self.progress = progress
+        self.forward_timeout_s = forward_timeout_s
+        self.history: dict[str, list[int]] = {}  # session -> its tokens at positions 0 .. len - 1
+        self.recoveries: list[str] = []  # why each re-plan happened
+        self.cluster: Cluster | None = None
+        self._deploy(n_ctx, skip_unreachable=False)
+
+    @property
+    def plan(self) -> Plan:
+        if self.cluster is None:
+            raise PlanError("no plan: the last re-plan failed")
+        return self.cluster.plan
+
+    def _deploy(self, n_ctx: int, skip_unreachable: bool) -> None:
+        nodes = connect(self.addresses(), skip_unreachable=skip_unreachable)
+        if not nodes:
+            raise NodeError("cluster", "no node answers any more")
+        try:
+            measure(nodes, self.model)
+            plan = make_plan(self.model, nodes, n_ctx)
+        except BaseException:
+            close_nodes(nodes)
+            raise
+        self.cluster = deploy(self.model, nodes, plan, n_ctx, self.cache_dir, self.wire_format, self.progress,
+                              self.forward_timeout_s)
+        Pipeline.__init__(self, self.model.head, self.cluster.stages, n_ctx)
+
+    def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                if self.cluster is None:
+                    self._replan()
+                hidden = super().forward(segments, token_ids)
+                break
+            except NodeError as exc:
+                if not exc.lost or attempt == MAX_RECOVERIES:
+                    raise
+                self._drop(exc)
+        self._remember(segments, token_ids)
+        return hidden
+
+    def _drop(self, exc: NodeError) -> None:
+        """Give up the current plan: a stage's node is gone or stuck."""
+        log.warning("%s; re-planning over the nodes that still answer", exc)
+        self.recoveries.append(str(exc))
+        if self.cluster is not None:
+            self.cluster.close()
+        self.cluster, self.stages = None, []
+
+    def _replan(self) -> None:
+        """Place the layers on the nodes that answer now, and refill every session's caches."""
+        t0 = time.perf_counter()
+        try:
+            self._deploy(self.n_ctx, skip_unreachable=True)
+        except PlanError as plan_error:
+            lost = f"after {self.recoveries[-1]}: " if self.recoveries else ""
+            raise PlanError(f"{lost}{plan_error}") from None
+        log.warning("re-planned in %.1f s: %s", time.perf_counter() - t0,
+                    ", ".join(f"{a.node.name} {a.layers}" for a in self.plan.assignments))
+        self._refill()
+
+    def _refill(self) -> None:
+        """Run every session's tokens so far through the new stages, rebuilding their KV caches."""
+        for session_id, tokens in self.history.items():
+            ids = np.asarray(tokens, dtype=np.int64)
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start : start + PREFILL_CHUNK]
+                super().forward([Segment(session_id, start, len(chunk))], chunk)
+
+    def _remember(self, segments: Sequence[Segment], token_ids: np.ndarray) -> None:
+        row = 0
+        for seg in segments:
+            tokens = self.history.setdefault(seg.session_id, [])
+            del tokens[seg.start :]
+            tokens.extend(int(t) for t in token_ids[row : row + seg.length])
+            row += seg.length
+
+    def end_session(self, session_id: str) -> None:
+        self.history.pop(session_id, None)
+        super().end_session(session_id)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
