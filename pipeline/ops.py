@@ -1,8 +1,9 @@
 """The layer math other than weight products: RMSNorm, RoPE, attention over a KV cache, SwiGLU.
 
 Each op is one compiled kernel with shapes in its docstring. Formulas follow ggml's CPU ops
-(ggml-cpu/ops.cpp) so that caravan and llama.cpp agree closely. Only attention runs in
-parallel: the element-wise ops are a few microseconds of work, less than waking the threads.
+(ggml-cpu/ops.cpp) so that caravan and llama.cpp agree closely. Attention runs in parallel;
+SwiGLU only for a prefill chunk's many rows: for a few rows the element-wise ops are a few
+microseconds of work, less than waking the threads.
 """
 
 from __future__ import annotations
@@ -159,18 +160,33 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     return out
 
 
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _swiglu_row(gate, up, out, t):
+    for j in range(gate.shape[1]):
+        g = gate[t, j]
+        # exp in float64, clamped so the uncompiled path cannot overflow (exp(88) is past f32)
+        out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(88.0))))) * up[t, j]
+
+
 @nb.njit(cache=True, fastmath=FASTMATH)
 def _swiglu(gate, up, out):
-    n_rows, n = gate.shape
-    for t in range(n_rows):
-        for j in range(n):
-            g = gate[t, j]
-            # exp in float64, clamped so the uncompiled path cannot overflow (exp(88) is past f32)
-            out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(88.0))))) * up[t, j]
+    for t in range(gate.shape[0]):
+        _swiglu_row(gate, up, out, t)
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _swiglu_parallel(gate, up, out):
+    for t in nb.prange(gate.shape[0]):
+        _swiglu_row(gate, up, out, t)
+
+
+# Rows from which an element-wise op is worth waking the threads for (a prefill chunk).
+PARALLEL_ROWS = 8
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
-    """silu(gate) * up, both (T, hidden_dim)."""
+    """silu(gate) * up, both (T, hidden_dim). Each row is computed by the same code serially or
+    in parallel, so the result does not depend on T or the thread count."""
     out = np.empty_like(gate)
-    _swiglu(gate, up, out)
+    (_swiglu_parallel if gate.shape[0] >= PARALLEL_ROWS else _swiglu)(gate, up, out)
     return out

@@ -137,27 +137,42 @@ def _f32_to_f16_to_f32(x):
     return np.float32(r if x > 0 else -r)
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
-def _quantize_q8(x, qs, d, s):
-    """x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32 and s (T, K//32) f32 = d * sum(qs).
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _quantize_row_q8(x, qs, d, s, t):
+    """Row t of x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32 and s (T, K//32) f32 = d * sum(qs).
 
     ggml's quantize_row_q8_0/q8_1: d = amax / 127 stored as f16; q = round(x / d)."""
-    n_rows, n = x.shape
-    for t in range(n_rows):
-        for b in range(n // QK):
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[t, b * QK + j]))
-            delta = amax / np.float32(127.0)
-            inv = np.float32(1.0) / delta if delta > 0 else np.float32(0.0)
-            total = np.int32(0)
-            for j in range(QK):
-                q = np.int32(np.rint(x[t, b * QK + j] * inv))
-                qs[t, b * QK + j] = q
-                total += q
-            d16 = _f32_to_f16_to_f32(delta)
-            d[t, b] = d16
-            s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
+    for b in range(x.shape[1] // QK):
+        amax = np.float32(0.0)
+        for j in range(QK):
+            amax = max(amax, abs(x[t, b * QK + j]))
+        delta = amax / np.float32(127.0)
+        inv = np.float32(1.0) / delta if delta > 0 else np.float32(0.0)
+        total = np.int32(0)
+        for j in range(QK):
+            q = np.int32(np.rint(x[t, b * QK + j] * inv))
+            qs[t, b * QK + j] = q
+            total += q
+        d16 = _f32_to_f16_to_f32(delta)
+        d[t, b] = d16
+        s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
+
+
+@nb.njit(cache=True, fastmath=FASTMATH)
+def _quantize_q8(x, qs, d, s):
+    for t in range(x.shape[0]):
+        _quantize_row_q8(x, qs, d, s, t)
+
+
+@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+def _quantize_q8_parallel(x, qs, d, s):
+    for t in nb.prange(x.shape[0]):
+        _quantize_row_q8(x, qs, d, s, t)
+
+
+# Rows from which quantizing is worth waking the threads for (a prefill chunk); each row is
+# the same code either way.
+PARALLEL_ROWS = 8
 
 
 @nb.njit(cache=True)
@@ -180,13 +195,13 @@ class Activations:
         self._f16 = None
 
     def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(qs, d, s) as _quantize_q8 makes them."""
+        """(qs, d, s) as _quantize_row_q8 makes them."""
         if self._q8 is None:
             n_rows, n = self.x.shape
             qs = np.empty((n_rows, n), np.int8)
             d = np.empty((n_rows, n // QK), np.float32)
             s = np.empty((n_rows, n // QK), np.float32)
-            _quantize_q8(self.x, qs, d, s)
+            (_quantize_q8_parallel if n_rows >= PARALLEL_ROWS else _quantize_q8)(self.x, qs, d, s)
             self._q8 = (qs, d, s)
         return self._q8
 

@@ -8,14 +8,14 @@ output.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from .model import LayerWeights, ModelConfig, TensorSource
 from .ops import attention, rmsnorm, rope_, rope_tables, swiglu
-from .quants import Activations, matmul
+from .quants import Activations, PackedMatrix, matmul
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ class KVCache:
     def capacity(self) -> int:
         return self.v.shape[2]
 
+    @staticmethod
+    def bytes_for(n_layers: int, kv_dim: int, n_positions: int) -> int:
+        """What one session's cache holds when full: keys and values, f16."""
+        return 2 * n_layers * kv_dim * n_positions * 2
+
     def reserve(self, n_positions: int) -> None:
         capacity = self.capacity
         if n_positions <= capacity:
@@ -120,6 +125,23 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+def stack_rows(mats: Sequence[PackedMatrix]) -> tuple[PackedMatrix | None, list[PackedMatrix]]:
+    """Matrices of one type and width stacked into one (their rows in order), and each as a
+    view of its rows there, so the stack costs no memory; (None, mats) when types differ.
+    One product by the stack reads the activations once and launches one kernel where there
+    were several (Q, K and V; gate and up); every output row is the same sum as before."""
+    first = mats[0]
+    if any(m.type != first.type or m.cols != first.cols for m in mats):
+        return None, list(mats)
+    arrays = tuple(np.concatenate([m.arrays[i] for m in mats]) for i in range(len(first.arrays)))
+    stacked = PackedMatrix(first.type, sum(m.rows for m in mats), first.cols, arrays)
+    views, row = [], 0
+    for m in mats:
+        views.append(PackedMatrix(m.type, m.rows, m.cols, tuple(a[row : row + m.rows] for a in arrays)))
+        row += m.rows
+    return stacked, views
+
+
 class LocalStage:
     """Layers [start, stop) of a model, run in this process, with a KV cache per session."""
 
@@ -128,7 +150,15 @@ class LocalStage:
             raise ValueError(f"{len(weights)} layer weights for layer range {layers}")
         self.config = config
         self.layers = layers
-        self.weights = list(weights)
+        self.weights = []
+        self.qkv = []  # per layer: attn_q, attn_k and attn_v stacked, or None
+        self.gate_up = []  # per layer: ffn_gate and ffn_up stacked, or None
+        for w in weights:
+            qkv, (q, k, v) = stack_rows([w.attn_q, w.attn_k, w.attn_v])
+            gate_up, (gate, up) = stack_rows([w.ffn_gate, w.ffn_up])
+            self.weights.append(replace(w, attn_q=q, attn_k=k, attn_v=v, ffn_gate=gate, ffn_up=up))
+            self.qkv.append(qkv)
+            self.gate_up.append(gate_up)
         self.n_ctx = n_ctx
         self.cos, self.sin = rope_tables(n_ctx, config.n_rot, config.rope_theta)
         self.sessions: dict[str, KVCache] = {}
@@ -189,12 +219,17 @@ class LocalStage:
             raise StageError(f"hidden state of shape {x.shape} does not match the batch's segments and dim {c.dim}")
         caches = self._caches(batch.segments)
         positions = batch.positions()
+        q_dim = c.n_heads * c.head_dim
         for li, w in enumerate(self.weights):
             h = rmsnorm(x, w.attn_norm, c.norm_eps)
             acts = Activations(h)
-            q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
-            k = matmul(w.attn_k, acts)  # (T, kv_dim)
-            v = matmul(w.attn_v, acts)  # (T, kv_dim)
+            if self.qkv[li] is not None:
+                qkv = matmul(self.qkv[li], acts)  # (T, q_dim + 2 * kv_dim)
+                q, k, v = qkv[:, :q_dim], qkv[:, q_dim : q_dim + c.kv_dim], qkv[:, q_dim + c.kv_dim :]
+            else:
+                q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
+                k = matmul(w.attn_k, acts)  # (T, kv_dim)
+                v = matmul(w.attn_v, acts)  # (T, kv_dim)
             rope_(q, positions, self.cos, self.sin, c.n_heads)
             rope_(k, positions, self.cos, self.sin, c.n_kv_heads)
             attn = np.empty_like(q)
@@ -207,7 +242,11 @@ class LocalStage:
                 row += seg.length
             x += matmul(w.attn_output, Activations(attn))
             acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))
-            hidden = swiglu(matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts))  # (T, hidden_dim)
+            if self.gate_up[li] is not None:
+                gate_up = matmul(self.gate_up[li], acts)  # (T, 2 * hidden_dim)
+                hidden = swiglu(gate_up[:, : c.hidden_dim], gate_up[:, c.hidden_dim :])  # (T, hidden_dim)
+            else:
+                hidden = swiglu(matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts))
             x += matmul(w.ffn_down, Activations(hidden))
         for seg, cache in zip(batch.segments, caches):
             cache.length = seg.start + seg.length
