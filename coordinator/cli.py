@@ -32,6 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
+import grpc
 import numba
 import numpy as np
 import psutil
@@ -48,6 +49,7 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment, StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
+from caravan.proto.auth import TOKEN_FILE, TokenError, load_token
 
 from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
 from .failover import ClusterPipeline
@@ -67,6 +69,7 @@ EXPECTED_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (PullError, ""),
     (NodeError, ""),
     (PlanError, ""),
+    (TokenError, ""),
     (GGUFError, ""),
     (UnsupportedTypeError, ""),
     (ModelError, ""),
@@ -124,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="use the nodes that answer on the LAN (zeroconf), after any --nodes")
     cluster.add_argument("--discover-seconds", type=float, default=DISCOVER_SECONDS, metavar="S",
                          help=f"how long to listen for nodes (default: {DISCOVER_SECONDS})")
+    cluster.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                         help="the cluster join token shared with the nodes (default: CACHE_DIR/cluster-token, "
+                         "created if missing)")
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
 
@@ -250,8 +256,20 @@ def _addresses(args: argparse.Namespace) -> list[str]:
     return addresses
 
 
+def _explicit(args: argparse.Namespace) -> list[str]:
+    return parse_nodes(args.nodes) if args.nodes else []
+
+
+def _token(args: argparse.Namespace) -> str:
+    return load_token(args.token_file or _cache_dir(args) / TOKEN_FILE)
+
+
 def _measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
-    nodes = connect(_addresses(args))
+    """The nodes to plan with: every --nodes entry must answer; discovered ones that are
+    unreachable or do not accept our token are left out with a warning."""
+    addresses = _addresses(args)
+    explicit = _explicit(args)
+    nodes = connect(addresses, _token(args), optional=[a for a in addresses if a not in explicit])
     try:
         measure(nodes, model)
     except BaseException:
@@ -268,8 +286,9 @@ def _pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Itera
         yield model.local_pipeline(n_ctx)
         return
     n_ctx = model.context_size(n_ctx)
+    explicit = _explicit(args)
     pipeline = ClusterPipeline(model, lambda: _addresses(args), n_ctx, _cache_dir(args), wire.wire_format(args.wire),
-                               progress=not args.json)
+                               progress=not args.json, token=_token(args), optional=lambda a: a not in explicit)
     try:
         summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(pipeline, a.node.name)} {a.layers}"
                             for a in pipeline.plan.assignments)
@@ -446,14 +465,16 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
     if not args.nodes:
         args.discover = True
     model = _load(args)
+    token = _token(args)
     rows = []
     for address in _addresses(args):
         if address == LOCAL:
             continue
         try:
-            nodes = connect([address])
+            nodes = connect([address], token)
         except NodeError as exc:
-            rows.append({"address": address, "error": str(exc)})
+            trusted = exc.code != grpc.StatusCode.UNAUTHENTICATED
+            rows.append({"address": address, "state": "unreachable" if trusted else "untrusted", "error": str(exc)})
             continue
         node = nodes[0]
         try:
@@ -481,7 +502,7 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
                f"{'MS/LAYER':>8} {'RTT MS':>7}")
     for r in rows:
         if "error" in r:
-            _emit(out, f"{'?':<20} {r['address']:<22} {r['error']}")
+            _emit(out, f"{'?':<20} {r['address']:<22} {r['state']}: {r['error']}")
             continue
         memory = f"{r['memory_available'] / 2**30:.1f}/{r['memory_total'] / 2**30:.1f} GiB"
         _emit(out, f"{r['name']:<20} {r['address']:<22} {r['architecture']:<8} {r['cores']:>5} {memory:>16} "

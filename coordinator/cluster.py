@@ -15,9 +15,11 @@ import platform
 import sys
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 import psutil
 from gguf import GGML_QUANT_SIZES
@@ -30,7 +32,7 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.quants import Activations, matmul
 from caravan.pipeline.speed import ms_per_layer
-from caravan.pipeline.stage import LayerRange, LocalStage, Stage
+from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import wire
 
@@ -88,21 +90,22 @@ def _local_info() -> pb.NodeInfo:
                        architecture=platform.machine(), state=pb.NODE_STATE_IDLE)
 
 
-def connect(addresses: list[str], skip_unreachable: bool = False) -> list[Node]:
-    """Ask every node who it is. One unreachable or incompatible node is an error naming it,
-    unless skip_unreachable (re-planning after a failure), which leaves it out."""
+def connect(addresses: list[str], token: str | None = None, optional: Collection[str] = ()) -> list[Node]:
+    """Ask every node who it is. One unreachable, untrusted or incompatible node is an error
+    naming it, unless it is `optional` (found by discovery, or re-planning after a failure):
+    then it is left out with a warning."""
     nodes = []
     try:
         for address in addresses:
             if address == LOCAL:
                 nodes.append(Node(LOCAL, None, _local_info()))
                 continue
-            client = NodeClient(address)
+            client = NodeClient(address, token)
             try:
                 nodes.append(Node(address, client, client.info()))
             except NodeError as exc:
                 client.close()
-                if not (skip_unreachable and exc.lost):
+                if address not in optional or not (exc.lost or exc.code == grpc.StatusCode.UNAUTHENTICATED):
                     raise
                 log.warning("leaving out %s", exc)
     except BaseException:
@@ -157,7 +160,7 @@ def layer_bytes(model: LoadedModel) -> int:
 
 
 def model_cost(model: LoadedModel, n_ctx: int, sessions: int = 1) -> ModelCost:
-    kv = 2 * n_ctx * model.config.kv_dim * 4 * sessions  # keys and values, f32
+    kv = KVCache.bytes_for(1, model.config.kv_dim, n_ctx) * sessions
     return ModelCost(model.config.n_layers, layer_bytes(model), kv)
 
 

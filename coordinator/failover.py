@@ -34,8 +34,11 @@ MAX_RECOVERIES = 3  # per batch: past this, the error goes to the caller
 class ClusterPipeline(Pipeline):
     def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
-                 forward_timeout_s: float = FORWARD_TIMEOUT_S):
+                 forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
+                 optional: Callable[[str], bool] = lambda address: False):
         self.model = model
+        self.token = token
+        self.optional = optional  # addresses that may be left out even on the first plan (discovered ones)
         self.addresses = addresses  # called at every (re-)plan: --nodes, plus what --discover finds then
         self.cache_dir = cache_dir
         self.wire_format = wire_format
@@ -53,9 +56,11 @@ class ClusterPipeline(Pipeline):
         return self.cluster.plan
 
     def _deploy(self, n_ctx: int, skip_unreachable: bool) -> None:
-        nodes = connect(self.addresses(), skip_unreachable=skip_unreachable)
+        addresses = self.addresses()
+        optional = addresses if skip_unreachable else [a for a in addresses if self.optional(a)]
+        nodes = connect(addresses, self.token, optional)
         if not nodes:
-            raise NodeError("cluster", "no node answers any more")
+            raise NodeError("cluster", "no usable node: each one was unreachable or refused the cluster token")
         try:
             measure(nodes, self.model)
             plan = make_plan(self.model, nodes, n_ctx)

@@ -24,7 +24,7 @@ from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
 from caravan.pipeline.stage import LayerRange, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
-from caravan.proto import wire
+from caravan.proto import auth, wire
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,13 @@ def _describe(exc: grpc.RpcError) -> tuple[str, grpc.StatusCode]:
         return f"unreachable ({details.rsplit(': ', 1)[-1] if details else 'no connection'})", code
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "did not answer in time", code
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return "refused this coordinator's cluster token (give both the same --token-file)", code
     return details or code.name, code
 
 
 class NodeClient:
-    def __init__(self, address: str, max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, token: str | None = None, max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
         self.address = address
         self.name = address  # replaced by the node's own name once Info answers
         self.channel = grpc.insecure_channel(address, options=[
@@ -79,7 +81,7 @@ class NodeClient:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ])
-        self.stub = pb_grpc.StageStub(self.channel)
+        self.stub = pb_grpc.StageStub(auth.with_token(self.channel, token))
 
     @property
     def label(self) -> str:

@@ -24,6 +24,7 @@ import numba
 from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.gguf_file import GGUFError
 
+from caravan.proto.auth import TOKEN_FILE, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
 
 from .advertise import Advertisement
@@ -48,6 +49,9 @@ def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
                    help="a local copy of a model file: its layers load from it instead of the network")
     p.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
                    help="offer at most SIZE of memory to coordinators, runtime included (e.g. 2G, 512M)")
+    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                   help="the cluster join token, copied from the coordinator (default: CACHE_DIR/cluster-token, "
+                   "created if missing)")
     p.add_argument("--no-advertise", action="store_true", help="do not announce the node with zeroconf")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-v info, -vv debug)")
     return p
@@ -91,8 +95,9 @@ def serve(args: argparse.Namespace) -> int:
         if advert is not None:
             advert.update(state=STATE_NAMES.get(state, "unknown"))
 
+    token = load_token(args.token_file or cache_dir / TOKEN_FILE)
     settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
-                            cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit)
+                            cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit, token=token)
     try:
         server, port, servicer = create_server(settings, on_state)
     except GGUFError as exc:

@@ -29,10 +29,10 @@ from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.model import ModelConfig
 from caravan.pipeline.speed import ms_per_layer
-from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch
+from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
-from caravan.proto import wire
+from caravan.proto import auth, wire
 
 from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 
@@ -51,6 +51,7 @@ class NodeSettings:
     cache_dir: Path = Path(".")
     model_path: Path | None = None  # a local copy of a model file: its layers need no transfer
     memory_limit: int | None = None  # bytes this node offers at most (runtime, layers, KV caches)
+    token: str | None = None  # the cluster join token every Stage call must carry (None: no check)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -141,7 +142,7 @@ class StageServicer(pb_grpc.StageServicer):
         layers = LayerRange(request.layer_start, request.layer_stop)
         entries = [(t.name, t.type, tuple(t.shape), t.n_bytes) for t in request.tensors]
         manifest = RangeManifest.build(request.model_sha256, config, layers, entries)
-        needed = manifest.n_bytes + 2 * len(layers) * request.n_ctx * config.kv_dim * 4
+        needed = manifest.n_bytes + KVCache.bytes_for(len(layers), config.kv_dim, request.n_ctx)
         available = self._capped(psutil.virtual_memory().available + (self._stage.weight_bytes if self._stage else 0))
         if needed > available:
             raise MemoryError(f"layers {layers} need {needed >> 20} MiB with a {request.n_ctx}-token context; "
@@ -314,6 +315,7 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
     servicer = StageServicer(settings, state_changed)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=16, thread_name_prefix="caravan-grpc"),
+        interceptors=[auth.TokenCheck(settings.token)] if settings.token else [],
         options=[
             ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),

@@ -9,6 +9,21 @@ import sys
 import time
 from pathlib import Path
 
+from caravan.pipeline.catalog import default_cache_dir
+from caravan.proto.auth import TOKEN_FILE, load_token
+
+
+def cluster_token_file() -> Path:
+    """The token file a coordinator uses by default (`caravan run --nodes ...` in a test), which
+    test nodes are given too, so the two trust each other."""
+    path = default_cache_dir() / TOKEN_FILE
+    load_token(path)  # created on first use
+    return path
+
+
+def cluster_token() -> str:
+    return load_token(cluster_token_file())
+
 START_TIMEOUT_S = 60.0
 
 
@@ -18,10 +33,11 @@ class NodeProcess:
 
     def __init__(self, cache_dir: Path, *extra: str, threads: int = 1, advertise: bool = False,
                  prefix: tuple[str, ...] = (), name: str | None = None, log_path: Path | None = None,
-                 port: int = 0):
+                 port: int = 0, token_file: Path | None = None):
         self.cache_dir = Path(cache_dir)
         cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", "127.0.0.1", "--port", str(port),
-               "--threads", str(threads), "--cache-dir", str(cache_dir), *extra]
+               "--threads", str(threads), "--cache-dir", str(cache_dir),
+               "--token-file", str(token_file or cluster_token_file()), *extra]
         if not advertise:
             cmd.append("--no-advertise")
         if name:

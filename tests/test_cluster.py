@@ -22,7 +22,7 @@ from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, Segment
 from caravan.proto import caravan_pb2 as pb
-from node_processes import NodeProcess
+from node_processes import NodeProcess, cluster_token
 
 pytestmark = pytest.mark.model
 
@@ -44,7 +44,7 @@ def node_pool(tmp_path_factory):
 
 def split(model, nodes, ranges, cache_dir, wire_format=pb.WIRE_FORMAT_F32, n_ctx=N_CTX):
     """Deploy layer ranges [(start, stop), ...] onto the given nodes, in order."""
-    connected = connect([n.address for n in nodes])
+    connected = connect([n.address for n in nodes], cluster_token())
     plan = Plan(tuple(Assignment(NodeCapacity(n.address, 0.0, 0), LayerRange(a, b), 0.0)
                       for n, (a, b) in zip(connected, ranges)))
     return deploy(model, connected, plan, n_ctx, cache_dir, wire_format, progress=False)
@@ -148,7 +148,7 @@ def test_weights_are_pushed_once_and_cached_across_restarts(smollm2, tmp_path):
         finally:
             cluster.close()
         # A range inside a cached one needs nothing; one that overlaps gets only the layers it lacks.
-        client = connect([restarted[1].address])[0].client
+        client = connect([restarted[1].address], cluster_token())[0].client
         reply = client.load(smollm2.file, SMOLLM2_SHA256, smollm2.config, LayerRange(20, 30), N_CTX)
         assert reply.ready and reply.source == "cache"
         reply = client.load(smollm2.file, SMOLLM2_SHA256, smollm2.config, LayerRange(8, 30), N_CTX)
@@ -237,3 +237,13 @@ def test_cli_bench_and_nodes_report_hops_and_memory(smollm2_path, node_pool):
     assert [r["address"] for r in rows] == [n.address for n in node_pool[:2]] + ["127.0.0.1:9"]
     assert all(r["ms_per_layer"] > 0 for r in rows[:2])
     assert "unreachable" in rows[2]["error"]
+
+
+def test_node_with_another_clusters_token_is_refused_by_name(smollm2_path, tmp_path):
+    node = NodeProcess(tmp_path / "n", name="neighbourpi", token_file=tmp_path / "their-token")
+    try:
+        result = caravan("run", "hi", "-n", "1", "--nodes", node.address)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1
+        assert node.address in result.stderr and "refused this coordinator's cluster token" in result.stderr
+    finally:
+        node.stop()

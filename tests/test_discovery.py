@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from node_processes import NodeProcess
+from node_processes import NodeProcess, cluster_token_file
 
 pytest_plugins = ["fixtures_tiny"]
 
@@ -52,23 +52,32 @@ def caravan_in(ns, *args, timeout=120):
 
 def test_nodes_are_discovered_and_used(netns, tiny_q8_path, tmp_path):
     nodes = [NodeProcess(tmp_path / name, advertise=True, prefix=netns, name=name) for name in ("alpha", "beta")]
+    # A node set up with some other cluster's token: seen, but never trusted with layers.
+    stranger = NodeProcess(tmp_path / "stranger", advertise=True, prefix=netns, name="stranger",
+                           token_file=tmp_path / "other-cluster-token")
+    nodes.append(stranger)
     try:
         listed = caravan_in(netns, "nodes", "--model", str(tiny_q8_path), "--json", "--discover-seconds", "2")
         assert listed.returncode == 0, listed.stderr
-        found = {n["name"]: n for n in json.loads(listed.stdout)["nodes"]}
+        rows = json.loads(listed.stdout)["nodes"]
+        found = {n["name"]: n for n in rows if "name" in n}
         assert set(found) == {"alpha", "beta"}
-        for node in nodes:
+        for node in nodes[:2]:
             row = next(r for r in found.values() if r["address"] == node.address)
             assert row["state"] == "idle" and row["ms_per_layer"] > 0 and row["cores"] >= 1
             assert row["memory_total"] > row["memory_available"] > 0
+        (untrusted,) = [r for r in rows if r["address"] == stranger.address]
+        assert untrusted["state"] == "untrusted"
 
         args = ("run", "hello world", "--model", str(tiny_q8_path), "--temperature", "0", "-n", "8", "--json",
-                "--cache-dir", str(tmp_path / "coordinator"))
+                "--cache-dir", str(tmp_path / "coordinator"), "--token-file", str(cluster_token_file()))
         local = caravan_in(netns, *args)
         spread = caravan_in(netns, *args, "--discover", "--discover-seconds", "2", "-v")
         assert spread.returncode == 0, spread.stderr
         assert json.loads(spread.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
         assert "layers placed: " in spread.stderr
+        assert "stranger" not in spread.stderr.split("layers placed: ")[1].splitlines()[0]
+        assert "leaving out" in spread.stderr and "cluster token" in spread.stderr
     finally:
         for node in nodes:
             node.stop()

@@ -16,7 +16,7 @@ from caravan.coordinator.planner import NODE_RUNTIME_BYTES, PlanError
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from node_processes import NodeProcess
+from node_processes import NodeProcess, cluster_token
 
 pytestmark = pytest.mark.model
 
@@ -53,7 +53,7 @@ def nodes(tmp_path):
 
 def cluster(model, addresses, tmp_path, timeout_s=10.0):
     return ClusterPipeline(model, lambda: list(addresses), N_CTX, tmp_path, progress=False,
-                           forward_timeout_s=timeout_s)
+                           forward_timeout_s=timeout_s, token=cluster_token())
 
 
 def test_node_killed_mid_generation(smollm2, expected, nodes, tmp_path):

@@ -262,3 +262,51 @@ def test_node_of_another_protocol_version_is_refused_by_name(tmp_path):
     finally:
         server.stop(0)
         servicer.close()
+
+
+def test_without_the_cluster_token_only_health_answers(model, tmp_path):
+    from caravan.coordinator.cluster import connect
+    from caravan.coordinator.remote import NodeError
+
+    token = "s3cret-token-0123456789abcdef"
+    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, cache_dir=tmp_path, token=token))
+    address = f"127.0.0.1:{port}"
+    try:
+        for wrong in (None, "another-token-0123456789abcdef"):
+            client = NodeClient(address, wrong)
+            assert health(client) == health_pb2.HealthCheckResponse.NOT_SERVING  # health needs no token
+            for call in (lambda: client.stub.Info(pb.InfoRequest()),
+                         lambda: client.stub.Load(load_request(model.file, SHA, model.config, LayerRange(0, 1), N_CTX)),
+                         lambda: client.stub.PushWeights(iter([pb.WeightChunk(data=b"x")])),
+                         lambda: next(client.stub.Forward(iter([good_request()]))),
+                         lambda: client.stub.EndSession(pb.EndSessionRequest(session_id="s"))):
+                with pytest.raises(grpc.RpcError) as caught:
+                    call()
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            client.close()
+            with pytest.raises(NodeError, match="refused this coordinator's cluster token"):
+                connect([address], wrong)
+            assert connect([address], wrong, optional=[address]) == []  # a discovered stranger is left out
+        (node,) = connect([address], token)
+        assert node.info.state == pb.NODE_STATE_IDLE
+        node.client.close()
+    finally:
+        server.stop(0)
+        servicer.close()
+
+
+def test_token_file_is_created_private_and_loose_ones_are_refused(tmp_path):
+    import os
+    import stat
+
+    from caravan.proto.auth import TokenError, load_token
+
+    path = tmp_path / "dir" / "cluster-token"
+    token = load_token(path)
+    assert len(token) >= 32 and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_token(path) == token
+    os.chmod(path, 0o644)
+    with pytest.raises(TokenError, match="chmod 600"):
+        load_token(path)
+    with pytest.raises(TokenError, match="no cluster token file"):
+        load_token(tmp_path / "missing", create=False)

@@ -32,7 +32,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node_processes import NodeProcess  # noqa: E402
+from node_processes import NodeProcess, cluster_token  # noqa: E402
 
 from caravan.coordinator.cluster import connect, deploy, layer_bytes  # noqa: E402
 from caravan.coordinator.planner import Assignment, NodeCapacity, Plan  # noqa: E402
@@ -56,7 +56,7 @@ def even_ranges(n_layers: int, n: int) -> list[tuple[int, int]]:
 
 
 def split(model, nodes, ranges, cache_dir, wire_format=pb.WIRE_FORMAT_F32):
-    connected = connect([n.address for n in nodes])
+    connected = connect([n.address for n in nodes], cluster_token())
     plan = Plan(tuple(Assignment(NodeCapacity(n.address, 0.0, 0), LayerRange(a, b), 0.0)
                       for n, (a, b) in zip(connected, ranges)))
     return deploy(model, connected, plan, N_CTX, cache_dir, wire_format, progress=False)
@@ -77,7 +77,7 @@ def hop_us(model, node, cache_dir, repeats: int = 300) -> dict[str, float]:
     """Round trip of one row through a one-layer node, minus the same layer run here."""
     layers = LayerRange(0, 1)
     local = LocalStage.load(model.file, model.config, layers, N_CTX)
-    client = connect([node.address])[0].client
+    client = connect([node.address], cluster_token())[0].client
     client.load(model.file, "0" * 64, model.config, layers, N_CTX)
     rng = np.random.default_rng(0)
 
