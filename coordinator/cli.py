@@ -9,6 +9,7 @@
     caravan nodes                   list the nodes this machine can see, with their speed
     caravan plan                    which node would get which layers, and the expected speed
     caravan bench                   prefill and decode tokens/s, first token, hops, memory
+    caravan serve                   OpenAI-compatible HTTP API (coordinator.server)
 
 run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
 over worker nodes; without them every layer runs in this process.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import ipaddress
 import json
 import logging
 import math
@@ -56,6 +58,7 @@ from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS, discover
 from .planner import PlanError
 from .remote import NodeError, RemoteStage
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
     p.set_defaults(func=cmd_plan)
+
+    p = verbs.add_parser("serve", parents=[common, model, cluster],
+                         help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: 127.0.0.1, this machine only; give --api-key before opening it)")
+    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require `Authorization: Bearer KEY` on every request")
+    p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
+                   help=f"context size in tokens, shared by prompt and answer (default: {DEFAULT_CTX})")
+    p.add_argument("--max-batch", type=_positive_int, default=32, metavar="N",
+                   help="sequences decoded together; more requests wait (default: 32)")
+    p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("bench", parents=[common, model, cluster],
                          help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
@@ -593,6 +608,33 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         _emit(out, f"  {st['node']}: layers {st['layers'][0]}-{st['layers'][1] - 1}, "
                    f"weights {st['weight_bytes'] / 2**20:.1f} MiB{rss}{hop}")
     _emit(out, f"coordinator resident {result['coordinator_rss_bytes'] / 2**20:.0f} MiB")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
+    import socket
+
+    import uvicorn
+
+    from .server import API
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    model = _load(args)
+    model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
+    sock = socket.create_server((args.host, args.port))
+    with _pipeline(args, model, args.ctx) as pipeline:
+        scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads)
+        api = API(model, scheduler, model_id, args.api_key)
+        host, port = sock.getsockname()[:2]
+        if args.api_key is None and not ipaddress.ip_address(host).is_loopback:
+            log.warning("serving on %s without --api-key: anyone who can reach it can use it", host)
+        _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
+        config = uvicorn.Config(api.app, log_level="warning", lifespan="off")
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            scheduler.close()
     return 0
 
 

@@ -1,0 +1,331 @@
+"""`caravan serve`: the OpenAI-compatible HTTP API in front of the scheduler.
+
+    POST /v1/chat/completions   messages rendered with the model's chat template
+    POST /v1/completions        a raw prompt
+    GET  /v1/models             the one model served
+    GET  /health                200 when ready
+
+Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n and stream
+(Server-Sent Events: `data: {chunk}` lines, usage in the last chunk, then `data: [DONE]`).
+Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with the
+right status. A client that goes away mid-stream has its sequence cancelled, which frees its
+KV cache on every stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from caravan.pipeline.chat_template import ChatTemplateError
+from caravan.pipeline.loader import LoadedModel
+from caravan.pipeline.sampler import Sampler, SamplingParams
+from caravan.pipeline.tokenizer import StreamDecoder
+
+from .scheduler import Event, Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+MAX_N = 8  # choices per request
+MAX_STOP = 4  # stop strings, as OpenAI allows
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a request asks for, validated."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    n: int
+    stop: tuple[str, ...]
+    stream: bool
+
+
+def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}", name)
+    if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
+        raise APIError(400, f"{name} must be between {lo:g} and {hi:g}, got {value}", name)
+    return value
+
+
+class API:
+    def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None):
+        self.model = model
+        self.scheduler = scheduler
+        self.model_id = model_id
+        self.api_key = api_key
+        self.created = int(time.time())
+        self.app = Starlette(routes=[
+            Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/v1/models", self.models, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ])
+
+    # --- requests --------------------------------------------------------------------------------
+
+    def _authorize(self, request: HTTPRequest) -> None:
+        if self.api_key is None:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
+                           kind="authentication_error")
+
+    async def _body(self, request: HTTPRequest) -> dict:
+        self._authorize(request)
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.model_id:
+            raise APIError(404, f"the model {model!r} does not exist; this server runs {self.model_id!r}",
+                           "model", "model_not_found")
+        return body
+
+    def _completion(self, body: dict, prompt_ids: list[int]) -> Completion:
+        n_ctx = self.scheduler.pipeline.n_ctx
+        room = n_ctx - len(prompt_ids)
+        if room <= 0:
+            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's context is {n_ctx}",
+                           "messages", "context_length_exceeded")
+        max_tokens = _number(body, "max_tokens", None, 1, n_ctx, integer=True)
+        if max_tokens is None:
+            max_tokens = _number(body, "max_completion_tokens", room, 1, n_ctx, integer=True)
+        if max_tokens > room:
+            raise APIError(400, f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens is more than "
+                           f"this server's context of {n_ctx}", "max_tokens", "context_length_exceeded")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+            raise APIError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise APIError(400, "seed must be an integer", "seed")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise APIError(400, "stream must be true or false", "stream")
+        try:
+            params = SamplingParams(
+                temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+                top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+                top_k=0, min_p=0.0,
+                repeat_penalty=1.0,
+                seed=seed,
+            )
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        n = _number(body, "n", 1, 1, MAX_N, integer=True)
+        return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream)
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages must be a non-empty list", "messages")
+        rendered = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+                raise APIError(400, f"messages[{i}] needs a role of system, user, assistant, developer or tool",
+                               f"messages[{i}].role")
+            content = m.get("content", "")
+            if isinstance(content, list):  # content parts: only text ones are understood
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
+                                   f"messages[{i}].content")
+                content = "".join(p["text"] for p in content)
+            if content is None:
+                content = ""
+            if not isinstance(content, str):
+                raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
+                               f"messages[{i}].content")
+            rendered.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        tokenizer = self.model.tokenizer
+        try:
+            text = self.model.chat_template.render(rendered, add_generation_prompt=True)
+        except ChatTemplateError as exc:
+            raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
+        bos_text = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
+        add_bos = False if bos_text and text.startswith(bos_text) else tokenizer.add_bos
+        return tokenizer.encode(text, add_bos=add_bos, special=True)
+
+    # --- endpoints -------------------------------------------------------------------------------
+
+    async def chat_completions(self, request: HTTPRequest) -> Response:
+        try:
+            body = await self._body(request)
+            job = self._completion(body, self._chat_ids(body))
+        except APIError as exc:
+            return exc.response()
+        return await self._respond(job, chat=True)
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        try:
+            body = await self._body(request)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                ids = [int(t) for t in prompt]
+                if not all(0 <= t < self.model.tokenizer.vocab_size for t in ids):
+                    raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
+            elif isinstance(prompt, str) and prompt:
+                ids = self.model.tokenizer.encode(prompt, special=True)
+            else:
+                raise APIError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
+            job = self._completion(body, ids)
+        except APIError as exc:
+            return exc.response()
+        return await self._respond(job, chat=False)
+
+    async def models(self, request: HTTPRequest) -> Response:
+        try:
+            self._authorize(request)
+        except APIError as exc:
+            return exc.response()
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "caravan"}]})
+
+    async def health(self, request: HTTPRequest) -> Response:
+        return JSONResponse({"status": "ok", "model": self.model_id})
+
+    # --- running a completion --------------------------------------------------------------------
+
+    def _start(self, job: Completion, loop: asyncio.AbstractEventLoop) -> list[tuple[Request, asyncio.Queue]]:
+        runs = []
+        for i in range(job.n):
+            events: asyncio.Queue[Event] = asyncio.Queue()
+            params = job.params if job.params.seed is None else SamplingParams(**{**job.params.__dict__,
+                                                                                "seed": job.params.seed + i})
+            request = Request(job.prompt_ids, Sampler(params), job.max_tokens, self.model.tokenizer.eog_ids,
+                              lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e))
+            self.scheduler.submit(request)
+            runs.append((request, events))
+        return runs
+
+    async def _respond(self, job: Completion, chat: bool) -> Response:
+        loop = asyncio.get_running_loop()
+        runs = self._start(job, loop)
+        kind = "chat.completion" if chat else "text_completion"
+        base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                "model": self.model_id}
+        if job.stream:
+            return StreamingResponse(self._stream(job, runs, chat, {**base, "object": kind + ("" if not chat else ".chunk")}),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            choices = []
+            for index, (request, events) in enumerate(runs):
+                text, reason = "", "length"
+                async for piece, finish in self._pieces(job, request, events):
+                    text += piece
+                    reason = finish or reason
+                choices.append({"index": index, "finish_reason": reason,
+                                **({"message": {"role": "assistant", "content": text}} if chat
+                                   else {"text": text, "logprobs": None})})
+        except APIError as exc:
+            return exc.response()
+        finally:
+            for request, _ in runs:
+                request.cancel()
+        completion = sum(len(r.tokens) for r, _ in runs)
+        return JSONResponse({**base, "object": kind, "choices": choices, "usage": {
+            "prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(job.prompt_ids) + completion}})
+
+    async def _pieces(self, job: Completion, request: Request, events: asyncio.Queue) -> AsyncIterator[tuple[str, str]]:
+        """(text, finish_reason) as the tokens come; finish_reason is set on the last one. Stop
+        strings are held back until it is clear they are not a stop, then cut."""
+        decoder = StreamDecoder(self.model.tokenizer)
+        pending = ""
+        hold = max((len(s) for s in job.stop), default=0)
+        while True:
+            event: Event = await events.get()
+            if event.kind == "error":
+                raise APIError(500, event.message, kind="server_error")
+            if event.kind == "done":
+                tail = pending + decoder.flush()
+                cut = _first_stop(tail, job.stop)
+                yield (tail if cut is None else tail[:cut]), ("stop" if cut is not None else _reason(event))
+                return
+            pending += decoder.push(event.token)
+            cut = _first_stop(pending, job.stop)
+            if cut is not None:
+                request.cancel()
+                yield pending[:cut], "stop"
+                return
+            if len(pending) > hold:
+                ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :] if hold else ""
+                yield ready, ""
+
+    async def _stream(self, job: Completion, runs, chat: bool, base: dict) -> AsyncIterator[str]:
+        def chunk(index: int, text: str | None, finish: str | None, usage: dict | None = None) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta if finish is None else {}, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+            payload = {**base, "choices": [choice]}
+            if usage is not None:
+                payload["usage"] = usage
+            return f"data: {json.dumps(payload)}\n\n"
+
+        try:
+            for index, (request, events) in enumerate(runs):
+                if chat:
+                    yield chunk(index, None, None)
+                finish = "length"
+                try:
+                    async for piece, reason in self._pieces(job, request, events):
+                        if piece:
+                            yield chunk(index, piece, None)
+                        finish = reason or finish
+                except APIError as exc:
+                    yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
+                    return
+                completion = sum(len(r.tokens) for r, _ in runs)
+                last = index == len(runs) - 1
+                yield chunk(index, "" if not chat else None, finish,
+                            {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
+                             "total_tokens": len(job.prompt_ids) + completion} if last else None)
+            yield "data: [DONE]\n\n"
+        finally:  # the client may be gone: free every sequence's caches
+            for request, _ in runs:
+                request.cancel()
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _reason(event: Event) -> str:
+    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")

@@ -1,0 +1,206 @@
+"""`caravan serve` as a real process, driven by the official openai client (and raw HTTP for
+the requests a client library would never send)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from caravan.coordinator.remote import NodeClient
+from caravan.pipeline.generate import Generation
+from caravan.pipeline.sampler import Sampler, SamplingParams
+from node_processes import NodeProcess, cluster_token
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
+
+pytestmark = pytest.mark.model
+
+MODEL = "smollm2-135m-instruct"
+N_CTX = 512
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+class Server:
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
+                                      "--ctx", str(N_CTX), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout=120):
+            self.stop()
+            raise RuntimeError("caravan serve did not start")
+        line = self.proc.stdout.readline()
+        assert line.startswith("caravan serving"), line + self.proc.stderr.read()
+        self.url = line.rsplit(" ", 1)[1].strip()  # http://127.0.0.1:PORT/v1
+
+    def client(self, api_key: str = "unused") -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=120)
+
+    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2):
+    """Greedy answers computed in this process, one request at a time."""
+    pipeline = smollm2.local_pipeline(N_CTX)
+
+    def run(prompt_ids, max_tokens):
+        g = Generation(pipeline, prompt_ids, Sampler(SamplingParams(temperature=0)), max_tokens, smollm2.tokenizer.eog_ids)
+        return smollm2.tokenizer.decode(list(g))
+
+    return run
+
+
+def chat_ids(model, messages):
+    text = model.chat_template.render(messages, add_generation_prompt=True)
+    return model.tokenizer.encode(text, special=True)
+
+
+def test_chat_and_completions_streamed_and_not(server, smollm2, alone):
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    expected = alone(chat_ids(smollm2, QUESTION), 24)
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
+    assert reply.choices[0].message.content == expected
+    assert "Paris" in expected
+    assert reply.usage.prompt_tokens == len(chat_ids(smollm2, QUESTION))
+    assert reply.usage.completion_tokens > 0
+
+    chunks = list(client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    prompt = "The capital of France is"
+    expected = alone(smollm2.tokenizer.encode(prompt), 12)
+    done = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12)
+    assert done.choices[0].text == expected and done.choices[0].finish_reason == "length"
+    streamed = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == expected
+
+    cut = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, stop=["."])
+    assert cut.choices[0].text == expected.split(".")[0] and cut.choices[0].finish_reason == "stop"
+
+
+def test_seed_gives_the_same_sample_and_n_gives_several(server):
+    client = server.client()
+    a = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0.9, seed=7)
+    b = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0.9, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+    several = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0.9,
+                                        seed=7, n=3)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert several.choices[0].text == a.choices[0].text
+
+
+def test_sixteen_concurrent_requests_each_get_their_text_alone(server, smollm2, alone):
+    questions = [f"What is {i} plus {i}?" for i in range(8)] + [f"Name a color that starts with {c}." for c in "BGRYPOWS"]
+    expected = {q: alone(chat_ids(smollm2, [{"role": "user", "content": q}]), 20) for q in questions}
+    client = server.client()
+
+    def ask(question, stream):
+        messages = [{"role": "user", "content": question}]
+        if stream:
+            chunks = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=20,
+                                                    stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                              max_tokens=20).choices[0].message.content
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, questions, [i % 2 == 0 for i in range(16)]))
+    assert dict(zip(questions, answers)) == expected
+
+
+@pytest.mark.parametrize("body,status,message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"model": MODEL, "messages": "hi"}).encode(), 400, "messages must be a non-empty list"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}).encode(), 400, "role"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": "ten"}).encode(), 400, "max_tokens must be an integer"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 10**9}).encode(), 400, "max_tokens must be between"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": N_CTX - 5}).encode(), 400, "context"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": MODEL, "messages": QUESTION, "stream": "yes"}).encode(), 400, "stream"),
+    (json.dumps({"model": "gpt-4", "messages": QUESTION}).encode(), 404, "does not exist"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "word " * 2000}]}).encode(), 400,
+     "context"),
+    (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "{{ lipsum.__globals__ }}"}]}).encode(),
+     200, ""),  # template syntax in a message is text, not template
+])
+def test_bad_requests_get_clear_4xx_and_the_server_goes_on(server, body, status, message):
+    code, reply = server.post("/chat/completions", body)
+    assert code == status, reply
+    if status >= 400:
+        assert message in reply["error"]["message"] and reply["error"]["type"] == "invalid_request_error"
+    ok = server.client().completions.create(model=MODEL, prompt="Hello", max_tokens=2, temperature=0)
+    assert ok.choices[0].text
+
+
+def test_api_key_is_required_when_set():
+    s = Server("--api-key", "letmein")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert s.client("letmein").models.list().data[0].id == MODEL
+    finally:
+        s.stop()
+
+
+def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, alone, tmp_path):
+    nodes = [NodeProcess(tmp_path / f"n{i}") for i in range(2)]
+    s = Server("--nodes", ",".join(n.address for n in nodes))
+    try:
+        client = s.client()
+        expected = alone(chat_ids(smollm2, QUESTION), 24)
+        reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
+        assert reply.choices[0].message.content == expected
+
+        stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=400,
+                                                stream=True)
+        next(iter(stream))
+        stream.close()  # the client goes away mid-answer
+        clients = [NodeClient(n.address, cluster_token()) for n in nodes]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(c.info().sessions for c in clients):
+            time.sleep(0.2)
+        assert [c.info().sessions for c in clients] == [0, 0]
+        for c in clients:
+            c.close()
+    finally:
+        s.stop()
+        for n in nodes:
+            n.stop()
