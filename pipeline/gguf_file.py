@@ -70,6 +70,16 @@ class GGUFError(ValueError):
     """The file is not a GGUF file this reader can trust; the message says what is wrong."""
 
 
+def describe(value: Any) -> str:
+    """A metadata value for an error message: scalars as they are, arrays and long strings
+    by their size (a vocabulary in the wrong key must not make a 49k-item message)."""
+    if isinstance(value, (list, np.ndarray)):
+        return f"an array of {len(value)} item{'' if len(value) == 1 else 's'}"
+    if isinstance(value, str) and len(value) > 40:
+        return f"{value[:40]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -232,8 +242,13 @@ class GGUFFile:
             self.metadata[key] = _read_value(cur, vtype, key)
 
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(self.alignment, int) or self.alignment <= 0 or self.alignment & (self.alignment - 1):
-            raise GGUFError(f"{what}: general.alignment {self.alignment!r} is not a positive power of two")
+        if (
+            not isinstance(self.alignment, int)
+            or isinstance(self.alignment, bool)
+            or self.alignment <= 0
+            or self.alignment & (self.alignment - 1)
+        ):
+            raise GGUFError(f"{what}: general.alignment {describe(self.alignment)} is not a positive power of two")
 
         infos = []
         for index in range(n_tensors):

@@ -6,12 +6,14 @@ defines them for the `llama` architecture.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from .gguf_file import describe
 from .quants import Activations, PackedMatrix, dequantize_rows, matmul, pack
 from .ops import rmsnorm
 
@@ -55,9 +57,10 @@ class ModelConfig:
     @classmethod
     def from_metadata(cls, metadata: dict, vocab_size: int) -> "ModelConfig":
         arch = metadata.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
             raise ModelError(
-                f"unknown architecture {arch!r} (general.architecture; supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+                f"unknown architecture {describe(arch)} (general.architecture; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
             )
 
         def key(name: str, default=None):
@@ -68,30 +71,45 @@ class ModelConfig:
                 raise ModelError(f"{arch}.{name}: per-layer values are not supported")
             return value
 
-        dim = int(key("embedding_length"))
-        n_heads = int(key("attention.head_count"))
-        n_kv_heads = int(key("attention.head_count_kv", n_heads))
+        # llama.cpp refuses a key of the wrong GGUF type too (llama_model_loader::get_key).
+        def int_key(name: str, default=None) -> int:
+            value = key(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ModelError(f"{arch}.{name}: expected an integer, got {describe(value)}")
+            return int(value)
+
+        def float_key(name: str, default: float) -> float:
+            value = key(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ModelError(f"{arch}.{name}: expected a number, got {describe(value)}")
+            if not (math.isfinite(value) and value > 0):
+                raise ModelError(f"{arch}.{name}: must be a positive finite number, got {value}")
+            return float(value)
+
+        dim = int_key("embedding_length")
+        n_heads = int_key("attention.head_count")
+        n_kv_heads = int_key("attention.head_count_kv", n_heads)
         if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
             raise ModelError(f"{arch}: head_count {n_heads} is not a positive multiple of head_count_kv {n_kv_heads}")
-        head_dim = int(key("attention.key_length", dim // n_heads if dim % n_heads == 0 else 0))
+        head_dim = int_key("attention.key_length", dim // n_heads if dim % n_heads == 0 else 0)
         if head_dim <= 0 or head_dim % 2:
             raise ModelError(f"{arch}: head width {head_dim} must be positive and even")
-        n_rot = int(key("rope.dimension_count", head_dim))
+        n_rot = int_key("rope.dimension_count", head_dim)
         if not 0 < n_rot <= head_dim or n_rot % 2:
             raise ModelError(f"{arch}.rope.dimension_count {n_rot} must be even and at most the head width {head_dim}")
         config = cls(
             arch=arch,
-            n_layers=int(key("block_count")),
+            n_layers=int_key("block_count"),
             dim=dim,
-            hidden_dim=int(key("feed_forward_length")),
+            hidden_dim=int_key("feed_forward_length"),
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             n_rot=n_rot,
             vocab_size=vocab_size,
-            context_length=int(key("context_length", 2048)),
-            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            context_length=int_key("context_length", 2048),
+            norm_eps=float_key("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=float_key("rope.freq_base", 10000.0),
         )
         for field in ("n_layers", "dim", "hidden_dim", "context_length"):
             if getattr(config, field) <= 0:

@@ -34,6 +34,8 @@ import numpy as np
 from tokenizers import Regex, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .gguf_file import describe
+
 logger = logging.getLogger(__name__)
 
 
@@ -68,6 +70,7 @@ _TOKEN_TYPE_ATTRS = {
 _SILENT = _Attr.UNKNOWN | _Attr.CONTROL
 
 SUPPORTED_MODELS = ("gpt2", "llama")
+MAX_SPM_PIECE_CHARS = 512  # SentencePiece's limit on a trained piece
 
 # --- pre-tokenizers --------------------------------------------------------------------------
 # The regexes are llama.cpp's (llm_tokenizer_bpe's constructor), written there for std::regex:
@@ -389,9 +392,9 @@ def _read_model(metadata: Mapping[str, Any]) -> str:
         raise TokenizerError(
             f"tokenizer.ggml.model: missing (supported: {', '.join(SUPPORTED_MODELS)})"
         )
-    if model not in SUPPORTED_MODELS:
+    if not isinstance(model, str) or model not in SUPPORTED_MODELS:
         raise TokenizerError(
-            f"tokenizer.ggml.model: unsupported tokenizer {model!r} "
+            f"tokenizer.ggml.model: unsupported tokenizer {describe(model)} "
             f"(supported: {', '.join(SUPPORTED_MODELS)})"
         )
     return model
@@ -412,35 +415,37 @@ def _read_tokens(metadata: Mapping[str, Any]) -> list[str]:
         seen: dict[str, int] = {}
         for i, t in enumerate(tokens):
             if t in seen:
-                raise TokenizerError(f"{key}: duplicate token {t!r} at ids {seen[t]} and {i}")
+                raise TokenizerError(f"{key}: duplicate token {describe(t)} at ids {seen[t]} and {i}")
             seen[t] = i
     return tokens
 
 
-def _read_array(metadata: Mapping[str, Any], key: str, n_tokens: int) -> np.ndarray:
+def _read_array(metadata: Mapping[str, Any], key: str, n_tokens: int, integer: bool = False) -> np.ndarray:
     value = metadata.get(key)
     if value is None:
         raise TokenizerError(f"{key}: missing; required for this tokenizer.ggml.model")
-    array = np.asarray(value)
-    if array.ndim != 1 or array.shape[0] < n_tokens or array.dtype.kind not in "iuf":
-        raise TokenizerError(
-            f"{key}: expected a numeric array of at least {n_tokens} entries (one per token), "
-            f"got shape {array.shape} dtype {array.dtype}"
-        )
+    kinds, what = ("iu", "an integer") if integer else ("iuf", "a numeric")
+    expected = f"expected {what} array of at least {n_tokens} entries (one per token)"
+    try:
+        array = np.asarray(value)
+    except ValueError:  # arrays of arrays of different lengths
+        raise TokenizerError(f"{key}: {expected}, got {describe(value)} of uneven arrays") from None
+    if array.ndim != 1 or array.shape[0] < n_tokens or array.dtype.kind not in kinds:
+        raise TokenizerError(f"{key}: {expected}, got shape {array.shape} dtype {array.dtype}")
     return array[:n_tokens]
 
 
 def _read_attrs(metadata: Mapping[str, Any], n_tokens: int) -> list[int]:
     if metadata.get("tokenizer.ggml.token_type") is None:
         return [_Attr.NORMAL] * n_tokens
-    types = _read_array(metadata, "tokenizer.ggml.token_type", n_tokens)
+    types = _read_array(metadata, "tokenizer.ggml.token_type", n_tokens, integer=True)
     return [_TOKEN_TYPE_ATTRS.get(int(t), _Attr.UNDEFINED) for t in types.tolist()]
 
 
 def _read_bool(metadata: Mapping[str, Any], key: str, default: bool) -> bool:
     value = metadata.get(key, default)
     if not isinstance(value, (bool, np.bool_)):
-        raise TokenizerError(f"{key}: expected a bool, got {value!r}")
+        raise TokenizerError(f"{key}: expected a bool, got {describe(value)}")
     return bool(value)
 
 
@@ -458,7 +463,7 @@ def _read_special_ids(metadata: Mapping[str, Any], model: str, n_tokens: int) ->
         if value is None:
             ids[name] = default
         elif isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-            raise TokenizerError(f"{key}: expected an integer token id, got {value!r}")
+            raise TokenizerError(f"{key}: expected an integer token id, got {describe(value)}")
         elif not 0 <= int(value) < n_tokens:
             logger.warning("%s = %d is outside the vocabulary (%d tokens); using %s",
                            key, int(value), n_tokens, default)
@@ -506,6 +511,8 @@ def _read_pre_tokenizer(metadata: Mapping[str, Any]) -> _PreTokenizer:
         logger.warning("tokenizer.ggml.pre: missing; using llama.cpp's 'default' pre-tokenizer, "
                        "which may split text differently from the original model")
         return _DEFAULT
+    if not isinstance(name, str):
+        raise TokenizerError(f"tokenizer.ggml.pre: expected a string, got {describe(name)}")
     pre = _PRE_TOKENIZERS.get(name)
     if pre is None:
         # llama.cpp refuses such a file; falling back to GPT-2's split keeps it usable.
@@ -527,7 +534,7 @@ def _read_merges(metadata: Mapping[str, Any]) -> list[tuple[str, str]]:
         # "left right", split at the first space after the first character (llama.cpp).
         cut = merge.find(" ", 1) if isinstance(merge, str) else -1
         if cut < 0:
-            raise TokenizerError(f"{key}[{rank}]: expected 'left right', got {merge!r}")
+            raise TokenizerError(f"{key}[{rank}]: expected 'left right', got {describe(merge)}")
         pairs.append((merge[:cut], merge[cut + 1:]))
     return pairs
 
@@ -579,9 +586,19 @@ def _merges_from_scores(
     is: every split of every entry into two entries, ranked by the entry's score, highest
     first. The same construction as transformers' `generate_merges`; ties in score, which
     llama.cpp breaks by position in the text, are ranked here by token id.
+
+    Splitting costs the square of a token's length, so entries longer than SentencePiece's
+    own limit on trained pieces (max_sentencepiece_length <= 512, trainer_interface.cc) are
+    left out: a crafted 1 MB token would otherwise take minutes. They stay in the vocabulary.
     """
+    too_long = [i for i, t in enumerate(tokens) if len(t) > MAX_SPM_PIECE_CHARS]
+    if too_long:
+        logger.warning("tokenizer.ggml.tokens: tokens longer than %d characters are never formed by "
+                       "merges: %d of them (first: id %d)", MAX_SPM_PIECE_CHARS, len(too_long), too_long[0])
     ranked = []
     for token_id, token in enumerate(tokens):
+        if len(token) > MAX_SPM_PIECE_CHARS:
+            continue
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
             if left in vocab and right in vocab:
