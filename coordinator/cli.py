@@ -46,6 +46,7 @@ from caravan.pipeline.generate import PREFILL_CHUNK, ContextFullError, Generatio
 from caravan.pipeline.gguf_file import GGUFError, GGUFFile
 from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel, load_model
 from caravan.pipeline.model import ModelError
+from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
 from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment, StageError
@@ -694,6 +695,10 @@ def main(argv: list[str] | None = None) -> int:
         # `caravan node` only hands it the rest of the command line.
         return importlib.import_module("caravan.node.cli").main(argv[1:])
     args = build_parser().parse_args(argv)
+    if getattr(args, "nodes", None) or getattr(args, "discover", False):
+        # This process mostly waits while the nodes work. Before anything starts Numba's
+        # threads (--threads does), as libgomp reads the setting once.
+        spin_briefly_when_idle(WAITING_SPIN)
     _setup_logging(args.verbose)
     command: Callable[[argparse.Namespace, TextIO], int] = args.func
     try:

@@ -32,7 +32,7 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.quants import Activations, matmul
 from caravan.pipeline.speed import ms_per_layer
-from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Stage
+from caravan.pipeline.stage import KVCache, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import wire
 

@@ -21,7 +21,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest

@@ -23,6 +23,7 @@ import numba
 
 from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.gguf_file import GGUFError
+from caravan.pipeline.numba_config import NODE_SPIN, spin_briefly_when_idle
 
 from caravan.proto.auth import TOKEN_FILE, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
@@ -69,6 +70,7 @@ def _size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    spin_briefly_when_idle(NODE_SPIN)
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)

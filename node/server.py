@@ -1,8 +1,10 @@
 """The worker: a gRPC servicer around a LocalStage, its weight cache and its health.
 
-All compute runs on one thread per process (`_compute`): Numba's default threading layer
-aborts when two Python threads run parallel kernels at once, and a gRPC server calls
-handlers from many threads. gRPC threads only decode, queue and encode.
+Compute runs under one lock per process (`_run`): Numba's workqueue threading layer aborts
+when two Python threads run parallel kernels at once, and a gRPC server calls handlers from
+many threads. The handler's own thread computes while holding it (a hand-off to a dedicated
+thread cost each hop two more thread wake-ups), and sets Numba's thread count, which is per
+calling thread, each time.
 """
 
 from __future__ import annotations
@@ -62,8 +64,7 @@ class StageServicer(pb_grpc.StageServicer):
     def __init__(self, settings: NodeSettings, on_state: Callable[[int], None] = lambda state: None):
         self.settings = settings
         self.threads = settings.threads or numba.config.NUMBA_NUM_THREADS
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="caravan-compute",
-                                           initializer=numba.set_num_threads, initargs=(self.threads,))
+        self._compute = threading.Lock()
         self._lock = threading.Lock()  # guards the fields below
         self._stage: LocalStage | None = None
         self._loaded: tuple[str, LayerRange, int] | None = None  # (model sha256, layers, n_ctx)
@@ -89,11 +90,13 @@ class StageServicer(pb_grpc.StageServicer):
         self._on_state(state)
 
     def _run(self, fn, *args):
-        """Run fn on the compute thread and wait for it."""
-        return self._compute.submit(fn, *args).result()
+        """Run fn while no other thread computes."""
+        with self._compute:
+            numba.set_num_threads(self.threads)
+            return fn(*args)
 
     def close(self) -> None:
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        pass
 
     # --- Info and Benchmark -------------------------------------------------------------------
 

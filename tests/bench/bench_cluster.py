@@ -4,9 +4,10 @@
 
 - Per hop: one decode row sent to a node that holds one layer and back, minus that layer's
   time in this process; microseconds, median of 300, for f32, f16 and Q8_0 on the wire.
-- Decode tokens/s (64 tokens after a short prompt, greedy) through 3 nodes on loopback against
-  one process, at 1 and 2 threads (every node runs that many; one node computes at a time in
-  a single stream). Median of --runs.
+- Decode tokens/s (64 tokens after a 16-token prompt, greedy) through 3 nodes on loopback
+  against one process, at 1 and 2 threads (every node runs that many; one node computes at a
+  time in a single stream), both measured by `caravan bench` in its own process. Median of
+  --runs.
 - A simulated Pi network: each node behind delay_proxy.py, which holds every message 0.2 ms
   and paces it at 1 Gbit/s, each way (`tc netem` would do it, but this machine's kernel has
   no sch_netem), through 2 and 4 nodes, with the share of each token spent on the hops.
@@ -34,43 +35,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node_processes import NodeProcess, cluster_token  # noqa: E402
 
-from caravan.coordinator.cluster import connect, deploy, layer_bytes  # noqa: E402
-from caravan.coordinator.planner import Assignment, NodeCapacity, Plan  # noqa: E402
+from caravan.coordinator.cluster import connect, layer_bytes  # noqa: E402
 from caravan.coordinator.remote import RemoteStage  # noqa: E402
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model  # noqa: E402
-from caravan.pipeline.generate import Generation  # noqa: E402
 from caravan.pipeline.loader import load_model  # noqa: E402
-from caravan.pipeline.sampler import Sampler, SamplingParams  # noqa: E402
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch  # noqa: E402
-from caravan.proto import caravan_pb2 as pb  # noqa: E402
 from caravan.proto.wire import WIRE_FORMATS  # noqa: E402
 
 N_CTX = 512
 DECODE_TOKENS = 64
-PROMPT = "Once upon a time, in a small village,"
 
 
 def even_ranges(n_layers: int, n: int) -> list[tuple[int, int]]:
     bounds = [round(i * n_layers / n) for i in range(n + 1)]
     return list(zip(bounds, bounds[1:]))
-
-
-def split(model, nodes, ranges, cache_dir, wire_format=pb.WIRE_FORMAT_F32):
-    connected = connect([n.address for n in nodes], cluster_token())
-    plan = Plan(tuple(Assignment(NodeCapacity(n.address, 0.0, 0), LayerRange(a, b), 0.0)
-                      for n, (a, b) in zip(connected, ranges)))
-    return deploy(model, connected, plan, N_CTX, cache_dir, wire_format, progress=False)
-
-
-def decode_rate(model, pipeline, runs: int) -> float:
-    ids = model.tokenizer.encode(PROMPT)
-    rates = []
-    for _ in range(runs):
-        g = Generation(pipeline, ids, Sampler(SamplingParams(temperature=0)), DECODE_TOKENS, stop_ids=frozenset())
-        for _ in g:
-            pass
-        rates.append(g.timings.decode_tokens_per_s)
-    return statistics.median(rates)
 
 
 def hop_us(model, node, cache_dir, repeats: int = 300) -> dict[str, float]:
@@ -114,23 +92,29 @@ def node_memory(model, nodes, ranges) -> list[dict]:
     return rows
 
 
+def caravan_bench(*args: str, runs: int) -> dict:
+    """`caravan bench --json` in its own process: the path a user takes, with the process-wide
+    settings the CLI makes (an OpenMP spin that yields to the nodes, when there are nodes)."""
+    done = subprocess.run([sys.executable, "-m", "caravan.coordinator", "bench", "--json", "--runs", str(runs),
+                           "--prompt-tokens", "16", "--decode-tokens", str(DECODE_TOKENS), "--ctx", str(N_CTX), *args],
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout)
+
+
 def loopback(model, path, runs: int, threads: list[int]) -> dict:
     out: dict = {"decode": [], "hop_us": None, "memory": None}
     with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
         for t in threads:
-            numba.set_num_threads(t)
-            one = decode_rate(model, model.local_pipeline(N_CTX), runs)
+            one = caravan_bench("-t", str(t), runs=runs)["decode_tokens_per_s"]
             nodes = [NodeProcess(Path(tmp) / f"t{t}-n{i}", threads=t) for i in range(3)]
             try:
-                ranges = even_ranges(model.config.n_layers, 3)
-                cluster = split(model, nodes, ranges, Path(tmp))
-                try:
-                    three = decode_rate(model, cluster.pipeline, runs)
-                    if out["memory"] is None:
-                        out["memory"] = node_memory(model, nodes, ranges)
-                finally:
-                    cluster.close()
+                spread = caravan_bench("-t", str(t), "--nodes", ",".join(n.address for n in nodes), runs=runs)
+                three = spread["decode_tokens_per_s"]
+                if out["memory"] is None:
+                    out["memory"] = node_memory(model, nodes, [s["layers"] for s in spread["stages"]])
+                out.setdefault("bench_hop_us", [s["hop_us"] for s in spread["stages"]])
                 if out["hop_us"] is None:
+                    numba.set_num_threads(1)
                     out["hop_us"] = hop_us(model, nodes[0], Path(tmp))
             finally:
                 for n in nodes:
@@ -156,8 +140,7 @@ class Proxied:
 
 def simulated_network(model, runs: int, delay_ms: float = 0.2, rate_mbit: float = 1000.0) -> dict:
     """Every coordinator <-> node message delayed delay_ms and paced at rate_mbit, each way."""
-    numba.set_num_threads(1)
-    one = decode_rate(model, model.local_pipeline(N_CTX), runs)
+    one = caravan_bench("-t", "1", runs=runs)["decode_tokens_per_s"]
     result = {"network": f"{delay_ms} ms each way, {rate_mbit:g} Mbit/s (user-space delay proxy)",
               "one_process": round(one, 1), "nodes": []}
     with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
@@ -165,11 +148,8 @@ def simulated_network(model, runs: int, delay_ms: float = 0.2, rate_mbit: float 
             nodes = [NodeProcess(Path(tmp) / f"n{n}-{i}") for i in range(n)]
             proxies = [Proxied(node, delay_ms, rate_mbit) for node in nodes]
             try:
-                cluster = split(model, proxies, even_ranges(model.config.n_layers, n), Path(tmp))
-                try:
-                    rate = decode_rate(model, cluster.pipeline, runs)
-                finally:
-                    cluster.close()
+                rate = caravan_bench("-t", "1", "--nodes", ",".join(p.address for p in proxies),
+                                     runs=runs)["decode_tokens_per_s"]
             finally:
                 for p in proxies:
                     p.stop()
@@ -201,6 +181,7 @@ def main() -> int:
     hop = result["hop_us"]
     print(f"per hop on loopback (one decode row, there and back): f32 {hop['f32']} us, f16 {hop['f16']} us, "
           f"q8_0 {hop['q8_0']} us (one layer computes in {hop['layer_compute_us']} us)")
+    print(f"per hop during decode through 3 nodes (caravan bench): {result['bench_hop_us']} us")
     for row in result["decode"]:
         print(f"{row['threads']} thread(s): one process {row['one_process']} tok/s, 3 nodes {row['three_nodes']} "
               f"tok/s ({row['ratio']}x)")

@@ -1,0 +1,98 @@
+"""Many clients at once against `caravan serve`: aggregate decode tokens/s and time to first
+token with 1, 4, 8 and 16 concurrent streams, in one process and in front of 2 nodes.
+
+    python tests/bench/bench_serve.py [--runs 3] [--json]
+
+Each stream is a chat completion of 64 tokens (greedy, no early stop: the prompts ask for
+long answers and ignore_eos is emulated by max_tokens on prompts that rarely end early).
+Aggregate tokens/s = all completion tokens / wall time from the first request to the last
+reply. Medians of --runs. Not a test: figures depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from node_processes import NodeProcess  # noqa: E402
+from test_serve import MODEL, Server  # noqa: E402
+
+TOKENS = 64
+STREAMS = (1, 4, 8, 16)
+
+
+def one_round(server: Server, n: int) -> tuple[float, float]:
+    client = server.client()
+
+    def ask(i: int) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        first = 0.0
+        count = 0
+        for chunk in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Write a long story about a llama named {i}."}],
+                temperature=0, max_tokens=TOKENS, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first or time.perf_counter() - t0
+            if chunk.usage:
+                count = chunk.usage.completion_tokens
+        return count, first
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(ask, range(n)))
+    wall = time.perf_counter() - t0
+    return sum(c for c, _ in results) / wall, statistics.median(f for _, f in results)
+
+
+def measure(server: Server, runs: int) -> list[dict]:
+    one_round(server, 2)  # warm up
+    rows = []
+    for n in STREAMS:
+        rates, firsts = zip(*(one_round(server, n) for _ in range(runs)))
+        rows.append({"streams": n, "tokens_per_s": round(statistics.median(rates), 1),
+                     "first_token_s": round(statistics.median(firsts), 3)})
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    result = {}
+    server = Server()
+    try:
+        result["one_process"] = measure(server, args.runs)
+    finally:
+        server.stop()
+    with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
+        nodes = [NodeProcess(Path(tmp) / f"n{i}") for i in range(2)]
+        server = Server("--nodes", ",".join(n.address for n in nodes))
+        try:
+            result["two_nodes"] = measure(server, args.runs)
+        finally:
+            server.stop()
+            for n in nodes:
+                n.stop()
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    for setup, rows in result.items():
+        base = rows[0]["tokens_per_s"]
+        print(setup.replace("_", " ") + ":")
+        for r in rows:
+            print(f"  {r['streams']:>2} streams: {r['tokens_per_s']:>6.1f} tokens/s ({r['tokens_per_s'] / base:.1f}x one), "
+                  f"first token {r['first_token_s'] * 1e3:.0f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
