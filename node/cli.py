@@ -123,5 +123,4 @@ def serve(args: argparse.Namespace) -> int:
     if advert is not None:
         advert.close()
     server.stop(grace=2).wait()
-    servicer.close()
     return 0

@@ -95,9 +95,6 @@ class StageServicer(pb_grpc.StageServicer):
             numba.set_num_threads(self.threads)
             return fn(*args)
 
-    def close(self) -> None:
-        pass
-
     # --- Info and Benchmark -------------------------------------------------------------------
 
     def Info(self, request, context):
@@ -335,7 +332,6 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
     except RuntimeError:
         port = 0
     if port == 0:
-        servicer.close()
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (address in use or not on this machine)")
     server.start()
     return server, port, servicer

@@ -17,7 +17,7 @@ from .numba_config import FASTMATH
 from .simd import TILE_COLS, TILE_ROWS, round_f16, tile_f16
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _rmsnorm(x, weight, eps, out):
     n_rows, dim = x.shape
     for t in range(n_rows):
@@ -49,7 +49,7 @@ def rope_tables(n_positions: int, n_rot: int, theta_base: float) -> tuple[np.nda
     return np.cos(theta), np.sin(theta)
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _rope(x, positions, cos, sin, n_heads, head_dim):
     n_rows = x.shape[0]
     n_pairs = cos.shape[1]
@@ -71,7 +71,7 @@ def rope_(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray
     _rope(x, positions, cos, sin, n_heads, x.shape[1] // n_heads)
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _softmax_rows(scores, n_rows, start, m0, group, scale, n_max):
     """Row i of scores (query vector m0 + i of a tile, position p in 0 .. n_max - 1) becomes
     softmax(scale * scores[i, :n]) with n = start + (m0 + i) // group + 1 (its causal limit),
@@ -96,7 +96,7 @@ def _softmax_rows(scores, n_rows, start, m0, group, scale, n_max):
         row[n:n_max] = 0.0
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _attention(q, k_cache, v_cache, start, n_heads, scale, out):
     n_rows, q_dim = q.shape
     n_kv_heads, head_dim, capacity = k_cache.shape
@@ -168,13 +168,13 @@ def _swiglu_row(gate, up, out, t):
         out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(88.0))))) * up[t, j]
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _swiglu(gate, up, out):
     for t in range(gate.shape[0]):
         _swiglu_row(gate, up, out, t)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _swiglu_parallel(gate, up, out):
     for t in nb.prange(gate.shape[0]):
         _swiglu_row(gate, up, out, t)

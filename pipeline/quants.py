@@ -118,7 +118,7 @@ def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
 # Activation quantization (per product, compiled)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _f32_to_f16_to_f32(x):
     """Round an f32 to the nearest f16 (ties to even) and back; Numba has no float16.
 
@@ -158,13 +158,13 @@ def _quantize_row_q8(x, qs, d, s, t):
         s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
 def _quantize_q8(x, qs, d, s):
     for t in range(x.shape[0]):
         _quantize_row_q8(x, qs, d, s, t)
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _quantize_q8_parallel(x, qs, d, s):
     for t in nb.prange(x.shape[0]):
         _quantize_row_q8(x, qs, d, s, t)
@@ -175,7 +175,7 @@ def _quantize_q8_parallel(x, qs, d, s):
 PARALLEL_ROWS = 8
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _round_to_f16(x, out):
     n_rows, n = x.shape
     for t in range(n_rows):
@@ -216,7 +216,7 @@ class Activations:
 # Products: out (T, rows) = x (T, cols) @ W.T, one kernel per weight format
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _matmul_f32(w, x, out):
     rows, cols = w.shape
     for r in nb.prange(rows):
@@ -227,7 +227,7 @@ def _matmul_f32(w, x, out):
             out[t, r] = acc
 
 
-@nb.njit(cache=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _matmul_f16(w, x16, table, out):
     rows, cols = w.shape
     for r in nb.prange(rows):
@@ -244,7 +244,7 @@ def _matmul_f16(w, x16, table, out):
 # batch around it. No fastmath here: the float work is all in simd.py's IR, in a fixed order.
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _matmul_q8_0(wq, wd, xq, xd, out):
     n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
@@ -255,7 +255,7 @@ def _matmul_q8_0(wq, wd, xq, xd, out):
             out[t, r] = dot_q8_0_rows1(wq, wd, r, xq, xd, t)
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _matmul_q4_0(wq, wd, xq, xd, out):
     n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
@@ -266,7 +266,7 @@ def _matmul_q4_0(wq, wd, xq, xd, out):
             out[t, r] = dot_q4_0_rows1(wq, wd, r, xq, xd, t)
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _matmul_q4_1(wq, wd, wm, xq, xd, xs, out):
     n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
@@ -302,7 +302,7 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
 # Row lookup (token embeddings): dequantize only the rows asked for
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _rows_q8_0(wq, wd, ids, out):
     for i in range(ids.shape[0]):
         r = ids[i]
@@ -310,7 +310,7 @@ def _rows_q8_0(wq, wd, ids, out):
             out[i, j] = wd[r, j // QK] * np.float32(wq[r, j])
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _rows_q4_0(wq, wd, ids, out):
     half = QK // 2
     for i in range(ids.shape[0]):
@@ -322,7 +322,7 @@ def _rows_q4_0(wq, wd, ids, out):
                 out[i, b * QK + half + j] = wd[r, b] * np.float32((byte >> 4) - 8)
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def _rows_q4_1(wq, wd, wm, ids, out):
     half = QK // 2
     for i in range(ids.shape[0]):

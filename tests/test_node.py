@@ -37,7 +37,6 @@ def node(tmp_path):
     yield client, servicer, tmp_path
     client.close()
     server.stop(0)
-    servicer.close()
 
 
 def health(client):
@@ -261,15 +260,14 @@ def test_node_of_another_protocol_version_is_refused_by_name(tmp_path):
             connect([f"127.0.0.1:{port}"])
     finally:
         server.stop(0)
-        servicer.close()
-
+    
 
 def test_without_the_cluster_token_only_health_answers(model, tmp_path):
     from caravan.coordinator.cluster import connect
     from caravan.coordinator.remote import NodeError
 
     token = "s3cret-token-0123456789abcdef"
-    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, cache_dir=tmp_path, token=token))
+    server, port, _ = create_server(NodeSettings(host="127.0.0.1", port=0, cache_dir=tmp_path, token=token))
     address = f"127.0.0.1:{port}"
     try:
         for wrong in (None, "another-token-0123456789abcdef"):
@@ -292,8 +290,7 @@ def test_without_the_cluster_token_only_health_answers(model, tmp_path):
         node.client.close()
     finally:
         server.stop(0)
-        servicer.close()
-
+    
 
 def test_token_file_is_created_private_and_loose_ones_are_refused(tmp_path):
     import os
