@@ -626,8 +626,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     sock = socket.create_server((args.host, args.port))
     with _pipeline(args, model, args.ctx) as pipeline:
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads)
-        api = API(model, scheduler, model_id, args.api_key)
         host, port = sock.getsockname()[:2]
+        api = API(model, scheduler, model_id, args.api_key, loopback_only=ipaddress.ip_address(host).is_loopback)
         if args.api_key is None and not ipaddress.ip_address(host).is_loopback:
             log.warning("serving on %s without --api-key: anyone who can reach it can use it", host)
         _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")

@@ -10,6 +10,7 @@ batch, so a greedy request gets the same text alone or among many.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -73,6 +74,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.steps = 0
         self.tokens_generated = 0
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         self._thread = threading.Thread(target=self._run, name="caravan-scheduler", daemon=True)
         self._thread.start()
 
@@ -86,6 +88,13 @@ class Scheduler:
     def close(self) -> None:
         self._inbox.put(None)
         self._thread.join(timeout=30)
+
+    def tokens_per_second(self, window_s: float = 60.0) -> float:
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window_s]
+        if len(recent) < 2:
+            return 0.0
+        return sum(n for _, n in recent[1:]) / max(now - recent[0][0], 1e-9)
 
     @property
     def queue_length(self) -> int:
@@ -188,6 +197,9 @@ class Scheduler:
         if not sampled:
             return
         logits = self.pipeline.head.logits(hidden[[r for _, r in sampled]])  # (len(sampled), vocab)
+        self._recent.append((time.monotonic(), len(sampled)))
+        while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
+            self._recent.popleft()
         for (request, _), row_logits in zip(sampled, logits):
             token = request.sampler.sample(row_logits, request.prompt_ids + request.tokens)
             if not request.first_token_s:

@@ -3,18 +3,24 @@
     POST /v1/chat/completions   messages rendered with the model's chat template
     POST /v1/completions        a raw prompt
     GET  /v1/models             the one model served
-    GET  /health                200 when ready
+    GET  /health                200 when ready, 503 while no plan of nodes works
+    GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
 
 Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n and stream
 (Server-Sent Events: `data: {chunk}` lines, usage in the last chunk, then `data: [DONE]`).
 Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with the
 right status. A client that goes away mid-stream has its sequence cancelled, which frees its
 KV cache on every stage.
+
+Bound to loopback (the default), it answers only requests whose Host names loopback and whose
+Origin, if any, is a loopback page: a web page elsewhere cannot reach it through the browser
+(DNS rebinding, cross-site POSTs). It sends no CORS headers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import math
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -76,7 +84,8 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
 
 
 class API:
-    def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None):
+    def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None,
+                 loopback_only: bool = True):
         self.model = model
         self.scheduler = scheduler
         self.model_id = model_id
@@ -87,7 +96,8 @@ class API:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
-        ])
+            Route("/metrics", self.metrics, methods=["GET"]),
+        ], middleware=[Middleware(LoopbackOnly)] if loopback_only else [])
 
     # --- requests --------------------------------------------------------------------------------
 
@@ -216,7 +226,39 @@ class API:
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "caravan"}]})
 
     async def health(self, request: HTTPRequest) -> Response:
+        if getattr(self.scheduler.pipeline, "cluster", True) is None:  # a ClusterPipeline between plans
+            return JSONResponse({"status": "no plan of nodes fits; waiting for nodes", "model": self.model_id},
+                                status_code=503)
         return JSONResponse({"status": "ok", "model": self.model_id})
+
+    async def metrics(self, request: HTTPRequest) -> Response:
+        try:
+            self._authorize(request)
+        except APIError as exc:
+            return exc.response()
+        s = self.scheduler
+        lines = [
+            "# HELP caravan_requests_in_flight Sequences being decoded or prefilled.",
+            "# TYPE caravan_requests_in_flight gauge",
+            f"caravan_requests_in_flight {len(s.active)}",
+            "# HELP caravan_queue_length Requests waiting for a place in the batch.",
+            "# TYPE caravan_queue_length gauge",
+            f"caravan_queue_length {s.queue_length}",
+            "# HELP caravan_generated_tokens_total Tokens sampled since start.",
+            "# TYPE caravan_generated_tokens_total counter",
+            f"caravan_generated_tokens_total {s.tokens_generated}",
+            "# HELP caravan_tokens_per_second Generated tokens per second over the last minute.",
+            "# TYPE caravan_tokens_per_second gauge",
+            f"caravan_tokens_per_second {s.tokens_per_second():.3f}",
+            "# HELP caravan_steps_total Forward calls through the stages since start.",
+            "# TYPE caravan_steps_total counter",
+            f"caravan_steps_total {s.steps}",
+            "# HELP caravan_kv_cache_bytes KV cache held on each stage.",
+            "# TYPE caravan_kv_cache_bytes gauge",
+        ]
+        for name, layers, held in await run_in_threadpool(_kv_per_stage, s.pipeline):
+            lines.append(f'caravan_kv_cache_bytes{{stage="{name}",layers="{layers.start}-{layers.stop - 1}"}} {held}')
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     # --- running a completion --------------------------------------------------------------------
 
@@ -320,6 +362,61 @@ class API:
         finally:  # the client may be gone: free every sequence's caches
             for request, _ in runs:
                 request.cancel()
+
+
+def _kv_per_stage(pipeline) -> list[tuple[str, object, int]]:
+    """(stage name, layer range, KV cache bytes) for each stage; asks remote nodes over gRPC."""
+    rows = []
+    for stage in list(pipeline.stages):
+        client = getattr(stage, "client", None)
+        if client is None:
+            rows.append(("local", stage.layers, sum(c.nbytes for c in list(stage.sessions.values()))))
+            continue
+        try:
+            rows.append((client.name, stage.layers, client.info().kv_cache_bytes))
+        except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
+            rows.append((client.name, stage.layers, -1))
+    return rows
+
+
+def _hostname(host: str) -> str:
+    """'localhost:8080' -> 'localhost', '[::1]:8080' -> '::1', '127.0.0.1' -> '127.0.0.1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_loopback_host(host: str) -> bool:
+    name = _hostname(host)
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackOnly:
+    """ASGI middleware: refuse requests whose Host is not a loopback name, or whose Origin is a
+    page somewhere else (DNS rebinding and cross-site requests from a browser)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            origin = headers.get("origin")
+            why = None
+            if not _is_loopback_host(headers.get("host", "")):
+                why = "this server answers only requests addressed to localhost (Host header)"
+            elif origin is not None and origin != "null" and not _is_loopback_host(origin.split("://", 1)[-1]):
+                why = "requests from web pages on other sites are refused (Origin header)"
+            if why:
+                await APIError(403, why, code="forbidden_host").response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

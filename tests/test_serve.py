@@ -204,3 +204,46 @@ def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, 
         s.stop()
         for n in nodes:
             n.stop()
+
+
+def raw_get(server: Server, path: str, headers: dict) -> tuple[int, str]:
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    conn.putrequest("GET", path, skip_host=True)
+    for name, value in headers.items():
+        conn.putheader(name, value)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = response.read().decode()
+    conn.close()
+    return response.status, body
+
+
+def test_only_localhost_pages_reach_a_loopback_server(server):
+    port = server.url.split(":")[2].split("/")[0]
+    local = {"Host": f"127.0.0.1:{port}"}
+    assert raw_get(server, "/v1/models", local)[0] == 200
+    assert raw_get(server, "/v1/models", {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})[0] == 200
+    status, body = raw_get(server, "/v1/models", {"Host": f"evil.example:{port}"})  # DNS rebinding
+    assert status == 403 and "Host" in body
+    status, body = raw_get(server, "/v1/models", {**local, "Origin": "https://evil.example"})  # a page elsewhere
+    assert status == 403 and "Origin" in body
+    status, _ = raw_get(server, "/v1/models", {**local, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in body.lower()
+
+
+def test_health_and_metrics(server):
+    port = server.url.split(":")[2].split("/")[0]
+    status, body = raw_get(server, "/health", {"Host": f"127.0.0.1:{port}"})
+    assert status == 200 and json.loads(body)["status"] == "ok"
+    server.client().completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0)
+    status, text = raw_get(server, "/metrics", {"Host": f"127.0.0.1:{port}"})
+    assert status == 200
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    assert metrics["caravan_generated_tokens_total"] >= 4
+    assert metrics["caravan_queue_length"] == 0
+    assert metrics['caravan_kv_cache_bytes{stage="local",layers="0-29"}'] >= 0
+    assert "caravan_tokens_per_second" in metrics and "caravan_requests_in_flight" in metrics
