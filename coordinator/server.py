@@ -3,7 +3,8 @@
     POST /v1/chat/completions   messages rendered with the model's chat template
     POST /v1/completions        a raw prompt
     GET  /v1/models             the one model served
-    GET  /health                200 when ready, 503 while no plan of nodes works
+    GET  /                      a small web chat page (coordinator/chat.html)
+    GET  /health                200 when ready, 503 while no plan of nodes works; the stages
     GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
 
 Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n and stream
@@ -27,13 +28,14 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from caravan.pipeline.chat_template import ChatTemplateError
@@ -91,10 +93,12 @@ class API:
         self.model_id = model_id
         self.api_key = api_key
         self.created = int(time.time())
+        self.chat_page = (Path(__file__).parent / "chat.html").read_text(encoding="utf-8")
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
         ], middleware=[Middleware(LoopbackOnly)] if loopback_only else [])
@@ -225,11 +229,16 @@ class API:
         return JSONResponse({"object": "list", "data": [
             {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "caravan"}]})
 
+    async def page(self, request: HTTPRequest) -> Response:
+        return HTMLResponse(self.chat_page)
+
     async def health(self, request: HTTPRequest) -> Response:
         if getattr(self.scheduler.pipeline, "cluster", True) is None:  # a ClusterPipeline between plans
             return JSONResponse({"status": "no plan of nodes fits; waiting for nodes", "model": self.model_id},
                                 status_code=503)
-        return JSONResponse({"status": "ok", "model": self.model_id})
+        stages = [{"node": getattr(getattr(s, "client", None), "name", "local"), "layers": [s.layers.start, s.layers.stop]}
+                  for s in self.scheduler.pipeline.stages]
+        return JSONResponse({"status": "ok", "model": self.model_id, "stages": stages})
 
     async def metrics(self, request: HTTPRequest) -> Response:
         try:
