@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import psutil
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
@@ -30,7 +29,7 @@ from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.model import layer_tensor_shapes
-from caravan.pipeline.quants import Activations, matmul
+from caravan.pipeline.quants import SUPPORTED_TYPES, Activations, matmul, packed_nbytes
 from caravan.pipeline.speed import ms_per_layer
 from caravan.pipeline.stage import KVCache, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
@@ -43,9 +42,6 @@ log = logging.getLogger(__name__)
 
 LOCAL = "local"  # in --nodes: this process hosts a stage too
 
-# Bytes per GGUF block once repacked for the kernels (quants.PackedMatrix): f16 scales become
-# f32, so Q8_0 34 -> 36, Q4_0 18 -> 20, Q4_1 20 -> 24. F32 and F16 keep their size.
-_PACKED_BLOCK_BYTES = {QT.Q8_0: 36, QT.Q4_0: 20, QT.Q4_1: 24}
 
 
 @dataclass
@@ -153,8 +149,7 @@ def layer_bytes(model: LoadedModel) -> int:
         total = 0
         for name in layer_tensor_shapes(model.config, layer):
             info = model.file.tensors[name]
-            block_size, type_size = GGML_QUANT_SIZES[info.type]
-            total += info.n_bytes // type_size * _PACKED_BLOCK_BYTES.get(info.type, type_size)
+            total += packed_nbytes(info.type, info.n_rows, info.shape[0]) if info.type in SUPPORTED_TYPES else info.n_bytes
         largest = max(largest, total)
     return largest
 

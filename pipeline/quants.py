@@ -114,6 +114,18 @@ def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
     return PackedMatrix(ttype, rows, qs.shape[1] * 2, (qs, _scales(blocks, 0), _scales(blocks, 2)))
 
 
+def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
+    """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
+    any weight is read): quants as stored, plus each block's scales (Q4_1: and minimum) as f32."""
+    if ttype == QT.F32:
+        return rows * cols * 4
+    if ttype == QT.F16:
+        return rows * cols * 2
+    quant_bytes = cols if ttype == QT.Q8_0 else cols // 2
+    f32_per_block = 2 if ttype == QT.Q4_1 else 1
+    return rows * (quant_bytes + cols // QK * 4 * f32_per_block)
+
+
 # ---------------------------------------------------------------------------------------------
 # Activation quantization (per product, compiled)
 

@@ -24,6 +24,7 @@ from caravan.pipeline.quants import (
     dequantize_rows,
     matmul,
     pack,
+    packed_nbytes,
 )
 
 TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
@@ -271,3 +272,10 @@ def test_unsupported_type_names_tensor_type_and_supported(ttype):
     assert ttype.name in message
     for supported in TYPES:
         assert supported.name in message
+
+
+@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+def test_packed_nbytes_predicts_pack(ttype):
+    for rows, cols in ((1, 32), (67, 1536)):
+        raw, _ = random_weights(rows, cols, ttype)
+        assert packed_nbytes(ttype, rows, cols) == pack(ttype, raw, "w").nbytes

@@ -1,6 +1,9 @@
 """caravan against llama.cpp in one process run: speed, greedy agreement, perplexity.
 
-    python tests/bench/bench_engine.py [--model PATH|NAME] [--runs 5] [--json]
+    python tests/bench/bench_engine.py [--model PATH|NAME] [--runs 5] [--json] [--speed-only]
+
+--speed-only skips agreement and perplexity: for synthetic models (make_synthetic.py), whose
+random weights make both meaningless.
 
 Speed: decode (128 tokens after a short prompt) and prefill (a ~500-token prompt) tokens/s,
 median of --runs runs each, at 1 and 2 threads, for caravan and llama.cpp (llama-cpp-python)
@@ -181,6 +184,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="skip agreement and perplexity")
     args = parser.parse_args()
     import llama_cpp
 
@@ -201,6 +205,9 @@ def main() -> int:
             "prefill_tok_s": {"caravan": round(c_pre, 1), "llama.cpp": round(l_pre, 1), "ratio": round(c_pre / l_pre, 2)},
         })
         print(json.dumps(report["speed"][-1]), file=sys.stderr)
+    if args.speed_only:
+        print(json.dumps(report, indent=None if args.json else 2))
+        return 0
     report["agreement"] = agreement(model, pipeline, llm)
     ppl_ours, ppl_ref, n = perplexities(model, pipeline, llm, 256)
     report["perplexity"] = {"caravan": round(ppl_ours, 4), "llama.cpp": round(ppl_ref, 4), "n_scored": n,
