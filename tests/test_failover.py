@@ -157,3 +157,33 @@ def test_cli_run_survives_a_killed_node(smollm2_path, nodes):
     assert run.returncode == 0, errors.decode()
     assert first + rest == expected_text
     assert b"re-planning" in errors and b"Traceback" not in errors
+
+
+def test_network_cut_to_a_node_is_treated_as_dead(smollm2, expected, nodes, tmp_path):
+    """The link to a node goes silent (its proxy frozen: no packets, no resets), the node
+    itself is fine: the coordinator stops waiting at the deadline and routes around it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    a, b = nodes(), nodes()
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), b.address, "0", "1000"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        b_via_proxy = proxy.stdout.readline().rsplit(" ", 1)[1].strip()
+        pipeline = cluster(smollm2, [a.address, b_via_proxy], tmp_path, timeout_s=2.0)
+        try:
+            tokens = []
+            for i, token in enumerate(generation(pipeline, smollm2)):
+                tokens.append(token)
+                if i == 6:
+                    os.kill(proxy.pid, signal.SIGSTOP)  # the cable is cut
+            assert tokens == expected
+            assert len(pipeline.recoveries) == 1 and b_via_proxy in pipeline.recoveries[0]
+            assert [s.node.name for s in pipeline.plan.assignments] == [a.address]
+        finally:
+            pipeline.close()
+    finally:
+        os.kill(proxy.pid, signal.SIGCONT)
+        proxy.kill()
+        proxy.wait()

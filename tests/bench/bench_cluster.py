@@ -129,8 +129,9 @@ class Proxied:
 
     def __init__(self, node: NodeProcess, delay_ms: float, rate_mbit: float):
         self.node = node
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), node.address,
-                                      str(delay_ms), str(rate_mbit)], stdout=subprocess.PIPE, text=True)
+        proxy = Path(__file__).resolve().parents[1] / "delay_proxy.py"
+        self.proc = subprocess.Popen([sys.executable, str(proxy), node.address, str(delay_ms), str(rate_mbit)],
+                                     stdout=subprocess.PIPE, text=True)
         self.address = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()
 
     def stop(self) -> None:
