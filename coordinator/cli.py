@@ -52,7 +52,7 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment, StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
-from caravan.proto.auth import TOKEN_FILE, TokenError, load_token
+from caravan.proto.auth import TOKEN_FILE, TLSFiles, TokenError, load_token
 
 from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
 from .failover import ClusterPipeline
@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                          help="the cluster join token shared with the nodes (default: CACHE_DIR/cluster-token, "
                          "created if missing)")
+    cluster.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                         help="mutual TLS with the nodes: this coordinator's certificate (with --tls-key, --tls-ca)")
+    cluster.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
+    cluster.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="the CA that signed the nodes' certificates")
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
 
@@ -280,12 +284,16 @@ def _token(args: argparse.Namespace) -> str:
     return load_token(args.token_file or _cache_dir(args) / TOKEN_FILE)
 
 
+def _tls(args: argparse.Namespace) -> TLSFiles | None:
+    return TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+
+
 def _measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
     """The nodes to plan with: every --nodes entry must answer; discovered ones that are
     unreachable or do not accept our token are left out with a warning."""
     addresses = _addresses(args)
     explicit = _explicit(args)
-    nodes = connect(addresses, _token(args), optional=[a for a in addresses if a not in explicit])
+    nodes = connect(addresses, _token(args), optional=[a for a in addresses if a not in explicit], tls=_tls(args))
     try:
         measure(nodes, model)
     except BaseException:
@@ -304,7 +312,8 @@ def _pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Itera
     n_ctx = model.context_size(n_ctx)
     explicit = _explicit(args)
     pipeline = ClusterPipeline(model, lambda: _addresses(args), n_ctx, _cache_dir(args), wire.wire_format(args.wire),
-                               progress=not args.json, token=_token(args), optional=lambda a: a not in explicit)
+                               progress=not args.json, token=_token(args), optional=lambda a: a not in explicit,
+                               tls=_tls(args))
     try:
         summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(pipeline, a.node.name)} {a.layers}"
                             for a in pipeline.plan.assignments)
@@ -487,7 +496,7 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
         if address == LOCAL:
             continue
         try:
-            nodes = connect([address], token)
+            nodes = connect([address], token, tls=_tls(args))
         except NodeError as exc:
             trusted = exc.code != grpc.StatusCode.UNAUTHENTICATED
             rows.append({"address": address, "state": "unreachable" if trusted else "untrusted", "error": str(exc)})

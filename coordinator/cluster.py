@@ -33,7 +33,7 @@ from caravan.pipeline.quants import SUPPORTED_TYPES, Activations, matmul, packed
 from caravan.pipeline.speed import ms_per_layer
 from caravan.pipeline.stage import KVCache, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
-from caravan.proto import wire
+from caravan.proto import auth, wire
 
 from .planner import ModelCost, NodeCapacity, Plan, PlanError, plan_layers
 from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, RemoteStage
@@ -86,7 +86,8 @@ def _local_info() -> pb.NodeInfo:
                        architecture=platform.machine(), state=pb.NODE_STATE_IDLE)
 
 
-def connect(addresses: list[str], token: str | None = None, optional: Collection[str] = ()) -> list[Node]:
+def connect(addresses: list[str], token: str | None = None, optional: Collection[str] = (),
+            tls: auth.TLSFiles | None = None) -> list[Node]:
     """Ask every node who it is. One unreachable, untrusted or incompatible node is an error
     naming it, unless it is `optional` (found by discovery, or re-planning after a failure):
     then it is left out with a warning."""
@@ -96,7 +97,7 @@ def connect(addresses: list[str], token: str | None = None, optional: Collection
             if address == LOCAL:
                 nodes.append(Node(LOCAL, None, _local_info()))
                 continue
-            client = NodeClient(address, token)
+            client = NodeClient(address, token, tls)
             try:
                 nodes.append(Node(address, client, client.info()))
             except NodeError as exc:

@@ -20,6 +20,7 @@ import numpy as np
 from caravan.pipeline.generate import PREFILL_CHUNK, Pipeline
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.stage import Segment
+from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
 
 from .cluster import Cluster, close_nodes, connect, deploy, make_plan, measure
@@ -35,9 +36,10 @@ class ClusterPipeline(Pipeline):
     def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
                  forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
-                 optional: Callable[[str], bool] = lambda address: False):
+                 optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None):
         self.model = model
         self.token = token
+        self.tls = tls
         self.optional = optional  # addresses that may be left out even on the first plan (discovered ones)
         self.addresses = addresses  # called at every (re-)plan: --nodes, plus what --discover finds then
         self.cache_dir = cache_dir
@@ -58,7 +60,7 @@ class ClusterPipeline(Pipeline):
     def _deploy(self, n_ctx: int, skip_unreachable: bool) -> None:
         addresses = self.addresses()
         optional = addresses if skip_unreachable else [a for a in addresses if self.optional(a)]
-        nodes = connect(addresses, self.token, optional)
+        nodes = connect(addresses, self.token, optional, self.tls)
         if not nodes:
             raise NodeError("cluster", "no usable node: each one was unreachable or refused the cluster token")
         try:

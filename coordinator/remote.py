@@ -70,10 +70,11 @@ def _describe(exc: grpc.RpcError) -> tuple[str, grpc.StatusCode]:
 
 
 class NodeClient:
-    def __init__(self, address: str, token: str | None = None, max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
+    def __init__(self, address: str, token: str | None = None, tls: auth.TLSFiles | None = None,
+                 max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
         self.address = address
         self.name = address  # replaced by the node's own name once Info answers
-        self.channel = grpc.insecure_channel(address, options=[
+        self.channel = auth.open_channel(address, tls, options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.keepalive_time_ms", KEEPALIVE_MS),

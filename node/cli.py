@@ -25,7 +25,7 @@ from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.gguf_file import GGUFError
 from caravan.pipeline.numba_config import NODE_SPIN, spin_briefly_when_idle
 
-from caravan.proto.auth import TOKEN_FILE, load_token
+from caravan.proto.auth import TOKEN_FILE, TLSFiles, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
 
 from .advertise import Advertisement
@@ -53,6 +53,11 @@ def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
     p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                    help="the cluster join token, copied from the coordinator (default: CACHE_DIR/cluster-token, "
                    "created if missing)")
+    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="mutual TLS: this node's certificate, naming its address (with --tls-key, --tls-ca)")
+    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
+    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                   help="the CA whose certificates coordinators must present")
     p.add_argument("--no-advertise", action="store_true", help="do not announce the node with zeroconf")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-v info, -vv debug)")
     return p
@@ -99,7 +104,8 @@ def serve(args: argparse.Namespace) -> int:
 
     token = load_token(args.token_file or cache_dir / TOKEN_FILE)
     settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
-                            cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit, token=token)
+                            cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit, token=token,
+                            tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca))
     try:
         server, port, servicer = create_server(settings, on_state)
     except GGUFError as exc:

@@ -54,6 +54,7 @@ class NodeSettings:
     model_path: Path | None = None  # a local copy of a model file: its layers need no transfer
     memory_limit: int | None = None  # bytes this node offers at most (runtime, layers, KV caches)
     token: str | None = None  # the cluster join token every Stage call must carry (None: no check)
+    tls: auth.TLSFiles | None = None  # mutual TLS: only clients with a certificate from tls.ca
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -328,7 +329,11 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
     pb_grpc.add_StageServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_reporter.servicer, server)
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, auth.server_credentials(settings.tls))
     except RuntimeError:
         port = 0
     if port == 0:

@@ -1,4 +1,6 @@
-"""The cluster join token: every Stage RPC carries it, and a node refuses calls without it.
+"""Who may talk to a node: the cluster join token on every call, and optionally mutual TLS.
+
+The cluster join token: every Stage RPC carries it, and a node refuses calls without it.
 
 The token is 32 random bytes (URL-safe base64) in a file only its owner can read, created on
 first use (`<cache dir>/cluster-token` by default). The operator copies the coordinator's file
@@ -13,6 +15,7 @@ import logging
 import os
 import secrets
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -109,3 +112,52 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     make = next(make for behaviour, make in kinds if behaviour is not None)
     return make(refuse, request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
+
+
+# --- mutual TLS ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """PEM files for mutual TLS: this side's certificate and key, and the CA that signed the
+    other side's. Nodes require a client certificate from that CA; coordinators check that the
+    node's certificate names the address they dial (a SAN with its IP or host name)."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    @classmethod
+    def from_flags(cls, cert: Path | None, key: Path | None, ca: Path | None) -> "TLSFiles | None":
+        given = [f for f in (cert, key, ca) if f is not None]
+        if not given:
+            return None
+        if len(given) != 3:
+            raise TokenError("mutual TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+        return cls(Path(cert), Path(key), Path(ca))
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(certificate chain, private key, CA certificates), PEM."""
+        parts = []
+        for what, path in (("certificate", self.cert), ("key", self.key), ("CA certificate", self.ca)):
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise TokenError(f"{path}: cannot read the TLS {what} ({exc.strerror})") from None
+            if b"-----BEGIN " not in data:
+                raise TokenError(f"{path}: not a PEM file (the TLS {what})")
+            parts.append(data)
+        return parts[0], parts[1], parts[2]
+
+
+def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
+    cert, key, ca = tls.read()
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+def open_channel(address: str, tls: TLSFiles | None, options: list[tuple[str, object]]) -> grpc.Channel:
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    cert, key, ca = tls.read()
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    return grpc.secure_channel(address, credentials, options=options)
