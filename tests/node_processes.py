@@ -33,9 +33,9 @@ class NodeProcess:
 
     def __init__(self, cache_dir: Path, *extra: str, threads: int = 1, advertise: bool = False,
                  prefix: tuple[str, ...] = (), name: str | None = None, log_path: Path | None = None,
-                 port: int = 0, token_file: Path | None = None):
+                 port: int = 0, token_file: Path | None = None, host: str = "127.0.0.1"):
         self.cache_dir = Path(cache_dir)
-        cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", "127.0.0.1", "--port", str(port),
+        cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", host, "--port", str(port),
                "--threads", str(threads), "--cache-dir", str(cache_dir),
                "--token-file", str(token_file or cluster_token_file()), *extra]
         if not advertise:

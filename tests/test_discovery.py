@@ -87,3 +87,58 @@ def test_discover_with_no_nodes_says_what_to_do(netns, tiny_q8_path):
     result = caravan_in(netns, "run", "hi", "--model", str(tiny_q8_path), "--discover", "--discover-seconds", "0.5")
     assert result.returncode == 1
     assert "no caravan nodes answered" in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.fixture
+def two_netns():
+    """Namespaces a and b joined by a veth pair (10.213.0.1 in a, 10.213.0.2 in b): a LAN of
+    two machines that exists only inside this test."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (`ip`)")
+    tag = f"{os.getpid()}-{next(_names)}"
+    a, b = f"caravan-a-{tag}", f"caravan-b-{tag}"
+    made = [n for n in (a, b) if _ip("netns", "add", n).returncode == 0]
+    try:
+        if len(made) != 2:
+            pytest.skip("cannot create network namespaces")
+        steps = [
+            ("link", "add", f"va{tag[-6:]}", "netns", a, "type", "veth", "peer", "name", f"vb{tag[-6:]}", "netns", b),
+        ]
+        for step in steps:
+            done = _ip(*step)
+            assert done.returncode == 0, done.stderr
+        for ns, dev, addr in ((a, f"va{tag[-6:]}", "10.213.0.1/24"), (b, f"vb{tag[-6:]}", "10.213.0.2/24")):
+            for cmd in (("link", "set", "lo", "up"), ("addr", "add", addr, "dev", dev), ("link", "set", dev, "up")):
+                done = _ip("netns", "exec", ns, "ip", *cmd)
+                assert done.returncode == 0, done.stderr
+        yield ("ip", "netns", "exec", a), ("ip", "netns", "exec", b), f"vb{tag[-6:]}"
+    finally:
+        for n in made:
+            _ip("netns", "del", n)
+
+
+@pytest.mark.model
+def test_network_cut_between_machines_is_routed_around(two_netns, smollm2_path, tmp_path):
+    """A node on the other side of a link that goes down mid-answer (no process dies, no
+    reset arrives): the coordinator re-plans onto the node it can still reach, same text."""
+    in_a, in_b, b_link = two_netns
+    near = NodeProcess(tmp_path / "near", prefix=in_a)
+    far = NodeProcess(tmp_path / "far", prefix=in_b, host="10.213.0.2")
+    try:
+        args = ("run", "Once upon a time, in a small village,", "--temperature", "0", "-n", "40", "-t", "1",
+                "--ctx", "256")
+        expected = subprocess.run([*in_a, sys.executable, "-m", "caravan.coordinator", *args],
+                                  capture_output=True, timeout=180).stdout
+        run = subprocess.Popen([*in_a, sys.executable, "-m", "caravan.coordinator", *args, "--nodes",
+                                f"{near.address},{far.address}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               bufsize=0)
+        first = run.stdout.read(8)
+        cut = subprocess.run([*in_b, "ip", "link", "set", b_link, "down"], capture_output=True, text=True)
+        assert cut.returncode == 0, cut.stderr
+        rest, errors = run.communicate(timeout=180)
+        assert run.returncode == 0, errors.decode()
+        assert first + rest == expected
+        assert b"re-planning" in errors and far.address.encode() in errors
+    finally:
+        near.stop()
+        far.stop()
