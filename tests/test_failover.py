@@ -187,3 +187,28 @@ def test_network_cut_to_a_node_is_treated_as_dead(smollm2, expected, nodes, tmp_
         os.kill(proxy.pid, signal.SIGCONT)
         proxy.kill()
         proxy.wait()
+
+
+def test_http_client_sees_a_delay_not_an_error(smollm2, nodes):
+    """`caravan serve` in front of 3 nodes; one is killed while an answer streams: the client
+    gets the whole answer, the same as from one process."""
+    from test_serve import MODEL, QUESTION, Server, chat_ids
+
+    expected = smollm2.tokenizer.decode(list(Generation(
+        smollm2.local_pipeline(512), chat_ids(smollm2, QUESTION), Sampler(SamplingParams(temperature=0)), 48,
+        smollm2.tokenizer.eog_ids)))
+    a, b, c = nodes(), nodes(), nodes()
+    server = Server("--nodes", f"{a.address},{b.address},{c.address}")
+    try:
+        stream = server.client().chat.completions.create(model=MODEL, messages=QUESTION, temperature=0,
+                                                         max_tokens=48, stream=True)
+        pieces = []
+        for i, chunk in enumerate(stream):
+            if chunk.choices and chunk.choices[0].delta.content:
+                pieces.append(chunk.choices[0].delta.content)
+            if i == 3:
+                b.kill()
+        assert "".join(pieces) == expected
+    finally:
+        server.stop()
+    assert "re-planning" in server.proc.stderr.read()  # the failure did happen mid-answer
