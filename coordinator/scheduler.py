@@ -53,6 +53,10 @@ class Request:
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
     first_token_s: float = 0.0
+    history: list[int] = field(init=False)  # prompt then generated tokens, for the sampler's penalties
+
+    def __post_init__(self) -> None:
+        self.history = list(self.prompt_ids)
 
     @property
     def decoding(self) -> bool:
@@ -201,13 +205,14 @@ class Scheduler:
         while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
             self._recent.popleft()
         for (request, _), row_logits in zip(sampled, logits):
-            token = request.sampler.sample(row_logits, request.prompt_ids + request.tokens)
+            token = request.sampler.sample(row_logits, request.history)
             if not request.first_token_s:
                 request.first_token_s = time.perf_counter() - request.submitted
             if token in request.stop_ids:
                 self._end(request, Event("done", finish_reason="stop"))
                 continue
             request.tokens.append(token)
+            request.history.append(token)
             self.tokens_generated += 1
             request.on_event(Event("token", token=token))
             if len(request.tokens) >= request.max_tokens or len(request.prompt_ids) + len(request.tokens) >= self.pipeline.n_ctx:
