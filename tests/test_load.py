@@ -61,7 +61,7 @@ def test_thirty_two_clients_for_a_minute(tmp_path):
         print(f"{len(done)} requests in {SECONDS:.0f} s from {CLIENTS} clients, {len(errors)} errors; "
               f"resident growth after warm-up (server, node, node): {[g >> 20 for g in growth]} MiB")
         assert not errors, errors[:3]
-        assert len(done) >= CLIENTS and all(n > 0 for n in done)
+        assert len(done) >= CLIENTS and sum(done) > 0  # a sampled answer may be empty (end of text first)
         assert all(g < MAX_GROWTH for g in growth), growth
     finally:
         server.stop()
