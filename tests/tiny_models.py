@@ -58,6 +58,33 @@ def tiny_vocabulary(vocab_size: int) -> tuple[list[str], list[str], list[int]]:
     return tokens, merges, types
 
 
+def llama_metadata(name: str, *, n_layers: int, dim: int, hidden_dim: int, n_heads: int, n_kv_heads: int, ctx: int,
+                   n_rot: int, tokens: list[str], merges: list[str], types: list[int]) -> dict[str, Any]:
+    """GGUF metadata of a `llama` model with a GPT-2 byte-level vocabulary whose last token is
+    both BOS and EOS (as tiny_vocabulary makes it)."""
+    eot = len(tokens) - 1
+    return {
+        "general.architecture": "llama",
+        "general.name": name,
+        "llama.context_length": ctx,
+        "llama.embedding_length": dim,
+        "llama.block_count": n_layers,
+        "llama.feed_forward_length": hidden_dim,
+        "llama.rope.dimension_count": n_rot,
+        "llama.attention.head_count": n_heads,
+        "llama.attention.head_count_kv": n_kv_heads,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.rope.freq_base": 10000.0,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": eot,
+        "tokenizer.ggml.eos_token_id": eot,
+    }
+
+
 def tiny_llama(
     *,
     n_layers: int = 3,
@@ -79,27 +106,9 @@ def tiny_llama(
         raise ValueError("dim and hidden_dim must be multiples of 32 (the block size)")
     head_dim = dim // n_heads
     tokens, merges, types = tiny_vocabulary(vocab_size)
-    eot = len(tokens) - 1
-    metadata: dict[str, Any] = {
-        "general.architecture": "llama",
-        "general.name": f"tiny-llama-{weight_type.name.lower()}",
-        "llama.context_length": ctx,
-        "llama.embedding_length": dim,
-        "llama.block_count": n_layers,
-        "llama.feed_forward_length": hidden_dim,
-        "llama.rope.dimension_count": head_dim if n_rot is None else n_rot,
-        "llama.attention.head_count": n_heads,
-        "llama.attention.head_count_kv": n_kv_heads,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5,
-        "llama.rope.freq_base": 10000.0,
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": eot,
-        "tokenizer.ggml.eos_token_id": eot,
-    }
+    metadata = llama_metadata(f"tiny-llama-{weight_type.name.lower()}", n_layers=n_layers, dim=dim,
+                              hidden_dim=hidden_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, ctx=ctx,
+                              n_rot=head_dim if n_rot is None else n_rot, tokens=tokens, merges=merges, types=types)
     rng = np.random.default_rng(seed)
 
     def matrix(rows: int, cols: int) -> tuple[np.ndarray, QT]:

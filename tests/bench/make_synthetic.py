@@ -23,7 +23,8 @@ from gguf import GGMLQuantizationType as QT
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tiny_models import tiny_vocabulary, write_gguf  # noqa: E402
+from caravan.pipeline.model import ModelConfig, layer_tensor_shapes  # noqa: E402
+from tiny_models import llama_metadata, tiny_vocabulary, write_gguf  # noqa: E402
 
 SIZES = {  # dim, hidden_dim, n_layers, n_heads, n_kv_heads
     "1b": (2048, 5632, 22, 32, 4),
@@ -49,45 +50,24 @@ def random_blocks(ttype: QT, rows: int, cols: int, rng: np.random.Generator) -> 
 def synthetic_llama(size: str, ttype: QT, seed: int = 0):
     dim, hidden_dim, n_layers, n_heads, n_kv_heads = SIZES[size]
     tokens, merges, types = tiny_vocabulary(300)
-    pad = VOCAB - len(tokens)
-    tokens = tokens + [f"<|unused_{i}|>" for i in range(pad)]
-    types = types + [5] * pad  # gguf TokenType.UNUSED
-    metadata = {
-        "general.architecture": "llama",
-        "general.name": f"synthetic-{size}-{ttype.name.lower()}",
-        "llama.block_count": n_layers,
-        "llama.context_length": 4096,
-        "llama.embedding_length": dim,
-        "llama.feed_forward_length": hidden_dim,
-        "llama.attention.head_count": n_heads,
-        "llama.attention.head_count_kv": n_kv_heads,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5,
-        "llama.rope.freq_base": 10000.0,
-        "tokenizer.ggml.model": "gpt2",
-        "tokenizer.ggml.pre": "default",
-        "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
-        "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": 299,
-        "tokenizer.ggml.eos_token_id": 299,
-    }
+    eot = tokens.pop()  # the tiny vocabulary ends with its BOS/EOS token: keep it last
+    pad = VOCAB - len(tokens) - 1
+    tokens = tokens + [f"<|unused_{i}|>" for i in range(pad)] + [eot]
+    types = types[:-1] + [5] * pad + types[-1:]  # gguf TokenType.UNUSED, then CONTROL
+    metadata = llama_metadata(f"synthetic-{size}-{ttype.name.lower()}", n_layers=n_layers, dim=dim,
+                              hidden_dim=hidden_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, ctx=4096,
+                              n_rot=dim // n_heads, tokens=tokens, merges=merges, types=types)
+    config = ModelConfig.from_metadata(metadata, VOCAB)
     rng = np.random.default_rng(seed)
-    head_dim = dim // n_heads
-    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    ones = (np.ones(dim, np.float32), QT.F32)
     tensors = {"token_embd.weight": (random_blocks(ttype, VOCAB, dim, rng), ttype)}
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        tensors[p + "attn_norm.weight"] = ones
-        tensors[p + "attn_q.weight"] = (random_blocks(ttype, q_dim, dim, rng), ttype)
-        tensors[p + "attn_k.weight"] = (random_blocks(ttype, kv_dim, dim, rng), ttype)
-        tensors[p + "attn_v.weight"] = (random_blocks(ttype, kv_dim, dim, rng), ttype)
-        tensors[p + "attn_output.weight"] = (random_blocks(ttype, dim, q_dim, rng), ttype)
-        tensors[p + "ffn_norm.weight"] = ones
-        tensors[p + "ffn_gate.weight"] = (random_blocks(ttype, hidden_dim, dim, rng), ttype)
-        tensors[p + "ffn_up.weight"] = (random_blocks(ttype, hidden_dim, dim, rng), ttype)
-        tensors[p + "ffn_down.weight"] = (random_blocks(ttype, dim, hidden_dim, rng), ttype)
-    tensors["output_norm.weight"] = ones
+    for layer in range(n_layers):
+        # Names and shapes as the engine defines them (GGUF order: row length first).
+        for name, shape in layer_tensor_shapes(config, layer).items():
+            if len(shape) == 1:
+                tensors[name] = (np.ones(shape, np.float32), QT.F32)
+            else:
+                tensors[name] = (random_blocks(ttype, shape[1], shape[0], rng), ttype)
+    tensors["output_norm.weight"] = (np.ones(dim, np.float32), QT.F32)
     tensors["output.weight"] = (random_blocks(ttype, VOCAB, dim, rng), ttype)
     return metadata, tensors
 
