@@ -8,8 +8,9 @@ Block layouts, from ggml-common.h (block size in weights, bytes per block):
     F16, F32: plain rows
 
 At load time each matrix is repacked once into contiguous arrays (nibbles or int8 values in one
-array, the f16 scales widened to f32 in another), so the kernels' hot loops read unit-stride
-memory with fixed trip counts. The weights stay quantized: only the scales are widened.
+array, the scales in another: widened to f32, or for Q4_0 kept as f16 and interleaved eight rows
+at a time, see simd.py), so the kernels' hot loops read unit-stride memory with fixed trip
+counts. The weights stay quantized.
 
 As in llama.cpp (ggml-cpu's `vec_dot_type`), activations are quantized once per product to
 8-bit blocks of 32 and the inner loops are integer dot products: Q8_0 activations for Q4_0 and
@@ -33,12 +34,14 @@ from gguf import GGMLQuantizationType as QT
 
 from .numba_config import FASTMATH
 from .simd import (
-    dot_q4_0_rows1,
-    dot_q4_0_rows4,
+    GROUP_ROWS,
+    Q4_0_GROUP_BYTES,
     dot_q4_1_rows1,
     dot_q4_1_rows4,
     dot_q8_0_rows1,
     dot_q8_0_rows4,
+    q4_0x8_tokens1,
+    q4_0x8_tokens4,
 )
 
 QK = 32  # weights per block, for every block format here
@@ -66,7 +69,8 @@ class PackedMatrix:
         F32:  (values f32 (rows, cols),)
         F16:  (bits u16 (rows, cols),)
         Q8_0: (qs i8 (rows, cols), d f32 (rows, cols // 32))
-        Q4_0: (qs u8 (rows, cols // 2), d f32 (rows, cols // 32))
+        Q4_0: (qs u8 (groups, cols // 32 * 128), d f16 bits u16 (groups, cols // 32 * 8)), rows
+              in groups of 8 (the last padded with zeros), interleaved as simd.py describes
         Q4_1: (qs u8 (rows, cols // 2), d f32 (rows, cols // 32), m f32 (rows, cols // 32))
     """
 
@@ -78,6 +82,19 @@ class PackedMatrix:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays)
+
+    @property
+    def group_rows(self) -> int:
+        """Rows stored together (the arrays' first axis counts groups): 8 for Q4_0, else 1."""
+        return GROUP_ROWS if self.type == QT.Q4_0 else 1
+
+    def row_slice(self, start: int, stop: int) -> "PackedMatrix":
+        """Rows [start, stop) as a view (no copy); grouped formats need whole groups."""
+        group = self.group_rows
+        if start % group or (stop % group and stop != self.rows):
+            raise ValueError(f"rows {start}:{stop} of a {self.type.name} matrix split a group of {group}")
+        first, last = start // group, -(-stop // group)
+        return PackedMatrix(self.type, stop - start, self.cols, tuple(a[first:last] for a in self.arrays))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,22 +122,37 @@ def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
         qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, -1)
         return PackedMatrix(ttype, rows, qs.shape[1], (qs, _scales(blocks, 0)))
     if ttype == QT.Q4_0:
-        blocks = raw.reshape(rows, -1, 2 + QK // 2)
-        qs = np.ascontiguousarray(blocks[:, :, 2:]).reshape(rows, -1)
-        return PackedMatrix(ttype, rows, qs.shape[1] * 2, (qs, _scales(blocks, 0)))
+        return _pack_q4_0(raw.reshape(rows, -1, 2 + QK // 2))
     # Q4_1
     blocks = raw.reshape(rows, -1, 4 + QK // 2)
     qs = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, -1)
     return PackedMatrix(ttype, rows, qs.shape[1] * 2, (qs, _scales(blocks, 0), _scales(blocks, 2)))
 
 
+def _pack_q4_0(blocks: np.ndarray) -> PackedMatrix:
+    """(rows, n_blocks, 18) GGUF Q4_0 blocks -> simd.py's groups of 8 rows."""
+    rows, n_blocks, _ = blocks.shape
+    groups = -(-rows // GROUP_ROWS)
+    padded = np.zeros((groups * GROUP_ROWS, n_blocks, 2 + QK // 2), np.uint8)
+    padded[:rows] = blocks
+    by_group = padded.reshape(groups, GROUP_ROWS, n_blocks, 2 + QK // 2)
+    # qs: (group, block, chunk c, row k, byte i) <- byte 4c + i of row k's block
+    nibbles = by_group[:, :, :, 2:].reshape(groups, GROUP_ROWS, n_blocks, 4, 4).transpose(0, 2, 3, 1, 4)
+    qs = np.ascontiguousarray(nibbles).reshape(groups, n_blocks * Q4_0_GROUP_BYTES)
+    d = np.ascontiguousarray(by_group[:, :, :, 0:2].transpose(0, 2, 1, 3)).view(np.uint16).reshape(groups, n_blocks * GROUP_ROWS)
+    return PackedMatrix(QT.Q4_0, rows, n_blocks * QK, (qs, d))
+
+
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
-    any weight is read): quants as stored, plus each block's scales (Q4_1: and minimum) as f32."""
+    any weight is read): quants as stored, plus each block's scales (Q4_1: and minimum) as f32;
+    Q4_0 keeps its f16 scales and pads its rows to whole groups."""
     if ttype == QT.F32:
         return rows * cols * 4
     if ttype == QT.F16:
         return rows * cols * 2
+    if ttype == QT.Q4_0:  # whole groups of 8 rows, f16 scales: GGUF's own 18 bytes per block
+        return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * (2 + QK // 2)
     quant_bytes = cols if ttype == QT.Q8_0 else cols // 2
     f32_per_block = 2 if ttype == QT.Q4_1 else 1
     return rows * (quant_bytes + cols // QK * 4 * f32_per_block)
@@ -150,8 +182,9 @@ def _f32_to_f16_to_f32(x):
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _quantize_row_q8(x, qs, d, s, t):
-    """Row t of x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32 and s (T, K//32) f32 = d * sum(qs).
+def _quantize_row_q8(x, qs, d, s, n, t):
+    """Row t of x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs)
+    and n (T, K//32) i32 = sum(qs).
 
     ggml's quantize_row_q8_0/q8_1: d = amax / 127 stored as f16; q = round(x / d)."""
     for b in range(x.shape[1] // QK):
@@ -167,19 +200,20 @@ def _quantize_row_q8(x, qs, d, s, t):
             total += q
         d16 = _f32_to_f16_to_f32(delta)
         d[t, b] = d16
+        n[t, b] = total
         s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
 
 
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _quantize_q8(x, qs, d, s):
+def _quantize_q8(x, qs, d, s, n):
     for t in range(x.shape[0]):
-        _quantize_row_q8(x, qs, d, s, t)
+        _quantize_row_q8(x, qs, d, s, n, t)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _quantize_q8_parallel(x, qs, d, s):
+def _quantize_q8_parallel(x, qs, d, s, n):
     for t in nb.prange(x.shape[0]):
-        _quantize_row_q8(x, qs, d, s, t)
+        _quantize_row_q8(x, qs, d, s, n, t)
 
 
 # Rows from which quantizing is worth waking the threads for (a prefill chunk); each row is
@@ -199,23 +233,30 @@ class Activations:
     """One activation matrix x (T, K) f32 and its quantized forms, made on first use and shared
     by every product that reads the same x (Q, K and V; gate and up)."""
 
-    __slots__ = ("x", "_q8", "_f16")
+    __slots__ = ("x", "_q8", "_q8_sums", "_f16")
 
     def __init__(self, x: np.ndarray):
         self.x = x
         self._q8 = None
+        self._q8_sums = None
         self._f16 = None
 
     def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(qs, d, s) as _quantize_row_q8 makes them."""
         if self._q8 is None:
-            n_rows, n = self.x.shape
-            qs = np.empty((n_rows, n), np.int8)
-            d = np.empty((n_rows, n // QK), np.float32)
-            s = np.empty((n_rows, n // QK), np.float32)
-            (_quantize_q8_parallel if n_rows >= PARALLEL_ROWS else _quantize_q8)(self.x, qs, d, s)
-            self._q8 = (qs, d, s)
+            n_rows, cols = self.x.shape
+            qs = np.empty((n_rows, cols), np.int8)
+            d = np.empty((n_rows, cols // QK), np.float32)
+            s = np.empty((n_rows, cols // QK), np.float32)
+            n = np.empty((n_rows, cols // QK), np.int32)
+            (_quantize_q8_parallel if n_rows >= PARALLEL_ROWS else _quantize_q8)(self.x, qs, d, s, n)
+            self._q8, self._q8_sums = (qs, d, s), n
         return self._q8
+
+    def q8_sums(self) -> np.ndarray:
+        """(T, K // 32) i32: each Q8 block's sum of its integers."""
+        self.q8()
+        return self._q8_sums
 
     def f16(self) -> np.ndarray:
         if self._f16 is None:
@@ -268,14 +309,17 @@ def _matmul_q8_0(wq, wd, xq, xd, out):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q4_0(wq, wd, xq, xd, out):
+def _matmul_q4_0(wq, wd, xq, xd, xn, out):
+    """Eight weight rows per step (simd.py's grouped Q4_0), so prange walks row groups."""
     n_tokens = xq.shape[0]
     n_quads = n_tokens // 4 * 4
-    for r in nb.prange(wq.shape[0]):
+    rows = out.shape[1]
+    for g in nb.prange(wq.shape[0]):
+        n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
         for t in range(0, n_quads, 4):
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_q4_0_rows4(wq, wd, r, xq, xd, t)
+            q4_0x8_tokens4(wq, wd, g, xq, xd, xn, out, t, n_valid)
         for t in range(n_quads, n_tokens):
-            out[t, r] = dot_q4_0_rows1(wq, wd, r, xq, xd, t)
+            q4_0x8_tokens1(wq, wd, g, xq, xd, xn, out, t, n_valid)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
@@ -299,7 +343,7 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
         _matmul_q4_1(*w.arrays, xq, xd, xs, out)
     elif w.type == QT.Q4_0:
         xq, xd, _ = acts.q8()
-        _matmul_q4_0(*w.arrays, xq, xd, out)
+        _matmul_q4_0(*w.arrays, xq, xd, acts.q8_sums(), out)
     elif w.type == QT.Q8_0:
         xq, xd, _ = acts.q8()
         _matmul_q8_0(*w.arrays, xq, xd, out)
@@ -323,15 +367,17 @@ def _rows_q8_0(wq, wd, ids, out):
 
 
 @nb.njit(cache=True, nogil=True)
-def _rows_q4_0(wq, wd, ids, out):
+def _rows_q4_0(wq, wd, table, ids, out):
     half = QK // 2
     for i in range(ids.shape[0]):
-        r = ids[i]
-        for b in range(wd.shape[1]):
-            for j in range(half):
-                byte = np.int32(wq[r, b * half + j])
-                out[i, b * QK + j] = wd[r, b] * np.float32((byte & 15) - 8)
-                out[i, b * QK + half + j] = wd[r, b] * np.float32((byte >> 4) - 8)
+        g, k = divmod(ids[i], GROUP_ROWS)
+        for b in range(out.shape[1] // QK):
+            d = table[wd[g, b * GROUP_ROWS + k]]
+            for c in range(4):
+                for j in range(4):
+                    byte = np.int32(wq[g, b * Q4_0_GROUP_BYTES + c * 32 + k * 4 + j])
+                    out[i, b * QK + 4 * c + j] = d * np.float32((byte & 15) - 8)
+                    out[i, b * QK + half + 4 * c + j] = d * np.float32((byte >> 4) - 8)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -354,5 +400,8 @@ def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
     if w.type == QT.F16:
         return F16_TO_F32[w.arrays[0][ids]]
     out = np.empty((ids.shape[0], w.cols), np.float32)
-    {QT.Q8_0: _rows_q8_0, QT.Q4_0: _rows_q4_0, QT.Q4_1: _rows_q4_1}[w.type](*w.arrays, ids, out)
+    if w.type == QT.Q4_0:
+        _rows_q4_0(*w.arrays, F16_TO_F32, ids, out)
+    else:
+        {QT.Q8_0: _rows_q8_0, QT.Q4_1: _rows_q4_1}[w.type](*w.arrays, ids, out)
     return out

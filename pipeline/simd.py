@@ -5,8 +5,8 @@ so a plain loop over nibbles and int8 activations compiles to 64-bit lanes, four
 Here the arithmetic is written once on LLVM vector types and the loop over a row's blocks is
 emitted in IR, so nothing leaves vector registers between blocks.
 
-Each block of 32 weights is computed as in ggml-cpu's vec_dot_q4_0_q8_0 / q4_1_q8_1 / q8_0_q8_0
-(AVX2 branch): the 32 integer products are summed in groups of four into eight int32 lanes
+Each block of 32 Q4_1 or Q8_0 weights is computed as in ggml-cpu's vec_dot_q4_1_q8_1 /
+q8_0_q8_0 (AVX2 branch): the 32 integer products are summed in groups of four into eight int32 lanes
 (lane k holds weights 4k .. 4k + 3), the lanes are converted to float and accumulated with one
 fused multiply-add by the block's scale product, acc = fma(d_w * d_x, lanes, acc), and after
 the last block the eight lanes are summed as ggml's hsum_float_8 does:
@@ -19,7 +19,8 @@ The integer lanes are exact, so two instruction sequences give them, with the sa
   - "generic": widen to <32 x i32>, multiply, add four strided shuffles; LLVM lowers it to the
     target's SIMD (NEON on a 64-bit Raspberry Pi).
 Everything after the lanes is the same IR for both, so the two give identical floats
-(tests/test_quants.py compares them).
+(tests/test_quants.py compares them). Q4_0 is computed eight weight rows at a time instead (the
+last section below), which is how caravan overtakes ggml's row-at-a-time kernels on it.
 
 Every function takes token rows t, t + 1, ... of the activations against one weight row r: the
 "_x4" forms unpack each weight block once for four token rows (prefill, batched decode). A
@@ -152,14 +153,8 @@ class _Format:
     has_m: bool  # Q4_1's per-block minimum
 
 
-def _unpack_q4_0(builder, pointer):
-    # w = nibble - 8, in -8 .. 7
-    return builder.sub(_nibbles(builder, pointer), ir.Constant(_V32_I8, [8] * 32))
-
-
 _FORMATS = {
     "q8_0": _Format("q8_0", QK, lambda builder, pointer: _load(builder, pointer, _V32_I8), False, False),
-    "q4_0": _Format("q4_0", QK // 2, _unpack_q4_0, False, False),
     "q4_1": _Format("q4_1", QK // 2, _nibbles, True, True),
 }
 
@@ -264,8 +259,7 @@ def _weights_np(fmt_name, wq, r, b):
     if fmt_name == "q8_0":
         return wq[r, b * QK : (b + 1) * QK].astype(np.int64)
     packed = wq[r, b * QK // 2 : (b + 1) * QK // 2].astype(np.int64)
-    nibbles = np.concatenate((packed & 15, packed >> 4))
-    return nibbles - 8 if fmt_name == "q4_0" else nibbles
+    return np.concatenate((packed & 15, packed >> 4))
 
 
 def _fma_np(a, b, c):
@@ -305,17 +299,8 @@ def dot_q8_0_rows4(wq, wd, r, xq, xd, t):
     return _rows_np("q8_0", wq, wd, None, r, xq, xd, None, t, 4)
 
 
-def dot_q4_0_rows1(wq, wd, r, xq, xd, t):
-    """As dot_q8_0_rows1 for Q4_0 (qs (rows, cols // 2) u8)."""
-    return _rows_np("q4_0", wq, wd, None, r, xq, xd, None, t, 1)
-
-
-def dot_q4_0_rows4(wq, wd, r, xq, xd, t):
-    return _rows_np("q4_0", wq, wd, None, r, xq, xd, None, t, 4)
-
-
 def dot_q4_1_rows1(wq, wd, wm, r, xq, xd, xs, t):
-    """As dot_q4_0_rows1 for Q4_1, with m (rows, cols // 32) f32 and the activation block sums
+    """As dot_q8_0_rows1 for Q4_1 (qs (rows, cols // 2) u8), with m (rows, cols // 32) f32 and the activation block sums
     xs (T, cols // 32) f32."""
     return _rows_np("q4_1", wq, wd, wm, r, xq, xd, xs, t, 1)
 
@@ -341,8 +326,6 @@ def _overload_with(fn, kernel, has_m):
 for _fn, _key in (
     (dot_q8_0_rows1, ("q8_0", 1)),
     (dot_q8_0_rows4, ("q8_0", 4)),
-    (dot_q4_0_rows1, ("q4_0", 1)),
-    (dot_q4_0_rows4, ("q4_0", 4)),
     (dot_q4_1_rows1, ("q4_1", 1)),
     (dot_q4_1_rows4, ("q4_1", 4)),
 ):
@@ -486,3 +469,153 @@ def round_f16(x):
 @overload(round_f16, inline="always")
 def _round_f16_compiled(x):
     return lambda x: _round_f16_ir(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Q4_0 eight rows at a time: the eight lanes of each vector are eight weight rows
+#
+# pack() stores Q4_0 in groups of GROUP_ROWS rows: for each block, 4 x 32 bytes where byte
+# 32c + 4k + i is byte 4c + i of row k's block (its low nibble is weight 4c + i, its high nibble
+# weight 16 + 4c + i), then the eight rows' f16 scales side by side. One vpmaddubsw of 32 such
+# nibbles against four activation bytes repeated eight times gives row k's products in i16
+# lanes 2k and 2k + 1; eight of them summed in i16 (at most 8 * 2 * 15 * 127 = 30480, so no
+# overflow) and one vpmaddwd give row k's whole block as an exact int32 in lane k. Weights are
+# taken as their nibbles n = w + 8 (vpmaddubsw's unsigned side), and 8 * sum(x) is subtracted
+# from the block's integer, still exact. Then one conversion and one fma per block serve
+# eight rows: acc = fma(d_w * d_x, float(sum(w * x)), acc), as ggml's AArch64/AVX2 repacked
+# GEMMs (q4_0_8x8) do. The float work of a row is the same sequence whichever of its group
+# mates or batch neighbours are there, so results do not depend on the batch.
+
+GROUP_ROWS = 8
+Q4_0_GROUP_BYTES = 4 * 32  # nibble bytes of one block of a group
+_V16_I32 = ir.VectorType(_I32, 16)
+_V32_I16 = ir.VectorType(_I16, 32)
+_V8_HALF = ir.VectorType(ir.HalfType(), 8)
+
+
+def _pair_products(builder, weights, acts, isa):
+    """<16 x i16>: lane m = weights[2m] * acts[2m] + weights[2m + 1] * acts[2m + 1], weights
+    unsigned 0 .. 15 and acts signed."""
+    if isa == "avx2":
+        return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16_I16, [weights, acts])
+    products = builder.mul(builder.zext(weights, _V32_I16), builder.sext(acts, _V32_I16))
+    undef = ir.Constant(_V32_I16, ir.Undefined)
+    even, odd = (builder.shuffle_vector(products, undef, ir.Constant(_V16_I32, list(range(i, 32, 2)))) for i in (0, 1))
+    return builder.add(even, odd)
+
+
+def _pair_sums(builder, pairs, isa):
+    """<8 x i32>: lane k = pairs[2k] + pairs[2k + 1]."""
+    if isa == "avx2":
+        return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8_I32, [pairs, ir.Constant(_V16_I16, [1] * 16)])
+    wide = builder.sext(pairs, _V16_I32)
+    undef = ir.Constant(_V16_I32, ir.Undefined)
+    even, odd = (builder.shuffle_vector(wide, undef, ir.Constant(_V8_I32, list(range(i, 16, 2)))) for i in (0, 1))
+    return builder.add(even, odd)
+
+
+def _codegen_q4_0x8(n_tokens: int, isa: str):
+    def codegen(context, builder, signature, args):
+        wq, wd, g, xq, xd, xn, out, t, n_valid = args
+        wq_t, wd_t, g_t, xq_t, xd_t, xn_t, out_t, t_t, n_valid_t = signature.args
+        intp = types.intp
+        g = context.cast(builder, g, g_t, intp)
+        t = context.cast(builder, t, t_t, intp)
+        n_valid = builder.trunc(context.cast(builder, n_valid, n_valid_t, intp), _I32)
+        rows = [builder.add(t, context.get_constant(intp, i)) for i in range(n_tokens)]
+        w_group, _ = _row_pointer(context, builder, wq_t, wq, g)
+        d_group, wd_ary = _row_pointer(context, builder, wd_t, wd, g)
+        n_blocks = builder.udiv(cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1], context.get_constant(intp, GROUP_ROWS))
+        x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in rows]
+        xd_rows = [builder.bitcast(_row_pointer(context, builder, xd_t, xd, i)[0], _F32.as_pointer()) for i in rows]
+        xn_rows = [builder.bitcast(_row_pointer(context, builder, xn_t, xn, i)[0], _I32.as_pointer()) for i in rows]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8_F32, [0.0] * 8)) for _ in rows]
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            block = builder.gep(w_group, [builder.mul(b, context.get_constant(intp, Q4_0_GROUP_BYTES))])
+            chunks = []  # (nibbles of 8 rows x 4 weights, offset of those 4 weights in the block)
+            for c in range(4):
+                packed = _load(builder, builder.gep(block, [context.get_constant(intp, 32 * c)]), _V32_I8)
+                chunks.append((builder.and_(packed, ir.Constant(_V32_I8, [15] * 32)), 4 * c))
+                chunks.append((builder.lshr(packed, ir.Constant(_V32_I8, [4] * 32)), 16 + 4 * c))
+            scale_bits = _load(builder, builder.gep(d_group, [builder.mul(b, context.get_constant(intp, 2 * GROUP_ROWS))]), _V8_I16)
+            w_scales = builder.fpext(builder.bitcast(scale_bits, _V8_HALF), _V8_F32)
+            x_offset = builder.mul(b, context.get_constant(intp, QK))
+            for i in range(n_tokens):
+                x_block = builder.gep(x_rows[i], [x_offset])
+                pairs = None
+                for nibbles, offset in chunks:
+                    four = builder.load(builder.bitcast(builder.gep(x_block, [context.get_constant(intp, offset)]), _I32.as_pointer()), align=1)
+                    acts = builder.bitcast(_splat(builder, four, _V8_I32), _V32_I8)
+                    product = _pair_products(builder, nibbles, acts, isa)
+                    pairs = product if pairs is None else builder.add(pairs, product)
+                offset_sum = builder.shl(builder.load(builder.gep(xn_rows[i], [b])), ir.Constant(_I32, 3))  # 8 * sum(x)
+                sums = builder.sub(_pair_sums(builder, pairs, isa), _splat(builder, offset_sum, _V8_I32))
+                scale = builder.fmul(w_scales, _splat(builder, builder.load(builder.gep(xd_rows[i], [b])), _V8_F32))
+                builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(accs[i])), accs[i])
+        out_ary = context.make_array(out_t)(context, builder, out)
+        first_col = builder.mul(g, context.get_constant(intp, GROUP_ROWS))
+        lanes = ir.Constant(_V8_I32, list(range(GROUP_ROWS)))
+        mask = builder.icmp_unsigned("<", lanes, _splat(builder, n_valid, _V8_I32))
+        for i in range(n_tokens):
+            pointer = cgutils.get_item_pointer(context, builder, out_t, out_ary, [rows[i], first_col], wraparound=False)
+            _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [builder.load(accs[i]), pointer, ir.Constant(_I32, 4), mask])
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_q4_0x8(n_tokens: int, isa: str):
+    codegen = _codegen_q4_0x8(n_tokens, isa)
+
+    def typer(typingctx, wq, wd, g, xq, xd, xn, out, t, n_valid):
+        expected = ((wq, types.uint8), (wd, types.uint16), (xq, types.int8), (xd, types.float32), (xn, types.int32), (out, types.float32))
+        for array, dtype in expected:
+            if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C" and array.dtype == dtype):
+                raise TypeError(f"q4_0x8: expected a C-contiguous 2-D {dtype} array, got {array}")
+        return types.none(wq, wd, g, xq, xd, xn, out, t, n_valid), codegen
+
+    typer.__name__ = f"q4_0x8_tokens{n_tokens}_{isa}"
+    return intrinsic(typer)
+
+
+Q4_0X8 = {(n, isa): _make_q4_0x8(n, isa) for n in (1, 4) for isa in ISAS}
+
+
+def q4_0x8_unpack(wq: np.ndarray, g: int) -> np.ndarray:
+    """(8, n_blocks, 32) int64 weights of row group g, from the layout above."""
+    n_blocks = wq.shape[1] // Q4_0_GROUP_BYTES
+    grouped = wq[g].reshape(n_blocks, 4, GROUP_ROWS, 4).transpose(2, 0, 1, 3).reshape(GROUP_ROWS, n_blocks, 16).astype(np.int64)
+    return np.concatenate((grouped & 15, grouped >> 4), axis=2) - 8
+
+
+def q4_0x8_tokens1(wq, wd, g, xq, xd, xn, out, t, n_valid):
+    """out[t, 8g : 8g + n_valid] = rows 8g .. of a grouped Q4_0 matrix (wq (groups, n_blocks *
+    128) u8, wd (groups, n_blocks * 8) f16 bits) times activation row t (xq (T, cols) i8, xd
+    (T, cols // 32) f32, xn (T, cols // 32) i32 block sums of xq)."""
+    weights = q4_0x8_unpack(wq, g)
+    n_blocks = weights.shape[1]
+    d_w = wd[g].view(np.float16).astype(np.float32).reshape(n_blocks, GROUP_ROWS)
+    for i in range(t, t + 1):
+        x = xq[i].reshape(n_blocks, QK).astype(np.int64)
+        sums = (weights * x).sum(axis=2)  # (8, n_blocks), exact
+        acc = np.zeros(GROUP_ROWS, np.float32)
+        for b in range(n_blocks):
+            acc = _fma_np(d_w[b] * xd[i, b], sums[:, b].astype(np.float32), acc)
+        out[i, g * GROUP_ROWS : g * GROUP_ROWS + n_valid] = acc[:n_valid]
+
+
+def q4_0x8_tokens4(wq, wd, g, xq, xd, xn, out, t, n_valid):
+    """q4_0x8_tokens1 for activation rows t .. t + 3."""
+    for i in range(t, t + 4):
+        q4_0x8_tokens1(wq, wd, g, xq, xd, xn, out, i, n_valid)
+
+
+for _fn, _n in ((q4_0x8_tokens1, 1), (q4_0x8_tokens4, 4)):
+
+    def _register(fn, kernel):
+        @overload(fn, inline="always")
+        def _compiled(wq, wd, g, xq, xd, xn, out, t, n_valid):
+            return lambda wq, wd, g, xq, xd, xn, out, t, n_valid: kernel(wq, wd, g, xq, xd, xn, out, t, n_valid)
+
+    _register(_fn, Q4_0X8[(_n, ISA)])

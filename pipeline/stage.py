@@ -133,11 +133,13 @@ def stack_rows(mats: Sequence[PackedMatrix]) -> tuple[PackedMatrix | None, list[
     first = mats[0]
     if any(m.type != first.type or m.cols != first.cols for m in mats):
         return None, list(mats)
+    if any(m.rows % first.group_rows for m in mats[:-1]):
+        return None, list(mats)  # only whole groups of rows stack
     arrays = tuple(np.concatenate([m.arrays[i] for m in mats]) for i in range(len(first.arrays)))
     stacked = PackedMatrix(first.type, sum(m.rows for m in mats), first.cols, arrays)
     views, row = [], 0
     for m in mats:
-        views.append(PackedMatrix(m.type, m.rows, m.cols, tuple(a[row : row + m.rows] for a in arrays)))
+        views.append(stacked.row_slice(row, row + m.rows))
         row += m.rows
     return stacked, views
 
