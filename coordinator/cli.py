@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import ipaddress
 import json
@@ -58,6 +59,7 @@ from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, 
 from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS, discover
 from .planner import PlanError
+from .reference import llama_cpp_available, llama_cpp_rates
 from .remote import NodeError, RemoteStage
 from .scheduler import Scheduler
 
@@ -221,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-tokens", type=_positive_int, default=64, metavar="N",
                    help="tokens generated after it (default: 64)")
     p.add_argument("--runs", type=_positive_int, default=3, metavar="N", help="report medians of N runs (default: 3)")
+    p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
+                   help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -579,11 +583,12 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     greedy = SamplingParams(temperature=0)
     runs = []
     with _pipeline(args, model, n_ctx) as pipeline:
-        for _ in range(args.runs):
+        for run in range(args.runs + 1):  # the first warms up: compiled kernels loaded, pages touched
             generation = Generation(pipeline, prompt, Sampler(greedy), args.decode_tokens, stop_ids=frozenset())
             for _ in generation:
                 pass
-            runs.append(generation.timings.as_dict())
+            if run:
+                runs.append(generation.timings.as_dict())
         stages = []
         for stage in pipeline.stages:
             row: dict = {"layers": [stage.layers.start, stage.layers.stop]}
@@ -605,6 +610,18 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         "coordinator_rss_bytes": psutil.Process().memory_info().rss,
         "stages": stages,
     }
+    # Memory first: llama.cpp would add its own to this process's resident size.
+    skipped = "--no-llama-cpp" if not args.llama_cpp else llama_cpp_available()
+    if skipped is None:
+        reference = llama_cpp_rates(model.file.path, prompt, args.decode_tokens, n_ctx, numba.get_num_threads(), args.runs)
+        result["llama.cpp"] = {key: round(value, 6) for key, value in dataclasses.asdict(reference).items()}
+        result["ratios"] = {  # above 1: caravan is faster
+            "prefill": round(result["prefill_tokens_per_s"] / reference.prefill_tokens_per_s, 3),
+            "decode": round(result["decode_tokens_per_s"] / reference.decode_tokens_per_s, 3),
+            "first_token": round(reference.first_token_s / result["first_token_s"], 3),
+        }
+    else:
+        result["llama.cpp"] = {"skipped": skipped}
     if args.json:
         _emit(out, result)
         return 0
@@ -618,6 +635,16 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         _emit(out, f"  {st['node']}: layers {st['layers'][0]}-{st['layers'][1] - 1}, "
                    f"weights {st['weight_bytes'] / 2**20:.1f} MiB{rss}{hop}")
     _emit(out, f"coordinator resident {result['coordinator_rss_bytes'] / 2**20:.0f} MiB")
+    reference = result["llama.cpp"]
+    if "skipped" in reference:
+        _emit(out, f"llama.cpp: not run ({reference['skipped']})")
+    else:
+        ratios = result["ratios"]
+        _emit(out, f"llama.cpp, same prompt and threads, whole model in this process: prefill "
+                   f"{reference['prefill_tokens_per_s']:.1f} tokens/s, decode {reference['decode_tokens_per_s']:.1f} "
+                   f"tokens/s, first token {reference['first_token_s'] * 1e3:.0f} ms")
+        _emit(out, f"caravan vs llama.cpp: prefill {ratios['prefill']:.2f}x, decode {ratios['decode']:.2f}x, "
+                   f"first token {ratios['first_token']:.2f}x as fast")
     return 0
 
 

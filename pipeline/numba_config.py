@@ -23,3 +23,12 @@ def spin_briefly_when_idle(spin_count: str, environ=os.environ) -> None:
     before the process's first parallel region (libgomp reads it once); an operator's own
     setting wins. One process running every layer keeps the default."""
     environ.setdefault("GOMP_SPINCOUNT", spin_count)
+
+
+def keep_compiled_kernels_in(cache_dir, environ=os.environ) -> None:
+    """Cache Numba's compiled kernels under caravan's cache directory (`<cache_dir>/numba`), so
+    they are compiled once per machine, not per process, even where caravan's own folder is not
+    writable. Numba fixes a function's cache location when the function is defined, so this runs
+    before any kernel module is imported (the entry points do it first); an operator's own
+    NUMBA_CACHE_DIR wins."""
+    environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.fspath(cache_dir), "numba"))

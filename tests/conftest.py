@@ -6,9 +6,16 @@ it; never from a model hub) and shared by all tests that need it.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, pull
+from caravan.pipeline.numba_config import keep_compiled_kernels_in
+
+# One kernel cache for this process and every caravan process the tests start, including those
+# given a private CARAVAN_HOME: each would otherwise compile every kernel again.
+keep_compiled_kernels_in(default_cache_dir(), os.environ)
 
 
 @pytest.fixture(scope="session")

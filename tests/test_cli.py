@@ -12,10 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from caravan.coordinator.cli import error_message
+from caravan.coordinator.reference import llama_cpp_available
 from caravan.pipeline.catalog import PullError
 from caravan.pipeline.generate import ContextFullError
 
@@ -82,6 +84,43 @@ def test_run_streams_the_same_text(env, paris):
     streamed = caravan(env, *PARIS)
     assert streamed.returncode == 0, streamed.stderr
     assert streamed.stdout == paris["text"] + "\n"
+
+
+def test_bench_runs_llama_cpp_beside_caravan(env):
+    """`caravan bench` measures llama.cpp on the same prompt in the same run, with the ratios;
+    without llama-cpp-python (or with --no-llama-cpp) it says why not."""
+    args = ("bench", *ONE_THREAD, "--json", "--runs", "1", "--prompt-tokens", "24", "--decode-tokens", "4")
+    bench = only_json(caravan(env, *args).stdout)
+    assert bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0
+    if llama_cpp_available() is None:
+        reference = bench["llama.cpp"]
+        assert reference["prefill_tokens_per_s"] > 0 and reference["decode_tokens_per_s"] > 0 and reference["first_token_s"] > 0
+        assert bench["ratios"]["decode"] == pytest.approx(bench["decode_tokens_per_s"] / reference["decode_tokens_per_s"], rel=1e-2)
+    else:
+        assert "not installed" in bench["llama.cpp"]["skipped"]
+    skipped = only_json(caravan(env, *args, "--no-llama-cpp").stdout)
+    assert skipped["llama.cpp"] == {"skipped": "--no-llama-cpp"} and "ratios" not in skipped
+
+
+def test_kernels_compile_once_into_caravans_cache(env, tmp_path):
+    """Without NUMBA_CACHE_DIR, compiled kernels go to <CARAVAN_HOME>/numba: the first process
+    writes them, the next one only reads them."""
+    home = tmp_path / "home"
+    (home / "models").mkdir(parents=True)
+    model = next((Path(env["CARAVAN_HOME"]) / "models").iterdir())
+    os.symlink(model.resolve(), home / "models" / model.name)
+    fresh = {key: value for key, value in env.items() if key != "NUMBA_CACHE_DIR"}
+    fresh["CARAVAN_HOME"] = str(home)
+
+    def cached():
+        return {p: p.stat().st_mtime_ns for p in (home / "numba").rglob("*") if p.is_file()}
+
+    args = ("run", "Hi", *ONE_THREAD, "--max-tokens", "2", "--temperature", "0")
+    assert caravan(fresh, *args).returncode == 0
+    first = cached()
+    assert any(p.suffix == ".nbi" for p in first) and any(p.suffix == ".nbc" for p in first)
+    assert caravan(fresh, *args).returncode == 0
+    assert cached() == first
 
 
 def test_tokenize_maps_special_text_to_ids(env):

@@ -1,0 +1,80 @@
+"""llama.cpp, through llama-cpp-python, as the yardstick in `caravan bench`.
+
+Where llama-cpp-python is installed, `caravan bench` runs the same prompt and the same number
+of greedy tokens through llama.cpp in the same process, with the same thread count and
+context, and reports both engines' figures and their ratios. It is optional: without it the
+bench reports caravan alone and says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Rates:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    first_token_s: float
+
+
+def llama_cpp_available() -> str | None:
+    """None when llama-cpp-python imports, else why not (one line)."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        return f"llama-cpp-python is not installed ({exc.name or exc})"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs model loading to file descriptor 2 even with verbose=False."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def llama_cpp_rates(path: Path, prompt: Sequence[int], decode_tokens: int, n_ctx: int, threads: int, runs: int) -> Rates:
+    """Medians of `runs` runs (after one warm-up) of llama.cpp on the same prompt: prefill
+    tokens/s and time to the first token (the prompt evaluated and its argmax taken), then
+    greedy decode tokens/s over `decode_tokens` tokens."""
+    from llama_cpp import Llama
+
+    with _quiet_stderr():
+        llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                    n_batch=min(512, n_ctx), verbose=False)
+    prompt = list(prompt)
+
+    def once() -> Rates:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(decode_tokens - 1):
+            llm.eval([token])
+            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        decode_s = time.perf_counter() - start
+        return Rates(len(prompt) / first, (decode_tokens - 1) / decode_s if decode_tokens > 1 else 0.0, first)
+
+    try:
+        once()  # warm-up: page faults, thread start
+        results = [once() for _ in range(runs)]
+    finally:
+        llm.close()
+    return Rates(*(statistics.median(getattr(r, field) for r in results) for field in Rates.__dataclass_fields__))
