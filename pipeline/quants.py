@@ -34,14 +34,14 @@ from gguf import GGMLQuantizationType as QT
 
 from .numba_config import FASTMATH
 from .simd import (
+    GROUP_FORMATS,
     GROUP_ROWS,
-    Q4_0_GROUP_BYTES,
-    dot_q4_1_rows1,
-    dot_q4_1_rows4,
-    dot_q8_0_rows1,
-    dot_q8_0_rows4,
-    q4_0x8_tokens1,
-    q4_0x8_tokens4,
+    q4_0_group_tokens1,
+    q4_0_group_tokens4,
+    q4_1_group_tokens1,
+    q4_1_group_tokens4,
+    q8_0_group_tokens1,
+    q8_0_group_tokens4,
 )
 
 QK = 32  # weights per block, for every block format here
@@ -68,10 +68,11 @@ class PackedMatrix:
     arrays, by format:
         F32:  (values f32 (rows, cols),)
         F16:  (bits u16 (rows, cols),)
-        Q8_0: (qs i8 (rows, cols), d f32 (rows, cols // 32))
-        Q4_0: (qs u8 (groups, cols // 32 * 128), d f16 bits u16 (groups, cols // 32 * 8)), rows
-              in groups of 8 (the last padded with zeros), interleaved as simd.py describes
-        Q4_1: (qs u8 (rows, cols // 2), d f32 (rows, cols // 32), m f32 (rows, cols // 32))
+        Q8_0: (qs u8 (groups, cols * 8), d u16 (groups, cols // 32 * 8))
+        Q4_0: (qs u8 (groups, cols // 2 * 8), d u16 (groups, cols // 32 * 8))
+        Q4_1: (qs u8 (groups, cols // 2 * 8), d u16 (groups, cols // 32 * 8), m u16 (same))
+    The block formats keep rows in groups of 8 (the last padded with zeros), interleaved as
+    simd.py describes, with their f16 scales and minima as uint16 bits.
     """
 
     type: QT
@@ -85,8 +86,8 @@ class PackedMatrix:
 
     @property
     def group_rows(self) -> int:
-        """Rows stored together (the arrays' first axis counts groups): 8 for Q4_0, else 1."""
-        return GROUP_ROWS if self.type == QT.Q4_0 else 1
+        """Rows stored together (the arrays' first axis counts groups): 8 for block formats."""
+        return GROUP_ROWS if self.type in _GROUPED else 1
 
     def row_slice(self, start: int, stop: int) -> "PackedMatrix":
         """Rows [start, stop) as a view (no copy); grouped formats need whole groups."""
@@ -101,9 +102,8 @@ class PackedMatrix:
 # Repacking from GGUF block bytes (load time, numpy)
 
 
-def _scales(blocks: np.ndarray, start: int) -> np.ndarray:
-    """(rows, n_blocks, block_bytes) uint8 -> the f16 at byte `start` of each block, as f32."""
-    return np.ascontiguousarray(blocks[:, :, start : start + 2]).view(np.float16)[..., 0].astype(np.float32)
+# Block layouts as ggml-common.h writes them: (bytes before the quants: f16 d [and m], quant bytes).
+_GROUPED = {QT.Q4_0: (2, QK // 2), QT.Q4_1: (4, QK // 2), QT.Q8_0: (2, QK)}
 
 
 def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
@@ -116,46 +116,38 @@ def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
     if ttype == QT.F16:
         bits = np.ascontiguousarray(raw).view(np.uint16)
         return PackedMatrix(ttype, bits.shape[0], bits.shape[1], (bits,))
+    return _pack_grouped(ttype, raw)
+
+
+def _pack_grouped(ttype: QT, raw: np.ndarray) -> PackedMatrix:
+    """(rows, row bytes) GGUF blocks -> simd.py's groups of 8 rows: the quants interleaved four
+    bytes at a time, then each f16 field (d, and Q4_1's m) eight rows side by side."""
+    head, quant_bytes = _GROUPED[ttype]
     rows = raw.shape[0]
-    if ttype == QT.Q8_0:
-        blocks = raw.reshape(rows, -1, 2 + QK)
-        qs = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(rows, -1)
-        return PackedMatrix(ttype, rows, qs.shape[1], (qs, _scales(blocks, 0)))
-    if ttype == QT.Q4_0:
-        return _pack_q4_0(raw.reshape(rows, -1, 2 + QK // 2))
-    # Q4_1
-    blocks = raw.reshape(rows, -1, 4 + QK // 2)
-    qs = np.ascontiguousarray(blocks[:, :, 4:]).reshape(rows, -1)
-    return PackedMatrix(ttype, rows, qs.shape[1] * 2, (qs, _scales(blocks, 0), _scales(blocks, 2)))
-
-
-def _pack_q4_0(blocks: np.ndarray) -> PackedMatrix:
-    """(rows, n_blocks, 18) GGUF Q4_0 blocks -> simd.py's groups of 8 rows."""
-    rows, n_blocks, _ = blocks.shape
+    n_blocks = raw.shape[1] // (head + quant_bytes)
     groups = -(-rows // GROUP_ROWS)
-    padded = np.zeros((groups * GROUP_ROWS, n_blocks, 2 + QK // 2), np.uint8)
-    padded[:rows] = blocks
-    by_group = padded.reshape(groups, GROUP_ROWS, n_blocks, 2 + QK // 2)
-    # qs: (group, block, chunk c, row k, byte i) <- byte 4c + i of row k's block
-    nibbles = by_group[:, :, :, 2:].reshape(groups, GROUP_ROWS, n_blocks, 4, 4).transpose(0, 2, 3, 1, 4)
-    qs = np.ascontiguousarray(nibbles).reshape(groups, n_blocks * Q4_0_GROUP_BYTES)
-    d = np.ascontiguousarray(by_group[:, :, :, 0:2].transpose(0, 2, 1, 3)).view(np.uint16).reshape(groups, n_blocks * GROUP_ROWS)
-    return PackedMatrix(QT.Q4_0, rows, n_blocks * QK, (qs, d))
+    padded = np.zeros((groups * GROUP_ROWS, n_blocks, head + quant_bytes), np.uint8)
+    padded[:rows] = raw.reshape(rows, n_blocks, head + quant_bytes)
+    by_group = padded.reshape(groups, GROUP_ROWS, n_blocks, head + quant_bytes)
+    # (group, block, chunk c, row k, byte i) <- quant byte 4c + i of row k's block
+    chunks = by_group[:, :, :, head:].reshape(groups, GROUP_ROWS, n_blocks, quant_bytes // 4, 4).transpose(0, 2, 3, 1, 4)
+    qs = np.ascontiguousarray(chunks).reshape(groups, -1)
+    fields = tuple(
+        np.ascontiguousarray(by_group[:, :, :, at : at + 2].transpose(0, 2, 1, 3)).view(np.uint16).reshape(groups, n_blocks * GROUP_ROWS)
+        for at in range(0, head, 2)
+    )
+    return PackedMatrix(ttype, rows, n_blocks * QK, (qs, *fields))
 
 
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
-    any weight is read): quants as stored, plus each block's scales (Q4_1: and minimum) as f32;
-    Q4_0 keeps its f16 scales and pads its rows to whole groups."""
+    any weight is read): GGUF's own bytes per block, over whole groups of 8 rows."""
     if ttype == QT.F32:
         return rows * cols * 4
     if ttype == QT.F16:
         return rows * cols * 2
-    if ttype == QT.Q4_0:  # whole groups of 8 rows, f16 scales: GGUF's own 18 bytes per block
-        return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * (2 + QK // 2)
-    quant_bytes = cols if ttype == QT.Q8_0 else cols // 2
-    f32_per_block = 2 if ttype == QT.Q4_1 else 1
-    return rows * (quant_bytes + cols // QK * 4 * f32_per_block)
+    head, quant_bytes = _GROUPED[ttype]
+    return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * (head + quant_bytes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,46 +283,50 @@ def _matmul_f16(w, x16, table, out):
             out[t, r] = acc
 
 
-# Each kernel walks token rows four at a time (one weight block unpacked for four activation
-# blocks: prefill and batched decode), then the rest one at a time; simd.py computes a token
-# row's sum with the same float operations either way, so a row's output does not depend on the
-# batch around it. No fastmath here: the float work is all in simd.py's IR, in a fixed order.
+# Each kernel walks groups of eight weight rows (prange) and, for each, token rows four at a
+# time (the group's weights unpacked once for four activation rows: prefill and batched decode),
+# then the rest one at a time; simd.py computes a token row's sums with the same float
+# operations either way, so a row's output does not depend on the batch around it. No fastmath
+# here: the float work is all in simd.py's IR, in a fixed order.
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q8_0(wq, wd, xq, xd, out):
-    n_tokens = xq.shape[0]
+def _matmul_q4_0(wq, wd, wm, xq, xd, xs, xn, out):
+    n_tokens, rows = out.shape
     n_quads = n_tokens // 4 * 4
-    for r in nb.prange(wq.shape[0]):
-        for t in range(0, n_quads, 4):
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_q8_0_rows4(wq, wd, r, xq, xd, t)
-        for t in range(n_quads, n_tokens):
-            out[t, r] = dot_q8_0_rows1(wq, wd, r, xq, xd, t)
-
-
-@nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q4_0(wq, wd, xq, xd, xn, out):
-    """Eight weight rows per step (simd.py's grouped Q4_0), so prange walks row groups."""
-    n_tokens = xq.shape[0]
-    n_quads = n_tokens // 4 * 4
-    rows = out.shape[1]
     for g in nb.prange(wq.shape[0]):
         n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
         for t in range(0, n_quads, 4):
-            q4_0x8_tokens4(wq, wd, g, xq, xd, xn, out, t, n_valid)
+            q4_0_group_tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
         for t in range(n_quads, n_tokens):
-            q4_0x8_tokens1(wq, wd, g, xq, xd, xn, out, t, n_valid)
+            q4_0_group_tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q4_1(wq, wd, wm, xq, xd, xs, out):
-    n_tokens = xq.shape[0]
+def _matmul_q4_1(wq, wd, wm, xq, xd, xs, xn, out):
+    n_tokens, rows = out.shape
     n_quads = n_tokens // 4 * 4
-    for r in nb.prange(wq.shape[0]):
+    for g in nb.prange(wq.shape[0]):
+        n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
         for t in range(0, n_quads, 4):
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_q4_1_rows4(wq, wd, wm, r, xq, xd, xs, t)
+            q4_1_group_tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
         for t in range(n_quads, n_tokens):
-            out[t, r] = dot_q4_1_rows1(wq, wd, wm, r, xq, xd, xs, t)
+            q4_1_group_tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+
+
+@nb.njit(cache=True, nogil=True, parallel=True)
+def _matmul_q8_0(wq, wd, wm, xq, xd, xs, xn, out):
+    n_tokens, rows = out.shape
+    n_quads = n_tokens // 4 * 4
+    for g in nb.prange(wq.shape[0]):
+        n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
+        for t in range(0, n_quads, 4):
+            q8_0_group_tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+        for t in range(n_quads, n_tokens):
+            q8_0_group_tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+
+
+_GROUPED_MATMULS = {QT.Q4_0: _matmul_q4_0, QT.Q4_1: _matmul_q4_1, QT.Q8_0: _matmul_q8_0}
 
 
 def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) -> np.ndarray:
@@ -338,15 +334,10 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
     n_rows = acts.x.shape[0]
     if out is None:
         out = np.empty((n_rows, w.rows), np.float32)
-    if w.type == QT.Q4_1:
-        xq, xd, xs = acts.q8()
-        _matmul_q4_1(*w.arrays, xq, xd, xs, out)
-    elif w.type == QT.Q4_0:
-        xq, xd, _ = acts.q8()
-        _matmul_q4_0(*w.arrays, xq, xd, acts.q8_sums(), out)
-    elif w.type == QT.Q8_0:
-        xq, xd, _ = acts.q8()
-        _matmul_q8_0(*w.arrays, xq, xd, out)
+    if w.type in _GROUPED:
+        wq, wd = w.arrays[:2]
+        wm = w.arrays[2] if len(w.arrays) > 2 else wd  # only Q4_1 has minima; the others ignore it
+        _GROUPED_MATMULS[w.type](wq, wd, wm, *acts.q8(), acts.q8_sums(), out)
     elif w.type == QT.F16:
         _matmul_f16(w.arrays[0], acts.f16(), F16_TO_F32, out)
     else:
@@ -359,37 +350,23 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
 
 
 @nb.njit(cache=True, nogil=True)
-def _rows_q8_0(wq, wd, ids, out):
-    for i in range(ids.shape[0]):
-        r = ids[i]
-        for j in range(wq.shape[1]):
-            out[i, j] = wd[r, j // QK] * np.float32(wq[r, j])
-
-
-@nb.njit(cache=True, nogil=True)
-def _rows_q4_0(wq, wd, table, ids, out):
-    half = QK // 2
+def _rows_grouped(wq, wd, wm, table, block_bytes, signed, zero_point, has_min, ids, out):
+    """Rows `ids` of a grouped block matrix as f32: w = d * (q - zero_point) [+ m]."""
+    n_chunks = block_bytes // 4
     for i in range(ids.shape[0]):
         g, k = divmod(ids[i], GROUP_ROWS)
         for b in range(out.shape[1] // QK):
             d = table[wd[g, b * GROUP_ROWS + k]]
-            for c in range(4):
+            m = table[wm[g, b * GROUP_ROWS + k]] if has_min else np.float32(0.0)
+            base = b * GROUP_ROWS * block_bytes + k * 4
+            for c in range(n_chunks):
                 for j in range(4):
-                    byte = np.int32(wq[g, b * Q4_0_GROUP_BYTES + c * 32 + k * 4 + j])
-                    out[i, b * QK + 4 * c + j] = d * np.float32((byte & 15) - 8)
-                    out[i, b * QK + half + 4 * c + j] = d * np.float32((byte >> 4) - 8)
-
-
-@nb.njit(cache=True, nogil=True)
-def _rows_q4_1(wq, wd, wm, ids, out):
-    half = QK // 2
-    for i in range(ids.shape[0]):
-        r = ids[i]
-        for b in range(wd.shape[1]):
-            for j in range(half):
-                byte = np.int32(wq[r, b * half + j])
-                out[i, b * QK + j] = wd[r, b] * np.float32(byte & 15) + wm[r, b]
-                out[i, b * QK + half + j] = wd[r, b] * np.float32(byte >> 4) + wm[r, b]
+                    byte = np.int32(wq[g, base + c * 32 + j])
+                    if signed:
+                        out[i, b * QK + 4 * c + j] = d * np.float32(byte - 256 if byte > 127 else byte)
+                    else:
+                        out[i, b * QK + 4 * c + j] = d * np.float32((byte & 15) - zero_point) + m
+                        out[i, b * QK + QK // 2 + 4 * c + j] = d * np.float32((byte >> 4) - zero_point) + m
 
 
 def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
@@ -400,8 +377,8 @@ def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
     if w.type == QT.F16:
         return F16_TO_F32[w.arrays[0][ids]]
     out = np.empty((ids.shape[0], w.cols), np.float32)
-    if w.type == QT.Q4_0:
-        _rows_q4_0(*w.arrays, F16_TO_F32, ids, out)
-    else:
-        {QT.Q8_0: _rows_q8_0, QT.Q4_1: _rows_q4_1}[w.type](*w.arrays, ids, out)
+    fmt = GROUP_FORMATS[w.type.name.lower()]
+    wq, wd = w.arrays[:2]
+    wm = w.arrays[2] if fmt.has_min else wd
+    _rows_grouped(wq, wd, wm, F16_TO_F32, fmt.block_bytes, fmt.signed, fmt.zero_point, fmt.has_min, ids, out)
     return out

@@ -1,41 +1,30 @@
-"""Dot products of quantized weight rows with 8-bit activation rows, written as LLVM vector IR.
+"""Products of quantized weights with 8-bit activations, and attention's f16 tiles, written as
+LLVM vector IR.
 
 Numba types every integer operation on narrow integers as 64-bit (uint8 & uint8 is uint64),
 so a plain loop over nibbles and int8 activations compiles to 64-bit lanes, four to a register.
 Here the arithmetic is written once on LLVM vector types and the loop over a row's blocks is
 emitted in IR, so nothing leaves vector registers between blocks.
 
-Each block of 32 Q4_1 or Q8_0 weights is computed as in ggml-cpu's vec_dot_q4_1_q8_1 /
-q8_0_q8_0 (AVX2 branch): the 32 integer products are summed in groups of four into eight int32 lanes
-(lane k holds weights 4k .. 4k + 3), the lanes are converted to float and accumulated with one
-fused multiply-add by the block's scale product, acc = fma(d_w * d_x, lanes, acc), and after
-the last block the eight lanes are summed as ggml's hsum_float_8 does:
-((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). Q4_1 adds sum(m_w * s_x) over the blocks,
-one scalar fma per block, where s_x = d_x * sum(q_x) is the activation block's sum.
+Weight products run eight weight rows at a time, one row per vector lane (the section "Products
+eight weight rows at a time" says how and why). Their integer work has two instruction
+sequences with the same exact results:
+  - "avx2": vpmaddubsw + vpmaddwd (signed weights use vpsignb to move their sign onto the
+    activations), chosen when the host has AVX2;
+  - "generic": widen and multiply in LLVM vectors; LLVM lowers it to the target's SIMD (NEON on
+    a 64-bit Raspberry Pi).
+Everything after the integers is the same IR for both, so the two give identical floats
+(tests/test_quants.py compares them).
 
-The integer lanes are exact, so two instruction sequences give them, with the same bits:
-  - "avx2": vpmaddubsw + vpmaddwd (ggml's mul_sum_us8_pairs / mul_sum_i8_pairs; signed weights
-    use vpsignb to move their sign onto the activations), chosen when the host has AVX2;
-  - "generic": widen to <32 x i32>, multiply, add four strided shuffles; LLVM lowers it to the
-    target's SIMD (NEON on a 64-bit Raspberry Pi).
-Everything after the lanes is the same IR for both, so the two give identical floats
-(tests/test_quants.py compares them). Q4_0 is computed eight weight rows at a time instead (the
-last section below), which is how caravan overtakes ggml's row-at-a-time kernels on it.
-
-Every function takes token rows t, t + 1, ... of the activations against one weight row r: the
-"_x4" forms unpack each weight block once for four token rows (prefill, batched decode). A
-token row's result is the same expression whether computed alone or in a group of four, which
-keeps a sequence's logits independent of the batch around it.
-
-Each has a plain-numpy twin with the same name, which runs when Numba's JIT is disabled
-(NUMBA_DISABLE_JIT=1, as one of the tests does); compiled code gets the IR through `overload`.
-They trust their inputs: the public kernels in quants.py check shapes before calling them.
+Each public function has a plain-numpy twin with the same name, which runs when Numba's JIT is
+disabled (NUMBA_DISABLE_JIT=1, as one of the tests does); compiled code gets the IR through
+`overload`. They trust their inputs: the public kernels in quants.py check shapes before
+calling them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -50,11 +39,9 @@ _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 _F32 = ir.FloatType()
-_V16_I8 = ir.VectorType(_I8, 16)
 _V32_I8 = ir.VectorType(_I8, 32)
 _V16_I16 = ir.VectorType(_I16, 16)
 _V8_I32 = ir.VectorType(_I32, 8)
-_V32_I32 = ir.VectorType(_I32, 32)
 _V8_F32 = ir.VectorType(_F32, 8)
 
 
@@ -90,73 +77,9 @@ def _load(builder, pointer, vector_type):
     return builder.load(builder.bitcast(pointer, vector_type.as_pointer()), align=1)
 
 
-def _nibbles(builder, pointer):
-    """16 packed bytes -> <32 x i8> of nibbles 0..15, in GGML's order: the low nibbles are
-    weights 0..15, the high nibbles 16..31."""
-    packed = _load(builder, pointer, _V16_I8)
-    low = builder.and_(packed, ir.Constant(_V16_I8, [15] * 16))
-    high = builder.lshr(packed, ir.Constant(_V16_I8, [4] * 16))
-    return builder.shuffle_vector(low, high, ir.Constant(_V32_I32, list(range(32))))
-
-
-def _lanes_generic(builder, weights, acts, unsigned_weights):
-    """<8 x i32>: lane k = sum(weights[j] * acts[j] for j in 4k .. 4k + 3)."""
-    w32 = builder.zext(weights, _V32_I32) if unsigned_weights else builder.sext(weights, _V32_I32)
-    products = builder.mul(w32, builder.sext(acts, _V32_I32))
-    undef = ir.Constant(_V32_I32, ir.Undefined)
-    parts = [builder.shuffle_vector(products, undef, ir.Constant(_V8_I32, list(range(i, 32, 4)))) for i in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
-
-
-def _lanes_avx2(builder, weights, acts, unsigned_weights):
-    """The same lanes as _lanes_generic with vpmaddubsw (u8 x s8 pairs into i16; at most
-    2 * 255 * 127 in magnitude for nibbles and 2 * 128 * 127 for |int8|, so no saturation)
-    and vpmaddwd against ones (i16 pairs into i32)."""
-    if not unsigned_weights:  # ggml's mul_sum_i8_pairs: |w| times x with w's sign
-        acts = _call(builder, "llvm.x86.avx2.psign.b", _V32_I8, [acts, weights])
-        weights = _call(builder, "llvm.abs.v32i8", _V32_I8, [weights, ir.Constant(ir.IntType(1), 0)])
-    pairs = _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16_I16, [weights, acts])
-    return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8_I32, [pairs, ir.Constant(_V16_I16, [1] * 16)])
-
-
-def _hsum(builder, acc):
-    """ggml's hsum_float_8 order: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))."""
-    undef = ir.Constant(_V8_F32, ir.Undefined)
-    v4 = ir.VectorType(_F32, 4)
-    quad = builder.fadd(
-        builder.shuffle_vector(acc, undef, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 2, 3])),
-        builder.shuffle_vector(acc, undef, ir.Constant(ir.VectorType(_I32, 4), [4, 5, 6, 7])),
-    )
-    undef4 = ir.Constant(v4, ir.Undefined)
-    pair = builder.fadd(
-        builder.shuffle_vector(quad, undef4, ir.Constant(ir.VectorType(_I32, 2), [0, 1])),
-        builder.shuffle_vector(quad, undef4, ir.Constant(ir.VectorType(_I32, 2), [2, 3])),
-    )
-    return builder.fadd(builder.extract_element(pair, ir.Constant(_I32, 0)), builder.extract_element(pair, ir.Constant(_I32, 1)))
-
-
 def _fma(builder, a, b, c):
     suffix = f"v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "f32"
     return _call(builder, f"llvm.fma.{suffix}", a.type, [a, b, c])
-
-
-# ---------------------------------------------------------------------------------------------
-# Row dot products: one weight row against n_tokens activation rows
-
-
-@dataclass(frozen=True)
-class _Format:
-    name: str
-    qs_bytes: int  # bytes of weights per block in the repacked qs array
-    unpack: Callable  # (builder, i8* to the block's qs) -> <32 x i8> weights
-    unsigned: bool  # weights 0 .. 15 (Q4_1's nibbles) rather than signed int8
-    has_m: bool  # Q4_1's per-block minimum
-
-
-_FORMATS = {
-    "q8_0": _Format("q8_0", QK, lambda builder, pointer: _load(builder, pointer, _V32_I8), False, False),
-    "q4_1": _Format("q4_1", QK // 2, _nibbles, True, True),
-}
 
 
 def _row_pointer(context, builder, array_type, array, row):
@@ -167,169 +90,9 @@ def _row_pointer(context, builder, array_type, array, row):
     return builder.bitcast(pointer, _I8.as_pointer()), ary
 
 
-def _codegen_rows(fmt: _Format, n_tokens: int, isa: str):
-    lanes = _lanes_avx2 if isa == "avx2" else _lanes_generic
-
-    def codegen(context, builder, signature, args):
-        if fmt.has_m:
-            wq, wd, wm, r, xq, xd, xs, t = args
-            wq_t, wd_t, wm_t, r_t, xq_t, xd_t, xs_t, t_t = signature.args
-        else:
-            wq, wd, r, xq, xd, t = args
-            wq_t, wd_t, r_t, xq_t, xd_t, t_t = signature.args
-        r = context.cast(builder, r, r_t, types.intp)
-        t = context.cast(builder, t, t_t, types.intp)
-        rows = [builder.add(t, context.get_constant(types.intp, i)) for i in range(n_tokens)]
-        w_row, _ = _row_pointer(context, builder, wq_t, wq, r)
-        wd_row, wd_ary = _row_pointer(context, builder, wd_t, wd, r)
-        wd_row = builder.bitcast(wd_row, _F32.as_pointer())
-        n_blocks = cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1]
-        x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in rows]
-        xd_rows = [builder.bitcast(_row_pointer(context, builder, xd_t, xd, i)[0], _F32.as_pointer()) for i in rows]
-        if fmt.has_m:
-            wm_row = builder.bitcast(_row_pointer(context, builder, wm_t, wm, r)[0], _F32.as_pointer())
-            xs_rows = [builder.bitcast(_row_pointer(context, builder, xs_t, xs, i)[0], _F32.as_pointer()) for i in rows]
-            summs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in rows]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8_F32, [0.0] * 8)) for _ in rows]
-        qs_bytes = context.get_constant(types.intp, fmt.qs_bytes)
-        x_bytes = context.get_constant(types.intp, QK)
-        with cgutils.for_range(builder, n_blocks) as loop:
-            b = loop.index
-            weights = fmt.unpack(builder, builder.gep(w_row, [builder.mul(b, qs_bytes)]))
-            w_scale = builder.load(builder.gep(wd_row, [b]))
-            if fmt.has_m:
-                w_min = builder.load(builder.gep(wm_row, [b]))
-            for i in range(n_tokens):
-                acts = _load(builder, builder.gep(x_rows[i], [builder.mul(b, x_bytes)]), _V32_I8)
-                sums = builder.sitofp(lanes(builder, weights, acts, fmt.unsigned), _V8_F32)
-                scale = builder.fmul(w_scale, builder.load(builder.gep(xd_rows[i], [b])))
-                builder.store(_fma(builder, _splat(builder, scale, _V8_F32), sums, builder.load(accs[i])), accs[i])
-                if fmt.has_m:
-                    x_sum = builder.load(builder.gep(xs_rows[i], [b]))
-                    builder.store(_fma(builder, w_min, x_sum, builder.load(summs[i])), summs[i])
-        results = []
-        for i in range(n_tokens):
-            total = _hsum(builder, builder.load(accs[i]))
-            if fmt.has_m:
-                total = builder.fadd(total, builder.load(summs[i]))
-            results.append(total)
-        if n_tokens == 1:
-            return results[0]
-        return context.make_tuple(builder, signature.return_type, results)
-
-    return codegen
-
-
-def _check(fmt: _Format, arrays, dtypes):
-    for array, dtype in zip(arrays, dtypes):
-        if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C" and array.dtype == dtype):
-            raise TypeError(f"dot_{fmt.name}: expected a C-contiguous 2-D {dtype} array, got {array}")
-
-
-def _make_intrinsic(fmt: _Format, n_tokens: int, isa: str):
-    return_type = types.float32 if n_tokens == 1 else types.UniTuple(types.float32, n_tokens)
-    codegen = _codegen_rows(fmt, n_tokens, isa)
-    f32 = types.float32
-    w_elem = types.int8 if fmt.name == "q8_0" else types.uint8
-    if fmt.has_m:
-
-        def typer(typingctx, wq, wd, wm, r, xq, xd, xs, t):
-            _check(fmt, (wq, wd, wm, xq, xd, xs), (types.uint8, f32, f32, types.int8, f32, f32))
-            return return_type(wq, wd, wm, r, xq, xd, xs, t), codegen
-
-    else:
-
-        def typer(typingctx, wq, wd, r, xq, xd, t):
-            _check(fmt, (wq, wd, xq, xd), (w_elem, f32, types.int8, f32))
-            return return_type(wq, wd, r, xq, xd, t), codegen
-
-    typer.__name__ = f"dot_{fmt.name}_rows{n_tokens}_{isa}"
-    return intrinsic(typer)
-
-
-# INTRINSICS[(format, n_tokens, isa)]: every variant this host can run (tests compare the ISAs).
-INTRINSICS = {(name, n, isa): _make_intrinsic(fmt, n, isa) for name, fmt in _FORMATS.items() for n in (1, 4) for isa in ISAS}
-
-
-# ---------------------------------------------------------------------------------------------
-# Plain-numpy twins (NUMBA_DISABLE_JIT=1) and the overloads compiled code uses instead
-
-
-def _weights_np(fmt_name, wq, r, b):
-    if fmt_name == "q8_0":
-        return wq[r, b * QK : (b + 1) * QK].astype(np.int64)
-    packed = wq[r, b * QK // 2 : (b + 1) * QK // 2].astype(np.int64)
-    return np.concatenate((packed & 15, packed >> 4))
-
-
 def _fma_np(a, b, c):
     """f32 fused multiply-add: the f32 product is exact in f64, one rounding to f64, then f32."""
     return (np.float64(a) * np.float64(b) + np.float64(c)).astype(np.float32) if np.ndim(c) else np.float32(np.float64(a) * np.float64(b) + np.float64(c))
-
-
-def _hsum_np(acc):
-    f = np.float32
-    return f(f(f(acc[0] + acc[4]) + f(acc[2] + acc[6])) + f(f(acc[1] + acc[5]) + f(acc[3] + acc[7])))
-
-
-def _rows_np(fmt_name, wq, wd, wm, r, xq, xd, xs, t, n_tokens):
-    results = []
-    for i in range(t, t + n_tokens):
-        acc = np.zeros(8, np.float32)
-        summ = np.float32(0.0)
-        for b in range(wd.shape[1]):
-            products = _weights_np(fmt_name, wq, r, b) * xq[i, b * QK : (b + 1) * QK].astype(np.int64)
-            sums = products.reshape(8, 4).sum(axis=1).astype(np.float32)
-            acc = _fma_np(np.float32(wd[r, b] * xd[i, b]), sums, acc)
-            if wm is not None:
-                summ = _fma_np(wm[r, b], xs[i, b], summ)
-        total = _hsum_np(acc)
-        results.append(np.float32(total + summ) if wm is not None else total)
-    return results[0] if n_tokens == 1 else tuple(results)
-
-
-def dot_q8_0_rows1(wq, wd, r, xq, xd, t):
-    """sum over blocks of weight row r of Q8_0 (qs (rows, cols) i8, d (rows, cols // 32) f32)
-    times activation row t (qs (T, cols) i8, d (T, cols // 32) f32). -> f32"""
-    return _rows_np("q8_0", wq, wd, None, r, xq, xd, None, t, 1)
-
-
-def dot_q8_0_rows4(wq, wd, r, xq, xd, t):
-    """dot_q8_0_rows1 for activation rows t .. t + 3. -> (f32,) * 4"""
-    return _rows_np("q8_0", wq, wd, None, r, xq, xd, None, t, 4)
-
-
-def dot_q4_1_rows1(wq, wd, wm, r, xq, xd, xs, t):
-    """As dot_q8_0_rows1 for Q4_1 (qs (rows, cols // 2) u8), with m (rows, cols // 32) f32 and the activation block sums
-    xs (T, cols // 32) f32."""
-    return _rows_np("q4_1", wq, wd, wm, r, xq, xd, xs, t, 1)
-
-
-def dot_q4_1_rows4(wq, wd, wm, r, xq, xd, xs, t):
-    return _rows_np("q4_1", wq, wd, wm, r, xq, xd, xs, t, 4)
-
-
-def _overload_with(fn, kernel, has_m):
-    if has_m:
-
-        @overload(fn, inline="always")
-        def _compiled(wq, wd, wm, r, xq, xd, xs, t):
-            return lambda wq, wd, wm, r, xq, xd, xs, t: kernel(wq, wd, wm, r, xq, xd, xs, t)
-
-    else:
-
-        @overload(fn, inline="always")
-        def _compiled(wq, wd, r, xq, xd, t):
-            return lambda wq, wd, r, xq, xd, t: kernel(wq, wd, r, xq, xd, t)
-
-
-for _fn, _key in (
-    (dot_q8_0_rows1, ("q8_0", 1)),
-    (dot_q8_0_rows4, ("q8_0", 4)),
-    (dot_q4_1_rows1, ("q4_1", 1)),
-    (dot_q4_1_rows4, ("q4_1", 4)),
-):
-    _overload_with(_fn, INTRINSICS[_key + (ISA,)], _FORMATS[_key[0]].has_m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,33 +235,64 @@ def _round_f16_compiled(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# Q4_0 eight rows at a time: the eight lanes of each vector are eight weight rows
+# Products eight weight rows at a time: the eight lanes of each vector are eight weight rows
 #
-# pack() stores Q4_0 in groups of GROUP_ROWS rows: for each block, 4 x 32 bytes where byte
-# 32c + 4k + i is byte 4c + i of row k's block (its low nibble is weight 4c + i, its high nibble
-# weight 16 + 4c + i), then the eight rows' f16 scales side by side. One vpmaddubsw of 32 such
-# nibbles against four activation bytes repeated eight times gives row k's products in i16
-# lanes 2k and 2k + 1; eight of them summed in i16 (at most 8 * 2 * 15 * 127 = 30480, so no
-# overflow) and one vpmaddwd give row k's whole block as an exact int32 in lane k. Weights are
-# taken as their nibbles n = w + 8 (vpmaddubsw's unsigned side), and 8 * sum(x) is subtracted
-# from the block's integer, still exact. Then one conversion and one fma per block serve
-# eight rows: acc = fma(d_w * d_x, float(sum(w * x)), acc), as ggml's AArch64/AVX2 repacked
-# GEMMs (q4_0_8x8) do. The float work of a row is the same sequence whichever of its group
-# mates or batch neighbours are there, so results do not depend on the batch.
+# pack() stores Q4_0, Q4_1 and Q8_0 matrices in groups of GROUP_ROWS rows. For each block of
+# 32 weights, the group's quants are interleaved four bytes at a time: byte 32c + 4k + i is quant
+# byte 4c + i of row k's block (4-bit formats: c < 4, the low nibble is weight 4c + i and the
+# high nibble weight 16 + 4c + i; Q8_0: c < 8, weight 4c + i). The rows' f16 scales (and Q4_1's
+# minima) sit side by side, eight per block, in their own arrays: as many bytes as GGUF's.
+#
+# One vpmaddubsw of 32 such weights against four activation bytes repeated eight times gives
+# row k's products in i16 lanes 2k and 2k + 1, and vpmaddwd against ones sums them into i32
+# lane k; adding the chunks gives every row's whole-block integer sum(w * x), exactly (nibbles:
+# eight chunks summed in i16, at most 8 * 2 * 15 * 127 = 30480; Q8_0: each chunk widened to
+# i32 first, as 2 * 128 * 127 = 32512 leaves no room; its signed weights move their sign onto
+# the activations with vpsignb, as ggml's mul_sum_i8_pairs does). Q4_0's weights are taken as
+# their nibbles n = w + 8 and 8 * sum(x) is subtracted, still exact. Then one conversion and one
+# fma per block serve eight rows:
+#
+#     acc = fma(d_w * d_x, float(sum(w * x)), acc)          (Q4_1 also: mins = fma(m_w, s_x, mins))
+#
+# and a row's result is acc (Q4_1: acc + mins), as ggml's repacked GEMMs (q4_0_8x8) and its
+# ARM dot-product kernels order it: the block's integer sum is exact, so only the per-block
+# float steps round. The integers are exact on both instruction sets ("generic": widen and
+# multiply in LLVM vectors, lowered to NEON on a Raspberry Pi), and the float steps are the same
+# IR, so both give the same bits; and a row's float steps are the same whichever rows share its
+# group or its batch, so results do not depend on the batch.
 
 GROUP_ROWS = 8
-Q4_0_GROUP_BYTES = 4 * 32  # nibble bytes of one block of a group
 _V16_I32 = ir.VectorType(_I32, 16)
 _V32_I16 = ir.VectorType(_I16, 32)
 _V8_HALF = ir.VectorType(ir.HalfType(), 8)
 
 
-def _pair_products(builder, weights, acts, isa):
-    """<16 x i16>: lane m = weights[2m] * acts[2m] + weights[2m + 1] * acts[2m + 1], weights
-    unsigned 0 .. 15 and acts signed."""
+@dataclass(frozen=True)
+class GroupFormat:
+    name: str
+    block_bytes: int  # quant bytes of one block of one row: 16 for nibbles, 32 for Q8_0
+    signed: bool  # int8 weights (Q8_0) rather than nibbles 0 .. 15
+    zero_point: int  # subtracted from every stored nibble (Q4_0: 8)
+    has_min: bool  # Q4_1's per-block minimum m
+
+
+GROUP_FORMATS = {
+    "q4_0": GroupFormat("q4_0", QK // 2, signed=False, zero_point=8, has_min=False),
+    "q4_1": GroupFormat("q4_1", QK // 2, signed=False, zero_point=0, has_min=True),
+    "q8_0": GroupFormat("q8_0", QK, signed=True, zero_point=0, has_min=False),
+}
+
+
+def _pair_products(builder, weights, acts, signed, isa):
+    """<16 x i16>: lane m = weights[2m] * acts[2m] + weights[2m + 1] * acts[2m + 1], acts
+    signed, weights nibbles 0 .. 15 or (signed) int8; `weights` is |w| on AVX2 when signed."""
     if isa == "avx2":
+        if signed:
+            acts = _call(builder, "llvm.x86.avx2.psign.b", _V32_I8, [acts, weights[1]])
+            weights = weights[0]
         return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16_I16, [weights, acts])
-    products = builder.mul(builder.zext(weights, _V32_I16), builder.sext(acts, _V32_I16))
+    wide = builder.sext(weights, _V32_I16) if signed else builder.zext(weights, _V32_I16)
+    products = builder.mul(wide, builder.sext(acts, _V32_I16))
     undef = ir.Constant(_V32_I16, ir.Undefined)
     even, odd = (builder.shuffle_vector(products, undef, ir.Constant(_V16_I32, list(range(i, 32, 2)))) for i in (0, 1))
     return builder.add(even, odd)
@@ -514,10 +308,42 @@ def _pair_sums(builder, pairs, isa):
     return builder.add(even, odd)
 
 
-def _codegen_q4_0x8(n_tokens: int, isa: str):
+def _group_chunks(builder, block, fmt: GroupFormat, isa: str):
+    """The block's weights for eight rows as (weights, offset of their 4 activations): 8 chunks."""
+    chunks = []
+    for c in range(fmt.block_bytes // 4):
+        packed = _load(builder, builder.gep(block, [ir.Constant(_I32, 32 * c)]), _V32_I8)
+        if fmt.signed:
+            weights = (_call(builder, "llvm.abs.v32i8", _V32_I8, [packed, ir.Constant(ir.IntType(1), 0)]), packed) if isa == "avx2" else packed
+            chunks.append((weights, 4 * c))
+        else:
+            chunks.append((builder.and_(packed, ir.Constant(_V32_I8, [15] * 32)), 4 * c))
+            chunks.append((builder.lshr(packed, ir.Constant(_V32_I8, [4] * 32)), QK // 2 + 4 * c))
+    return chunks
+
+
+def _block_sums(builder, chunks, x_block, fmt: GroupFormat, isa: str):
+    """<8 x i32>: each of the eight rows' exact sum over the block of (stored weight) * x."""
+    total = None
+    for weights, offset in chunks:
+        four = builder.load(builder.bitcast(builder.gep(x_block, [ir.Constant(_I32, offset)]), _I32.as_pointer()), align=1)
+        acts = builder.bitcast(_splat(builder, four, _V8_I32), _V32_I8)
+        part = _pair_products(builder, weights, acts, fmt.signed, isa)
+        if fmt.signed:  # no room in i16 for more than one chunk
+            part = _pair_sums(builder, part, isa)
+        total = part if total is None else builder.add(total, part)
+    return total if fmt.signed else _pair_sums(builder, total, isa)
+
+
+def _load_f16x8(builder, pointer):
+    """Eight f16 at an i8 pointer, as <8 x float> (vcvtph2ps on x86, fcvtl on ARM)."""
+    return builder.fpext(builder.bitcast(_load(builder, pointer, _V8_I16), _V8_HALF), _V8_F32)
+
+
+def _codegen_group(fmt: GroupFormat, n_tokens: int, isa: str):
     def codegen(context, builder, signature, args):
-        wq, wd, g, xq, xd, xn, out, t, n_valid = args
-        wq_t, wd_t, g_t, xq_t, xd_t, xn_t, out_t, t_t, n_valid_t = signature.args
+        wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid = args
+        wq_t, wd_t, wm_t, g_t, xq_t, xd_t, xs_t, xn_t, out_t, t_t, n_valid_t = signature.args
         intp = types.intp
         g = context.cast(builder, g, g_t, intp)
         t = context.cast(builder, t, t_t, intp)
@@ -525,97 +351,115 @@ def _codegen_q4_0x8(n_tokens: int, isa: str):
         rows = [builder.add(t, context.get_constant(intp, i)) for i in range(n_tokens)]
         w_group, _ = _row_pointer(context, builder, wq_t, wq, g)
         d_group, wd_ary = _row_pointer(context, builder, wd_t, wd, g)
+        m_group, _ = _row_pointer(context, builder, wm_t, wm, g)
         n_blocks = builder.udiv(cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1], context.get_constant(intp, GROUP_ROWS))
         x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in rows]
-        xd_rows = [builder.bitcast(_row_pointer(context, builder, xd_t, xd, i)[0], _F32.as_pointer()) for i in rows]
+        xd_rows, xs_rows = ([builder.bitcast(_row_pointer(context, builder, a_t, a, i)[0], _F32.as_pointer()) for i in rows] for a, a_t in ((xd, xd_t), (xs, xs_t)))
         xn_rows = [builder.bitcast(_row_pointer(context, builder, xn_t, xn, i)[0], _I32.as_pointer()) for i in rows]
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V8_F32, [0.0] * 8)) for _ in rows]
+        zero = ir.Constant(_V8_F32, [0.0] * 8)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in rows]
+        mins = [cgutils.alloca_once_value(builder, zero) for _ in rows]
+        group_bytes = context.get_constant(intp, GROUP_ROWS * fmt.block_bytes)
+        scale_bytes = context.get_constant(intp, GROUP_ROWS * 2)
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            block = builder.gep(w_group, [builder.mul(b, context.get_constant(intp, Q4_0_GROUP_BYTES))])
-            chunks = []  # (nibbles of 8 rows x 4 weights, offset of those 4 weights in the block)
-            for c in range(4):
-                packed = _load(builder, builder.gep(block, [context.get_constant(intp, 32 * c)]), _V32_I8)
-                chunks.append((builder.and_(packed, ir.Constant(_V32_I8, [15] * 32)), 4 * c))
-                chunks.append((builder.lshr(packed, ir.Constant(_V32_I8, [4] * 32)), 16 + 4 * c))
-            scale_bits = _load(builder, builder.gep(d_group, [builder.mul(b, context.get_constant(intp, 2 * GROUP_ROWS))]), _V8_I16)
-            w_scales = builder.fpext(builder.bitcast(scale_bits, _V8_HALF), _V8_F32)
+            chunks = _group_chunks(builder, builder.gep(w_group, [builder.mul(b, group_bytes)]), fmt, isa)
+            w_scales = _load_f16x8(builder, builder.gep(d_group, [builder.mul(b, scale_bytes)]))
+            if fmt.has_min:
+                w_mins = _load_f16x8(builder, builder.gep(m_group, [builder.mul(b, scale_bytes)]))
             x_offset = builder.mul(b, context.get_constant(intp, QK))
             for i in range(n_tokens):
-                x_block = builder.gep(x_rows[i], [x_offset])
-                pairs = None
-                for nibbles, offset in chunks:
-                    four = builder.load(builder.bitcast(builder.gep(x_block, [context.get_constant(intp, offset)]), _I32.as_pointer()), align=1)
-                    acts = builder.bitcast(_splat(builder, four, _V8_I32), _V32_I8)
-                    product = _pair_products(builder, nibbles, acts, isa)
-                    pairs = product if pairs is None else builder.add(pairs, product)
-                offset_sum = builder.shl(builder.load(builder.gep(xn_rows[i], [b])), ir.Constant(_I32, 3))  # 8 * sum(x)
-                sums = builder.sub(_pair_sums(builder, pairs, isa), _splat(builder, offset_sum, _V8_I32))
+                sums = _block_sums(builder, chunks, builder.gep(x_rows[i], [x_offset]), fmt, isa)
+                if fmt.zero_point:
+                    x_sum = builder.load(builder.gep(xn_rows[i], [b]))
+                    sums = builder.sub(sums, _splat(builder, builder.mul(x_sum, ir.Constant(_I32, fmt.zero_point)), _V8_I32))
                 scale = builder.fmul(w_scales, _splat(builder, builder.load(builder.gep(xd_rows[i], [b])), _V8_F32))
                 builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(accs[i])), accs[i])
+                if fmt.has_min:
+                    x_total = _splat(builder, builder.load(builder.gep(xs_rows[i], [b])), _V8_F32)
+                    builder.store(_fma(builder, w_mins, x_total, builder.load(mins[i])), mins[i])
         out_ary = context.make_array(out_t)(context, builder, out)
         first_col = builder.mul(g, context.get_constant(intp, GROUP_ROWS))
-        lanes = ir.Constant(_V8_I32, list(range(GROUP_ROWS)))
-        mask = builder.icmp_unsigned("<", lanes, _splat(builder, n_valid, _V8_I32))
+        mask = builder.icmp_unsigned("<", ir.Constant(_V8_I32, list(range(GROUP_ROWS))), _splat(builder, n_valid, _V8_I32))
         for i in range(n_tokens):
+            result = builder.load(accs[i])
+            if fmt.has_min:
+                result = builder.fadd(result, builder.load(mins[i]))
             pointer = cgutils.get_item_pointer(context, builder, out_t, out_ary, [rows[i], first_col], wraparound=False)
-            _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [builder.load(accs[i]), pointer, ir.Constant(_I32, 4), mask])
+            _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [result, pointer, ir.Constant(_I32, 4), mask])
         return context.get_dummy_value()
 
     return codegen
 
 
-def _make_q4_0x8(n_tokens: int, isa: str):
-    codegen = _codegen_q4_0x8(n_tokens, isa)
+def _make_group_intrinsic(fmt: GroupFormat, n_tokens: int, isa: str):
+    codegen = _codegen_group(fmt, n_tokens, isa)
 
-    def typer(typingctx, wq, wd, g, xq, xd, xn, out, t, n_valid):
-        expected = ((wq, types.uint8), (wd, types.uint16), (xq, types.int8), (xd, types.float32), (xn, types.int32), (out, types.float32))
+    def typer(typingctx, wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid):
+        expected = ((wq, types.uint8), (wd, types.uint16), (wm, types.uint16), (xq, types.int8), (xd, types.float32),
+                    (xs, types.float32), (xn, types.int32), (out, types.float32))
         for array, dtype in expected:
             if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C" and array.dtype == dtype):
-                raise TypeError(f"q4_0x8: expected a C-contiguous 2-D {dtype} array, got {array}")
-        return types.none(wq, wd, g, xq, xd, xn, out, t, n_valid), codegen
+                raise TypeError(f"{fmt.name} group product: expected a C-contiguous 2-D {dtype} array, got {array}")
+        return types.none(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid), codegen
 
-    typer.__name__ = f"q4_0x8_tokens{n_tokens}_{isa}"
+    typer.__name__ = f"{fmt.name}_group_tokens{n_tokens}_{isa}"
     return intrinsic(typer)
 
 
-Q4_0X8 = {(n, isa): _make_q4_0x8(n, isa) for n in (1, 4) for isa in ISAS}
+# GROUP_INTRINSICS[(format, n_tokens, isa)]: every variant this host can run (tests compare the ISAs).
+GROUP_INTRINSICS = {(name, n, isa): _make_group_intrinsic(fmt, n, isa) for name, fmt in GROUP_FORMATS.items() for n in (1, 4) for isa in ISAS}
 
 
-def q4_0x8_unpack(wq: np.ndarray, g: int) -> np.ndarray:
-    """(8, n_blocks, 32) int64 weights of row group g, from the layout above."""
-    n_blocks = wq.shape[1] // Q4_0_GROUP_BYTES
-    grouped = wq[g].reshape(n_blocks, 4, GROUP_ROWS, 4).transpose(2, 0, 1, 3).reshape(GROUP_ROWS, n_blocks, 16).astype(np.int64)
-    return np.concatenate((grouped & 15, grouped >> 4), axis=2) - 8
+def group_weights(fmt: GroupFormat, wq: np.ndarray, g: int) -> np.ndarray:
+    """(8, n_blocks, 32) int64: the stored weights of row group g (nibbles, or int8 for Q8_0)."""
+    n_chunks = fmt.block_bytes // 4
+    n_blocks = wq.shape[1] // (GROUP_ROWS * fmt.block_bytes)
+    grouped = wq[g].reshape(n_blocks, n_chunks, GROUP_ROWS, 4).transpose(2, 0, 1, 3).reshape(GROUP_ROWS, n_blocks, fmt.block_bytes)
+    if fmt.signed:
+        return grouped.view(np.int8).astype(np.int64)
+    grouped = grouped.astype(np.int64)
+    return np.concatenate((grouped & 15, grouped >> 4), axis=2)
 
 
-def q4_0x8_tokens1(wq, wd, g, xq, xd, xn, out, t, n_valid):
-    """out[t, 8g : 8g + n_valid] = rows 8g .. of a grouped Q4_0 matrix (wq (groups, n_blocks *
-    128) u8, wd (groups, n_blocks * 8) f16 bits) times activation row t (xq (T, cols) i8, xd
-    (T, cols // 32) f32, xn (T, cols // 32) i32 block sums of xq)."""
-    weights = q4_0x8_unpack(wq, g)
+def _group_np(fmt: GroupFormat, wq, wd, wm, g, xq, xd, xs, xn, out, t, n_tokens, n_valid):
+    weights = group_weights(fmt, wq, g) - fmt.zero_point  # (8, n_blocks, 32)
     n_blocks = weights.shape[1]
     d_w = wd[g].view(np.float16).astype(np.float32).reshape(n_blocks, GROUP_ROWS)
-    for i in range(t, t + 1):
-        x = xq[i].reshape(n_blocks, QK).astype(np.int64)
-        sums = (weights * x).sum(axis=2)  # (8, n_blocks), exact
+    m_w = wm[g].view(np.float16).astype(np.float32).reshape(n_blocks, GROUP_ROWS)
+    for i in range(t, t + n_tokens):
+        sums = (weights * xq[i].reshape(n_blocks, QK).astype(np.int64)).sum(axis=2)  # (8, n_blocks), exact
         acc = np.zeros(GROUP_ROWS, np.float32)
+        mins = np.zeros(GROUP_ROWS, np.float32)
         for b in range(n_blocks):
             acc = _fma_np(d_w[b] * xd[i, b], sums[:, b].astype(np.float32), acc)
-        out[i, g * GROUP_ROWS : g * GROUP_ROWS + n_valid] = acc[:n_valid]
+            if fmt.has_min:
+                mins = _fma_np(m_w[b], xs[i, b], mins)
+        result = acc + mins if fmt.has_min else acc
+        out[i, g * GROUP_ROWS : g * GROUP_ROWS + n_valid] = result[:n_valid]
 
 
-def q4_0x8_tokens4(wq, wd, g, xq, xd, xn, out, t, n_valid):
-    """q4_0x8_tokens1 for activation rows t .. t + 3."""
-    for i in range(t, t + 4):
-        q4_0x8_tokens1(wq, wd, g, xq, xd, xn, out, i, n_valid)
+def _group_function(name: str, n_tokens: int):
+    """The public product for one format and token count: plain numpy when Numba's JIT is off,
+    the intrinsic for this host's ISA in compiled code."""
+    fmt = GROUP_FORMATS[name]
+
+    def product(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid):
+        _group_np(fmt, wq, wd, wm, g, xq, xd, xs, xn, out, t, n_tokens, n_valid)
+
+    product.__name__ = product.__qualname__ = f"{name}_group_tokens{n_tokens}"
+    product.__doc__ = (f"out[t .. t + {n_tokens - 1}, 8g : 8g + n_valid] = rows 8g .. of a grouped {name.upper()} matrix "
+                       "(wq (groups, n_blocks * 8 * block_bytes) u8, wd and wm (groups, n_blocks * 8) f16 bits) times "
+                       "activation rows t .. (xq (T, cols) i8, xd (T, cols // 32) f32 scales, xs f32 d * sums, xn i32 sums).")
+    kernel = GROUP_INTRINSICS[(name, n_tokens, ISA)]
+
+    @overload(product, inline="always")
+    def _compiled(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid):
+        return lambda wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid: kernel(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+
+    return product
 
 
-for _fn, _n in ((q4_0x8_tokens1, 1), (q4_0x8_tokens4, 4)):
-
-    def _register(fn, kernel):
-        @overload(fn, inline="always")
-        def _compiled(wq, wd, g, xq, xd, xn, out, t, n_valid):
-            return lambda wq, wd, g, xq, xd, xn, out, t, n_valid: kernel(wq, wd, g, xq, xd, xn, out, t, n_valid)
-
-    _register(_fn, Q4_0X8[(_n, ISA)])
+q4_0_group_tokens1, q4_0_group_tokens4 = _group_function("q4_0", 1), _group_function("q4_0", 4)
+q4_1_group_tokens1, q4_1_group_tokens4 = _group_function("q4_1", 1), _group_function("q4_1", 4)
+q8_0_group_tokens1, q8_0_group_tokens4 = _group_function("q8_0", 1), _group_function("q8_0", 4)

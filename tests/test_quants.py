@@ -184,99 +184,53 @@ def test_matmul_thread_count_invariant(ttype):
         np.testing.assert_array_equal(results[0], other)
 
 
-def _row_dots(kernel1, kernel4, has_m):
-    """A compiled loop over every (weight row, token row) with the given simd.py intrinsics."""
-    if has_m:
-
-        @numba.njit
-        def run(wq, wd, wm, xq, xd, xs, out):
-            for r in range(wq.shape[0]):
-                out[0, r], out[1, r], out[2, r], out[3, r] = kernel4(wq, wd, wm, r, xq, xd, xs, 0)
-                for t in range(4, xq.shape[0]):
-                    out[t, r] = kernel1(wq, wd, wm, r, xq, xd, xs, t)
-
-    else:
-
-        @numba.njit
-        def run(wq, wd, xq, xd, out):
-            for r in range(wq.shape[0]):
-                out[0, r], out[1, r], out[2, r], out[3, r] = kernel4(wq, wd, r, xq, xd, 0)
-                for t in range(4, xq.shape[0]):
-                    out[t, r] = kernel1(wq, wd, r, xq, xd, t)
-
-    return run
-
-
-@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
-@pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_1), ids=lambda t: t.name)
-def test_row_dots_give_the_same_bits_on_every_isa(ttype):
-    """simd.py's AVX2 lanes (vpmaddubsw/vpmaddwd) and its generic IR (what an aarch64 node runs)
-    give the same bits, and both equal the plain-numpy twin; the four-row and one-row forms
-    agree. On a host without AVX2 only the generic path and the twin are compared."""
-    raw, _ = random_weights(13, 256, ttype)
-    packed = pack(ttype, raw, "w")
-    xq, xd, xs = Activations(random_activations(8, 256)).q8()
-    name = ttype.name.lower()
-    has_m = ttype == QT.Q4_1
-    args = (*packed.arrays, xq, xd, xs) if has_m else (*packed.arrays, xq, xd)
-    results = []
-    for isa in simd.ISAS:
-        out = np.empty((8, 13), np.float32)
-        _row_dots(simd.INTRINSICS[(name, 1, isa)], simd.INTRINSICS[(name, 4, isa)], has_m)(*args, out)
-        results.append(out)
-    for other in results[1:]:
-        np.testing.assert_array_equal(other, results[0])
-    twin = getattr(simd, f"dot_{name}_rows1")
-    for r in range(13):
-        for t in range(8):
-            call = (packed.arrays[0], packed.arrays[1], packed.arrays[2], r, xq, xd, xs, t) if has_m else (*packed.arrays, r, xq, xd, t)
-            np.testing.assert_allclose(twin(*call), results[0][t, r], rtol=1e-6)
-    np.testing.assert_array_equal(matmul(packed, Activations(random_activations(8, 256))), results[0])
-
-
 def _group_products(kernel1, kernel4):
-    """A compiled loop over every (row group, token row) with simd.py's grouped Q4_0 intrinsics."""
+    """A compiled loop over every (row group, token row) with the given simd.py intrinsics."""
 
     @numba.njit
-    def run(wq, wd, xq, xd, xn, out):
+    def run(wq, wd, wm, xq, xd, xs, xn, out):
         rows = out.shape[1]
         for g in range(wq.shape[0]):
             n_valid = min(simd.GROUP_ROWS, rows - g * simd.GROUP_ROWS)
-            kernel4(wq, wd, g, xq, xd, xn, out, 0, n_valid)
+            kernel4(wq, wd, wm, g, xq, xd, xs, xn, out, 0, n_valid)
             for t in range(4, xq.shape[0]):
-                kernel1(wq, wd, g, xq, xd, xn, out, t, n_valid)
+                kernel1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
 
     return run
 
 
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
-def test_q4_0_groups_give_the_same_bits_on_every_isa():
-    """The grouped Q4_0 product (eight rows in the lanes of a vector): AVX2 and generic IR give
-    the same bits, equal to the plain-numpy twin's, with a last group of 5 rows (13 = 8 + 5)
-    whose missing rows are never written."""
-    raw, _ = random_weights(13, 256, QT.Q4_0)
-    packed = pack(QT.Q4_0, raw, "w")
+@pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1), ids=lambda t: t.name)
+def test_group_products_give_the_same_bits_on_every_isa(ttype):
+    """simd.py's AVX2 integers (vpmaddubsw/vpmaddwd) and its generic IR (what an aarch64 node
+    runs) give the same bits, equal to the plain-numpy twin's; the four-token and one-token
+    forms agree; a last group of 5 rows (13 = 8 + 5) has its missing rows never written."""
+    raw, _ = random_weights(13, 256, ttype)
+    packed = pack(ttype, raw, "w")
+    wq, wd = packed.arrays[:2]
+    wm = packed.arrays[2] if ttype == QT.Q4_1 else wd
     acts = Activations(random_activations(8, 256))
-    xq, xd, _ = acts.q8()
-    xn = acts.q8_sums()
+    args = (wq, wd, wm, *acts.q8(), acts.q8_sums())
+    name = ttype.name.lower()
     results = []
     for isa in simd.ISAS:
         out = np.full((8, 13), np.nan, np.float32)
-        _group_products(simd.Q4_0X8[(1, isa)], simd.Q4_0X8[(4, isa)])(*packed.arrays, xq, xd, xn, out)
+        _group_products(simd.GROUP_INTRINSICS[(name, 1, isa)], simd.GROUP_INTRINSICS[(name, 4, isa)])(*args, out)
         results.append(out)
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
     twin = np.full((8, 13), np.nan, np.float32)
     for g in range(2):
         for t in range(8):
-            simd.q4_0x8_tokens1(*packed.arrays, g, xq, xd, xn, twin, t, min(8, 13 - 8 * g))
+            getattr(simd, f"{name}_group_tokens1")(*args[:3], g, *args[3:], twin, t, min(8, 13 - 8 * g))
     np.testing.assert_array_equal(twin, results[0])
     np.testing.assert_array_equal(matmul(packed, acts), results[0])
 
 
-def test_q4_0_row_slices_need_whole_groups():
-    raw, _ = random_weights(24, 64, QT.Q4_0)
-    packed = pack(QT.Q4_0, raw, "w")
+@pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1), ids=lambda t: t.name)
+def test_row_slices_need_whole_groups(ttype):
+    raw, _ = random_weights(24, 64, ttype)
+    packed = pack(ttype, raw, "w")
     np.testing.assert_array_equal(dequantize_rows(packed.row_slice(8, 24), np.arange(16)), dequantize_rows(packed, np.arange(8, 24)))
     with pytest.raises(ValueError, match="split a group of 8"):
         packed.row_slice(4, 24)

@@ -26,7 +26,9 @@ pytestmark = pytest.mark.model
 
 MODEL = "smollm2-135m-instruct"
 N_CTX = 512
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# Greedy, this model answers "The capital of France is Paris." (without "Answer in one word." it
+# wanders into French, as llama.cpp does on the same prompt).
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 class Server:

@@ -35,7 +35,7 @@ def test_chat_page_streams_an_answer(browser):
         page.goto(server.url.removesuffix("/v1") + "/?temperature=0")  # greedy: the answer is known
         page.wait_for_function("document.getElementById('stages').textContent.includes('layers 0–29')")
         assert "smollm2-135m-instruct" in page.text_content("#model")
-        page.fill("#input", "What is the capital of France?")
+        page.fill("#input", "What is the capital of France? Answer in one word.")
         page.keyboard.press("Enter")
         page.wait_for_selector(".msg.user")
         page.wait_for_function("document.getElementById('stats').textContent.includes('tokens/s')", timeout=60_000)
