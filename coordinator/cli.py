@@ -10,6 +10,7 @@
     caravan plan                    which node would get which layers, and the expected speed
     caravan bench                   prefill and decode tokens/s, first token, hops, memory
     caravan serve                   OpenAI-compatible HTTP API (coordinator.server)
+    caravan quantize IN OUT --type  a GGUF model written again in another format (pipeline.quantize)
 
 run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
 over worker nodes; without them every layer runs in this process.
@@ -48,6 +49,7 @@ from caravan.pipeline.gguf_file import GGUFError, GGUFFile
 from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel, load_model
 from caravan.pipeline.model import ModelError
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
+from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment, StageError
@@ -77,6 +79,7 @@ EXPECTED_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (PlanError, ""),
     (TokenError, ""),
     (GGUFError, ""),
+    (QuantizeError, ""),
     (UnsupportedTypeError, ""),
     (ModelError, ""),
     (TokenizerError, ""),
@@ -214,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=32, metavar="N",
                    help="sequences decoded together; more requests wait (default: 32)")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("quantize", parents=[common],
+                         help="write a GGUF model again with its matrices in another format, as llama-quantize")
+    p.add_argument("input", metavar="IN", help="the model: a .gguf file (F32, F16, BF16, or quantized) or a known name")
+    p.add_argument("output", type=Path, metavar="OUT", help="the .gguf file to write (must not exist)")
+    p.add_argument("--type", required=True, metavar="TYPE", help=f"the matrices' format: {quantize_types()}")
+    p.set_defaults(func=cmd_quantize)
 
     p = verbs.add_parser("bench", parents=[common, model, cluster],
                          help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
@@ -645,6 +655,19 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
                    f"tokens/s, first token {reference['first_token_s'] * 1e3:.0f} ms")
         _emit(out, f"caravan vs llama.cpp: prefill {ratios['prefill']:.2f}x, decode {ratios['decode']:.2f}x, "
                    f"first token {ratios['first_token']:.2f}x as fast")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
+    target = parse_type(args.type)  # before any download: a wrong type fails at once
+    source = resolve_model(args.input, _cache_dir(args), progress=not args.json)
+    report = quantize_model(source, args.output, target, progress=not args.json)
+    if args.json:
+        _emit(out, {"path": str(args.output), **report.as_dict()})
+        return 0
+    _emit(out, f"{args.output}: {report.n_converted} of {report.n_tensors} tensors to {report.file_type} "
+               f"({len(report.notes)} with another type, {report.n_kept} kept), "
+               f"{report.bytes_in / 2**20:.1f} MiB -> {report.bytes_out / 2**20:.1f} MiB in {report.seconds:.1f} s")
     return 0
 
 
