@@ -456,3 +456,47 @@ def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_lost_node_is_refilled_with_the_sessions_adapters(tiny_model_path, two_adapters, tmp_path):
+    """A node killed mid-generation: the re-plan sends the adapter to the new stages and
+    refills the session's KV caches with its adapter, so every logit afterwards has the same
+    bits as in one process."""
+    from caravan.coordinator.failover import ClusterPipeline
+    from node_processes import NodeProcess, cluster_token
+
+    _, model, one, names = with_adapters(tiny_model_path, two_adapters)
+    chosen = ((names[0], 1.0), (names[1], 0.5))
+
+    def steps(pipeline, adapters=chosen, kill=None) -> list[np.ndarray]:
+        hidden = pipeline.forward([Segment("s", 0, len(PROMPT), adapters)], np.asarray(PROMPT))
+        logits = []
+        for t in range(8):
+            logits.append(pipeline.head.logits(hidden[-1:]))
+            if t == 3 and kill is not None:
+                kill()
+            token = np.array([int(np.argmax(logits[-1]))])
+            hidden = pipeline.forward([Segment("s", len(PROMPT) + t, 1, adapters)], token)
+        pipeline.end_session("s")
+        return logits
+
+    expected = steps(one)
+    assert not np.array_equal(expected[0], steps(one, ())[0])
+    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(3)]
+    pipeline = ClusterPipeline(model, lambda: [n.address for n in nodes], N_CTX, tmp_path, progress=False,
+                               token=cluster_token())
+    try:
+        for path in two_adapters:
+            pipeline.add_adapter(LoraAdapter.open(path, model.config))
+        used = [a.node.name for a in pipeline.plan.assignments]
+        assert len(used) >= 2
+        victim = next(n for n in nodes if n.address == used[0])
+        got = steps(pipeline, kill=victim.kill)
+        assert len(pipeline.recoveries) == 1
+        assert victim.address not in [a.node.name for a in pipeline.plan.assignments]
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        pipeline.close()
+        for node in nodes:
+            node.stop()
