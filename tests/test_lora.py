@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from caravan.coordinator.cluster import model_cost
+from caravan.coordinator.planner import NODE_RUNTIME_BYTES
 from caravan.coordinator.remote import NodeClient, RemoteStage, _adapter_chunks
 from caravan.node.server import NodeSettings, create_server
 from caravan.pipeline.generate import Generation, Pipeline
@@ -384,7 +386,9 @@ def test_run_with_adapters_over_two_node_processes(tiny_model_path, two_adapters
     expected = greedy(pipeline, 12, ((names[0], 0.5), (names[1], 1.0)), prompt=ids)
     assert expected != greedy(pipeline, 12, prompt=ids)
     assert cli_run(model_path, *flags)[0] == expected
-    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(2)]
+    # Each node holds at most 2 of the 3 layers, so the plan splits them however fast the hops.
+    limit = NODE_RUNTIME_BYTES + 2 * model_cost(model, N_CTX).per_layer
+    nodes = [NodeProcess(tmp_path / f"node{i}", "--memory-limit", str(limit)) for i in range(2)]
     try:
         tokens, log = cli_run(model_path, "--nodes", ",".join(n.address for n in nodes), *flags)
         placed = next(line for line in log.splitlines() if "layers placed:" in line)
@@ -482,7 +486,9 @@ def test_lost_node_is_refilled_with_the_sessions_adapters(tiny_model_path, two_a
 
     expected = steps(one)
     assert not np.array_equal(expected[0], steps(one, ())[0])
-    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(3)]
+    # Each node holds at most 2 of the 3 layers, so the plan splits them however fast the hops.
+    limit = NODE_RUNTIME_BYTES + 2 * model_cost(model, N_CTX).per_layer
+    nodes = [NodeProcess(tmp_path / f"node{i}", "--memory-limit", str(limit)) for i in range(3)]
     pipeline = ClusterPipeline(model, lambda: [n.address for n in nodes], N_CTX, tmp_path, progress=False,
                                token=cluster_token())
     try:
