@@ -10,6 +10,7 @@
     caravan plan                    which node would get which layers, and the expected speed
     caravan bench                   prefill and decode tokens/s, first token, hops, memory
     caravan serve                   OpenAI-compatible HTTP API (coordinator.server)
+    caravan quantize IN OUT --type  a GGUF model written again in another format (pipeline.quantize)
 
 run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
 over worker nodes; without them every layer runs in this process.
@@ -46,8 +47,10 @@ from caravan.pipeline.chat_template import ChatTemplateError
 from caravan.pipeline.generate import PREFILL_CHUNK, ContextFullError, Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFError, GGUFFile
 from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel, load_model
+from caravan.pipeline.lora import LoraAdapter, LoraError, check_scale
 from caravan.pipeline.model import ModelError
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
+from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment, StageError
@@ -77,6 +80,8 @@ EXPECTED_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (PlanError, ""),
     (TokenError, ""),
     (GGUFError, ""),
+    (QuantizeError, ""),
+    (LoraError, ""),
     (UnsupportedTypeError, ""),
     (ModelError, ""),
     (TokenizerError, ""),
@@ -143,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
 
+    lora = argparse.ArgumentParser(add_help=False)
+    lora.add_argument("--lora", action="append", type=_lora_flag, default=[], metavar="FILE[:SCALE]",
+                      help="a LoRA adapter in llama.cpp's GGUF format, scaled by SCALE (default 1); repeat for "
+                      "more. run and chat apply them all; serve offers each as the model MODEL:ADAPTER")
+
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                           help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
@@ -169,11 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a known model name (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
-    p = verbs.add_parser("run", parents=[common, model, cluster, sampling], help="raw completion of PROMPT, streamed")
+    p = verbs.add_parser("run", parents=[common, model, cluster, lora, sampling], help="raw completion of PROMPT, streamed")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=cmd_run)
 
-    p = verbs.add_parser("chat", parents=[common, model, cluster, sampling], help="interactive chat (lines from stdin)")
+    p = verbs.add_parser("chat", parents=[common, model, cluster, lora, sampling], help="interactive chat (lines from stdin)")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system message to start the conversation")
     p.set_defaults(func=cmd_chat)
 
@@ -203,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
     p.set_defaults(func=cmd_plan)
 
-    p = verbs.add_parser("serve", parents=[common, model, cluster],
+    p = verbs.add_parser("serve", parents=[common, model, cluster, lora],
                          help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; give --api-key before opening it)")
@@ -214,6 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=_positive_int, default=32, metavar="N",
                    help="sequences decoded together; more requests wait (default: 32)")
     p.set_defaults(func=cmd_serve)
+
+    p = verbs.add_parser("quantize", parents=[common],
+                         help="write a GGUF model again with its matrices in another format, as llama-quantize")
+    p.add_argument("input", metavar="IN", help="the model: a .gguf file (F32, F16, BF16, or quantized) or a known name")
+    p.add_argument("output", type=Path, metavar="OUT", help="the .gguf file to write (must not exist)")
+    p.add_argument("--type", required=True, metavar="TYPE", help=f"the matrices' format: {quantize_types()}")
+    p.set_defaults(func=cmd_quantize)
 
     p = verbs.add_parser("bench", parents=[common, model, cluster],
                          help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
@@ -227,6 +244,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _lora_flag(text: str) -> tuple[Path, float]:
+    """`FILE` or `FILE:SCALE` (as llama.cpp's --lora and --lora-scaled FILE SCALE)."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), check_scale(float(scale))
+        except (ValueError, LoraError):
+            pass  # a ':' in the file name, not a scale
+    return Path(text), 1.0
+
+
+def _adapters(args: argparse.Namespace, model: LoadedModel, pipeline: Pipeline) -> tuple[tuple[str, float], ...]:
+    """Open every --lora adapter, check it against the model, give it to every stage; returns
+    (name, scale) of each, in order. An adapter's name is its file name without .gguf."""
+    chosen: list[tuple[str, float]] = []
+    for path, scale in args.lora:
+        adapter = LoraAdapter.open(path, model.config)
+        if any(name == adapter.name for name, _ in chosen):
+            raise LoraError(f"--lora: two adapters named {adapter.name!r}; rename one of the files")
+        pipeline.add_adapter(adapter)
+        chosen.append((adapter.name, scale))
+        log.info("adapter %s: %d matrices, alpha %g, scale %g", adapter.name, len(adapter.pairs), adapter.alpha, scale)
+    return tuple(chosen)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -351,8 +393,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     model = _load(args)
     with _pipeline(args, model, args.ctx) as pipeline:
         tokenizer = model.tokenizer
+        adapters = _adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
-        generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids)
+        generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters)
         if args.json:
             for _ in generation:
                 pass
@@ -378,6 +421,7 @@ def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
 def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeline: Pipeline,
                params: SamplingParams) -> int:
     tokenizer = model.tokenizer
+    adapters = _adapters(args, model, pipeline)
     sampler = Sampler(params)  # one generator for the whole conversation: a seed fixes it all
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -404,7 +448,7 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
             continue
         history.append({"role": "user", "content": line})
         prompt_ids = _chat_prompt(model, system, history, pipeline.n_ctx)
-        generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids)
+        generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters)
         if args.json:
             for _ in generation:
                 pass
@@ -648,6 +692,19 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
+    target = parse_type(args.type)  # before any download: a wrong type fails at once
+    source = resolve_model(args.input, _cache_dir(args), progress=not args.json)
+    report = quantize_model(source, args.output, target, progress=not args.json)
+    if args.json:
+        _emit(out, {"path": str(args.output), **report.as_dict()})
+        return 0
+    _emit(out, f"{args.output}: {report.n_converted} of {report.n_tensors} tensors to {report.file_type} "
+               f"({len(report.notes)} with another type, {report.n_kept} kept), "
+               f"{report.bytes_in / 2**20:.1f} MiB -> {report.bytes_out / 2**20:.1f} MiB in {report.seconds:.1f} s")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     import socket
 
@@ -661,9 +718,11 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
     with _pipeline(args, model, args.ctx) as pipeline:
+        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in _adapters(args, model, pipeline)}
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads)
         host, port = sock.getsockname()[:2]
-        api = API(model, scheduler, model_id, args.api_key, loopback_only=ipaddress.ip_address(host).is_loopback)
+        api = API(model, scheduler, model_id, args.api_key, loopback_only=ipaddress.ip_address(host).is_loopback,
+                  adapters=adapters)
         if args.api_key is None and not ipaddress.ip_address(host).is_loopback:
             log.warning("serving on %s without --api-key: anyone who can reach it can use it", host)
         _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")

@@ -19,6 +19,7 @@ import numpy as np
 
 from caravan.pipeline.generate import PREFILL_CHUNK, Pipeline
 from caravan.pipeline.loader import LoadedModel
+from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.stage import Segment
 from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
@@ -47,6 +48,8 @@ class ClusterPipeline(Pipeline):
         self.progress = progress
         self.forward_timeout_s = forward_timeout_s
         self.history: dict[str, list[int]] = {}  # session -> its tokens at positions 0 .. len - 1
+        self.session_adapters: dict[str, tuple] = {}  # session -> its Segment.adapters
+        self.adapters: dict[str, LoraAdapter] = {}  # sent again to the stages of every new plan
         self.recoveries: list[str] = []  # why each re-plan happened
         self.cluster: Cluster | None = None
         self._deploy(n_ctx, skip_unreachable=False)
@@ -72,6 +75,12 @@ class ClusterPipeline(Pipeline):
         self.cluster = deploy(self.model, nodes, plan, n_ctx, self.cache_dir, self.wire_format, self.progress,
                               self.forward_timeout_s)
         Pipeline.__init__(self, self.model.head, self.cluster.stages, n_ctx)
+        for adapter in self.adapters.values():
+            super().add_adapter(adapter)
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        self.adapters[adapter.name] = adapter
+        super().add_adapter(adapter)
 
     def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
         for attempt in range(MAX_RECOVERIES + 1):
@@ -113,18 +122,20 @@ class ClusterPipeline(Pipeline):
             ids = np.asarray(tokens, dtype=np.int64)
             for start in range(0, len(ids), PREFILL_CHUNK):
                 chunk = ids[start : start + PREFILL_CHUNK]
-                super().forward([Segment(session_id, start, len(chunk))], chunk)
+                super().forward([Segment(session_id, start, len(chunk), self.session_adapters.get(session_id, ()))], chunk)
 
     def _remember(self, segments: Sequence[Segment], token_ids: np.ndarray) -> None:
         row = 0
         for seg in segments:
             tokens = self.history.setdefault(seg.session_id, [])
+            self.session_adapters[seg.session_id] = seg.adapters
             del tokens[seg.start :]
             tokens.extend(int(t) for t in token_ids[row : row + seg.length])
             row += seg.length
 
     def end_session(self, session_id: str) -> None:
         self.history.pop(session_id, None)
+        self.session_adapters.pop(session_id, None)
         super().end_session(session_id)
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from caravan.pipeline.gguf_file import GGUFFile
+from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
 from caravan.pipeline.stage import LayerRange, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
@@ -145,6 +146,31 @@ class NodeClient:
     def close(self) -> None:
         self.channel.close()
 
+    def load_adapter(self, adapter: LoraAdapter, layers: LayerRange) -> None:
+        """Send the node a LoRA adapter's tensors of its layers (possibly none)."""
+        try:
+            self.stub.LoadAdapter(_adapter_chunks(adapter, layers), timeout=LOAD_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                raise NodeError(self.label, "does not take LoRA adapters: run the same caravan version on both",
+                                exc.code()) from None
+            raise self.error(exc, f"loading adapter {adapter.name!r}") from None
+
+
+def _adapter_chunks(adapter: LoraAdapter, layers: LayerRange) -> Iterator[pb.AdapterChunk]:
+    tensors = adapter.tensors_for(layers)
+    yield pb.AdapterChunk(header=pb.AdapterHeader(
+        name=adapter.name, alpha=float(adapter.alpha), arch=adapter.arch,
+        tensors=[pb.TensorEntry(name=t.name, type=int(t.type), shape=t.shape, n_bytes=t.n_bytes) for t in tensors]))
+    digest = hashlib.sha256()
+    for info in tensors:
+        data = adapter.tensor_bytes(info)
+        for start in range(0, len(data), wire.WEIGHT_CHUNK_BYTES):
+            piece = bytes(data[start : start + wire.WEIGHT_CHUNK_BYTES])
+            digest.update(piece)
+            yield pb.AdapterChunk(data=piece)
+    yield pb.AdapterChunk(sha256=digest.hexdigest())
+
 
 def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int) -> pb.LoadRequest:
     tensors = []
@@ -256,6 +282,9 @@ class RemoteStage:
 
     def end_session(self, session_id: str) -> None:
         self.client.end_session(session_id)
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        self.client.load_adapter(adapter, self.layers)
 
     def close(self) -> None:
         self._closed.set()

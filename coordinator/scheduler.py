@@ -47,6 +47,7 @@ class Request:
     max_tokens: int
     stop_ids: frozenset[int]
     on_event: Callable[[Event], None]  # called on the scheduler's thread: must only hand off
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) the sequence uses
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already through the stages
@@ -171,7 +172,7 @@ class Scheduler:
         for request in self.active:
             if request.decoding and request.tokens:
                 position = len(request.prompt_ids) + len(request.tokens) - 1
-                segments.append(Segment(request.session_id, position, 1))
+                segments.append(Segment(request.session_id, position, 1, request.adapters))
                 ids.append(request.tokens[-1])
                 sampled.append((request, row))
                 row += 1
@@ -179,7 +180,7 @@ class Scheduler:
         if prefilling is not None:
             start = prefilling.prefilled
             chunk = prefilling.prompt_ids[start : start + self.prefill_chunk]
-            segments.append(Segment(prefilling.session_id, start, len(chunk)))
+            segments.append(Segment(prefilling.session_id, start, len(chunk), prefilling.adapters))
             ids.extend(chunk)
             row += len(chunk)
             prefilling.prefilled += len(chunk)

@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   messages rendered with the model's chat template
     POST /v1/completions        a raw prompt
-    GET  /v1/models             the one model served
+    GET  /v1/models             the model served, and MODEL:ADAPTER for each --lora adapter
     GET  /                      a small web chat page (coordinator/chat.html)
     GET  /health                200 when ready, 503 while no plan of nodes works; the stages
     GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
@@ -10,7 +10,9 @@
 Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n and stream
 (Server-Sent Events: `data: {chunk}` lines, usage in the last chunk, then `data: [DONE]`).
 Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with the
-right status. A client that goes away mid-stream has its sequence cancelled, which frees its
+right status. A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs
+the base model with that adapter's low-rank products added, in the same batches as the others;
+the base model's own id runs it without. A client that goes away mid-stream has its sequence cancelled, which frees its
 KV cache on every stage.
 
 Bound to loopback (the default), it answers only requests whose Host names loopback and whose
@@ -72,6 +74,8 @@ class Completion:
     n: int
     stop: tuple[str, ...]
     stream: bool
+    model: str = ""  # the model id asked for: the base model's, or MODEL:ADAPTER
+    adapters: tuple[tuple[str, float], ...] = ()  # the LoRA adapters that id stands for
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
@@ -87,10 +91,13 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
 
 class API:
     def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None,
-                 loopback_only: bool = True):
+                 loopback_only: bool = True, adapters: dict[str, tuple[tuple[str, float], ...]] | None = None):
         self.model = model
         self.scheduler = scheduler
         self.model_id = model_id
+        # Model ids that stand for the base model with LoRA adapters ("MODEL:ADAPTER" -> (name,
+        # scale) pairs), chosen per request by the request's "model" field.
+        self.adapters = dict(adapters or {})
         self.api_key = api_key
         self.created = int(time.time())
         self.chat_page = (Path(__file__).parent / "chat.html").read_text(encoding="utf-8")
@@ -121,8 +128,9 @@ class API:
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != self.model_id:
-            raise APIError(404, f"the model {model!r} does not exist; this server runs {self.model_id!r}",
+        if model is not None and model != self.model_id and model not in self.adapters:
+            served = ", ".join(repr(m) for m in (self.model_id, *self.adapters))
+            raise APIError(404, f"the model {model!r} does not exist; this server runs {served}",
                            "model", "model_not_found")
         return body
 
@@ -159,7 +167,8 @@ class API:
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
-        return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream)
+        model = body.get("model") or self.model_id
+        return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()))
 
     def _chat_ids(self, body: dict) -> list[int]:
         messages = body.get("messages")
@@ -227,7 +236,8 @@ class API:
         except APIError as exc:
             return exc.response()
         return JSONResponse({"object": "list", "data": [
-            {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "caravan"}]})
+            {"id": model_id, "object": "model", "created": self.created, "owned_by": "caravan"}
+            for model_id in (self.model_id, *self.adapters)]})
 
     async def page(self, request: HTTPRequest) -> Response:
         return HTMLResponse(self.chat_page)
@@ -278,7 +288,7 @@ class API:
             params = job.params if job.params.seed is None else SamplingParams(**{**job.params.__dict__,
                                                                                 "seed": job.params.seed + i})
             request = Request(job.prompt_ids, Sampler(params), job.max_tokens, self.model.tokenizer.eog_ids,
-                              lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e))
+                              lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e), job.adapters)
             self.scheduler.submit(request)
             runs.append((request, events))
         return runs
@@ -288,7 +298,7 @@ class API:
         runs = self._start(job, loop)
         kind = "chat.completion" if chat else "text_completion"
         base = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                "model": self.model_id}
+                "model": job.model}
         if job.stream:
             return StreamingResponse(self._stream(job, runs, chat, {**base, "object": kind + ("" if not chat else ".chunk")}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

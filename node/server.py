@@ -21,6 +21,8 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Callable
 
+import hashlib
+
 import grpc
 import numba
 import numpy as np
@@ -29,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.gguf_file import GGUFFile
+from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.model import ModelConfig
 from caravan.pipeline.speed import ms_per_layer
 from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch
@@ -41,6 +44,7 @@ from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 log = logging.getLogger(__name__)
 
 SERVICE = "caravan.v1.Stage"  # the name health reports READY under
+MAX_ADAPTERS = 16  # LoRA adapters a node holds at once
 VERSION = package_version("caravan")
 
 
@@ -258,6 +262,46 @@ class StageServicer(pb_grpc.StageServicer):
         if stage is not None:
             self._run(stage.end_session, request.session_id)
         return pb.EndSessionReply()
+
+    def LoadAdapter(self, request_iterator, context):
+        try:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise wire.WireError("LoadAdapter must start with the adapter header")
+            header = first.header
+            with self._lock:
+                stage = self._stage
+            if stage is None:
+                raise wire.NotReadyError("no layers are loaded on this node")
+            if header.name not in stage.adapters and len(stage.adapters) >= MAX_ADAPTERS:
+                raise wire.WireError(f"this node holds {MAX_ADAPTERS} adapters already")
+            tensors = wire.decode_tensor_entries(header.tensors)
+            expected = sum(t.n_bytes for t in tensors.values())
+            available = self._capped(psutil.virtual_memory().available)
+            if 2 * expected > available:  # the bytes, then the packed matrices
+                raise MemoryError(f"adapter {header.name!r} needs {2 * expected >> 20} MiB; this node has "
+                                  f"{available >> 20} MiB free")
+            data, digest = bytearray(), hashlib.sha256()
+            finished = False
+            for chunk in request_iterator:
+                part = chunk.WhichOneof("part")
+                if part == "data" and not finished and len(data) + len(chunk.data) <= expected:
+                    data += chunk.data
+                    digest.update(chunk.data)
+                elif part == "sha256" and not finished and len(data) == expected and chunk.sha256 == digest.hexdigest():
+                    finished = True
+                else:
+                    raise wire.WireError(f"adapter {header.name!r}: unexpected {part}, more bytes than declared "
+                                         f"({expected}), or a wrong sha256")
+            if not finished:
+                raise wire.WireError(f"adapter {header.name!r}: the stream ended before its sha256")
+            adapter = LoraAdapter.received(header.name, header.alpha, header.arch, stage.config, tensors,
+                                           bytes(data), stage.layers)
+            self._run(stage.add_adapter, adapter)
+            log.info("adapter %s: %d tensors of layers %s, %d bytes", header.name, len(tensors), stage.layers, expected)
+        except Exception as exc:  # noqa: BLE001  (mapped to a status; the node keeps serving)
+            _abort(context, exc)
+        return pb.AdapterReply(bytes_received=expected)
 
 
 def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: int) -> LocalStage:

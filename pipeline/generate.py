@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from .lora import LoraAdapter
 from .model import ModelHead
 from .sampler import Sampler
 from .stage import Segment, Stage, StageBatch
@@ -49,6 +50,12 @@ class Pipeline:
     def end_session(self, session_id: str) -> None:
         for stage in self.stages:
             stage.end_session(session_id)
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Make a LoRA adapter available to sessions (Segment.adapters): each stage keeps the
+        matrices of its own layers."""
+        for stage in self.stages:
+            stage.add_adapter(adapter)
 
 
 @dataclass
@@ -87,6 +94,7 @@ class Generation:
     sampler: Sampler
     max_tokens: int
     stop_ids: frozenset[int]
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), added with Pipeline.add_adapter
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tokens: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
@@ -110,7 +118,7 @@ class Generation:
         hidden = None
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
-            hidden = self.pipeline.forward([Segment(self.session_id, start, len(chunk))], chunk)
+            hidden = self.pipeline.forward([Segment(self.session_id, start, len(chunk), self.adapters)], chunk)
         return self.pipeline.head.logits(hidden[-1:])[0]
 
     def _run(self) -> Iterator[int]:
@@ -142,6 +150,6 @@ class Generation:
                 self.stopped_by = "context"
                 return
             hidden = self.pipeline.forward(
-                [Segment(self.session_id, position, 1)], np.array([token], dtype=np.int64)
+                [Segment(self.session_id, position, 1, self.adapters)], np.array([token], dtype=np.int64)
             )
             logits = self.pipeline.head.logits(hidden)[0]

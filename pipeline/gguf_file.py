@@ -210,6 +210,9 @@ class GGUFFile:
             os.close(fd)
         self._buf = memoryview(self._map)
         self.metadata: dict[str, Any] = {}
+        # key -> (value type, item type for arrays else None): what a writer needs to copy a
+        # key with its exact GGUF type (caravan quantize).
+        self.value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
         self.tensors: dict[str, TensorInfo] = {}
         self._parse()
 
@@ -239,7 +242,11 @@ class GGUFFile:
             if key in self.metadata:
                 raise GGUFError(f"{what}: key {key!r} appears twice")
             vtype = _value_type(cur.u32(f"{key} value type"), key, what)
+            item_type = None
+            if vtype == GGUFValueType.ARRAY and cur.remaining() >= 4:
+                item_type = _VALUE_TYPES.get(struct.unpack_from("<I", cur.buf, cur.pos)[0])
             self.metadata[key] = _read_value(cur, vtype, key)
+            self.value_types[key] = (vtype, item_type)
 
         self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if (
@@ -295,6 +302,15 @@ class GGUFFile:
         """The tensor's bytes exactly as stored, for sending to a node."""
         info = self.tensors[name]
         return self._buf[info.offset : info.offset + info.n_bytes]
+
+    def release(self, name: str) -> None:
+        """Drop the pages of a tensor from this process's memory, as llama.cpp's unmap_weight
+        does after quantizing it; a later read maps them in again from the file."""
+        info = self.tensors[name]
+        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = min(-(-(info.offset + info.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE, self.file_size)
+        if hasattr(mmap, "MADV_DONTNEED") and end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} keys)"

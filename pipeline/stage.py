@@ -13,6 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .lora import AdapterWeights, LoraAdapter, LoraRows
 from .model import LayerWeights, ModelConfig, TensorSource
 from .ops import attention, rmsnorm, rope_, rope_tables, swiglu
 from .quants import Activations, PackedMatrix, matmul
@@ -52,6 +53,7 @@ class Segment:
     session_id: str
     start: int
     length: int
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, user scale) the session uses, in order
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class Stage(Protocol):
     def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out
 
     def end_session(self, session_id: str) -> None: ...
+
+    def add_adapter(self, adapter: LoraAdapter) -> None: ...  # hold its matrices of this stage's layers
 
 
 class KVCache:
@@ -164,6 +168,7 @@ class LocalStage:
         self.n_ctx = n_ctx
         self.cos, self.sin = rope_tables(n_ctx, config.n_rot, config.rope_theta)
         self.sessions: dict[str, KVCache] = {}
+        self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapter name -> its matrices in these layers
 
     @classmethod
     def load(cls, source: TensorSource, config: ModelConfig, layers: LayerRange, n_ctx: int) -> "LocalStage":
@@ -178,6 +183,10 @@ class LocalStage:
 
     def end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Hold a LoRA adapter's matrices of these layers (none, when it adapts none of them)."""
+        self.adapters[adapter.name] = adapter.weights(self.layers)
 
     def _check(self, seg: Segment) -> None:
         if seg.length <= 0 or seg.start < 0:
@@ -219,6 +228,7 @@ class LocalStage:
         x = np.array(batch.hidden, dtype=np.float32, copy=True)  # (T, dim), the residual stream
         if x.ndim != 2 or x.shape[1] != c.dim or x.shape[0] != sum(s.length for s in batch.segments):
             raise StageError(f"hidden state of shape {x.shape} does not match the batch's segments and dim {c.dim}")
+        lora = LoraRows(batch.segments, self.adapters)  # checked before any cache changes
         caches = self._caches(batch.segments)
         positions = batch.positions()
         q_dim = c.n_heads * c.head_dim
@@ -232,6 +242,7 @@ class LocalStage:
                 q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
                 k = matmul(w.attn_k, acts)  # (T, kv_dim)
                 v = matmul(w.attn_v, acts)  # (T, kv_dim)
+            lora.add(self.layers.start + li, acts, attn_q=q, attn_k=k, attn_v=v)
             rope_(q, positions, self.cos, self.sin, c.n_heads)
             rope_(k, positions, self.cos, self.sin, c.n_kv_heads)
             attn = np.empty_like(q)
@@ -242,14 +253,21 @@ class LocalStage:
                     q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads
                 )
                 row += seg.length
-            x += matmul(w.attn_output, Activations(attn))
+            acts = Activations(attn)
+            out = matmul(w.attn_output, acts)  # (T, dim)
+            lora.add(self.layers.start + li, acts, attn_output=out)
+            x += out
             acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))
             if self.gate_up[li] is not None:
                 gate_up = matmul(self.gate_up[li], acts)  # (T, 2 * hidden_dim)
-                hidden = swiglu(gate_up[:, : c.hidden_dim], gate_up[:, c.hidden_dim :])  # (T, hidden_dim)
+                gate, up = gate_up[:, : c.hidden_dim], gate_up[:, c.hidden_dim :]
             else:
-                hidden = swiglu(matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts))
-            x += matmul(w.ffn_down, Activations(hidden))
+                gate, up = matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts)  # (T, hidden_dim) each
+            lora.add(self.layers.start + li, acts, ffn_gate=gate, ffn_up=up)
+            acts = Activations(swiglu(gate, up))  # (T, hidden_dim)
+            out = matmul(w.ffn_down, acts)  # (T, dim)
+            lora.add(self.layers.start + li, acts, ffn_down=out)
+            x += out
         for seg, cache in zip(batch.segments, caches):
             cache.length = seg.start + seg.length
         return x

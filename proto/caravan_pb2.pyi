@@ -176,14 +176,24 @@ class WeightChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[LoadRequest, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("session_id", "start", "length")
+    __slots__ = ("session_id", "start", "length", "adapters")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start: int
     length: int
-    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterRef]
+    def __init__(self, session_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., adapters: _Optional[_Iterable[_Union[AdapterRef, _Mapping]]] = ...) -> None: ...
+
+class AdapterRef(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("format", "rows", "cols", "data")
@@ -238,3 +248,31 @@ class EndSessionRequest(_message.Message):
 class EndSessionReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class AdapterHeader(_message.Message):
+    __slots__ = ("name", "alpha", "arch", "tensors")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
+    ARCH_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    alpha: float
+    arch: str
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
+    def __init__(self, name: _Optional[str] = ..., alpha: _Optional[float] = ..., arch: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ...) -> None: ...
+
+class AdapterChunk(_message.Message):
+    __slots__ = ("header", "data", "sha256")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    header: AdapterHeader
+    data: bytes
+    sha256: str
+    def __init__(self, header: _Optional[_Union[AdapterHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class AdapterReply(_message.Message):
+    __slots__ = ("bytes_received",)
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    def __init__(self, bytes_received: _Optional[int] = ...) -> None: ...

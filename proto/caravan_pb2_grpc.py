@@ -64,6 +64,11 @@ class StageStub:
                 request_serializer=caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=caravan_dot_proto_dot_caravan__pb2.EndSessionReply.FromString,
                 _registered_method=True)
+        self.LoadAdapter = channel.stream_unary(
+                '/caravan.v1.Stage/LoadAdapter',
+                request_serializer=caravan_dot_proto_dot_caravan__pb2.AdapterChunk.SerializeToString,
+                response_deserializer=caravan_dot_proto_dot_caravan__pb2.AdapterReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -115,6 +120,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadAdapter(self, request_iterator, context):
+        """Hold a LoRA adapter's matrices of the loaded layers under a name that segments refer to
+        (llama.cpp's GGUF adapter format, pipeline/lora.py): the header first, then the tensors'
+        bytes in header order, then their sha256. Loading other layers drops every adapter.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.FromString,
                     response_serializer=caravan_dot_proto_dot_caravan__pb2.EndSessionReply.SerializeToString,
+            ),
+            'LoadAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=caravan_dot_proto_dot_caravan__pb2.AdapterChunk.FromString,
+                    response_serializer=caravan_dot_proto_dot_caravan__pb2.AdapterReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +330,33 @@ class Stage:
             '/caravan.v1.Stage/EndSession',
             caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.SerializeToString,
             caravan_dot_proto_dot_caravan__pb2.EndSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/caravan.v1.Stage/LoadAdapter',
+            caravan_dot_proto_dot_caravan__pb2.AdapterChunk.SerializeToString,
+            caravan_dot_proto_dot_caravan__pb2.AdapterReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,10 +7,14 @@ dim, the most rows they accept).
 
 from __future__ import annotations
 
+import math
+
 import grpc
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from caravan.pipeline.gguf_file import GGUFError, TensorInfo, tensor_nbytes
+from caravan.pipeline.lora import MAX_ADAPTERS_PER_ROW, LoraError, check_name
 from caravan.pipeline.model import ModelConfig, ModelError
 from caravan.pipeline.stage import Segment
 
@@ -144,7 +148,9 @@ MAX_SESSION_ID = 128  # characters
 
 
 def encode_segments(segments) -> list[pb.Segment]:
-    return [pb.Segment(session_id=s.session_id, start=s.start, length=s.length) for s in segments]
+    return [pb.Segment(session_id=s.session_id, start=s.start, length=s.length,
+                       adapters=[pb.AdapterRef(name=name, scale=scale) for name, scale in s.adapters])
+            for s in segments]
 
 
 def decode_segments(messages) -> tuple[Segment, ...]:
@@ -154,10 +160,52 @@ def decode_segments(messages) -> tuple[Segment, ...]:
             raise WireError(f"session id must have 1 to {MAX_SESSION_ID} characters")
         if m.length == 0:
             raise WireError(f"session {m.session_id}: segment of 0 rows")
-        segments.append(Segment(m.session_id, m.start, m.length))
+        segments.append(Segment(m.session_id, m.start, m.length, _decode_adapters(m)))
     if not segments:
         raise WireError("a batch needs at least one segment")
     return tuple(segments)
+
+
+def _decode_adapters(m: pb.Segment) -> tuple[tuple[str, float], ...]:
+    if len(m.adapters) > MAX_ADAPTERS_PER_ROW:
+        raise WireError(f"session {m.session_id}: {len(m.adapters)} adapters, at most {MAX_ADAPTERS_PER_ROW}")
+    try:
+        adapters = tuple((check_name(a.name), a.scale) for a in m.adapters)
+    except LoraError as exc:
+        raise WireError(f"session {m.session_id}: {exc}") from None
+    if not all(math.isfinite(scale) for _, scale in adapters):
+        raise WireError(f"session {m.session_id}: an adapter scale is not finite")
+    return adapters
+
+
+# --- adapter tensors --------------------------------------------------------------------------
+
+MAX_ADAPTER_TENSORS = 4096
+
+
+def decode_tensor_entries(entries) -> dict[str, TensorInfo]:
+    """TensorEntry messages -> TensorInfo by name, laid out back to back from offset 0 in
+    message order, each size checked against its type and shape."""
+    if len(entries) > MAX_ADAPTER_TENSORS:
+        raise WireError(f"{len(entries)} tensors, at most {MAX_ADAPTER_TENSORS}")
+    tensors: dict[str, TensorInfo] = {}
+    offset = 0
+    for e in entries:
+        ttype = tensor_type(e.type)
+        shape = tuple(e.shape)
+        if e.name in tensors or not e.name or len(e.name) > 256:
+            raise WireError(f"tensor name {e.name[:256]!r} is empty, too long or given twice")
+        if not 1 <= len(shape) <= 4 or any(not 0 < d < 1 << 32 for d in shape):
+            raise WireError(f"{e.name}: invalid shape {list(shape)}")
+        try:
+            n_bytes = tensor_nbytes(ttype, shape, e.name)
+        except GGUFError as exc:
+            raise WireError(str(exc)) from None
+        if e.n_bytes != n_bytes:
+            raise WireError(f"{e.name}: declared {e.n_bytes} bytes, a {ttype.name} tensor of shape {list(shape)} has {n_bytes}")
+        tensors[e.name] = TensorInfo(e.name, ttype, shape, offset, n_bytes)
+        offset += n_bytes
+    return tensors
 
 
 # --- model config -----------------------------------------------------------------------------

@@ -206,3 +206,43 @@ def q4_1_minima(gguf_file) -> dict[str, np.ndarray]:
             raw = np.asarray(gguf_file.tensor_data(name))
             minima[name] = np.ascontiguousarray(raw.reshape(raw.shape[0], -1, 20)[:, :, 2:4]).view(np.float16)[..., 0]
     return minima
+
+
+def tiny_lora(
+    *,
+    n_layers: int = 3,
+    dim: int = 64,
+    hidden_dim: int = 96,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    rank: int = 8,
+    alpha: float | None = 16.0,
+    targets: tuple[str, ...] = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"),
+    layers: tuple[int, ...] | None = None,
+    weight_type: QT = QT.F32,
+    arch: str = "llama",
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, QT]]]:
+    """(metadata, tensors) of a random LoRA adapter for `tiny_llama` of the same shape, in
+    llama.cpp's GGUF adapter format (convert_lora_to_gguf.py): per adapted matrix W of numpy
+    shape (n_out, n_in), "<W>.lora_a" (rank, n_in) and "<W>.lora_b" (n_out, rank). A is
+    N(0, 1/n_in) and B N(0, 1/rank), so with alpha = rank a delta is as large as W's own product
+    (a trained adapter's is smaller; here a missed delta must show). alpha None: no key."""
+    head_dim = dim // n_heads
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    shapes = {  # (n_out, n_in)
+        "attn_q": (q_dim, dim), "attn_k": (kv_dim, dim), "attn_v": (kv_dim, dim), "attn_output": (dim, q_dim),
+        "ffn_gate": (hidden_dim, dim), "ffn_up": (hidden_dim, dim), "ffn_down": (dim, hidden_dim),
+    }
+    metadata: dict[str, Any] = {"general.architecture": arch, "general.type": "adapter", "adapter.type": "lora"}
+    if alpha is not None:
+        metadata["adapter.lora.alpha"] = float(alpha)
+    rng = np.random.default_rng(seed)
+    tensors: dict[str, tuple[np.ndarray, QT]] = {}
+    for i in range(n_layers) if layers is None else layers:
+        for name in targets:
+            n_out, n_in = shapes[name]
+            base = f"blk.{i}.{name}.weight"
+            tensors[base + ".lora_a"] = ((rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32), weight_type)
+            tensors[base + ".lora_b"] = ((rng.standard_normal((n_out, rank)) / np.sqrt(rank)).astype(np.float32), weight_type)
+    return metadata, tensors
