@@ -96,6 +96,21 @@ class ClusterPipeline(Pipeline):
         self._remember(segments, token_ids)
         return hidden
 
+    def copy_session(self, source: str, target: str, length: int) -> None:
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                if self.cluster is None:
+                    self._replan()
+                super().copy_session(source, target, length)
+                break
+            except NodeError as exc:
+                if not exc.lost or attempt == MAX_RECOVERIES:
+                    raise
+                self._drop(exc)  # the re-plan refills `source`; `target` is copied again
+                super().end_session(target)
+        self.history[target] = self.history[source][:length]
+        self.session_adapters[target] = self.session_adapters.get(source, ())
+
     def _drop(self, exc: NodeError) -> None:
         """Give up the current plan: a stage's node is gone or stuck."""
         log.warning("%s; re-planning over the nodes that still answer", exc)

@@ -143,6 +143,13 @@ class NodeClient:
         except grpc.RpcError as exc:  # the session's cache dies with the node anyway
             log.warning("%s", self.error(exc, f"ending session {session_id}"))
 
+    def copy_session(self, source: str, target: str, length: int) -> None:
+        try:
+            self.stub.CopySession(pb.CopySessionRequest(source=source, target=target, length=length),
+                                  timeout=CONNECT_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            raise self.error(exc, f"copying session {source}") from None
+
     def close(self) -> None:
         self.channel.close()
 
@@ -282,6 +289,9 @@ class RemoteStage:
 
     def end_session(self, session_id: str) -> None:
         self.client.end_session(session_id)
+
+    def copy_session(self, source: str, target: str, length: int) -> None:
+        self.client.copy_session(source, target, length)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         self.client.load_adapter(adapter, self.layers)

@@ -6,6 +6,10 @@ builds one batch from every request that is decoding (one row each) plus a chunk
 stages in one forward call, and samples the next token of each row that needs one. Requests
 join and leave between steps. The kernels give a row the same bits whatever else shares its
 batch, so a greedy request gets the same text alone or among many.
+
+Several samples of one prompt (n > 1) share its prefill: only the first request, the leader,
+runs the prompt; its followers then get a copy of its KV caches on every stage and sample
+their first tokens from the same logits.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ MAX_BATCH = 32  # sequences decoding at once; more wait in the queue
 class Event:
     kind: str  # "token", "done" or "error"
     token: int = -1
+    logprob: float = 0.0  # token: its log-probability, when the request asked for logprobs
+    top: tuple[tuple[int, float], ...] = ()  # token: the most likely (token, logprob) pairs, if asked
     finish_reason: str = ""  # done: "stop" (end of generation token), "length", "cancelled"
     message: str = ""  # error
 
@@ -48,6 +54,8 @@ class Request:
     stop_ids: frozenset[int]
     on_event: Callable[[Event], None]  # called on the scheduler's thread: must only hand off
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) the sequence uses
+    top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and the k most likely
+    followers: list["Request"] = field(default_factory=list)  # samples of the same prompt: they copy its prefill
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     tokens: list[int] = field(default_factory=list)
     prefilled: int = 0  # prompt tokens already through the stages
@@ -79,6 +87,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.steps = 0
         self.tokens_generated = 0
+        self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         self._thread = threading.Thread(target=self._run, name="caravan-scheduler", daemon=True)
         self._thread.start()
@@ -142,7 +151,8 @@ class Scheduler:
             self.waiting.append(item)
 
     def _admit(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
+        # A leader brings its followers along once its prefill is done: keep room for them.
+        while self.waiting and (not self.active or len(self.active) + 1 + len(self.waiting[0].followers) <= self.max_batch):
             self.active.append(self.waiting.pop(0))
 
     def _drop_cancelled(self) -> None:
@@ -159,10 +169,30 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001  (a node gone: its caches went with it)
             log.warning("ending session %s: %s", request.session_id, exc)
         request.on_event(event)
+        followers, request.followers = request.followers, []  # still waiting for the prefill they share
+        for follower in followers:
+            follower.on_event(event)
+
+    def _start_followers(self, leader: Request, row: int, sampled: list[tuple[Request, int]]) -> None:
+        """The leader's prompt is through: give each follower a copy of its caches and a place
+        among the rows sampled from this step's logits."""
+        followers, leader.followers = leader.followers, []
+        for follower in followers:
+            if follower.cancelled:
+                follower.on_event(Event("done", finish_reason="cancelled"))
+                continue
+            try:
+                self.pipeline.copy_session(leader.session_id, follower.session_id, len(leader.prompt_ids))
+            except Exception as exc:  # noqa: BLE001  (nodes lost beyond recovery)
+                self._end(follower, Event("error", message=str(exc)))
+                continue
+            follower.prefilled = len(follower.prompt_ids)
+            self.active.append(follower)
+            sampled.append((follower, row))
 
     def _finish_all(self, reason: str) -> None:
         for request in self.active + self.waiting:
-            self._end(request, Event("done", finish_reason=reason))
+            self._end(request, Event("done", finish_reason=reason))  # and its followers
         self.active, self.waiting = [], []
 
     def _step(self) -> None:
@@ -184,6 +214,7 @@ class Scheduler:
             ids.extend(chunk)
             row += len(chunk)
             prefilling.prefilled += len(chunk)
+            self.prompt_tokens_computed += len(chunk)
             if prefilling.decoding:
                 sampled.append((prefilling, row - 1))
         try:
@@ -199,6 +230,9 @@ class Scheduler:
                 self._end(request, Event("error", message=str(exc)))
             return
         self.steps += 1
+        for request, row in list(sampled):
+            if request.followers:
+                self._start_followers(request, row, sampled)
         if not sampled:
             return
         logits = self.pipeline.head.logits(hidden[[r for _, r in sampled]])  # (len(sampled), vocab)
@@ -215,6 +249,21 @@ class Scheduler:
             request.tokens.append(token)
             request.history.append(token)
             self.tokens_generated += 1
-            request.on_event(Event("token", token=token))
+            if request.top_logprobs >= 0:
+                logprob, top = token_logprobs(row_logits, token, request.top_logprobs)
+                request.on_event(Event("token", token=token, logprob=logprob, top=top))
+            else:
+                request.on_event(Event("token", token=token))
             if len(request.tokens) >= request.max_tokens or len(request.prompt_ids) + len(request.tokens) >= self.pipeline.n_ctx:
                 self._end(request, Event("done", finish_reason="length"))
+
+
+def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """log p(token) under the model's distribution (softmax of the raw logits, before any
+    sampling setting), and the k most likely (token, log p), most likely first."""
+    logits = logits.astype(np.float64)
+    top = logits.max()
+    log_z = top + np.log(np.exp(logits - top).sum())
+    best = np.argpartition(-logits, k)[:k] if 0 < k < logits.shape[0] else np.arange(logits.shape[0] if k else 0)
+    best = best[np.argsort(-logits[best], kind="stable")]
+    return float(logits[token] - log_z), tuple((int(i), float(logits[i] - log_z)) for i in best)

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (completions: logprobs up to 5)
 
 
 class APIError(Exception):
@@ -76,6 +77,7 @@ class Completion:
     stream: bool
     model: str = ""  # the model id asked for: the base model's, or MODEL:ADAPTER
     adapters: tuple[tuple[str, float], ...] = ()  # the LoRA adapters that id stands for
+    top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and its k most likely
 
 
 def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
@@ -134,7 +136,7 @@ class API:
                            "model", "model_not_found")
         return body
 
-    def _completion(self, body: dict, prompt_ids: list[int]) -> Completion:
+    def _completion(self, body: dict, prompt_ids: list[int], chat: bool) -> Completion:
         n_ctx = self.scheduler.pipeline.n_ctx
         room = n_ctx - len(prompt_ids)
         if room <= 0:
@@ -168,7 +170,8 @@ class API:
             raise APIError(400, str(exc)) from None
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
         model = body.get("model") or self.model_id
-        return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()))
+        return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()),
+                          _top_logprobs(body, chat))
 
     def _chat_ids(self, body: dict) -> list[int]:
         messages = body.get("messages")
@@ -206,7 +209,7 @@ class API:
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
             body = await self._body(request)
-            job = self._completion(body, self._chat_ids(body))
+            job = self._completion(body, self._chat_ids(body), chat=True)
         except APIError as exc:
             return exc.response()
         return await self._respond(job, chat=True)
@@ -225,7 +228,7 @@ class API:
                 ids = self.model.tokenizer.encode(prompt, special=True)
             else:
                 raise APIError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
-            job = self._completion(body, ids)
+            job = self._completion(body, ids, chat=False)
         except APIError as exc:
             return exc.response()
         return await self._respond(job, chat=False)
@@ -266,6 +269,9 @@ class API:
             "# HELP caravan_generated_tokens_total Tokens sampled since start.",
             "# TYPE caravan_generated_tokens_total counter",
             f"caravan_generated_tokens_total {s.tokens_generated}",
+            "# HELP caravan_prompt_tokens_total Prompt tokens run through the stages (n > 1 samples share one prefill).",
+            "# TYPE caravan_prompt_tokens_total counter",
+            f"caravan_prompt_tokens_total {s.prompt_tokens_computed}",
             "# HELP caravan_tokens_per_second Generated tokens per second over the last minute.",
             "# TYPE caravan_tokens_per_second gauge",
             f"caravan_tokens_per_second {s.tokens_per_second():.3f}",
@@ -288,9 +294,12 @@ class API:
             params = job.params if job.params.seed is None else SamplingParams(**{**job.params.__dict__,
                                                                                 "seed": job.params.seed + i})
             request = Request(job.prompt_ids, Sampler(params), job.max_tokens, self.model.tokenizer.eog_ids,
-                              lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e), job.adapters)
-            self.scheduler.submit(request)
+                              lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e), job.adapters,
+                              job.top_logprobs)
             runs.append((request, events))
+        leader = runs[0][0]
+        leader.followers = [request for request, _ in runs[1:]]  # they share its prompt's prefill
+        self.scheduler.submit(leader)
         return runs
 
     async def _respond(self, job: Completion, chat: bool) -> Response:
@@ -305,13 +314,14 @@ class API:
         try:
             choices = []
             for index, (request, events) in enumerate(runs):
-                text, reason = "", "length"
-                async for piece, finish in self._pieces(job, request, events):
+                text, reason, tokens = "", "length", []
+                async for piece, finish, piece_tokens in self._pieces(job, request, events):
                     text += piece
                     reason = finish or reason
-                choices.append({"index": index, "finish_reason": reason,
-                                **({"message": {"role": "assistant", "content": text}} if chat
-                                   else {"text": text, "logprobs": None})})
+                    tokens += piece_tokens
+                logprobs = self._logprobs(job, tokens, chat, 0)
+                choices.append({"index": index, "finish_reason": reason, "logprobs": logprobs,
+                                **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})})
         except APIError as exc:
             return exc.response()
         finally:
@@ -322,11 +332,13 @@ class API:
             "prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
             "total_tokens": len(job.prompt_ids) + completion}})
 
-    async def _pieces(self, job: Completion, request: Request, events: asyncio.Queue) -> AsyncIterator[tuple[str, str]]:
-        """(text, finish_reason) as the tokens come; finish_reason is set on the last one. Stop
-        strings are held back until it is clear they are not a stop, then cut."""
+    async def _pieces(self, job: Completion, request: Request,
+                      events: asyncio.Queue) -> AsyncIterator[tuple[str, str, list[Event]]]:
+        """(text, finish_reason, the token events behind it) as the tokens come; finish_reason is
+        set on the last one. Stop strings are held back until it is clear they are not a stop,
+        then cut."""
         decoder = StreamDecoder(self.model.tokenizer)
-        pending = ""
+        pending, tokens = "", []
         hold = max((len(s) for s in job.stop), default=0)
         while True:
             event: Event = await events.get()
@@ -335,25 +347,52 @@ class API:
             if event.kind == "done":
                 tail = pending + decoder.flush()
                 cut = _first_stop(tail, job.stop)
-                yield (tail if cut is None else tail[:cut]), ("stop" if cut is not None else _reason(event))
+                yield (tail if cut is None else tail[:cut]), ("stop" if cut is not None else _reason(event)), tokens
                 return
+            tokens.append(event)
             pending += decoder.push(event.token)
             cut = _first_stop(pending, job.stop)
             if cut is not None:
                 request.cancel()
-                yield pending[:cut], "stop"
+                yield pending[:cut], "stop", tokens
                 return
             if len(pending) > hold:
                 ready, pending = pending[: len(pending) - hold], pending[len(pending) - hold :] if hold else ""
-                yield ready, ""
+                yield ready, "", tokens
+                tokens = []
+
+    def _logprobs(self, job: Completion, tokens: list[Event], chat: bool, offset: int) -> dict | None:
+        """OpenAI's logprobs object for these tokens: chat's {"content": [...]}, or the legacy
+        completions form; `offset` is where the first token starts in the choice's text."""
+        if job.top_logprobs < 0:
+            return None
+        tokenizer = self.model.tokenizer
+
+        def text(token: int) -> str:
+            return tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+
+        if chat:
+            return {"content": [{
+                "token": text(e.token), "logprob": e.logprob, "bytes": list(tokenizer.token_bytes(e.token)),
+                "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))} for t, lp in e.top],
+            } for e in tokens]}
+        offsets = []
+        for e in tokens:
+            offsets.append(offset)
+            offset += len(text(e.token))
+        return {"tokens": [text(e.token) for e in tokens], "token_logprobs": [e.logprob for e in tokens],
+                "top_logprobs": [{text(t): lp for t, lp in e.top} for e in tokens] if job.top_logprobs else None,
+                "text_offset": offsets}
 
     async def _stream(self, job: Completion, runs, chat: bool, base: dict) -> AsyncIterator[str]:
-        def chunk(index: int, text: str | None, finish: str | None, usage: dict | None = None) -> str:
+        def chunk(index: int, text: str | None, finish: str | None, usage: dict | None = None,
+                  logprobs: dict | None = None) -> str:
             if chat:
                 delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
-                choice = {"index": index, "delta": delta if finish is None else {}, "finish_reason": finish}
+                choice = {"index": index, "delta": delta if finish is None else {}, "finish_reason": finish,
+                          "logprobs": logprobs}
             else:
-                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
             payload = {**base, "choices": [choice]}
             if usage is not None:
                 payload["usage"] = usage
@@ -363,11 +402,13 @@ class API:
             for index, (request, events) in enumerate(runs):
                 if chat:
                     yield chunk(index, None, None)
-                finish = "length"
+                finish, offset = "length", 0
                 try:
-                    async for piece, reason in self._pieces(job, request, events):
-                        if piece:
-                            yield chunk(index, piece, None)
+                    async for piece, reason, tokens in self._pieces(job, request, events):
+                        if piece or tokens:
+                            yield chunk(index, piece, None, logprobs=self._logprobs(job, tokens, chat, offset))
+                            offset += sum(len(self.model.tokenizer.token_bytes(e.token).decode("utf-8", errors="replace"))
+                                          for e in tokens)
                         finish = reason or finish
                 except APIError as exc:
                     yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
@@ -436,6 +477,23 @@ class LoopbackOnly:
                 await APIError(403, why, code="forbidden_host").response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _top_logprobs(body: dict, chat: bool) -> int:
+    """-1 for no logprobs, else how many most likely tokens to list with each token: chat's
+    `logprobs: true` with `top_logprobs` (0 .. 20), completions' `logprobs` (0 .. 5)."""
+    if not chat:
+        value = _number(body, "logprobs", None, 0, 5, integer=True)
+        return -1 if value is None else value
+    wanted = body.get("logprobs", False)
+    if wanted is None:
+        wanted = False
+    if not isinstance(wanted, bool):
+        raise APIError(400, "logprobs must be true or false", "logprobs")
+    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not wanted:
+        raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    return (top or 0) if wanted else -1
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

@@ -263,6 +263,17 @@ class StageServicer(pb_grpc.StageServicer):
             self._run(stage.end_session, request.session_id)
         return pb.EndSessionReply()
 
+    def CopySession(self, request, context):
+        try:
+            with self._lock:
+                stage = self._stage
+            if stage is None:
+                raise wire.NotReadyError("no layers are loaded on this node")
+            self._run(stage.copy_session, request.source, request.target, request.length)
+        except Exception as exc:  # noqa: BLE001  (mapped to a status by wire's one table)
+            _abort(context, exc)
+        return pb.CopySessionReply()
+
     def LoadAdapter(self, request_iterator, context):
         try:
             first = next(request_iterator, None)

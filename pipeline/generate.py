@@ -51,6 +51,11 @@ class Pipeline:
         for stage in self.stages:
             stage.end_session(session_id)
 
+    def copy_session(self, source: str, target: str, length: int) -> None:
+        """Session `target` starts as the first `length` positions of `source`, on every stage."""
+        for stage in self.stages:
+            stage.copy_session(source, target, length)
+
     def add_adapter(self, adapter: LoraAdapter) -> None:
         """Make a LoRA adapter available to sessions (Segment.adapters): each stage keeps the
         matrices of its own layers."""

@@ -74,6 +74,7 @@ class Stage(Protocol):
     def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out
 
     def end_session(self, session_id: str) -> None: ...
+    def copy_session(self, source: str, target: str, length: int) -> None: ...  # target's cache = source's first `length` positions
 
     def add_adapter(self, adapter: LoraAdapter) -> None: ...  # hold its matrices of this stage's layers
 
@@ -183,6 +184,22 @@ class LocalStage:
 
     def end_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
+
+    def copy_session(self, source: str, target: str, length: int) -> None:
+        """Start session `target` with a copy of the first `length` cached positions of `source`
+        (llama.cpp's llama_memory_seq_cp): samples of one prompt share its prefill."""
+        cache = self.sessions.get(source)
+        if cache is None:
+            raise StageError(f"session {source} is unknown here")
+        if not 0 < length <= cache.length:
+            raise StageError(f"session {source} caches {cache.length} positions, cannot copy {length}")
+        if target in self.sessions:
+            raise StageError(f"session {target} exists already")
+        copy = KVCache(len(self.layers), self.config.n_kv_heads, self.config.head_dim, self.n_ctx, initial=length)
+        copy.k[...] = cache.k[..., :length]
+        copy.v[...] = cache.v[:, :, :length]
+        copy.length = length
+        self.sessions[target] = copy
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         """Hold a LoRA adapter's matrices of these layers (none, when it adapts none of them)."""

@@ -311,7 +311,8 @@ class Tokenizer:
         """The vocabulary entry for `token_id`, as stored ("Ġthe", "▁the", "<0x0A>")."""
         return self._tokens[self._check_id(token_id)]
 
-    def _token_bytes(self, token_id: int) -> bytes:
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for in text (b"" for control tokens)."""
         return self._pieces[self._check_id(token_id)]
 
     def _strips_space_after(self, first_id: int) -> bool:
@@ -368,7 +369,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         """The new text that is now complete ("" while a character waits for more bytes)."""
-        piece = self._tokenizer._token_bytes(token_id)
+        piece = self._tokenizer.token_bytes(token_id)
         if self._first:
             self._first = False
             self._strip_space = self._tokenizer._strips_space_after(int(token_id))

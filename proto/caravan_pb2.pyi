@@ -249,6 +249,20 @@ class EndSessionReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class CopySessionRequest(_message.Message):
+    __slots__ = ("source", "target", "length")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    target: str
+    length: int
+    def __init__(self, source: _Optional[str] = ..., target: _Optional[str] = ..., length: _Optional[int] = ...) -> None: ...
+
+class CopySessionReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class AdapterHeader(_message.Message):
     __slots__ = ("name", "alpha", "arch", "tensors")
     NAME_FIELD_NUMBER: _ClassVar[int]

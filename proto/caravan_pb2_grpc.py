@@ -64,6 +64,11 @@ class StageStub:
                 request_serializer=caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.SerializeToString,
                 response_deserializer=caravan_dot_proto_dot_caravan__pb2.EndSessionReply.FromString,
                 _registered_method=True)
+        self.CopySession = channel.unary_unary(
+                '/caravan.v1.Stage/CopySession',
+                request_serializer=caravan_dot_proto_dot_caravan__pb2.CopySessionRequest.SerializeToString,
+                response_deserializer=caravan_dot_proto_dot_caravan__pb2.CopySessionReply.FromString,
+                _registered_method=True)
         self.LoadAdapter = channel.stream_unary(
                 '/caravan.v1.Stage/LoadAdapter',
                 request_serializer=caravan_dot_proto_dot_caravan__pb2.AdapterChunk.SerializeToString,
@@ -120,6 +125,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopySession(self, request, context):
+        """Start a session with a copy of another's first positions (samples of one prompt share its
+        prefill: n > 1 in the HTTP API).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LoadAdapter(self, request_iterator, context):
         """Hold a LoRA adapter's matrices of the loaded layers under a name that segments refer to
         (llama.cpp's GGUF adapter format, pipeline/lora.py): the header first, then the tensors'
@@ -161,6 +174,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.EndSession,
                     request_deserializer=caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.FromString,
                     response_serializer=caravan_dot_proto_dot_caravan__pb2.EndSessionReply.SerializeToString,
+            ),
+            'CopySession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopySession,
+                    request_deserializer=caravan_dot_proto_dot_caravan__pb2.CopySessionRequest.FromString,
+                    response_serializer=caravan_dot_proto_dot_caravan__pb2.CopySessionReply.SerializeToString,
             ),
             'LoadAdapter': grpc.stream_unary_rpc_method_handler(
                     servicer.LoadAdapter,
@@ -330,6 +348,33 @@ class Stage:
             '/caravan.v1.Stage/EndSession',
             caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.SerializeToString,
             caravan_dot_proto_dot_caravan__pb2.EndSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopySession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/caravan.v1.Stage/CopySession',
+            caravan_dot_proto_dot_caravan__pb2.CopySessionRequest.SerializeToString,
+            caravan_dot_proto_dot_caravan__pb2.CopySessionReply.FromString,
             options,
             channel_credentials,
             insecure,

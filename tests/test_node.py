@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from caravan.coordinator.remote import NodeClient, RemoteStage, load_request
+from caravan.coordinator.remote import NodeClient, NodeError, RemoteStage, load_request
 from caravan.node.server import SERVICE, NodeSettings, create_server
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import layer_tensor_shapes
@@ -72,6 +72,13 @@ def test_remote_stage_is_bit_identical_with_several_sessions(model, node):
     try:
         for batch in batches:
             assert np.array_equal(remote.forward(batch), local.forward(batch))
+        remote.copy_session("b", "c", 4)  # a session started from another's cache, on the node
+        local.copy_session("b", "c", 4)
+        step = StageBatch((Segment("c", 4, 1),), rng.standard_normal((1, 64), dtype=np.float32))
+        assert np.array_equal(remote.forward(step), local.forward(step))
+        with pytest.raises(NodeError, match="exists already") as info:
+            remote.copy_session("b", "c", 2)
+        assert not info.value.lost  # a refused copy is the caller's mistake, not a dead node
         remote.end_session("a")
         with pytest.raises(StageError, match="session a is unknown"):
             remote.forward(StageBatch((Segment("a", 8, 1),), np.zeros((1, 64), np.float32)))

@@ -13,11 +13,13 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 
 from caravan.coordinator.remote import NodeClient
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
+from caravan.pipeline.stage import Segment
 from node_processes import NodeProcess, cluster_token
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -117,6 +119,44 @@ def test_chat_and_completions_streamed_and_not(server, smollm2, alone):
     assert cut.choices[0].text == expected.split(".")[0] and cut.choices[0].finish_reason == "stop"
 
 
+def test_logprobs_are_the_models_own(server, smollm2):
+    """Chat's logprobs/top_logprobs and completions' logprobs, streamed and not: each token's
+    log-probability is log softmax of the model's logits (checked for the first token against
+    this process), greedy tokens are their own most likely, and the tokens spell the text."""
+    client = server.client()
+    reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=8,
+                                           logprobs=True, top_logprobs=3)
+    content = reply.choices[0].logprobs.content
+    assert "".join(entry.token for entry in content) == reply.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+        assert entry.logprob == entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob <= 0
+        assert bytes(entry.bytes).decode() == entry.token
+    ids = chat_ids(smollm2, QUESTION)
+    pipeline = smollm2.local_pipeline(N_CTX)
+    logits = pipeline.head.logits(pipeline.forward([Segment("logprobs", 0, len(ids))], np.asarray(ids))[-1:])[0]
+    log_p = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64) - logits.max()).sum()) - logits.max()
+    assert content[0].logprob == pytest.approx(log_p.max(), abs=1e-5)
+
+    plain = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=4)
+    assert plain.choices[0].logprobs is None
+
+    prompt = "The capital of France is"
+    done = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6, logprobs=2)
+    logprobs = done.choices[0].logprobs
+    assert "".join(logprobs.tokens) == done.choices[0].text and len(logprobs.token_logprobs) == 6
+    assert all(len(top) == 2 and max(top.values()) == lp for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert logprobs.text_offset == [len("".join(logprobs.tokens[:i])) for i in range(6)]
+    streamed = [c for c in client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=6,
+                                                     logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
+    assert sum((c.choices[0].logprobs.token_logprobs for c in streamed), []) == logprobs.token_logprobs
+    assert sum((c.choices[0].logprobs.text_offset for c in streamed), []) == logprobs.text_offset
+
+    code, reply = server.post("/chat/completions", json.dumps({"model": MODEL, "messages": QUESTION,
+                                                               "top_logprobs": 2}).encode())
+    assert code == 400 and "needs logprobs" in reply["error"]["message"]
+
+
 def test_seed_gives_the_same_sample_and_n_gives_several(server):
     client = server.client()
     a = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=16, temperature=0.9, seed=7)
@@ -126,6 +166,25 @@ def test_seed_gives_the_same_sample_and_n_gives_several(server):
                                         seed=7, n=3)
     assert [c.index for c in several.choices] == [0, 1, 2]
     assert several.choices[0].text == a.choices[0].text
+
+
+def test_n_samples_share_one_prefill(server, smollm2, alone):
+    """n > 1 runs the prompt once: the other samples start from a copy of its KV caches, and a
+    greedy sample is the text the prompt gets alone."""
+    def prompt_tokens_computed():
+        with urllib.request.urlopen(server.url.removesuffix("/v1") + "/metrics") as response:
+            metrics = response.read().decode()
+        return int(next(line.split()[1] for line in metrics.splitlines() if line.startswith("caravan_prompt_tokens_total")))
+
+    prompt = "The three primary colors are"
+    expected = alone(smollm2.tokenizer.encode(prompt), 10)
+    before = prompt_tokens_computed()
+    reply = server.client().completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=10, n=3)
+    assert [c.text for c in reply.choices] == [expected] * 3
+    assert prompt_tokens_computed() - before == len(smollm2.tokenizer.encode(prompt))
+    sampled = server.client().completions.create(model=MODEL, prompt=prompt, temperature=0.9, seed=11, max_tokens=10, n=2)
+    alone_seeded = server.client().completions.create(model=MODEL, prompt=prompt, temperature=0.9, seed=12, max_tokens=10)
+    assert sampled.choices[1].text == alone_seeded.choices[0].text  # sample i is seeded seed + i
 
 
 def test_sixteen_concurrent_requests_each_get_their_text_alone(server, smollm2, alone):
@@ -190,6 +249,8 @@ def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, 
         expected = alone(chat_ids(smollm2, QUESTION), 24)
         reply = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24)
         assert reply.choices[0].message.content == expected
+        shared = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, n=2)
+        assert [c.message.content for c in shared.choices] == [expected] * 2  # the copy went to both nodes
 
         stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=400,
                                                 stream=True)

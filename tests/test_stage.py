@@ -357,6 +357,31 @@ def test_end_session_frees_the_cache(stage):
     assert stage.sessions["s"].length == 1
 
 
+def test_copied_session_decodes_as_if_it_had_prefilled(tiny_path):
+    """copy_session gives a session the source's cached prompt (positions 0 .. n - 1, even
+    when the source went further): it then decodes bit for bit as one that ran the prompt."""
+    ids = prompt(70, seed=3)  # past the cache's initial 64 positions
+    tokens, states = decode_greedy(build(tiny_path, splits=[1, 2]), ids, 3)
+    pipeline = build(tiny_path, splits=[1, 2])
+    pipeline.forward([Segment("source", 0, len(ids))], ids)
+    pipeline.forward([Segment("source", len(ids), 1)], np.array([7]))  # the source moves on
+    pipeline.copy_session("source", "copy", len(ids))
+    for step in range(3):
+        hidden = pipeline.forward([Segment("copy", len(ids) + step, 1)], np.array([tokens[step]]))
+        np.testing.assert_array_equal(hidden, states[step + 1])
+
+
+def test_copy_session_refuses_what_it_cannot_copy(stage):
+    run(stage, Segment("s", 0, 3))
+    with pytest.raises(StageError, match="unknown here"):
+        stage.copy_session("nope", "t", 1)
+    with pytest.raises(StageError, match="cannot copy 4"):
+        stage.copy_session("s", "t", 4)
+    run(stage, Segment("t", 0, 1))
+    with pytest.raises(StageError, match="exists already"):
+        stage.copy_session("s", "t", 2)
+
+
 def test_generation_frees_every_stage_cache(tiny_q8_path):
     pipeline = build(tiny_q8_path, [1, 2])
     generation = Generation(pipeline, list(prompt(6)), greedy(), max_tokens=3, stop_ids=frozenset())
