@@ -9,7 +9,6 @@ import logging
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
-from gguf import LlamaFileType
 from gguf.quants import dequantize, quantize
 
 import naive
