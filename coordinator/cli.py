@@ -719,7 +719,10 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     sock = socket.create_server((args.host, args.port))
     with _pipeline(args, model, args.ctx) as pipeline:
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in _adapters(args, model, pipeline)}
-        scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads)
+        # One lane per stage when there are nodes: each node works on one lane's batch while the
+        # next node works on another's. In one process a lane would only wait for the other.
+        lanes = len(pipeline.stages) if isinstance(pipeline, ClusterPipeline) else 1
+        scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes)
         host, port = sock.getsockname()[:2]
         api = API(model, scheduler, model_id, args.api_key, loopback_only=ipaddress.ip_address(host).is_loopback,
                   adapters=adapters)

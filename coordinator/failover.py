@@ -6,14 +6,20 @@ that still answer (and any that came back or were found since), loads the layers
 needs, refills every session's KV cache from its tokens, and runs the batch again. The
 kernels are deterministic, so the refilled caches hold the same bits and the generation goes
 on exactly as it would have: the client sees a delay, not an error.
+
+The scheduler's lanes call it from several threads at once. Calls share the current plan; a
+recovery waits until no call is using it, and of the lanes that failed on the same lost node
+the first re-plans and the others run their batches again on the new plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -52,6 +58,10 @@ class ClusterPipeline(Pipeline):
         self.adapters: dict[str, LoraAdapter] = {}  # sent again to the stages of every new plan
         self.recoveries: list[str] = []  # why each re-plan happened
         self.cluster: Cluster | None = None
+        self._gate = threading.Condition()  # guards the three below
+        self._in_flight = 0  # calls using the current plan
+        self._recovering = False  # a re-plan is waiting for them or running
+        self._generation = 0  # plans made so far
         self._deploy(n_ctx, skip_unreachable=False)
 
     @property
@@ -82,34 +92,70 @@ class ClusterPipeline(Pipeline):
         self.adapters[adapter.name] = adapter
         super().add_adapter(adapter)
 
-    def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
+    @contextlib.contextmanager
+    def _plan_in_use(self) -> Iterator[int]:
+        """Hold the current plan for one call (many calls may); yields its generation."""
+        with self._gate:
+            while self._recovering:
+                self._gate.wait()
+            self._in_flight += 1
+            generation = self._generation
+        try:
+            yield generation
+        finally:
+            with self._gate:
+                self._in_flight -= 1
+                self._gate.notify_all()
+
+    def _recover(self, error: NodeError | None, generation: int) -> None:
+        """Drop the plan `error` was met on and make a new one, unless another call did already."""
+        with self._gate:
+            if self._generation != generation:
+                return
+            self._recovering = True
+            while self._in_flight:
+                self._gate.wait()
+        try:
+            if error is not None:
+                self._drop(error)
+            self._replan()
+        finally:
+            with self._gate:
+                self._generation += 1
+                self._recovering = False
+                self._gate.notify_all()
+
+    def _with_recovery(self, call: Callable[[], object]):
+        """call() on the current plan; when a node is lost, re-plan and call again."""
         for attempt in range(MAX_RECOVERIES + 1):
-            try:
-                if self.cluster is None:
-                    self._replan()
-                hidden = super().forward(segments, token_ids)
-                break
-            except NodeError as exc:
-                if not exc.lost or attempt == MAX_RECOVERIES:
-                    raise
-                self._drop(exc)
-        self._remember(segments, token_ids)
-        return hidden
+            error = None
+            with self._plan_in_use() as generation:
+                if self.cluster is not None:
+                    try:
+                        return call()
+                    except NodeError as exc:
+                        if not exc.lost or attempt == MAX_RECOVERIES:
+                            raise
+                        error = exc
+            self._recover(error, generation)
+        raise PlanError(f"gave up after {MAX_RECOVERIES} re-plans: {self.recoveries[-1] if self.recoveries else 'no plan'}")
+
+    def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
+        def call():
+            hidden = Pipeline.forward(self, segments, token_ids)
+            self._remember(segments, token_ids)  # before any re-plan can read the history
+            return hidden
+
+        return self._with_recovery(call)
 
     def copy_session(self, source: str, target: str, length: int) -> None:
-        for attempt in range(MAX_RECOVERIES + 1):
-            try:
-                if self.cluster is None:
-                    self._replan()
-                super().copy_session(source, target, length)
-                break
-            except NodeError as exc:
-                if not exc.lost or attempt == MAX_RECOVERIES:
-                    raise
-                self._drop(exc)  # the re-plan refills `source`; `target` is copied again
-                super().end_session(target)
-        self.history[target] = self.history[source][:length]
-        self.session_adapters[target] = self.session_adapters.get(source, ())
+        def call():
+            Pipeline.end_session(self, target)  # what a failed earlier attempt left
+            Pipeline.copy_session(self, source, target, length)
+            self.history[target] = self.history[source][:length]
+            self.session_adapters[target] = self.session_adapters.get(source, ())
+
+        self._with_recovery(call)
 
     def _drop(self, exc: NodeError) -> None:
         """Give up the current plan: a stage's node is gone or stuck."""
@@ -149,9 +195,10 @@ class ClusterPipeline(Pipeline):
             row += seg.length
 
     def end_session(self, session_id: str) -> None:
-        self.history.pop(session_id, None)
-        self.session_adapters.pop(session_id, None)
-        super().end_session(session_id)
+        with self._plan_in_use():
+            self.history.pop(session_id, None)
+            self.session_adapters.pop(session_id, None)
+            super().end_session(session_id)
 
     def close(self) -> None:
         if self.cluster is not None:

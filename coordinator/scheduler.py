@@ -7,6 +7,10 @@ stages in one forward call, and samples the next token of each row that needs on
 join and leave between steps. The kernels give a row the same bits whatever else shares its
 batch, so a greedy request gets the same text alone or among many.
 
+In front of several nodes the scheduler runs one lane per stage: each lane is a thread with
+its own batch, and the lanes' batches follow each other through the stages, so every node
+works at once (pipelining) instead of waiting for the batch to come round again.
+
 Several samples of one prompt (n > 1) share its prefill: only the first request, the leader,
 runs the prompt; its followers then get a copy of its KV caches on every stage and sample
 their first tokens from the same logits.
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -75,33 +78,61 @@ class Request:
         self.cancelled = True  # the scheduler ends the session at its next step
 
 
+class _Lane:
+    """One model thread and the requests it batches. With several lanes their batches travel
+    the stages one behind the other, so while a node works on one lane's batch the node before
+    it works on the next lane's (pipelining); a request stays in its lane."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.active: list[Request] = []
+        self.thread: threading.Thread | None = None
+
+
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK,
-                 threads: int | None = None):
+                 threads: int | None = None, lanes: int = 1):
         self.pipeline = pipeline
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        self._inbox: queue.Queue[Request | None] = queue.Queue()
-        self.active: list[Request] = []
+        self.lanes = [_Lane(i) for i in range(lanes)]
+        self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
+        self._wake = threading.Condition()  # guards waiting and _closed
+        self._closed = False
+        self._counts = threading.Lock()
         self.steps = 0
         self.tokens_generated = 0
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
-        self._thread = threading.Thread(target=self._run, name="caravan-scheduler", daemon=True)
-        self._thread.start()
+        for lane in self.lanes:
+            lane.thread = threading.Thread(target=self._run, args=(lane,), name=f"caravan-scheduler-{lane.index}", daemon=True)
+            lane.thread.start()
+
+    @property
+    def active(self) -> list[Request]:
+        return [request for lane in self.lanes for request in lane.active]
 
     def submit(self, request: Request) -> Request:
         if len(request.prompt_ids) >= self.pipeline.n_ctx:
             raise ValueError(f"prompt of {len(request.prompt_ids)} tokens does not fit the context of "
                              f"{self.pipeline.n_ctx} tokens")
-        self._inbox.put(request)
+        with self._wake:
+            self.waiting.append(request)
+            self._wake.notify_all()
         return request
 
     def close(self) -> None:
-        self._inbox.put(None)
-        self._thread.join(timeout=30)
+        with self._wake:
+            self._closed = True
+            self._wake.notify_all()
+        for lane in self.lanes:
+            lane.thread.join(timeout=30)
+        with self._wake:
+            waiting, self.waiting = self.waiting, []
+        for request in waiting:
+            self._end(request, Event("done", finish_reason="cancelled"))
 
     def tokens_per_second(self, window_s: float = 60.0) -> float:
         now = time.monotonic()
@@ -112,58 +143,53 @@ class Scheduler:
 
     @property
     def queue_length(self) -> int:
-        return len(self.waiting) + self._inbox.qsize()
+        return len(self.waiting)
 
-    # --- the scheduler thread -------------------------------------------------------------------
+    # --- the lanes' threads ---------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, lane: _Lane) -> None:
         if self.threads is not None:
             numba.set_num_threads(self.threads)
         while True:
             try:
-                if not self._collect():
-                    self._finish_all("cancelled")
-                    return
-                self._drop_cancelled()
-                self._admit()
-                if self.active:
-                    self._step()
-            except Exception:  # noqa: BLE001  (a bug must not kill the server's only model thread)
+                with self._wake:
+                    while not self._closed and not lane.active and not self.waiting:
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                    self._admit(lane)
+                self._drop_cancelled(lane)
+                if lane.active:
+                    self._step(lane)
+            except Exception:  # noqa: BLE001  (a bug must not kill a model thread of the server)
                 log.exception("scheduler step failed")
-                for request in list(self.active):
+                for request in list(lane.active):
                     self._end(request, Event("error", message="internal error in the scheduler"))
+        for request in list(lane.active):
+            self._end(request, Event("done", finish_reason="cancelled"))
 
-    def _collect(self) -> bool:
-        """Move submitted requests to the waiting list, blocking when there is nothing to do.
-        False once close() was called."""
-        if not self.active and not self.waiting:
-            item = self._inbox.get()
-            if item is None:
-                return False
-            self.waiting.append(item)
-        while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                return True
-            if item is None:
-                return False
-            self.waiting.append(item)
+    def _admit(self, lane: _Lane) -> None:
+        """Take waiting requests while this lane has room and no fewer requests than the others
+        (so a few requests spread over the lanes). A leader brings its followers along once its
+        prefill is done: keep room for them. Called with _wake held."""
+        while self.waiting:
+            request = self.waiting[0]
+            fits = not lane.active or len(lane.active) + 1 + len(request.followers) <= self.lane_batch
+            if not fits or len(lane.active) > min(len(other.active) for other in self.lanes):
+                return
+            lane.active.append(self.waiting.pop(0))
 
-    def _admit(self) -> None:
-        # A leader brings its followers along once its prefill is done: keep room for them.
-        while self.waiting and (not self.active or len(self.active) + 1 + len(self.waiting[0].followers) <= self.max_batch):
-            self.active.append(self.waiting.pop(0))
-
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self.active + self.waiting if r.cancelled]:
-            if request in self.waiting:
-                self.waiting.remove(request)
+    def _drop_cancelled(self, lane: _Lane) -> None:
+        with self._wake:
+            waiting = [r for r in self.waiting if r.cancelled]
+            self.waiting = [r for r in self.waiting if not r.cancelled]
+        for request in waiting + [r for r in lane.active if r.cancelled]:
             self._end(request, Event("done", finish_reason="cancelled"))
 
     def _end(self, request: Request, event: Event) -> None:
-        if request in self.active:
-            self.active.remove(request)
+        for lane in self.lanes:
+            if request in lane.active:
+                lane.active.remove(request)
         try:
             self.pipeline.end_session(request.session_id)
         except Exception as exc:  # noqa: BLE001  (a node gone: its caches went with it)
@@ -173,7 +199,7 @@ class Scheduler:
         for follower in followers:
             follower.on_event(event)
 
-    def _start_followers(self, leader: Request, row: int, sampled: list[tuple[Request, int]]) -> None:
+    def _start_followers(self, lane: _Lane, leader: Request, row: int, sampled: list[tuple[Request, int]]) -> None:
         """The leader's prompt is through: give each follower a copy of its caches and a place
         among the rows sampled from this step's logits."""
         followers, leader.followers = leader.followers, []
@@ -187,26 +213,21 @@ class Scheduler:
                 self._end(follower, Event("error", message=str(exc)))
                 continue
             follower.prefilled = len(follower.prompt_ids)
-            self.active.append(follower)
+            lane.active.append(follower)
             sampled.append((follower, row))
 
-    def _finish_all(self, reason: str) -> None:
-        for request in self.active + self.waiting:
-            self._end(request, Event("done", finish_reason=reason))  # and its followers
-        self.active, self.waiting = [], []
-
-    def _step(self) -> None:
-        """One forward call: a row for each decoding request, plus one prefill chunk."""
+    def _step(self, lane: _Lane) -> None:
+        """One forward call: a row for each decoding request of the lane, plus one prefill chunk."""
         segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
         row = 0
-        for request in self.active:
+        for request in lane.active:
             if request.decoding and request.tokens:
                 position = len(request.prompt_ids) + len(request.tokens) - 1
                 segments.append(Segment(request.session_id, position, 1, request.adapters))
                 ids.append(request.tokens[-1])
                 sampled.append((request, row))
                 row += 1
-        prefilling = next((r for r in self.active if not r.decoding), None)
+        prefilling = next((r for r in lane.active if not r.decoding), None)
         if prefilling is not None:
             start = prefilling.prefilled
             chunk = prefilling.prompt_ids[start : start + self.prefill_chunk]
@@ -214,7 +235,6 @@ class Scheduler:
             ids.extend(chunk)
             row += len(chunk)
             prefilling.prefilled += len(chunk)
-            self.prompt_tokens_computed += len(chunk)
             if prefilling.decoding:
                 sampled.append((prefilling, row - 1))
         try:
@@ -222,17 +242,19 @@ class Scheduler:
         except ValueError as exc:  # a request the stages refuse (StageError, context): fail the batch's requests
             for request in {id(r): r for r, _ in sampled}.values():
                 self._end(request, Event("error", message=str(exc)))
-            if prefilling is not None and prefilling in self.active:
+            if prefilling is not None and prefilling in lane.active:
                 self._end(prefilling, Event("error", message=str(exc)))
             return
         except Exception as exc:  # noqa: BLE001  (nodes lost beyond recovery, no plan fits)
-            for request in list(self.active):
+            for request in list(lane.active):
                 self._end(request, Event("error", message=str(exc)))
             return
-        self.steps += 1
+        with self._counts:
+            self.steps += 1
+            self.prompt_tokens_computed += len(chunk) if prefilling is not None else 0
         for request, row in list(sampled):
             if request.followers:
-                self._start_followers(request, row, sampled)
+                self._start_followers(lane, request, row, sampled)
         if not sampled:
             return
         logits = self.pipeline.head.logits(hidden[[r for _, r in sampled]])  # (len(sampled), vocab)
@@ -248,7 +270,8 @@ class Scheduler:
                 continue
             request.tokens.append(token)
             request.history.append(token)
-            self.tokens_generated += 1
+            with self._counts:
+                self.tokens_generated += 1
             if request.top_logprobs >= 0:
                 logprob, top = token_logprobs(row_logits, token, request.top_logprobs)
                 request.on_event(Event("token", token=token, logprob=logprob, top=top))

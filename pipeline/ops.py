@@ -181,7 +181,7 @@ def _swiglu_parallel(gate, up, out):
 
 
 # Rows from which an element-wise op is worth waking the threads for (a prefill chunk).
-PARALLEL_ROWS = 8
+PARALLEL_ROWS = 32
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ output.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
@@ -170,6 +171,7 @@ class LocalStage:
         self.cos, self.sin = rope_tables(n_ctx, config.n_rot, config.rope_theta)
         self.sessions: dict[str, KVCache] = {}
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapter name -> its matrices in these layers
+        self._lock = threading.Lock()  # one batch at a time: the scheduler's lanes may call at once
 
     @classmethod
     def load(cls, source: TensorSource, config: ModelConfig, layers: LayerRange, n_ctx: int) -> "LocalStage":
@@ -183,11 +185,16 @@ class LocalStage:
         return sum(w.nbytes for w in self.weights)
 
     def end_session(self, session_id: str) -> None:
-        self.sessions.pop(session_id, None)
+        with self._lock:
+            self.sessions.pop(session_id, None)
 
     def copy_session(self, source: str, target: str, length: int) -> None:
         """Start session `target` with a copy of the first `length` cached positions of `source`
         (llama.cpp's llama_memory_seq_cp): samples of one prompt share its prefill."""
+        with self._lock:
+            self._copy_session(source, target, length)
+
+    def _copy_session(self, source: str, target: str, length: int) -> None:
         cache = self.sessions.get(source)
         if cache is None:
             raise StageError(f"session {source} is unknown here")
@@ -241,6 +248,10 @@ class LocalStage:
         return caches
 
     def forward(self, batch: StageBatch) -> np.ndarray:
+        with self._lock:
+            return self._forward(batch)
+
+    def _forward(self, batch: StageBatch) -> np.ndarray:
         c = self.config
         x = np.array(batch.hidden, dtype=np.float32, copy=True)  # (T, dim), the residual stream
         if x.ndim != 2 or x.shape[1] != c.dim or x.shape[0] != sum(s.length for s in batch.segments):

@@ -1,0 +1,101 @@
+"""The scheduler on its own, over real LocalStages of a tiny model: lanes that pipeline
+batches through the stages, and prefills shared by samples of one prompt."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from caravan.coordinator.scheduler import Event, Request, Scheduler
+from caravan.pipeline.generate import Generation
+from test_stage import build, greedy, prompt
+
+pytest_plugins = ["fixtures_tiny"]
+
+
+class Timed:
+    """A stage that records when each of its forward calls ran."""
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.layers = stage.layers
+        self.calls: list[tuple[float, float]] = []
+
+    def forward(self, batch):
+        start = time.perf_counter()
+        try:
+            return self.stage.forward(batch)
+        finally:
+            self.calls.append((start, time.perf_counter()))
+
+    def end_session(self, session_id):
+        self.stage.end_session(session_id)
+
+    def copy_session(self, source, target, length):
+        self.stage.copy_session(source, target, length)
+
+
+def run_all(scheduler: Scheduler, requests: list[Request]) -> None:
+    done = threading.Semaphore(0)
+    for request in requests:
+        on_event = request.on_event
+        request.on_event = lambda e, f=on_event: (f(e), done.release() if e.kind != "token" else None)
+        scheduler.submit(request)
+    for _ in requests:
+        assert done.acquire(timeout=120)
+
+
+def collecting() -> tuple[list[int], callable]:
+    tokens: list[int] = []
+    return tokens, lambda e: tokens.append(e.token) if e.kind == "token" else None
+
+
+def test_lanes_pipeline_batches_through_the_stages_and_change_no_token(tiny_q8_path):
+    """Two lanes over two stages: while one lane's batch is in the second stage the other's is
+    in the first (their forward calls overlap in time), and every sequence gets the tokens it
+    gets alone."""
+    prompts = [prompt(5 + i, seed=i) for i in range(6)]
+    alone = [list(Generation(build(tiny_q8_path), p, greedy(), 24, frozenset())) for p in prompts]
+    pipeline = build(tiny_q8_path, splits=[1, 2])
+    pipeline.stages = [Timed(stage) for stage in pipeline.stages]
+    scheduler = Scheduler(pipeline, lanes=2)
+    try:
+        outputs = []
+        requests = []
+        for p in prompts:
+            tokens, on_event = collecting()
+            outputs.append(tokens)
+            requests.append(Request(list(p), greedy(), 24, frozenset(), on_event))
+        run_all(scheduler, requests)
+    finally:
+        scheduler.close()
+    assert outputs == alone
+    first, second = (stage.calls for stage in pipeline.stages)
+    overlapping = sum(1 for a0, a1 in first for b0, b1 in second if a0 < b1 and b0 < a1)
+    assert overlapping > 0, "no batch was in the first stage while another was in the second"
+
+
+def test_followers_share_the_leaders_prefill(tiny_q8_path):
+    """n samples of one prompt: the prompt runs once; greedy followers get the leader's text; a
+    follower cancelled before the prefill ends is told so and never runs."""
+    pipeline = build(tiny_q8_path)
+    scheduler = Scheduler(pipeline)
+    ids = list(prompt(9, seed=3))
+    try:
+        leader_tokens, leader_events = collecting()
+        follower_tokens, follower_events = collecting()
+        cancelled: list[Event] = []
+        leader = Request(ids, greedy(), 12, frozenset(), leader_events)
+        follower = Request(ids, greedy(), 12, frozenset(), follower_events)
+        gone = Request(ids, greedy(), 12, frozenset(), cancelled.append)
+        gone.cancel()
+        leader.followers = [follower, gone]
+        run_all(scheduler, [leader])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (len(follower_tokens) < 12 or not cancelled):
+            time.sleep(0.05)
+    finally:
+        scheduler.close()
+    assert follower_tokens == leader_tokens == list(Generation(build(tiny_q8_path), ids, greedy(), 12, frozenset()))
+    assert scheduler.prompt_tokens_computed == len(ids)
+    assert [e.finish_reason for e in cancelled] == ["cancelled"]
