@@ -15,6 +15,16 @@ gap between its top two logits at that step says whether it was a near-tie.
 
 Perplexity: the same windows of a public-domain English text (written below) scored by both.
 
+Python overhead: the time greedy decode spends inside compiled kernels (every Numba dispatcher
+in caravan's modules, timed by cProfile) against the same decode's time without the profiler;
+the rest is Python around the kernels, numpy calls and the sampler. (cProfile's own cost
+lands on the Python side, which is why the kernels' time is set against an unprofiled run.)
+
+Bandwidth: decode reads every weight once per token, so caravan's decode rate times the bytes of
+its packed weights (every layer plus the output matrix) is the read bandwidth decode achieves. It
+is reported as a fraction of the machine's: the median rate at which a compiled loop sums a
+1 GiB array (far past the caches), at the same thread count.
+
 Not a test: figures depend on the machine and on what else runs on it.
 """
 
@@ -86,6 +96,68 @@ room swiftly, eagerly, with his head sunk upon his chest and his hands clasped b
 who knew his every mood and habit, his attitude and manner told their own story. He was at work
 again. He had risen out of his drug-created dreams and was hot upon the scent of some new
 problem. I rang the bell and was shown up to the chamber which had formerly been in part my own."""
+
+
+@numba.njit(parallel=True, cache=True)
+def _sum_words(words):
+    total = np.uint64(0)
+    for i in numba.prange(words.shape[0]):
+        total += words[i]
+    return total
+
+
+def read_bandwidth(runs: int, n_bytes: int = 1 << 30) -> float:
+    """Bytes per second a compiled loop reads from memory at Numba's current thread count."""
+    words = np.ones(n_bytes // 8, np.uint64)  # written once, so its pages are real
+    _sum_words(words[:1024])  # compile
+
+    def once():
+        t = time.perf_counter()
+        _sum_words(words)
+        return n_bytes / (time.perf_counter() - t)
+
+    return median_rate(once, runs)
+
+
+def python_share(pipeline, prompt_ids) -> float:
+    """Fraction of greedy decode time not spent inside compiled kernels, from cProfile."""
+    import cProfile
+    import importlib
+    import pkgutil
+    import pstats
+
+    import caravan.pipeline
+
+    kernels = set()
+    for info in pkgutil.iter_modules(caravan.pipeline.__path__, "caravan.pipeline."):
+        for value in vars(importlib.import_module(info.name)).values():
+            if isinstance(value, numba.core.registry.CPUDispatcher):
+                code = value.py_func.__code__
+                kernels.add((code.co_filename, code.co_firstlineno, code.co_name))
+    def decode(profile=None) -> float:
+        generation = Generation(pipeline, prompt_ids, Sampler(SamplingParams(temperature=0)), DECODE_TOKENS, frozenset())
+        iterator = iter(generation)
+        next(iterator)  # the prompt's prefill is not decode
+        t = time.perf_counter()
+        if profile is not None:
+            profile.enable()
+        for _ in iterator:
+            pass
+        if profile is not None:
+            profile.disable()
+        return time.perf_counter() - t
+
+    plain = statistics.median(decode() for _ in range(3))
+    profile = cProfile.Profile()
+    decode(profile)
+    stats = pstats.Stats(profile).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, callers)
+    inside = sum(entry[2] for key, entry in stats.items() if key in kernels)
+    return max(0.0, 1.0 - inside / plain)
+
+
+def weight_bytes_per_token(model, pipeline) -> int:
+    """What decode reads per token: every layer's packed weights, plus the output matrix."""
+    return sum(stage.weight_bytes for stage in pipeline.stages) + model.head.output.nbytes
 
 
 def median_rate(fn, runs: int) -> float:
@@ -199,10 +271,16 @@ def main() -> int:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
         c_dec, c_pre = caravan_rates(model, pipeline, prompt_ids, long_ids, args.runs)
         l_dec, l_pre = llama_rates(llm, prompt_ids, long_ids, args.runs)
+        bandwidth = read_bandwidth(args.runs)
+        decode_bandwidth = c_dec * weight_bytes_per_token(model, pipeline)
         report["speed"].append({
             "threads": threads,
             "decode_tok_s": {"caravan": round(c_dec, 1), "llama.cpp": round(l_dec, 1), "ratio": round(c_dec / l_dec, 2)},
             "prefill_tok_s": {"caravan": round(c_pre, 1), "llama.cpp": round(l_pre, 1), "ratio": round(c_pre / l_pre, 2)},
+            "decode_read_gb_s": round(decode_bandwidth / 1e9, 2),
+            "machine_read_gb_s": round(bandwidth / 1e9, 2),
+            "decode_bandwidth_fraction": round(decode_bandwidth / bandwidth, 2),
+            "decode_python_share": round(python_share(pipeline, prompt_ids), 3),
         })
         print(json.dumps(report["speed"][-1]), file=sys.stderr)
     if args.speed_only:
