@@ -95,7 +95,7 @@ def node_memory(model, nodes, ranges) -> list[dict]:
 def caravan_bench(*args: str, runs: int) -> dict:
     """`caravan bench --json` in its own process: the path a user takes, with the process-wide
     settings the CLI makes (an OpenMP spin that yields to the nodes, when there are nodes)."""
-    done = subprocess.run([sys.executable, "-m", "caravan.coordinator", "bench", "--json", "--runs", str(runs),
+    done = subprocess.run([sys.executable, "-m", "caravan.coordinator", "bench", "--json", "--no-llama-cpp", "--runs", str(runs),
                            "--prompt-tokens", "16", "--decode-tokens", str(DECODE_TOKENS), "--ctx", str(N_CTX), *args],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
