@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from gguf import GGMLQuantizationType as QT
+
 from .chat_template import ChatTemplate
 from .generate import Pipeline
 from .gguf_file import GGUFFile
@@ -41,6 +43,25 @@ class LoadedModel:
         return Pipeline(self.head, [stage], n_ctx)
 
 
+def model_config(gguf: GGUFFile, vocab_size: int) -> ModelConfig:
+    """The config of a model file: its metadata, the tensors of its first block, its RoPE
+    frequency factors; every other block must hold tensors of the same names."""
+    block_tensors = {name[len("blk.0."):] for name in gguf.tensors if name.startswith("blk.0.")}
+    rope_freqs = gguf.tensor_data("rope_freqs.weight") if "rope_freqs.weight" in gguf.tensors else None
+    if rope_freqs is not None and gguf.tensors["rope_freqs.weight"].type != QT.F32:
+        raise ModelError("rope_freqs.weight: expected F32 factors, got "
+                         f"{gguf.tensors['rope_freqs.weight'].type.name}")
+    config = ModelConfig.from_metadata(gguf.metadata, vocab_size, block_tensors, rope_freqs)
+    known = set(config.layer_tensors)
+    for name in gguf.tensors:
+        if name.startswith("blk."):
+            _, index, tensor = name.split(".", 2)
+            if not index.isdigit() or int(index) >= config.n_layers or tensor not in known:
+                raise ModelError(f"{name}: not a tensor of this {config.arch} model's {config.n_layers} blocks "
+                                 f"(block 0 has {', '.join(config.layer_tensors)})")
+    return config
+
+
 def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     """Parse and check the file, build the tokenizer and head. Layer weights load per stage."""
     gguf = GGUFFile(path)
@@ -53,7 +74,7 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
         raise ModelError(
             f"{path}: vocabulary of {tokenizer.vocab_size} tokens does not match token_embd.weight's {n_vocab_rows} rows"
         )
-    config = ModelConfig.from_metadata(gguf.metadata, n_vocab_rows)
+    config = model_config(gguf, n_vocab_rows)
     source = gguf.metadata.get("tokenizer.chat_template")
     bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""

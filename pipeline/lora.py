@@ -98,7 +98,9 @@ def check_tensors(tensors: dict[str, TensorInfo], config: ModelConfig, what: str
         if not match or match[2] not in ADAPTED or int(match[1]) >= config.n_layers:
             raise LoraError(f"{what}: {base} does not exist in the base model (wrong base model?)")
         layer = int(match[1])
-        n_in, n_out = layer_tensor_shapes(config, layer)[base]
+        if base not in (shapes := layer_tensor_shapes(config, layer)):  # e.g. attn_q where the model fuses attn_qkv
+            raise LoraError(f"{what}: {base} does not exist in the base model (wrong base model?)")
+        n_in, n_out = shapes[base]
         a, b = half["a"], half["b"]
         for info in (a, b):
             if info.type not in SUPPORTED_TYPES:

@@ -1,4 +1,5 @@
-"""The layer math other than weight products: RMSNorm, RoPE, attention over a KV cache, SwiGLU.
+"""The layer math other than weight products: RMSNorm, RoPE, attention over a KV cache, SwiGLU
+and GeGLU, soft-capping.
 
 Each op is one compiled kernel with shapes in its docstring. Formulas follow ggml's CPU ops
 (ggml-cpu/ops.cpp) so that caravan and llama.cpp agree closely. Attention runs in parallel;
@@ -36,21 +37,29 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return out
 
 
-def rope_tables(n_positions: int, n_rot: int, theta_base: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin, each (n_positions, n_rot // 2) f32, for rotating pairs by pos * base**(-2i/n_rot).
+def rope_tables(n_positions: int, n_rot: int, theta_base: float, freq_scale: float = 1.0,
+                freq_factors: tuple[float, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin, each (n_positions, n_rot // 2) f32, for rotating pairs by
+    freq_scale * pos * base**(-2i/n_rot) / factor_i.
 
-    The angles are made as ggml_rope does: theta_scale = base**(-2/n_rot) in f32, and each
-    pair's angle is the previous one times theta_scale, in f32."""
+    The angles are made as ggml_rope does (ggml_rope_cache_init, rope_yarn without YaRN's
+    extrapolation): theta_scale = base**(-2/n_rot) in f32, each pair's angle the previous one
+    times theta_scale, in f32; then divided by the pair's frequency factor (rope_freqs.weight)
+    and multiplied by freq_scale (1 / the linear scaling factor)."""
     theta_scale = np.float32(theta_base) ** np.float32(-2.0 / n_rot)
     theta = np.empty((n_positions, n_rot // 2), np.float32)
     theta[:, 0] = np.arange(n_positions, dtype=np.float32)
     for i in range(1, n_rot // 2):
         theta[:, i] = theta[:, i - 1] * theta_scale
+    if freq_factors:
+        theta = theta / np.asarray(freq_factors, dtype=np.float32)
+    if freq_scale != 1.0:
+        theta = np.float32(freq_scale) * theta
     return np.cos(theta), np.sin(theta)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _rope(x, positions, cos, sin, n_heads, head_dim):
+def _rope(x, positions, cos, sin, n_heads, head_dim, half):
     n_rows = x.shape[0]
     n_pairs = cos.shape[1]
     for t in range(n_rows):
@@ -58,46 +67,76 @@ def _rope(x, positions, cos, sin, n_heads, head_dim):
         for h in range(n_heads):
             base = h * head_dim
             for i in range(n_pairs):
-                x0 = x[t, base + 2 * i]
-                x1 = x[t, base + 2 * i + 1]
-                x[t, base + 2 * i] = x0 * cos[p, i] - x1 * sin[p, i]
-                x[t, base + 2 * i + 1] = x0 * sin[p, i] + x1 * cos[p, i]
+                # pair i: (2i, 2i + 1) in "normal" mode (half 0), (i, i + half) in NeoX mode
+                if half == 0:
+                    a = base + 2 * i
+                    b = a + 1
+                else:
+                    a = base + i
+                    b = a + half
+                x0 = x[t, a]
+                x1 = x[t, b]
+                x[t, a] = x0 * cos[p, i] - x1 * sin[p, i]
+                x[t, b] = x0 * sin[p, i] + x1 * cos[p, i]
 
 
-def rope_(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_heads: int) -> None:
-    """Rotate x (T, n_heads * head_dim) in place, GGML "normal" mode: adjacent pairs (2i, 2i+1)
-    of the first n_rot dimensions of each head. llama.cpp's converter permutes the Q/K rows of
-    `llama` models so that this is the right pairing (not the two halves, as in NeoX mode)."""
-    _rope(x, positions, cos, sin, n_heads, x.shape[1] // n_heads)
+def rope_(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_heads: int,
+          neox: bool = False) -> None:
+    """Rotate x (T, n_heads * head_dim) in place over the first n_rot dimensions of each head.
+
+    GGML "normal" mode (neox False) rotates adjacent pairs (2i, 2i+1): llama.cpp's converter
+    permutes the Q/K rows of `llama` models so that this is the right pairing. NeoX mode
+    rotates (i, i + n_rot/2), the two halves, as Qwen2, Phi-3 and Gemma are trained."""
+    half = cos.shape[1] if neox else 0
+    _rope(x, positions, cos, sin, n_heads, x.shape[1] // n_heads, half)
+
+
+def softcap_(x: np.ndarray, cap: float) -> None:
+    """x = cap * tanh(x / cap) in place, in f32 as llama.cpp's ggml_scale, ggml_tanh, ggml_scale."""
+    np.multiply(x, np.float32(1.0 / cap), out=x)
+    np.tanh(x, out=x)
+    np.multiply(x, np.float32(cap), out=x)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _softmax_rows(scores, n_rows, start, m0, group, scale, n_max):
-    """Row i of scores (query vector m0 + i of a tile, position p in 0 .. n_max - 1) becomes
-    softmax(scale * scores[i, :n]) with n = start + (m0 + i) // group + 1 (its causal limit),
-    zero up to n_max. As ggml's soft_max: scale, subtract the max, exp, sum in float64, multiply by the
-    f32 inverse of the sum; then rounded to f16, as ggml's mul_mat(V, KQ) reads them against
-    its f16 V cache."""
+def _softmax_rows(scores, n_rows, start, m0, group, scale, softcap, window, p_lo, n_max):
+    """Row i of scores (query vector m0 + i of a tile, at position pos = start + (m0 + i) // group)
+    becomes softmax(scale * cap(scores[i, lo:pos + 1])) over the positions it sees: lo is 0, or
+    pos - window + 1 for a sliding window (llama_hparams::is_masked_swa, standard type); zero
+    elsewhere in p_lo .. n_max - 1. cap(s) = softcap * tanh(s / softcap) when softcap > 0 (as
+    llama.cpp's build_attn_mha: scale by 1/cap, tanh, scale by cap, then soft_max_ext). As
+    ggml's soft_max: scale, subtract the max, exp, sum in float64, multiply by the f32 inverse
+    of the sum; then rounded to f16, as ggml's mul_mat(V, KQ) reads them against its f16 V
+    cache."""
+    inv_cap = np.float32(1.0 / softcap) if softcap > 0 else np.float32(0.0)
+    cap = np.float32(softcap)
     for i in range(n_rows):
         row = scores[i]
-        n = start + (m0 + i) // group + 1
+        pos = start + (m0 + i) // group
+        n = pos + 1
+        lo = max(0, pos - window + 1) if window > 0 else 0
         top = -np.inf
-        for p in range(n):
-            row[p] *= scale
-            top = max(top, row[p])
+        for p in range(lo, n):
+            s = row[p]
+            if softcap > 0:
+                s = np.float32(math.tanh(s * inv_cap)) * cap
+            s *= scale
+            row[p] = s
+            top = max(top, s)
         total = 0.0
-        for p in range(n):
+        for p in range(lo, n):
             e = np.float32(math.exp(row[p] - top))
             row[p] = e
             total += e
         inv = np.float32(1.0 / total)
-        for p in range(n):
+        for p in range(lo, n):
             row[p] = round_f16(row[p] * inv)
+        row[p_lo:lo] = 0.0
         row[n:n_max] = 0.0
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _attention(q, k_cache, v_cache, start, n_heads, scale, out):
+def _attention(q, k_cache, v_cache, start, n_heads, scale, softcap, window, out):
     n_rows, q_dim = q.shape
     n_kv_heads, head_dim, capacity = k_cache.shape
     group = n_heads // n_kv_heads
@@ -118,45 +157,52 @@ def _attention(q, k_cache, v_cache, start, n_heads, scale, out):
         m0 = tile * TILE_ROWS
         mr = min(TILE_ROWS, n_vectors - m0)
         n_max = start + (m0 + mr - 1) // group + 1  # positions the tile's last vector sees
+        # the first position the tile's first vector sees (a sliding window starts later)
+        p_lo = max(0, start + m0 // group - window + 1) if window > 0 else 0
         q_offs = np.zeros(TILE_ROWS, np.int64)
         out_offs = np.zeros(TILE_ROWS, np.int64)
         for i in range(mr):
             m = m0 + i
             h = g * group + m % group
             q_offs[i] = out_offs[i] = (m // group) * q_dim + h * head_dim
-        scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position)
+        scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position); read from p_lo on
         s_flat = scores.reshape(-1)
         # scores = q_tile @ K[g] (K is stored transposed: (head_dim, position))
-        for p0 in range(0, n_max, TILE_COLS):
+        for p0 in range(p_lo, n_max, TILE_COLS):
             tile_f16(
                 mr, q_flat, q_offs[0], q_offs[1], q_offs[2], q_offs[3],
                 k_flat, g * head_dim * capacity + p0, capacity, head_dim,
                 s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(TILE_COLS, n_max - p0),
             )
-        _softmax_rows(scores, mr, start, m0, group, scale, n_max)
-        # out rows = probabilities @ V[g] ((position, head_dim)); zero weights past a row's
-        # limit add exact zeros
+        _softmax_rows(scores, mr, start, m0, group, scale, softcap, window, p_lo, n_max)
+        # out rows = probabilities @ V[g] ((position, head_dim)); zero weights outside a row's
+        # positions add exact zeros
         for j0 in range(0, head_dim, TILE_COLS):
             tile_f16(
-                mr, s_flat, 0, n_max, 2 * n_max, 3 * n_max,
-                v_flat, g * capacity * head_dim + j0, head_dim, n_max,
+                mr, s_flat, p_lo, n_max + p_lo, 2 * n_max + p_lo, 3 * n_max + p_lo,
+                v_flat, g * capacity * head_dim + p_lo * head_dim + j0, head_dim, n_max - p_lo,
                 out_flat, out_offs[0] + j0, out_offs[1] + j0, out_offs[2] + j0, out_offs[3] + j0,
                 min(TILE_COLS, head_dim - j0),
             )
 
 
-def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_heads: int) -> np.ndarray:
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_heads: int,
+              scale: float | None = None, softcap: float = 0.0, window: int = 0) -> np.ndarray:
     """Causal grouped-query attention for T consecutive rows of one sequence.
 
     q (T, n_heads * head_dim) f32 holds positions start .. start + T - 1; k_cache
     (n_kv_heads, head_dim, capacity), keys transposed so that positions are contiguous, and
     v_cache (n_kv_heads, capacity, head_dim), both f16 bits (uint16), already hold those
     positions and all before them.
-    Query head h reads KV head h // (n_heads // n_kv_heads). Returns (T, n_heads * head_dim)."""
+    Query head h reads KV head h // (n_heads // n_kv_heads). Scores are multiplied by scale
+    (default 1/sqrt(head_dim)) after soft-capping (softcap > 0); window > 0 limits each row to
+    the last `window` positions, itself included. Returns (T, n_heads * head_dim)."""
     q = np.ascontiguousarray(q)
     out = np.empty_like(q)
     head_dim = k_cache.shape[1]
-    _attention(q, k_cache, v_cache, start, n_heads, np.float32(1.0 / math.sqrt(head_dim)), out)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    _attention(q, k_cache, v_cache, start, n_heads, np.float32(scale), np.float32(softcap), window, out)
     return out
 
 
@@ -168,25 +214,63 @@ def _swiglu_row(gate, up, out, t):
         out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(88.0))))) * up[t, j]
 
 
+# ggml's GELU constants (ggml-cpu/vec.h)
+_GELU_COEF_A = np.float32(0.044715)
+_SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _geglu_row(gate, up, out, t):
+    """gelu(gate) * up as ggml_vec_geglu_f32 with GGML_GELU_FP16: gate rounded to f16, GELU (tanh
+    form, f32) of that looked up in a table of f16 results; below -10 zero, above 10 the identity."""
+    for j in range(gate.shape[1]):
+        g = gate[t, j]
+        if g <= np.float32(-10.0):
+            out[t, j] = np.float32(0.0)
+        elif g >= np.float32(10.0):
+            out[t, j] = g * up[t, j]
+        else:
+            h = round_f16(g)
+            inner = _SQRT_2_OVER_PI * h * (np.float32(1.0) + _GELU_COEF_A * h * h)
+            gelu = np.float32(0.5) * h * (np.float32(1.0) + np.float32(math.tanh(inner)))
+            out[t, j] = round_f16(gelu) * up[t, j]
+
+
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
-def _swiglu(gate, up, out):
+def _gated(gate, up, out, gelu):
     for t in range(gate.shape[0]):
-        _swiglu_row(gate, up, out, t)
+        if gelu:
+            _geglu_row(gate, up, out, t)
+        else:
+            _swiglu_row(gate, up, out, t)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _swiglu_parallel(gate, up, out):
+def _gated_parallel(gate, up, out, gelu):
     for t in nb.prange(gate.shape[0]):
-        _swiglu_row(gate, up, out, t)
+        if gelu:
+            _geglu_row(gate, up, out, t)
+        else:
+            _swiglu_row(gate, up, out, t)
 
 
 # Rows from which an element-wise op is worth waking the threads for (a prefill chunk).
 PARALLEL_ROWS = 32
 
 
+def _gated_product(gate: np.ndarray, up: np.ndarray, gelu: bool) -> np.ndarray:
+    out = np.empty_like(gate)
+    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, out, gelu)
+    return out
+
+
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up, both (T, hidden_dim). Each row is computed by the same code serially or
     in parallel, so the result does not depend on T or the thread count."""
-    out = np.empty_like(gate)
-    (_swiglu_parallel if gate.shape[0] >= PARALLEL_ROWS else _swiglu)(gate, up, out)
-    return out
+    return _gated_product(gate, up, False)
+
+
+def geglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """gelu(gate) * up, both (T, hidden_dim), GELU's tanh form as ggml computes it; serial or
+    parallel by rows with the same code, as swiglu."""
+    return _gated_product(gate, up, True)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .lora import AdapterWeights, LoraAdapter, LoraRows
 from .model import LayerWeights, ModelConfig, TensorSource
-from .ops import attention, rmsnorm, rope_, rope_tables, swiglu
+from .ops import attention, geglu, rmsnorm, rope_, rope_tables, swiglu
 from .quants import Activations, PackedMatrix, matmul
 
 log = logging.getLogger(__name__)
@@ -159,16 +159,32 @@ class LocalStage:
         self.config = config
         self.layers = layers
         self.weights = []
-        self.qkv = []  # per layer: attn_q, attn_k and attn_v stacked, or None
-        self.gate_up = []  # per layer: ffn_gate and ffn_up stacked, or None
+        self.qkv = []  # per layer: Q, K and V rows in one matrix (the file's attn_qkv, or stacked), or None
+        self.gate_up = []  # per layer: gate and up rows in one matrix, or None (types differ)
         for w in weights:
-            qkv, (q, k, v) = stack_rows([w.attn_q, w.attn_k, w.attn_v])
-            gate_up, (gate, up) = stack_rows([w.ffn_gate, w.ffn_up])
-            self.weights.append(replace(w, attn_q=q, attn_k=k, attn_v=v, ffn_gate=gate, ffn_up=up))
+            if w.attn_qkv is not None:
+                qkv = w.attn_qkv
+            else:
+                qkv, (q, k, v) = stack_rows([w.attn_q, w.attn_k, w.attn_v])
+                w = replace(w, attn_q=q, attn_k=k, attn_v=v)
+            if w.ffn_gate is None:  # the file stacks them already (Phi-3)
+                gate_up = w.ffn_up
+            else:
+                gate_up, (gate, up) = stack_rows([w.ffn_gate, w.ffn_up])
+                w = replace(w, ffn_gate=gate, ffn_up=up)
+            self.weights.append(w)
             self.qkv.append(qkv)
             self.gate_up.append(gate_up)
         self.n_ctx = n_ctx
-        self.cos, self.sin = rope_tables(n_ctx, config.n_rot, config.rope_theta)
+        # RoPE tables per distinct (base, scale) among the layers (Gemma 3 has two)
+        tables: dict[tuple[float, float], tuple[np.ndarray, np.ndarray]] = {}
+        self.rope = []
+        for layer in layers:
+            base, scale = config.layer_rope(layer)
+            if (base, scale) not in tables:
+                tables[base, scale] = rope_tables(n_ctx, config.n_rot, base, scale, config.rope_freq_factors)
+            self.rope.append(tables[base, scale])
+        self.window = [config.sliding_window if config.is_sliding(layer) else 0 for layer in layers]
         self.sessions: dict[str, KVCache] = {}
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapter name -> its matrices in these layers
         self._lock = threading.Lock()  # one batch at a time: the scheduler's lanes may call at once
@@ -253,48 +269,72 @@ class LocalStage:
 
     def _forward(self, batch: StageBatch) -> np.ndarray:
         c = self.config
+        arch = c.architecture
         x = np.array(batch.hidden, dtype=np.float32, copy=True)  # (T, dim), the residual stream
         if x.ndim != 2 or x.shape[1] != c.dim or x.shape[0] != sum(s.length for s in batch.segments):
             raise StageError(f"hidden state of shape {x.shape} does not match the batch's segments and dim {c.dim}")
         lora = LoraRows(batch.segments, self.adapters)  # checked before any cache changes
         caches = self._caches(batch.segments)
         positions = batch.positions()
-        q_dim = c.n_heads * c.head_dim
+        n_rows = x.shape[0]
+        # Gemma and Phi-3 scale Q before attention and the scores not at all; the others scale the scores
+        q_scale, kq_scale = (np.float32(c.attn_scale), 1.0) if arch.scale_q else (None, c.attn_scale)
         for li, w in enumerate(self.weights):
-            h = rmsnorm(x, w.attn_norm, c.norm_eps)
-            acts = Activations(h)
+            acts = Activations(rmsnorm(x, w.attn_norm, c.norm_eps))
             if self.qkv[li] is not None:
                 qkv = matmul(self.qkv[li], acts)  # (T, q_dim + 2 * kv_dim)
-                q, k, v = qkv[:, :q_dim], qkv[:, q_dim : q_dim + c.kv_dim], qkv[:, q_dim + c.kv_dim :]
+                q, k, v = qkv[:, : c.q_dim], qkv[:, c.q_dim : c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim :]
             else:
                 q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
                 k = matmul(w.attn_k, acts)  # (T, kv_dim)
                 v = matmul(w.attn_v, acts)  # (T, kv_dim)
             lora.add(self.layers.start + li, acts, attn_q=q, attn_k=k, attn_v=v)
-            rope_(q, positions, self.cos, self.sin, c.n_heads)
-            rope_(k, positions, self.cos, self.sin, c.n_kv_heads)
+            if w.attn_q_bias is not None:
+                q += w.attn_q_bias
+                k += w.attn_k_bias
+                v += w.attn_v_bias
+            if w.attn_q_norm is not None:  # per head, over head_dim (Gemma 3)
+                q = rmsnorm(q.reshape(-1, c.head_dim), w.attn_q_norm, c.norm_eps).reshape(n_rows, c.q_dim)
+                k = rmsnorm(k.reshape(-1, c.head_dim), w.attn_k_norm, c.norm_eps).reshape(n_rows, c.kv_dim)
+            else:
+                q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
+            cos, sin = self.rope[li]
+            rope_(q, positions, cos, sin, c.n_heads, arch.rope_neox)
+            rope_(k, positions, cos, sin, c.n_kv_heads, arch.rope_neox)
+            if q_scale is not None:
+                q *= q_scale
             attn = np.empty_like(q)
             row = 0
             for seg, cache in zip(batch.segments, caches):
                 cache.store(li, seg.start, k[row : row + seg.length], v[row : row + seg.length])
                 attn[row : row + seg.length] = attention(
-                    q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads
+                    q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads,
+                    kq_scale, c.attn_softcap, self.window[li],
                 )
                 row += seg.length
             acts = Activations(attn)
             out = matmul(w.attn_output, acts)  # (T, dim)
             lora.add(self.layers.start + li, acts, attn_output=out)
+            if w.attn_output_bias is not None:
+                out += w.attn_output_bias
+            if w.post_attention_norm is not None:
+                out = rmsnorm(out, w.post_attention_norm, c.norm_eps)
             x += out
             acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))
             if self.gate_up[li] is not None:
-                gate_up = matmul(self.gate_up[li], acts)  # (T, 2 * hidden_dim)
+                gate_up = matmul(self.gate_up[li], acts)  # (T, 2 * hidden_dim): gate, then up
                 gate, up = gate_up[:, : c.hidden_dim], gate_up[:, c.hidden_dim :]
             else:
                 gate, up = matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts)  # (T, hidden_dim) each
-            lora.add(self.layers.start + li, acts, ffn_gate=gate, ffn_up=up)
-            acts = Activations(swiglu(gate, up))  # (T, hidden_dim)
+            if w.ffn_gate is None:  # the file's ffn_up holds gate and up (Phi-3): adapters see it whole
+                lora.add(self.layers.start + li, acts, ffn_up=gate_up)
+            else:
+                lora.add(self.layers.start + li, acts, ffn_gate=gate, ffn_up=up)
+            acts = Activations(geglu(gate, up) if arch.gelu else swiglu(gate, up))  # (T, hidden_dim)
             out = matmul(w.ffn_down, acts)  # (T, dim)
             lora.add(self.layers.start + li, acts, ffn_down=out)
+            if w.post_ffw_norm is not None:
+                out = rmsnorm(out, w.post_ffw_norm, c.norm_eps)
             x += out
         for seg, cache in zip(batch.segments, caches):
             cache.length = seg.start + seg.length

@@ -64,31 +64,37 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * np.asarray(weight, dtype=np.float64)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, n_heads: int, n_rot: int, theta_base: float) -> np.ndarray:
-    """Rotate adjacent pairs (2i, 2i+1), i < n_rot / 2, of each head by pos * base**(-2i / n_rot).
+def rope(x: np.ndarray, positions: np.ndarray, n_heads: int, n_rot: int, theta_base: float, neox: bool = False,
+         freq_scale: float = 1.0, freq_factors=None) -> np.ndarray:
+    """Rotate pairs of each head's first n_rot dimensions by freq_scale * pos * base**(-2i / n_rot)
+    / factor_i: adjacent pairs (2i, 2i+1), or with neox the halves (i, i + n_rot/2).
 
     x (T, n_heads * head_dim); dimensions n_rot .. head_dim - 1 of each head are left alone."""
     x = np.array(x, dtype=np.float64)
     n_rows, width = x.shape
     head_dim = width // n_heads
     i = np.arange(n_rot // 2, dtype=np.float64)
-    angles = np.asarray(positions, dtype=np.float64)[:, None] * theta_base ** (-2.0 * i / n_rot)  # (T, n_rot // 2)
+    factors = np.ones(n_rot // 2) if freq_factors is None else np.asarray(freq_factors, dtype=np.float64)
+    angles = freq_scale * np.asarray(positions, dtype=np.float64)[:, None] * theta_base ** (-2.0 * i / n_rot) / factors
     cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
     heads = x.reshape(n_rows, n_heads, head_dim)
-    x0 = heads[:, :, 0:n_rot:2].copy()
-    x1 = heads[:, :, 1:n_rot:2].copy()
-    heads[:, :, 0:n_rot:2] = x0 * cos - x1 * sin
-    heads[:, :, 1:n_rot:2] = x0 * sin + x1 * cos
+    first, second = (slice(0, n_rot // 2), slice(n_rot // 2, n_rot)) if neox else (slice(0, n_rot, 2), slice(1, n_rot, 2))
+    x0 = heads[:, :, first].copy()
+    x1 = heads[:, :, second].copy()
+    heads[:, :, first] = x0 * cos - x1 * sin
+    heads[:, :, second] = x0 * sin + x1 * cos
     return heads.reshape(n_rows, width)
 
 
 def attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int, f16_weights: bool = False
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int, f16_weights: bool = False,
+    scale: float | None = None, softcap: float = 0.0, window: int = 0,
 ) -> np.ndarray:
     """Causal grouped-query attention: q (T, n_heads * hd) at positions start .. start + T - 1,
     k and v (>= start + T, n_kv_heads * hd); query head h reads KV head h // (n_heads // n_kv_heads).
     f16_weights: the softmax weights are rounded to f16 before they multiply v, as caravan's
-    kernel and ggml's mul_mat(V, KQ) on an f16 cache do."""
+    kernel and ggml's mul_mat(V, KQ) on an f16 cache do. Scores are softcap * tanh(q.k / softcap)
+    (softcap > 0), times scale (default 1/sqrt(hd)); window > 0: the row at p sees p - window + 1 .. p."""
     q = np.asarray(q, dtype=np.float64)
     n_rows = q.shape[0]
     head_dim = q.shape[1] // n_heads
@@ -97,16 +103,21 @@ def attention(
     k = np.asarray(k[:n_ctx], dtype=np.float64).reshape(n_ctx, n_kv_heads, head_dim)
     v = np.asarray(v[:n_ctx], dtype=np.float64).reshape(n_ctx, n_kv_heads, head_dim)
     out = np.empty((n_rows, n_heads, head_dim))
+    scale = 1.0 / np.sqrt(head_dim) if scale is None else scale
     for t in range(n_rows):
         n = start + t + 1
+        lo = max(0, n - window) if window else 0
         for h in range(n_heads):
             kv = h // group
-            scores = k[:n, kv] @ q[t, h * head_dim : (h + 1) * head_dim] / np.sqrt(head_dim)
+            scores = k[lo:n, kv] @ q[t, h * head_dim : (h + 1) * head_dim]
+            if softcap:
+                scores = softcap * np.tanh(scores / softcap)
+            scores = scores * scale
             weights = np.exp(scores - scores.max())
             weights /= weights.sum()
             if f16_weights:
                 weights = weights.astype(np.float16).astype(np.float64)
-            out[t, h] = weights @ v[:n, kv]
+            out[t, h] = weights @ v[lo:n, kv]
     return out.reshape(n_rows, n_heads * head_dim)
 
 
@@ -114,6 +125,19 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     """silu(gate) * up."""
     gate = np.asarray(gate, dtype=np.float64)
     return gate / (1.0 + np.exp(-gate)) * np.asarray(up, dtype=np.float64)
+
+
+def geglu(gate: np.ndarray, up: np.ndarray, f16_table: bool = False) -> np.ndarray:
+    """gelu(gate) * up, GELU's tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3))).
+    f16_table: as ggml with GGML_GELU_FP16, gate rounded to f16 and the GELU rounded to f16
+    (zero below -10, the identity above 10)."""
+    x = np.asarray(gate, dtype=np.float64)
+    if f16_table:
+        x = round_f16(x)
+    gelu = 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
+    if f16_table:
+        gelu = np.where(gate <= -10, 0.0, np.where(gate >= 10, gate, round_f16(gelu)))
+    return gelu * np.asarray(up, dtype=np.float64)
 
 
 # ---------------------------------------------------------------------------------------------

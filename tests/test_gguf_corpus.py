@@ -355,7 +355,7 @@ METADATA_CASES = [
     ("scores-missing-for-llama-tokenizer", {"tokenizer.ggml.model": "llama"}, TokenizerError,
      r"tokenizer.ggml.scores: missing"),
     ("architecture-unknown", {"general.architecture": "bert"}, ModelError,
-     r"unknown architecture 'bert' \(general.architecture; supported: llama\)"),
+     r"unknown architecture 'bert' \(general.architecture; supported: llama, qwen2, phi3, gemma, gemma2, gemma3\)"),
     ("embedding-length-a-string", {"llama.embedding_length": "64"}, ModelError,
      r"llama.embedding_length: expected an integer, got '64'"),
     ("head-count-a-float", {"llama.attention.head_count": 4.0}, ModelError,

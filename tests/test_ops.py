@@ -1,4 +1,4 @@
-"""RMSNorm, RoPE, attention and SwiGLU against the float64 formulas in tests/naive.py.
+"""RMSNorm, RoPE (both pairings), attention (sliding windows, soft-capping), SwiGLU and GeGLU against the float64 formulas in tests/naive.py.
 
 The kernels compute in f32 (with ggml's float64 sums where ggml has them), so each comparison
 allows a few f32 ulps of the values involved; the tolerances below say where more is due.
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import naive
-from caravan.pipeline.ops import attention, rmsnorm, rope_, rope_tables, swiglu
+from caravan.pipeline.ops import attention, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
 
@@ -210,3 +210,63 @@ def test_swiglu_extremes():
     assert np.isfinite(got).all()
     with np.errstate(over="ignore"):
         np.testing.assert_allclose(got, naive.swiglu(gate, up), rtol=1e-6, atol=1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the other families add: NeoX RoPE with scaling, windows and caps, GeGLU
+
+
+@pytest.mark.parametrize("n_rot", (16, 8), ids=["full", "partial"])
+def test_rope_neox_with_scale_and_factors(n_rot):
+    n_heads, head_dim, positions = 3, 16, np.array([0, 1, 5, 63])
+    x = randn(len(positions), n_heads * head_dim)
+    factors = tuple(np.linspace(1.0, 8.0, n_rot // 2).astype(np.float32).tolist())
+    cos, sin = rope_tables(64, n_rot, 10000.0, 0.25, factors)
+    got = x.copy()
+    rope_(got, positions, cos, sin, n_heads, neox=True)
+    expected = naive.rope(x, positions, n_heads, n_rot, 10000.0, neox=True, freq_scale=0.25, freq_factors=factors)
+    # angles up to 63 radians carry f32 rounding of about 64 ulps of their size
+    np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("softcap, window", [(0.0, 4), (2.0, 0), (3.0, 6)], ids=["window", "softcap", "both"])
+@pytest.mark.parametrize("start, n_rows", [(0, 9), (11, 1), (7, 5)], ids=["prefill", "decode", "chunk"])
+def test_attention_window_and_softcap(softcap, window, start, n_rows):
+    n_heads, n_kv_heads, head_dim = 4, 2, 16
+    kv_dim = n_kv_heads * head_dim
+    q = randn(n_rows, n_heads * head_dim, seed=1)
+    k = randn(start + n_rows, kv_dim, seed=2, scale=2.0)
+    v = randn(start + n_rows, kv_dim, seed=3)
+    got = attention(q, *cache_layout(k, v, n_kv_heads), start, n_heads, 0.5, softcap, window)
+    expected = naive.attention(q, f16(k), f16(v), start, n_heads, n_kv_heads, f16_weights=True, scale=0.5,
+                               softcap=softcap, window=window)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(v).max())
+
+
+def test_windowed_rows_alone_equal_rows_together():
+    start, n_rows, n_heads = 5, 19, 4
+    q = randn(n_rows, n_heads * 16, seed=1)
+    k, v = cache_layout(randn(start + n_rows, 32, seed=2), randn(start + n_rows, 32, seed=3), 2)
+    together = attention(q, k, v, start, n_heads, None, 0.0, 6)
+    for t in range(n_rows):
+        np.testing.assert_array_equal(attention(q[t : t + 1], k, v, start + t, n_heads, None, 0.0, 6),
+                                      together[t : t + 1])
+
+
+def test_softcap():
+    x = np.array([[-1000.0, -3.0, 0.0, 0.5, 30.0]], np.float32)
+    softcap_(x, 5.0)
+    np.testing.assert_allclose(x, 5.0 * np.tanh(np.array([[-200.0, -0.6, 0.0, 0.1, 6.0]])), rtol=2e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("n_rows", (1, 17), ids=["row", "T17"])
+def test_geglu_is_ggml_gelu_through_its_f16_table(n_rows):
+    gate = randn(n_rows, 256, seed=1, scale=4.0)
+    gate[0, :4] = (-12.0, -10.0, 10.0, 11.0)
+    up = randn(n_rows, 256, seed=2)
+    got = geglu(gate, up)
+    # the kernel's f32 GELU and the float64 one can fall on either side of an f16 rounding
+    # midpoint: one f16 step (2**-10 relative, 2**-24 among subnormals) apart at most
+    np.testing.assert_allclose(got, naive.geglu(gate, up, f16_table=True), rtol=2**-10, atol=2**-24 * 8)
+    # the f16 table costs up to 2**-11 relative against the exact GELU
+    np.testing.assert_allclose(got, naive.geglu(gate, up), rtol=2e-3, atol=2e-3)

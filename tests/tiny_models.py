@@ -1,9 +1,13 @@
-"""Tiny seeded LLaMA models, written as GGUF with gguf-py's GGUFWriter.
+"""Tiny seeded models, written as GGUF with gguf-py's GGUFWriter.
 
 `tiny_llama(...)` returns the model as plain dicts (metadata, tensors) so a test can break one
 thing and write the result with `write_gguf`; `write_tiny_llama(path, ...)` does both steps.
 The tokenizer is GPT-2 byte-level BPE: the 256 byte characters, a few merges, and
 `<|endoftext|>` as a control token used for BOS and EOS.
+
+`tiny_model(arch, ...)` does the same for every architecture caravan runs, with the block
+tensors llama.cpp loads for it (src/models/<arch>.cpp, load_arch_tensors); Gemma and Phi-3
+models get a SentencePiece ("llama") vocabulary, as the real ones have.
 """
 
 from __future__ import annotations
@@ -148,7 +152,8 @@ def _add_metadata(writer: GGUFWriter, key: str, value: Any) -> None:
     elif isinstance(value, str):
         writer.add_string(key, value)
     elif isinstance(value, np.ndarray):
-        sub = {np.dtype(np.int32): GGUFValueType.INT32, np.dtype(np.float32): GGUFValueType.FLOAT32}[value.dtype]
+        sub = {np.dtype(np.int32): GGUFValueType.INT32, np.dtype(np.float32): GGUFValueType.FLOAT32,
+               np.dtype(np.bool_): GGUFValueType.BOOL}[value.dtype]
         writer.add_key_value(key, value.tolist(), GGUFValueType.ARRAY, sub_type=sub)
     elif isinstance(value, (list, tuple)):
         writer.add_array(key, list(value))
@@ -208,6 +213,7 @@ def q4_1_minima(gguf_file) -> dict[str, np.ndarray]:
     return minima
 
 
+
 def tiny_lora(
     *,
     n_layers: int = 3,
@@ -246,3 +252,161 @@ def tiny_lora(
             tensors[base + ".lora_a"] = ((rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32), weight_type)
             tensors[base + ".lora_b"] = ((rng.standard_normal((n_out, rank)) / np.sqrt(rank)).astype(np.float32), weight_type)
     return metadata, tensors
+
+
+# --- every architecture -------------------------------------------------------------------------
+
+_SPM_LETTERS = "etaoinsrhldcumfpgwybvkxjqz"
+
+
+def tiny_spm_vocabulary(vocab_size: int, turn_tokens: tuple[str, ...] = ("<start_of_turn>", "<end_of_turn>")
+                        ) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, token types) of a SentencePiece vocabulary: <pad>, </s> (EOS), <s> (BOS),
+    <unk> as Gemma numbers them, the 256 <0xNN> byte tokens, then "▁" + letter and letter pieces,
+    two chat tokens last (llama.cpp looks Phi-3's <|end|> up by text)."""
+    tokens = ["<pad>", "</s>", "<s>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)]
+    pieces = ["\u2581"] + [f"\u2581{c}" for c in _SPM_LETTERS] + list(_SPM_LETTERS)
+    n_pieces = vocab_size - len(tokens) - len(turn_tokens)
+    if not 0 < n_pieces <= len(pieces):
+        raise ValueError(f"vocab_size must be in [{len(tokens) + 3}, {len(tokens) + 2 + len(pieces)}], got {vocab_size}")
+    tokens += pieces[:n_pieces] + list(turn_tokens)
+    scores = [0.0] * 260 + [-float(i) for i in range(n_pieces)] + [0.0] * len(turn_tokens)
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * n_pieces + [4] * len(turn_tokens)
+    return tokens, scores, types
+
+
+def _arch_metadata(arch: str, name: str, *, n_layers: int, dim: int, hidden_dim: int, n_heads: int, n_kv_heads: int,
+                   head_dim: int, ctx: int, n_rot: int, vocab_size: int) -> dict[str, Any]:
+    metadata: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.name": name,
+        f"{arch}.context_length": ctx,
+        f"{arch}.embedding_length": dim,
+        f"{arch}.block_count": n_layers,
+        f"{arch}.feed_forward_length": hidden_dim,
+        f"{arch}.rope.dimension_count": n_rot,
+        f"{arch}.attention.head_count": n_heads,
+        f"{arch}.attention.head_count_kv": n_kv_heads,
+        f"{arch}.attention.key_length": head_dim,
+        f"{arch}.attention.value_length": head_dim,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-6 if arch.startswith("gemma") else 1e-5,
+        f"{arch}.rope.freq_base": 10000.0,
+    }
+    if arch.startswith("gemma") or arch == "phi3":
+        tokens, scores, types = tiny_spm_vocabulary(
+            vocab_size, ("<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>") if arch == "phi3" else ("<start_of_turn>", "<end_of_turn>"))
+        metadata.update({
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.scores": np.array(scores, dtype=np.float32),
+            "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
+            "tokenizer.ggml.bos_token_id": 2,
+            "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.ggml.unknown_token_id": 3,
+            "tokenizer.ggml.padding_token_id": 0,
+            "tokenizer.ggml.add_space_prefix": False,
+        })
+    else:
+        tokens, merges, types = tiny_vocabulary(vocab_size)
+        pre = {"qwen2": "qwen2"}.get(arch, "llama-bpe" if arch == "llama" else "default")
+        metadata.update({
+            "tokenizer.ggml.model": "gpt2",
+            "tokenizer.ggml.pre": pre,
+            "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.token_type": np.array(types, dtype=np.int32),
+            "tokenizer.ggml.merges": merges,
+            "tokenizer.ggml.bos_token_id": len(tokens) - 1,
+            "tokenizer.ggml.eos_token_id": len(tokens) - 1,
+        })
+    return metadata
+
+
+def tiny_model(
+    arch: str = "llama",
+    *,
+    n_layers: int = 3,
+    dim: int = 64,
+    hidden_dim: int = 96,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int | None = None,
+    vocab_size: int = 300,
+    ctx: int = 256,
+    weight_type: QT = QT.Q8_0,
+    tied_output: bool = True,
+    n_rot: int | None = None,
+    fused: bool = False,
+    rope_freqs: bool = False,
+    metadata: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, QT]]]:
+    """(metadata, tensors) of a random model of `arch` (llama, qwen2, phi3, gemma, gemma2,
+    gemma3), as tiny_llama; `metadata` adds or overrides keys. fused: attn_qkv instead of
+    attn_q/k/v (always a fused gate+up for phi3, as llama.cpp requires). rope_freqs: a Llama 3.1
+    style rope_freqs.weight with factors from 1 to 8. Q/K/V biases (qwen2) are N(0, 0.1**2)."""
+    if hidden_dim % 32 or dim % 32:
+        raise ValueError("dim and hidden_dim must be multiples of 32 (the block size)")
+    head_dim = head_dim or dim // n_heads
+    n_rot = head_dim if n_rot is None else n_rot
+    meta = _arch_metadata(arch, f"tiny-{arch}-{weight_type.name.lower()}", n_layers=n_layers, dim=dim,
+                          hidden_dim=hidden_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, ctx=ctx,
+                          n_rot=n_rot, vocab_size=vocab_size)
+    meta.update(metadata or {})
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows: int, cols: int) -> tuple[np.ndarray, QT]:
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), weight_type
+
+    def norm(n: int) -> tuple[np.ndarray, QT]:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32), QT.F32
+
+    def bias(n: int) -> tuple[np.ndarray, QT]:
+        return (0.1 * rng.standard_normal(n)).astype(np.float32), QT.F32
+
+    gemma = arch.startswith("gemma")
+    tensors: dict[str, tuple[np.ndarray, QT]] = {
+        # Gemma multiplies embeddings by sqrt(dim): keep its hidden states near unit scale too
+        "token_embd.weight": ((rng.standard_normal((vocab_size, dim)) / (np.sqrt(dim) if gemma else 1.0))
+                              .astype(np.float32), weight_type),
+    }
+    if rope_freqs:
+        tensors["rope_freqs.weight"] = (np.linspace(1.0, 8.0, n_rot // 2, dtype=np.float32), QT.F32)
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        tensors[p + "attn_norm.weight"] = norm(dim)
+        if fused:
+            tensors[p + "attn_qkv.weight"] = matrix(q_dim + 2 * kv_dim, dim)
+        else:
+            tensors[p + "attn_q.weight"] = matrix(q_dim, dim)
+            tensors[p + "attn_k.weight"] = matrix(kv_dim, dim)
+            tensors[p + "attn_v.weight"] = matrix(kv_dim, dim)
+        if arch == "qwen2":
+            tensors[p + "attn_q.bias"] = bias(q_dim)
+            tensors[p + "attn_k.bias"] = bias(kv_dim)
+            tensors[p + "attn_v.bias"] = bias(kv_dim)
+        if arch == "gemma3":
+            tensors[p + "attn_q_norm.weight"] = norm(head_dim)
+            tensors[p + "attn_k_norm.weight"] = norm(head_dim)
+        tensors[p + "attn_output.weight"] = matrix(dim, q_dim)
+        if arch in ("gemma2", "gemma3"):
+            tensors[p + "post_attention_norm.weight"] = norm(dim)
+        tensors[p + "ffn_norm.weight"] = norm(dim)
+        if arch == "phi3":
+            tensors[p + "ffn_up.weight"] = matrix(2 * hidden_dim, dim)
+        else:
+            tensors[p + "ffn_gate.weight"] = matrix(hidden_dim, dim)
+            tensors[p + "ffn_up.weight"] = matrix(hidden_dim, dim)
+        tensors[p + "ffn_down.weight"] = matrix(dim, hidden_dim)
+        if arch in ("gemma2", "gemma3"):
+            tensors[p + "post_ffw_norm.weight"] = norm(dim)
+    tensors["output_norm.weight"] = norm(dim)
+    if not tied_output:
+        tensors["output.weight"] = matrix(vocab_size, dim)
+    return meta, tensors
+
+
+def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", **kwargs: Any) -> Path:
+    """Write `tiny_model(arch, **kwargs)` to path; returns the path."""
+    return write_gguf(path, *tiny_model(arch, **kwargs))
