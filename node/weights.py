@@ -107,7 +107,7 @@ class CachedLayers:
         self._tensors: dict[str, tuple[mmap.mmap | None, TensorInfo]] = {}
         for directory in directories:
             meta = json.loads((directory / "manifest.json").read_text())
-            config = ModelConfig(**meta["config"])
+            config = ModelConfig.from_dict(meta["config"])
             layer = int(meta["layer"])
             entries = [(n, c, tuple(s), b) for n, c, s, b in meta["tensors"]]
             manifest = RangeManifest.build(meta["model_sha256"], config, LayerRange(layer, layer + 1), entries)

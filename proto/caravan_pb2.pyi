@@ -80,7 +80,7 @@ class NodeInfo(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., cores: _Optional[int] = ..., threads: _Optional[int] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., model_sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., local_model_sha256: _Optional[str] = ..., error: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
-    __slots__ = ("arch", "n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "n_rot", "vocab_size", "context_length", "norm_eps", "rope_theta")
+    __slots__ = ("arch", "n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "n_rot", "vocab_size", "context_length", "norm_eps", "rope_theta", "rope_scale", "rope_theta_swa", "rope_freq_factors", "sliding_window", "sliding_layers", "attn_softcap", "final_softcap", "layer_tensors")
     ARCH_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,14 @@ class ModelConfig(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NORM_EPS_FIELD_NUMBER: _ClassVar[int]
     ROPE_THETA_FIELD_NUMBER: _ClassVar[int]
+    ROPE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    ROPE_THETA_SWA_FIELD_NUMBER: _ClassVar[int]
+    ROPE_FREQ_FACTORS_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SLIDING_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ATTN_SOFTCAP_FIELD_NUMBER: _ClassVar[int]
+    FINAL_SOFTCAP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_TENSORS_FIELD_NUMBER: _ClassVar[int]
     arch: str
     n_layers: int
     dim: int
@@ -105,7 +113,15 @@ class ModelConfig(_message.Message):
     context_length: int
     norm_eps: float
     rope_theta: float
-    def __init__(self, arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., dim: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., n_rot: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., norm_eps: _Optional[float] = ..., rope_theta: _Optional[float] = ...) -> None: ...
+    rope_scale: float
+    rope_theta_swa: float
+    rope_freq_factors: _containers.RepeatedScalarFieldContainer[float]
+    sliding_window: int
+    sliding_layers: _containers.RepeatedScalarFieldContainer[bool]
+    attn_softcap: float
+    final_softcap: float
+    layer_tensors: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, arch: _Optional[str] = ..., n_layers: _Optional[int] = ..., dim: _Optional[int] = ..., hidden_dim: _Optional[int] = ..., n_heads: _Optional[int] = ..., n_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., n_rot: _Optional[int] = ..., vocab_size: _Optional[int] = ..., context_length: _Optional[int] = ..., norm_eps: _Optional[float] = ..., rope_theta: _Optional[float] = ..., rope_scale: _Optional[float] = ..., rope_theta_swa: _Optional[float] = ..., rope_freq_factors: _Optional[_Iterable[float]] = ..., sliding_window: _Optional[int] = ..., sliding_layers: _Optional[_Iterable[bool]] = ..., attn_softcap: _Optional[float] = ..., final_softcap: _Optional[float] = ..., layer_tensors: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BenchmarkRequest(_message.Message):
     __slots__ = ("config", "weight_type")

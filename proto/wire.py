@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from caravan.pipeline.architectures import BLOCK_TENSORS
 from caravan.pipeline.gguf_file import GGUFError, TensorInfo, tensor_nbytes
 from caravan.pipeline.lora import MAX_ADAPTERS_PER_ROW, LoraError, check_name
 from caravan.pipeline.model import ModelConfig, ModelError
@@ -20,7 +21,7 @@ from caravan.pipeline.stage import Segment
 
 from . import caravan_pb2 as pb
 
-PROTOCOL_VERSION = 1  # bump with any incompatible change to caravan.proto
+PROTOCOL_VERSION = 3  # bump with any incompatible change to caravan.proto
 
 Q8_BLOCK = 32  # ggml's block_q8_0: an f16 scale d, then 32 int8 q; value = q * d
 Q8_BLOCK_BYTES = 2 + Q8_BLOCK
@@ -215,7 +216,10 @@ def encode_config(c: ModelConfig) -> pb.ModelConfig:
     return pb.ModelConfig(
         arch=c.arch, n_layers=c.n_layers, dim=c.dim, hidden_dim=c.hidden_dim, n_heads=c.n_heads,
         n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, n_rot=c.n_rot, vocab_size=c.vocab_size,
-        context_length=c.context_length, norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        context_length=c.context_length, norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scale=c.rope_scale,
+        rope_theta_swa=c.rope_theta_swa, rope_freq_factors=c.rope_freq_factors, sliding_window=c.sliding_window,
+        sliding_layers=c.sliding_layers, attn_softcap=c.attn_softcap, final_softcap=c.final_softcap,
+        layer_tensors=c.layer_tensors,
     )
 
 
@@ -242,9 +246,19 @@ def decode_config(m: pb.ModelConfig) -> ModelConfig:
         f"{a}.context_length": m.context_length,
         f"{a}.attention.layer_norm_rms_epsilon": m.norm_eps,
         f"{a}.rope.freq_base": m.rope_theta,
+        f"{a}.rope.scaling.type": "linear",
+        f"{a}.rope.scaling.factor": m.rope_scale,
+        f"{a}.rope.freq_base_swa": m.rope_theta_swa,
+        f"{a}.attention.sliding_window": m.sliding_window,
+        f"{a}.attention.sliding_window_pattern": list(m.sliding_layers) if m.sliding_layers else 0,
+        f"{a}.attn_logit_softcapping": m.attn_softcap,
+        f"{a}.final_logit_softcapping": m.final_softcap,
     }
+    if len(m.layer_tensors) > len(BLOCK_TENSORS) or len(m.sliding_layers) > m.n_layers:
+        raise WireError("model config: more block tensors or sliding layers than a model can have")
+    rope_freqs = np.array(m.rope_freq_factors, dtype=np.float32) if m.rope_freq_factors else None
     try:
-        config = ModelConfig.from_metadata(metadata, m.vocab_size)
+        config = ModelConfig.from_metadata(metadata, m.vocab_size, list(m.layer_tensors) or None, rope_freqs)
     except ModelError as exc:
         raise WireError(f"model config: {exc}") from None
     if not (config.norm_eps > 0 and config.rope_theta > 0):

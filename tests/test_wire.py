@@ -87,6 +87,47 @@ def test_config_round_trip():
     assert wire.decode_config(wire.encode_config(CONFIG)) == CONFIG
 
 
+def family_configs() -> list[ModelConfig]:
+    """Configs of every family as read from the tiny models' metadata, with their features on."""
+    import dataclasses
+
+    from tiny_models import tiny_model
+
+    configs = []
+    for arch, kwargs in [
+        ("llama", dict(rope_freqs=True, metadata={"llama.rope.scaling.factor": 2.0})),
+        ("qwen2", {}), ("phi3", dict(fused=True)), ("gemma", {}),
+        ("gemma2", dict(metadata={"gemma2.attention.sliding_window": 8, "gemma2.attn_logit_softcapping": 2.0})),
+        ("gemma3", dict(n_layers=7, metadata={"gemma3.attention.sliding_window": 8, "gemma3.rope.scaling.factor": 8.0,
+                                              "gemma3.final_logit_softcapping": 30.0})),
+    ]:
+        metadata, tensors = tiny_model(arch, **kwargs)
+        block = {n[len("blk.0."):] for n in tensors if n.startswith("blk.0.")}
+        freqs = tensors["rope_freqs.weight"][0] if "rope_freqs.weight" in tensors else None
+        configs.append(ModelConfig.from_metadata(metadata, 300, block, freqs))
+    assert configs[0].rope_freq_factors and configs[2].layer_tensors[1] == "attn_qkv.weight"
+    assert configs[5].sliding_layers == (True,) * 5 + (False, True) and configs[5].final_softcap == 30.0
+    assert dataclasses.replace(configs[4], attn_softcap=0.0) != configs[4]
+    return configs
+
+
+@pytest.mark.parametrize("config", family_configs(), ids=lambda c: c.arch)
+def test_every_family_config_round_trips(config):
+    """Over the wire, and through the JSON a node's weight cache keeps beside each layer."""
+    import dataclasses
+    import json
+
+    assert wire.decode_config(wire.encode_config(config)) == config
+    assert ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
+
+
+def test_a_wire_config_with_a_foreign_block_tensor_is_refused():
+    m = wire.encode_config(CONFIG)
+    m.layer_tensors.append("ffn_gate_inp.weight")
+    with pytest.raises(wire.WireError, match="ffn_gate_inp.weight: not a tensor of a llama block"):
+        wire.decode_config(m)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("arch", "gpt2", "unknown architecture"),
     ("dim", 0, "dim"),
