@@ -35,6 +35,26 @@ CHATML_TEMPLATE = (
 )
 
 
+# llama.cpp's built-in Gemma format (`llm_chat_apply_template`, LLM_CHAT_TEMPLATE_GEMMA), for
+# Gemma files that carry no template: turns as `<start_of_turn>{role}\n{content}<end_of_turn>\n`
+# with "assistant" called "model", contents trimmed, system messages (Gemma has none) put
+# before the next user turn's text, then `<start_of_turn>model\n` to open the reply.
+GEMMA_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + message['content'] | trim -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{%- if ns.system and role != 'model' -%}{{ ns.system + '\n\n' }}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
 class ChatTemplateError(ValueError):
     """The chat template or the messages given to it cannot be rendered."""
 
@@ -140,6 +160,15 @@ class ChatTemplate:
         """The template to use when the model file has none, as llama.cpp does."""
         logger.info("model has no chat template; falling back to ChatML")
         return cls(CHATML_TEMPLATE)
+
+    @classmethod
+    def fallback(cls, tokens: list[str]) -> ChatTemplate:
+        """For a file without a template: Gemma's turns where the vocabulary has Gemma's turn
+        tokens (some Gemma GGUF files carry no template), else ChatML."""
+        if "<start_of_turn>" in tokens and "<end_of_turn>" in tokens:
+            logger.info("model has no chat template; its vocabulary has Gemma's turn tokens: using Gemma's format")
+            return cls(GEMMA_TEMPLATE)
+        return cls.chatml()
 
     def render(
         self,

@@ -78,6 +78,9 @@ def load_model(path: str | os.PathLike[str]) -> LoadedModel:
     source = gguf.metadata.get("tokenizer.chat_template")
     bos = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     eos = tokenizer.token_text(tokenizer.eos_id) if tokenizer.eos_id is not None else ""
-    template = ChatTemplate(source, bos, eos) if isinstance(source, str) and source else ChatTemplate.chatml()
+    if isinstance(source, str) and source:
+        template = ChatTemplate(source, bos, eos)
+    else:
+        template = ChatTemplate.fallback(gguf.metadata.get("tokenizer.ggml.tokens", []))
     head = ModelHead(gguf, config)
     return LoadedModel(gguf, config, tokenizer, template, head)

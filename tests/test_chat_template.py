@@ -1,5 +1,6 @@
 """Chat templates render as transformers renders them, and hostile ones fail closed."""
 
+import ctypes
 from datetime import datetime
 
 import pytest
@@ -190,3 +191,30 @@ def test_runtime_type_error_is_chat_template_error():
 def test_bad_messages(messages, expected):
     with pytest.raises(ChatTemplateError, match=expected):
         ChatTemplate(SMOLLM2_TEMPLATE).render(messages)
+
+
+GEMMA_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi!"}],
+    [{"role": "system", "content": "  Be brief. "}, {"role": "user", "content": "Hi!\n"},
+     {"role": "assistant", "content": " Hello."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+]
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("messages", GEMMA_CONVERSATIONS, ids=["user", "system-and-turns", "ends-with-model"])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_gemma_fallback_matches_llama_cpp_builtin(messages, add_generation_prompt):
+    """A Gemma file without a template renders as llama.cpp's built-in "gemma" format."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(4096)
+    n = llama_cpp.llama_chat_apply_template(b"gemma", chat, len(messages), add_generation_prompt, buf, len(buf))
+    expected = buf.raw[:n].decode()
+    template = ChatTemplate.fallback(["<pad>", "<start_of_turn>", "<end_of_turn>"])
+    assert template.render(messages, add_generation_prompt) == expected
+
+
+def test_fallback_without_gemma_tokens_is_chatml():
+    assert ChatTemplate.fallback(["<|im_start|>", "a"]).source == ChatTemplate.chatml().source
