@@ -9,6 +9,7 @@ import queue
 import grpc
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.coordinator.remote import NodeClient, NodeError, RemoteStage, load_request
@@ -241,6 +242,53 @@ def test_benchmark(model, node):
     assert 0 < ms < 1000
 
 
+FAMILIES = {
+    "llama3": dict(arch="llama", rope_freqs=True),
+    "qwen2": dict(arch="qwen2"),
+    "phi3": dict(arch="phi3", fused=True),
+    "gemma2": dict(arch="gemma2", metadata={"gemma2.attention.sliding_window": 6, "gemma2.attn_logit_softcapping": 3.0}),
+    "gemma3": dict(arch="gemma3", n_layers=4, head_dim=32, metadata={
+        "gemma3.attention.sliding_window": 6, "gemma3.attention.sliding_window_pattern": 2,
+        "gemma3.rope.scaling.factor": 8.0}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_family_runs_on_a_node_bit_identical_and_restarts_from_its_cache(family, tmp_path):
+    """The node learns the family from the wire config alone (block tensors, RoPE factors and
+    scaling, sliding layers, caps), receives exactly those tensors, and gives the bits of a
+    LocalStage; a second node on the same cache directory loads the layers from disk."""
+    from tiny_models import write_tiny_model
+
+    kwargs = dict(FAMILIES[family])
+    model = load_model(write_tiny_model(tmp_path / f"{family}.gguf", kwargs.pop("arch"), **kwargs))
+    layers = LayerRange(1, model.config.n_layers)
+    local = LocalStage.load(model.file, model.config, layers, N_CTX)
+    rng = np.random.default_rng(0)
+    batches = [StageBatch((Segment("a", 0, 12),), rng.standard_normal((12, 64), dtype=np.float32)),
+               StageBatch((Segment("a", 12, 1),), rng.standard_normal((1, 64), dtype=np.float32))]
+    expected = [local.forward(batch) for batch in batches]
+    for source in ("pushed", "cache"):
+        server, port, _ = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=tmp_path / "node"))
+        client = NodeClient(f"127.0.0.1:{port}")
+        try:
+            reply = client.load(model.file, SHA, model.config, layers, N_CTX)
+            assert reply.source == source
+            if source == "pushed":
+                assert reply.bytes_received == sum(model.file.tensors[n].n_bytes for layer in layers
+                                                   for n in layer_tensor_shapes(model.config, layer))
+            remote = RemoteStage(client, layers, model.config.dim)
+            try:
+                for batch, out in zip(batches, expected):
+                    assert np.array_equal(remote.forward(batch), out)
+            finally:
+                remote.close()
+            assert client.benchmark(model.config, int(QT.Q8_0)) > 0
+        finally:
+            client.close()
+            server.stop(0)
+
+
 def test_node_of_another_protocol_version_is_refused_by_name(tmp_path):
     from caravan.coordinator.cluster import connect
     from caravan.coordinator.remote import NodeError
@@ -263,7 +311,7 @@ def test_node_of_another_protocol_version_is_refused_by_name(tmp_path):
     server.start()
     try:
         with pytest.raises(NodeError, match=r"node newpi \(127\.0\.0\.1:\d+\): speaks protocol 99 \(caravan 9\.0\.0\); "
-                                            r"this coordinator speaks 1"):
+                                            rf"this coordinator speaks {wire.PROTOCOL_VERSION}"):
             connect([f"127.0.0.1:{port}"])
     finally:
         server.stop(0)
