@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The tensors outside the blocks: the embedding, the final norm, the output head (absent when
+# tied to the embedding) and Llama 3.1's RoPE frequency factors.
+GLOBAL_TENSORS = ("token_embd.weight", "output_norm.weight", "output.weight", "rope_freqs.weight")
+
 # Every block tensor caravan knows, in the order a node receives them (GGUF names after blk.N.).
 BLOCK_TENSORS = (
     "attn_norm.weight",
@@ -47,6 +51,7 @@ class Architecture:
     optional: tuple[str, ...] = ()  # block tensors used where the file has them
     fused_qkv: bool = False  # attn_qkv may stand for attn_q, attn_k and attn_v (create_tensor_qkv)
     fused_gate_up: bool = False  # ffn_up holds gate then up rows, no ffn_gate (Phi-3's LLM_FFN_SWIGLU)
+    rope_freqs: bool = False  # a rope_freqs.weight tensor divides each pair's angle (Llama 3.1's scaling)
     rope_neox: bool = False  # RoPE pairs dimension i with i + n_rot/2 (llama_model_rope_type NEOX), not 2i with 2i+1
     gelu: bool = False  # FFN gate activation: GELU, tanh form (LLM_FFN_GELU); else SiLU
     scale_embeddings: bool = False  # token embeddings times sqrt(dim) (Gemma's inp_scaled)
@@ -67,7 +72,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     for a in (
         # Llama 2/3, TinyLlama, SmolLM, Mistral (llama.cpp's converter writes Mistral as `llama`,
         # with no sliding window; llama.cpp ignores llama.attention.sliding_window, so does caravan).
-        Architecture("llama", _LLAMA_BLOCK, optional=(*_QKV_BIAS, "attn_output.bias"), fused_qkv=True),
+        Architecture("llama", _LLAMA_BLOCK, optional=(*_QKV_BIAS, "attn_output.bias"), fused_qkv=True, rope_freqs=True),
         # Qwen2 / Qwen2.5: Q, K and V biases; NeoX RoPE.
         Architecture("qwen2", (*_LLAMA_BLOCK, *_QKV_BIAS), optional=("attn_output.bias",), rope_neox=True),
         # Phi-3: fused QKV (or separate), gate and up stacked in ffn_up, NeoX RoPE; llama.cpp

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType as QT
 
+from .architectures import GLOBAL_TENSORS
 from .chat_template import ChatTemplate
 from .generate import Pipeline
 from .gguf_file import GGUFFile
@@ -52,8 +53,14 @@ def model_config(gguf: GGUFFile, vocab_size: int) -> ModelConfig:
         raise ModelError("rope_freqs.weight: expected F32 factors, got "
                          f"{gguf.tensors['rope_freqs.weight'].type.name}")
     config = ModelConfig.from_metadata(gguf.metadata, vocab_size, block_tensors, rope_freqs)
+    if rope_freqs is not None and not config.architecture.rope_freqs:
+        raise ModelError(f"rope_freqs.weight: {config.arch} models have no RoPE frequency factors (llama.cpp "
+                         "reads them for llama only)")
     known = set(config.layer_tensors)
     for name in gguf.tensors:
+        if not name.startswith("blk.") and name not in GLOBAL_TENSORS:
+            raise ModelError(f"{name}: not a tensor caravan can run ({config.arch} models have "
+                             f"{', '.join(GLOBAL_TENSORS)} and blk.N.*; LongRoPE's rope_factors_* are not supported)")
         if name.startswith("blk."):
             _, index, tensor = name.split(".", 2)
             if not index.isdigit() or int(index) >= config.n_layers or tensor not in known:

@@ -208,6 +208,10 @@ def test_unknown_architecture_names_it_and_the_supported_ones(tmp_path):
      r"blk.1.attn_q_norm.weight: not a tensor of this qwen2 model's 3 blocks"),
     (lambda m, t: m.update({"qwen2.rope.scaling.type": "yarn"}),
      r"qwen2.rope.scaling.type 'yarn' is not supported \(supported: none, linear\)"),
+    (lambda m, t: t.update({"rope_factors_long.weight": t["blk.0.attn_k.bias"]}),
+     r"rope_factors_long.weight: not a tensor caravan can run .* LongRoPE's rope_factors_\* are not supported"),
+    (lambda m, t: t.update({"rope_freqs.weight": (np.ones(8, np.float32), QT.F32)}),
+     r"rope_freqs.weight: qwen2 models have no RoPE frequency factors"),
 ])
 def test_malformed_families_are_refused_in_one_line(tmp_path, change, message):
     metadata, tensors = tiny_model("qwen2")
