@@ -189,6 +189,11 @@ def bad_files(smollm2_path, tmp_path_factory):
     (folder / "text.gguf").write_text("this is not a model\n" * 10)
     with open(smollm2_path, "rb") as f:
         (folder / "truncated.gguf").write_bytes(f.read(1_000_000))
+    from tiny_models import tiny_model, write_gguf
+
+    metadata, tensors = tiny_model("llama")
+    metadata = {k.replace("llama.", "mamba."): v for k, v in metadata.items()} | {"general.architecture": "mamba"}
+    write_gguf(folder / "mamba.gguf", metadata, tensors)
     return folder
 
 
@@ -200,12 +205,14 @@ def bad_files(smollm2_path, tmp_path_factory):
         (["run", "hi", "--model", "{bad}/truncated.gguf"], "truncated"),
         (["tokenize", "hi", "--model", "{bad}/truncated.gguf"], "truncated"),
         (["run", "hi", "--model", "llama-9000"], "unknown model 'llama-9000'"),
+        (["run", "hi", "--model", "{bad}/mamba.gguf"], "unknown architecture 'mamba' (general.architecture; "
+                                                        "supported: llama, qwen2, phi3, gemma, gemma2, gemma3)"),
         (["run", "word " * 40, "--ctx", "16", *ONE_THREAD], "does not fit the context of 16 tokens"),
         (["run", "hi", "--temperature", "-1"], "temperature must be finite and >= 0"),
         (["run", "hi", "--threads", "0"], "--threads must be between 1"),
         (["perplexity", "{bad}/missing.txt"], "No such file"),
     ],
-    ids=["missing", "not-gguf", "truncated", "truncated-tokenize", "unknown-name", "prompt-too-long",
+    ids=["missing", "not-gguf", "truncated", "truncated-tokenize", "unknown-name", "unknown-arch", "prompt-too-long",
          "bad-temperature", "bad-threads", "missing-text"],
 )
 def test_expected_failures_are_one_line(env, bad_files, args, expected):

@@ -134,3 +134,20 @@ def test_logits_past_the_sliding_window_match_llama_cpp(gemma3, pipeline, llama)
           f"max {error.max():.3f}; past 512: median {np.median(error[512:]):.3f}")
     assert np.mean(ours.argmax(axis=1) == ref.argmax(axis=1)) >= 0.85
     assert np.median(error[512:]) < 0.08 and error.max() < 0.2
+
+
+def test_caravan_run_by_name(gemma3_path, tmp_path):
+    """`caravan run --model gemma3-270m` resolves the name through the catalog (a private cache
+    linking to the pulled file) and streams the golden completion."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "models").mkdir()
+    os.symlink(gemma3_path, tmp_path / "models" / gemma3_path.name)
+    result = subprocess.run(
+        [sys.executable, "-m", "caravan.coordinator", "run", "1, 2, 3, 4, 5,", "--model", "gemma3-270m",
+         "--temperature", "0", "--max-tokens", "8", "--threads", "1", "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "CARAVAN_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == GOLDEN["1, 2, 3, 4, 5,"][:8]
