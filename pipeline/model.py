@@ -163,8 +163,9 @@ class ModelConfig:
             raise ModelError(f"{arch}.rope.scaling.type {describe(scaling)} is not supported "
                              f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
         rope_scale = float_key("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
-        if metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0) != 1.0:
-            raise ModelError(f"{arch}.rope.scaling.attn_factor is not supported (only 1.0)")
+        attn_factor = metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)
+        if not isinstance(attn_factor, (int, float, np.integer, np.floating)) or attn_factor != 1.0:
+            raise ModelError(f"{arch}.rope.scaling.attn_factor {describe(attn_factor)} is not supported (only 1.0)")
 
         window, sliding = 0, ()
         if family.reads_sliding_window:
