@@ -218,3 +218,33 @@ def test_malformed_families_are_refused_in_one_line(tmp_path, change, message):
     change(metadata, tensors)
     with pytest.raises(ModelError, match=message):
         load_model(write_gguf(tmp_path / "bad.gguf", metadata, tensors))
+
+
+@pytest.mark.oracle
+@pytest.mark.parametrize("name", ["qwen2", "gemma2"])
+def test_a_lora_adapter_on_another_family_matches_llama_cpp(model_dir, name):
+    """LoRA deltas land on the products before Qwen2's biases and Gemma 2's post-norms, as
+    llama.cpp's build_lora_mm does: prompt logits within the F32 bound, the same greedy tokens."""
+    from caravan.pipeline.generate import Generation
+    from caravan.pipeline.lora import LoraAdapter
+    from caravan.pipeline.sampler import Sampler, SamplingParams
+    from tiny_models import tiny_lora
+
+    path = write_fixture(model_dir, name, QT.F32)
+    adapter_path = write_gguf(model_dir / f"{name}-lora.gguf", *tiny_lora(arch=FIXTURES[name]["arch"], seed=3))
+    model = load_model(path)
+    pipeline = pipeline_for(model)
+    adapter = LoraAdapter.open(adapter_path, model.config)
+    pipeline.add_adapter(adapter)
+    chosen = ((adapter.name, 1.0),)
+    ids = prompt_ids(model.config.vocab_size)
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
+    llama = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False,
+                            lora_path=str(adapter_path), lora_scale=1.0)
+    ref = llama_cpp_logits(llama, ids)
+    hidden = pipeline.forward([Segment("lora", 0, len(ids), chosen)], ids)
+    pipeline.end_session("lora")
+    assert relative_error(pipeline.head.logits(hidden), ref) < TOLERANCE[QT.F32]
+    assert relative_error(caravan_logits(pipeline, ids), ref) > 10 * TOLERANCE[QT.F32]  # the adapter matters
+    greedy = Generation(pipeline, ids.tolist(), Sampler(SamplingParams(temperature=0)), NEW_TOKENS, frozenset(), chosen)
+    assert list(greedy) == llama_cpp_greedy(llama, ids, NEW_TOKENS)
