@@ -12,14 +12,22 @@ import json
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from caravan.pipeline.catalog import default_cache_dir, pull
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
+from caravan.pipeline.quants import SUPPORTED_TYPES
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 
-pytestmark = pytest.mark.model
+# The file's Q4_K, Q6_K and Q5_0 tensors need the K-quant kernels (pipeline/formats.py); until
+# they are in this tree, every test here says so instead of failing on the first tensor.
+pytestmark = [
+    pytest.mark.model,
+    pytest.mark.skipif(not {QT.Q4_K, QT.Q6_K, QT.Q5_0} <= set(SUPPORTED_TYPES),
+                       reason="Gemma 3 270M Q4_K_M needs the Q4_K, Q6_K and Q5_0 kernels (the formats work)"),
+]
 
 CHAT = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
 
