@@ -32,11 +32,10 @@ pytestmark = [
 CHAT = "<start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
 
 # Greedy 32-token completions recorded from llama.cpp (llama-cpp-python 0.3.36, n_ctx 1024),
-# which caravan reproduces token for token. Other prompts part after some tokens at near-ties:
-# "Once upon a time" after 4, where llama.cpp's top two logits are 0.09 apart, "The chemical
-# symbol for gold is" after 11 (0.19 apart), while the engines' logits differ by up to about 1
-# (3% of their spread) at any position: both round activations to 8-bit blocks, in different
-# orders.
+# which caravan reproduces token for token. Other prompts can part after some tokens at
+# near-ties: "Once upon a time" after 4, where llama.cpp's own top two logits are 0.09 apart,
+# while the engines' logits differ by up to about 1 (3% of their spread) at any position: both
+# round activations to 8-bit blocks, in different orders.
 GOLDEN = {
     "def fibonacci(n):\n    ": [
         584, 538, 1251, 236743, 236771, 236787, 107, 144, 2060, 236743, 236771, 107, 140, 36208, 538, 1251,
