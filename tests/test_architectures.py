@@ -33,6 +33,8 @@ FIXTURES = {
     # (and by caravan, with a warning); linear RoPE scaling as some Llama fine-tunes have
     "mistral": dict(arch="llama", n_kv_heads=1, metadata={
         "llama.attention.sliding_window": 8, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
+    # llama.cpp's loader takes one attn_qkv matrix in place of Q, K and V (create_tensor_qkv)
+    "llama-fused-qkv": dict(arch="llama", fused=True),
     "qwen2": dict(arch="qwen2"),  # Q/K/V biases, NeoX RoPE
     "phi3": dict(arch="phi3", fused=True),  # attn_qkv, gate and up in ffn_up, NeoX RoPE
     # Gemma: head width 32 with dim 64 and 4 heads (q_dim 128 != dim, as Gemma's 256-wide heads)
