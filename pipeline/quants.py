@@ -7,6 +7,9 @@ Block layouts, from ggml-common.h (block size in weights, bytes per block):
     Q8_0: (32, 2 + 32)      d: f16, qs[32]: int8, w[j] = d * qs[j]
     F16, F32: plain rows
 
+Q5_0, Q5_1, the K-quants (Q2_K .. Q6_K) and BF16 live in formats.py; the functions here hand
+them over.
+
 At load time each matrix is repacked once into contiguous arrays (nibbles or int8 values in one
 array, the scales in another: widened to f32, or for Q4_0 kept as f16 and interleaved eight rows
 at a time, see simd.py), so the kernels' hot loops read unit-stride memory with fixed trip
@@ -32,6 +35,7 @@ import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from . import formats
 from .numba_config import FASTMATH
 from .simd import (
     GROUP_FORMATS,
@@ -50,7 +54,7 @@ QK = 32  # weights per block, for every block format here
 # this table, as ggml does with its ggml_table_f32_f16.
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
-SUPPORTED_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+SUPPORTED_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, *formats.TYPES)
 
 
 class UnsupportedTypeError(ValueError):
@@ -72,7 +76,8 @@ class PackedMatrix:
         Q4_0: (qs u8 (groups, cols // 2 * 8), d u16 (groups, cols // 32 * 8))
         Q4_1: (qs u8 (groups, cols // 2 * 8), d u16 (groups, cols // 32 * 8), m u16 (same))
     The block formats keep rows in groups of 8 (the last padded with zeros), interleaved as
-    simd.py describes, with their f16 scales and minima as uint16 bits.
+    simd.py describes, with their f16 scales and minima as uint16 bits; the others as
+    formats.py describes.
     """
 
     type: QT
@@ -87,7 +92,7 @@ class PackedMatrix:
     @property
     def group_rows(self) -> int:
         """Rows stored together (the arrays' first axis counts groups): 8 for block formats."""
-        return GROUP_ROWS if self.type in _GROUPED else 1
+        return GROUP_ROWS if self.type in _GROUPED or self.type in formats.GROUPED else 1
 
     def row_slice(self, start: int, stop: int) -> "PackedMatrix":
         """Rows [start, stop) as a view (no copy); grouped formats need whole groups."""
@@ -110,6 +115,8 @@ def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
     """Repack a GGUF tensor (2-D view from GGUFFile.tensor_data) for the kernels."""
     if ttype not in SUPPORTED_TYPES:
         raise UnsupportedTypeError(f"{name}: unsupported type {ttype.name} (supported: {supported_names()})")
+    if ttype in formats.TYPES:
+        return PackedMatrix(ttype, *formats.pack(ttype, raw))
     if ttype == QT.F32:
         values = np.ascontiguousarray(raw, dtype=np.float32)
         return PackedMatrix(ttype, values.shape[0], values.shape[1], (values,))
@@ -142,6 +149,8 @@ def _pack_grouped(ttype: QT, raw: np.ndarray) -> PackedMatrix:
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
     any weight is read): GGUF's own bytes per block, over whole groups of 8 rows."""
+    if ttype in formats.TYPES:
+        return formats.packed_nbytes(ttype, rows, cols)
     if ttype == QT.F32:
         return rows * cols * 4
     if ttype == QT.F16:
@@ -226,13 +235,20 @@ class Activations:
     """One activation matrix x (T, K) f32 and its quantized forms, made on first use and shared
     by every product that reads the same x (Q, K and V; gate and up)."""
 
-    __slots__ = ("x", "_q8", "_q8_sums", "_f16")
+    __slots__ = ("x", "_q8", "_q8_sums", "_f16", "_forms")
 
     def __init__(self, x: np.ndarray):
         self.x = x
         self._q8 = None
         self._q8_sums = None
         self._f16 = None
+        self._forms = {}
+
+    def form(self, make):
+        """make(x), made once (formats.py's Q8_K and bf16 activations)."""
+        if make not in self._forms:
+            self._forms[make] = make(self.x)
+        return self._forms[make]
 
     def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(qs, d, s) as _quantize_row_q8 makes them."""
@@ -335,7 +351,9 @@ def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) ->
     n_rows = acts.x.shape[0]
     if out is None:
         out = np.empty((n_rows, w.rows), np.float32)
-    if w.type in _GROUPED:
+    if w.type in formats.TYPES:
+        formats.matmul(w.type, w.arrays, acts, out)
+    elif w.type in _GROUPED:
         wq, wd = w.arrays[:2]
         wm = w.arrays[2] if len(w.arrays) > 2 else wd  # only Q4_1 has minima; the others ignore it
         _GROUPED_MATMULS[w.type](wq, wd, wm, *acts.q8(), acts.q8_sums(), out)
@@ -373,6 +391,8 @@ def _rows_grouped(wq, wd, wm, table, block_bytes, signed, zero_point, has_min, i
 def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of W as f32 (len(ids), cols)."""
     ids = np.asarray(ids, dtype=np.int64)
+    if w.type in formats.TYPES:
+        return formats.dequantize_rows(w.type, w.arrays, ids)
     if w.type == QT.F32:
         return w.arrays[0][ids].copy()
     if w.type == QT.F16:

@@ -54,6 +54,41 @@ def round_f16(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float64)
 
 
+QK_K = 256  # values per Q8_K superblock
+
+
+def quantize_q8_k_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x (T, K) -> q (T, K) int8, d (T, K // 256) f32, bsums (T, K // 16) int16 (ggml's
+    quantize_row_q8_K_ref, the K-quants' activations).
+
+    Per superblock of 256: v = the first value of largest magnitude, scale = -127 / v (f32),
+    q = min(127, rint(x * scale)), d = 1 / scale, bsums = the sums of each 16 q; all zero when
+    the superblock is."""
+    x = np.asarray(x, dtype=np.float32)
+    n_rows, n = x.shape
+    blocks = x.reshape(n_rows, n // QK_K, QK_K)
+    vmax = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
+        d = np.where(vmax != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(127, np.rint(blocks * iscale[..., None])).astype(np.int32)
+    bsums = q.reshape(n_rows, -1, 16).sum(axis=-1)
+    return q.reshape(n_rows, n).astype(np.int8), d, bsums.astype(np.int16)
+
+
+def dequantize_q8_k_activations(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    n_rows, n = q.shape
+    return (q.reshape(n_rows, -1, QK_K).astype(np.float64) * d[..., None].astype(np.float64)).reshape(n_rows, n)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """x rounded to the nearest bf16 (ties to even), as float64: keep the top 16 bits of the f32
+    after adding 0x7fff plus the lowest kept bit (ggml's GGML_FP32_TO_BF16, finite x)."""
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
 # ---------------------------------------------------------------------------------------------
 # Layer ops
 
@@ -168,12 +203,17 @@ def exact_product(weights: dict, name: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) @ weights[name].T
 
 
-def kernel_product(weight_types: dict, q4_1_minima: dict) -> Product:
-    """Products that see the activations the kernels see: Q8 blocks for block formats, f16 for
-    F16 weights, unrounded for F32. Q4_1 reads the activation's f16 block sum s for its `m`
-    term, so m * (s - d * sum(q)) is added per block.
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
-    weight_types: tensor name -> type name ("Q4_1"); q4_1_minima: name -> m (rows, n_blocks)."""
+
+def kernel_product(weight_types: dict, q4_1_minima: dict) -> Product:
+    """Products that see the activations the kernels see (ggml's vec_dot_type): Q8_K superblocks
+    for the K-quants, Q8 blocks for the other block formats, f16 for F16 weights, bf16 for BF16,
+    unrounded for F32. Q4_1 and Q5_1 read the activation's f16 block sum s for their `m` term, so
+    m * (s - d * sum(q)) is added per block.
+
+    weight_types: tensor name -> type name ("Q4_1"); q4_1_minima: name -> m (rows, n_blocks) of
+    the Q4_1 and Q5_1 weights."""
 
     def product(weights: dict, name: str, x: np.ndarray) -> np.ndarray:
         kind = weight_types[name]
@@ -181,9 +221,14 @@ def kernel_product(weight_types: dict, q4_1_minima: dict) -> Product:
             return exact_product(weights, name, x)
         if kind == "F16":
             return round_f16(x) @ weights[name].T
+        if kind == "BF16":
+            return round_bf16(x) @ weights[name].T
+        if kind in K_QUANTS:
+            q, d, _ = quantize_q8_k_activations(x)
+            return dequantize_q8_k_activations(q, d) @ weights[name].T
         q, d, s = quantize_q8_activations(np.asarray(x, dtype=np.float32))
         out = dequantize_q8_activations(q, d) @ weights[name].T
-        if kind == "Q4_1":
+        if kind in ("Q4_1", "Q5_1"):
             block_q_sums = q.reshape(q.shape[0], -1, QK).astype(np.float64).sum(axis=-1)
             out += (s.astype(np.float64) - d * block_q_sums) @ q4_1_minima[name].astype(np.float64).T
         return out

@@ -319,11 +319,12 @@ def test_norm_weights_must_be_f32(tmp_path):
 
 
 def test_unsupported_weight_type_names_the_tensor(tmp_path):
-    """A Q6_K layer tensor (256-weight blocks, so dim 256 here) is refused with its name."""
+    """An IQ2_XS layer tensor (256-weight blocks of 74 bytes, so dim 256 here) is refused with
+    its name."""
     metadata, tensors = tiny_llama(n_layers=1, dim=256, hidden_dim=256, n_heads=4, n_kv_heads=4)
-    tensors["blk.0.ffn_down.weight"] = (np.zeros((256, 210), np.uint8), QT.Q6_K)  # one block per row
-    model = load_model(write_gguf(tmp_path / "q6k.gguf", metadata, tensors))
-    with pytest.raises(UnsupportedTypeError, match=r"blk.0.ffn_down.weight: unsupported type Q6_K \(supported: "):
+    tensors["blk.0.ffn_down.weight"] = (np.zeros((256, 74), np.uint8), QT.IQ2_XS)  # one block per row
+    model = load_model(write_gguf(tmp_path / "iq2xs.gguf", metadata, tensors))
+    with pytest.raises(UnsupportedTypeError, match=r"blk.0.ffn_down.weight: unsupported type IQ2_XS \(supported: .*Q4_K"):
         model.local_pipeline(16)
 
 

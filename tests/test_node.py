@@ -198,7 +198,7 @@ def mangled(model, change):
 @pytest.mark.parametrize("change,code,message", [
     (lambda r: r.tensors.pop(), "INVALID_ARGUMENT", "missing"),
     (lambda r: r.tensors[1].shape.__setitem__(1, 65), "INVALID_ARGUMENT", "shape"),
-    (lambda r: setattr(r.tensors[1], "type", 14), "INVALID_ARGUMENT", "unsupported type Q6_K"),
+    (lambda r: setattr(r.tensors[1], "type", 17), "INVALID_ARGUMENT", "unsupported type IQ2_XS"),
     (lambda r: setattr(r.tensors[1], "type", 999), "INVALID_ARGUMENT", "unknown tensor type"),
     (lambda r: setattr(r.tensors[1], "n_bytes", 1 << 40), "INVALID_ARGUMENT", "declared"),
     (lambda r: setattr(r, "layer_stop", 9), "INVALID_ARGUMENT", "not within"),

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 import naive
-from caravan.pipeline import simd
+from caravan.pipeline import formats, simd
 from caravan.pipeline.quants import (
     F16_TO_F32,
     SUPPORTED_TYPES,
@@ -261,10 +261,11 @@ def test_shared_activations_give_the_same_products():
 
 
 def test_supported_types():
-    assert set(SUPPORTED_TYPES) == set(TYPES)
+    """These five here, and formats.py's (tests/test_formats.py)."""
+    assert set(SUPPORTED_TYPES) == set(TYPES) | set(formats.TYPES)
 
 
-@pytest.mark.parametrize("ttype", (QT.Q6_K, QT.Q5_0, QT.BF16), ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", (QT.IQ2_XS, QT.IQ4_NL, QT.TQ1_0), ids=lambda t: t.name)
 def test_unsupported_type_names_tensor_type_and_supported(ttype):
     raw = np.zeros((2, 210), np.uint8)
     with pytest.raises(UnsupportedTypeError) as info:
@@ -272,7 +273,7 @@ def test_unsupported_type_names_tensor_type_and_supported(ttype):
     message = str(info.value)
     assert "blk.3.ffn_down.weight" in message
     assert ttype.name in message
-    for supported in TYPES:
+    for supported in SUPPORTED_TYPES:
         assert supported.name in message
 
 

@@ -203,13 +203,14 @@ def dequantized_weights(gguf_file) -> dict[str, np.ndarray]:
 
 
 def q4_1_minima(gguf_file) -> dict[str, np.ndarray]:
-    """m (rows, n_blocks) f32 of every Q4_1 matrix; block layout d f16, m f16, qs[16]
-    (ggml-common.h)."""
+    """m (rows, n_blocks) f32 of every Q4_1 and Q5_1 matrix; block layouts d f16, m f16, then
+    qs[16] (Q4_1, 20 bytes) or qh[4] qs[16] (Q5_1, 24 bytes) (ggml-common.h)."""
     minima = {}
     for name, info in gguf_file.tensors.items():
-        if info.type == QT.Q4_1:
+        if info.type in (QT.Q4_1, QT.Q5_1):
             raw = np.asarray(gguf_file.tensor_data(name))
-            minima[name] = np.ascontiguousarray(raw.reshape(raw.shape[0], -1, 20)[:, :, 2:4]).view(np.float16)[..., 0]
+            block_bytes = 20 if info.type == QT.Q4_1 else 24
+            minima[name] = np.ascontiguousarray(raw.reshape(raw.shape[0], -1, block_bytes)[:, :, 2:4]).view(np.float16)[..., 0]
     return minima
 
 
@@ -252,6 +253,23 @@ def tiny_lora(
             tensors[base + ".lora_a"] = ((rng.standard_normal((rank, n_in)) / np.sqrt(n_in)).astype(np.float32), weight_type)
             tensors[base + ".lora_b"] = ((rng.standard_normal((n_out, rank)) / np.sqrt(rank)).astype(np.float32), weight_type)
     return metadata, tensors
+
+
+def with_random_blocks(tensors: dict[str, tuple[np.ndarray, QT]], type_of, seed: int = 0) -> dict[str, tuple[np.ndarray, QT]]:
+    """tensors with every matrix for which type_of(name) gives a type replaced by random blocks of
+    that type with the matrix's spread (speed.random_blocks): the K-quants, which gguf-py can
+    dequantize but not quantize. Other tensors are kept."""
+    from caravan.pipeline.speed import random_blocks
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (array, ttype) in tensors.items():
+        new_type = type_of(name) if array.ndim == 2 else None
+        if new_type is None:
+            out[name] = (array, ttype)
+        else:
+            out[name] = (random_blocks(new_type, array.shape[0], array.shape[1], rng, float(array.std())), new_type)
+    return out
 
 
 # --- every architecture -------------------------------------------------------------------------
