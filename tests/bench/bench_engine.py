@@ -165,11 +165,17 @@ def median_rate(fn, runs: int) -> float:
     return statistics.median(fn() for _ in range(runs))
 
 
-def caravan_rates(model, pipeline, prompt_ids, long_ids, runs):
+def caravan_rates(model, pipeline, prompt_ids, long_ids, runs, decode_tokens=DECODE_TOKENS):
+    decode, prefill = caravan_timers(pipeline, prompt_ids, long_ids, decode_tokens)
+    return median_rate(decode, runs), median_rate(prefill, runs)
+
+
+def caravan_timers(pipeline, prompt_ids, long_ids, decode_tokens=DECODE_TOKENS):
+    """(decode, prefill): functions that run once and return tokens/s."""
     greedy = Sampler(SamplingParams(temperature=0))
 
     def decode():
-        gen = Generation(pipeline, prompt_ids, greedy, DECODE_TOKENS, frozenset())
+        gen = Generation(pipeline, prompt_ids, greedy, decode_tokens, frozenset())
         for _ in gen:
             pass
         return gen.timings.decode_tokens_per_s
@@ -181,19 +187,26 @@ def caravan_rates(model, pipeline, prompt_ids, long_ids, runs):
             pass
         return len(long_ids) / (time.perf_counter() - t)
 
+    return decode, prefill
+
+
+def llama_rates(llm, prompt_ids, long_ids, runs, decode_tokens=DECODE_TOKENS):
+    decode, prefill = llama_timers(llm, prompt_ids, long_ids, decode_tokens)
     return median_rate(decode, runs), median_rate(prefill, runs)
 
 
-def llama_rates(llm, prompt_ids, long_ids, runs):
+def llama_timers(llm, prompt_ids, long_ids, decode_tokens=DECODE_TOKENS):
+    """(decode, prefill) as caravan_timers, for llama-cpp-python."""
+
     def decode():
         llm.reset()
         llm.eval(prompt_ids)
         tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         t = time.perf_counter()
-        for _ in range(DECODE_TOKENS - 1):
+        for _ in range(decode_tokens - 1):
             llm.eval([tok])
             tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        return (DECODE_TOKENS - 1) / (time.perf_counter() - t)
+        return (decode_tokens - 1) / (time.perf_counter() - t)
 
     def prefill():
         llm.reset()
@@ -202,7 +215,7 @@ def llama_rates(llm, prompt_ids, long_ids, runs):
         np.argmax(llm.scores[llm.n_tokens - 1])
         return len(long_ids) / (time.perf_counter() - t)
 
-    return median_rate(decode, runs), median_rate(prefill, runs)
+    return decode, prefill
 
 
 def agreement(model, pipeline, llm):
