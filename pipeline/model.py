@@ -293,6 +293,9 @@ def _tensor(source: TensorSource, name: str, rows: int, cols: int) -> PackedMatr
     packed = pack(ttype, raw, name)
     if packed.rows != rows or packed.cols != cols:
         raise ModelError(f"{name}: shape [{packed.cols}, {packed.rows}], expected [{cols}, {rows}] (GGUF order)")
+    release = getattr(source, "release", None)  # a memory-mapped file: its pages were read to repack
+    if release is not None and not any(np.may_share_memory(a, raw) for a in packed.arrays):
+        release(name)  # the repacked copy is what runs: keep resident memory at one copy of the weights
     return packed
 
 

@@ -7,6 +7,7 @@ output.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from dataclasses import dataclass, replace
@@ -150,6 +151,17 @@ def stack_rows(mats: Sequence[PackedMatrix]) -> tuple[PackedMatrix | None, list[
     return stacked, views
 
 
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's malloc_trim). Repacking weights
+    allocates and frees large temporaries, which glibc keeps for reuse: without this a process
+    that just loaded a 1.1B model stays resident at 1.0 GiB instead of 0.7 (measured)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to hand back this way
+        return
+    libc.malloc_trim(0)
+
+
 class LocalStage:
     """Layers [start, stop) of a model, run in this process, with a KV cache per session."""
 
@@ -193,8 +205,11 @@ class LocalStage:
     def load(cls, source: TensorSource, config: ModelConfig, layers: LayerRange, n_ctx: int) -> "LocalStage":
         if layers.stop > config.n_layers:
             raise ValueError(f"layer range {layers} is past the model's {config.n_layers} layers")
-        weights = [LayerWeights.load(source, config, i) for i in layers]
-        return cls(config, layers, weights, n_ctx)
+        # The list is let go before trimming: stacking copies Q/K/V and gate/up, and the
+        # unstacked originals must be freed first for their pages to go back.
+        stage = cls(config, layers, [LayerWeights.load(source, config, i) for i in layers], n_ctx)
+        return_freed_memory()
+        return stage
 
     @property
     def weight_bytes(self) -> int:
