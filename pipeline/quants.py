@@ -307,43 +307,29 @@ def _matmul_f16(w, x16, table, out):
 # here: the float work is all in simd.py's IR, in a fixed order.
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q4_0(wq, wd, wm, xq, xd, xs, xn, out):
-    n_tokens, rows = out.shape
-    n_quads = n_tokens // 4 * 4
-    for g in nb.prange(wq.shape[0]):
-        n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
-        for t in range(0, n_quads, 4):
-            q4_0_group_tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-        for t in range(n_quads, n_tokens):
-            q4_0_group_tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+def _grouped_matmul(tokens1, tokens4):
+    """The compiled product of one grouped format, from its simd.py products (as formats.py
+    makes its own); Numba's cache tells these kernels apart by the products they close over."""
+
+    @nb.njit(cache=True, nogil=True, parallel=True)
+    def kernel(wq, wd, wm, xq, xd, xs, xn, out):
+        n_tokens, rows = out.shape
+        n_quads = n_tokens // 4 * 4
+        for g in nb.prange(wq.shape[0]):
+            n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
+            for t in range(0, n_quads, 4):
+                tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+            for t in range(n_quads, n_tokens):
+                tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
+
+    return kernel
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q4_1(wq, wd, wm, xq, xd, xs, xn, out):
-    n_tokens, rows = out.shape
-    n_quads = n_tokens // 4 * 4
-    for g in nb.prange(wq.shape[0]):
-        n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
-        for t in range(0, n_quads, 4):
-            q4_1_group_tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-        for t in range(n_quads, n_tokens):
-            q4_1_group_tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-
-
-@nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_q8_0(wq, wd, wm, xq, xd, xs, xn, out):
-    n_tokens, rows = out.shape
-    n_quads = n_tokens // 4 * 4
-    for g in nb.prange(wq.shape[0]):
-        n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
-        for t in range(0, n_quads, 4):
-            q8_0_group_tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-        for t in range(n_quads, n_tokens):
-            q8_0_group_tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-
-
-_GROUPED_MATMULS = {QT.Q4_0: _matmul_q4_0, QT.Q4_1: _matmul_q4_1, QT.Q8_0: _matmul_q8_0}
+_GROUPED_MATMULS = {
+    QT.Q4_0: _grouped_matmul(q4_0_group_tokens1, q4_0_group_tokens4),
+    QT.Q4_1: _grouped_matmul(q4_1_group_tokens1, q4_1_group_tokens4),
+    QT.Q8_0: _grouped_matmul(q8_0_group_tokens1, q8_0_group_tokens4),
+}
 
 
 def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) -> np.ndarray:
