@@ -63,7 +63,7 @@ from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS, discover
 from .planner import PlanError
 from .reference import llama_cpp_available, llama_cpp_rates
-from .remote import NodeError, RemoteStage
+from .remote import NodeError, placement
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -634,11 +634,11 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
             if run:
                 runs.append(generation.timings.as_dict())
         stages = []
-        for stage in pipeline.stages:
-            row: dict = {"layers": [stage.layers.start, stage.layers.stop]}
-            if isinstance(stage, RemoteStage):
-                info = stage.client.info()
-                row.update(node=stage.client.name, address=stage.client.address,
+        for name, layers, client, stage in placement(pipeline.stages):
+            row: dict = {"layers": [layers.start, layers.stop]}
+            if client is not None:
+                info = client.info()
+                row.update(node=client.name, address=client.address,
                            hop_us=round(float(np.median(stage.hop_s)) * 1e6, 1) if stage.hop_s else None,
                            rss_bytes=info.rss_bytes, weight_bytes=info.weight_bytes)
             else:
@@ -719,9 +719,9 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     sock = socket.create_server((args.host, args.port))
     with _pipeline(args, model, args.ctx) as pipeline:
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in _adapters(args, model, pipeline)}
-        # One lane per stage when there are nodes: each node works on one lane's batch while the
+        # One lane per node when there are nodes: each node works on one lane's batch while the
         # next node works on another's. In one process a lane would only wait for the other.
-        lanes = len(pipeline.stages) if isinstance(pipeline, ClusterPipeline) else 1
+        lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes)
         host, port = sock.getsockname()[:2]
         api = API(model, scheduler, model_id, args.api_key, loopback_only=ipaddress.ip_address(host).is_loopback,

@@ -36,7 +36,7 @@ from caravan.proto import caravan_pb2 as pb
 from caravan.proto import auth, wire
 
 from .planner import ModelCost, NodeCapacity, Plan, PlanError, plan_layers
-from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, RemoteStage
+from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, Part, RemoteStage
 
 log = logging.getLogger(__name__)
 
@@ -203,11 +203,21 @@ def _close(stages: list[Stage], nodes: list[Node]) -> None:
 def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_dir: Path,
            wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
            forward_timeout_s: float = FORWARD_TIMEOUT_S) -> Cluster:
-    """Load each node's layers (pushing the weights it lacks) and build the pipeline."""
+    """Load each node's layers (pushing the weights it lacks) and build the pipeline: each run
+    of consecutive remote nodes becomes one RemoteStage, a chain whose nodes pass the hidden
+    state on to each other."""
     by_address = {n.address: n for n in nodes}
     stages: list[Stage] = []
     sources: dict[str, str] = {}
     pushed: dict[str, int] = {}
+    chain: list[Part] = []
+
+    def end_chain() -> None:
+        if chain:
+            first, *then = chain
+            stages.append(RemoteStage(first.client, first.layers, model.config.dim, wire_format, first.ms_per_layer,
+                                      forward_timeout_s, then))
+            chain.clear()
 
     try:
         sha = file_sha256(model.file.path, cache_dir)
@@ -215,6 +225,7 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
             node = by_address[assignment.node.name]
             layers = assignment.layers
             if node.client is None:
+                end_chain()
                 stages.append(LocalStage.load(model.file, model.config, layers, n_ctx))
                 sources[node.address] = "local file"
                 continue
@@ -227,8 +238,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
             sources[node.address] = reply.source
             log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
-            speed = 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer
-            stages.append(RemoteStage(node.client, layers, model.config.dim, wire_format, speed, forward_timeout_s))
+            chain.append(Part(node.client, layers, 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer))
+        end_chain()
         pipeline = Pipeline(model.head, stages, n_ctx)
     except BaseException:
         _close(stages, nodes)

@@ -11,10 +11,13 @@ import collections
 import hashlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
-from typing import Callable, Iterator
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -38,9 +41,6 @@ LOAD_TIMEOUT_S = 600.0  # loading and compiling a range on a Pi, or pushing it o
 # coordinator re-plans around it.
 LOST = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
 
-# Every call keeps its connection checked: a node that stops answering pings (unplugged,
-# frozen) is noticed within KEEPALIVE_MS * 2 even while no batch is in flight.
-KEEPALIVE_MS = 2000
 FORWARD_TIMEOUT_S = 10.0  # a batch's deadline beyond what the node's measured speed predicts
 
 
@@ -75,14 +75,7 @@ class NodeClient:
                  max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
         self.address = address
         self.name = address  # replaced by the node's own name once Info answers
-        self.channel = auth.open_channel(address, tls, options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-        ])
+        self.channel = auth.open_channel(address, tls, options=wire.client_options(max_message_bytes))
         self.stub = pb_grpc.StageStub(auth.with_token(self.channel, token))
 
     @property
@@ -209,94 +202,222 @@ def _weight_chunks(model: GGUFFile, request: pb.LoadRequest, on_bytes: Callable[
     yield pb.WeightChunk(sha256=digest.hexdigest())
 
 
-class RemoteStage:
-    """Layers [start, stop) on a node, over one long-lived Forward stream.
+@dataclass(frozen=True)
+class Part:
+    """One node of a RemoteStage and the layers it holds."""
 
-    Each batch has a deadline: FORWARD_TIMEOUT_S plus what the node's measured speed predicts
-    for it, generously. A watchdog thread cancels the stream when a batch is late, so a node
-    that hangs fails like one that died, with a NodeError whose `lost` is true.
+    client: NodeClient
+    layers: LayerRange
+    ms_per_layer: float = 0.0  # its measured speed, for the batch deadline
+
+
+@dataclass
+class _Waiting:
+    deadline: float  # time.monotonic()
+    reply: pb.ForwardReply | None = None
+
+
+class RemoteStage:
+    """Layers [start, stop) on one node, or on a chain of nodes (`then`: the nodes after the
+    first, each holding the layers after the one before it).
+
+    A batch goes to the first node with the addresses of the others; each node computes its
+    layers and sends the batch on itself, and the last one answers on a Results stream this
+    stage opened on it: N + 1 network crossings per batch instead of 2N (node/relay.py). Every
+    node of the chain has a Results stream open, on which it reports the batches it could not
+    send on; a thread per node watches it, and a stream that ends means the node is gone.
+
+    Several threads may have batches in flight at once (the scheduler's lanes): while node 2
+    works on one, node 1 works on the next. Answers come back in the order batches were sent;
+    whichever caller is waiting reads the next one and hands it to its owner.
+
+    Each batch has a deadline: FORWARD_TIMEOUT_S plus what the nodes' measured speed predicts
+    for it, generously. A watchdog fails the stage when a batch is late, so a node that hangs
+    fails like one that died, with a NodeError whose `lost` is true. A failed stage stays
+    failed: the coordinator re-plans and opens new ones.
     """
 
     def __init__(self, client: NodeClient, layers: LayerRange, dim: int, wire_format: int = pb.WIRE_FORMAT_F32,
-                 ms_per_layer: float = 0.0, timeout_s: float = FORWARD_TIMEOUT_S):
+                 ms_per_layer: float = 0.0, timeout_s: float = FORWARD_TIMEOUT_S, then: Sequence[Part] = ()):
+        self.parts = (Part(client, layers, ms_per_layer), *then)
+        for a, b in zip(self.parts, self.parts[1:]):
+            if a.layers.stop != b.layers.start:
+                raise ValueError(f"a chain's layers must follow on: {a.layers} then {b.layers}")
         self.client = client
-        self.layers = layers
+        self.layers = LayerRange(layers.start, self.parts[-1].layers.stop)
         self.dim = dim
         self.wire_format = wire_format
         self.timeout_s = timeout_s
-        self.ms_per_layer = ms_per_layer
+        self.chain = uuid.uuid4().hex
+        self._relay = [part.client.address for part in self.parts[1:]]
         self._ids = itertools.count(1)
-        self._lock = threading.Lock()  # one batch in flight per stage: replies come back in order
-        self._requests: queue.Queue[pb.ForwardRequest | None] = queue.Queue()
-        self._replies = client.stub.Forward(iter(self._requests.get, None))
-        # Seconds per round trip not spent computing on the node (encoding, gRPC, network),
+        self._send = threading.Lock()  # ids go out in order
+        self._cond = threading.Condition()  # guards the three below
+        self._waiting: dict[int, _Waiting] = {}
+        self._reading = False  # a caller is reading the next answer
+        self._failed: NodeError | None = None  # set once: by a lost node, a late batch, or close()
+        # Seconds per batch not spent computing (encoding, gRPC, network), per node of the chain,
         # for the last batches: what `caravan bench` reports as the hop.
         self.hop_s: collections.deque[float] = collections.deque(maxlen=1024)
-        self._deadline = 0.0  # time.monotonic() by which the batch in flight must be answered; 0: none
-        self._timed_out = False
-        self._closed = threading.Event()
-        threading.Thread(target=self._watch, name=f"caravan-watchdog-{client.address}", daemon=True).start()
+        self._results: list = []
+        try:
+            for part in self.parts:
+                self._results.append(self._open_results(part))
+        except NodeError:
+            for stream in self._results:
+                stream.cancel()
+            raise
+        self._requests: queue.SimpleQueue[pb.ForwardRequest | None] = queue.SimpleQueue()
+        self._sent = client.stub.Forward(iter(self._requests.get, None))
+        for part, stream in zip(self.parts[:-1], self._results[:-1]):
+            threading.Thread(target=self._watch_node, args=(part, stream), daemon=True,
+                             name=f"caravan-results-{part.client.address}").start()
+        threading.Thread(target=self._watch_deadlines, daemon=True, name=f"caravan-watchdog-{client.address}").start()
 
-    def _watch(self) -> None:
-        while not self._closed.wait(0.2):
-            deadline = self._deadline
-            if deadline and time.monotonic() > deadline:
-                self._timed_out = True
-                self._replies.cancel()
-                return
+    @property
+    def nodes(self) -> str:
+        return ", ".join(part.client.label for part in self.parts)
+
+    def _open_results(self, part: Part):
+        stream = part.client.stub.Results(pb.ResultsRequest(chain=self.chain))
+        timer = threading.Timer(CONNECT_TIMEOUT_S, stream.cancel)  # a node that accepts but never answers
+        timer.start()
+        try:
+            next(stream)  # id 0: registered, batches may come
+        except (grpc.RpcError, StopIteration) as exc:
+            if isinstance(exc, grpc.RpcError):
+                raise part.client.error(exc, "opening its results stream") from None
+            raise NodeError(part.client.label, "ended its results stream at once", grpc.StatusCode.UNAVAILABLE) from None
+        finally:
+            timer.cancel()
+        return stream
 
     def _batch_timeout(self, rows: int) -> float:
         # Ten times the decode speed per row is a loose bound for prefill rows too.
-        return self.timeout_s + 10 * rows * len(self.layers) * self.ms_per_layer / 1e3
+        return self.timeout_s + 10 * rows * sum(len(p.layers) * p.ms_per_layer for p in self.parts) / 1e3
 
     def forward(self, batch: StageBatch) -> np.ndarray:
         rows = batch.hidden.shape[0]
         if rows > wire.MAX_BATCH_ROWS:
             raise StageError(f"a batch of {rows} rows is more than a node takes ({wire.MAX_BATCH_ROWS})")
         request = pb.ForwardRequest(
-            id=next(self._ids),
             segments=wire.encode_segments(batch.segments),
             hidden=wire.encode_hidden(batch.hidden, self.wire_format),
-            reply_format=self.wire_format,
+            reply_format=self.wire_format, chain=self.chain, relay=self._relay,
         )
-        with self._lock:
-            timeout = self._batch_timeout(rows)
+        timeout = self._batch_timeout(rows)
+        waiting = _Waiting(time.monotonic() + timeout)
+        with self._send:
+            with self._cond:
+                if self._failed is not None:
+                    raise self._failed
+                request.id = next(self._ids)
+                self._waiting[request.id] = waiting
             t0 = time.perf_counter()
-            self._deadline = time.monotonic() + timeout
             self._requests.put(request)
-            try:
-                reply = next(self._replies)
-                self.hop_s.append(time.perf_counter() - t0 - reply.compute_us * 1e-6)
-            except (grpc.RpcError, StopIteration) as exc:
-                if self._timed_out:
-                    raise NodeError(self.client.label, f"layers {self.layers}: no answer within {timeout:.1f} s",
-                                    grpc.StatusCode.DEADLINE_EXCEEDED) from None
-                message = _describe(exc)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
-                raise NodeError(self.client.label, f"layers {self.layers}: {message}", grpc.StatusCode.UNAVAILABLE) from None
-            finally:
-                self._deadline = 0.0
-        if reply.id != request.id:
-            raise NodeError(self.client.label, f"answered batch {reply.id}, expected {request.id}")
+        reply = self._wait(request.id, waiting)
+        self.hop_s.append((time.perf_counter() - t0 - sum(reply.compute_us) * 1e-6) / len(self.parts))
         if reply.WhichOneof("result") == "error":
             code = wire.status_from_value(reply.error.code)
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise StageError(f"node {self.client.label}: {reply.error.message}")
-            raise NodeError(self.client.label, reply.error.message, code)
+            if code == grpc.StatusCode.INVALID_ARGUMENT:  # the node names itself in a chain's errors
+                raise StageError(reply.error.message)
+            raise NodeError(self.nodes, reply.error.message, code)
         try:
             return wire.decode_hidden(reply.hidden, self.dim, rows)
         except wire.WireError as exc:
-            raise NodeError(self.client.label, f"sent a bad hidden state: {exc}") from None
+            raise NodeError(self.parts[-1].client.label, f"sent a bad hidden state: {exc}") from None
+
+    def _wait(self, request_id: int, waiting: _Waiting) -> pb.ForwardReply:
+        """The answer to batch `request_id`: read by this caller, or by another that read it first."""
+        with self._cond:
+            while waiting.reply is None:
+                if self._failed is not None:
+                    self._waiting.pop(request_id, None)
+                    raise self._failed
+                if self._reading:
+                    self._cond.wait()
+                    continue
+                self._reading = True
+                self._cond.release()
+                try:
+                    reply, error = next(self._results[-1]), None
+                except (grpc.RpcError, StopIteration) as exc:
+                    reply, error = None, exc
+                finally:
+                    self._cond.acquire()
+                    self._reading = False
+                if reply is not None and reply.id in self._waiting:
+                    self._waiting.pop(reply.id).reply = reply
+                elif reply is not None:
+                    self._fail(NodeError(self.parts[-1].client.label, f"answered batch {reply.id}, which is not in flight"))
+                else:
+                    self._fail(self._lost(self.parts[-1], error))
+                self._cond.notify_all()
+            return waiting.reply
+
+    def _lost(self, part: Part, exc: BaseException) -> NodeError:
+        message = _describe(exc)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
+        return NodeError(part.client.label, f"layers {part.layers}: {message}", grpc.StatusCode.UNAVAILABLE)
+
+    def _fail(self, error: NodeError) -> None:
+        """The stage cannot go on: every batch in flight and every later one gets `error`."""
+        with self._cond:
+            if self._failed is not None:
+                return
+            self._failed = error
+            self._cond.notify_all()
+        for stream in self._results:  # wakes the caller that is reading
+            stream.cancel()
+        self._sent.cancel()
+
+    def _watch_node(self, part: Part, stream) -> None:
+        """A node before the last says only what it could not send on; its stream ends with it,
+        or when the stage closes."""
+        try:
+            for reply in stream:
+                message = reply.error.message if reply.WhichOneof("result") == "error" else f"answered batch {reply.id} out of turn"
+                self._fail(NodeError(part.client.label, f"layers {part.layers}: {message}", grpc.StatusCode.UNAVAILABLE))
+                return
+            self._fail(self._lost(part, StopIteration()))
+        except grpc.RpcError as exc:
+            self._fail(self._lost(part, exc))
+
+    def _watch_deadlines(self) -> None:
+        while True:
+            time.sleep(0.2)
+            with self._cond:
+                if self._failed is not None:
+                    return
+                late = min((w.deadline for w in self._waiting.values()), default=math.inf) < time.monotonic()
+            if late:
+                self._fail(NodeError(self.nodes, f"layers {self.layers}: no answer within the batch's deadline",
+                                     grpc.StatusCode.DEADLINE_EXCEEDED))
+                return
 
     def end_session(self, session_id: str) -> None:
-        self.client.end_session(session_id)
+        for part in self.parts:
+            part.client.end_session(session_id)
 
     def copy_session(self, source: str, target: str, length: int) -> None:
-        self.client.copy_session(source, target, length)
+        for part in self.parts:
+            part.client.copy_session(source, target, length)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        self.client.load_adapter(adapter, self.layers)
+        for part in self.parts:
+            part.client.load_adapter(adapter, part.layers)
 
     def close(self) -> None:
-        self._closed.set()
+        self._fail(NodeError(self.nodes, "the stage was closed", grpc.StatusCode.CANCELLED))
         self._requests.put(None)
-        self._replies.cancel()
+
+
+def placement(stages: Sequence) -> list[tuple[str, LayerRange, NodeClient | None, object]]:
+    """Who runs which layers: (node name, layers, its client, the stage) for each node of each
+    remote stage's chain, and ("local", layers, None, the stage) for a stage in this process."""
+    rows = []
+    for stage in stages:
+        if isinstance(stage, RemoteStage):
+            rows += [(part.client.name, part.layers, part.client, stage) for part in stage.parts]
+        else:
+            rows.append(("local", stage.layers, None, stage))
+    return rows

@@ -45,6 +45,7 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
 
+from .remote import placement
 from .scheduler import Event, Request, Scheduler
 
 log = logging.getLogger(__name__)
@@ -249,8 +250,8 @@ class API:
         if getattr(self.scheduler.pipeline, "cluster", True) is None:  # a ClusterPipeline between plans
             return JSONResponse({"status": "no plan of nodes fits; waiting for nodes", "model": self.model_id},
                                 status_code=503)
-        stages = [{"node": getattr(getattr(s, "client", None), "name", "local"), "layers": [s.layers.start, s.layers.stop]}
-                  for s in self.scheduler.pipeline.stages]
+        stages = [{"node": name, "layers": [layers.start, layers.stop]}
+                  for name, layers, _, _ in placement(self.scheduler.pipeline.stages)]
         return JSONResponse({"status": "ok", "model": self.model_id, "stages": stages})
 
     async def metrics(self, request: HTTPRequest) -> Response:
@@ -425,17 +426,16 @@ class API:
 
 
 def _kv_per_stage(pipeline) -> list[tuple[str, object, int]]:
-    """(stage name, layer range, KV cache bytes) for each stage; asks remote nodes over gRPC."""
+    """(node name, layer range, KV cache bytes) for each node; asks remote nodes over gRPC."""
     rows = []
-    for stage in list(pipeline.stages):
-        client = getattr(stage, "client", None)
+    for name, layers, client, stage in placement(list(pipeline.stages)):
         if client is None:
-            rows.append(("local", stage.layers, sum(c.nbytes for c in list(stage.sessions.values()))))
+            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values()))))
             continue
         try:
-            rows.append((client.name, stage.layers, client.info().kv_cache_bytes))
+            rows.append((name, layers, client.info().kv_cache_bytes))
         except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
-            rows.append((client.name, stage.layers, -1))
+            rows.append((name, layers, -1))
     return rows
 
 

@@ -39,6 +39,7 @@ from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import auth, wire
 
+from .relay import Links, LinkError, ResultStreams, check_chain
 from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,8 @@ class StageServicer(pb_grpc.StageServicer):
         self._benchmarks: dict[tuple, float] = {}
         self._on_state = on_state
         self.cache = WeightCache(settings.cache_dir)
+        self.results = ResultStreams()
+        self.links = Links(settings.token, settings.tls)
         self.node_id = _node_id(settings.cache_dir)
         self.local_file: GGUFFile | None = None
         self.local_sha256 = ""
@@ -233,9 +236,23 @@ class StageServicer(pb_grpc.StageServicer):
 
     def Forward(self, request_iterator, context):
         for request in request_iterator:
-            yield self._forward(request)
+            if not request.chain:
+                yield self._forward(request)
+                continue
+            try:
+                check_chain(request)
+            except wire.WireError as exc:  # no next node to trust: the coordinator hears it here
+                self._deliver(request, pb.ForwardReply(id=request.id, error=pb.Error(
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"node {self._name}: {exc}")))
+                continue
+            self._pass_on(request, self._forward(request))
+
+    def Results(self, request, context):
+        yield from self.results.serve(request.chain, context)
 
     def _forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        if request.HasField("error"):  # an earlier node of the chain refused the batch
+            return pb.ForwardReply(id=request.id, error=request.error)
         with self._lock:
             stage = self._stage
         try:
@@ -250,11 +267,43 @@ class StageServicer(pb_grpc.StageServicer):
             out = self._run(stage.forward, StageBatch(segments, hidden))
             compute_us = int((time.perf_counter() - t0) * 1e6)
             reply_format = request.reply_format or request.hidden.format
-            return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format), compute_us=compute_us)
+            return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format), compute_us=[compute_us])
         except Exception as exc:  # noqa: BLE001  (one bad batch never ends the stream)
             if wire.status_code(exc) == grpc.StatusCode.INTERNAL:
                 log.exception("forward failed")
-            return pb.ForwardReply(id=request.id, error=pb.Error(code=wire.status_code(exc).value[0], message=str(exc)))
+            # In a chain the coordinator hears it from the last node: say which node refused.
+            message = f"node {self._name}: {exc}" if request.chain else str(exc)
+            return pb.ForwardReply(id=request.id, error=pb.Error(code=wire.status_code(exc).value[0], message=message))
+
+    def _pass_on(self, request: pb.ForwardRequest, reply: pb.ForwardReply) -> None:
+        """A chain's batch, computed (or refused): on to the next node, or, from the last node,
+        to the coordinator's Results stream."""
+        compute_us = [*request.compute_us, *reply.compute_us]
+        if not request.relay:
+            reply.compute_us[:] = compute_us
+            self._deliver(request, reply)
+            return
+        onward = pb.ForwardRequest(id=request.id, segments=request.segments, reply_format=request.reply_format,
+                                   chain=request.chain, relay=request.relay[1:], compute_us=compute_us)
+        if reply.HasField("error"):
+            onward.error.CopyFrom(reply.error)
+        else:
+            onward.hidden.CopyFrom(reply.hidden)
+        try:
+            self.links.send(request.relay[0], onward)
+        except LinkError as exc:
+            # The coordinator listens for this on every node of the chain: it re-plans.
+            error = pb.Error(code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(exc))
+            self._deliver(request, pb.ForwardReply(id=request.id, error=error))
+
+    def _deliver(self, request: pb.ForwardRequest, reply: pb.ForwardReply) -> None:
+        if not self.results.deliver(request.chain, reply):
+            log.warning("chain %s: no results stream here (its coordinator went away); batch %d dropped",
+                        request.chain[:64], request.id)
+
+    @property
+    def _name(self) -> str:
+        return self.settings.name or f"{platform.node()}-{self.settings.port}"
 
     def EndSession(self, request, context):
         with self._lock:

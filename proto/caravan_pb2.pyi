@@ -224,16 +224,24 @@ class Tensor(_message.Message):
     def __init__(self, format: _Optional[_Union[WireFormat, str]] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("id", "segments", "hidden", "reply_format")
+    __slots__ = ("id", "segments", "hidden", "reply_format", "chain", "relay", "compute_us", "error")
     ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     REPLY_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    RELAY_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
     id: int
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     hidden: Tensor
     reply_format: WireFormat
-    def __init__(self, id: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., reply_format: _Optional[_Union[WireFormat, str]] = ...) -> None: ...
+    chain: str
+    relay: _containers.RepeatedScalarFieldContainer[str]
+    compute_us: _containers.RepeatedScalarFieldContainer[int]
+    error: Error
+    def __init__(self, id: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., reply_format: _Optional[_Union[WireFormat, str]] = ..., chain: _Optional[str] = ..., relay: _Optional[_Iterable[str]] = ..., compute_us: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -252,8 +260,14 @@ class ForwardReply(_message.Message):
     id: int
     hidden: Tensor
     error: Error
-    compute_us: int
-    def __init__(self, id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., compute_us: _Optional[int] = ...) -> None: ...
+    compute_us: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ResultsRequest(_message.Message):
+    __slots__ = ("chain",)
+    CHAIN_FIELD_NUMBER: _ClassVar[int]
+    chain: str
+    def __init__(self, chain: _Optional[str] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
     __slots__ = ("session_id",)

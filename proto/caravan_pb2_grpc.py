@@ -59,6 +59,11 @@ class StageStub:
                 request_serializer=caravan_dot_proto_dot_caravan__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=caravan_dot_proto_dot_caravan__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/caravan.v1.Stage/Results',
+                request_serializer=caravan_dot_proto_dot_caravan__pb2.ResultsRequest.SerializeToString,
+                response_deserializer=caravan_dot_proto_dot_caravan__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.EndSession = channel.unary_unary(
                 '/caravan.v1.Stage/EndSession',
                 request_serializer=caravan_dot_proto_dot_caravan__pb2.EndSessionRequest.SerializeToString,
@@ -113,6 +118,19 @@ class StageServicer:
     def Forward(self, request_iterator, context):
         """One long-lived stream per coordinator: hidden states in, hidden states out, in order.
         A batch the node refuses gets an error in its reply; the stream stays open.
+
+        In a chain (ForwardRequest.chain set) the node answers nothing here: it sends its output
+        on to the next node (ForwardRequest.relay), and the last node of the chain answers on the
+        chain's Results stream. A batch refused on the way goes on as an error, so the order holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Results(self, request, context):
+        """The answers of a chain, opened by the coordinator on every node of the chain before its
+        first batch: the last node's outputs, and on any node the batches it could not send on
+        (the next node is unreachable). The first message has id 0: the stream is registered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,6 +186,11 @@ def add_StageServicer_to_server(servicer, server):
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=caravan_dot_proto_dot_caravan__pb2.ForwardRequest.FromString,
+                    response_serializer=caravan_dot_proto_dot_caravan__pb2.ForwardReply.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=caravan_dot_proto_dot_caravan__pb2.ResultsRequest.FromString,
                     response_serializer=caravan_dot_proto_dot_caravan__pb2.ForwardReply.SerializeToString,
             ),
             'EndSession': grpc.unary_unary_rpc_method_handler(
@@ -320,6 +343,33 @@ class Stage:
             target,
             '/caravan.v1.Stage/Forward',
             caravan_dot_proto_dot_caravan__pb2.ForwardRequest.SerializeToString,
+            caravan_dot_proto_dot_caravan__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/caravan.v1.Stage/Results',
+            caravan_dot_proto_dot_caravan__pb2.ResultsRequest.SerializeToString,
             caravan_dot_proto_dot_caravan__pb2.ForwardReply.FromString,
             options,
             channel_credentials,

@@ -21,7 +21,7 @@ from caravan.pipeline.stage import Segment
 
 from . import caravan_pb2 as pb
 
-PROTOCOL_VERSION = 3  # bump with any incompatible change to caravan.proto
+PROTOCOL_VERSION = 4  # bump with any incompatible change to caravan.proto
 
 Q8_BLOCK = 32  # ggml's block_q8_0: an f16 scale d, then 32 int8 q; value = q * d
 Q8_BLOCK_BYTES = 2 + Q8_BLOCK
@@ -38,6 +38,22 @@ STATE_NAMES = {pb.NODE_STATE_IDLE: "idle", pb.NODE_STATE_LOADING: "loading",
 MAX_BATCH_ROWS = 512
 MAX_MESSAGE_BYTES = 32 << 20
 WEIGHT_CHUNK_BYTES = 1 << 20
+
+# Every channel to a node keeps its connection checked: a node that stops answering pings
+# (unplugged, frozen) is noticed within KEEPALIVE_MS * 2 even while no batch is in flight.
+KEEPALIVE_MS = 2000
+
+
+def client_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """Options of a channel to a node: the coordinator's, and a node's to the next of a chain."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
 
 
 class WireError(ValueError):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from caravan.coordinator.remote import NodeClient, NodeError, RemoteStage, load_request
+from caravan.coordinator.remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, Part, RemoteStage, load_request
 from caravan.node.server import SERVICE, NodeSettings, create_server
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import layer_tensor_shapes
@@ -145,6 +147,107 @@ def test_bad_batches_get_errors_and_the_stream_goes_on(model, node):
     stream.close()
     assert reply.WhichOneof("result") == "hidden" and reply.hidden.rows == 2
     assert client.info().state == pb.NODE_STATE_READY
+
+
+CHAIN_LAYERS = (LayerRange(0, 1), LayerRange(1, 2), LayerRange(2, 3))
+
+
+@pytest.fixture
+def chain_nodes(model, tmp_path):
+    """Three nodes in this process holding one layer each of the tiny model."""
+    servers, clients = [], []
+    for i, layers in enumerate(CHAIN_LAYERS):
+        server, port, _ = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, name=f"node{i}",
+                                                     cache_dir=tmp_path / f"n{i}"))
+        servers.append(server)
+        clients.append(NodeClient(f"127.0.0.1:{port}"))
+        clients[-1].info()
+        clients[-1].load(model.file, SHA, model.config, layers, N_CTX)
+    yield clients
+    for client, server in zip(clients, servers):
+        client.close()
+        server.stop(0)
+
+
+def chain_of(clients, dim, timeout_s=FORWARD_TIMEOUT_S):
+    return RemoteStage(clients[0], CHAIN_LAYERS[0], dim, timeout_s=timeout_s,
+                       then=[Part(c, r) for c, r in zip(clients[1:], CHAIN_LAYERS[1:])])
+
+
+def test_a_chain_of_nodes_is_bit_identical_and_names_the_node_that_refuses(model, chain_nodes):
+    chain = chain_of(chain_nodes, model.config.dim)
+    local = LocalStage.load(model.file, model.config, LayerRange(0, 3), N_CTX)
+    rng = np.random.default_rng(1)
+    try:
+        for batch in (StageBatch((Segment("a", 0, 5),), rng.standard_normal((5, 64), dtype=np.float32)),
+                      StageBatch((Segment("b", 0, 2), Segment("a", 5, 1)), rng.standard_normal((3, 64), dtype=np.float32))):
+            assert np.array_equal(chain.forward(batch), local.forward(batch))
+        assert len(chain.hop_s) == 2 and all(h > 0 for h in chain.hop_s)
+        # Only node1 lost session b: node0 computes, node1 refuses, node2 passes the refusal on.
+        chain_nodes[1].end_session("b")
+        with pytest.raises(StageError, match="node node1: .*session b is unknown"):
+            chain.forward(StageBatch((Segment("b", 2, 1),), np.ones((1, 64), np.float32)))
+        batch = StageBatch((Segment("a", 6, 1),), rng.standard_normal((1, 64), dtype=np.float32))
+        assert np.array_equal(chain.forward(batch), local.forward(batch))  # the chain goes on
+    finally:
+        chain.close()
+
+
+def test_a_chain_keeps_several_batches_in_flight(model, chain_nodes):
+    """Lanes call forward from several threads at once; each gets its own batch's answer."""
+    chain = chain_of(chain_nodes, model.config.dim)
+    local = LocalStage.load(model.file, model.config, LayerRange(0, 3), N_CTX)
+    rng = np.random.default_rng(2)
+    sessions = [f"s{i}" for i in range(4)]
+    steps = {s: [rng.standard_normal((1, 64), dtype=np.float32) for _ in range(12)] for s in sessions}
+    expected = {s: [local.forward(StageBatch((Segment(s, pos, 1),), x)) for pos, x in enumerate(steps[s])]
+                for s in sessions}
+
+    def run(session):
+        return [chain.forward(StageBatch((Segment(session, pos, 1),), x)) for pos, x in enumerate(steps[session])]
+
+    try:
+        with ThreadPoolExecutor(len(sessions)) as pool:
+            results = dict(zip(sessions, pool.map(run, sessions)))
+        for s in sessions:
+            assert all(np.array_equal(a, b) for a, b in zip(results[s], expected[s]))
+    finally:
+        chain.close()
+
+
+def test_a_node_that_cannot_reach_the_next_says_so_at_once(model, chain_nodes):
+    client = chain_nodes[0]
+    results = client.stub.Results(pb.ResultsRequest(chain="c1"))
+    assert next(results).id == 0
+    stream = Stream(client)
+    for i, (relay, message) in enumerate([(["127.0.0.1:9"], "cannot reach the next node of the chain, 127.0.0.1:9"),
+                                          (["no port"], "relay address 'no port' is not HOST:PORT")], start=1):
+        t0 = time.monotonic()
+        request = good_request(i, rows=1, start=i - 1)
+        request.chain, request.relay[:] = "c1", relay
+        stream.requests.put(request)
+        reply = next(results)
+        assert reply.id == i and message in reply.error.message
+        assert time.monotonic() - t0 < 3  # a refused connection, not a timeout
+    request = good_request(9)
+    request.chain = "no such chain"
+    stream.requests.put(request)
+    stream.close()
+    results.cancel()
+    assert client.info().state == pb.NODE_STATE_READY
+
+
+def test_a_node_lost_in_the_middle_of_a_chain_fails_it_at_once(model, chain_nodes):
+    chain = chain_of(chain_nodes, model.config.dim, timeout_s=60)
+    try:
+        chain.forward(StageBatch((Segment("a", 0, 2),), np.ones((2, 64), np.float32)))
+        chain_nodes[1].channel.close()  # the coordinator's own view of node1 goes: its results stream ends
+        t0 = time.monotonic()
+        with pytest.raises(NodeError) as info:
+            chain.forward(StageBatch((Segment("a", 2, 1),), np.ones((1, 64), np.float32)))
+        assert info.value.lost and time.monotonic() - t0 < 5
+    finally:
+        chain.close()
 
 
 def chunks(model, request, data_sha=None, extra=b"", drop_last=False):
