@@ -4,6 +4,9 @@
 
 - Per hop: one decode row sent to a node that holds one layer and back, minus that layer's
   time in this process; microseconds, median of 300, for f32, f16 and Q8_0 on the wire.
+- Chain against star: one decode row through 3 nodes of one layer each, the nodes passing it
+  on to each other (what caravan does) against the coordinator calling each in turn; time per
+  row beyond the nodes' compute, median of 300.
 - Decode tokens/s (64 tokens after a 16-token prompt, greedy) through 3 nodes on loopback
   against one process, at 1 and 2 threads (every node runs that many; one node computes at a
   time in a single stream), both measured by `caravan bench` in its own process. Median of
@@ -36,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from node_processes import NodeProcess, cluster_token  # noqa: E402
 
 from caravan.coordinator.cluster import connect, layer_bytes  # noqa: E402
-from caravan.coordinator.remote import RemoteStage  # noqa: E402
+from caravan.coordinator.remote import Part, RemoteStage  # noqa: E402
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model  # noqa: E402
 from caravan.pipeline.loader import load_model  # noqa: E402
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch  # noqa: E402
@@ -81,6 +84,35 @@ def hop_us(model, node, cache_dir, repeats: int = 300) -> dict[str, float]:
     return result
 
 
+def chain_vs_star(model, nodes, repeats: int = 300) -> dict[str, float]:
+    """Microseconds per decode row through 3 one-layer nodes beyond their compute: as a chain,
+    and with the coordinator calling each node in turn (4 network crossings against 6)."""
+    clients = [node.client for node in connect([n.address for n in nodes[:3]], cluster_token())]
+    layers = [LayerRange(i, i + 1) for i in range(3)]
+    for client, r in zip(clients, layers):
+        client.load(model.file, "0" * 64, model.config, r, N_CTX)
+    dim = model.config.dim
+    star = [RemoteStage(c, r, dim) for c, r in zip(clients, layers)]
+    chain = [RemoteStage(clients[0], layers[0], dim, then=[Part(c, r) for c, r in zip(clients[1:], layers[1:])])]
+    rng = np.random.default_rng(0)
+    result = {}
+    try:
+        for name, stages in (("star_us", star), ("chain_us", chain)):
+            def run(session, pos, x):
+                for stage in stages:
+                    x = stage.forward(StageBatch((Segment(session, pos, len(x)),), x))
+            run(name, 0, rng.standard_normal((8, dim), np.float32))
+            for pos in range(8, 8 + repeats):
+                run(name, pos, rng.standard_normal((1, dim), np.float32))
+            result[name] = round(sum(statistics.median(list(s.hop_s)[-repeats:]) * len(s.parts) for s in stages) * 1e6, 1)
+    finally:
+        for stage in star + chain:
+            stage.close()
+        for client in clients:
+            client.close()
+    return result
+
+
 def node_memory(model, nodes, ranges) -> list[dict]:
     rows = []
     per_layer = layer_bytes(model)
@@ -115,6 +147,7 @@ def loopback(model, path, runs: int, threads: list[int]) -> dict:
                 out.setdefault("bench_hop_us", [s["hop_us"] for s in spread["stages"]])
                 if out["hop_us"] is None:
                     numba.set_num_threads(1)
+                    out["chain"] = chain_vs_star(model, nodes)
                     out["hop_us"] = hop_us(model, nodes[0], Path(tmp))
             finally:
                 for n in nodes:
@@ -182,7 +215,9 @@ def main() -> int:
     hop = result["hop_us"]
     print(f"per hop on loopback (one decode row, there and back): f32 {hop['f32']} us, f16 {hop['f16']} us, "
           f"q8_0 {hop['q8_0']} us (one layer computes in {hop['layer_compute_us']} us)")
-    print(f"per hop during decode through 3 nodes (caravan bench): {result['bench_hop_us']} us")
+    print(f"3 one-layer nodes, per decode row beyond compute: chain {result['chain']['chain_us']} us, "
+          f"coordinator calling each in turn {result['chain']['star_us']} us")
+    print(f"per node during decode through 3 nodes (caravan bench): {result['bench_hop_us']} us")
     for row in result["decode"]:
         print(f"{row['threads']} thread(s): one process {row['one_process']} tok/s, 3 nodes {row['three_nodes']} "
               f"tok/s ({row['ratio']}x)")
