@@ -69,17 +69,24 @@ def caravan(*args):
 def test_mutual_tls(smollm2_path, tmp_path):
     ca = make_ca(tmp_path, "cluster-ca")
     rogue = make_ca(tmp_path, "rogue-ca")
-    node_cert, node_key = issue(tmp_path, ca, "node")
     coord_cert, coord_key = issue(tmp_path, ca, "coordinator")
     rogue_cert, rogue_key = issue(tmp_path, rogue, "intruder")
-    node = NodeProcess(tmp_path / "n", "--tls-cert", str(node_cert), "--tls-key", str(node_key),
-                       "--tls-ca", str(ca[2]), name="tlspi")
+    nodes = []
+    for name in ("tlspi", "tlspi2"):  # two, so the first passes hidden states to the second over TLS too
+        cert, key = issue(tmp_path, ca, name)
+        nodes.append(NodeProcess(tmp_path / name, "--tls-cert", str(cert), "--tls-key", str(key),
+                                 "--tls-ca", str(ca[2]), name=name))
+    node = nodes[0]
     try:
         local = caravan()
-        good = caravan("--nodes", node.address, "--tls-cert", str(coord_cert), "--tls-key", str(coord_key),
-                       "--tls-ca", str(ca[2]))
+        good = caravan("--nodes", ",".join(n.address for n in nodes), "--tls-cert", str(coord_cert),
+                       "--tls-key", str(coord_key), "--tls-ca", str(ca[2]))
         assert good.returncode == 0, good.stderr
         assert json.loads(good.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+        listed = subprocess.run([sys.executable, "-m", "caravan.coordinator", "nodes", "--json", "--nodes",
+                                 ",".join(n.address for n in nodes), "--tls-cert", str(coord_cert), "--tls-key",
+                                 str(coord_key), "--tls-ca", str(ca[2])], capture_output=True, text=True, timeout=120)
+        assert all(row["layers"] for row in json.loads(listed.stdout)["nodes"]), listed.stdout  # both held layers
 
         for refused in (caravan("--nodes", node.address),  # no TLS at all
                         caravan("--nodes", node.address, "--tls-cert", str(rogue_cert), "--tls-key", str(rogue_key),
@@ -92,4 +99,5 @@ def test_mutual_tls(smollm2_path, tmp_path):
         assert half.returncode == 1 and "needs all three of --tls-cert, --tls-key and --tls-ca" in half.stderr
         assert node.proc.poll() is None
     finally:
-        node.stop()
+        for n in nodes:
+            n.stop()
