@@ -9,8 +9,8 @@
   row beyond the nodes' compute, median of 300.
 - Decode tokens/s (64 tokens after a 16-token prompt, greedy) through 3 nodes on loopback
   against one process, at 1 and 2 threads (every node runs that many; one node computes at a
-  time in a single stream), both measured by `caravan bench` in its own process. Median of
-  --runs.
+  time in a single stream), both measured by `caravan bench` in its own process, one run of
+  each in turn; medians of --runs.
 - A simulated Pi network: each node behind delay_proxy.py, which holds every message 0.2 ms
   and paces it at 1 Gbit/s, each way (`tc netem` would do it, but this machine's kernel has
   no sch_netem), through 2 and 4 nodes, with the share of each token spent on the hops.
@@ -137,11 +137,15 @@ def loopback(model, path, runs: int, threads: list[int]) -> dict:
     out: dict = {"decode": [], "hop_us": None, "memory": None}
     with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
         for t in threads:
-            one = caravan_bench("-t", str(t), runs=runs)["decode_tokens_per_s"]
             nodes = [NodeProcess(Path(tmp) / f"t{t}-n{i}", threads=t) for i in range(3)]
             try:
-                spread = caravan_bench("-t", str(t), "--nodes", ",".join(n.address for n in nodes), runs=runs)
-                three = spread["decode_tokens_per_s"]
+                # One run of each side in turn, --runs times: a machine whose load drifts slows both alike.
+                ones, threes = [], []
+                for _ in range(runs):
+                    ones.append(caravan_bench("-t", str(t), runs=1)["decode_tokens_per_s"])
+                    spread = caravan_bench("-t", str(t), "--nodes", ",".join(n.address for n in nodes), runs=1)
+                    threes.append(spread["decode_tokens_per_s"])
+                one, three = statistics.median(ones), statistics.median(threes)
                 if out["memory"] is None:
                     out["memory"] = node_memory(model, nodes, [s["layers"] for s in spread["stages"]])
                 out.setdefault("bench_hop_us", [s["hop_us"] for s in spread["stages"]])
