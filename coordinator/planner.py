@@ -7,7 +7,10 @@ runs, and refuses up front when the pooled memory is not enough.
 
 Nodes keep the order given: with a fixed order, giving each node as many layers as a time
 budget allows is the best contiguous split for that budget, so a binary search over the
-candidate budgets (k layers on node i, plus its round trip) finds the smallest.
+candidate budgets (k layers on node i, plus the hidden state's trip to it) finds the smallest.
+
+Nodes pass the hidden state on to each other and the last answers the coordinator, so a
+token crosses the network once into each node and once more back: half a round trip each.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ class NodeCapacity:
     memory_bytes: int  # free for caravan on that node
     rtt_ms: float = 0.0  # coordinator <-> node round trip
 
+    @property
+    def crossing_ms(self) -> float:
+        """A hidden state's one-way trip to the node (from the node before it, on the same LAN)."""
+        return self.rtt_ms / 2
+
 
 @dataclass(frozen=True)
 class ModelCost:
@@ -51,7 +59,7 @@ class ModelCost:
 class Assignment:
     node: NodeCapacity
     layers: LayerRange
-    stage_ms: float  # its layers' time plus its round trip
+    stage_ms: float  # its layers' time plus the hidden state's trip to it
 
 
 @dataclass(frozen=True)
@@ -65,7 +73,8 @@ class Plan:
 
     @property
     def total_ms(self) -> float:
-        return sum(a.stage_ms for a in self.assignments)
+        """One token through every stage in turn, and back to the coordinator."""
+        return sum(a.stage_ms for a in self.assignments) + self.assignments[-1].node.crossing_ms
 
     def tokens_per_s(self, head_ms: float = 0.0) -> float:
         """One stream: a token passes every stage in turn, then the head."""
@@ -92,13 +101,13 @@ def plan_layers(nodes: list[NodeCapacity], cost: ModelCost) -> Plan:
     def counts_within(budget: float) -> list[int] | None:
         counts, left = [], cost.n_layers
         for node, cap in zip(nodes, caps):
-            fits = int((budget - node.rtt_ms) / node.ms_per_layer + 1e-9) if node.ms_per_layer > 0 else cap
+            fits = int((budget - node.crossing_ms) / node.ms_per_layer + 1e-9) if node.ms_per_layer > 0 else cap
             k = max(0, min(cap, fits, left))
             counts.append(k)
             left -= k
         return counts if left == 0 else None
 
-    budgets = sorted({k * n.ms_per_layer + n.rtt_ms for n, cap in zip(nodes, caps) for k in range(1, cap + 1)})
+    budgets = sorted({k * n.ms_per_layer + n.crossing_ms for n, cap in zip(nodes, caps) for k in range(1, cap + 1)})
     lo, hi = 0, len(budgets) - 1
     while lo < hi:  # the smallest budget that places every layer
         mid = (lo + hi) // 2
@@ -113,6 +122,6 @@ def plan_layers(nodes: list[NodeCapacity], cost: ModelCost) -> Plan:
         if k == 0:
             unused.append((node, "not enough memory for one layer" if cap == 0 else "not needed: faster nodes hold every layer"))
             continue
-        assignments.append(Assignment(node, LayerRange(start, start + k), k * node.ms_per_layer + node.rtt_ms))
+        assignments.append(Assignment(node, LayerRange(start, start + k), k * node.ms_per_layer + node.crossing_ms))
         start += k
     return Plan(tuple(assignments), tuple(unused))

@@ -29,8 +29,8 @@ def layers_of(plan):
     ([node("slow", 2.0), node("fast", 0.5)], {"slow": (0, 6), "fast": (6, 30)}),
     # memory caps: 100 MiB runtime + 4 MiB a layer; "small" holds 5 layers though it is fastest
     ([node("small", 0.1, 120 * MIB), node("big", 1.0)], {"small": (0, 5), "big": (5, 30)}),
-    # a long round trip costs a node layers
-    ([node("near", 1.0, rtt=0.0), node("far", 1.0, rtt=10.0)], {"near": (0, 20), "far": (20, 30)}),
+    # a long round trip costs a node layers: half of it, the hidden state's trip there
+    ([node("near", 1.0, rtt=0.0), node("far", 1.0, rtt=10.0)], {"near": (0, 18), "far": (18, 30)}),
     # four nodes, Pi 4 / Pi 5 / laptop mix
     ([node("pi4", 4.0), node("pi5", 2.0), node("laptop", 0.5), node("pi5b", 2.0)],
      {"pi4": (0, 2), "pi5": (2, 7), "laptop": (7, 27), "pi5b": (27, 30)}),  # slowest stage 10 ms
@@ -82,6 +82,6 @@ def test_no_nodes():
 
 def test_expected_speed():
     plan = plan_layers([node("a", 1.0, rtt=0.5), node("b", 1.0, rtt=0.5)], COST)
-    assert plan.total_ms == pytest.approx(31.0)
-    assert plan.tokens_per_s(head_ms=4.0) == pytest.approx(1e3 / 35.0)
-    assert plan.pipelined_tokens_per_s() == pytest.approx(1e3 / 15.5)
+    assert plan.total_ms == pytest.approx(30.75)  # 15 layers each, three one-way trips of 0.25 ms
+    assert plan.tokens_per_s(head_ms=4.0) == pytest.approx(1e3 / 34.75)
+    assert plan.pipelined_tokens_per_s() == pytest.approx(1e3 / 15.25)
