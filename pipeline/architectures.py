@@ -70,9 +70,11 @@ class Architecture:
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
     for a in (
-        # Llama 2/3, TinyLlama, SmolLM, Mistral (llama.cpp's converter writes Mistral as `llama`,
-        # with no sliding window; llama.cpp ignores llama.attention.sliding_window, so does caravan).
-        Architecture("llama", _LLAMA_BLOCK, optional=(*_QKV_BIAS, "attn_output.bias"), fused_qkv=True, rope_freqs=True),
+        # Llama 2/3, TinyLlama, SmolLM, Mistral (llama.cpp's converter writes Mistral as `llama`).
+        # Where the file sets llama.attention.sliding_window (Mistral 7B v0.1 was trained with 4096), every layer
+        # attends to that many positions, as Mistral's reference code does; llama.cpp ignores the key.
+        Architecture("llama", _LLAMA_BLOCK, optional=(*_QKV_BIAS, "attn_output.bias"), fused_qkv=True, rope_freqs=True,
+                     reads_sliding_window=True),
         # Qwen2 / Qwen2.5: Q, K and V biases; NeoX RoPE.
         Architecture("qwen2", (*_LLAMA_BLOCK, *_QKV_BIAS), optional=("attn_output.bias",), rope_neox=True),
         # Phi-3: fused QKV (or separate), gate and up stacked in ffn_up, NeoX RoPE; llama.cpp

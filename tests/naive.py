@@ -245,12 +245,13 @@ def forward_layer(
     v_cache: np.ndarray,
     start: int,
     product: Product = exact_product,
+    window: int = 0,
 ) -> np.ndarray:
     """One transformer block on x (T, dim) at positions start .. start + T - 1.
 
     weights: GGUF tensor name -> float64 array, matrices (rows, cols). k_cache, v_cache
     (n_positions, kv_dim) float64 are written at those positions, rounded to f16 as caravan's
-    and llama.cpp's caches hold them."""
+    and llama.cpp's caches hold them. window > 0: the row at p attends to p - window + 1 .. p."""
     c = config
     p = f"blk.{layer}."
     n_rows = x.shape[0]
@@ -261,7 +262,7 @@ def forward_layer(
     v = product(weights, p + "attn_v.weight", h)
     k_cache[start : start + n_rows] = round_f16(k)
     v_cache[start : start + n_rows] = round_f16(v)
-    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads, f16_weights=True)
+    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads, f16_weights=True, window=window)
     x = x + product(weights, p + "attn_output.weight", attn)
     h = rmsnorm(x, weights[p + "ffn_norm.weight"], c.norm_eps)
     gated = swiglu(product(weights, p + "ffn_gate.weight", h), product(weights, p + "ffn_up.weight", h))
@@ -269,10 +270,11 @@ def forward_layer(
 
 
 def forward_model(
-    weights: dict, config: RefConfig, token_ids, product: Product = exact_product
+    weights: dict, config: RefConfig, token_ids, product: Product = exact_product, window: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """A whole prompt in one pass: token ids (T,) -> (hidden (T, dim) after the last layer,
-    logits (T, vocab)). Tied output when `output.weight` is absent."""
+    logits (T, vocab)). Tied output when `output.weight` is absent; window > 0: every layer's
+    attention slides over that many positions (Mistral's sliding window)."""
     c = config
     token_ids = np.asarray(token_ids, dtype=np.int64)
     x = weights["token_embd.weight"][token_ids].astype(np.float64)
@@ -280,7 +282,7 @@ def forward_model(
     for layer in range(c.n_layers):
         k_cache = np.zeros((len(token_ids), kv_dim))
         v_cache = np.zeros((len(token_ids), kv_dim))
-        x = forward_layer(weights, c, layer, x, k_cache, v_cache, 0, product)
+        x = forward_layer(weights, c, layer, x, k_cache, v_cache, 0, product, window)
     out_name = "output.weight" if "output.weight" in weights else "token_embd.weight"
     logits = product(weights, out_name, rmsnorm(x, weights["output_norm.weight"], c.norm_eps))
     return x, logits

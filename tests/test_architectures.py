@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+import naive
 from caravan.pipeline.generate import Pipeline
+from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelError, ModelHead
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment
-from tiny_models import tiny_model, write_gguf, write_tiny_model
+from tiny_models import dequantized_weights, tiny_model, write_gguf, write_tiny_model
 
 N_CTX = 128
 PROMPT = 40
@@ -29,10 +31,12 @@ NEW_TOKENS = 16
 FIXTURES = {
     # Llama 3.1: rope_freqs.weight frequency factors, its own output matrix, the llama-bpe pre-split
     "llama3": dict(arch="llama", rope_freqs=True, tied_output=False),
-    # Mistral's GGUF files are `llama`; a sliding window in the metadata is ignored by llama.cpp
-    # (and by caravan, with a warning); linear RoPE scaling as some Llama fine-tunes have
+    # Mistral's GGUF files are `llama`; llama.cpp ignores llama.attention.sliding_window, caravan
+    # applies it, so here it is longer than the prompt and the tokens generated (40 + 16; see
+    # test_mistral_sliding_window_matches_numpy_reference for a shorter one); linear RoPE scaling
+    # as some Llama fine-tunes have
     "mistral": dict(arch="llama", n_kv_heads=1, metadata={
-        "llama.attention.sliding_window": 8, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
+        "llama.attention.sliding_window": 64, "llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}),
     # llama.cpp's loader takes one attn_qkv matrix in place of Q, K and V (create_tensor_qkv)
     "llama-fused-qkv": dict(arch="llama", fused=True),
     "qwen2": dict(arch="qwen2"),  # Q/K/V biases, NeoX RoPE
@@ -191,6 +195,30 @@ def test_a_split_model_is_bit_identical_to_one_stage(model_dir):
     stages = [LocalStage.load(model.file, model.config, LayerRange(a, b), N_CTX) for a, b in ((0, 2), (2, 5), (5, 6))]
     split = Pipeline(ModelHead(model.file, model.config), stages, N_CTX)
     assert np.array_equal(caravan_logits(split, ids), whole)
+
+
+def test_mistral_sliding_window_matches_numpy_reference(tmp_path):
+    """llama.attention.sliding_window 8 under a 40-token prompt: every layer attends to the last 8
+    positions only, whether the prompt comes in one pass or in chunks that straddle the window;
+    the logits equal the float64 reference with the window (test_stage.py's F32 bound) and are far
+    from the one without."""
+    path = write_tiny_model(tmp_path / "mistral-window.gguf", "llama", weight_type=QT.F32, n_kv_heads=1,
+                            metadata={"llama.attention.sliding_window": 8})
+    model = load_model(path)
+    assert model.config.sliding_window == 8 and model.config.sliding_layers == (True,) * 3
+    ids = prompt_ids(model.config.vocab_size)
+    weights = dequantized_weights(GGUFFile(path))
+    _, windowed = naive.forward_model(weights, model.config, ids, window=8)
+    _, unwindowed = naive.forward_model(weights, model.config, ids)
+    scale = np.abs(windowed).max()
+    pipeline = pipeline_for(model)
+    whole = caravan_logits(pipeline, ids)
+    pieces = [ids[start : start + 7] for start in range(0, PROMPT, 7)]  # 7 at a time, the last 5
+    chunked = pipeline.head.logits(np.concatenate([pipeline.forward([Segment("chunks", 7 * i, len(p))], p)
+                                                   for i, p in enumerate(pieces)]))
+    for logits in (whole, chunked):
+        assert np.abs(logits - windowed).max() < 3e-4 * scale
+        assert np.abs(logits - unwindowed).max() > 0.1 * scale
 
 
 def test_unknown_architecture_names_it_and_the_supported_ones(tmp_path):
