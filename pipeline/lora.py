@@ -21,7 +21,7 @@ that format. The base weights are never changed: every segment of a batch names 
 its session uses (Segment.adapters), so sequences with different adapters share one batch, the
 base weights are read once for all of them, and an adapter is chosen per request without
 reloading anything. caravan adapts the transformer layers' matrices (attn_q, attn_k, attn_v,
-attn_output, ffn_gate, ffn_up, ffn_down); adapters of the token embedding or the output head
+attn_qkv, attn_output, ffn_gate, ffn_up, ffn_down); adapters of the token embedding or the output head
 are refused.
 """
 
@@ -40,7 +40,9 @@ from .gguf_file import GGUFFile, TensorInfo, describe, tensor_view
 from .model import ModelConfig, layer_tensor_shapes
 from .quants import SUPPORTED_TYPES, Activations, PackedMatrix, matmul, pack, supported_names
 
-ADAPTED = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# attn_qkv and Phi-3's gate+up ffn_up are adapted whole, as llama.cpp's phi3 graph does (one
+# build_lora_mm on the fused matrix)
+ADAPTED = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 MAX_ADAPTERS_PER_ROW = 8  # adapters one session may stack
 MAX_NAME = 128  # characters of an adapter name
 

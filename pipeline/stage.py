@@ -303,7 +303,10 @@ class LocalStage:
                 q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
                 k = matmul(w.attn_k, acts)  # (T, kv_dim)
                 v = matmul(w.attn_v, acts)  # (T, kv_dim)
-            lora.add(self.layers.start + li, acts, attn_q=q, attn_k=k, attn_v=v)
+            if w.attn_qkv is not None:  # the file's own fused matrix: adapters see it whole
+                lora.add(self.layers.start + li, acts, attn_qkv=qkv)
+            else:
+                lora.add(self.layers.start + li, acts, attn_q=q, attn_k=k, attn_v=v)
             if w.attn_q_bias is not None:
                 q += w.attn_q_bias
                 k += w.attn_k_bias

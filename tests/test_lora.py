@@ -22,13 +22,13 @@ from caravan.coordinator.remote import NodeClient, RemoteStage, _adapter_chunks
 from caravan.node.server import NodeSettings, create_server
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFFile
-from caravan.pipeline.loader import load_model
+from caravan.pipeline.loader import load_model, model_config
 from caravan.pipeline.lora import LoraAdapter, LoraError
-from caravan.pipeline.model import ModelConfig, ModelHead
+from caravan.pipeline.model import ModelHead
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
-from tiny_models import tiny_llama, tiny_lora, write_gguf
+from tiny_models import tiny_llama, tiny_lora, write_gguf, write_tiny_model
 
 pytest_plugins = ["fixtures_tiny"]
 
@@ -59,7 +59,7 @@ def adapter_path(lora_dir):
 
 def build(path, splits=None) -> Pipeline:
     gguf = GGUFFile(path)
-    config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors["token_embd.weight"].n_rows)
+    config = model_config(gguf, gguf.tensors["token_embd.weight"].n_rows)
     stages, start = [], 0
     for n in splits or [config.n_layers]:
         stages.append(LocalStage.load(gguf, config, LayerRange(start, start + n), N_CTX))
@@ -129,6 +129,28 @@ def test_matches_llama_cpp(tiny_model_path, adapter_path, case):
     spread = np.abs(ref_logits).max()
     assert np.abs(ours - ref_logits).max() < tolerance * spread
     assert np.abs(ours - prompt_logits(pipeline)).max() > 0.2 * spread  # the adapter matters
+    assert greedy(pipeline, 16, chosen) == ref_tokens
+
+
+@pytest.mark.oracle
+def test_phi3_fused_matrices_match_llama_cpp(lora_dir):
+    """Phi-3 adapts its fused matrices whole, as llama.cpp's phi3 graph does (build_lora_mm on
+    wqkv, and on ffn_up inside build_ffn): an adapter of attn_qkv (Q, K and V rows) and ffn_up
+    (gate and up rows) gives llama.cpp's greedy tokens and prompt logits within the F32 bound."""
+    model_path = write_tiny_model(lora_dir / "phi3.gguf", "phi3", weight_type=QT.F32, fused=True, seed=5)
+    path = write_gguf(lora_dir / "phi3-lora.gguf", *tiny_lora(arch="phi3", seed=11,
+                                                               targets=("attn_qkv", "attn_output", "ffn_up", "ffn_down")))
+    pipeline = build(model_path)
+    assert pipeline.stages[0].weights[0].ffn_gate is None and pipeline.stages[0].weights[0].attn_qkv is not None
+    adapter = LoraAdapter.open(path, pipeline.head.config)
+    assert {p.base.split(".")[2] for p in adapter.pairs.values()} == {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
+    pipeline.add_adapter(adapter)
+    chosen = ((adapter.name, 1.0),)
+    ref_tokens, ref_logits = llama_cpp_run(model_path, path, 1.0, 16)
+    ours = prompt_logits(pipeline, chosen)
+    spread = np.abs(ref_logits).max()
+    assert np.abs(ours - ref_logits).max() < 6e-3 * spread
+    assert np.abs(ours - prompt_logits(pipeline)).max() > 0.2 * spread
     assert greedy(pipeline, 16, chosen) == ref_tokens
 
 

@@ -234,12 +234,15 @@ def tiny_lora(
     llama.cpp's GGUF adapter format (convert_lora_to_gguf.py): per adapted matrix W of numpy
     shape (n_out, n_in), "<W>.lora_a" (rank, n_in) and "<W>.lora_b" (n_out, rank). A is
     N(0, 1/n_in) and B N(0, 1/rank), so with alpha = rank a delta is as large as W's own product
-    (a trained adapter's is smaller; here a missed delta must show). alpha None: no key."""
+    (a trained adapter's is smaller; here a missed delta must show). alpha None: no key.
+    Fused matrices as `tiny_model` writes them: attn_qkv (Q, K, V rows), and for phi3 an ffn_up
+    of gate then up rows."""
     head_dim = dim // n_heads
     q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
     shapes = {  # (n_out, n_in)
-        "attn_q": (q_dim, dim), "attn_k": (kv_dim, dim), "attn_v": (kv_dim, dim), "attn_output": (dim, q_dim),
-        "ffn_gate": (hidden_dim, dim), "ffn_up": (hidden_dim, dim), "ffn_down": (dim, hidden_dim),
+        "attn_q": (q_dim, dim), "attn_k": (kv_dim, dim), "attn_v": (kv_dim, dim), "attn_qkv": (q_dim + 2 * kv_dim, dim),
+        "attn_output": (dim, q_dim), "ffn_gate": (hidden_dim, dim),
+        "ffn_up": ((2 if arch == "phi3" else 1) * hidden_dim, dim), "ffn_down": (dim, hidden_dim),
     }
     metadata: dict[str, Any] = {"general.architecture": arch, "general.type": "adapter", "adapter.type": "lora"}
     if alpha is not None:
