@@ -56,9 +56,11 @@ from .simd_formats import (
     QK,
     QK_K,
     decode_meta,
+    bf16_rows1_tokens1,
+    bf16_rows1_tokens3,
+    bf16_rows2_tokens1,
+    bf16_rows2_tokens3,
     decode_quants,
-    dot_bf16_rows1,
-    dot_bf16_rows4,
     encode_quants,
     group_rows,
     q2_k_x8_tokens1,
@@ -336,15 +338,32 @@ def weight_arguments(ttype: QT, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndar
     return arrays[0], arrays[1], arrays[2] if ttype == QT.Q5_1 else arrays[1]
 
 
+# BF16: prange over blocks of BF16_BLOCK_ROWS weight rows (16 rows of 2048 columns: 64 KiB, in
+# L2), and within a block, token rows three at a time across the block's rows two at a time, so
+# the three activation rows (24 KiB at 2048 columns) are read from L1 for every pair of rows and
+# from memory once per block, not once per row. The remaining token rows go one at a time.
+BF16_BLOCK_ROWS = 16
+
+
 @nb.njit(cache=True, nogil=True, parallel=True)
 def _matmul_bf16(w, x, out):
     n_tokens = x.shape[0]
-    n_quads = n_tokens // 4 * 4
-    for r in nb.prange(w.shape[0]):
-        for t in range(0, n_quads, 4):
-            out[t, r], out[t + 1, r], out[t + 2, r], out[t + 3, r] = dot_bf16_rows4(w, r, x, t)
-        for t in range(n_quads, n_tokens):
-            out[t, r] = dot_bf16_rows1(w, r, x, t)
+    rows = w.shape[0]
+    n_triples = n_tokens // 3 * 3
+    for block in nb.prange((rows + BF16_BLOCK_ROWS - 1) // BF16_BLOCK_ROWS):
+        first = block * BF16_BLOCK_ROWS
+        last = min(rows, first + BF16_BLOCK_ROWS)
+        pairs_end = first + (last - first) // 2 * 2
+        for t in range(0, n_triples, 3):
+            for r in range(first, pairs_end, 2):
+                bf16_rows2_tokens3(w, r, x, t, out)
+            if pairs_end < last:
+                bf16_rows1_tokens3(w, pairs_end, x, t, out)
+        for t in range(n_triples, n_tokens):
+            for r in range(first, pairs_end, 2):
+                bf16_rows2_tokens1(w, r, x, t, out)
+            if pairs_end < last:
+                bf16_rows1_tokens1(w, pairs_end, x, t, out)
 
 
 def matmul(ttype: QT, arrays: tuple[np.ndarray, ...], acts, out: np.ndarray) -> None:

@@ -44,15 +44,17 @@ As in simd.py the integer lanes come from two instruction sequences with the sam
 (vpmaddubsw, vpmaddwd) and generic vector IR that LLVM lowers to the target's SIMD (NEON on a
 Raspberry Pi); the float steps are the same IR for both.
 
-BF16 weights meet activations rounded to bf16, as ggml_vec_dot_bf16 does, one weight row at a
-time: both are widened to f32 (a 16-bit shift), multiplied and summed in two <8 x float>
-accumulators over chunks of 16 (ggml's AVX2 branch keeps four over chunks of 32; four token
-rows times four accumulators do not fit in AVX2's 16 registers, and the four-row form ran at
-half speed), then the accumulators and their lanes are summed in a fixed order, and a tail of
-fewer than 16 columns is added one by one.
+BF16 weights meet activations rounded to bf16, as ggml_vec_dot_bf16 does, in tiles of two
+weight rows by three token rows: each (row, token) is widened to f32 (a 16-bit shift),
+multiplied and summed in two <8 x float> accumulators over chunks of 16 (ggml's AVX2 branch
+keeps four over chunks of 32), then the accumulators and their lanes are summed in a fixed
+order, and a tail of fewer than 16 columns is added one by one. A tile loads each activation
+vector once for both rows and widens each weight vector once for three tokens, so a prefill
+reads its activations from cache a third as often as one row at a time; the steps of one
+(row, token) are the same in every tile shape, so the result is too.
 
 Every function has a plain-numpy twin for NUMBA_DISABLE_JIT=1, and compiled code gets the IR
-through `overload`. The "_tokens4" and "_rows4" forms read each weight once for four token rows.
+through `overload`. The "_tokens4" forms read each weight once for four token rows.
 """
 
 from __future__ import annotations
@@ -493,9 +495,14 @@ def _make_q5(has_m: bool, n_tokens: int, isa: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# BF16: w (rows, cols) u16 bits against x (T, cols) f32 already rounded to bf16
+# BF16: w (rows, cols) u16 bits against x (T, cols) f32 already rounded to bf16, in tiles of
+# up to BF16_TILE_ROWS weight rows times BF16_TILE_TOKENS token rows
 
-BF16_CHUNK = 16  # columns per loop iteration: two <8 x float> accumulators
+BF16_CHUNK = 16  # columns per loop iteration: two <8 x float> accumulators per (row, token)
+BF16_TILE_ROWS = 2  # weight rows per tile: each activation load serves both
+BF16_TILE_TOKENS = 3  # token rows per tile: each widened weight vector serves all three
+# 2 rows x 3 tokens x 2 accumulators = 12 of AVX2's 16 vector registers, 2 more for the widened
+# weights; the activations are memory operands of the fmas.
 
 
 def _widen_bf16(builder, pointer):
@@ -504,63 +511,69 @@ def _widen_bf16(builder, pointer):
     return builder.bitcast(builder.shl(bits, _const(_V8_I32, 16)), _V8_F32)
 
 
-def _codegen_bf16(n_tokens: int):
+def _codegen_bf16(n_rows: int, n_tokens: int):
     def codegen(context, builder, signature, args):
-        w, r, x, t = args
-        w_t, r_t, x_t, t_t = signature.args
+        w, r, x, t, out = args
+        w_t, r_t, x_t, t_t, out_t = signature.args
         intp = context.get_value_type(types.intp)
         r = context.cast(builder, r, r_t, types.intp)
         t = context.cast(builder, t, t_t, types.intp)
-        w_row, w_ary = _row_pointer(context, builder, w_t, w, r)
-        n_cols = cgutils.unpack_tuple(builder, w_ary.shape, 2)[1]
+        w_rows = [_row_pointer(context, builder, w_t, w, builder.add(r, ir.Constant(intp, j)))
+                  for j in range(n_rows)]
+        n_cols = cgutils.unpack_tuple(builder, w_rows[0][1].shape, 2)[1]
+        w_rows = [pointer for pointer, _ in w_rows]
         x_rows = [builder.bitcast(_row_pointer(context, builder, x_t, x, builder.add(t, ir.Constant(intp, i)))[0], _F32.as_pointer())
                   for i in range(n_tokens)]
         zero = ir.Constant(_V8_F32, [0.0] * 8)
-        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(BF16_CHUNK // 8)] for _ in range(n_tokens)]
+        accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(BF16_CHUNK // 8)] for _ in range(n_tokens)]
+                for _ in range(n_rows)]
         n_chunks = builder.udiv(n_cols, ir.Constant(intp, BF16_CHUNK))
         with cgutils.for_range(builder, n_chunks) as loop:
             col = builder.mul(loop.index, ir.Constant(intp, BF16_CHUNK))
             for q in range(BF16_CHUNK // 8):
                 at = builder.add(col, ir.Constant(intp, 8 * q))
-                weights = _widen_bf16(builder, builder.gep(w_row, [builder.mul(at, ir.Constant(intp, 2))]))
+                weights = [_widen_bf16(builder, builder.gep(w_row, [builder.mul(at, ir.Constant(intp, 2))])) for w_row in w_rows]
                 for i in range(n_tokens):
                     acts = builder.load(builder.bitcast(builder.gep(x_rows[i], [at]), _V8_F32.as_pointer()), align=4)
-                    builder.store(_fma(builder, weights, acts, builder.load(accs[i][q])), accs[i][q])
+                    for j in range(n_rows):
+                        builder.store(_fma(builder, weights[j], acts, builder.load(accs[j][i][q])), accs[j][i][q])
         totals = []
-        for i in range(n_tokens):
-            a = [builder.load(acc) for acc in accs[i]]
-            total = _hsum(builder, builder.fadd(a[0], a[1]))
-            totals.append(cgutils.alloca_once_value(builder, total))
-        w_scalars = builder.bitcast(w_row, _I16.as_pointer())
-        tail = builder.mul(n_chunks, ir.Constant(intp, BF16_CHUNK))
-        with cgutils.for_range_slice(builder, tail, n_cols, ir.Constant(intp, 1), intp=intp) as (j, _):
-            bits = builder.shl(builder.zext(builder.load(builder.gep(w_scalars, [j])), _I32), ir.Constant(_I32, 16))
-            weight = builder.bitcast(bits, _F32)
+        for j in range(n_rows):
             for i in range(n_tokens):
-                act = builder.load(builder.gep(x_rows[i], [j]))
-                builder.store(_fma(builder, weight, act, builder.load(totals[i])), totals[i])
-        results = [builder.load(total) for total in totals]
-        if n_tokens == 1:
-            return results[0]
-        return context.make_tuple(builder, signature.return_type, results)
+                a = [builder.load(acc) for acc in accs[j][i]]
+                totals.append(cgutils.alloca_once_value(builder, _hsum(builder, builder.fadd(a[0], a[1]))))
+        tail = builder.mul(n_chunks, ir.Constant(intp, BF16_CHUNK))
+        with cgutils.for_range_slice(builder, tail, n_cols, ir.Constant(intp, 1), intp=intp) as (col, _):
+            for j in range(n_rows):
+                bits = builder.load(builder.gep(builder.bitcast(w_rows[j], _I16.as_pointer()), [col]))
+                weight = builder.bitcast(builder.shl(builder.zext(bits, _I32), ir.Constant(_I32, 16)), _F32)
+                for i in range(n_tokens):
+                    act = builder.load(builder.gep(x_rows[i], [col]))
+                    total = totals[j * n_tokens + i]
+                    builder.store(_fma(builder, weight, act, builder.load(total)), total)
+        out_ary = context.make_array(out_t)(context, builder, out)
+        for j in range(n_rows):
+            for i in range(n_tokens):
+                index = [builder.add(t, ir.Constant(intp, i)), builder.add(r, ir.Constant(intp, j))]
+                pointer = cgutils.get_item_pointer(context, builder, out_t, out_ary, index, wraparound=False)
+                builder.store(builder.load(totals[j * n_tokens + i]), pointer)
+        return context.get_dummy_value()
 
     return codegen
 
 
-def _make_bf16_intrinsic(n_tokens: int):
-    return_type = types.float32 if n_tokens == 1 else types.UniTuple(types.float32, n_tokens)
-    codegen = _codegen_bf16(n_tokens)
+def _make_bf16_intrinsic(n_rows: int, n_tokens: int):
+    codegen = _codegen_bf16(n_rows, n_tokens)
 
-    def typer(typingctx, w, r, x, t):
-        _check("bf16", (w, x), (types.uint16, types.float32))
-        return return_type(w, r, x, t), codegen
+    def typer(typingctx, w, r, x, t, out):
+        _check("bf16", (w, x, out), (types.uint16, types.float32, types.float32))
+        return types.none(w, r, x, t, out), codegen
 
-    typer.__name__ = f"dot_bf16_rows{n_tokens}"
+    typer.__name__ = f"bf16_rows{n_rows}_tokens{n_tokens}"
     return intrinsic(typer)
 
 
 # INTRINSICS[(format, n_tokens, isa)]: every variant this host can run (tests compare the ISAs).
-# BF16's products are float from the start, so it has one form, listed under every ISA.
 INTRINSICS = {}
 for _n in (1, 4):
     for _isa in ISAS:
@@ -568,9 +581,10 @@ for _n in (1, 4):
         INTRINSICS[("q5_1", _n, _isa)] = _make_q5(True, _n, _isa)
         for _name, _fmt in K_FORMATS.items():
             INTRINSICS[(_name, _n, _isa)] = _make_k(_fmt, _n, _isa)
-    _bf16 = _make_bf16_intrinsic(_n)
-    for _isa in ISAS:
-        INTRINSICS[("bf16", _n, _isa)] = _bf16
+# BF16_TILES[(n_rows, n_tokens)]: BF16's tiles; its products are float from the start, so one
+# form serves every ISA.
+BF16_TILES = {(_r, _n): _make_bf16_intrinsic(_r, _n) for _r in range(1, BF16_TILE_ROWS + 1)
+              for _n in range(1, BF16_TILE_TOKENS + 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,22 +662,20 @@ def _q5_twin(name, wq, wd, wm, g, xq, xd, xs, out, t, n_valid, n_tokens):
         out[i, g * GROUP_ROWS : g * GROUP_ROWS + n_valid] = result[:n_valid]
 
 
-def _bf16_twin(w, r, x, t, n_tokens):
+def _bf16_twin(w, r, x, t, out, n_rows, n_tokens):
     n_cols = w.shape[1]
     full = n_cols // BF16_CHUNK * BF16_CHUNK
-    weights = (w[r].astype(np.uint32) << 16).view(np.float32)
-    results = []
-    for i in range(t, t + n_tokens):
-        accs = np.zeros((BF16_CHUNK // 8, 8), np.float32)
-        for col in range(0, full, BF16_CHUNK):
-            chunk = slice(col, col + BF16_CHUNK)
-            accs = _fma_np(weights[chunk].reshape(-1, 8), x[i, chunk].reshape(-1, 8), accs)
-        f = np.float32
-        total = _hsum_np(f(accs[0] + accs[1]))
-        for j in range(full, n_cols):
-            total = _fma_np(weights[j], x[i, j], total)
-        results.append(total)
-    return results[0] if n_tokens == 1 else tuple(results)
+    for row in range(r, r + n_rows):
+        weights = (w[row].astype(np.uint32) << 16).view(np.float32)
+        for i in range(t, t + n_tokens):
+            accs = np.zeros((BF16_CHUNK // 8, 8), np.float32)
+            for col in range(0, full, BF16_CHUNK):
+                chunk = slice(col, col + BF16_CHUNK)
+                accs = _fma_np(weights[chunk].reshape(-1, 8), x[i, chunk].reshape(-1, 8), accs)
+            total = _hsum_np(np.float32(accs[0] + accs[1]))
+            for j in range(full, n_cols):
+                total = _fma_np(weights[j], x[i, j], total)
+            out[i, row] = total
 
 
 def _product(name: str, n_tokens: int):
@@ -704,21 +716,23 @@ q5_k_x8_tokens1, q5_k_x8_tokens4 = _product("q5_k", 1), _product("q5_k", 4)
 q6_k_x8_tokens1, q6_k_x8_tokens4 = _product("q6_k", 1), _product("q6_k", 4)
 
 
-def dot_bf16_rows1(w, r, x, t):
-    """Weight row r of BF16 (bits (rows, cols) u16) times row t of x (T, cols) f32 rounded to
-    bf16. -> f32"""
-    return _bf16_twin(w, r, x, t, 1)
+def _bf16_tile(n_rows: int, n_tokens: int):
+    """The public BF16 tile: its numpy twin when Numba's JIT is off, the intrinsic in compiled code."""
+    kernel = BF16_TILES[(n_rows, n_tokens)]
+
+    def tile(w, r, x, t, out):
+        _bf16_twin(w, r, x, t, out, n_rows, n_tokens)
+
+    @overload(tile, inline="always")
+    def _compiled(w, r, x, t, out):
+        return lambda w, r, x, t, out: kernel(w, r, x, t, out)
+
+    tile.__name__ = tile.__qualname__ = f"bf16_rows{n_rows}_tokens{n_tokens}"
+    tile.__doc__ = (f"out[t .. t + {n_tokens - 1}, r .. r + {n_rows - 1}] = weight rows r .. of BF16 (bits (rows, cols) "
+                    "u16) times token rows t .. of x (T, cols) f32 rounded to bf16; each (row, token) the same f32 "
+                    "steps whatever the tile.")
+    return tile
 
 
-def dot_bf16_rows4(w, r, x, t):
-    return _bf16_twin(w, r, x, t, 4)
-
-
-for _fn, _n in ((dot_bf16_rows1, 1), (dot_bf16_rows4, 4)):
-
-    def _register(fn, kernel):
-        @overload(fn, inline="always")
-        def _compiled(w, r, x, t):
-            return lambda w, r, x, t: kernel(w, r, x, t)
-
-    _register(_fn, INTRINSICS[("bf16", _n, ISA)])
+bf16_rows1_tokens1, bf16_rows1_tokens3 = _bf16_tile(1, 1), _bf16_tile(1, 3)
+bf16_rows2_tokens1, bf16_rows2_tokens3 = _bf16_tile(2, 1), _bf16_tile(2, 3)

@@ -253,15 +253,21 @@ def _group_dots(kernel1, kernel4, k_quant):
     return run
 
 
-def _bf16_dots(kernel1, kernel4):
-    """The same for BF16's one-row intrinsics (w, r, x, t)."""
+def _bf16_tiles(tiles):
+    """BF16's tiles (simd_formats.BF16_TILES) over 13 weight rows and 8 token rows in every shape:
+    rows 0 .. 11 two at a time and row 12 alone, tokens 0 .. 5 three at a time and 6, 7 alone."""
+    r2t3, r2t1, r1t3, r1t1 = tiles[2, 3], tiles[2, 1], tiles[1, 3], tiles[1, 1]
 
     @numba.njit
     def run(w, x, out):
-        for r in range(w.shape[0]):
-            out[0, r], out[1, r], out[2, r], out[3, r] = kernel4(w, r, x, 0)
-            for t in range(4, x.shape[0]):
-                out[t, r] = kernel1(w, r, x, t)
+        for t in range(0, 6, 3):
+            for r in range(0, 12, 2):
+                r2t3(w, r, x, t, out)
+            r1t3(w, 12, x, t, out)
+        for t in range(6, 8):
+            for r in range(0, 12, 2):
+                r2t1(w, r, x, t, out)
+            r1t1(w, 12, x, t, out)
 
     return run
 
@@ -280,20 +286,19 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
     results = []
     for isa in simd_formats.ISAS:
         out = np.full((8, 13), np.nan, np.float32)
-        kernels = (simd_formats.INTRINSICS[(name, 1, isa)], simd_formats.INTRINSICS[(name, 4, isa)])
-        if ttype == QT.BF16:
-            _bf16_dots(*kernels)(*packed.arrays, *acts, out)
+        if ttype == QT.BF16:  # float IR only: one form for every ISA
+            _bf16_tiles(simd_formats.BF16_TILES)(*packed.arrays, *acts, out)
         else:
+            kernels = (simd_formats.INTRINSICS[(name, 1, isa)], simd_formats.INTRINSICS[(name, 4, isa)])
             _group_dots(*kernels, ttype in K_QUANTS)(*formats.weight_arguments(ttype, packed.arrays), *acts, out)
         results.append(out)
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
     twin_out = np.full((8, 13), np.nan, np.float32)
     if ttype == QT.BF16:
-        twin = simd_formats.dot_bf16_rows1
         for r in range(13):
             for t in range(8):
-                twin_out[t, r] = twin(*packed.arrays, r, *acts, t)
+                simd_formats.bf16_rows1_tokens1(*packed.arrays, r, *acts, t, twin_out)
     else:
         twin = getattr(simd_formats, f"{name}_x8_tokens1")
         for g in range(2):
