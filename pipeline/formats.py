@@ -51,15 +51,15 @@ from gguf import GGMLQuantizationType as QT
 
 from .simd import GROUP_ROWS
 from .simd_formats import (
+    BF16_CHUNK,
+    BF16_PRODUCTS,
+    BF16_TILE_ROWS,
+    BF16_TILE_TOKENS,
     K_FORMATS,
     META_BYTES,
     QK,
     QK_K,
     decode_meta,
-    bf16_rows1_tokens1,
-    bf16_rows1_tokens3,
-    bf16_rows2_tokens1,
-    bf16_rows2_tokens3,
     decode_quants,
     encode_quants,
     group_rows,
@@ -279,6 +279,17 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return out.view(np.float32)
 
 
+def bf16_activations(x: np.ndarray) -> np.ndarray:
+    """x (T, K) f32 as BF16's tiles read it: rounded to bf16, and in each whole chunk of
+    BF16_CHUNK columns the even columns first, then the odd ones (simd_formats.py says why)."""
+    rounded = round_bf16(x)
+    n_rows, n = rounded.shape
+    full = n // BF16_CHUNK * BF16_CHUNK
+    chunks = rounded[:, :full].reshape(n_rows, -1, BF16_CHUNK // 2, 2)
+    rounded[:, :full] = chunks.transpose(0, 1, 3, 2).copy().reshape(n_rows, full)
+    return rounded
+
+
 # ---------------------------------------------------------------------------------------------
 # Products: out (T, rows) = x (T, cols) @ W.T. As in quants.py, token rows four at a time, then
 # the rest one at a time, with the same float operations either way; eight weight rows at a
@@ -339,38 +350,44 @@ def weight_arguments(ttype: QT, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndar
 
 
 # BF16: prange over blocks of BF16_BLOCK_ROWS weight rows (16 rows of 2048 columns: 64 KiB, in
-# L2), and within a block, token rows three at a time across the block's rows two at a time, so
-# the three activation rows (24 KiB at 2048 columns) are read from L1 for every pair of rows and
+# L2), and within a block, token rows four at a time across the block's rows two at a time, so
+# the four activation rows (32 KiB at 2048 columns) are read from L1 for every pair of rows and
 # from memory once per block, not once per row. The remaining token rows go one at a time.
 BF16_BLOCK_ROWS = 16
+
+
+_bf16_tile = BF16_PRODUCTS[BF16_TILE_ROWS, BF16_TILE_TOKENS]
+_bf16_tile_row = BF16_PRODUCTS[1, BF16_TILE_TOKENS]  # the block's last row, where it has an odd count
+_bf16_tile_token = BF16_PRODUCTS[BF16_TILE_ROWS, 1]  # the token rows past the last whole tile
+_bf16_tile_one = BF16_PRODUCTS[1, 1]
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
 def _matmul_bf16(w, x, out):
     n_tokens = x.shape[0]
     rows = w.shape[0]
-    n_triples = n_tokens // 3 * 3
+    tiled = n_tokens // BF16_TILE_TOKENS * BF16_TILE_TOKENS
     for block in nb.prange((rows + BF16_BLOCK_ROWS - 1) // BF16_BLOCK_ROWS):
         first = block * BF16_BLOCK_ROWS
         last = min(rows, first + BF16_BLOCK_ROWS)
-        pairs_end = first + (last - first) // 2 * 2
-        for t in range(0, n_triples, 3):
-            for r in range(first, pairs_end, 2):
-                bf16_rows2_tokens3(w, r, x, t, out)
-            if pairs_end < last:
-                bf16_rows1_tokens3(w, pairs_end, x, t, out)
-        for t in range(n_triples, n_tokens):
-            for r in range(first, pairs_end, 2):
-                bf16_rows2_tokens1(w, r, x, t, out)
-            if pairs_end < last:
-                bf16_rows1_tokens1(w, pairs_end, x, t, out)
+        pairs_end = first + (last - first) // BF16_TILE_ROWS * BF16_TILE_ROWS
+        for t in range(0, tiled, BF16_TILE_TOKENS):
+            for r in range(first, pairs_end, BF16_TILE_ROWS):
+                _bf16_tile(w, r, x, t, out)
+            for r in range(pairs_end, last):
+                _bf16_tile_row(w, r, x, t, out)
+        for t in range(tiled, n_tokens):
+            for r in range(first, pairs_end, BF16_TILE_ROWS):
+                _bf16_tile_token(w, r, x, t, out)
+            for r in range(pairs_end, last):
+                _bf16_tile_one(w, r, x, t, out)
 
 
 def matmul(ttype: QT, arrays: tuple[np.ndarray, ...], acts, out: np.ndarray) -> None:
     """out (T, rows) = acts.x (T, cols) @ W.T for W packed as pack() made `arrays`; acts is a
     quants.Activations (its Q8_0/Q8_1 blocks, and the forms made here, are made once)."""
     if ttype == QT.BF16:
-        _matmul_bf16(arrays[0], acts.form(round_bf16), out)
+        _matmul_bf16(arrays[0], acts.form(bf16_activations), out)
         return
     if ttype in K_QUANTS:
         activations = acts.form(quantize_q8_k)

@@ -45,12 +45,13 @@ As in simd.py the integer lanes come from two instruction sequences with the sam
 Raspberry Pi); the float steps are the same IR for both.
 
 BF16 weights meet activations rounded to bf16, as ggml_vec_dot_bf16 does, in tiles of two
-weight rows by three token rows: each (row, token) is widened to f32 (a 16-bit shift),
-multiplied and summed in two <8 x float> accumulators over chunks of 16 (ggml's AVX2 branch
-keeps four over chunks of 32), then the accumulators and their lanes are summed in a fixed
-order, and a tail of fewer than 16 columns is added one by one. A tile loads each activation
-vector once for both rows and widens each weight vector once for three tokens, so a prefill
-reads its activations from cache a third as often as one row at a time; the steps of one
+weight rows by four token rows. Each (row, token) has one <8 x float> accumulator; over chunks
+of 16 columns it takes the chunk's even columns, then its odd ones, by fused multiply-adds (a
+weight becomes an f32 by a shift or a mask of the 32-bit word that holds it and its neighbour;
+the activations come with each chunk's even columns first, bf16_activations in formats.py);
+then its lanes are summed in a fixed order, and a tail of fewer than 16 columns is added one by
+one (ggml's AVX2 branch keeps four accumulators over chunks of 32). A tile loads each activation
+vector once for both rows and widens each weight vector once for four tokens; the steps of one
 (row, token) are the same in every tile shape, so the result is too.
 
 Every function has a plain-numpy twin for NUMBA_DISABLE_JIT=1, and compiled code gets the IR
@@ -498,17 +499,22 @@ def _make_q5(has_m: bool, n_tokens: int, isa: str):
 # BF16: w (rows, cols) u16 bits against x (T, cols) f32 already rounded to bf16, in tiles of
 # up to BF16_TILE_ROWS weight rows times BF16_TILE_TOKENS token rows
 
-BF16_CHUNK = 16  # columns per loop iteration: two <8 x float> accumulators per (row, token)
+BF16_CHUNK = 16  # columns per loop iteration: 8 32-bit words of each weight row
 BF16_TILE_ROWS = 2  # weight rows per tile: each activation load serves both
-BF16_TILE_TOKENS = 3  # token rows per tile: each widened weight vector serves all three
-# 2 rows x 3 tokens x 2 accumulators = 12 of AVX2's 16 vector registers, 2 more for the widened
-# weights; the activations are memory operands of the fmas.
+BF16_TILE_TOKENS = 4  # token rows per tile: each widened weight vector serves all four
+# 2 rows x 4 tokens = 8 accumulators, 2 weight words, 2 widened weights and an activation: 13 of
+# AVX2's 16 vector registers (3 x 4 and 4 x 3 tiles spill or stall, 2 x 3 and 2 x 5 ran slower).
 
 
-def _widen_bf16(builder, pointer):
-    """8 bf16 bit patterns at an i8* -> <8 x float> (the bits shifted to the top of an f32)."""
-    bits = builder.zext(_load(builder, pointer, _V8_I16), _V8_I32)
-    return builder.bitcast(builder.shl(bits, _const(_V8_I32, 16)), _V8_F32)
+def _widen_bf16(builder, pointer, odd: bool):
+    """The even (odd) ones of 16 bf16 bit patterns at an i8* -> <8 x float>: each little-endian
+    32-bit word holds columns 2l (low half) and 2l + 1 (high half), and a bf16 is the top half of
+    an f32, so the even columns are the word shifted left by 16 and the odd ones the word with
+    its low half cleared: one instruction per 8 weights, where widening 16-bit lanes takes two."""
+    words = _load(builder, pointer, _V8_I32)
+    if odd:
+        return builder.bitcast(builder.and_(words, _const(_V8_I32, -65536)), _V8_F32)
+    return builder.bitcast(builder.shl(words, _const(_V8_I32, 16)), _V8_F32)
 
 
 def _codegen_bf16(n_rows: int, n_tokens: int):
@@ -525,23 +531,22 @@ def _codegen_bf16(n_rows: int, n_tokens: int):
         x_rows = [builder.bitcast(_row_pointer(context, builder, x_t, x, builder.add(t, ir.Constant(intp, i)))[0], _F32.as_pointer())
                   for i in range(n_tokens)]
         zero = ir.Constant(_V8_F32, [0.0] * 8)
-        accs = [[[cgutils.alloca_once_value(builder, zero) for _ in range(BF16_CHUNK // 8)] for _ in range(n_tokens)]
-                for _ in range(n_rows)]
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_tokens)] for _ in range(n_rows)]
         n_chunks = builder.udiv(n_cols, ir.Constant(intp, BF16_CHUNK))
         with cgutils.for_range(builder, n_chunks) as loop:
             col = builder.mul(loop.index, ir.Constant(intp, BF16_CHUNK))
-            for q in range(BF16_CHUNK // 8):
+            w_offset = builder.mul(col, ir.Constant(intp, 2))
+            for q in range(BF16_CHUNK // 8):  # the chunk's even columns, then its odd ones
                 at = builder.add(col, ir.Constant(intp, 8 * q))
-                weights = [_widen_bf16(builder, builder.gep(w_row, [builder.mul(at, ir.Constant(intp, 2))])) for w_row in w_rows]
+                weights = [_widen_bf16(builder, builder.gep(w_row, [w_offset]), odd=q == 1) for w_row in w_rows]
                 for i in range(n_tokens):
                     acts = builder.load(builder.bitcast(builder.gep(x_rows[i], [at]), _V8_F32.as_pointer()), align=4)
                     for j in range(n_rows):
-                        builder.store(_fma(builder, weights[j], acts, builder.load(accs[j][i][q])), accs[j][i][q])
+                        builder.store(_fma(builder, weights[j], acts, builder.load(accs[j][i])), accs[j][i])
         totals = []
         for j in range(n_rows):
             for i in range(n_tokens):
-                a = [builder.load(acc) for acc in accs[j][i]]
-                totals.append(cgutils.alloca_once_value(builder, _hsum(builder, builder.fadd(a[0], a[1]))))
+                totals.append(cgutils.alloca_once_value(builder, _hsum(builder, builder.load(accs[j][i]))))
         tail = builder.mul(n_chunks, ir.Constant(intp, BF16_CHUNK))
         with cgutils.for_range_slice(builder, tail, n_cols, ir.Constant(intp, 1), intp=intp) as (col, _):
             for j in range(n_rows):
@@ -583,8 +588,7 @@ for _n in (1, 4):
             INTRINSICS[(_name, _n, _isa)] = _make_k(_fmt, _n, _isa)
 # BF16_TILES[(n_rows, n_tokens)]: BF16's tiles; its products are float from the start, so one
 # form serves every ISA.
-BF16_TILES = {(_r, _n): _make_bf16_intrinsic(_r, _n) for _r in range(1, BF16_TILE_ROWS + 1)
-              for _n in range(1, BF16_TILE_TOKENS + 1)}
+BF16_TILES = {(_r, _n): _make_bf16_intrinsic(_r, _n) for _r in (1, BF16_TILE_ROWS) for _n in (1, BF16_TILE_TOKENS)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,11 +672,12 @@ def _bf16_twin(w, r, x, t, out, n_rows, n_tokens):
     for row in range(r, r + n_rows):
         weights = (w[row].astype(np.uint32) << 16).view(np.float32)
         for i in range(t, t + n_tokens):
-            accs = np.zeros((BF16_CHUNK // 8, 8), np.float32)
+            acc = np.zeros(8, np.float32)
             for col in range(0, full, BF16_CHUNK):
-                chunk = slice(col, col + BF16_CHUNK)
-                accs = _fma_np(weights[chunk].reshape(-1, 8), x[i, chunk].reshape(-1, 8), accs)
-            total = _hsum_np(np.float32(accs[0] + accs[1]))
+                pairs = weights[col : col + BF16_CHUNK].reshape(8, 2)
+                acc = _fma_np(pairs[:, 0], x[i, col : col + 8], acc)  # the chunk's even columns
+                acc = _fma_np(pairs[:, 1], x[i, col + 8 : col + BF16_CHUNK], acc)  # its odd ones
+            total = _hsum_np(acc)
             for j in range(full, n_cols):
                 total = _fma_np(weights[j], x[i, j], total)
             out[i, row] = total
@@ -729,10 +734,12 @@ def _bf16_tile(n_rows: int, n_tokens: int):
 
     tile.__name__ = tile.__qualname__ = f"bf16_rows{n_rows}_tokens{n_tokens}"
     tile.__doc__ = (f"out[t .. t + {n_tokens - 1}, r .. r + {n_rows - 1}] = weight rows r .. of BF16 (bits (rows, cols) "
-                    "u16) times token rows t .. of x (T, cols) f32 rounded to bf16; each (row, token) the same f32 "
-                    "steps whatever the tile.")
+                    "u16) times token rows t .. of x (T, cols) f32 from formats.bf16_activations; each (row, token) "
+                    "the same f32 steps whatever the tile.")
     return tile
 
 
-bf16_rows1_tokens1, bf16_rows1_tokens3 = _bf16_tile(1, 1), _bf16_tile(1, 3)
-bf16_rows2_tokens1, bf16_rows2_tokens3 = _bf16_tile(2, 1), _bf16_tile(2, 3)
+# BF16_PRODUCTS[(n_rows, n_tokens)]: the public tiles, full (BF16_TILE_ROWS, BF16_TILE_TOKENS)
+# and with one row or one token for the edges
+BF16_PRODUCTS = {shape: _bf16_tile(*shape) for shape in ((1, 1), (1, BF16_TILE_TOKENS), (BF16_TILE_ROWS, 1),
+                                                         (BF16_TILE_ROWS, BF16_TILE_TOKENS))}

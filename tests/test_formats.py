@@ -216,7 +216,7 @@ def test_matmul_thread_count_invariant(ttype):
 def activation_arrays(ttype: QT, x: np.ndarray) -> tuple[np.ndarray, ...]:
     """The activation arrays the kernel for ttype reads (as formats.matmul passes them)."""
     if ttype == QT.BF16:
-        return (formats.round_bf16(x),)
+        return (formats.bf16_activations(x),)
     if ttype in K_QUANTS:
         return formats.quantize_q8_k(x)
     acts = Activations(x)
@@ -254,20 +254,24 @@ def _group_dots(kernel1, kernel4, k_quant):
 
 
 def _bf16_tiles(tiles):
-    """BF16's tiles (simd_formats.BF16_TILES) over 13 weight rows and 8 token rows in every shape:
-    rows 0 .. 11 two at a time and row 12 alone, tokens 0 .. 5 three at a time and 6, 7 alone."""
-    r2t3, r2t1, r1t3, r1t1 = tiles[2, 3], tiles[2, 1], tiles[1, 3], tiles[1, 1]
+    """BF16's tiles (simd_formats.BF16_TILES) over 13 weight rows and 10 token rows in every
+    shape: rows 0 .. 11 in whole tiles and row 12 alone, tokens in whole tiles from 0, the rest
+    (at least one) alone."""
+    n_rows, n_tokens = simd_formats.BF16_TILE_ROWS, simd_formats.BF16_TILE_TOKENS
+    full, one_row, one_token, one = tiles[n_rows, n_tokens], tiles[1, n_tokens], tiles[n_rows, 1], tiles[1, 1]
+    assert 12 % n_rows == 0 and 10 % n_tokens
 
     @numba.njit
     def run(w, x, out):
-        for t in range(0, 6, 3):
-            for r in range(0, 12, 2):
-                r2t3(w, r, x, t, out)
-            r1t3(w, 12, x, t, out)
-        for t in range(6, 8):
-            for r in range(0, 12, 2):
-                r2t1(w, r, x, t, out)
-            r1t1(w, 12, x, t, out)
+        tiled = 10 // n_tokens * n_tokens
+        for t in range(0, tiled, n_tokens):
+            for r in range(0, 12, n_rows):
+                full(w, r, x, t, out)
+            one_row(w, 12, x, t, out)
+        for t in range(tiled, 10):
+            for r in range(0, 12, n_rows):
+                one_token(w, r, x, t, out)
+            one(w, 12, x, t, out)
 
     return run
 
@@ -280,12 +284,13 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
     the same sum. 13 rows: a whole group of 8 and a partial one. On a host without AVX2 only
     the generic path and the twin are compared."""
     packed = pack(ttype, random_raw(ttype, 13, 512), "w")
-    x = random_activations(8, 512)
+    n_tokens = 10 if ttype == QT.BF16 else 8
+    x = random_activations(n_tokens, 512)
     acts = activation_arrays(ttype, x)
     name = ttype.name.lower()
     results = []
     for isa in simd_formats.ISAS:
-        out = np.full((8, 13), np.nan, np.float32)
+        out = np.full((n_tokens, 13), np.nan, np.float32)
         if ttype == QT.BF16:  # float IR only: one form for every ISA
             _bf16_tiles(simd_formats.BF16_TILES)(*packed.arrays, *acts, out)
         else:
@@ -294,16 +299,18 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
         results.append(out)
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
-    twin_out = np.full((8, 13), np.nan, np.float32)
+    twin_out = np.full((n_tokens, 13), np.nan, np.float32)
     if ttype == QT.BF16:
         for r in range(13):
-            for t in range(8):
-                simd_formats.bf16_rows1_tokens1(*packed.arrays, r, *acts, t, twin_out)
+            for t in range(n_tokens):
+                simd_formats.BF16_PRODUCTS[1, 1](*packed.arrays, r, *acts, t, twin_out)
     else:
         twin = getattr(simd_formats, f"{name}_x8_tokens1")
         for g in range(2):
             for t in range(8):
                 twin(*formats.weight_arguments(ttype, packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
+    if ttype == QT.BF16:  # float steps only, each emulated exactly
+        np.testing.assert_array_equal(twin_out, results[0])
     np.testing.assert_allclose(twin_out, results[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(matmul(packed, Activations(x)), results[0])
 
