@@ -53,6 +53,7 @@ from .simd import GROUP_ROWS
 from .simd_formats import (
     BF16_CHUNK,
     BF16_PRODUCTS,
+    BF16_SINGLE_ROWS,
     BF16_TILE_ROWS,
     BF16_TILE_TOKENS,
     K_FORMATS,
@@ -358,7 +359,7 @@ BF16_BLOCK_ROWS = 16
 
 _bf16_tile = BF16_PRODUCTS[BF16_TILE_ROWS, BF16_TILE_TOKENS]
 _bf16_tile_row = BF16_PRODUCTS[1, BF16_TILE_TOKENS]  # the block's last row, where it has an odd count
-_bf16_tile_token = BF16_PRODUCTS[BF16_TILE_ROWS, 1]  # the token rows past the last whole tile
+_bf16_tile_token = BF16_PRODUCTS[BF16_SINGLE_ROWS, 1]  # the token rows past the last whole tile
 _bf16_tile_one = BF16_PRODUCTS[1, 1]
 
 
@@ -376,10 +377,11 @@ def _matmul_bf16(w, x, out):
                 _bf16_tile(w, r, x, t, out)
             for r in range(pairs_end, last):
                 _bf16_tile_row(w, r, x, t, out)
+        quads_end = first + (last - first) // BF16_SINGLE_ROWS * BF16_SINGLE_ROWS
         for t in range(tiled, n_tokens):
-            for r in range(first, pairs_end, BF16_TILE_ROWS):
+            for r in range(first, quads_end, BF16_SINGLE_ROWS):
                 _bf16_tile_token(w, r, x, t, out)
-            for r in range(pairs_end, last):
+            for r in range(quads_end, last):
                 _bf16_tile_one(w, r, x, t, out)
 
 

@@ -51,8 +51,9 @@ weight becomes an f32 by a shift or a mask of the 32-bit word that holds it and 
 the activations come with each chunk's even columns first, bf16_activations in formats.py);
 then its lanes are summed in a fixed order, and a tail of fewer than 16 columns is added one by
 one (ggml's AVX2 branch keeps four accumulators over chunks of 32). A tile loads each activation
-vector once for both rows and widens each weight vector once for four tokens; the steps of one
-(row, token) are the same in every tile shape, so the result is too.
+vector once for both rows and widens each weight vector once for four tokens; a token row alone
+(decode) takes eight weight rows at a time, so that eight chains of fmas overlap. The steps of
+one (row, token) are the same in every tile shape, so the result is too.
 
 Every function has a plain-numpy twin for NUMBA_DISABLE_JIT=1, and compiled code gets the IR
 through `overload`. The "_tokens4" forms read each weight once for four token rows.
@@ -502,6 +503,7 @@ def _make_q5(has_m: bool, n_tokens: int, isa: str):
 BF16_CHUNK = 16  # columns per loop iteration: 8 32-bit words of each weight row
 BF16_TILE_ROWS = 2  # weight rows per tile: each activation load serves both
 BF16_TILE_TOKENS = 4  # token rows per tile: each widened weight vector serves all four
+BF16_SINGLE_ROWS = 8  # weight rows per tile for a token row alone (decode): eight chains of fmas
 # 2 rows x 4 tokens = 8 accumulators, 2 weight words, 2 widened weights and an activation: 13 of
 # AVX2's 16 vector registers (3 x 4 and 4 x 3 tiles spill or stall, 2 x 3 and 2 x 5 ran slower).
 
@@ -588,7 +590,8 @@ for _n in (1, 4):
             INTRINSICS[(_name, _n, _isa)] = _make_k(_fmt, _n, _isa)
 # BF16_TILES[(n_rows, n_tokens)]: BF16's tiles; its products are float from the start, so one
 # form serves every ISA.
-BF16_TILES = {(_r, _n): _make_bf16_intrinsic(_r, _n) for _r in (1, BF16_TILE_ROWS) for _n in (1, BF16_TILE_TOKENS)}
+BF16_SHAPES = ((1, 1), (1, BF16_TILE_TOKENS), (BF16_SINGLE_ROWS, 1), (BF16_TILE_ROWS, BF16_TILE_TOKENS))
+BF16_TILES = {shape: _make_bf16_intrinsic(*shape) for shape in BF16_SHAPES}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -739,7 +742,6 @@ def _bf16_tile(n_rows: int, n_tokens: int):
     return tile
 
 
-# BF16_PRODUCTS[(n_rows, n_tokens)]: the public tiles, full (BF16_TILE_ROWS, BF16_TILE_TOKENS)
-# and with one row or one token for the edges
-BF16_PRODUCTS = {shape: _bf16_tile(*shape) for shape in ((1, 1), (1, BF16_TILE_TOKENS), (BF16_TILE_ROWS, 1),
-                                                         (BF16_TILE_ROWS, BF16_TILE_TOKENS))}
+# BF16_PRODUCTS[(n_rows, n_tokens)]: the public tiles, full (BF16_TILE_ROWS, BF16_TILE_TOKENS),
+# for a token row alone (BF16_SINGLE_ROWS, 1), and one row for the edges
+BF16_PRODUCTS = {shape: _bf16_tile(*shape) for shape in BF16_SHAPES}

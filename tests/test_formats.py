@@ -255,11 +255,11 @@ def _group_dots(kernel1, kernel4, k_quant):
 
 def _bf16_tiles(tiles):
     """BF16's tiles (simd_formats.BF16_TILES) over 13 weight rows and 10 token rows in every
-    shape: rows 0 .. 11 in whole tiles and row 12 alone, tokens in whole tiles from 0, the rest
-    (at least one) alone."""
-    n_rows, n_tokens = simd_formats.BF16_TILE_ROWS, simd_formats.BF16_TILE_TOKENS
-    full, one_row, one_token, one = tiles[n_rows, n_tokens], tiles[1, n_tokens], tiles[n_rows, 1], tiles[1, 1]
-    assert 12 % n_rows == 0 and 10 % n_tokens
+    shape: whole tiles of tokens over rows 0 .. 11 and row 12 alone, then each remaining token
+    row (at least one) over whole tiles of rows and the rest of the rows alone."""
+    n_rows, n_tokens, single = simd_formats.BF16_TILE_ROWS, simd_formats.BF16_TILE_TOKENS, simd_formats.BF16_SINGLE_ROWS
+    full, one_row, one_token, one = tiles[n_rows, n_tokens], tiles[1, n_tokens], tiles[single, 1], tiles[1, 1]
+    assert 12 % n_rows == 0 and 10 % n_tokens and 13 % single
 
     @numba.njit
     def run(w, x, out):
@@ -269,9 +269,10 @@ def _bf16_tiles(tiles):
                 full(w, r, x, t, out)
             one_row(w, 12, x, t, out)
         for t in range(tiled, 10):
-            for r in range(0, 12, n_rows):
+            for r in range(0, 13 // single * single, single):
                 one_token(w, r, x, t, out)
-            one(w, 12, x, t, out)
+            for r in range(13 // single * single, 13):
+                one(w, r, x, t, out)
 
     return run
 
