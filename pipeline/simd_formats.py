@@ -360,17 +360,19 @@ def _codegen_k(fmt: _KFormat, n_tokens: int, isa: str):
             totals = [ir.Constant(_V8_I32, [0] * 8)] * n_tokens
             for p in range(spans):
                 span = builder.gep(block, [const(p * fmt.spans.vectors * 32)])
-                chunks = [fmt.spans.chunk(builder, span, c) for c in range(8)]
                 for first in range(0, 8, fmt.unit_chunks):
                     scales = fmt.scales(builder, meta, (8 * p + first) // fmt.unit_chunks)
-                    for i in range(n_tokens):
-                        for run in range(first, first + fmt.unit_chunks, fmt.run_chunks):
-                            pairs = None
-                            for c in range(run, run + fmt.run_chunks):
+                    for run in range(first, first + fmt.unit_chunks, fmt.run_chunks):
+                        # chunk by chunk, each decoded once for every token row: few live vectors
+                        pairs = [None] * n_tokens
+                        for c in range(run, run + fmt.run_chunks):
+                            chunk = fmt.spans.chunk(builder, span, c)
+                            for i in range(n_tokens):
                                 acts = _broadcast4(builder, builder.gep(x_blocks[i], [const(SPAN * p + 4 * c)]))
-                                product = _pair_products(builder, chunks[c], acts, False, isa)
-                                pairs = product if pairs is None else builder.add(pairs, product)
-                            totals[i] = builder.add(totals[i], _pair_dot(builder, pairs, scales, isa))
+                                product = _pair_products(builder, chunk, acts, False, isa)
+                                pairs[i] = product if pairs[i] is None else builder.add(pairs[i], product)
+                        for i in range(n_tokens):
+                            totals[i] = builder.add(totals[i], _pair_dot(builder, pairs[i], scales, isa))
             w_scales = _load_f16x8(builder, builder.gep(d_group, [builder.mul(b, const(2 * GROUP_ROWS))]))
             if fmt.has_min:
                 w_minima = _load_f16x8(builder, builder.gep(dmin_group, [builder.mul(b, const(2 * GROUP_ROWS))]))
