@@ -15,7 +15,7 @@ import numba as nb
 import numpy as np
 
 from .numba_config import FASTMATH
-from .simd import TILE_COLS, TILE_ROWS, round_f16, tile_f16
+from .simd import TILE_COLS, TILE_ROWS, f16_bits, round_f16, tile_f16
 
 
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -81,14 +81,16 @@ def _rope(x, positions, cos, sin, n_heads, head_dim, half):
 
 
 def rope_(x: np.ndarray, positions: np.ndarray, cos: np.ndarray, sin: np.ndarray, n_heads: int,
-          neox: bool = False) -> None:
-    """Rotate x (T, n_heads * head_dim) in place over the first n_rot dimensions of each head.
+          neox: bool = False, head_dim: int | None = None) -> None:
+    """Rotate x (T, n_heads * head_dim) in place over the first n_rot dimensions of each head;
+    with head_dim given, x may be wider and only its first n_heads heads turn (a row of Q, K
+    and V side by side turns Q and K in one call).
 
     GGML "normal" mode (neox False) rotates adjacent pairs (2i, 2i+1): llama.cpp's converter
     permutes the Q/K rows of `llama` models so that this is the right pairing. NeoX mode
     rotates (i, i + n_rot/2), the two halves, as Qwen2, Phi-3 and Gemma are trained."""
     half = cos.shape[1] if neox else 0
-    _rope(x, positions, cos, sin, n_heads, x.shape[1] // n_heads, half)
+    _rope(x, positions, cos, sin, n_heads, x.shape[1] // n_heads if head_dim is None else head_dim, half)
 
 
 def softcap_(x: np.ndarray, cap: float) -> None:
@@ -135,55 +137,67 @@ def _softmax_rows(scores, n_rows, start, m0, group, scale, softcap, window, p_lo
         row[n:n_max] = 0.0
 
 
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
+def _attention_tile(q_flat, q_row0, q_stride, n_rows, k_flat, v_flat, kv_base, capacity, head_dim, n_kv_heads,
+                    group, task, start, scale, softcap, window, out_flat, out_row0, out_stride):
+    """Task `task` of one sequence's attention: KV head g = task % n_kv_heads and one tile of
+    the TILE_ROWS query vectors that read it. The sequence's n_rows query rows start at flat
+    offset q_row0 of q_flat, one every q_stride; its output rows likewise in out_flat; its keys
+    and values for this layer start at kv_base of k_flat and v_flat (the layouts attention()
+    describes)."""
+    # The query vectors that read KV head g are m = t * group + i (row t, query head
+    # g * group + i); tiles of TILE_ROWS of them share each K and V load.
+    n_vectors = n_rows * group
+    n_tiles = (n_vectors + TILE_ROWS - 1) // TILE_ROWS
+    g = task % n_kv_heads
+    # Causal tiles grow with their rows: pair light and heavy ones (0, last, 1, last - 1,
+    # ...) so that prange's contiguous chunks get about equal work.
+    j = task // n_kv_heads
+    tile = j // 2 if j % 2 == 0 else n_tiles - 1 - j // 2
+    m0 = tile * TILE_ROWS
+    mr = min(TILE_ROWS, n_vectors - m0)
+    n_max = start + (m0 + mr - 1) // group + 1  # positions the tile's last vector sees
+    # the first position the tile's first vector sees (a sliding window starts later)
+    p_lo = max(0, start + m0 // group - window + 1) if window > 0 else 0
+    q_offs = np.zeros(TILE_ROWS, np.int64)
+    out_offs = np.zeros(TILE_ROWS, np.int64)
+    for i in range(mr):
+        m = m0 + i
+        h = g * group + m % group
+        q_offs[i] = q_row0 + (m // group) * q_stride + h * head_dim
+        out_offs[i] = out_row0 + (m // group) * out_stride + h * head_dim
+    scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position); read from p_lo on
+    s_flat = scores.reshape(-1)
+    # scores = q_tile @ K[g] (K is stored transposed: (head_dim, position))
+    for p0 in range(p_lo, n_max, TILE_COLS):
+        tile_f16(
+            mr, q_flat, q_offs[0], q_offs[1], q_offs[2], q_offs[3],
+            k_flat, kv_base + g * head_dim * capacity + p0, capacity, head_dim,
+            s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(TILE_COLS, n_max - p0),
+        )
+    _softmax_rows(scores, mr, start, m0, group, scale, softcap, window, p_lo, n_max)
+    # out rows = probabilities @ V[g] ((position, head_dim)); zero weights outside a row's
+    # positions add exact zeros
+    for j0 in range(0, head_dim, TILE_COLS):
+        tile_f16(
+            mr, s_flat, p_lo, n_max + p_lo, 2 * n_max + p_lo, 3 * n_max + p_lo,
+            v_flat, kv_base + g * capacity * head_dim + p_lo * head_dim + j0, head_dim, n_max - p_lo,
+            out_flat, out_offs[0] + j0, out_offs[1] + j0, out_offs[2] + j0, out_offs[3] + j0,
+            min(TILE_COLS, head_dim - j0),
+        )
+
+
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
 def _attention(q, k_cache, v_cache, start, n_heads, scale, softcap, window, out):
     n_rows, q_dim = q.shape
     n_kv_heads, head_dim, capacity = k_cache.shape
     group = n_heads // n_kv_heads
-    # The query vectors that read KV head g are m = t * group + i (row t, query head
-    # g * group + i); tiles of TILE_ROWS of them share each K and V load.
-    n_vectors = n_rows * group
-    n_tiles = (n_vectors + TILE_ROWS - 1) // TILE_ROWS
-    q_flat = q.reshape(-1)
-    out_flat = out.reshape(-1)
-    k_flat = k_cache.reshape(-1)
-    v_flat = v_cache.reshape(-1)
+    n_tiles = (n_rows * group + TILE_ROWS - 1) // TILE_ROWS
+    q_flat, out_flat = q.reshape(-1), out.reshape(-1)
+    k_flat, v_flat = k_cache.reshape(-1), v_cache.reshape(-1)
     for task in nb.prange(n_kv_heads * n_tiles):
-        g = task % n_kv_heads
-        # Causal tiles grow with their rows: pair light and heavy ones (0, last, 1, last - 1,
-        # ...) so that prange's contiguous chunks get about equal work.
-        j = task // n_kv_heads
-        tile = j // 2 if j % 2 == 0 else n_tiles - 1 - j // 2
-        m0 = tile * TILE_ROWS
-        mr = min(TILE_ROWS, n_vectors - m0)
-        n_max = start + (m0 + mr - 1) // group + 1  # positions the tile's last vector sees
-        # the first position the tile's first vector sees (a sliding window starts later)
-        p_lo = max(0, start + m0 // group - window + 1) if window > 0 else 0
-        q_offs = np.zeros(TILE_ROWS, np.int64)
-        out_offs = np.zeros(TILE_ROWS, np.int64)
-        for i in range(mr):
-            m = m0 + i
-            h = g * group + m % group
-            q_offs[i] = out_offs[i] = (m // group) * q_dim + h * head_dim
-        scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position); read from p_lo on
-        s_flat = scores.reshape(-1)
-        # scores = q_tile @ K[g] (K is stored transposed: (head_dim, position))
-        for p0 in range(p_lo, n_max, TILE_COLS):
-            tile_f16(
-                mr, q_flat, q_offs[0], q_offs[1], q_offs[2], q_offs[3],
-                k_flat, g * head_dim * capacity + p0, capacity, head_dim,
-                s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(TILE_COLS, n_max - p0),
-            )
-        _softmax_rows(scores, mr, start, m0, group, scale, softcap, window, p_lo, n_max)
-        # out rows = probabilities @ V[g] ((position, head_dim)); zero weights outside a row's
-        # positions add exact zeros
-        for j0 in range(0, head_dim, TILE_COLS):
-            tile_f16(
-                mr, s_flat, p_lo, n_max + p_lo, 2 * n_max + p_lo, 3 * n_max + p_lo,
-                v_flat, g * capacity * head_dim + p_lo * head_dim + j0, head_dim, n_max - p_lo,
-                out_flat, out_offs[0] + j0, out_offs[1] + j0, out_offs[2] + j0, out_offs[3] + j0,
-                min(TILE_COLS, head_dim - j0),
-            )
+        _attention_tile(q_flat, 0, q_dim, n_rows, k_flat, v_flat, 0, capacity, head_dim, n_kv_heads, group, task,
+                        start, scale, softcap, window, out_flat, 0, q_dim)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, n_heads: int,
@@ -203,6 +217,59 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     _attention(q, k_cache, v_cache, start, n_heads, np.float32(scale), np.float32(softcap), window, out)
+    return out
+
+
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
+def _attention_segments(qkv, n_heads, k_caches, v_caches, layer, starts, lengths, scale, softcap, window, out):
+    n_segments = starts.shape[0]
+    n_cols = qkv.shape[1]
+    _, n_kv_heads, head_dim, _ = k_caches[0].shape
+    group = n_heads // n_kv_heads
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    first_row = np.empty(n_segments, np.int64)
+    first_task = np.empty(n_segments + 1, np.int64)  # segment s owns tasks first_task[s] .. first_task[s + 1] - 1
+    row, n_tasks = 0, 0
+    for s in range(n_segments):
+        k_cache, v_cache = k_caches[s], v_caches[s]
+        # the segment's keys and values into its cache, rounded to f16 as KVCache.store does
+        for t in range(lengths[s]):
+            p = starts[s] + t
+            for h in range(n_kv_heads):
+                for d in range(head_dim):
+                    k_cache[layer, h, d, p] = f16_bits(qkv[row + t, q_dim + h * head_dim + d])
+                    v_cache[layer, h, p, d] = f16_bits(qkv[row + t, q_dim + kv_dim + h * head_dim + d])
+        first_row[s] = row
+        first_task[s] = n_tasks
+        row += lengths[s]
+        n_tasks += n_kv_heads * ((lengths[s] * group + TILE_ROWS - 1) // TILE_ROWS)
+    first_task[n_segments] = n_tasks
+    qkv_flat, out_flat = qkv.reshape(-1), out.reshape(-1)
+    for task in nb.prange(n_tasks):
+        s = np.searchsorted(first_task, task, side="right") - 1
+        k_cache, v_cache = k_caches[s], v_caches[s]
+        capacity = k_cache.shape[3]
+        _attention_tile(qkv_flat, first_row[s] * n_cols, n_cols, lengths[s], k_cache.reshape(-1), v_cache.reshape(-1),
+                        layer * n_kv_heads * head_dim * capacity, capacity, head_dim, n_kv_heads, group,
+                        task - first_task[s], starts[s], scale, softcap, window, out_flat, first_row[s] * q_dim, q_dim)
+
+
+def attention_segments(qkv: np.ndarray, n_heads: int, k_caches, v_caches, layer: int, starts: np.ndarray,
+                       lengths: np.ndarray, scale: float, softcap: float = 0.0, window: int = 0) -> np.ndarray:
+    """attention() for a batch of sequences in one call: store each segment's keys and values in
+    its own cache, then attend, with threads over (segment, KV head, tile) tasks.
+
+    qkv (T, (n_heads + 2 * n_kv_heads) * head_dim) f32 holds each row's query, key and value
+    (after RoPE), the segments' rows one after another: segment s has lengths[s] rows at
+    positions starts[s] .. starts[s] + lengths[s] - 1. k_caches[s] and v_caches[s] (a
+    numba.typed.List each) are its session's KV cache arrays (KVCache.k and .v: (layer,
+    n_kv_heads, head_dim, capacity) and (layer, n_kv_heads, capacity, head_dim) f16 bits),
+    holding every earlier position and room for the new ones. Each output row is computed as
+    attention() computes it for its segment alone. Returns (T, n_heads * head_dim)."""
+    head_dim = k_caches[0].shape[2]
+    out = np.empty((qkv.shape[0], n_heads * head_dim), np.float32)
+    _attention_segments(qkv, n_heads, k_caches, v_caches, layer, starts, lengths, np.float32(scale),
+                        np.float32(softcap), window, out)
     return out
 
 

@@ -212,15 +212,23 @@ def _tile_f16_compiled(n_rows, a, a0, a1, a2, a3, b, b_off, b_stride, k, c, c0, 
     return impl
 
 
-@intrinsic
-def _round_f16_ir(typingctx, x):
-    if x != types.float32:
-        raise TypeError(f"round_f16: expected float32, got {x}")
+def _f16_function(plain, return_type, result):
+    """A scalar f32 -> f16 conversion (to nearest, ties to even): `plain` when Numba's JIT is off,
+    one fptrunc (an F16C or NEON conversion) and then result(builder, half) in compiled code."""
 
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.fptrunc(args[0], _HALF), _F32)
+    @intrinsic
+    def convert(typingctx, x):
+        if x != types.float32:
+            raise TypeError(f"{plain.__name__}: expected float32, got {x}")
 
-    return types.float32(x), codegen
+        def codegen(context, builder, signature, args):
+            return result(builder, builder.fptrunc(args[0], _HALF))
+
+        return return_type(x), codegen
+
+    @overload(plain, inline="always")
+    def _compiled(x):
+        return lambda x: convert(x)
 
 
 def round_f16(x):
@@ -229,9 +237,14 @@ def round_f16(x):
     return np.float32(np.float16(x))
 
 
-@overload(round_f16, inline="always")
-def _round_f16_compiled(x):
-    return lambda x: _round_f16_ir(x)
+def f16_bits(x):
+    """x (f32) rounded to the nearest f16 (ties to even), as its bits (uint16): what numpy's
+    astype(np.float16) stores, and ggml's f32 -> f16 copy into its KV cache."""
+    return np.float32(x).astype(np.float16).view(np.uint16)
+
+
+_f16_function(round_f16, types.float32, lambda builder, half: builder.fpext(half, _F32))
+_f16_function(f16_bits, types.uint16, lambda builder, half: builder.bitcast(half, _I16))
 
 
 # ---------------------------------------------------------------------------------------------

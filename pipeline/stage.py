@@ -14,10 +14,11 @@ from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
+from numba.typed import List
 
 from .lora import AdapterWeights, LoraAdapter, LoraRows
 from .model import LayerWeights, ModelConfig, TensorSource
-from .ops import attention, geglu, rmsnorm, rope_, rope_tables, swiglu
+from .ops import attention_segments, geglu, rmsnorm, rope_, rope_tables, swiglu
 from .quants import Activations, PackedMatrix, matmul
 
 log = logging.getLogger(__name__)
@@ -291,18 +292,19 @@ class LocalStage:
         lora = LoraRows(batch.segments, self.adapters)  # checked before any cache changes
         caches = self._caches(batch.segments)
         positions = batch.positions()
+        starts = np.array([seg.start for seg in batch.segments], dtype=np.int64)
+        lengths = np.array([seg.length for seg in batch.segments], dtype=np.int64)
+        k_caches, v_caches = List([cache.k for cache in caches]), List([cache.v for cache in caches])
         n_rows = x.shape[0]
         # Gemma and Phi-3 scale Q before attention and the scores not at all; the others scale the scores
         q_scale, kq_scale = (np.float32(c.attn_scale), 1.0) if arch.scale_q else (None, c.attn_scale)
         for li, w in enumerate(self.weights):
             acts = Activations(rmsnorm(x, w.attn_norm, c.norm_eps))
             if self.qkv[li] is not None:
-                qkv = matmul(self.qkv[li], acts)  # (T, q_dim + 2 * kv_dim)
-                q, k, v = qkv[:, : c.q_dim], qkv[:, c.q_dim : c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim :]
+                qkv = matmul(self.qkv[li], acts)  # (T, q_dim + 2 * kv_dim): each row's Q, K and V
             else:
-                q = matmul(w.attn_q, acts)  # (T, n_heads * head_dim)
-                k = matmul(w.attn_k, acts)  # (T, kv_dim)
-                v = matmul(w.attn_v, acts)  # (T, kv_dim)
+                qkv = np.concatenate([matmul(w.attn_q, acts), matmul(w.attn_k, acts), matmul(w.attn_v, acts)], axis=1)
+            q, k, v = qkv[:, : c.q_dim], qkv[:, c.q_dim : c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim :]  # views
             if w.attn_qkv is not None:  # the file's own fused matrix: adapters see it whole
                 lora.add(self.layers.start + li, acts, attn_qkv=qkv)
             else:
@@ -312,24 +314,14 @@ class LocalStage:
                 k += w.attn_k_bias
                 v += w.attn_v_bias
             if w.attn_q_norm is not None:  # per head, over head_dim (Gemma 3)
-                q = rmsnorm(q.reshape(-1, c.head_dim), w.attn_q_norm, c.norm_eps).reshape(n_rows, c.q_dim)
-                k = rmsnorm(k.reshape(-1, c.head_dim), w.attn_k_norm, c.norm_eps).reshape(n_rows, c.kv_dim)
-            else:
-                q, k = np.ascontiguousarray(q), np.ascontiguousarray(k)
+                q[...] = rmsnorm(q.reshape(-1, c.head_dim), w.attn_q_norm, c.norm_eps).reshape(n_rows, c.q_dim)
+                k[...] = rmsnorm(k.reshape(-1, c.head_dim), w.attn_k_norm, c.norm_eps).reshape(n_rows, c.kv_dim)
             cos, sin = self.rope[li]
-            rope_(q, positions, cos, sin, c.n_heads, arch.rope_neox)
-            rope_(k, positions, cos, sin, c.n_kv_heads, arch.rope_neox)
+            rope_(qkv, positions, cos, sin, c.n_heads + c.n_kv_heads, arch.rope_neox, c.head_dim)  # Q and K, side by side
             if q_scale is not None:
                 q *= q_scale
-            attn = np.empty_like(q)
-            row = 0
-            for seg, cache in zip(batch.segments, caches):
-                cache.store(li, seg.start, k[row : row + seg.length], v[row : row + seg.length])
-                attn[row : row + seg.length] = attention(
-                    q[row : row + seg.length], cache.k[li], cache.v[li], seg.start, c.n_heads,
-                    kq_scale, c.attn_softcap, self.window[li],
-                )
-                row += seg.length
+            attn = attention_segments(qkv, c.n_heads, k_caches, v_caches, li, starts, lengths, kq_scale,
+                                      c.attn_softcap, self.window[li])  # (T, q_dim); stores K and V first
             acts = Activations(attn)
             out = matmul(w.attn_output, acts)  # (T, dim)
             lora.add(self.layers.start + li, acts, attn_output=out)

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import naive
-from caravan.pipeline.ops import attention, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
+from numba.typed import List
+
+from caravan.pipeline.ops import attention, attention_segments, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
 
@@ -177,6 +179,61 @@ def test_attention_thread_count_invariant():
         numba.set_num_threads(before)
     for other in results[1:]:
         np.testing.assert_array_equal(results[0], other)
+
+
+@pytest.mark.parametrize("softcap, window", [(0.0, 0), (3.0, 6)], ids=["plain", "softcap-window"])
+def test_attention_segments_equal_each_segment_alone(softcap, window):
+    """A batch of ragged segments (decode rows at different positions, a prefill chunk, a first
+    token), each with its own cache of its own capacity, in one call: every output row equals
+    attention() on its segment alone, bit for bit, and each cache gets the segment's keys and
+    values exactly as KVCache.store writes them. Cache positions past a segment are NaN."""
+    from caravan.pipeline.stage import KVCache
+
+    n_layers, layer, n_heads, n_kv_heads, head_dim = 3, 1, 9, 3, 64
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    segments = [(13, 1), (40, 1), (5, 17), (0, 1), (70, 1), (0, 6)]  # (start, length)
+    n_rows = sum(n for _, n in segments)
+    qkv = randn(n_rows, q_dim + 2 * kv_dim, seed=4)
+    caches, expected_caches, alone = [], [], []
+    row = 0
+    for i, (start, n) in enumerate(segments):
+        cache = KVCache(n_layers, n_kv_heads, head_dim, 256, initial=start + n + 3 * i)
+        nan = np.float16(np.nan).view(np.uint16)
+        cache.k[...] = nan
+        cache.v[...] = nan
+        if start:
+            cache.store(layer, 0, randn(start, kv_dim, seed=10 + i, scale=2.0), randn(start, kv_dim, seed=20 + i))
+        expected = KVCache(n_layers, n_kv_heads, head_dim, 256, initial=cache.capacity)
+        expected.k[...], expected.v[...] = cache.k, cache.v
+        rows = qkv[row : row + n]
+        expected.store(layer, start, rows[:, q_dim : q_dim + kv_dim], rows[:, q_dim + kv_dim :])
+        alone.append(attention(rows[:, :q_dim], expected.k[layer], expected.v[layer], start, n_heads, 0.125,
+                               softcap, window))
+        caches.append(cache)
+        expected_caches.append(expected)
+        row += n
+    starts = np.array([s for s, _ in segments], dtype=np.int64)
+    lengths = np.array([n for _, n in segments], dtype=np.int64)
+    got = attention_segments(qkv, n_heads, List([c.k for c in caches]), List([c.v for c in caches]), layer,
+                             starts, lengths, 0.125, softcap, window)
+    np.testing.assert_array_equal(got, np.concatenate(alone))
+    for cache, expected in zip(caches, expected_caches):
+        np.testing.assert_array_equal(cache.k, expected.k)
+        np.testing.assert_array_equal(cache.v, expected.v)
+
+
+def test_rope_of_q_and_k_side_by_side():
+    """One call over rows of Q, K and V turns Q's and K's heads as two calls on each alone, and
+    leaves V as it was."""
+    n_heads, n_kv_heads, head_dim, positions = 4, 2, 16, np.array([3, 0, 9])
+    cos, sin = rope_tables(16, head_dim, 10000.0)
+    qkv = randn(3, (n_heads + 2 * n_kv_heads) * head_dim)
+    q, k = qkv[:, : n_heads * head_dim].copy(), qkv[:, n_heads * head_dim : (n_heads + n_kv_heads) * head_dim].copy()
+    rope_(q, positions, cos, sin, n_heads)
+    rope_(k, positions, cos, sin, n_kv_heads)
+    got = qkv.copy()
+    rope_(got, positions, cos, sin, n_heads + n_kv_heads, head_dim=head_dim)
+    np.testing.assert_array_equal(got, np.concatenate([q, k, qkv[:, (n_heads + n_kv_heads) * head_dim :]], axis=1))
 
 
 def test_attention_large_scores_stay_finite():
