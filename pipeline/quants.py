@@ -28,7 +28,6 @@ in the batch (a sequence decodes to the same tokens alone or batched with others
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numba as nb
@@ -46,6 +45,7 @@ from .simd import (
     q4_1_group_tokens4,
     q8_0_group_tokens1,
     q8_0_group_tokens4,
+    round_f16,
 )
 
 QK = 32  # weights per block, for every block format here
@@ -163,25 +163,6 @@ def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
 # Activation quantization (per product, compiled)
 
 
-@nb.njit(cache=True, nogil=True)
-def _f32_to_f16_to_f32(x):
-    """Round an f32 to the nearest f16 (ties to even) and back; Numba has no float16.
-
-    An f16 keeps 11 significant bits down to 2**-14 and a fixed step of 2**-24 below it, so
-    rounding is a scale by a power of two, rint (ties to even) and the scale back, all exact
-    in float64."""
-    mag = abs(np.float64(x))
-    if mag >= 65520.0:  # rounds past f16's largest finite value, 65504
-        r = np.inf
-    elif mag == 0.0:
-        return np.float32(x)
-    else:
-        _, e = math.frexp(mag)  # mag = f * 2**e, 0.5 <= f < 1
-        step = max(e - 11, -24)
-        r = math.ldexp(np.rint(math.ldexp(mag, -step)), step)
-    return np.float32(r if x > 0 else -r)
-
-
 @nb.njit(inline="always", fastmath=FASTMATH)
 def _quantize_row_q8(x, qs, d, s, n, t):
     """Row t of x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs)
@@ -199,10 +180,9 @@ def _quantize_row_q8(x, qs, d, s, n, t):
             q = np.int32(np.rint(x[t, b * QK + j] * inv))
             qs[t, b * QK + j] = q
             total += q
-        d16 = _f32_to_f16_to_f32(delta)
-        d[t, b] = d16
+        d[t, b] = round_f16(delta)
         n[t, b] = total
-        s[t, b] = _f32_to_f16_to_f32(delta * np.float32(total))
+        s[t, b] = round_f16(delta * np.float32(total))
 
 
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -228,7 +208,7 @@ def _round_to_f16(x, out):
     n_rows, n = x.shape
     for t in range(n_rows):
         for j in range(n):
-            out[t, j] = _f32_to_f16_to_f32(x[t, j])
+            out[t, j] = round_f16(x[t, j])
 
 
 class Activations:

@@ -282,3 +282,25 @@ def test_packed_nbytes_predicts_pack(ttype):
     for rows, cols in ((1, 32), (67, 1536)):
         raw, _ = random_weights(rows, cols, ttype)
         assert packed_nbytes(ttype, rows, cols) == pack(ttype, raw, "w").nbytes
+
+
+@numba.njit(cache=True)
+def _f16_conversions(x, rounded, bits):
+    for i in range(x.shape[0]):
+        rounded[i] = simd.round_f16(x[i])
+        bits[i] = simd.f16_bits(x[i])
+
+
+def test_f16_conversions_match_numpy():
+    """The compiled f32 -> f16 roundings (activation scales, f16 activations, the KV cache) are
+    numpy's astype(np.float16), to nearest with ties to even: on every f32 from f16's subnormals
+    to past its largest value (ties, subnormal steps, the overflow edge at 65520), both signs."""
+    lo, hi = np.float32(2.0**-26).view(np.uint32), np.float32(70000.0).view(np.uint32)
+    positive = np.arange(lo, hi, 7, dtype=np.uint32).view(np.float32)  # every 7th: all residues mod 2**13
+    x = np.concatenate([positive, -positive, np.float32([0.0, -0.0, 65519.996, 65520.0, np.inf, -np.inf])])
+    rounded, bits = np.empty_like(x), np.empty(x.shape, np.uint16)
+    _f16_conversions(x, rounded, bits)
+    with np.errstate(over="ignore"):  # past 65520 is inf, as intended
+        expected = x.astype(np.float16)
+    np.testing.assert_array_equal(bits, expected.view(np.uint16))
+    np.testing.assert_array_equal(rounded.view(np.uint32), expected.astype(np.float32).view(np.uint32))
