@@ -1,11 +1,12 @@
 """Many requests through one pipeline: continuous batching on the coordinator.
 
 One thread runs the model (Numba's kernels and every stage call happen there). Each step it
-builds one batch from every request that is decoding (one row each) plus a chunk of at most
-`prefill_chunk` prompt tokens from one request that is still prefilling, runs it through the
-stages in one forward call, and samples the next token of each row that needs one. Requests
-join and leave between steps. The kernels give a row the same bits whatever else shares its
-batch, so a greedy request gets the same text alone or among many.
+builds one batch from every request that is decoding (one row each) plus at most
+`prefill_chunk` prompt tokens of the requests still prefilling (the oldest first; several short
+prompts share a step), runs it through the stages in one forward call, and samples the next
+token of each row that needs one. Requests join and leave between steps. The kernels give a
+row the same bits whatever else shares its batch, so a greedy request gets the same text alone
+or among many.
 
 In front of several nodes the scheduler runs one lane per stage: each lane is a thread with
 its own batch, and the lanes' batches follow each other through the stages, so every node
@@ -217,7 +218,7 @@ class Scheduler:
             sampled.append((follower, row))
 
     def _step(self, lane: _Lane) -> None:
-        """One forward call: a row for each decoding request of the lane, plus one prefill chunk."""
+        """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
         segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
         row = 0
         for request in lane.active:
@@ -227,23 +228,32 @@ class Scheduler:
                 ids.append(request.tokens[-1])
                 sampled.append((request, row))
                 row += 1
-        prefilling = next((r for r in lane.active if not r.decoding), None)
-        if prefilling is not None:
-            start = prefilling.prefilled
-            chunk = prefilling.prompt_ids[start : start + self.prefill_chunk]
-            segments.append(Segment(prefilling.session_id, start, len(chunk), prefilling.adapters))
+        # Prompt tokens of the requests still prefilling, in the order they came, up to
+        # prefill_chunk in all: several short prompts go through in one step.
+        prefilling, budget = [], self.prefill_chunk
+        for request in lane.active:
+            if budget == 0:
+                break
+            if request.decoding:
+                continue
+            start = request.prefilled
+            chunk = request.prompt_ids[start : start + budget]
+            segments.append(Segment(request.session_id, start, len(chunk), request.adapters))
             ids.extend(chunk)
             row += len(chunk)
-            prefilling.prefilled += len(chunk)
-            if prefilling.decoding:
-                sampled.append((prefilling, row - 1))
+            budget -= len(chunk)
+            request.prefilled += len(chunk)
+            prefilling.append(request)
+            if request.decoding:
+                sampled.append((request, row - 1))
         try:
             hidden = self.pipeline.forward(segments, np.asarray(ids, dtype=np.int64))
         except ValueError as exc:  # a request the stages refuse (StageError, context): fail the batch's requests
             for request in {id(r): r for r, _ in sampled}.values():
                 self._end(request, Event("error", message=str(exc)))
-            if prefilling is not None and prefilling in lane.active:
-                self._end(prefilling, Event("error", message=str(exc)))
+            for request in prefilling:
+                if request in lane.active:
+                    self._end(request, Event("error", message=str(exc)))
             return
         except Exception as exc:  # noqa: BLE001  (nodes lost beyond recovery, no plan fits)
             for request in list(lane.active):
@@ -251,7 +261,7 @@ class Scheduler:
             return
         with self._counts:
             self.steps += 1
-            self.prompt_tokens_computed += len(chunk) if prefilling is not None else 0
+            self.prompt_tokens_computed += self.prefill_chunk - budget
         for request, row in list(sampled):
             if request.followers:
                 self._start_followers(lane, request, row, sampled)

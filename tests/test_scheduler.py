@@ -99,3 +99,49 @@ def test_followers_share_the_leaders_prefill(tiny_q8_path):
     assert follower_tokens == leader_tokens == list(Generation(build(tiny_q8_path), ids, greedy(), 12, frozenset()))
     assert scheduler.prompt_tokens_computed == len(ids)
     assert [e.finish_reason for e in cancelled] == ["cancelled"]
+
+
+class Recording(Timed):
+    """A stage that also keeps each batch's segments."""
+
+    def __init__(self, stage):
+        super().__init__(stage)
+        self.batches: list[tuple] = []
+
+    def forward(self, batch):
+        self.batches.append(batch.segments)
+        return super().forward(batch)
+
+
+def test_short_prompts_share_prefill_steps(tiny_q8_path):
+    """Prompts that come together are prefilled together, up to prefill_chunk tokens a step
+    (a prompt longer than what is left goes on in the next step); every prompt token runs
+    once, and each sequence gets the tokens it gets alone."""
+    prompts = [prompt(5 + 2 * i, seed=10 + i) for i in range(5)]  # 5, 7, 9, 11, 13 tokens
+    alone = [list(Generation(build(tiny_q8_path), p, greedy(), 8, frozenset())) for p in prompts]
+    pipeline = build(tiny_q8_path)
+    pipeline.stages = [Recording(pipeline.stages[0])]
+    scheduler = Scheduler(pipeline, prefill_chunk=16)
+    done = threading.Semaphore(0)
+    outputs, requests = [], []
+    for p in prompts:
+        tokens, on_event = collecting()
+        outputs.append(tokens)
+        requests.append(Request(list(p), greedy(), 8, frozenset(),
+                                lambda e, f=on_event: (f(e), done.release() if e.kind != "token" else None)))
+    try:
+        with scheduler._wake:  # the condition's lock is reentrant: all are waiting before the first step
+            for request in requests:
+                scheduler.submit(request)
+        for _ in requests:
+            assert done.acquire(timeout=120)
+    finally:
+        scheduler.close()
+    assert outputs == alone
+    assert scheduler.prompt_tokens_computed == sum(len(p) for p in prompts)
+    prompt_length = {r.session_id: len(r.prompt_ids) for r in requests}
+    batches = pipeline.stages[0].batches
+    # 5 + 7 tokens, then 4 of the 9-token prompt's: three sessions' prompts in the first step
+    assert [(s.start, s.length) for s in batches[0]] == [(0, 5), (0, 7), (0, 4)]
+    for batch in batches:
+        assert sum(s.length for s in batch if s.start < prompt_length[s.session_id]) <= 16
