@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -92,6 +93,32 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     return value
 
 
+class EventHandoff:
+    """Events from the scheduler's thread to the streams on the event loop. Each
+    call_soon_threadsafe writes to the loop's wake-up socket and hands the GIL to the loop's
+    thread while the model waits; a step that samples a token for 8 streams would do that 8
+    times. Here the first event of a burst schedules one delivery and the rest join it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def put(self, queue: asyncio.Queue, event: Event) -> None:
+        """Called on the scheduler's thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a delivery is scheduled and has not run yet: it takes this one too
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class API:
     def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None,
                  loopback_only: bool = True, adapters: dict[str, tuple[tuple[str, float], ...]] | None = None):
@@ -104,6 +131,7 @@ class API:
         self.api_key = api_key
         self.created = int(time.time())
         self.chat_page = (Path(__file__).parent / "chat.html").read_text(encoding="utf-8")
+        self._handoff: EventHandoff | None = None  # made on the event loop's first request
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -289,13 +317,16 @@ class API:
     # --- running a completion --------------------------------------------------------------------
 
     def _start(self, job: Completion, loop: asyncio.AbstractEventLoop) -> list[tuple[Request, asyncio.Queue]]:
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = EventHandoff(loop)
+        handoff = self._handoff
         runs = []
         for i in range(job.n):
             events: asyncio.Queue[Event] = asyncio.Queue()
             params = job.params if job.params.seed is None else SamplingParams(**{**job.params.__dict__,
                                                                                 "seed": job.params.seed + i})
             request = Request(job.prompt_ids, Sampler(params), job.max_tokens, self.model.tokenizer.eog_ids,
-                              lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e), job.adapters,
+                              lambda e, q=events: handoff.put(q, e), job.adapters,
                               job.top_logprobs)
             runs.append((request, events))
         leader = runs[0][0]
