@@ -1,12 +1,14 @@
 """Many clients at once against `caravan serve`: aggregate decode tokens/s and time to first
 token with 1, 4, 8 and 16 concurrent streams, in one process and in front of 2 nodes.
 
-    python tests/bench/bench_serve.py [--runs 3] [--json]
+    python tests/bench/bench_serve.py [--runs 3] [--json] [--one-process]
 
 Each stream is a chat completion of 64 tokens (greedy, no early stop: the prompts ask for
 long answers and ignore_eos is emulated by max_tokens on prompts that rarely end early).
 Aggregate tokens/s = all completion tokens / wall time from the first request to the last
-reply. Medians of --runs. Not a test: figures depend on the machine and its load.
+reply, prompts' prefill included; decoding tokens/s = the tokens all streams received while
+every one of them was decoding (after the last first token, before the first last token) over
+that time. Medians of --runs. Not a test: figures depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -29,35 +31,45 @@ TOKENS = 64
 STREAMS = (1, 4, 8, 16)
 
 
-def one_round(server: Server, n: int) -> tuple[float, float]:
+def one_round(server: Server, n: int) -> tuple[float, float, float]:
+    """(completion tokens / wall time, decode tokens/s while every stream decodes, median time
+    to first token) of n concurrent streams."""
     client = server.client()
 
-    def ask(i: int) -> tuple[int, float]:
+    def ask(i: int) -> tuple[int, float, list[float]]:
         t0 = time.perf_counter()
-        first = 0.0
+        arrivals = []  # when each piece of text came, from the start of the round
         count = 0
         for chunk in client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": f"Write a long story about a llama named {i}."}],
                 temperature=0, max_tokens=TOKENS, stream=True):
             if chunk.choices and chunk.choices[0].delta.content:
-                first = first or time.perf_counter() - t0
+                arrivals.append(time.perf_counter() - start)
             if chunk.usage:
                 count = chunk.usage.completion_tokens
-        return count, first
+        return count, arrivals[0] - (t0 - start), arrivals
 
-    t0 = time.perf_counter()
+    start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
         results = list(pool.map(ask, range(n)))
-    wall = time.perf_counter() - t0
-    return sum(c for c, _ in results) / wall, statistics.median(f for _, f in results)
+    wall = time.perf_counter() - start
+    # Decode rate: from the moment the last stream got its first text to the moment the first
+    # stream got its last, every stream is decoding; the pieces of text that arrived in that
+    # window (one per token but for a rare multi-byte character) over its length.
+    begin = max(a[0] for _, _, a in results)
+    end = min(a[-1] for _, _, a in results)
+    pieces = sum(sum(1 for t in a if begin < t <= end) for _, _, a in results)
+    decode = pieces / (end - begin) if end > begin else 0.0
+    return sum(c for c, _, _ in results) / wall, decode, statistics.median(f for _, f, _ in results)
 
 
 def measure(server: Server, runs: int) -> list[dict]:
     one_round(server, 2)  # warm up
     rows = []
     for n in STREAMS:
-        rates, firsts = zip(*(one_round(server, n) for _ in range(runs)))
+        rates, decodes, firsts = zip(*(one_round(server, n) for _ in range(runs)))
         rows.append({"streams": n, "tokens_per_s": round(statistics.median(rates), 1),
+                     "decode_tokens_per_s": round(statistics.median(decodes), 1),
                      "first_token_s": round(statistics.median(firsts), 3)})
     return rows
 
@@ -66,6 +78,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--one-process", action="store_true", help="skip the 2-node setup")
     args = parser.parse_args()
     result = {}
     server = Server()
@@ -73,23 +86,25 @@ def main() -> int:
         result["one_process"] = measure(server, args.runs)
     finally:
         server.stop()
-    with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
-        nodes = [NodeProcess(Path(tmp) / f"n{i}") for i in range(2)]
-        server = Server("--nodes", ",".join(n.address for n in nodes))
-        try:
-            result["two_nodes"] = measure(server, args.runs)
-        finally:
-            server.stop()
-            for n in nodes:
-                n.stop()
+    if not args.one_process:
+        with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
+            nodes = [NodeProcess(Path(tmp) / f"n{i}") for i in range(2)]
+            server = Server("--nodes", ",".join(n.address for n in nodes))
+            try:
+                result["two_nodes"] = measure(server, args.runs)
+            finally:
+                server.stop()
+                for n in nodes:
+                    n.stop()
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     for setup, rows in result.items():
-        base = rows[0]["tokens_per_s"]
+        base, decode_base = rows[0]["tokens_per_s"], rows[0]["decode_tokens_per_s"]
         print(setup.replace("_", " ") + ":")
         for r in rows:
             print(f"  {r['streams']:>2} streams: {r['tokens_per_s']:>6.1f} tokens/s ({r['tokens_per_s'] / base:.1f}x one), "
+                  f"decoding {r['decode_tokens_per_s']:>6.1f} tokens/s ({r['decode_tokens_per_s'] / decode_base:.1f}x one), "
                   f"first token {r['first_token_s'] * 1e3:.0f} ms")
     return 0
 
