@@ -254,8 +254,9 @@ def _attention_segments(qkv, n_heads, k_caches, v_caches, layer, starts, lengths
                         task - first_task[s], starts[s], scale, softcap, window, out_flat, first_row[s] * q_dim, q_dim)
 
 
-def attention_segments(qkv: np.ndarray, n_heads: int, k_caches, v_caches, layer: int, starts: np.ndarray,
-                       lengths: np.ndarray, scale: float, softcap: float = 0.0, window: int = 0) -> np.ndarray:
+def attention_segments(qkv: np.ndarray, n_heads: int, head_dim: int, k_caches, v_caches, layer: int,
+                       starts: np.ndarray, lengths: np.ndarray, scale: float, softcap: float = 0.0,
+                       window: int = 0) -> np.ndarray:
     """attention() for a batch of sequences in one call: store each segment's keys and values in
     its own cache, then attend, with threads over (segment, KV head, tile) tasks.
 
@@ -266,7 +267,6 @@ def attention_segments(qkv: np.ndarray, n_heads: int, k_caches, v_caches, layer:
     n_kv_heads, head_dim, capacity) and (layer, n_kv_heads, capacity, head_dim) f16 bits),
     holding every earlier position and room for the new ones. Each output row is computed as
     attention() computes it for its segment alone. Returns (T, n_heads * head_dim)."""
-    head_dim = k_caches[0].shape[2]
     out = np.empty((qkv.shape[0], n_heads * head_dim), np.float32)
     _attention_segments(qkv, n_heads, k_caches, v_caches, layer, starts, lengths, np.float32(scale),
                         np.float32(softcap), window, out)

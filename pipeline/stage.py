@@ -320,7 +320,7 @@ class LocalStage:
             rope_(qkv, positions, cos, sin, c.n_heads + c.n_kv_heads, arch.rope_neox, c.head_dim)  # Q and K, side by side
             if q_scale is not None:
                 q *= q_scale
-            attn = attention_segments(qkv, c.n_heads, k_caches, v_caches, li, starts, lengths, kq_scale,
+            attn = attention_segments(qkv, c.n_heads, c.head_dim, k_caches, v_caches, li, starts, lengths, kq_scale,
                                       c.attn_softcap, self.window[li])  # (T, q_dim); stores K and V first
             acts = Activations(attn)
             out = matmul(w.attn_output, acts)  # (T, dim)

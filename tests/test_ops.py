@@ -214,7 +214,7 @@ def test_attention_segments_equal_each_segment_alone(softcap, window):
         row += n
     starts = np.array([s for s, _ in segments], dtype=np.int64)
     lengths = np.array([n for _, n in segments], dtype=np.int64)
-    got = attention_segments(qkv, n_heads, List([c.k for c in caches]), List([c.v for c in caches]), layer,
+    got = attention_segments(qkv, n_heads, head_dim, List([c.k for c in caches]), List([c.v for c in caches]), layer,
                              starts, lengths, 0.125, softcap, window)
     np.testing.assert_array_equal(got, np.concatenate(alone))
     for cache, expected in zip(caches, expected_caches):
