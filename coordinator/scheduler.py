@@ -14,7 +14,9 @@ works at once (pipelining) instead of waiting for the batch to come round again.
 
 Several samples of one prompt (n > 1) share its prefill: only the first request, the leader,
 runs the prompt; its followers then get a copy of its KV caches on every stage and sample
-their first tokens from the same logits.
+their first tokens from the same logits. Requests whose prompts begin alike (a chat template's
+system prompt) share that beginning the same way: a new request copies it from an earlier one
+of its lane and computes only the rest.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_CHUNK = 64  # prompt tokens per step: bounds how long a new prompt stalls the others
 MAX_BATCH = 32  # sequences decoding at once; more wait in the queue
+MIN_SHARED_PREFIX = 16  # prompt tokens two requests must share for the later one to copy them
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,33 @@ class Scheduler:
             lane.active.append(follower)
             sampled.append((follower, row))
 
+    def _share_prefix(self, request: Request, earlier: list[Request], computing: list[Request]) -> bool:
+        """Start a new request from the KV caches of the earlier request of its lane whose prompt
+        shares the longest beginning with its own (chat prompts open with the same system
+        prompt): the stages copy those positions (as for n > 1) instead of computing them again,
+        as llama.cpp's server reuses a cached prompt. False when that request has not computed
+        the shared positions yet (or does so in this step, `computing`): wait for it rather than
+        compute them twice."""
+        donor, shared = None, MIN_SHARED_PREFIX - 1
+        for other in earlier:
+            if other.adapters != request.adapters:  # adapters change the keys and values
+                continue
+            # the prompt's last token is always computed: its logits give the first token
+            n = common_prefix(other.prompt_ids, request.prompt_ids, len(request.prompt_ids) - 1)
+            if n > shared:
+                donor, shared = other, n
+        if donor is None:
+            return True
+        if donor.prefilled < shared or any(donor is r for r in computing):
+            return False
+        try:
+            self.pipeline.copy_session(donor.session_id, request.session_id, shared)
+        except Exception as exc:  # noqa: BLE001  (a node lost: compute the prompt instead)
+            log.warning("copying the prompt prefix of %s: %s", donor.session_id, exc)
+            return True
+        request.prefilled = shared
+        return True
+
     def _step(self, lane: _Lane) -> None:
         """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
         segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
@@ -231,11 +261,13 @@ class Scheduler:
         # Prompt tokens of the requests still prefilling, in the order they came, up to
         # prefill_chunk in all: several short prompts go through in one step.
         prefilling, budget = [], self.prefill_chunk
-        for request in lane.active:
+        for i, request in enumerate(lane.active):
             if budget == 0:
                 break
             if request.decoding:
                 continue
+            if request.prefilled == 0 and not self._share_prefix(request, lane.active[:i], prefilling):
+                continue  # an earlier request computes the prefix it shares this step: copy it next step
             start = request.prefilled
             chunk = request.prompt_ids[start : start + budget]
             segments.append(Segment(request.session_id, start, len(chunk), request.adapters))
@@ -289,6 +321,15 @@ class Scheduler:
                 request.on_event(Event("token", token=token))
             if len(request.tokens) >= request.max_tokens or len(request.prompt_ids) + len(request.tokens) >= self.pipeline.n_ctx:
                 self._end(request, Event("done", finish_reason="length"))
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many tokens a and b share from the start, at most limit."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:

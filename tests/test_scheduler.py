@@ -113,6 +113,27 @@ class Recording(Timed):
         return super().forward(batch)
 
 
+def run_together(scheduler: Scheduler, prompts: list, max_tokens: int) -> tuple[list[Request], list[list[int]]]:
+    """A greedy request per prompt, all waiting before the lane's next step (the scheduler's
+    condition holds a reentrant lock); returns them and their tokens once all are done."""
+    done = threading.Semaphore(0)
+    outputs, requests = [], []
+    for p in prompts:
+        tokens, on_event = collecting()
+        outputs.append(tokens)
+        requests.append(Request(list(p), greedy(), max_tokens, frozenset(),
+                                lambda e, f=on_event: (f(e), done.release() if e.kind != "token" else None)))
+    try:
+        with scheduler._wake:
+            for request in requests:
+                scheduler.submit(request)
+        for _ in requests:
+            assert done.acquire(timeout=120)
+    finally:
+        scheduler.close()
+    return requests, outputs
+
+
 def test_short_prompts_share_prefill_steps(tiny_q8_path):
     """Prompts that come together are prefilled together, up to prefill_chunk tokens a step
     (a prompt longer than what is left goes on in the next step); every prompt token runs
@@ -122,21 +143,7 @@ def test_short_prompts_share_prefill_steps(tiny_q8_path):
     pipeline = build(tiny_q8_path)
     pipeline.stages = [Recording(pipeline.stages[0])]
     scheduler = Scheduler(pipeline, prefill_chunk=16)
-    done = threading.Semaphore(0)
-    outputs, requests = [], []
-    for p in prompts:
-        tokens, on_event = collecting()
-        outputs.append(tokens)
-        requests.append(Request(list(p), greedy(), 8, frozenset(),
-                                lambda e, f=on_event: (f(e), done.release() if e.kind != "token" else None)))
-    try:
-        with scheduler._wake:  # the condition's lock is reentrant: all are waiting before the first step
-            for request in requests:
-                scheduler.submit(request)
-        for _ in requests:
-            assert done.acquire(timeout=120)
-    finally:
-        scheduler.close()
+    requests, outputs = run_together(scheduler, prompts, 8)
     assert outputs == alone
     assert scheduler.prompt_tokens_computed == sum(len(p) for p in prompts)
     prompt_length = {r.session_id: len(r.prompt_ids) for r in requests}
@@ -145,3 +152,19 @@ def test_short_prompts_share_prefill_steps(tiny_q8_path):
     assert [(s.start, s.length) for s in batches[0]] == [(0, 5), (0, 7), (0, 4)]
     for batch in batches:
         assert sum(s.length for s in batch if s.start < prompt_length[s.session_id]) <= 16
+
+
+def test_prompts_that_begin_alike_share_the_beginning(tiny_q8_path):
+    """Requests whose prompts open with the same 20 tokens (a system prompt): the first computes
+    them, the others wait for it and copy them, computing only their own ends; a prompt that
+    shares fewer than MIN_SHARED_PREFIX tokens computes all of its own. Every sequence gets the
+    tokens it gets alone."""
+    system = list(prompt(20, seed=30))
+    prompts = [system + list(prompt(3 + 2 * i, seed=40 + i)) for i in range(4)] + [system[:10] + list(prompt(6, seed=50))]
+    alone = [list(Generation(build(tiny_q8_path), p, greedy(), 8, frozenset())) for p in prompts]
+    pipeline = build(tiny_q8_path)
+    scheduler = Scheduler(pipeline, prefill_chunk=64)
+    _, outputs = run_together(scheduler, prompts, 8)
+    assert outputs == alone
+    shared = 20 * 3  # the 2nd, 3rd and 4th copy the first's 20 tokens; the 5th shares only 10
+    assert scheduler.prompt_tokens_computed == sum(len(p) for p in prompts) - shared
