@@ -15,6 +15,8 @@
   and paces it at 1 Gbit/s, each way (`tc netem` would do it, but this machine's kernel has
   no sch_netem), through 2 and 4 nodes, with the share of each token spent on the hops.
 - Memory per node: resident size of each node process against the bytes of its layers.
+- The whole model's layers for one decode row, without the head: in one process, through the
+  3 nodes as a chain (its compute and the rest), and with the coordinator calling each in turn.
 
 Not a test: figures depend on the machine and on what else runs on it.
 """
@@ -113,6 +115,41 @@ def chain_vs_star(model, nodes, repeats: int = 300) -> dict[str, float]:
     return result
 
 
+def whole_model_stages(model, nodes, ranges, repeats: int = 150) -> dict[str, float]:
+    """Milliseconds per decode row through every layer, without the head: in this process, through
+    the nodes as a chain, and with the coordinator calling each node in turn; plus the chain's
+    time beyond the nodes' compute, and the nodes' compute against this process's."""
+    clients = [node.client for node in connect([n.address for n in nodes], cluster_token())]
+    layers = [LayerRange(a, b) for a, b in ranges]
+    for client, r in zip(clients, layers):
+        client.load(model.file, "0" * 64, model.config, r, N_CTX)
+    dim = model.config.dim
+    local = [LocalStage.load(model.file, model.config, LayerRange(0, model.config.n_layers), N_CTX)]
+    star = [RemoteStage(c, r, dim) for c, r in zip(clients, layers)]
+    chain = [RemoteStage(clients[0], layers[0], dim, then=[Part(c, r) for c, r in zip(clients[1:], layers[1:])])]
+    rng = np.random.default_rng(0)
+    times: dict[str, float] = {}
+    try:
+        for name, stages in (("one_process_ms", local), ("chain_ms", chain), ("each_in_turn_ms", star)):
+            samples = []
+            for pos in range(repeats + 1):
+                x = rng.standard_normal((1, dim), np.float32)
+                t0 = time.perf_counter()
+                for stage in stages:
+                    x = stage.forward(StageBatch((Segment(name, pos, 1),), x))
+                samples.append(time.perf_counter() - t0)
+            times[name] = round(statistics.median(samples[1:]) * 1e3, 2)
+        beyond = statistics.median(list(chain[0].hop_s)[-repeats:]) * len(layers) * 1e3
+        times["chain_beyond_compute_ms"] = round(beyond, 2)
+        times["node_compute_ms"] = round(times["chain_ms"] - beyond, 2)
+    finally:
+        for stage in star + chain:
+            stage.close()
+        for client in clients:
+            client.close()
+    return times
+
+
 def node_memory(model, nodes, ranges) -> list[dict]:
     rows = []
     per_layer = layer_bytes(model)
@@ -147,7 +184,10 @@ def loopback(model, path, runs: int, threads: list[int]) -> dict:
                     threes.append(spread["decode_tokens_per_s"])
                 one, three = statistics.median(ones), statistics.median(threes)
                 if out["memory"] is None:
-                    out["memory"] = node_memory(model, nodes, [s["layers"] for s in spread["stages"]])
+                    ranges = [s["layers"] for s in spread["stages"]]
+                    out["memory"] = node_memory(model, nodes, ranges)
+                    numba.set_num_threads(t)
+                    out["whole_model"] = whole_model_stages(model, nodes, ranges)
                 out.setdefault("bench_hop_us", [s["hop_us"] for s in spread["stages"]])
                 if out["hop_us"] is None:
                     numba.set_num_threads(1)
@@ -222,6 +262,10 @@ def main() -> int:
     print(f"3 one-layer nodes, per decode row beyond compute: chain {result['chain']['chain_us']} us, "
           f"coordinator calling each in turn {result['chain']['star_us']} us")
     print(f"per node during decode through 3 nodes (caravan bench): {result['bench_hop_us']} us")
+    whole = result["whole_model"]
+    print(f"one decode row through every layer: one process {whole['one_process_ms']} ms, chain {whole['chain_ms']} ms "
+          f"({whole['node_compute_ms']} computing, {whole['chain_beyond_compute_ms']} beyond), each node in turn "
+          f"{whole['each_in_turn_ms']} ms")
     for row in result["decode"]:
         print(f"{row['threads']} thread(s): one process {row['one_process']} tok/s, 3 nodes {row['three_nodes']} "
               f"tok/s ({row['ratio']}x)")
