@@ -24,6 +24,7 @@ Not a test: figures depend on the machine and on what else runs on it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -86,67 +87,63 @@ def hop_us(model, node, cache_dir, repeats: int = 300) -> dict[str, float]:
     return result
 
 
-def chain_vs_star(model, nodes, repeats: int = 300) -> dict[str, float]:
-    """Microseconds per decode row through 3 one-layer nodes beyond their compute: as a chain,
-    and with the coordinator calling each node in turn (4 network crossings against 6)."""
-    clients = [node.client for node in connect([n.address for n in nodes[:3]], cluster_token())]
-    layers = [LayerRange(i, i + 1) for i in range(3)]
-    for client, r in zip(clients, layers):
-        client.load(model.file, "0" * 64, model.config, r, N_CTX)
-    dim = model.config.dim
-    star = [RemoteStage(c, r, dim) for c, r in zip(clients, layers)]
-    chain = [RemoteStage(clients[0], layers[0], dim, then=[Part(c, r) for c, r in zip(clients[1:], layers[1:])])]
-    rng = np.random.default_rng(0)
-    result = {}
+@contextlib.contextmanager
+def star_and_chain(model, nodes, layers: list[LayerRange]):
+    """The nodes loaded with `layers`, seen two ways: one RemoteStage per node (the coordinator
+    calls each in turn) and one chain (the nodes pass each row on)."""
+    clients = [node.client for node in connect([n.address for n in nodes], cluster_token())]
+    stages = []
     try:
-        for name, stages in (("star_us", star), ("chain_us", chain)):
-            def run(session, pos, x):
-                for stage in stages:
-                    x = stage.forward(StageBatch((Segment(session, pos, len(x)),), x))
-            run(name, 0, rng.standard_normal((8, dim), np.float32))
-            for pos in range(8, 8 + repeats):
-                run(name, pos, rng.standard_normal((1, dim), np.float32))
-            result[name] = round(sum(statistics.median(list(s.hop_s)[-repeats:]) * len(s.parts) for s in stages) * 1e6, 1)
+        for client, r in zip(clients, layers):
+            client.load(model.file, "0" * 64, model.config, r, N_CTX)
+        dim = model.config.dim
+        stages = [RemoteStage(c, r, dim) for c, r in zip(clients, layers)]
+        stages.append(RemoteStage(clients[0], layers[0], dim, then=[Part(c, r) for c, r in zip(clients[1:], layers[1:])]))
+        yield stages[:-1], stages[-1]
     finally:
-        for stage in star + chain:
+        for stage in stages:
             stage.close()
         for client in clients:
             client.close()
+
+
+def chain_vs_star(model, nodes, repeats: int = 300) -> dict[str, float]:
+    """Microseconds per decode row through 3 one-layer nodes beyond their compute: as a chain,
+    and with the coordinator calling each node in turn (4 network crossings against 6)."""
+    rng = np.random.default_rng(0)
+    result = {}
+    with star_and_chain(model, nodes[:3], [LayerRange(i, i + 1) for i in range(3)]) as (star, chain):
+        for name, stages in (("star_us", star), ("chain_us", [chain])):
+            def run(session, pos, x):
+                for stage in stages:
+                    x = stage.forward(StageBatch((Segment(session, pos, len(x)),), x))
+            run(name, 0, rng.standard_normal((8, model.config.dim), np.float32))
+            for pos in range(8, 8 + repeats):
+                run(name, pos, rng.standard_normal((1, model.config.dim), np.float32))
+            result[name] = round(sum(statistics.median(list(s.hop_s)[-repeats:]) * len(s.parts) for s in stages) * 1e6, 1)
     return result
 
 
 def whole_model_stages(model, nodes, ranges, repeats: int = 150) -> dict[str, float]:
     """Milliseconds per decode row through every layer, without the head: in this process, through
     the nodes as a chain, and with the coordinator calling each node in turn; plus the chain's
-    time beyond the nodes' compute, and the nodes' compute against this process's."""
-    clients = [node.client for node in connect([n.address for n in nodes], cluster_token())]
-    layers = [LayerRange(a, b) for a, b in ranges]
-    for client, r in zip(clients, layers):
-        client.load(model.file, "0" * 64, model.config, r, N_CTX)
-    dim = model.config.dim
-    local = [LocalStage.load(model.file, model.config, LayerRange(0, model.config.n_layers), N_CTX)]
-    star = [RemoteStage(c, r, dim) for c, r in zip(clients, layers)]
-    chain = [RemoteStage(clients[0], layers[0], dim, then=[Part(c, r) for c, r in zip(clients[1:], layers[1:])])]
+    time beyond the nodes' compute, and the nodes' compute."""
+    local = LocalStage.load(model.file, model.config, LayerRange(0, model.config.n_layers), N_CTX)
     rng = np.random.default_rng(0)
     times: dict[str, float] = {}
-    try:
-        for name, stages in (("one_process_ms", local), ("chain_ms", chain), ("each_in_turn_ms", star)):
+    with star_and_chain(model, nodes, [LayerRange(a, b) for a, b in ranges]) as (star, chain):
+        for name, stages in (("one_process_ms", [local]), ("chain_ms", [chain]), ("each_in_turn_ms", star)):
             samples = []
             for pos in range(repeats + 1):
-                x = rng.standard_normal((1, dim), np.float32)
+                x = rng.standard_normal((1, model.config.dim), np.float32)
                 t0 = time.perf_counter()
                 for stage in stages:
                     x = stage.forward(StageBatch((Segment(name, pos, 1),), x))
                 samples.append(time.perf_counter() - t0)
             times[name] = round(statistics.median(samples[1:]) * 1e3, 2)
-        beyond = statistics.median(list(chain[0].hop_s)[-repeats:]) * len(layers) * 1e3
-        times["chain_beyond_compute_ms"] = round(beyond, 2)
-        times["node_compute_ms"] = round(times["chain_ms"] - beyond, 2)
-    finally:
-        for stage in star + chain:
-            stage.close()
-        for client in clients:
-            client.close()
+        beyond = statistics.median(list(chain.hop_s)[-repeats:]) * len(chain.parts) * 1e3
+    times["chain_beyond_compute_ms"] = round(beyond, 2)
+    times["node_compute_ms"] = round(times["chain_ms"] - beyond, 2)
     return times
 
 
