@@ -15,7 +15,7 @@ import numba as nb
 import numpy as np
 
 from .numba_config import FASTMATH
-from .simd import TILE_COLS, TILE_ROWS, f16_bits, round_f16, tile_f16
+from .simd import TILE_COLS, TILE_ROWS, exp_f32, f16_bits, round_f16, tile_f16
 
 
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
@@ -127,7 +127,7 @@ def _softmax_rows(scores, n_rows, start, m0, group, scale, softcap, window, p_lo
             top = max(top, s)
         total = 0.0
         for p in range(lo, n):
-            e = np.float32(math.exp(row[p] - top))
+            e = exp_f32(row[p] - top)
             row[p] = e
             total += e
         inv = np.float32(1.0 / total)
@@ -277,8 +277,7 @@ def attention_segments(qkv: np.ndarray, n_heads: int, head_dim: int, k_caches, v
 def _swiglu_row(gate, up, out, t):
     for j in range(gate.shape[1]):
         g = gate[t, j]
-        # exp in float64, clamped so the uncompiled path cannot overflow (exp(88) is past f32)
-        out[t, j] = g / (np.float32(1.0) + np.float32(math.exp(min(-g, np.float32(88.0))))) * up[t, j]
+        out[t, j] = g / (np.float32(1.0) + exp_f32(-g)) * up[t, j]
 
 
 # ggml's GELU constants (ggml-cpu/vec.h)

@@ -13,6 +13,7 @@ import pytest
 import naive
 from numba.typed import List
 
+from caravan.pipeline import simd
 from caravan.pipeline.ops import attention, attention_segments, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
@@ -244,6 +245,40 @@ def test_attention_large_scores_stay_finite():
     got = attention(q, *cache_layout(k, v, 4), 0, 4)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, naive.attention(q, f16(k), f16(v), 0, 4, 4, f16_weights=True), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# exp, as SwiGLU and softmax compute it
+
+
+@numba.njit
+def _exp_f32_loop(x, out):
+    for i in range(x.shape[0]):  # LLVM vectorizes this loop: the vector code is what the ops run
+        out[i] = simd.exp_f32(x[i])
+
+
+@numba.njit
+def _exp_f32_one(x):
+    return simd.exp_f32(x)
+
+
+def test_exp_f32_within_two_ulp():
+    x = np.concatenate([np.linspace(-87.3, 88.0, 1_000_001, dtype=np.float32), randn(1000, seed=3)])
+    got = np.empty_like(x)
+    _exp_f32_loop(x, got)
+    exact = np.exp(x.astype(np.float64))
+    ulp = np.spacing(exact.astype(np.float32)).astype(np.float64)
+    assert (np.abs(got - exact) / ulp).max() <= 2.0
+    # one element at a time, as in a loop's scalar remainder, gives the same bits
+    assert all(_exp_f32_one(v) == g for v, g in zip(x[::9_973], got[::9_973]))
+
+
+def test_exp_f32_ends_of_the_range():
+    x = np.array([-np.inf, -1e4, -87.5, 0.0, 88.0, 89.0, 1e4], np.float32)
+    got = np.empty_like(x)
+    _exp_f32_loop(x, got)
+    assert got[:3].tolist() == [0.0, 0.0, 0.0] and got[3] == 1.0
+    assert np.isfinite(got).all() and got[4] == got[5] == got[6]  # clamped at 88: never inf
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 
 # Greedy 32-token completions, caravan's own: a regression check, as any change to the numerics
-# shows here. llama.cpp (llama-cpp-python 0.3.36, n_ctx 1024) gives the same 32 tokens for the
-# first four; on the gold prompt the two part at step 5 (" The" vs " Gold"), where llama.cpp's own
-# top two logits are 0.41 apart and caravan's 0.08 the other way. Both round activations to 8-bit
+# shows here. llama.cpp (llama-cpp-python 0.3.36, n_ctx 1024) gives the same 32 tokens for all
+# but the chat prompt, where the two part at step 30, at a gap of 0.14 between llama.cpp's own top
+# two logits. (Before exp_f32 replaced libm's exp in SwiGLU and softmax, they parted on the gold
+# prompt instead, at step 5 and a gap of 0.41.) Both round activations to 8-bit
 # blocks, and that rounding amplifies any difference in summation order: over a text their logits
 # differ by up to about 0.4 (test_logits_close_to_llama_cpp) and both sit about 0.7 from a float64
 # evaluation of the same weights, so a gap under NEAR_TIE is within the engines' shared noise.
@@ -28,15 +29,15 @@ GOLDEN = {
     ],
     '<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n': [
         504, 3575, 282, 4649, 314, 7042, 30, 2, 198, 2, 1, 9690, 198, 2, 198, 1,
-        4093, 198, 57, 5248, 3946, 288, 7198, 253, 725, 1406, 281, 260, 2342, 30, 339, 3543,
+        4093, 198, 57, 5248, 3946, 288, 7198, 253, 725, 1406, 281, 260, 2342, 30, 1812, 506,
     ],
     '1, 2, 3, 4, 5,': [
         216, 38, 28, 216, 39, 28, 216, 40, 28, 216, 41, 28, 216, 33, 32, 28,
         216, 33, 33, 28, 216, 33, 34, 28, 216, 33, 35, 28, 216, 33, 36, 28,
     ],
     'The chemical symbol for gold is': [
-        36613, 30, 198, 198, 504, 768, 2765, 3586, 282, 260, 3818, 6072, 992, 1200, 272, 4353,
-        365, 57, 16049, 25, 6582, 260, 3818, 6072, 992, 1200, 272, 4353, 365, 57, 16049, 25,
+        36613, 30, 198, 198, 504, 4231, 2342, 314, 253, 2224, 2342, 837, 4231, 314, 21939, 335,
+        253, 2224, 3964, 30, 6920, 314, 253, 9764, 4718, 338, 314, 28186, 429, 260, 3103, 284,
     ],
 }
 NEAR_TIE = 0.5  # llama.cpp top-2 logit gap within the engines' shared noise (see above)
