@@ -302,7 +302,10 @@ def _geglu_row(gate, up, out, t):
             out[t, j] = round_f16(gelu) * up[t, j]
 
 
-@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
+# error_model="numpy": a float division by zero gives inf, as in C, instead of Numba's default
+# check for ZeroDivisionError, whose branch keeps LLVM from vectorizing SwiGLU's division
+# (54 against 9 us for 8 rows of 1536, the same bits).
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _gated(gate, up, out, gelu):
     for t in range(gate.shape[0]):
         if gelu:
@@ -311,7 +314,7 @@ def _gated(gate, up, out, gelu):
             _swiglu_row(gate, up, out, t)
 
 
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
 def _gated_parallel(gate, up, out, gelu):
     for t in nb.prange(gate.shape[0]):
         if gelu:
