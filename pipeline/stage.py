@@ -340,7 +340,8 @@ class LocalStage:
                 lora.add(self.layers.start + li, acts, ffn_up=gate_up)
             else:
                 lora.add(self.layers.start + li, acts, ffn_gate=gate, ffn_up=up)
-            acts = Activations(geglu(gate, up) if arch.gelu else swiglu(gate, up))  # (T, hidden_dim)
+            glu = geglu if arch.gelu else swiglu
+            acts = Activations(glu(gate_up) if self.gate_up[li] is not None else glu(gate, up))  # (T, hidden_dim)
             out = matmul(w.ffn_down, acts)  # (T, dim)
             lora.add(self.layers.start + li, acts, ffn_down=out)
             if w.post_ffw_norm is not None:
