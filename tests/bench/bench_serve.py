@@ -1,26 +1,31 @@
 """Many clients at once against `caravan serve`: aggregate decode tokens/s and time to first
 token with 1, 4, 8 and 16 concurrent streams, in one process and in front of 2 nodes.
 
-    python tests/bench/bench_serve.py [--runs 3] [--json] [--one-process]
+    python tests/bench/bench_serve.py [--runs 3] [--threads 1] [--json] [--one-process]
 
 Each stream is a chat completion of 64 tokens (greedy, no early stop: the prompts ask for
 long answers and ignore_eos is emulated by max_tokens on prompts that rarely end early).
 Aggregate tokens/s = all completion tokens / wall time from the first request to the last
 reply, prompts' prefill included; decoding tokens/s = the tokens all streams received while
 every one of them was decoding (after the last first token, before the first last token) over
-that time. Medians of --runs. Not a test: figures depend on the machine and its load.
+that time. Medians of --runs. --threads sets the server's compute threads and each node's
+(`caravan serve` itself uses all cores unless told). Not a test: figures depend on the machine
+and its load.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import http.client
 import json
 import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from pathlib import Path
+from typing import Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,22 +36,42 @@ TOKENS = 64
 STREAMS = (1, 4, 8, 16)
 
 
+def stream_chat(url: str, content: str) -> Iterator[dict]:
+    """The chunks of one streamed chat completion, read with the standard library: the server's
+    own Server-Sent Events, parsed as they come. (The tests use the official openai client; here
+    its per-chunk work would take a share of the cores the server is measured on.)"""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "temperature": 0,
+            "max_tokens": TOKENS, "stream": True}
+    connection.request("POST", parts.path + "/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {response.read()[:200]!r}")
+    try:
+        for line in response:
+            if not line.startswith(b"data: "):
+                continue
+            if line.startswith(b"data: [DONE]"):
+                return
+            yield json.loads(line[6:])
+    finally:
+        connection.close()
+
+
 def one_round(server: Server, n: int) -> tuple[float, float, float]:
     """(completion tokens / wall time, decode tokens/s while every stream decodes, median time
     to first token) of n concurrent streams."""
-    client = server.client()
 
     def ask(i: int) -> tuple[int, float, list[float]]:
         t0 = time.perf_counter()
         arrivals = []  # when each piece of text came, from the start of the round
         count = 0
-        for chunk in client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Write a long story about a llama named {i}."}],
-                temperature=0, max_tokens=TOKENS, stream=True):
-            if chunk.choices and chunk.choices[0].delta.content:
+        for chunk in stream_chat(server.url, f"Write a long story about a llama named {i}."):
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 arrivals.append(time.perf_counter() - start)
-            if chunk.usage:
-                count = chunk.usage.completion_tokens
+            if chunk.get("usage"):
+                count = chunk["usage"]["completion_tokens"]
         return count, arrivals[0] - (t0 - start), arrivals
 
     start = time.perf_counter()
@@ -79,17 +104,19 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--one-process", action="store_true", help="skip the 2-node setup")
+    parser.add_argument("--threads", "-t", type=int, default=1, help="compute threads of the server and of each node")
     args = parser.parse_args()
     result = {}
-    server = Server()
+    threads = ("-t", str(args.threads))
+    server = Server(*threads)
     try:
         result["one_process"] = measure(server, args.runs)
     finally:
         server.stop()
     if not args.one_process:
         with tempfile.TemporaryDirectory(prefix="caravan-bench-") as tmp:
-            nodes = [NodeProcess(Path(tmp) / f"n{i}") for i in range(2)]
-            server = Server("--nodes", ",".join(n.address for n in nodes))
+            nodes = [NodeProcess(Path(tmp) / f"n{i}", threads=args.threads) for i in range(2)]
+            server = Server(*threads, "--nodes", ",".join(n.address for n in nodes))
             try:
                 result["two_nodes"] = measure(server, args.runs)
             finally:
