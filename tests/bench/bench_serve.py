@@ -8,7 +8,7 @@ long answers and ignore_eos is emulated by max_tokens on prompts that rarely end
 Aggregate tokens/s = all completion tokens / wall time from the first request to the last
 reply, prompts' prefill included; decoding tokens/s = the tokens all streams received while
 every one of them was decoding (after the last first token, before the first last token) over
-that time. Medians of --runs. --threads sets the server's compute threads and each node's
+that time. Medians of --runs; the ratios to one stream are medians of each run's own ratio. --threads sets the server's compute threads and each node's
 (`caravan serve` itself uses all cores unless told). Not a test: figures depend on the machine
 and its load.
 """
@@ -89,13 +89,19 @@ def one_round(server: Server, n: int) -> tuple[float, float, float]:
 
 
 def measure(server: Server, runs: int) -> list[dict]:
+    """Per stream count: medians over `runs` runs, each run going through every count in turn
+    (so a load that drifts over minutes slows them alike), and the median over runs of the
+    run's rate against its own one-stream rate."""
     one_round(server, 2)  # warm up
+    per_run = [{n: one_round(server, n) for n in STREAMS} for _ in range(runs)]
     rows = []
     for n in STREAMS:
-        rates, decodes, firsts = zip(*(one_round(server, n) for _ in range(runs)))
+        rates, decodes, firsts = zip(*(run[n] for run in per_run))
         rows.append({"streams": n, "tokens_per_s": round(statistics.median(rates), 1),
                      "decode_tokens_per_s": round(statistics.median(decodes), 1),
-                     "first_token_s": round(statistics.median(firsts), 3)})
+                     "first_token_s": round(statistics.median(firsts), 3),
+                     "x_one": round(statistics.median(run[n][0] / run[1][0] for run in per_run), 2),
+                     "decode_x_one": round(statistics.median(run[n][1] / run[1][1] for run in per_run), 2)})
     return rows
 
 
@@ -127,11 +133,10 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         return 0
     for setup, rows in result.items():
-        base, decode_base = rows[0]["tokens_per_s"], rows[0]["decode_tokens_per_s"]
-        print(setup.replace("_", " ") + ":")
+        print(setup.replace("_", " ") + f" ({args.threads} thread(s)):")
         for r in rows:
-            print(f"  {r['streams']:>2} streams: {r['tokens_per_s']:>6.1f} tokens/s ({r['tokens_per_s'] / base:.1f}x one), "
-                  f"decoding {r['decode_tokens_per_s']:>6.1f} tokens/s ({r['decode_tokens_per_s'] / decode_base:.1f}x one), "
+            print(f"  {r['streams']:>2} streams: {r['tokens_per_s']:>6.1f} tokens/s ({r['x_one']:.2f}x one), "
+                  f"decoding {r['decode_tokens_per_s']:>6.1f} tokens/s ({r['decode_x_one']:.2f}x one), "
                   f"first token {r['first_token_s'] * 1e3:.0f} ms")
     return 0
 
