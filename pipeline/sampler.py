@@ -122,11 +122,17 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
         """The next token id; `logits` is (vocab,) and is not modified."""
-        _validate_logits(logits)
         p = self.params
+        if p.temperature == 0.0 and not self._penalises(previous_tokens):
+            # np.argmax returns the first maximum (ties go to the lowest id), and the first NaN
+            # if there is one: one pass over the logits checks them and picks the token.
+            _check_shape(logits)
+            best = int(np.argmax(logits))
+            _check_top(logits[best])
+            return best
+        _validate_logits(logits)
         logits = self._penalised(logits, previous_tokens)
         if p.temperature == 0.0:
-            # np.argmax returns the first maximum: ties go to the lowest id.
             return int(np.argmax(logits))
 
         ids = top_k_candidates(logits, p.top_k)  # (n,) descending by logit
@@ -144,9 +150,13 @@ class Sampler:
         choice = int(np.searchsorted(cumulative, u, side="right"))
         return int(ids[min(choice, kept.shape[0] - 1)])
 
+    def _penalises(self, previous_tokens: Sequence[int]) -> bool:
+        p = self.params
+        return not (p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(previous_tokens) == 0)
+
     def _penalised(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
         p = self.params
-        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(previous_tokens) == 0:
+        if not self._penalises(previous_tokens):
             return logits
         recent = np.asarray(previous_tokens, dtype=np.int64)[-p.repeat_last_n :]
         vocab = logits.shape[0]
@@ -160,6 +170,11 @@ class Sampler:
 
 def _validate_logits(logits: np.ndarray) -> None:
     """A NaN or an all -inf vector means the model broke; say so instead of drawing junk."""
+    _check_shape(logits)
+    _check_top(logits.max())
+
+
+def _check_shape(logits: np.ndarray) -> None:
     if not isinstance(logits, np.ndarray) or logits.ndim != 1 or logits.shape[0] == 0:
         raise ValueError(
             f"logits must be a non-empty 1-D numpy array (vocab,), got "
@@ -167,7 +182,10 @@ def _validate_logits(logits: np.ndarray) -> None:
         )
     if not np.issubdtype(logits.dtype, np.floating):
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
-    top = logits.max()
+
+
+def _check_top(top) -> None:
+    """top: the logits' max (NaN when any is NaN)."""
     if np.isnan(top):
         raise ValueError("logits contain NaN")
     if top == -np.inf:

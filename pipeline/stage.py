@@ -201,6 +201,7 @@ class LocalStage:
         self.sessions: dict[str, KVCache] = {}
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapter name -> its matrices in these layers
         self._lock = threading.Lock()  # one batch at a time: the scheduler's lanes may call at once
+        self._lists: tuple[tuple[int, ...], List, List] | None = None  # see _cache_lists
 
     @classmethod
     def load(cls, source: TensorSource, config: ModelConfig, layers: LayerRange, n_ctx: int) -> "LocalStage":
@@ -219,6 +220,7 @@ class LocalStage:
     def end_session(self, session_id: str) -> None:
         with self._lock:
             self.sessions.pop(session_id, None)
+            self._lists = None  # they may hold this session's arrays
 
     def copy_session(self, source: str, target: str, length: int) -> None:
         """Start session `target` with a copy of the first `length` cached positions of `source`
@@ -283,6 +285,16 @@ class LocalStage:
         with self._lock:
             return self._forward(batch)
 
+    def _cache_lists(self, caches: list[KVCache]) -> tuple[List, List]:
+        """The caches' key and value arrays as the typed lists attention takes. Making them costs
+        about 5 us an array, so the last batch's are kept: consecutive decode steps of the same
+        sequences reuse them. The key is the arrays' ids, which cannot be reused while the kept
+        lists hold the arrays."""
+        key = tuple(id(cache.k) for cache in caches) + tuple(id(cache.v) for cache in caches)
+        if self._lists is None or self._lists[0] != key:
+            self._lists = key, List([cache.k for cache in caches]), List([cache.v for cache in caches])
+        return self._lists[1], self._lists[2]
+
     def _forward(self, batch: StageBatch) -> np.ndarray:
         c = self.config
         arch = c.architecture
@@ -294,7 +306,7 @@ class LocalStage:
         positions = batch.positions()
         starts = np.array([seg.start for seg in batch.segments], dtype=np.int64)
         lengths = np.array([seg.length for seg in batch.segments], dtype=np.int64)
-        k_caches, v_caches = List([cache.k for cache in caches]), List([cache.v for cache in caches])
+        k_caches, v_caches = self._cache_lists(caches)
         n_rows = x.shape[0]
         # Gemma and Phi-3 scale Q before attention and the scores not at all; the others scale the scores
         q_scale, kq_scale = (np.float32(c.attn_scale), 1.0) if arch.scale_q else (None, c.attn_scale)

@@ -195,3 +195,18 @@ def test_bad_logits_raise(logits, previous, expected):
     sampler = Sampler(SamplingParams(seed=0, repeat_penalty=1.1))
     with pytest.raises(ValueError, match=expected):
         sampler.sample(logits, previous)
+
+
+@pytest.mark.parametrize(
+    ("logits", "expected"),
+    [
+        (np.zeros((2, 3), dtype=np.float32), "1-D"),
+        (np.arange(4, dtype=np.int32), "floating"),
+        (np.array([0.0, 1.0, np.nan, 2.0], dtype=np.float32), "NaN"),
+        (np.full(3, -np.inf, dtype=np.float32), "-inf"),
+    ],
+)
+def test_bad_logits_raise_in_greedy_too(logits, expected):
+    """Greedy without a penalty checks the logits in its one argmax pass."""
+    with pytest.raises(ValueError, match=expected):
+        Sampler(SamplingParams(temperature=0)).sample(logits, [1, 2])
