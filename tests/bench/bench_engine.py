@@ -131,9 +131,11 @@ def python_share(pipeline, prompt_ids) -> float:
     kernels = set()
     for info in pkgutil.iter_modules(caravan.pipeline.__path__, "caravan.pipeline."):
         for value in vars(importlib.import_module(info.name)).values():
-            if isinstance(value, numba.core.registry.CPUDispatcher):
-                code = value.py_func.__code__
-                kernels.add((code.co_filename, code.co_firstlineno, code.co_name))
+            # module-level kernels, and those a module keeps in a registry ({format: kernel})
+            for item in value.values() if isinstance(value, dict) else [value]:
+                if isinstance(item, numba.core.registry.CPUDispatcher):
+                    code = item.py_func.__code__
+                    kernels.add((code.co_filename, code.co_firstlineno, code.co_name))
     def decode(profile=None) -> float:
         generation = Generation(pipeline, prompt_ids, Sampler(SamplingParams(temperature=0)), DECODE_TOKENS, frozenset())
         iterator = iter(generation)
