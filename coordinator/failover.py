@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from caravan.pipeline.generate import PREFILL_CHUNK, Pipeline
+from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.stage import Segment
@@ -148,6 +148,16 @@ class ClusterPipeline(Pipeline):
 
         return self._with_recovery(call)
 
+    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = ()) -> np.ndarray:
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+
+        def call():  # a lost node mid-prompt: the new plan's stages start the prompt afresh
+            hidden = Pipeline.prefill(self, session_id, ids, adapters)
+            self._remember([Segment(session_id, 0, len(ids), adapters)], ids)
+            return hidden
+
+        return self._with_recovery(call)
+
     def copy_session(self, source: str, target: str, length: int) -> None:
         def call():
             Pipeline.end_session(self, target)  # what a failed earlier attempt left
@@ -180,10 +190,7 @@ class ClusterPipeline(Pipeline):
     def _refill(self) -> None:
         """Run every session's tokens so far through the new stages, rebuilding their KV caches."""
         for session_id, tokens in self.history.items():
-            ids = np.asarray(tokens, dtype=np.int64)
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                chunk = ids[start : start + PREFILL_CHUNK]
-                super().forward([Segment(session_id, start, len(chunk), self.session_adapters.get(session_id, ()))], chunk)
+            Pipeline.prefill(self, session_id, tokens, self.session_adapters.get(session_id, ()))
 
     def _remember(self, segments: Sequence[Segment], token_ids: np.ndarray) -> None:
         row = 0

@@ -259,6 +259,7 @@ class RemoteStage:
         # Seconds per batch not spent computing (encoding, gRPC, network), per node of the chain,
         # for the last batches: what `caravan bench` reports as the hop.
         self.hop_s: collections.deque[float] = collections.deque(maxlen=1024)
+        self.most_in_flight = 0  # the most batches sent and not yet answered at once, so far
         self._results: list = []
         try:
             for part in self.parts:
@@ -296,7 +297,19 @@ class RemoteStage:
         # Ten times the decode speed per row is a loose bound for prefill rows too.
         return self.timeout_s + 10 * rows * sum(len(p.layers) * p.ms_per_layer for p in self.parts) / 1e3
 
+    @property
+    def depth(self) -> int:
+        """Nodes in the chain: how many batches can be computing at once."""
+        return len(self.parts)
+
     def forward(self, batch: StageBatch) -> np.ndarray:
+        return self.submit(batch)()
+
+    def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]:
+        """Send the batch now; the function returned waits for its output. Batches go out in
+        the order they are submitted, so one sequence's chunks can follow each other into the
+        chain before the first comes back (Pipeline.prefill). Every function returned must be
+        called: a batch whose answer nobody collects counts as late."""
         rows = batch.hidden.shape[0]
         if rows > wire.MAX_BATCH_ROWS:
             raise StageError(f"a batch of {rows} rows is more than a node takes ({wire.MAX_BATCH_ROWS})")
@@ -312,20 +325,27 @@ class RemoteStage:
                 if self._failed is not None:
                     raise self._failed
                 request.id = next(self._ids)
+                alone = not self._waiting  # no batch ahead of it: its time is its own
                 self._waiting[request.id] = waiting
+                self.most_in_flight = max(self.most_in_flight, len(self._waiting))
             t0 = time.perf_counter()
             self._requests.put(request)
-        reply = self._wait(request.id, waiting)
-        self.hop_s.append((time.perf_counter() - t0 - sum(reply.compute_us) * 1e-6) / len(self.parts))
-        if reply.WhichOneof("result") == "error":
-            code = wire.status_from_value(reply.error.code)
-            if code == grpc.StatusCode.INVALID_ARGUMENT:  # the node names itself in a chain's errors
-                raise StageError(reply.error.message)
-            raise NodeError(self.nodes, reply.error.message, code)
-        try:
-            return wire.decode_hidden(reply.hidden, self.dim, rows)
-        except wire.WireError as exc:
-            raise NodeError(self.parts[-1].client.label, f"sent a bad hidden state: {exc}") from None
+
+        def result() -> np.ndarray:
+            reply = self._wait(request.id, waiting)
+            if alone:
+                self.hop_s.append((time.perf_counter() - t0 - sum(reply.compute_us) * 1e-6) / len(self.parts))
+            if reply.WhichOneof("result") == "error":
+                code = wire.status_from_value(reply.error.code)
+                if code == grpc.StatusCode.INVALID_ARGUMENT:  # the node names itself in a chain's errors
+                    raise StageError(reply.error.message)
+                raise NodeError(self.nodes, reply.error.message, code)
+            try:
+                return wire.decode_hidden(reply.hidden, self.dim, rows)
+            except wire.WireError as exc:
+                raise NodeError(self.parts[-1].client.label, f"sent a bad hidden state: {exc}") from None
+
+        return result
 
     def _wait(self, request_id: int, waiting: _Waiting) -> pb.ForwardReply:
         """The answer to batch `request_id`: read by this caller, or by another that read it first."""

@@ -19,6 +19,7 @@ from .sampler import Sampler
 from .stage import Segment, Stage, StageBatch
 
 PREFILL_CHUNK = 256  # rows per forward call during prefill: bounds activation and attention scratch
+PIPELINED_CHUNK_MIN = 32  # rows per chunk at least when chunks follow each other into a chain
 
 
 class ContextFullError(ValueError):
@@ -46,6 +47,44 @@ class Pipeline:
         for stage in self.stages:
             hidden = stage.forward(StageBatch(tuple(segments), hidden))
         return hidden
+
+    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = ()) -> np.ndarray:
+        """A new session's prompt through every stage, in chunks; returns the hidden state of its
+        last position (1, dim).
+
+        When the stages are one chain of several nodes (a stage whose `depth` > 1, which can
+        `submit` a batch without waiting for it), the chunks follow each other into the chain:
+        node 1 computes chunk 2 while node 2 computes chunk 1, so the nodes work at once, and
+        the chunks are made small enough for that (two per node, at least PIPELINED_CHUNK_MIN
+        rows). A row's result does not depend on the chunk it is in, so this is bit-identical
+        to one chunk after another."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        stage = self.stages[0] if len(self.stages) == 1 else None
+        depth = getattr(stage, "depth", 1)
+        if depth == 1 or not hasattr(stage, "submit"):
+            hidden = None
+            for start in range(0, len(ids), PREFILL_CHUNK):
+                chunk = ids[start : start + PREFILL_CHUNK]
+                hidden = Pipeline.forward(self, [Segment(session_id, start, len(chunk), adapters)], chunk)
+            return hidden[-1:]
+        size = min(PREFILL_CHUNK, max(PIPELINED_CHUNK_MIN, -(-len(ids) // (2 * depth))))
+        pending = []
+        try:
+            for start in range(0, len(ids), size):
+                chunk = ids[start : start + size]
+                batch = StageBatch((Segment(session_id, start, len(chunk), adapters),), self.head.embed(chunk))
+                pending.append(stage.submit(batch))
+        finally:
+            # Every answer is read, also after an error: the first error is the one raised.
+            results, error = [], None
+            for result in pending:
+                try:
+                    results.append(result())
+                except Exception as exc:  # noqa: BLE001  (re-raised below)
+                    error = error or exc
+            if error is not None:
+                raise error
+        return results[-1][-1:]
 
     def end_session(self, session_id: str) -> None:
         for stage in self.stages:
@@ -119,12 +158,8 @@ class Generation:
             self.pipeline.end_session(self.session_id)
 
     def _prefill(self) -> np.ndarray:
-        ids = np.asarray(self.prompt_ids, dtype=np.int64)
-        hidden = None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = ids[start : start + PREFILL_CHUNK]
-            hidden = self.pipeline.forward([Segment(self.session_id, start, len(chunk), self.adapters)], chunk)
-        return self.pipeline.head.logits(hidden[-1:])[0]
+        hidden = self.pipeline.prefill(self.session_id, self.prompt_ids, self.adapters)
+        return self.pipeline.head.logits(hidden)[0]
 
     def _run(self) -> Iterator[int]:
         t0 = time.perf_counter()

@@ -89,6 +89,26 @@ def test_split_is_bit_identical_to_one_process(smollm2, node_pool, one_process, 
         cluster.close()
 
 
+def test_long_prompt_chunks_follow_each_other_through_the_chain(smollm2, node_pool, tmp_path):
+    """A prompt of several chunks goes into a 3-node chain back to back (node 1 computes the
+    next chunk while node 2 computes this one) and gives one process's bits."""
+    ids = np.random.default_rng(7).integers(0, smollm2.config.vocab_size, 200)
+    local = smollm2.local_pipeline(N_CTX)
+    expected = local.prefill("alone", ids)
+    cluster = split(smollm2, node_pool[:3], [(0, 10), (10, 20), (20, 30)], tmp_path)
+    try:
+        (chain,) = cluster.pipeline.stages
+        assert chain.depth == 3
+        assert np.array_equal(cluster.pipeline.prefill("long", ids), expected)
+        assert chain.most_in_flight >= 3  # 200 rows in chunks of 34: six sent before the first came back
+        # and the session goes on from there as in one process
+        token = np.array([int(np.argmax(smollm2.head.logits(expected)[0]))])
+        assert np.array_equal(cluster.pipeline.forward([Segment("long", len(ids), 1)], token),
+                              local.forward([Segment("alone", len(ids), 1)], token))
+    finally:
+        cluster.close()
+
+
 # SmolLM2's residual stream carries a few huge values (over 20,000 at layer 19, on the first
 # token), so f16 (spacing 16 there) and Q8_0 (one scale per 32 values) lose real precision:
 # the next token stays the same, but long greedy runs drift apart after a few tokens.
