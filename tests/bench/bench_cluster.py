@@ -11,6 +11,8 @@
   against one process, at 1 and 2 threads (every node runs that many; one node computes at a
   time in a single stream), both measured by `caravan bench` in its own process, one run of
   each in turn; medians of --runs.
+- Prefill tokens/s of a 500-token prompt (and one token), the same way: through the 3 nodes
+  the prompt's chunks follow each other into the chain, so the nodes compute at once.
 - A simulated Pi network: each node behind delay_proxy.py, which holds every message 0.2 ms
   and paces it at 1 Gbit/s, each way (`tc netem` would do it, but this machine's kernel has
   no sch_netem), through 2 and 4 nodes, with the share of each token spent on the hops.
@@ -50,6 +52,7 @@ from caravan.proto.wire import WIRE_FORMATS  # noqa: E402
 
 N_CTX = 512
 DECODE_TOKENS = 64
+PREFILL_TOKENS = 500  # a prompt of several chunks, within N_CTX
 
 
 def even_ranges(n_layers: int, n: int) -> list[tuple[int, int]]:
@@ -158,11 +161,12 @@ def node_memory(model, nodes, ranges) -> list[dict]:
     return rows
 
 
-def caravan_bench(*args: str, runs: int) -> dict:
+def caravan_bench(*args: str, runs: int, prompt_tokens: int = 16, decode_tokens: int = DECODE_TOKENS) -> dict:
     """`caravan bench --json` in its own process: the path a user takes, with the process-wide
     settings the CLI makes (an OpenMP spin that yields to the nodes, when there are nodes)."""
     done = subprocess.run([sys.executable, "-m", "caravan.coordinator", "bench", "--json", "--no-llama-cpp", "--runs", str(runs),
-                           "--prompt-tokens", "16", "--decode-tokens", str(DECODE_TOKENS), "--ctx", str(N_CTX), *args],
+                           "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens),
+                           "--ctx", str(N_CTX), *args],
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
@@ -180,6 +184,12 @@ def loopback(model, path, runs: int, threads: list[int]) -> dict:
                     spread = caravan_bench("-t", str(t), "--nodes", ",".join(n.address for n in nodes), runs=1)
                     threes.append(spread["decode_tokens_per_s"])
                 one, three = statistics.median(ones), statistics.median(threes)
+                # Prefill of a long prompt: its chunks follow each other through the chain.
+                prefills = [(caravan_bench("-t", str(t), runs=1, prompt_tokens=PREFILL_TOKENS, decode_tokens=1),
+                             caravan_bench("-t", str(t), "--nodes", ",".join(n.address for n in nodes), runs=1,
+                                           prompt_tokens=PREFILL_TOKENS, decode_tokens=1)) for _ in range(runs)]
+                prefill_one = statistics.median(a["prefill_tokens_per_s"] for a, _ in prefills)
+                prefill_three = statistics.median(b["prefill_tokens_per_s"] for _, b in prefills)
                 if out["memory"] is None:
                     ranges = [s["layers"] for s in spread["stages"]]
                     out["memory"] = node_memory(model, nodes, ranges)
@@ -195,6 +205,10 @@ def loopback(model, path, runs: int, threads: list[int]) -> dict:
                     n.stop()
             out["decode"].append({"threads": t, "one_process": round(one, 1), "three_nodes": round(three, 1),
                                   "ratio": round(three / one, 3)})
+            out.setdefault("prefill", []).append({"threads": t, "prompt_tokens": PREFILL_TOKENS,
+                                                  "one_process": round(prefill_one, 1),
+                                                  "three_nodes": round(prefill_three, 1),
+                                                  "ratio": round(prefill_three / prefill_one, 3)})
     return out
 
 
@@ -266,6 +280,9 @@ def main() -> int:
     for row in result["decode"]:
         print(f"{row['threads']} thread(s): one process {row['one_process']} tok/s, 3 nodes {row['three_nodes']} "
               f"tok/s ({row['ratio']}x)")
+    for row in result["prefill"]:
+        print(f"{row['threads']} thread(s), prefill of {row['prompt_tokens']} tokens: one process {row['one_process']} "
+              f"tok/s, 3 nodes {row['three_nodes']} tok/s ({row['ratio']}x)")
     for row in result["memory"]:
         print(f"node with layers {row['layers']}: RSS {row['rss_mib']} MiB = layers {row['layer_mib']} MiB "
               f"+ {row['overhead_mib']} MiB")
