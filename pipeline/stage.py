@@ -81,6 +81,10 @@ class Stage(Protocol):
 
     def add_adapter(self, adapter: LoraAdapter) -> None: ...  # hold its matrices of this stage's layers
 
+    # A stage may also have `depth` (nodes that can compute at once) and `submit(batch)` (send
+    # now, return the function that waits for the output): Pipeline.prefill then sends a
+    # prompt's chunks back to back (RemoteStage over a chain of nodes).
+
 
 class KVCache:
     """Keys and values of one session for a stage's layers, grown by doubling up to n_ctx.
