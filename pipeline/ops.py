@@ -9,6 +9,7 @@ microseconds of work, less than waking the threads.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba as nb
@@ -288,7 +289,32 @@ _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _geglu_row(gate, up, g0, u0, out, t):
+def _gelu_f16(h):
+    """GELU (tanh form, f32) of an f16 value h, rounded to f16: one entry of ggml's table."""
+    inner = _SQRT_2_OVER_PI * h * (np.float32(1.0) + _GELU_COEF_A * h * h)
+    gelu = np.float32(0.5) * h * (np.float32(1.0) + np.float32(math.tanh(inner)))
+    return round_f16(gelu)
+
+
+@nb.njit(cache=True, fastmath=FASTMATH)
+def _fill_gelu_table(halves, table):
+    for i in range(halves.shape[0]):
+        table[i] = _gelu_f16(halves[i])
+
+
+@functools.cache
+def _gelu_table() -> np.ndarray:
+    """(65536,) f32: _gelu_f16 of every f16 value, by its bits (ggml_table_gelu_f16); made on
+    the first GeGLU."""
+    halves = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+    table = np.empty(65536, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):  # the NaN and Inf entries, never read
+        _fill_gelu_table(halves, table)
+    return table
+
+
+@nb.njit(inline="always", fastmath=FASTMATH)
+def _geglu_row(gate, up, g0, u0, out, t, table):
     """gelu(gate) * up as ggml_vec_geglu_f32 with GGML_GELU_FP16: gate rounded to f16, GELU (tanh
     form, f32) of that looked up in a table of f16 results; below -10 zero, above 10 the identity."""
     n = out.shape[1]
@@ -300,10 +326,7 @@ def _geglu_row(gate, up, g0, u0, out, t):
         elif g >= np.float32(10.0):
             out[j] = g * up[j]
         else:
-            h = round_f16(g)
-            inner = _SQRT_2_OVER_PI * h * (np.float32(1.0) + _GELU_COEF_A * h * h)
-            gelu = np.float32(0.5) * h * (np.float32(1.0) + np.float32(math.tanh(inner)))
-            out[j] = round_f16(gelu) * up[j]
+            out[j] = table[f16_bits(g)] * up[j]
 
 
 # The kernels read row t's gate at gate[t, g0:] and its up at up[t, u0:] of C-contiguous arrays,
@@ -313,19 +336,19 @@ def _geglu_row(gate, up, g0, u0, out, t):
 # whose branch keeps LLVM from vectorizing SwiGLU's division. With both, 8 rows of 1536 take
 # 9 us instead of 54, the same bits.
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _gated(gate, up, g0, u0, out, gelu):
+def _gated(gate, up, g0, u0, out, gelu_table):
     for t in range(out.shape[0]):
-        if gelu:
-            _geglu_row(gate, up, g0, u0, out, t)
+        if gelu_table.shape[0]:
+            _geglu_row(gate, up, g0, u0, out, t, gelu_table)
         else:
             _swiglu_row(gate, up, g0, u0, out, t)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def _gated_parallel(gate, up, g0, u0, out, gelu):
+def _gated_parallel(gate, up, g0, u0, out, gelu_table):
     for t in nb.prange(out.shape[0]):
-        if gelu:
-            _geglu_row(gate, up, g0, u0, out, t)
+        if gelu_table.shape[0]:
+            _geglu_row(gate, up, g0, u0, out, t, gelu_table)
         else:
             _swiglu_row(gate, up, g0, u0, out, t)
 
@@ -343,8 +366,12 @@ def _gated_product(gate: np.ndarray, up: np.ndarray | None, gelu: bool) -> np.nd
         hidden_dim = gate.shape[1]
         up, u0 = np.ascontiguousarray(up), 0
     out = np.empty((gate.shape[0], hidden_dim), np.float32)
-    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, 0, u0, out, gelu)
+    table = _gelu_table() if gelu else _NO_TABLE  # SwiGLU: an empty table
+    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, 0, u0, out, table)
     return out
+
+
+_NO_TABLE = np.empty(0, np.float32)
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray | None = None) -> np.ndarray:
