@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from caravan.pipeline.catalog import DEFAULT_MODEL, MODELS
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from caravan.pipeline.stage import LayerRange, Segment
+from caravan.pipeline.stage import LayerRange, Segment, StageError
 from caravan.proto import caravan_pb2 as pb
 from node_processes import NodeProcess, cluster_token
 
@@ -105,6 +106,29 @@ def test_long_prompt_chunks_follow_each_other_through_the_chain(smollm2, node_po
         token = np.array([int(np.argmax(smollm2.head.logits(expected)[0]))])
         assert np.array_equal(cluster.pipeline.forward([Segment("long", len(ids), 1)], token),
                               local.forward([Segment("alone", len(ids), 1)], token))
+    finally:
+        cluster.close()
+
+
+def test_a_refused_chunk_fails_the_prompt_and_the_chain_goes_on(smollm2, node_pool, tmp_path):
+    """The chunk that runs past the nodes' context is refused by name; when every chunk is
+    refused the first one's error is raised and the rest are read; and the chain serves the
+    next prompt as if nothing happened."""
+    cluster = split(smollm2, node_pool[:3], [(0, 10), (10, 20), (20, 30)], tmp_path)
+    try:
+        too_long = np.arange(N_CTX + 44) % 1000  # six chunks of 50: the last one crosses N_CTX
+        with pytest.raises(StageError, match=f"past the context size {N_CTX}"):
+            cluster.pipeline.prefill("too-long", too_long)
+        cluster.pipeline.end_session("too-long")
+        # every chunk refused (an adapter no node has): the first chunk's error, all six read
+        with pytest.raises(StageError, match="node .*: .*'missing' is not loaded"):
+            cluster.pipeline.prefill("unknown-adapter", too_long[:200], (("missing", 1.0),))
+        ids = np.arange(100) % 1000
+        local = smollm2.local_pipeline(N_CTX)
+        assert np.array_equal(cluster.pipeline.prefill("next", ids), local.prefill("next", ids))
+        time.sleep(0.5)  # past the watchdog's next look: no batch was left unread
+        assert np.array_equal(cluster.pipeline.forward([Segment("next", 100, 1)], ids[:1]),
+                              local.forward([Segment("next", 100, 1)], ids[:1]))
     finally:
         cluster.close()
 
