@@ -148,12 +148,12 @@ class ClusterPipeline(Pipeline):
 
         return self._with_recovery(call)
 
-    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = ()) -> np.ndarray:
+    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
         ids = np.asarray(prompt_ids, dtype=np.int64)
 
-        def call():  # a lost node mid-prompt: the new plan's stages start the prompt afresh
-            hidden = Pipeline.prefill(self, session_id, ids, adapters)
-            self._remember([Segment(session_id, 0, len(ids), adapters)], ids)
+        def call():  # a lost node mid-prompt: the new plan's stages, refilled, take it from `start` again
+            hidden = Pipeline.prefill(self, session_id, ids, adapters, start)
+            self._remember([Segment(session_id, start, len(ids) - start, adapters)], ids[start:])
             return hidden
 
         return self._with_recovery(call)

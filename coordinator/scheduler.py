@@ -247,19 +247,16 @@ class Scheduler:
         request.prefilled = shared
         return True
 
-    def _step(self, lane: _Lane) -> None:
-        """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
-        segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
-        row = 0
-        for request in lane.active:
-            if request.decoding and request.tokens:
-                position = len(request.prompt_ids) + len(request.tokens) - 1
-                segments.append(Segment(request.session_id, position, 1, request.adapters))
-                ids.append(request.tokens[-1])
-                sampled.append((request, row))
-                row += 1
-        # Prompt tokens of the requests still prefilling, in the order they came, up to
-        # prefill_chunk in all: several short prompts go through in one step.
+    def _whole_prompt_at_once(self, request: Request) -> bool:
+        """Whether the rest of this prompt should go in one call that pipelines its chunks through
+        a chain of nodes: more than a step's worth is left, and the stages are such a chain."""
+        left = len(request.prompt_ids) - request.prefilled
+        return not request.decoding and left > self.prefill_chunk and self.pipeline.prefill_depth > 1
+
+    def _prompt_rows(self, lane: _Lane, segments: list, ids: list, sampled: list, row: int) -> tuple[list[Request], int]:
+        """Add the prompt tokens of the lane's requests still prefilling, in the order they came,
+        up to prefill_chunk in all (several short prompts go through in one step), to the step's
+        segments and ids after its `row` decode rows; returns the requests and the token count."""
         prefilling, budget = [], self.prefill_chunk
         for i, request in enumerate(lane.active):
             if budget == 0:
@@ -278,8 +275,37 @@ class Scheduler:
             prefilling.append(request)
             if request.decoding:
                 sampled.append((request, row - 1))
+        return prefilling, self.prefill_chunk - budget
+
+    def _step(self, lane: _Lane) -> None:
+        """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
+        segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
+        row = 0
+        for request in lane.active:
+            if request.decoding and request.tokens:
+                position = len(request.prompt_ids) + len(request.tokens) - 1
+                segments.append(Segment(request.session_id, position, 1, request.adapters))
+                ids.append(request.tokens[-1])
+                sampled.append((request, row))
+                row += 1
+        lone = lane.active[0] if not segments and len(lane.active) == 1 else None
+        if lone is not None and self._whole_prompt_at_once(lone):
+            # Nothing else in the lane waits on this step: the rest of the prompt goes into the
+            # chain of nodes at once, its chunks following each other (Pipeline.prefill).
+            start, lone.prefilled = lone.prefilled, len(lone.prompt_ids)
+            prefilling, computed = [lone], lone.prefilled - start
+            sampled.append((lone, 0))
+
+            def forward() -> np.ndarray:
+                return self.pipeline.prefill(lone.session_id, lone.prompt_ids, lone.adapters, start)
+        else:
+            prefilling, computed = self._prompt_rows(lane, segments, ids, sampled, row)
+
+            def forward() -> np.ndarray:
+                return self.pipeline.forward(segments, np.asarray(ids, dtype=np.int64))
+
         try:
-            hidden = self.pipeline.forward(segments, np.asarray(ids, dtype=np.int64))
+            hidden = forward()
         except ValueError as exc:  # a request the stages refuse (StageError, context): fail the batch's requests
             for request in {id(r): r for r, _ in sampled}.values():
                 self._end(request, Event("error", message=str(exc)))
@@ -293,7 +319,7 @@ class Scheduler:
             return
         with self._counts:
             self.steps += 1
-            self.prompt_tokens_computed += self.prefill_chunk - budget
+            self.prompt_tokens_computed += computed
         for request, row in list(sampled):
             if request.followers:
                 self._start_followers(lane, request, row, sampled)

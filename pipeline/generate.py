@@ -48,9 +48,16 @@ class Pipeline:
             hidden = stage.forward(StageBatch(tuple(segments), hidden))
         return hidden
 
-    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = ()) -> np.ndarray:
-        """A new session's prompt through every stage, in chunks; returns the hidden state of its
-        last position (1, dim).
+    @property
+    def prefill_depth(self) -> int:
+        """How many chunks of one prompt can be computing at once: the nodes of a chain when the
+        stages are one (a stage with `depth` that can `submit`), else 1."""
+        stage = self.stages[0] if len(self.stages) == 1 else None
+        return getattr(stage, "depth", 1) if hasattr(stage, "submit") else 1
+
+    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
+        """A session's prompt through every stage, in chunks, from position `start` (the caches
+        hold the positions before it); returns the hidden state of its last position (1, dim).
 
         When the stages are one chain of several nodes (a stage whose `depth` > 1, which can
         `submit` a batch without waiting for it), the chunks follow each other into the chain:
@@ -59,20 +66,20 @@ class Pipeline:
         rows). A row's result does not depend on the chunk it is in, so this is bit-identical
         to one chunk after another."""
         ids = np.asarray(prompt_ids, dtype=np.int64)
-        stage = self.stages[0] if len(self.stages) == 1 else None
-        depth = getattr(stage, "depth", 1)
-        if depth == 1 or not hasattr(stage, "submit"):
+        depth = self.prefill_depth
+        if depth == 1:
             hidden = None
-            for start in range(0, len(ids), PREFILL_CHUNK):
-                chunk = ids[start : start + PREFILL_CHUNK]
-                hidden = Pipeline.forward(self, [Segment(session_id, start, len(chunk), adapters)], chunk)
+            for first in range(start, len(ids), PREFILL_CHUNK):
+                chunk = ids[first : first + PREFILL_CHUNK]
+                hidden = Pipeline.forward(self, [Segment(session_id, first, len(chunk), adapters)], chunk)
             return hidden[-1:]
-        size = min(PREFILL_CHUNK, max(PIPELINED_CHUNK_MIN, -(-len(ids) // (2 * depth))))
+        stage = self.stages[0]
+        size = min(PREFILL_CHUNK, max(PIPELINED_CHUNK_MIN, -(-(len(ids) - start) // (2 * depth))))
         pending = []
         try:
-            for start in range(0, len(ids), size):
-                chunk = ids[start : start + size]
-                batch = StageBatch((Segment(session_id, start, len(chunk), adapters),), self.head.embed(chunk))
+            for first in range(start, len(ids), size):
+                chunk = ids[first : first + size]
+                batch = StageBatch((Segment(session_id, first, len(chunk), adapters),), self.head.embed(chunk))
                 pending.append(stage.submit(batch))
         finally:
             # Every answer is read, also after an error: the first error is the one raised.

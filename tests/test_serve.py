@@ -252,6 +252,14 @@ def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, 
         shared = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=24, n=2)
         assert [c.message.content for c in shared.choices] == [expected] * 2  # the copy went to both nodes
 
+        # A prompt of several steps' worth, alone in its lane: its chunks pipeline through both
+        # nodes in one call, and the text is the same (also for two samples sharing it).
+        long_prompt = "The caravan crossed the desert, and every animal carried part of the load. " * 12
+        long_expected = alone(smollm2.tokenizer.encode(long_prompt), 12)
+        assert len(smollm2.tokenizer.encode(long_prompt)) > 2 * 64
+        done = client.completions.create(model=MODEL, prompt=long_prompt, temperature=0, max_tokens=12, n=2)
+        assert [c.text for c in done.choices] == [long_expected] * 2
+
         stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=400,
                                                 stream=True)
         next(iter(stream))
