@@ -275,9 +275,9 @@ def attention_segments(qkv: np.ndarray, n_heads: int, head_dim: int, k_caches, v
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _swiglu_row(gate, up, g0, u0, out, t):
+def _swiglu_row(gate, up, u0, out, t):
     n = out.shape[1]
-    gate, up, out = gate[t, g0 : g0 + n], up[t, u0 : u0 + n], out[t]  # contiguous rows
+    gate, up, out = gate[t, :n], up[t, u0 : u0 + n], out[t]  # contiguous rows
     for j in range(n):
         g = gate[j]
         out[j] = g / (np.float32(1.0) + exp_f32(-g)) * up[j]
@@ -314,11 +314,11 @@ def _gelu_table() -> np.ndarray:
 
 
 @nb.njit(inline="always", fastmath=FASTMATH)
-def _geglu_row(gate, up, g0, u0, out, t, table):
+def _geglu_row(gate, up, u0, out, t, table):
     """gelu(gate) * up as ggml_vec_geglu_f32 with GGML_GELU_FP16: gate rounded to f16, GELU (tanh
     form, f32) of that looked up in a table of f16 results; below -10 zero, above 10 the identity."""
     n = out.shape[1]
-    gate, up, out = gate[t, g0 : g0 + n], up[t, u0 : u0 + n], out[t]
+    gate, up, out = gate[t, :n], up[t, u0 : u0 + n], out[t]
     for j in range(n):
         g = gate[j]
         if g <= np.float32(-10.0):
@@ -329,28 +329,28 @@ def _geglu_row(gate, up, g0, u0, out, t, table):
             out[j] = table[f16_bits(g)] * up[j]
 
 
-# The kernels read row t's gate at gate[t, g0:] and its up at up[t, u0:] of C-contiguous arrays,
+# The kernels read row t's gate at gate[t, :n] and its up at up[t, u0:] of C-contiguous arrays,
 # as 1-D slices, so that LLVM knows the columns are contiguous and vectorizes (Numba reads a
 # column slice of a 2-D array, or a 2-D index plus an offset, element by element). error_model="numpy":
 # a float division by zero gives inf, as in C, instead of Numba's check for ZeroDivisionError,
 # whose branch keeps LLVM from vectorizing SwiGLU's division. With both, 8 rows of 1536 take
 # 9 us instead of 54, the same bits.
 @nb.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
-def _gated(gate, up, g0, u0, out, gelu_table):
+def _gated(gate, up, u0, out, gelu_table):
     for t in range(out.shape[0]):
         if gelu_table.shape[0]:
-            _geglu_row(gate, up, g0, u0, out, t, gelu_table)
+            _geglu_row(gate, up, u0, out, t, gelu_table)
         else:
-            _swiglu_row(gate, up, g0, u0, out, t)
+            _swiglu_row(gate, up, u0, out, t)
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH, error_model="numpy")
-def _gated_parallel(gate, up, g0, u0, out, gelu_table):
+def _gated_parallel(gate, up, u0, out, gelu_table):
     for t in nb.prange(out.shape[0]):
         if gelu_table.shape[0]:
-            _geglu_row(gate, up, g0, u0, out, t, gelu_table)
+            _geglu_row(gate, up, u0, out, t, gelu_table)
         else:
-            _swiglu_row(gate, up, g0, u0, out, t)
+            _swiglu_row(gate, up, u0, out, t)
 
 
 # Rows from which an element-wise op is worth waking the threads for (a prefill chunk).
@@ -367,7 +367,7 @@ def _gated_product(gate: np.ndarray, up: np.ndarray | None, gelu: bool) -> np.nd
         up, u0 = np.ascontiguousarray(up), 0
     out = np.empty((gate.shape[0], hidden_dim), np.float32)
     table = _gelu_table() if gelu else _NO_TABLE  # SwiGLU: an empty table
-    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, 0, u0, out, table)
+    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, u0, out, table)
     return out
 
 
