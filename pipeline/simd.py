@@ -1,5 +1,5 @@
-"""Products of quantized weights with 8-bit activations, and attention's f16 tiles, written as
-LLVM vector IR.
+"""Products of quantized weights with 8-bit activations, attention's f16 tiles, and an exp that
+vectorizes, written as LLVM vector IR (or, for exp, as arithmetic on two small intrinsics).
 
 Numba types every integer operation on narrow integers as 64-bit (uint8 & uint8 is uint64),
 so a plain loop over nibbles and int8 activations compiles to 64-bit lanes, four to a register.
