@@ -14,6 +14,7 @@ import naive
 from numba.typed import List
 
 from caravan.pipeline import simd
+from caravan.pipeline.numba_config import FASTMATH
 from caravan.pipeline.ops import attention, attention_segments, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
@@ -251,13 +252,13 @@ def test_attention_large_scores_stay_finite():
 # exp, as SwiGLU and softmax compute it
 
 
-@numba.njit
+@numba.njit(fastmath=FASTMATH)  # the flags the ops compile with
 def _exp_f32_loop(x, out):
     for i in range(x.shape[0]):  # LLVM vectorizes this loop: the vector code is what the ops run
         out[i] = simd.exp_f32(x[i])
 
 
-@numba.njit
+@numba.njit(fastmath=FASTMATH)
 def _exp_f32_one(x):
     return simd.exp_f32(x)
 
