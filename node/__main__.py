@@ -4,8 +4,10 @@ import sys
 
 from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.numba_config import keep_compiled_kernels_in
+from caravan.proto.polling import poll_sockets_in_place
 
 keep_compiled_kernels_in(default_cache_dir())  # before the kernels are imported
+poll_sockets_in_place()  # before grpc is imported
 
 from caravan.node.cli import main  # noqa: E402
 

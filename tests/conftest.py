@@ -12,10 +12,13 @@ import pytest
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, pull
 from caravan.pipeline.numba_config import keep_compiled_kernels_in
+from caravan.proto.polling import poll_sockets_in_place
 
 # One kernel cache for this process and every caravan process the tests start, including those
 # given a private CARAVAN_HOME: each would otherwise compile every kernel again.
 keep_compiled_kernels_in(default_cache_dir(), os.environ)
+# gRPC as caravan's own commands set it up, here and in the processes the tests start.
+poll_sockets_in_place(os.environ)
 
 
 @pytest.fixture(scope="session")

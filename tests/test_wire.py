@@ -4,6 +4,8 @@ Q8_0, and refusing anything that does not match what it declares."""
 from __future__ import annotations
 
 import filecmp
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -14,7 +16,7 @@ from gguf.quants import dequantize, quantize
 from caravan.pipeline.model import ModelConfig, ModelError
 from caravan.pipeline.stage import Segment, StageError
 from caravan.proto import caravan_pb2 as pb
-from caravan.proto import wire
+from caravan.proto import polling, wire
 
 CONFIG = ModelConfig(arch="llama", n_layers=4, dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, head_dim=16,
                      n_rot=16, vocab_size=300, context_length=128, norm_eps=1e-5, rope_theta=10000.0)
@@ -166,3 +168,21 @@ def test_committed_stubs_match_the_proto(tmp_path):
     for name in STUBS:
         assert filecmp.cmp(tmp_path / name, PROTO_DIR / name, shallow=False), (
             f"proto/{name} is stale: run `python -m caravan.proto.generate`")
+
+
+def test_grpc_polls_sockets_in_place_unless_the_operator_says_otherwise():
+    environ: dict[str, str] = {}
+    polling.poll_sockets_in_place(environ)
+    assert environ == {"GRPC_EXPERIMENTS": polling.ENDPOINTS_POLLED_IN_PLACE}
+    environ = {"GRPC_EXPERIMENTS": "-event_engine_client"}
+    polling.poll_sockets_in_place(environ)
+    assert environ == {"GRPC_EXPERIMENTS": "-event_engine_client"}
+
+
+def test_the_entry_points_choose_before_grpc_is_imported():
+    # gRPC reads GRPC_EXPERIMENTS when it starts: what `caravan` and `caravan node` import
+    # before they call poll_sockets_in_place must not import grpc.
+    code = ("import sys, caravan.coordinator.__main__, caravan.pipeline.catalog, caravan.pipeline.numba_config, "
+            "caravan.proto.polling; print('grpc' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
