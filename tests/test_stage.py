@@ -4,11 +4,15 @@ numbers, bit for bit, as one stage running one sequence; and bad batches are ref
 
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
 import naive
+from caravan.pipeline.arena import WeightArena
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.model import ModelConfig, ModelHead
@@ -435,3 +439,47 @@ def test_generation_stops_at_an_end_of_generation_token(tiny_q8_path):
     cut = next((i for i in range(1, len(first)) if first[i] not in first[:i]), 0)
     generation = Generation(pipeline, list(prompt(6)), greedy(), max_tokens=8, stop_ids=frozenset({first[cut]}))
     assert list(generation) == first[:cut] and generation.stopped_by == "eog"
+
+
+# ---------------------------------------------------------------------------------------------
+# The weights' memory
+
+
+def _mapping_flags(address: int) -> list[str]:
+    """VmFlags of the mapping of this process that holds `address` (Linux's /proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        first = line.split()[0]
+        if "-" in first and ":" not in first:
+            lo, hi = (int(x, 16) for x in first.split("-"))
+            inside = lo <= address < hi
+        elif inside and first == "VmFlags:":
+            return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("ttype", [QT.Q8_0, QT.Q4_1, QT.F32])
+def test_a_stages_matrices_share_one_block_advised_as_huge_pages(tiny_model_path, ttype):
+    stage = build(tiny_model_path(weight_type=ttype)).stages[0]
+    run = [*stage.qkv, *stage.gate_up, *(m for w in stage.weights for m in (w.attn_output, w.ffn_down))]
+    parts = [m for w in stage.weights for m in (w.attn_q, w.attn_k, w.attn_v, w.ffn_gate, w.ffn_up)]  # views of the stacks
+    block = run[0].arrays[0]
+    while isinstance(block.base, np.ndarray):
+        block = block.base
+    start = block.ctypes.data
+    for a in (a for m in run for a in m.arrays):
+        assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
+    for a in (a for m in run + parts for a in m.arrays):
+        assert start <= a.ctypes.data and a.ctypes.data + a.nbytes <= start + block.nbytes
+    if hasattr(mmap, "MADV_HUGEPAGE") and os.path.exists("/proc/self/smaps"):
+        assert "hg" in _mapping_flags(start)  # MADV_HUGEPAGE
+
+
+def test_the_arena_hands_out_aligned_arrays_until_it_is_full():
+    arena = WeightArena(100)  # rounded up to one huge page
+    a = arena.take((3, 5), np.uint16)
+    b = arena.concatenate([np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((1, 3), np.float32)])
+    assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0 and b.ctypes.data - a.ctypes.data == 64
+    assert np.array_equal(b, [[0, 1, 2], [3, 4, 5], [1, 1, 1]])
+    with pytest.raises(MemoryError, match="full"):
+        arena.take((2 << 20,), np.uint8)
