@@ -41,6 +41,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from caravan.proto.polling import poll_sockets_in_place  # noqa: E402
+
+poll_sockets_in_place()  # as `caravan` does, before grpc is imported: this process calls nodes too
+
 from node_processes import NodeProcess, cluster_token  # noqa: E402
 
 from caravan.coordinator.cluster import connect, layer_bytes  # noqa: E402
