@@ -113,27 +113,30 @@ def _softmax_rows(scores, n_rows, start, m0, group, scale, softcap, window, p_lo
     cache."""
     inv_cap = np.float32(1.0 / softcap) if softcap > 0 else np.float32(0.0)
     cap = np.float32(softcap)
+    # One pass per step, each a loop LLVM vectorizes (the exp, the sum and the rounding eight
+    # at a time; a single loop doing all three stayed scalar, at 6 ns an element)
     for i in range(n_rows):
         row = scores[i]
         pos = start + (m0 + i) // group
         n = pos + 1
         lo = max(0, pos - window + 1) if window > 0 else 0
-        top = -np.inf
-        for p in range(lo, n):
-            s = row[p]
-            if softcap > 0:
-                s = np.float32(math.tanh(s * inv_cap)) * cap
-            s *= scale
-            row[p] = s
+        seen = row[lo:n]
+        if softcap > 0:
+            for p in range(seen.size):
+                seen[p] = np.float32(math.tanh(seen[p] * inv_cap)) * cap
+        top = np.float32(-np.inf)
+        for p in range(seen.size):
+            s = seen[p] * scale
+            seen[p] = s
             top = max(top, s)
+        for p in range(seen.size):
+            seen[p] = exp_f32(seen[p] - top)
         total = 0.0
-        for p in range(lo, n):
-            e = exp_f32(row[p] - top)
-            row[p] = e
-            total += e
+        for p in range(seen.size):
+            total += seen[p]
         inv = np.float32(1.0 / total)
-        for p in range(lo, n):
-            row[p] = round_f16(row[p] * inv)
+        for p in range(seen.size):
+            seen[p] = round_f16(seen[p] * inv)
         row[p_lo:lo] = 0.0
         row[n:n_max] = 0.0
 
