@@ -172,22 +172,23 @@ def _attention_tile(q_flat, q_row0, q_stride, n_rows, k_flat, v_flat, kv_base, c
         out_offs[i] = out_row0 + (m // group) * out_stride + h * head_dim
     scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position); read from p_lo on
     s_flat = scores.reshape(-1)
+    width = TILE_COLS[mr]
     # scores = q_tile @ K[g] (K is stored transposed: (head_dim, position))
-    for p0 in range(p_lo, n_max, TILE_COLS):
+    for p0 in range(p_lo, n_max, width):
         tile_f16(
             mr, q_flat, q_offs[0], q_offs[1], q_offs[2], q_offs[3],
             k_flat, kv_base + g * head_dim * capacity + p0, capacity, head_dim,
-            s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(TILE_COLS, n_max - p0),
+            s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(width, n_max - p0),
         )
     _softmax_rows(scores, mr, start, m0, group, scale, softcap, window, p_lo, n_max)
     # out rows = probabilities @ V[g] ((position, head_dim)); zero weights outside a row's
     # positions add exact zeros
-    for j0 in range(0, head_dim, TILE_COLS):
+    for j0 in range(0, head_dim, width):
         tile_f16(
             mr, s_flat, p_lo, n_max + p_lo, 2 * n_max + p_lo, 3 * n_max + p_lo,
             v_flat, kv_base + g * capacity * head_dim + p_lo * head_dim + j0, head_dim, n_max - p_lo,
             out_flat, out_offs[0] + j0, out_offs[1] + j0, out_offs[2] + j0, out_offs[3] + j0,
-            min(TILE_COLS, head_dim - j0),
+            min(width, head_dim - j0),
         )
 
 

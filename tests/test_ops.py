@@ -6,6 +6,9 @@ allows a few f32 ulps of the values involved; the tolerances below say where mor
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import numba
 import numpy as np
 import pytest
@@ -246,6 +249,50 @@ def test_attention_large_scores_stay_finite():
     got = attention(q, *cache_layout(k, v, 4), 0, 4)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, naive.attention(q, f16(k), f16(v), 0, 4, 4, f16_weights=True), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention's f16 tiles
+
+
+@numba.njit
+def _tile(n_rows, a, b, b_off, b_stride, k, c, n_cols):
+    simd.tile_f16(n_rows, a, 0, 40, 80, 120, b, b_off, b_stride, k, c, 0, 40, 80, 120, n_cols)
+
+
+def _before_a_guard_page(n_items: int) -> np.ndarray:
+    """A uint16 array whose last item is the last byte pair before a page nothing may read: a
+    read past its end faults."""
+    page = mmap.PAGESIZE
+    size = (2 * n_items + page - 1) // page * page + page
+    region = mmap.mmap(-1, size)
+    start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(start + size - page), page, 0) == 0  # PROT_NONE
+    return np.frombuffer(region, np.uint16, count=n_items, offset=size - page - 2 * n_items)
+
+
+@pytest.mark.parametrize("n_rows", (1, 2, 3, 4))
+@pytest.mark.parametrize("b_goes_on", (True, False), ids=("B-goes-on", "B-ends-at-the-tile"))
+def test_tile_f16_every_width(n_rows, b_goes_on):
+    """Compiled tiles against their numpy twin (the same fma chains), bit for bit, at every
+    column count: a partial last half is read whole where B goes on past it (here with NaN bits
+    in the columns after the tile, which must not reach C) and masked where B ends (here at a
+    page that faults when read)."""
+    rng = np.random.default_rng(n_rows)
+    a = randn(160, seed=n_rows)
+    k, stride = 37, 48
+    for n_cols in range(1, simd.TILE_COLS[n_rows] + 1):
+        b = _before_a_guard_page(k * stride)
+        b[:] = rng.integers(0, 0x7BFF, k * stride).astype(np.uint16) | (rng.integers(0, 2, k * stride).astype(np.uint16) << 15)
+        b_off = stride - (n_cols + 8 if b_goes_on else n_cols)  # the last row ends after the tile, or with it
+        b_2d = b.reshape(k, stride)
+        b_2d[:, b_off + n_cols :] = 0x7E00  # NaN
+        got, want = np.full(160, -1.0, np.float32), np.full(160, -1.0, np.float32)
+        _tile(n_rows, a, b, b_off, stride, k, got, n_cols)
+        _tile.py_func(n_rows, a, b, b_off, stride, k, want, n_cols)
+        assert np.array_equal(got, want), n_cols
+        for i in range(n_rows):  # written exactly where asked
+            assert np.isfinite(got[40 * i : 40 * i + n_cols]).all() and (got[40 * i + n_cols : 40 * (i + 1)] == -1.0).all()
 
 
 # ---------------------------------------------------------------------------------------------
