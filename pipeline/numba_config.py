@@ -1,6 +1,8 @@
 """Settings shared by every compiled kernel in caravan."""
 
+import hashlib
 import os
+from pathlib import Path
 
 # One fastmath set for the whole project: reassociation and contraction let LLVM vectorize
 # reductions; "nnan"/"ninf" are left out so NaN and Inf stay honest (stumpy does the same).
@@ -25,10 +27,23 @@ def spin_briefly_when_idle(spin_count: str, environ=os.environ) -> None:
     environ.setdefault("GOMP_SPINCOUNT", spin_count)
 
 
+def kernel_sources_fingerprint(folder: Path = Path(__file__).parent) -> str:
+    """16 hex digits of sha256 over the pipeline's Python sources (names and contents).
+
+    Numba checks a cached function against its own source file only: a kernel in quants.py
+    that inlines simd.py's vector IR stays cached after simd.py changes. Kernels cached under
+    this fingerprint are never used by another version of the sources, an upgrade included."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def keep_compiled_kernels_in(cache_dir, environ=os.environ) -> None:
-    """Cache Numba's compiled kernels under caravan's cache directory (`<cache_dir>/numba`), so
-    they are compiled once per machine, not per process, even where caravan's own folder is not
-    writable. Numba fixes a function's cache location when the function is defined, so this runs
-    before any kernel module is imported (the entry points do it first); an operator's own
-    NUMBA_CACHE_DIR wins."""
-    environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.fspath(cache_dir), "numba"))
+    """Cache Numba's compiled kernels under caravan's cache directory
+    (`<cache_dir>/numba/<kernel_sources_fingerprint()>`), so they are compiled once per machine
+    and version, not per process, even where caravan's own folder is not writable. Numba fixes a
+    function's cache location when the function is defined, so this runs before any kernel
+    module is imported (the entry points do it first); an operator's own NUMBA_CACHE_DIR wins
+    (and then keeping it apart per version is theirs to do)."""
+    environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.fspath(cache_dir), "numba", kernel_sources_fingerprint()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from caravan.coordinator.cli import error_message
 from caravan.coordinator.reference import llama_cpp_available
+from caravan.pipeline import numba_config
 from caravan.pipeline.catalog import PullError
 from caravan.pipeline.generate import ContextFullError
 
@@ -121,6 +123,28 @@ def test_kernels_compile_once_into_caravans_cache(env, tmp_path):
     assert any(p.suffix == ".nbi" for p in first) and any(p.suffix == ".nbc" for p in first)
     assert caravan(fresh, *args).returncode == 0
     assert cached() == first
+
+
+def test_kernel_cache_is_kept_apart_per_version_of_the_sources(tmp_path):
+    """Numba checks a cached kernel against its own file only, so a change to simd.py's vector
+    IR would leave the quants.py kernels that inline it cached: any change to the pipeline's
+    sources moves the compiled kernels to a new folder. An operator's NUMBA_CACHE_DIR wins."""
+    sources = Path(numba_config.__file__).parent
+    copy = tmp_path / "pipeline"
+    copy.mkdir()
+    for path in sources.glob("*.py"):
+        shutil.copy(path, copy / path.name)
+    fingerprint = numba_config.kernel_sources_fingerprint(copy)
+    assert fingerprint == numba_config.kernel_sources_fingerprint(sources)
+    (copy / "simd.py").write_text((copy / "simd.py").read_text() + "\n# changed\n")
+    assert numba_config.kernel_sources_fingerprint(copy) != fingerprint
+
+    environ: dict[str, str] = {}
+    numba_config.keep_compiled_kernels_in(tmp_path / "home", environ)
+    assert environ["NUMBA_CACHE_DIR"] == str(tmp_path / "home" / "numba" / fingerprint)
+    environ = {"NUMBA_CACHE_DIR": str(tmp_path / "mine")}
+    numba_config.keep_compiled_kernels_in(tmp_path / "home", environ)
+    assert environ["NUMBA_CACHE_DIR"] == str(tmp_path / "mine")
 
 
 def test_tokenize_maps_special_text_to_ids(env):
