@@ -6,7 +6,9 @@ builds one batch from every request that is decoding (one row each) plus at most
 prompts share a step), runs it through the stages in one forward call, and samples the next
 token of each row that needs one. Requests join and leave between steps. The kernels give a
 row the same bits whatever else shares its batch, so a greedy request gets the same text alone
-or among many.
+or among many. A step's events go to the requests' on_event during the step and the `flush`
+hook after it: the server sends them to its streams together there and waits until they are
+written, so that writing them does not slow the next step's kernels (server.EventHandoff).
 
 In front of several nodes the scheduler runs one lane per stage: each lane is a thread with
 its own batch, and the lanes' batches follow each other through the stages, so every node
@@ -110,6 +112,10 @@ class Scheduler:
         self.tokens_generated = 0
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
+        # Called on a lane's thread after each turn of its loop (a step and its events) and after
+        # close(): a consumer that collects the on_event calls sends them on here, all at once
+        # (the server's EventHandoff).
+        self.flush: Callable[[], None] = lambda: None
         for lane in self.lanes:
             lane.thread = threading.Thread(target=self._run, args=(lane,), name=f"caravan-scheduler-{lane.index}", daemon=True)
             lane.thread.start()
@@ -137,6 +143,7 @@ class Scheduler:
             waiting, self.waiting = self.waiting, []
         for request in waiting:
             self._end(request, Event("done", finish_reason="cancelled"))
+        self.flush()
 
     def tokens_per_second(self, window_s: float = 60.0) -> float:
         now = time.monotonic()
@@ -169,8 +176,10 @@ class Scheduler:
                 log.exception("scheduler step failed")
                 for request in list(lane.active):
                     self._end(request, Event("error", message="internal error in the scheduler"))
+            self.flush()
         for request in list(lane.active):
             self._end(request, Event("done", finish_reason="cancelled"))
+        self.flush()
 
     def _admit(self, lane: _Lane) -> None:
         """Take waiting requests while this lane has room and no fewer requests than the others

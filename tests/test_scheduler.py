@@ -1,12 +1,15 @@
 """The scheduler on its own, over real LocalStages of a tiny model: lanes that pipeline
-batches through the stages, and prefills shared by samples of one prompt."""
+batches through the stages, prefills shared by samples of one prompt, and the events of each
+step handed on together (with the server's EventHandoff that takes them)."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
 from caravan.coordinator.scheduler import Event, Request, Scheduler
+from caravan.coordinator.server import EventHandoff
 from caravan.pipeline.generate import Generation
 from test_stage import build, greedy, prompt
 
@@ -114,8 +117,8 @@ class Recording(Timed):
 
 
 def run_together(scheduler: Scheduler, prompts: list, max_tokens: int) -> tuple[list[Request], list[list[int]]]:
-    """A greedy request per prompt, all waiting before the lane's next step (the scheduler's
-    condition holds a reentrant lock); returns them and their tokens once all are done."""
+    """A greedy request per prompt, all submitted together; returns them and their tokens once
+    all are done."""
     done = threading.Semaphore(0)
     outputs, requests = [], []
     for p in prompts:
@@ -123,6 +126,13 @@ def run_together(scheduler: Scheduler, prompts: list, max_tokens: int) -> tuple[
         outputs.append(tokens)
         requests.append(Request(list(p), greedy(), max_tokens, frozenset(),
                                 lambda e, f=on_event: (f(e), done.release() if e.kind != "token" else None)))
+    submit_together(scheduler, requests, done)
+    return requests, outputs
+
+
+def submit_together(scheduler: Scheduler, requests: list[Request], done: threading.Semaphore) -> None:
+    """Submit the requests before the lane's next step (the scheduler's condition holds a
+    reentrant lock), wait for `done` to be released once for each, and close the scheduler."""
     try:
         with scheduler._wake:
             for request in requests:
@@ -131,7 +141,6 @@ def run_together(scheduler: Scheduler, prompts: list, max_tokens: int) -> tuple[
             assert done.acquire(timeout=120)
     finally:
         scheduler.close()
-    return requests, outputs
 
 
 def test_short_prompts_share_prefill_steps(tiny_q8_path):
@@ -168,3 +177,80 @@ def test_prompts_that_begin_alike_share_the_beginning(tiny_q8_path):
     assert outputs == alone
     shared = 20 * 3  # the 2nd, 3rd and 4th copy the first's 20 tokens; the 5th shares only 10
     assert scheduler.prompt_tokens_computed == sum(len(p) for p in prompts) - shared
+
+
+def test_a_steps_events_go_out_together_at_the_flush_after_it(tiny_q8_path):
+    """The scheduler calls flush once after each step: what the requests' on_event got during
+    the step is then one token for each request that decodes (the server sends them to its
+    event loop together there), and nothing is left unflushed at the end."""
+    pipeline = build(tiny_q8_path)
+    pipeline.stages = [Recording(pipeline.stages[0])]
+    scheduler = Scheduler(pipeline)
+    lock = threading.Lock()
+    held: list[tuple[int, Event]] = []
+    flushed: list[list[tuple[int, Event]]] = []
+    ended = threading.Semaphore(0)
+
+    def flush():
+        with lock:
+            batch, held[:] = list(held), []
+        if batch:
+            flushed.append(batch)
+        for _ in (e for _, e in batch if e.kind != "token"):
+            ended.release()
+
+    scheduler.flush = flush
+    requests = [Request(list(prompt(5 + 2 * i, seed=20 + i)), greedy(), 6, frozenset(),
+                        lambda e, i=i: held.append((i, e))) for i in range(3)]
+    submit_together(scheduler, requests, ended)
+    assert held == []
+    steps = pipeline.stages[0].batches
+    tokens = [[i for i, e in batch if e.kind == "token"] for batch in flushed]
+    assert len(tokens) == len(steps) == 6  # one prefill step, then five of three decode rows
+    assert all(sorted(t) == [0, 1, 2] for t in tokens)
+    assert sorted(i for i, e in flushed[-1] if e.kind == "done") == [0, 1, 2]
+
+
+def test_the_servers_handoff_delivers_at_flush_and_waits_for_the_streams():
+    """EventHandoff (coordinator/server.py) on a real event loop: put() only collects; flush()
+    returns once the streams it woke have run (a stream writes its chunk there); a loop that is
+    stuck makes flush() give up after its timeout, and a closed one returns at once."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    handoff = EventHandoff()
+    written: list[tuple[int, int]] = []
+
+    async def stream(queue: asyncio.Queue, index: int) -> None:
+        while (event := await queue.get()).kind == "token":
+            written.append((index, event.token))  # where the server writes a chunk
+
+    queues = [asyncio.Queue(), asyncio.Queue()]
+    streams = [asyncio.run_coroutine_threadsafe(stream(q, i), loop) for i, q in enumerate(queues)]
+    try:
+        for token in range(3):
+            handoff.put(loop, queues[0], Event("token", token=token))
+            handoff.put(loop, queues[1], Event("token", token=10 + token))
+            time.sleep(0.02)
+            assert len(written) == 2 * token, "events went out before the flush"
+            handoff.flush()
+            assert sorted(written[-2:]) == [(0, token), (1, 10 + token)]
+        loop.call_soon_threadsafe(time.sleep, 1.0)  # the loop's thread busy for a second
+        handoff.put(loop, queues[0], Event("token", token=3))
+        start = time.perf_counter()
+        handoff.flush(timeout=0.1)
+        assert time.perf_counter() - start < 0.5
+        for queue in queues:
+            handoff.put(loop, queue, Event("done", finish_reason="stop"))
+        handoff.flush(timeout=5)
+        for future in streams:
+            future.result(timeout=5)
+        assert written[-1] == (0, 3)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
+    handoff.put(loop, queues[0], Event("token", token=4))
+    start = time.perf_counter()
+    handoff.flush(timeout=5)
+    assert time.perf_counter() - start < 0.5
