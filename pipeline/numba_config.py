@@ -2,6 +2,9 @@
 
 import hashlib
 import os
+import re
+import shutil
+import time
 from pathlib import Path
 
 # One fastmath set for the whole project: reassociation and contraction let LLVM vectorize
@@ -27,6 +30,11 @@ def spin_briefly_when_idle(spin_count: str, environ=os.environ) -> None:
     environ.setdefault("GOMP_SPINCOUNT", spin_count)
 
 
+# A folder of one version's kernels: kernel_sources_fingerprint(), or, from versions before
+# those, what Numba names a source folder's cache (its name and a hash of its path).
+_VERSION_FOLDER = re.compile(r"[0-9a-f]{16}|\w+_[0-9a-f]{40}")
+
+
 def kernel_sources_fingerprint(folder: Path = Path(__file__).parent) -> str:
     """16 hex digits of sha256 over the pipeline's Python sources (names and contents).
 
@@ -39,11 +47,37 @@ def kernel_sources_fingerprint(folder: Path = Path(__file__).parent) -> str:
     return digest.hexdigest()[:16]
 
 
+KEEP_OTHER_VERSIONS_DAYS = 30  # other versions' compiled kernels are removed after this long unused
+
+
 def keep_compiled_kernels_in(cache_dir, environ=os.environ) -> None:
     """Cache Numba's compiled kernels under caravan's cache directory
     (`<cache_dir>/numba/<kernel_sources_fingerprint()>`), so they are compiled once per machine
     and version, not per process, even where caravan's own folder is not writable. Numba fixes a
     function's cache location when the function is defined, so this runs before any kernel
     module is imported (the entry points do it first); an operator's own NUMBA_CACHE_DIR wins
-    (and then keeping it apart per version is theirs to do)."""
-    environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.fspath(cache_dir), "numba", kernel_sources_fingerprint()))
+    (and then keeping it apart per version is theirs to do).
+
+    Each start marks its own folder as used; folders of other versions that no process has used
+    for KEEP_OTHER_VERSIONS_DAYS are removed (a few MB each, one per upgrade), as are those that
+    versions before these folders left in `<cache_dir>/numba` itself. A version still in use
+    that loses its folder only compiles its kernels again."""
+    if "NUMBA_CACHE_DIR" in environ:
+        return
+    root = Path(cache_dir) / "numba"
+    mine = root / kernel_sources_fingerprint()
+    environ["NUMBA_CACHE_DIR"] = os.fspath(mine)
+    try:
+        mine.mkdir(parents=True, exist_ok=True)
+        os.utime(mine)
+        _remove_unused_versions(root, mine.name, time.time() - KEEP_OTHER_VERSIONS_DAYS * 86400)
+    except OSError:  # a read-only or shared cache: Numba then caches where it can, or not at all
+        pass
+
+
+def _remove_unused_versions(root: Path, mine: str, before: float) -> None:
+    """Other versions' folders under root last used before `before` (a time), and those that
+    versions before these folders left in root itself."""
+    for path in root.iterdir():
+        if path.name != mine and _VERSION_FOLDER.fullmatch(path.name) and path.is_dir() and path.stat().st_mtime < before:
+            shutil.rmtree(path, ignore_errors=True)

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,31 @@ def test_kernel_cache_is_kept_apart_per_version_of_the_sources(tmp_path):
     environ = {"NUMBA_CACHE_DIR": str(tmp_path / "mine")}
     numba_config.keep_compiled_kernels_in(tmp_path / "home", environ)
     assert environ["NUMBA_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+def test_other_versions_kernels_go_once_unused_for_a_while(tmp_path):
+    """Each upgrade leaves its predecessor's compiled kernels behind: a start removes other
+    versions' folders (and the folders Numba made in numba/ itself before these) that no
+    process has used for KEEP_OTHER_VERSIONS_DAYS, keeps recently used ones and anything else,
+    and marks its own folder as used; an operator's NUMBA_CACHE_DIR leaves the cache alone."""
+    root = tmp_path / "home" / "numba"
+    long_ago = time.time() - (numba_config.KEEP_OTHER_VERSIONS_DAYS + 1) * 86400
+    lately = time.time() - 86400
+    legacy = "pipeline_" + "0" * 40  # what Numba named the cache before the per-version folders
+    paths = {name: root / name for name in ("0123456789abcdef", "fedcba9876543210", "notes", legacy)}
+    for name, path in paths.items():
+        path.mkdir(parents=True)
+        (path / "quants.kernel-1.py311.nbi").write_bytes(b"")
+        os.utime(path, (long_ago, lately if name == "fedcba9876543210" else long_ago))
+    mine = root / numba_config.kernel_sources_fingerprint()
+    mine.mkdir()
+    os.utime(mine, (long_ago, long_ago))
+
+    numba_config.keep_compiled_kernels_in(tmp_path / "home", {"NUMBA_CACHE_DIR": str(tmp_path / "mine")})
+    assert all(path.exists() for path in paths.values())
+    numba_config.keep_compiled_kernels_in(tmp_path / "home", {})
+    assert sorted(p.name for p in root.iterdir()) == sorted([mine.name, "fedcba9876543210", "notes"])
+    assert mine.stat().st_mtime > lately
 
 
 def test_tokenize_maps_special_text_to_ids(env):
