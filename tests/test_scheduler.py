@@ -9,7 +9,7 @@ import threading
 import time
 
 from caravan.coordinator.scheduler import Event, Request, Scheduler
-from caravan.coordinator.server import EventHandoff
+from caravan.coordinator.server import EventHandoff, kernels_fill_the_cores
 from caravan.pipeline.generate import Generation
 from test_stage import build, greedy, prompt
 
@@ -254,3 +254,26 @@ def test_the_servers_handoff_delivers_at_flush_and_waits_for_the_streams():
     start = time.perf_counter()
     handoff.flush(timeout=5)
     assert time.perf_counter() - start < 0.5
+
+
+def test_the_handoff_does_not_wait_when_a_core_is_spare():
+    """With fewer kernel threads than cores the loop writes on a core of its own while the next
+    step runs: flush() only hands the events over."""
+    assert kernels_fill_the_cores(None) and kernels_fill_the_cores(4, cores=4) and not kernels_fill_the_cores(1, cores=2)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    handoff = EventHandoff(wait=False)
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+        loop.call_soon_threadsafe(time.sleep, 0.5)  # the loop's thread busy
+        handoff.put(loop, queue, Event("token", token=1))
+        start = time.perf_counter()
+        handoff.flush(timeout=5)
+        assert time.perf_counter() - start < 0.2
+        event = asyncio.run_coroutine_threadsafe(queue.get(), loop).result(timeout=5)
+        assert event.token == 1
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=5)
+        loop.close()
