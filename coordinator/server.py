@@ -100,9 +100,9 @@ class EventHandoff:
     """Events from the scheduler's threads to the streams on the event loop, a step's at once.
 
     The requests' on_event calls only collect them (put); the scheduler calls flush after each
-    step, which hands them to the loop in one call_soon_threadsafe and, when the kernels' threads
-    fill the cores (`wait`), waits until the streams they woke have written their chunks before
-    the next step starts.
+    step, which hands them to the loop in one call_soon_threadsafe and, when this process runs
+    the whole model on every core (`wait`), waits until the streams they woke have written their
+    chunks before the next step starts.
     - Waking the loop's thread hands it the interpreter lock: when the first token of a step
       woke it as soon as it was sampled, sampling 8 streams took 0.8 ms a step instead of 0.27
       (the loop wrote its chunks while the scheduler waited for the lock).
@@ -176,7 +176,10 @@ class API:
         self.api_key = api_key
         self.created = int(time.time())
         self.chat_page = (Path(__file__).parent / "chat.html").read_text(encoding="utf-8")
-        self._handoff = EventHandoff(wait=kernels_fill_the_cores(scheduler.threads))
+        # Waiting for the writes pays where this process runs every layer on every core; in front
+        # of nodes it would only hold the lane's next batch back from them.
+        in_process = all(client is None for _, _, client, _ in placement(list(scheduler.pipeline.stages)))
+        self._handoff = EventHandoff(wait=in_process and kernels_fill_the_cores(scheduler.threads))
         scheduler.flush = self._handoff.flush
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
