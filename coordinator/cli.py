@@ -629,8 +629,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     with _pipeline(args, model, n_ctx) as pipeline:
         for run in range(args.runs + 1):  # the first warms up: compiled kernels loaded, pages touched
             generation = Generation(pipeline, prompt, Sampler(greedy), args.decode_tokens, stop_ids=frozenset())
-            for _ in generation:
-                pass
+            tokens = list(generation)
             if run:
                 runs.append(generation.timings.as_dict())
         stages = []
@@ -657,8 +656,12 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     # Memory first: llama.cpp would add its own to this process's resident size.
     skipped = "--no-llama-cpp" if not args.llama_cpp else llama_cpp_available()
     if skipped is None:
-        reference = llama_cpp_rates(model.file.path, prompt, args.decode_tokens, n_ctx, numba.get_num_threads(), args.runs)
+        reference, reference_tokens = llama_cpp_rates(model.file.path, prompt, args.decode_tokens, n_ctx,
+                                                      numba.get_num_threads(), args.runs)
         result["llama.cpp"] = {key: round(value, 6) for key, value in dataclasses.asdict(reference).items()}
+        # How many greedy tokens, from the first, both engines chose alike: a check that they did the same work.
+        result["llama.cpp"]["same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b),
+                                                  min(len(tokens), len(reference_tokens)))
         result["ratios"] = {  # above 1: caravan is faster
             "prefill": round(result["prefill_tokens_per_s"] / reference.prefill_tokens_per_s, 3),
             "decode": round(result["decode_tokens_per_s"] / reference.decode_tokens_per_s, 3),
@@ -688,7 +691,8 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
                    f"{reference['prefill_tokens_per_s']:.1f} tokens/s, decode {reference['decode_tokens_per_s']:.1f} "
                    f"tokens/s, first token {reference['first_token_s'] * 1e3:.0f} ms")
         _emit(out, f"caravan vs llama.cpp: prefill {ratios['prefill']:.2f}x, decode {ratios['decode']:.2f}x, "
-                   f"first token {ratios['first_token']:.2f}x as fast")
+                   f"first token {ratios['first_token']:.2f}x as fast; the first {reference['same_tokens']} of "
+                   f"{args.decode_tokens} greedy tokens the same")
     return 0
 
 

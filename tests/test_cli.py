@@ -90,15 +90,18 @@ def test_run_streams_the_same_text(env, paris):
 
 
 def test_bench_runs_llama_cpp_beside_caravan(env):
-    """`caravan bench` measures llama.cpp on the same prompt in the same run, with the ratios;
-    without llama-cpp-python (or with --no-llama-cpp) it says why not."""
-    args = ("bench", *ONE_THREAD, "--json", "--runs", "1", "--prompt-tokens", "24", "--decode-tokens", "4")
+    """`caravan bench` measures llama.cpp on the same prompt in the same run, with the ratios and
+    how many greedy tokens the two engines chose alike; without llama-cpp-python (or with
+    --no-llama-cpp) it says why not. The prompt is longer than llama.cpp's batch of 512, which
+    llama.cpp evaluates in two calls."""
+    args = ("bench", *ONE_THREAD, "--json", "--runs", "1", "--ctx", "640", "--prompt-tokens", "516", "--decode-tokens", "4")
     bench = only_json(caravan(env, *args).stdout)
     assert bench["prefill_tokens_per_s"] > 0 and bench["decode_tokens_per_s"] > 0
     if llama_cpp_available() is None:
         reference = bench["llama.cpp"]
         assert reference["prefill_tokens_per_s"] > 0 and reference["decode_tokens_per_s"] > 0 and reference["first_token_s"] > 0
         assert bench["ratios"]["decode"] == pytest.approx(bench["decode_tokens_per_s"] / reference["decode_tokens_per_s"], rel=1e-2)
+        assert reference["same_tokens"] == 4  # the filler repeats itself: no near ties in its first tokens
     else:
         assert "not installed" in bench["llama.cpp"]["skipped"]
     skipped = only_json(caravan(env, *args, "--no-llama-cpp").stdout)

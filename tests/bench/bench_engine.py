@@ -8,7 +8,9 @@ random weights make both meaningless.
 Speed: decode (128 tokens after a short prompt) and prefill (a ~500-token prompt) tokens/s,
 median of --runs runs each, at 1 and 2 threads, for caravan and llama.cpp (llama-cpp-python)
 in the same process, with the ratio. Numba's thread count is set per measurement; llama.cpp
-gets n_threads. Both are greedy, n_ctx 1024, as in shared/REFERENCE.md.
+gets n_threads. Both are greedy, n_ctx 1024, as in shared/REFERENCE.md, and both compute the
+output head for a prompt's last row only (llama.cpp's logits read with last_logits(); a Llama
+made with logits_all would compute it for every row, ~15% of SmolLM2's prefill).
 
 Agreement: greedy 32-token completions of ordinary prompts; where they diverge, llama.cpp's
 gap between its top two logits at that step says whether it was a near-tie.
@@ -39,6 +41,7 @@ import time
 import numba
 import numpy as np
 
+from caravan.coordinator.reference import last_logits
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
@@ -203,18 +206,18 @@ def llama_timers(llm, prompt_ids, long_ids, decode_tokens=DECODE_TOKENS):
     def decode():
         llm.reset()
         llm.eval(prompt_ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
         t = time.perf_counter()
         for _ in range(decode_tokens - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = int(np.argmax(last_logits(llm)))
         return (decode_tokens - 1) / (time.perf_counter() - t)
 
     def prefill():
         llm.reset()
         t = time.perf_counter()
         llm.eval(long_ids)
-        np.argmax(llm.scores[llm.n_tokens - 1])
+        np.argmax(last_logits(llm))
         return len(long_ids) / (time.perf_counter() - t)
 
     return decode, prefill
@@ -229,7 +232,7 @@ def agreement(model, pipeline, llm):
         llm.reset()
         llm.eval(ids)
         while len(ref) < 32:
-            scores = np.asarray(llm.scores[llm.n_tokens - 1])
+            scores = np.array(last_logits(llm))
             tok = int(np.argmax(scores))
             if tok in model.tokenizer.eog_ids:
                 break
@@ -283,7 +286,8 @@ def main() -> int:
     report = {"model": str(path), "runs": args.runs, "speed": []}
     for threads in [int(t) for t in args.threads.split(",")]:
         numba.set_num_threads(threads)
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+        # Without logits_all: llama.cpp computes the output head for the last prompt row only, as caravan does.
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
         c_dec, c_pre = caravan_rates(model, pipeline, prompt_ids, long_ids, args.runs)
         l_dec, l_pre = llama_rates(llm, prompt_ids, long_ids, args.runs)
         bandwidth = read_bandwidth(args.runs)
@@ -302,7 +306,8 @@ def main() -> int:
         print(json.dumps(report, indent=None if args.json else 2))
         return 0
     report["agreement"] = agreement(model, pipeline, llm)
-    ppl_ours, ppl_ref, n = perplexities(model, pipeline, llm, 256)
+    scorer = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=threads, logits_all=True, verbose=False)
+    ppl_ours, ppl_ref, n = perplexities(model, pipeline, scorer, 256)  # every row's logits
     report["perplexity"] = {"caravan": round(ppl_ours, 4), "llama.cpp": round(ppl_ref, 4), "n_scored": n,
                             "relative_difference": round(abs(ppl_ours - ppl_ref) / ppl_ref, 4)}
     print(json.dumps(report, indent=None if args.json else 2))
