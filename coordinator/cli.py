@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=_positive_int, default=256, metavar="N",
                    help="prefill length (default: 256)")
     p.add_argument("--decode-tokens", type=_positive_int, default=64, metavar="N",
-                   help="tokens generated after it (default: 64)")
+                   help="tokens generated after it, at least 2 (default: 64)")
     p.add_argument("--runs", type=_positive_int, default=3, metavar="N", help="report medians of N runs (default: 3)")
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                    help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
@@ -616,6 +616,8 @@ _BENCH_TEXT = ("The caravan moved slowly across the desert, each animal carrying
 
 
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
+    if args.decode_tokens < 2:  # decode is timed from the second token: the first ends the prefill
+        raise ValueError("--decode-tokens must be at least 2: the first token comes with the prompt's prefill")
     model = _load(args)
     n_ctx = model.context_size(args.ctx)
     if args.prompt_tokens + args.decode_tokens > n_ctx:

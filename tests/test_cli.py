@@ -264,9 +264,10 @@ def bad_files(smollm2_path, tmp_path_factory):
         (["run", "hi", "--temperature", "-1"], "temperature must be finite and >= 0"),
         (["run", "hi", "--threads", "0"], "--threads must be between 1"),
         (["perplexity", "{bad}/missing.txt"], "No such file"),
+        (["bench", "--decode-tokens", "1", "--prompt-tokens", "8", *ONE_THREAD], "--decode-tokens must be at least 2"),
     ],
     ids=["missing", "not-gguf", "truncated", "truncated-tokenize", "unknown-name", "unknown-arch", "prompt-too-long",
-         "bad-temperature", "bad-threads", "missing-text"],
+         "bad-temperature", "bad-threads", "missing-text", "bench-one-token"],
 )
 def test_expected_failures_are_one_line(env, bad_files, args, expected):
     args = [a.replace("{bad}", str(bad_files)) for a in args]
