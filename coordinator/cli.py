@@ -116,6 +116,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0,
@@ -136,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"worker nodes to spread the layers over, in pipeline order; '{LOCAL}' is this process")
     cluster.add_argument("--discover", action="store_true",
                          help="use the nodes that answer on the LAN (zeroconf), after any --nodes")
-    cluster.add_argument("--discover-seconds", type=float, default=DISCOVER_SECONDS, metavar="S",
+    cluster.add_argument("--discover-seconds", type=_positive_seconds, default=DISCOVER_SECONDS, metavar="S",
                          help=f"how long to listen for nodes (default: {DISCOVER_SECONDS})")
     cluster.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                          help="the cluster join token shared with the nodes (default: CACHE_DIR/cluster-token, "

@@ -278,6 +278,10 @@ def test_usage_error_exits_2(env):
     result = caravan(env, "run")
     assert result.returncode == 2
     assert "usage: caravan run" in result.stderr and "Traceback" not in result.stderr
+    result = caravan(env, "nodes", "--discover-seconds", "-1")
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == ("caravan nodes: error: argument --discover-seconds: "
+                                              "must be a positive number of seconds, got -1")
 
 
 def test_verbose_shows_the_traceback(env, bad_files):
