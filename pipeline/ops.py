@@ -19,14 +19,29 @@ from .numba_config import FASTMATH
 from .simd import TILE_COLS, TILE_ROWS, exp_f32, f16_bits, round_f16, tile_f16
 
 
-@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
+def _sum_of_squares(x, t):
+    """sum(x[t] ** 2) as ggml_compute_forward_rms_norm sums: each square rounded to f32, then
+    added in float64 (ggml_float). No contraction, which would make each square exact in
+    float64 (an fma); the order is free, so LLVM vectorizes it: terms of 24 bits sum in float64
+    far below the f32 ulp of the mean taken from it."""
+    total = 0.0
+    for j in range(x.shape[1]):
+        total += np.float64(x[t, j] * x[t, j])
+    return total
+
+
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH - {"reassoc"})
 def _rmsnorm(x, weight, eps, out):
+    # No reassociation here: ggml scales the row (ggml_vec_scale_f32), then multiplies by the
+    # weight (its own ggml_mul), and (x * scale) * weight is not x * (scale * weight). A last-bit
+    # difference in a norm's output moves some of the next product's 8-bit activations by one
+    # step: with reassociation here, a quarter of SmolLM2's first norm outputs differed from
+    # llama.cpp's in the last bit (tests/test_ops_vs_llama_cpp.py checks every bit).
     n_rows, dim = x.shape
     for t in range(n_rows):
-        total = 0.0  # float64, as ggml_compute_forward_rms_norm sums in ggml_float
-        for j in range(dim):
-            total += np.float64(x[t, j]) * np.float64(x[t, j])
-        scale = np.float32(1.0) / np.float32(math.sqrt(np.float32(total / dim) + eps))
+        mean = np.float32(_sum_of_squares(x, t) / dim)
+        scale = np.float32(1.0) / np.float32(math.sqrt(mean + eps))
         for j in range(dim):
             out[t, j] = (x[t, j] * scale) * weight[j]
 
@@ -170,13 +185,20 @@ def _attention_tile(q_flat, q_row0, q_stride, n_rows, k_flat, v_flat, kv_base, c
         h = g * group + m % group
         q_offs[i] = q_row0 + (m // group) * q_stride + h * head_dim
         out_offs[i] = out_row0 + (m // group) * out_stride + h * head_dim
-    scores = np.empty((TILE_ROWS, n_max), np.float32)  # (vector, position); read from p_lo on
-    s_flat = scores.reshape(-1)
+    # ggml's mul_mat(K, Q) reads Q in K's type: the tile's query vectors rounded to f16 (without
+    # it, SmolLM2's first attention output is 1e-4 of its size from llama.cpp's, with it 6e-7)
+    buffer = np.empty(TILE_ROWS * (head_dim + n_max), np.float32)  # one allocation for both
+    q_tile = buffer[: TILE_ROWS * head_dim]
+    for i in range(mr):
+        for d in range(head_dim):
+            q_tile[i * head_dim + d] = round_f16(q_flat[q_offs[i] + d])
+    s_flat = buffer[TILE_ROWS * head_dim :]
+    scores = s_flat.reshape((TILE_ROWS, n_max))  # (vector, position); read from p_lo on
     width = TILE_COLS[mr]
     # scores = q_tile @ K[g] (K is stored transposed: (head_dim, position))
     for p0 in range(p_lo, n_max, width):
         tile_f16(
-            mr, q_flat, q_offs[0], q_offs[1], q_offs[2], q_offs[3],
+            mr, q_tile, 0, head_dim, 2 * head_dim, 3 * head_dim,
             k_flat, kv_base + g * head_dim * capacity + p0, capacity, head_dim,
             s_flat, p0, n_max + p0, 2 * n_max + p0, 3 * n_max + p0, min(width, n_max - p0),
         )
@@ -213,7 +235,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: in
     (n_kv_heads, head_dim, capacity), keys transposed so that positions are contiguous, and
     v_cache (n_kv_heads, capacity, head_dim), both f16 bits (uint16), already hold those
     positions and all before them.
-    Query head h reads KV head h // (n_heads // n_kv_heads). Scores are multiplied by scale
+    Query head h reads KV head h // (n_heads // n_kv_heads). The products read the query and
+    the softmax weights rounded to f16, as ggml's mul_mat(K, Q) and mul_mat(V, KQ) on an f16 cache
+    do (ggml converts mul_mat's f32 operand to the other's type). Scores are multiplied by scale
     (default 1/sqrt(head_dim)) after soft-capping (softcap > 0); window > 0 limits each row to
     the last `window` positions, itself included. Returns (T, n_heads * head_dim)."""
     q = np.ascontiguousarray(q)
@@ -292,7 +316,13 @@ _GELU_COEF_A = np.float32(0.044715)
 _SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
 
 
-@nb.njit(inline="always", fastmath=FASTMATH)
+# Only contraction (fused multiply-adds), as GCC compiles ggml_gelu_f32 for a CPU with FMA:
+# with the project's other flags, 82 of Gemma 3 270M's GeGLU outputs over 64 tokens differed
+# from llama.cpp's (entries one f16 step apart), with these none.
+_GELU_FASTMATH = {"contract"}
+
+
+@nb.njit(inline="always", fastmath=_GELU_FASTMATH)
 def _gelu_f16(h):
     """GELU (tanh form, f32) of an f16 value h, rounded to f16: one entry of ggml's table."""
     inner = _SQRT_2_OVER_PI * h * (np.float32(1.0) + _GELU_COEF_A * h * h)
@@ -300,7 +330,7 @@ def _gelu_f16(h):
     return round_f16(gelu)
 
 
-@nb.njit(cache=True, fastmath=FASTMATH)
+@nb.njit(cache=True, fastmath=_GELU_FASTMATH)
 def _fill_gelu_table(halves, table):
     for i in range(halves.shape[0]):
         table[i] = _gelu_f16(halves[i])

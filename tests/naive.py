@@ -122,15 +122,16 @@ def rope(x: np.ndarray, positions: np.ndarray, n_heads: int, n_rot: int, theta_b
 
 
 def attention(
-    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int, f16_weights: bool = False,
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, start: int, n_heads: int, n_kv_heads: int, f16_operands: bool = False,
     scale: float | None = None, softcap: float = 0.0, window: int = 0,
 ) -> np.ndarray:
     """Causal grouped-query attention: q (T, n_heads * hd) at positions start .. start + T - 1,
     k and v (>= start + T, n_kv_heads * hd); query head h reads KV head h // (n_heads // n_kv_heads).
-    f16_weights: the softmax weights are rounded to f16 before they multiply v, as caravan's
-    kernel and ggml's mul_mat(V, KQ) on an f16 cache do. Scores are softcap * tanh(q.k / softcap)
+    f16_operands: q and the softmax weights are rounded to f16 before they multiply k and v, as
+    caravan's kernel and ggml's mul_mat(K, Q) and mul_mat(V, KQ) on an f16 cache do (mul_mat
+    reads its f32 operand in the f16 one's type). Scores are softcap * tanh(q.k / softcap)
     (softcap > 0), times scale (default 1/sqrt(hd)); window > 0: the row at p sees p - window + 1 .. p."""
-    q = np.asarray(q, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float16 if f16_operands else np.float64).astype(np.float64)
     n_rows = q.shape[0]
     head_dim = q.shape[1] // n_heads
     group = n_heads // n_kv_heads
@@ -150,7 +151,7 @@ def attention(
             scores = scores * scale
             weights = np.exp(scores - scores.max())
             weights /= weights.sum()
-            if f16_weights:
+            if f16_operands:
                 weights = weights.astype(np.float16).astype(np.float64)
             out[t, h] = weights @ v[lo:n, kv]
     return out.reshape(n_rows, n_heads * head_dim)
@@ -262,7 +263,7 @@ def forward_layer(
     v = product(weights, p + "attn_v.weight", h)
     k_cache[start : start + n_rows] = round_f16(k)
     v_cache[start : start + n_rows] = round_f16(v)
-    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads, f16_weights=True, window=window)
+    attn = attention(q, k_cache, v_cache, start, c.n_heads, c.n_kv_heads, f16_operands=True, window=window)
     x = x + product(weights, p + "attn_output.weight", attn)
     h = rmsnorm(x, weights[p + "ffn_norm.weight"], c.norm_eps)
     gated = swiglu(product(weights, p + "ffn_gate.weight", h), product(weights, p + "ffn_up.weight", h))

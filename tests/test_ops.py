@@ -112,6 +112,19 @@ def f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
+def assert_attention_close(got: np.ndarray, expected: np.ndarray, v_max: float) -> None:
+    """got within f32 rounding of the float64 reference (scores off by ~head_dim ulps of |q||k|
+    feed exp: ~1e-6 relative in the weights), except where a weight lies that close to an f16
+    rounding boundary and rounds the other way: one f16 step (at most 2**-11) of one weight moves
+    its head's outputs by up to 2**-11 * max|v|. Such weights are rare: a few outputs in a
+    hundred at most, where an error in the kernel (a query not rounded to f16 included) moves
+    most of them."""
+    err = np.abs(got - expected)
+    beyond = err > 1e-5 * (np.abs(expected) + v_max)
+    assert beyond.mean() <= 0.02, f"{beyond.sum()} of {err.size} outputs beyond f32 rounding"
+    assert err.max() <= 2.0**-11 * v_max * 1.01, f"max error {err.max()}: more than one f16 step of a weight"
+
+
 def cache_layout(k: np.ndarray, v: np.ndarray, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """k and v (positions, n_kv_heads * head_dim) f32 -> the KV cache's layout and type: keys
     (n_kv_heads, head_dim, positions), values (n_kv_heads, positions, head_dim), f16 bits."""
@@ -143,9 +156,8 @@ def test_attention(n_heads, n_kv_heads, head_dim, start, n_rows):
     v_cache[: start + n_rows] = randn(start + n_rows, kv_dim, seed=3)
     got = attention(q, *cache_layout(k_cache, v_cache, n_kv_heads), start, n_heads)
     assert got.shape == q.shape and got.dtype == np.float32
-    expected = naive.attention(q, f16(k_cache), f16(v_cache), start, n_heads, n_kv_heads, f16_weights=True)
-    # f32 scores (error ~ head_dim ulps of |q||k|) feed exp: ~1e-6 relative in the weights.
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(v_cache[: start + n_rows]).max())
+    expected = naive.attention(q, f16(k_cache), f16(v_cache), start, n_heads, n_kv_heads, f16_operands=True)
+    assert_attention_close(got, expected, np.abs(f16(v_cache[: start + n_rows])).max())
 
 
 def test_attention_first_position_returns_v():
@@ -248,7 +260,7 @@ def test_attention_large_scores_stay_finite():
     v = randn(3, 64, seed=3)
     got = attention(q, *cache_layout(k, v, 4), 0, 4)
     assert np.isfinite(got).all()
-    np.testing.assert_allclose(got, naive.attention(q, f16(k), f16(v), 0, 4, 4, f16_weights=True), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got, naive.attention(q, f16(k), f16(v), 0, 4, 4, f16_operands=True), rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,9 +392,9 @@ def test_attention_window_and_softcap(softcap, window, start, n_rows):
     k = randn(start + n_rows, kv_dim, seed=2, scale=2.0)
     v = randn(start + n_rows, kv_dim, seed=3)
     got = attention(q, *cache_layout(k, v, n_kv_heads), start, n_heads, 0.5, softcap, window)
-    expected = naive.attention(q, f16(k), f16(v), start, n_heads, n_kv_heads, f16_weights=True, scale=0.5,
+    expected = naive.attention(q, f16(k), f16(v), start, n_heads, n_kv_heads, f16_operands=True, scale=0.5,
                                softcap=softcap, window=window)
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(v).max())
+    assert_attention_close(got, expected, np.abs(f16(v)).max())
 
 
 def test_windowed_rows_alone_equal_rows_together():
