@@ -32,3 +32,16 @@ def smollm2(smollm2_path):
     from caravan.pipeline.loader import load_model
 
     return load_model(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """The real Gemma 3 270M (Q4_K_M), pulled once like SmolLM2."""
+    return pull("gemma3-270m", default_cache_dir(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def gemma3(gemma3_path):
+    from caravan.pipeline.loader import load_model
+
+    return load_model(gemma3_path)

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from caravan.pipeline.catalog import default_cache_dir, pull
 from caravan.pipeline.generate import Generation
-from caravan.pipeline.loader import load_model
 from caravan.pipeline.quants import SUPPORTED_TYPES
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
@@ -59,16 +57,6 @@ TEXTS = [
     "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n",
     "I'm we're they've he'll DON'T <b>bold</b> http://example.com/a?b=c",
 ]
-
-
-@pytest.fixture(scope="module")
-def gemma3_path():
-    return pull("gemma3-270m", default_cache_dir(), progress=False)
-
-
-@pytest.fixture(scope="module")
-def gemma3(gemma3_path):
-    return load_model(gemma3_path)
 
 
 @pytest.fixture(scope="module")

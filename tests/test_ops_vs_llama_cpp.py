@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType as QT
 
-from caravan.pipeline.catalog import default_cache_dir, pull
-from caravan.pipeline.loader import load_model
 from caravan.pipeline.ops import attention, geglu, rmsnorm, swiglu
-from caravan.pipeline.quants import SUPPORTED_TYPES, Activations, matmul
+from caravan.pipeline.quants import Activations, matmul
 from caravan.pipeline.stage import LayerRange, LocalStage
 
 import llama_cpp_taps
@@ -105,18 +102,6 @@ def test_smollm2_layer_ops_equal_llama_cpp(smollm2, smollm2_taps, smollm2_stage,
 
 
 GEMMA3_LAYERS = (0, 5)  # a sliding-window layer and a global one
-
-
-@pytest.fixture(scope="module")
-def gemma3_path():
-    if not {QT.Q4_K, QT.Q6_K, QT.Q5_0} <= set(SUPPORTED_TYPES):
-        pytest.skip("Gemma 3 270M Q4_K_M needs the K-quant kernels")
-    return pull("gemma3-270m", default_cache_dir(), progress=False)
-
-
-@pytest.fixture(scope="module")
-def gemma3(gemma3_path):
-    return load_model(gemma3_path)
 
 
 @pytest.fixture(scope="module")
