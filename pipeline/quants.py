@@ -45,6 +45,7 @@ from .simd import (
     q4_1_group_tokens4,
     q8_0_group_tokens1,
     q8_0_group_tokens4,
+    quantize_block_q8,
     round_f16,
 )
 
@@ -163,35 +164,23 @@ def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
 # Activation quantization (per product, compiled)
 
 
-@nb.njit(inline="always", fastmath=FASTMATH)
+@nb.njit(inline="always")
 def _quantize_row_q8(x, qs, d, s, n, t):
     """Row t of x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs)
-    and n (T, K//32) i32 = sum(qs).
-
-    ggml's quantize_row_q8_0/q8_1: d = amax / 127 stored as f16; q = round(x / d)."""
+    and n (T, K//32) i32 = sum(qs): ggml's quantize_row_q8_0/q8_1, a block at a time in
+    simd.py's IR (simd.quantize_block_q8 says how the scales are taken)."""
     for b in range(x.shape[1] // QK):
-        amax = np.float32(0.0)
-        for j in range(QK):
-            amax = max(amax, abs(x[t, b * QK + j]))
-        delta = amax / np.float32(127.0)
-        inv = np.float32(1.0) / delta if delta > 0 else np.float32(0.0)
-        total = np.int32(0)
-        for j in range(QK):
-            q = np.int32(np.rint(x[t, b * QK + j] * inv))
-            qs[t, b * QK + j] = q
-            total += q
-        d[t, b] = round_f16(delta)
-        n[t, b] = total
-        s[t, b] = round_f16(delta * np.float32(total))
+        quantize_block_q8(x, qs, d, s, n, t, b)
 
 
-@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
+# No fastmath: the float work is simd.py's IR, in a fixed order.
+@nb.njit(cache=True, nogil=True)
 def _quantize_q8(x, qs, d, s, n):
     for t in range(x.shape[0]):
         _quantize_row_q8(x, qs, d, s, n, t)
 
 
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
+@nb.njit(cache=True, nogil=True, parallel=True)
 def _quantize_q8_parallel(x, qs, d, s, n):
     for t in nb.prange(x.shape[0]):
         _quantize_row_q8(x, qs, d, s, n, t)

@@ -1,5 +1,6 @@
-"""Products of quantized weights with 8-bit activations, attention's f16 tiles, and an exp that
-vectorizes, written as LLVM vector IR (or, for exp, as arithmetic on two small intrinsics).
+"""Products of quantized weights with 8-bit activations, the activations' quantizing to 8 bits,
+attention's f16 tiles, and an exp that vectorizes, written as LLVM vector IR (or, for exp, as
+arithmetic on two small intrinsics).
 
 Numba types every integer operation on narrow integers as 64-bit (uint8 & uint8 is uint64),
 so a plain loop over nibbles and int8 activations compiles to 64-bit lanes, four to a register.
@@ -274,6 +275,112 @@ def f16_bits(x):
 
 _f16_function(round_f16, types.float32, lambda builder, half: builder.fpext(half, _F32))
 _f16_function(f16_bits, types.uint16, lambda builder, half: builder.bitcast(half, _I16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations to 8-bit blocks (ggml's quantize_row_q8_0 / q8_1) in vector IR
+#
+# Written as a Numba loop, a block's maximum |x| stays a chain of 32 scalar maxss (fast-math
+# without nnan) and the sum of its integers runs in 64-bit lanes. Here a block is four
+# <8 x float> loads: the maximum is taken on the values' bits with the sign cleared (the order of
+# floats that are not NaN, as integers), and the integers are rounded (to nearest, ties to even),
+# summed, narrowed and stored 32 at a time. 8 rows of 576: 2.0 us against the loop's 3.8; 128
+# rows 25 against 53 (one thread); an 8-row decode step of SmolLM2 quantizes 0.3 ms less.
+# The scales are what that loop compiled to under the project's fast-math flags, so every output
+# is as before: d = amax * f32(1/127), and the integers x * (127 / amax), ggml's AVX2
+# quantize_row_q8_0 (whose d divides by 127: rounded to f16 the two d differ only where they
+# straddle an f16 step). A NaN in a block makes its d NaN; no integer is ever poison.
+
+_INV_127 = np.float32(1.0) / np.float32(127.0)
+_V32_I32 = ir.VectorType(_I32, 32)
+_ABS_BITS = ir.Constant(_V8_I32, [0x7FFFFFFF] * 8)
+
+
+def _round_to_int(builder, v, isa):
+    """<8 x float> -> <8 x i32>, to nearest with ties to even; a NaN gives no poison."""
+    if isa == "avx2":  # vcvtps2dq: the rounding mode's nearest-even; NaN -> 0x80000000
+        return _call(builder, "llvm.x86.avx.cvt.ps2dq.256", _V8_I32, [v])
+    rounded = _call(builder, "llvm.rint.v8f32", _V8_F32, [v])  # frintx on ARM
+    return _call(builder, "llvm.fptosi.sat.v8i32.v8f32", _V8_I32, [rounded])  # NaN -> 0
+
+
+def _codegen_quantize_block(isa: str):
+    def codegen(context, builder, signature, args):
+        x, qs, d, s, n, t, b = args
+        x_t, qs_t, d_t, s_t, n_t, t_t, b_t = signature.args
+        intp = types.intp
+        t = context.cast(builder, t, t_t, intp)
+        b = context.cast(builder, b, b_t, intp)
+        x_row, _ = _row_pointer(context, builder, x_t, x, t)
+        q_row, _ = _row_pointer(context, builder, qs_t, qs, t)
+        x_block = builder.gep(x_row, [builder.mul(b, context.get_constant(intp, 4 * QK))])
+        values = [_load(builder, builder.gep(x_block, [ir.Constant(_I32, 32 * k)]), _V8_F32) for k in range(4)]
+        magnitudes = [builder.and_(builder.bitcast(v, _V8_I32), _ABS_BITS) for v in values]
+        pairs = [_call(builder, "llvm.smax.v8i32", _V8_I32, magnitudes[i : i + 2]) for i in (0, 2)]
+        top = _call(builder, "llvm.vector.reduce.smax.v8i32", _I32, [_call(builder, "llvm.smax.v8i32", _V8_I32, pairs)])
+        amax = builder.bitcast(top, _F32)
+        delta = builder.fmul(amax, ir.Constant(_F32, float(_INV_127)))
+        positive = builder.fcmp_ordered(">", delta, ir.Constant(_F32, 0.0))
+        inv = builder.select(positive, builder.fdiv(ir.Constant(_F32, 127.0), amax), ir.Constant(_F32, 0.0))
+        scale = _splat(builder, inv, _V8_F32)
+        ints = [_round_to_int(builder, builder.fmul(v, scale), isa) for v in values]
+        both = [builder.shuffle_vector(ints[i], ints[i + 1], ir.Constant(ir.VectorType(_I32, 16), list(range(16)))) for i in (0, 2)]
+        block = builder.shuffle_vector(both[0], both[1], ir.Constant(_V32_I32, list(range(32))))
+        q_pointer = builder.gep(q_row, [builder.mul(b, context.get_constant(intp, QK))])
+        builder.store(builder.trunc(block, _V32_I8), builder.bitcast(q_pointer, _V32_I8.as_pointer()), align=1)
+        total = _call(builder, "llvm.vector.reduce.add.v8i32", _I32,
+                      [builder.add(builder.add(ints[0], ints[1]), builder.add(ints[2], ints[3]))])
+        for array, array_t, value in ((d, d_t, delta), (s, s_t, builder.fmul(delta, builder.sitofp(total, _F32))), (n, n_t, total)):
+            if value.type == _F32:
+                value = builder.fpext(builder.fptrunc(value, _HALF), _F32)
+            ary = context.make_array(array_t)(context, builder, array)
+            builder.store(value, cgutils.get_item_pointer(context, builder, array_t, ary, [t, b], wraparound=False))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_quantize_intrinsic(isa: str):
+    codegen = _codegen_quantize_block(isa)
+
+    def typer(typingctx, x, qs, d, s, n, t, b):
+        expected = ((x, types.float32), (qs, types.int8), (d, types.float32), (s, types.float32), (n, types.int32))
+        for array, dtype in expected:
+            if not (isinstance(array, types.Array) and array.ndim == 2 and array.layout == "C" and array.dtype == dtype):
+                raise TypeError(f"quantize_block_q8: expected a C-contiguous 2-D {dtype} array, got {array}")
+        return types.none(x, qs, d, s, n, t, b), codegen
+
+    typer.__name__ = f"quantize_block_q8_{isa}"
+    return intrinsic(typer)
+
+
+# QUANTIZE_INTRINSICS[isa]: every variant this host can run (tests compare them).
+QUANTIZE_INTRINSICS = {isa: _make_quantize_intrinsic(isa) for isa in ISAS}
+
+
+def quantize_block_q8(x, qs, d, s, n, t, b):
+    """Block b of row t of x (T, K) f32 to 8 bits: qs[t, 32b : 32b + 32] = round(x * 127 / amax),
+    d[t, b] = amax * f32(1/127) and s[t, b] = d * sum(qs) (Q8_1's block sum) rounded to f16,
+    n[t, b] = sum(qs); amax = max |x| over the block."""
+    block = x[t, b * QK : (b + 1) * QK]
+    amax = np.abs(block).max()  # NaN if the block holds one
+    delta = np.float32(amax * _INV_127)
+    inv = np.float32(np.float32(127.0) / amax) if delta > 0 else np.float32(0.0)
+    with np.errstate(invalid="ignore"):
+        ints = np.rint(block * inv)
+    ints = np.where(np.isnan(ints), 0, ints).astype(np.int32)
+    qs[t, b * QK : (b + 1) * QK] = ints.astype(np.int8)
+    total = np.int32(ints.sum())
+    with np.errstate(over="ignore"):  # past f16's 65504: inf, as ggml's block_q8_1 stores it
+        d[t, b] = round_f16(delta)
+        s[t, b] = round_f16(np.float32(delta * np.float32(total)))
+    n[t, b] = total
+
+
+@overload(quantize_block_q8, inline="always")
+def _quantize_block_q8_compiled(x, qs, d, s, n, t, b):
+    kernel = QUANTIZE_INTRINSICS[ISA]
+    return lambda x, qs, d, s, n, t, b: kernel(x, qs, d, s, n, t, b)
 
 
 # ---------------------------------------------------------------------------------------------

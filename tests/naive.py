@@ -25,20 +25,23 @@ QK = 32  # weights per quantization block
 def quantize_q8_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """x (T, K) -> q (T, K) int8, d (T, K // 32) f32, s (T, K // 32) f32.
 
-    Per block of 32: amax = max |x|, delta = amax / 127 (f32), q = rint(x * (1 / delta)),
+    Per block of 32: amax = max |x|, delta = amax / 127 (f32), q = rint(x * (127 / amax)),
     d = delta rounded to f16, s = (delta * sum(q)) rounded to f16 (Q8_1's block sum, read by
-    Q4_1's `m` term). The arithmetic is f32 as in ggml, so the q values match the kernel's.
+    Q4_1's `m` term): ggml's x86 quantize_row_q8_0 / q8_1, in f32 as there. (Its reference and
+    NEON forms multiply by 1 / delta instead; caravan's kernel takes delta as amax * f32(1/127),
+    which rounded to f16 is the same d but where the two straddle an f16 step.)
     """
     x = np.asarray(x, dtype=np.float32)
     n_rows, n = x.shape
     blocks = x.reshape(n_rows, n // QK, QK)
     amax = np.abs(blocks).max(axis=-1)  # (T, n_blocks) f32
     delta = amax / np.float32(127.0)
-    with np.errstate(divide="ignore"):
-        inv = np.where(delta > 0, np.float32(1.0) / delta, np.float32(0.0)).astype(np.float32)
+    with np.errstate(divide="ignore", over="ignore"):  # 127 / amax of a block whose delta is 0 is not used
+        inv = np.where(delta > 0, np.float32(127.0) / amax, np.float32(0.0)).astype(np.float32)
     q = np.rint(blocks * inv[..., None]).astype(np.int32)  # |q| <= 127
-    d = delta.astype(np.float16).astype(np.float32)
-    s = (delta * q.sum(axis=-1).astype(np.float32)).astype(np.float16).astype(np.float32)
+    with np.errstate(over="ignore"):  # d * sum(q) past f16's 65504 is inf, as in ggml's block_q8_1
+        d = delta.astype(np.float16).astype(np.float32)
+        s = (delta * q.sum(axis=-1).astype(np.float32)).astype(np.float16).astype(np.float32)
     return q.reshape(n_rows, n).astype(np.int8), d, s
 
 

@@ -227,6 +227,62 @@ def test_group_products_give_the_same_bits_on_every_isa(ttype):
     np.testing.assert_array_equal(matmul(packed, acts), results[0])
 
 
+def awkward_activations() -> np.ndarray:
+    """Rows of 64 whose blocks are awkward to quantize: all zeros, -0.0, subnormals, values whose
+    scaled form is an exact tie (x * 127 / amax = k + 0.5), magnitudes from 1e-30 to 2e4."""
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal((8, 64)) * scale for scale in (1e-30, 1e-3, 1.0, 2e4)]).astype(np.float32)
+    x[0, :32] = 0.0
+    x[1, :32] = -0.0
+    x[2, :32] = np.float32(1e-45) * np.arange(32, dtype=np.float32)
+    x[3, :32] = np.arange(32, dtype=np.float32) - np.float32(15.5)
+    x[3, 0] = 127.0  # amax 127: every other value of the block is a tie
+    return x
+
+
+AWKWARD_AND_RANDOM = pytest.mark.parametrize("rows", (awkward_activations(), random_activations(40, 1536)),
+                                             ids=("awkward", "random"))
+
+
+@AWKWARD_AND_RANDOM
+def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
+    """Activations.q8 (a thread per row from PARALLEL_ROWS rows, serial below) gives ggml's x86
+    quantize_row_q8_1 integers and f16 scales (tests/naive.py) and its block sums, and so does
+    simd.quantize_block_q8's plain-numpy twin."""
+    acts = Activations(rows)
+    qs, d, s = acts.q8()
+    for a, b in zip(naive.quantize_q8_activations(rows), (qs, d, s)):
+        np.testing.assert_array_equal(b, a)
+    np.testing.assert_array_equal(acts.q8_sums(), qs.reshape(len(rows), -1, 32).astype(np.int32).sum(axis=2))
+    for a, b in zip(Activations(rows[:3]).q8(), (qs[:3], d[:3], s[:3])):
+        np.testing.assert_array_equal(a, b)
+    twin = tuple(np.empty_like(a) for a in (qs, d, s, acts.q8_sums()))
+    for t in range(len(rows)):
+        for b in range(rows.shape[1] // 32):
+            simd.quantize_block_q8(rows, *twin, t, b)
+    for a, b in zip((qs, d, s, acts.q8_sums()), twin):
+        np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
+@AWKWARD_AND_RANDOM
+def test_activation_quantizing_gives_the_same_bits_on_every_isa(rows):
+    """simd.py's AVX2 rounding (vcvtps2dq) and its generic IR (rint and a saturating conversion,
+    what an aarch64 node runs) quantize to the same bits."""
+    expected = (*Activations(rows).q8(), Activations(rows).q8_sums())
+    for isa, block in simd.QUANTIZE_INTRINSICS.items():
+        @numba.njit
+        def quantize(x, qs, d, s, n):
+            for t in range(x.shape[0]):
+                for b in range(x.shape[1] // 32):
+                    block(x, qs, d, s, n, t, b)
+
+        got = tuple(np.empty_like(a) for a in expected)
+        quantize(rows, *got)
+        for a, b in zip(expected, got):
+            np.testing.assert_array_equal(b, a, err_msg=isa)
+
+
 @pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1), ids=lambda t: t.name)
 def test_row_slices_need_whole_groups(ttype):
     raw, _ = random_weights(24, 64, ttype)
