@@ -261,13 +261,20 @@ def _attention_segments(qkv, n_heads, k_caches, v_caches, layer, starts, lengths
     row, n_tasks = 0, 0
     for s in range(n_segments):
         k_cache, v_cache = k_caches[s], v_caches[s]
-        # the segment's keys and values into its cache, rounded to f16 as KVCache.store does
+        # the segment's keys and values into its cache, rounded to f16 as KVCache.store does;
+        # a head's values in a loop of their own, contiguous both sides, so that LLVM converts
+        # them eight at a time (8 decode rows: 7.6 us a layer against 12.9 with K and V in one loop)
         for t in range(lengths[s]):
             p = starts[s] + t
+            src = qkv[row + t]
             for h in range(n_kv_heads):
+                keys = src[q_dim + h * head_dim : q_dim + (h + 1) * head_dim]
                 for d in range(head_dim):
-                    k_cache[layer, h, d, p] = f16_bits(qkv[row + t, q_dim + h * head_dim + d])
-                    v_cache[layer, h, p, d] = f16_bits(qkv[row + t, q_dim + kv_dim + h * head_dim + d])
+                    k_cache[layer, h, d, p] = f16_bits(keys[d])
+                values = src[q_dim + kv_dim + h * head_dim : q_dim + kv_dim + (h + 1) * head_dim]
+                into = v_cache[layer, h, p]
+                for d in range(head_dim):
+                    into[d] = f16_bits(values[d])
         first_row[s] = row
         first_task[s] = n_tasks
         row += lengths[s]
