@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import sys
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
 
@@ -44,16 +43,17 @@ from tqdm import tqdm
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, default_cache_dir, resolve_model
 from caravan.pipeline.chat_template import ChatTemplateError
-from caravan.pipeline.generate import PREFILL_CHUNK, ContextFullError, Generation, Pipeline
+from caravan.pipeline.generate import ContextFullError, Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFError, GGUFFile
 from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel, load_model
 from caravan.pipeline.lora import LoraAdapter, LoraError, check_scale
 from caravan.pipeline.model import ModelError
+from caravan.pipeline import perplexity
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
 from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from caravan.pipeline.stage import Segment, StageError
+from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_FILE, TLSFiles, TokenError, load_token
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("perplexity", parents=[common, model, cluster], help="perplexity of the model on a text FILE")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--ctx", "-c", type=int, default=PERPLEXITY_CTX, metavar="N",
-                   help=f"window size in tokens (default: {PERPLEXITY_CTX})")
+                   help=f"window size in tokens; its second half is scored, as llama-perplexity does (default: {PERPLEXITY_CTX})")
     p.add_argument("--max-windows", type=_positive_int, default=None, metavar="K",
                    help="score at most K windows (default: all)")
     p.set_defaults(func=cmd_perplexity)
@@ -500,33 +500,24 @@ def cmd_tokenize(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
-    if args.ctx < 2:
-        raise ValueError(f"--ctx must be at least 2, got {args.ctx}")
+    if args.ctx < 3:
+        raise ValueError(f"--ctx must be at least 3 (the second half of each window is scored), got {args.ctx}")
     text = args.file.read_text(encoding="utf-8")
     model = _load(args)
     if args.ctx > model.config.context_length:
         raise ValueError(f"--ctx {args.ctx} is larger than the model's context of {model.config.context_length} tokens")
-    tokenizer = model.tokenizer
-    # The file is data, not a prompt: special-token text in it stays text, as in
-    # llama-perplexity (common_tokenize(..., add_special=true, parse_special=false)).
-    ids = tokenizer.encode(text, special=False)
-    if tokenizer.bos_id is not None and (not ids or ids[0] != tokenizer.bos_id):
-        ids.insert(0, tokenizer.bos_id)
-    n_ctx = args.ctx
-    n_windows = len(ids) // n_ctx  # the short tail is dropped
-    if n_windows == 0:
-        raise ValueError(
-            f"{args.file}: {len(ids)} tokens, fewer than --ctx {n_ctx}; give a longer file or a smaller --ctx"
-        )
+    tokens = perplexity.windows(model.tokenizer, text, args.ctx)  # (window, position)
+    if len(tokens) == 0:
+        raise ValueError(f"{args.file}: fewer than --ctx {args.ctx} tokens; give a longer file or a smaller --ctx")
     if args.max_windows is not None:
-        n_windows = min(n_windows, args.max_windows)
-    tokens = np.asarray(ids[: n_windows * n_ctx], dtype=np.int64).reshape(n_windows, n_ctx)  # (window, position)
+        tokens = tokens[: args.max_windows]
+    n_windows, n_ctx = tokens.shape
     total_nll = 0.0
     n_scored = 0
     with _pipeline(args, model, n_ctx) as pipeline, \
             tqdm(total=n_windows, unit="window", file=sys.stderr, disable=args.json, desc="perplexity") as bar:
         for window in tokens:
-            nll = window_nll(pipeline, window)
+            nll = perplexity.window_nll(pipeline, window)
             total_nll += float(nll.sum())
             n_scored += nll.size
             bar.set_postfix(ppl=f"{math.exp(total_nll / n_scored):.4f}")
@@ -748,30 +739,6 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         finally:
             scheduler.close()
     return 0
-
-
-def window_nll(pipeline: Pipeline, window: np.ndarray) -> np.ndarray:
-    """-log p(token[i] | tokens before it) for i = 1 .. len - 1, in float64, from one fresh
-    session that prefills the window in chunks, as Generation does."""
-    session_id = uuid.uuid4().hex
-    n = window.shape[0]
-    nll = np.empty(n - 1, dtype=np.float64)  # (n - 1,)
-    try:
-        for start in range(0, n, PREFILL_CHUNK):
-            chunk = window[start : start + PREFILL_CHUNK]  # (T,)
-            hidden = pipeline.forward([Segment(session_id, start, len(chunk))], chunk)  # (T, dim)
-            # Row t predicts the token at position start + t + 1; the window's last row predicts nothing.
-            rows = min(len(chunk), n - 1 - start)
-            if rows <= 0:
-                break
-            logits = pipeline.head.logits(hidden[:rows]).astype(np.float64)  # (rows, vocab)
-            top = logits.max(axis=1)
-            log_z = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))  # (rows,)
-            targets = window[start + 1 : start + 1 + rows]
-            nll[start : start + rows] = log_z - logits[np.arange(rows), targets]
-    finally:
-        pipeline.end_session(session_id)
-    return nll
 
 
 def _stream(generation: Generation, tokenizer: Tokenizer, out: TextIO) -> None:
