@@ -788,7 +788,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             if api_key is None and not loopback:
                 log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
             _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
-            run_http(api.app, sock, limits)
+            run_http(api, sock, limits)
         finally:
             scheduler.close()
     log.info("caravan serve stopped")

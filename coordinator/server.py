@@ -79,6 +79,9 @@ READ_TIMEOUT_S = 30.0  # time for a request's headers, and then for its body (se
 MAX_CONNECTIONS = 1000  # open connections past which requests get a 503 (serve --max-connections)
 KEEP_ALIVE_S = 5.0  # an idle connection between two requests is closed after this long
 SHUTDOWN_GRACE_S = 3.0  # on SIGTERM, how long requests in flight may finish before they are cancelled
+# On SIGTERM, how long a non-streamed answer may still take before it is a 503 instead: less than
+# SHUTDOWN_GRACE_S, so that the 503 is written before the server cancels what is left.
+ANSWER_GRACE_S = SHUTDOWN_GRACE_S - 1.0
 # A chat's messages may be this many times longer than a prompt that fits before they are
 # refused unrendered: a template may leave some of a conversation out.
 CHAT_TEXT_SLACK = 4
@@ -226,6 +229,8 @@ class API:
         in_process = all(client is None for _, _, client, _ in placement(list(scheduler.pipeline.stages)))
         self._handoff = EventHandoff(wait=in_process and kernels_fill_the_cores(scheduler.threads))
         scheduler.flush = self._handoff.flush
+        self._stopping = asyncio.Event()  # set on SIGTERM: answers still running are cut short
+        self._loop: asyncio.AbstractEventLoop | None = None  # the requests' loop, once there is one
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -424,7 +429,14 @@ class API:
 
     # --- running a completion --------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Cut short the non-streamed answers still running (any thread, or a signal handler)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to cut
+                self._loop.call_soon_threadsafe(self._stopping.set)
+
     def _start(self, job: Completion, loop: asyncio.AbstractEventLoop) -> list[tuple[Request, asyncio.Queue]]:
+        self._loop = loop
         handoff = self._handoff
         runs = []
         for i in range(job.n):
@@ -453,16 +465,22 @@ class API:
         # that leaves has its sequences cancelled (and their KV caches freed) at once.
         answer = asyncio.ensure_future(self._answer(job, runs, chat))
         gone = asyncio.ensure_future(_client_gone(http_request))
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({answer, gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done() and not answer.done():
+                await asyncio.wait({answer, gone}, timeout=ANSWER_GRACE_S)
         finally:
-            gone.cancel()
-            answer.cancel()
+            for task in (gone, stopping, answer):
+                task.cancel()
             for request, _ in runs:
                 request.cancel()
-        if not answer.done() or answer.cancelled():
-            log.info("client %s left before its answer: %d sequence(s) cancelled", _client(http_request), len(runs))
+        if gone.done() and not gone.cancelled():
+            log.info("%s left before its answer: %d sequence(s) cancelled", _client(http_request), len(runs))
             return APIError(400, "the client closed the connection", code="client_closed").response()
+        if not answer.done() or answer.cancelled():
+            return APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
+                            kind="server_error").response()
         try:
             choices = answer.result()
         except APIError as exc:
@@ -817,6 +835,14 @@ def _header_timeout_protocol(timeout: float) -> type:
 
 
 class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self.on_exit = on_exit  # called as the server starts to stop
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.on_exit()
+
     @contextlib.contextmanager
     def capture_signals(self):
         """As uvicorn's, without raising SIGINT or SIGTERM again once the server has stopped:
@@ -832,14 +858,14 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def run_http(app, sock, limits: ServeLimits) -> None:
-    """Serve `app` on `sock` until SIGINT or SIGTERM, with `limits` on every connection."""
-    config = uvicorn.Config(app, log_level="warning", lifespan="off",
+def run_http(api: API, sock, limits: ServeLimits) -> None:
+    """Serve `api` on `sock` until SIGINT or SIGTERM, with `limits` on every connection."""
+    config = uvicorn.Config(api.app, log_level="warning", lifespan="off",
                             http=_header_timeout_protocol(limits.read_timeout),
                             limit_concurrency=limits.max_connections,
                             timeout_keep_alive=min(KEEP_ALIVE_S, limits.read_timeout),
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    _Server(config).run(sockets=[sock])
+    _Server(config, on_exit=api.stop).run(sockets=[sock])
 
 
 def _top_logprobs(body: dict, chat: bool) -> int:
