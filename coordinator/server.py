@@ -475,10 +475,10 @@ class API:
                 task.cancel()
             for request, _ in runs:
                 request.cancel()
-        if gone.done() and not gone.cancelled():
-            log.info("%s left before its answer: %d sequence(s) cancelled", _client(http_request), len(runs))
-            return APIError(400, "the client closed the connection", code="client_closed").response()
         if not answer.done() or answer.cancelled():
+            if gone.done() and not gone.cancelled():
+                log.info("%s left before its answer: %d sequence(s) cancelled", _peer(http_request.client), len(runs))
+                return APIError(400, "the client closed the connection", code="client_closed").response()
             return APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
                             kind="server_error").response()
         try:
@@ -638,21 +638,24 @@ def _authority(url_or_host: str, scheme: str) -> str:
     return authority
 
 
-def _browser_refusal(scope, loopback_only: bool) -> str | None:
-    """Why a request may have come from a web page that must not reach this server, if so."""
+def _browser_refusal(scope, loopback_only: bool) -> APIError | None:
+    """The refusal of a request that may come from a web page that must not reach this server."""
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     host, origin = headers.get("host", ""), headers.get("origin")
     if loopback_only and not _is_loopback_host(host):
-        return "this server answers only requests addressed to localhost (Host header)"
+        return APIError(403, "this server answers only requests addressed to localhost (Host header)",
+                        code="forbidden_host")
     if origin is None:
         return None
     if origin.strip().lower() == "null":
-        return "requests from sandboxed frames and local files are refused (Origin: null)"
+        return APIError(403, "requests from sandboxed frames and local files are refused (Origin: null)",
+                        code="forbidden_origin")
     if loopback_only:
         own = _is_loopback_host(origin.split("://", 1)[-1].rstrip("/"))
     else:
         own = _authority(origin, "http") == _authority(host, scope.get("scheme", "http"))
-    return None if own else "requests from web pages on other sites are refused (Origin header)"
+    return None if own else APIError(403, "requests from web pages on other sites are refused (Origin header)",
+                                     code="forbidden_origin")
 
 
 class BrowserGuard:
@@ -666,9 +669,9 @@ class BrowserGuard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            why = _browser_refusal(scope, self.loopback_only)
-            if why:
-                await APIError(403, why, code="forbidden_origin").response()(scope, receive, send)
+            refusal = _browser_refusal(scope, self.loopback_only)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -724,15 +727,14 @@ class BodyLimits:
         try:
             await self.app(scope, bounded_receive, tracked_send)
         except ClientDisconnect:
-            log.info("%s left while sending its request to %s", _client(scope), scope.get("path"))
+            log.info("%s left while sending its request to %s", _peer(scope.get("client")), scope.get("path"))
         except APIError as exc:  # from bounded_receive, where no endpoint caught it
             if started:
                 raise
             await exc.response()(scope, receive, send)
 
 
-def _client(scope_or_request) -> str:
-    client = scope_or_request.get("client") if isinstance(scope_or_request, dict) else scope_or_request.client
+def _peer(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "a client"
 
 
