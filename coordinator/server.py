@@ -315,6 +315,17 @@ class API:
         return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()),
                           _top_logprobs(body, chat))
 
+    def _prompt_ids(self, body: dict) -> list[int]:
+        """The prompt of a completion request, tokenized (on a worker thread)."""
+        prompt = _prompt(body)
+        if isinstance(prompt, str):
+            self._refuse_past_context(len(prompt), "prompt")
+            return self.model.tokenizer.encode(prompt, special=True)
+        if len(prompt) < self.scheduler.pipeline.n_ctx and not all(0 <= t < self.model.tokenizer.vocab_size
+                                                                    for t in prompt):
+            raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
+        return list(prompt)
+
     def _chat_ids(self, body: dict) -> list[int]:
         """The prompt of a chat request: its messages rendered and tokenized (on a worker thread)."""
         messages = body.get("messages")
@@ -362,15 +373,7 @@ class API:
     async def completions(self, request: HTTPRequest) -> Response:
         try:
             body = await self._body(request)
-            prompt = _prompt(body)
-            if isinstance(prompt, str):
-                self._refuse_past_context(len(prompt), "prompt")
-                ids = await run_in_threadpool(self.model.tokenizer.encode, prompt, special=True)
-            else:
-                ids = list(prompt)
-                if not all(0 <= t < self.model.tokenizer.vocab_size for t in ids):
-                    raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
-            job = self._completion(body, ids, chat=False)
+            job = self._completion(body, await run_in_threadpool(self._prompt_ids, body), chat=False)
         except APIError as exc:
             return exc.response()
         return await self._respond(job, False, request)
