@@ -754,9 +754,12 @@ def _api_key(args: argparse.Namespace) -> str | None:
     if args.api_key is not None:
         return args.api_key
     if args.api_key_file is not None:
-        key = args.api_key_file.read_text(encoding="utf-8").strip()
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {getattr(exc, 'strerror', None) or exc}") from None
         if not key:
-            raise ValueError(f"{args.api_key_file}: empty; put the API key in it")
+            raise ValueError(f"--api-key-file {args.api_key_file}: empty; put the API key in it")
         if args.api_key_file.stat().st_mode & 0o077:
             log.warning("%s can be read by other users: chmod 600 it", args.api_key_file)
         return key

@@ -311,7 +311,7 @@ def test_api_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         _api_key(args(api_key_file=tmp_path / "empty"))
-    with pytest.raises(OSError):
+    with pytest.raises(ValueError, match="--api-key-file .*missing: No such file"):
         _api_key(args(api_key_file=tmp_path / "missing"))
 
 
@@ -349,3 +349,35 @@ def test_sigterm_ends_the_server_quickly_with_requests_in_flight():
         assert results == [503] * 4  # each told so, in JSON, before the server went
     finally:
         s.stop()
+
+
+def test_sigterm_in_front_of_nodes_closes_their_sessions(tmp_path):
+    """Issue 22, defect 5: SIGTERM in front of two nodes, with answers being written, leaves
+    no session behind on either node."""
+    from caravan.coordinator.remote import NodeClient
+    from node_processes import NodeProcess, cluster_token
+
+    nodes = [NodeProcess(tmp_path / f"n{i}") for i in range(2)]
+    s = Server("--nodes", ",".join(n.address for n in nodes), env={API_KEY_ENV: KEY})
+    clients = [NodeClient(n.address, cluster_token()) for n in nodes]
+    try:
+        threads = [threading.Thread(target=post, args=(s, "/completions", {
+            "model": MODEL, "prompt": "1, 2, 3,", "max_tokens": N_CTX - 16, "temperature": 0}), daemon=True)
+            for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(c.info().sessions > 0 for c in clients):
+            time.sleep(0.1)
+        assert metric(s, "caravan_requests_in_flight") == 2 and all(c.info().sessions > 0 for c in clients)
+        start = time.monotonic()
+        s.proc.terminate()
+        code = s.proc.wait(timeout=30)
+        assert code == 0 and time.monotonic() - start < 8, (code, time.monotonic() - start)
+        assert [c.info().sessions for c in clients] == [0, 0]
+    finally:
+        s.stop()
+        for c in clients:
+            c.close()
+        for n in nodes:
+            n.stop()
