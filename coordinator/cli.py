@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, TextIO
@@ -65,6 +66,7 @@ from .planner import PlanError
 from .reference import llama_cpp_available, llama_cpp_rates
 from .remote import NodeError, placement
 from .scheduler import Scheduler
+from .server import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,19 @@ def _positive_seconds(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def _size(text: str) -> int:
+    """'4MiB', '4M', '512k', '1048576' -> bytes (the units are powers of 1,024)."""
+    match = _SIZE.fullmatch(text.strip())
+    value = int(float(match[1]) * _SIZE_UNITS[match[2].lower()]) if match else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive size such as 4MiB, 512KiB or 1048576, got {text}")
     return value
 
 
@@ -225,11 +240,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; give --api-key before opening it)")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0 picks a free one)")
-    p.add_argument("--api-key", default=None, metavar="KEY", help="require `Authorization: Bearer KEY` on every request")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None, metavar="KEY",
+                      help="require `Authorization: Bearer KEY` on every request (the key shows in the process "
+                           "list: prefer --api-key-file or the environment variable CARAVAN_API_KEY)")
+    keys.add_argument("--api-key-file", type=Path, default=None, metavar="PATH",
+                      help="as --api-key, with the key read from the file PATH (keep it mode 0600)")
     p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"context size in tokens, shared by prompt and answer (default: {DEFAULT_CTX})")
     p.add_argument("--max-batch", type=_positive_int, default=32, metavar="N",
                    help="sequences decoded together; more requests wait (default: 32)")
+    p.add_argument("--max-body", type=_size, default=MAX_BODY_BYTES, metavar="SIZE",
+                   help=f"largest request body, e.g. 16MiB; larger ones get a 413 (default: {MAX_BODY_BYTES // 2**20}MiB)")
+    p.add_argument("--read-timeout", type=_positive_seconds, default=READ_TIMEOUT_S, metavar="S",
+                   help="seconds a client has to send a request's headers, and then its body; slower "
+                        f"connections are closed (default: {READ_TIMEOUT_S:g})")
+    p.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
+                   help="open connections past which requests get a 503; the process needs about N + 1024 "
+                        f"file descriptors (default: {MAX_CONNECTIONS})")
     p.set_defaults(func=cmd_serve)
 
     p = verbs.add_parser("quantize", parents=[common],
@@ -709,15 +737,35 @@ def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+API_KEY_ENV = "CARAVAN_API_KEY"
+
+
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else the first line of --api-key-file, else $CARAVAN_API_KEY, else none."""
+    if args.api_key is not None:
+        return args.api_key
+    if args.api_key_file is not None:
+        try:
+            key = args.api_key_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {getattr(exc, 'strerror', None) or exc}") from None
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: empty; put the API key in it")
+        if args.api_key_file.stat().st_mode & 0o077:
+            log.warning("%s can be read by other users: chmod 600 it", args.api_key_file)
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     import socket
 
-    import uvicorn
-
-    from .server import API
+    from .server import API, ServeLimits, run_http
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    api_key = _api_key(args)
+    limits = ServeLimits(max_body=args.max_body, read_timeout=args.read_timeout, max_connections=args.max_connections)
     model = _load(args)
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
@@ -727,17 +775,17 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         # next node works on another's. In one process a lane would only wait for the other.
         lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes)
-        host, port = sock.getsockname()[:2]
-        api = API(model, scheduler, model_id, args.api_key, loopback_only=ipaddress.ip_address(host).is_loopback,
-                  adapters=adapters)
-        if args.api_key is None and not ipaddress.ip_address(host).is_loopback:
-            log.warning("serving on %s without --api-key: anyone who can reach it can use it", host)
-        _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
-        config = uvicorn.Config(api.app, log_level="warning", lifespan="off")
         try:
-            uvicorn.Server(config).run(sockets=[sock])
+            host, port = sock.getsockname()[:2]
+            loopback = ipaddress.ip_address(host).is_loopback
+            api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits)
+            if api_key is None and not loopback:
+                log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+            _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
+            run_http(api, sock, limits)
         finally:
             scheduler.close()
+    log.info("caravan serve stopped")
     return 0
 
 

@@ -16,18 +16,32 @@ the base model's own id runs it without. A client that goes away mid-stream has 
 KV cache on every stage.
 
 Bound to loopback (the default), it answers only requests whose Host names loopback and whose
-Origin, if any, is a loopback page: a web page elsewhere cannot reach it through the browser
+Origin, if any, is a loopback page; bound elsewhere, an Origin must be the server's own page.
+`Origin: null` (sandboxed frames, local files) is refused, and a POST's body must be sent as
+`Content-Type: application/json`, which a browser never sends cross-site without a CORS
+preflight this server does not answer: a web page elsewhere cannot reach it through the browser
 (DNS rebinding, cross-site POSTs). It sends no CORS headers.
+
+No one client can stall it for the others: a body is bounded (--max-body, 413 past it) and must
+arrive within --read-timeout, as must a request's headers; parsing, tokenizing and the chat
+template run on worker threads, never on the event loop; a prompt that cannot fit the context is
+refused before it is tokenized; past --max-connections new requests get a 503. A non-streamed
+request whose client leaves is cancelled like a stream, and SIGTERM ends the server within
+SHUTDOWN_GRACE_S of letting requests finish, then cancels the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hmac
 import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import signal
 import threading
 import time
 import uuid
@@ -36,9 +50,12 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import numba
+import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -57,17 +74,41 @@ MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (completions: logprobs up to 5)
 WRITE_WAIT_S = 0.1  # how long a step's end waits at most for its tokens' chunks to be written
+MAX_BODY_BYTES = 4 * 2**20  # a request body's bound unless serve --max-body says otherwise
+READ_TIMEOUT_S = 30.0  # time for a request's headers, and then for its body (serve --read-timeout)
+MAX_CONNECTIONS = 1000  # open connections past which requests get a 503 (serve --max-connections)
+KEEP_ALIVE_S = 5.0  # an idle connection between two requests is closed after this long
+SHUTDOWN_GRACE_S = 3.0  # on SIGTERM, how long requests in flight may finish before they are cancelled
+# On SIGTERM, how long a non-streamed answer may still take before it is a 503 instead: less than
+# SHUTDOWN_GRACE_S, so that the 503 is written before the server cancels what is left.
+ANSWER_GRACE_S = SHUTDOWN_GRACE_S - 1.0
+# A chat's messages may be this many times longer than a prompt that fits before they are
+# refused unrendered: a template may leave some of a conversation out.
+CHAT_TEXT_SLACK = 4
+CLOSE = {"Connection": "close"}  # on a refusal that leaves part of a request unread
+# A JSON escape of a UTF-16 surrogate: only then can a parsed string hold a lone one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one client may take of the HTTP server (serve's flags)."""
+
+    max_body: int = MAX_BODY_BYTES  # bytes in a request body
+    read_timeout: float = READ_TIMEOUT_S  # seconds for a request's headers, then for its body
+    max_connections: int = MAX_CONNECTIONS  # open connections before requests are refused
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
 
 
 @dataclass(frozen=True)
@@ -166,8 +207,15 @@ def kernels_fill_the_cores(threads: int | None, cores: int | None = None) -> boo
 
 class API:
     def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None,
-                 loopback_only: bool = True, adapters: dict[str, tuple[tuple[str, float], ...]] | None = None):
+                 loopback_only: bool = True, adapters: dict[str, tuple[tuple[str, float], ...]] | None = None,
+                 limits: ServeLimits = ServeLimits()):
         self.model = model
+        self.limits = limits
+        # Every token stands for at most this many bytes of text (its vocabulary entry, for a
+        # special token), so a text of N characters is at least N / this many tokens.
+        tokenizer = model.tokenizer
+        self.max_token_bytes = max((max(len(tokenizer.token_bytes(i)), len(tokenizer.token_text(i).encode()))
+                                    for i in range(tokenizer.vocab_size)), default=1)
         self.scheduler = scheduler
         self.model_id = model_id
         # Model ids that stand for the base model with LoRA adapters ("MODEL:ADAPTER" -> (name,
@@ -181,6 +229,8 @@ class API:
         in_process = all(client is None for _, _, client, _ in placement(list(scheduler.pipeline.stages)))
         self._handoff = EventHandoff(wait=in_process and kernels_fill_the_cores(scheduler.threads))
         scheduler.flush = self._handoff.flush
+        self._stopping = asyncio.Event()  # set on SIGTERM: answers still running are cut short
+        self._loop: asyncio.AbstractEventLoop | None = None  # the requests' loop, once there is one
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -188,31 +238,45 @@ class API:
             Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
-        ], middleware=[Middleware(LoopbackOnly)] if loopback_only else [])
+        ], middleware=[
+            Middleware(BodyLimits, max_body=limits.max_body, read_timeout=limits.read_timeout),
+            Middleware(BrowserGuard, loopback_only=loopback_only),
+        ], exception_handlers={HTTPException: _http_error, Exception: _internal_error})
 
     # --- requests --------------------------------------------------------------------------------
 
     def _authorize(self, request: HTTPRequest) -> None:
         if self.api_key is None:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        # Header values arrive as latin-1 text: back to the bytes the client sent.
+        sent = key.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(sent, self.api_key.encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key",
                            kind="authentication_error")
 
     async def _body(self, request: HTTPRequest) -> dict:
         self._authorize(request)
-        try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, "
+                           f"got {media or 'no Content-Type'}", code="unsupported_media_type", headers=CLOSE)
+        body = await run_in_threadpool(_parse_json, await request.body())
         model = body.get("model")
         if model is not None and model != self.model_id and model not in self.adapters:
             served = ", ".join(repr(m) for m in (self.model_id, *self.adapters))
             raise APIError(404, f"the model {model!r} does not exist; this server runs {served}",
                            "model", "model_not_found")
         return body
+
+    def _refuse_past_context(self, chars: int, param: str, slack: int = 1) -> None:
+        """Refuse a text of `chars` characters, untokenized, when it cannot fit the context (a
+        character is at least a byte, a token at most max_token_bytes of them)."""
+        n_ctx = self.scheduler.pipeline.n_ctx
+        least = chars // (self.max_token_bytes * slack)
+        if least >= n_ctx:
+            raise APIError(400, f"the prompt is at least {least} tokens ({chars} characters); this server's "
+                           f"context is {n_ctx}", param, "context_length_exceeded")
 
     def _completion(self, body: dict, prompt_ids: list[int], chat: bool) -> Completion:
         n_ctx = self.scheduler.pipeline.n_ctx
@@ -251,7 +315,19 @@ class API:
         return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()),
                           _top_logprobs(body, chat))
 
+    def _prompt_ids(self, body: dict) -> list[int]:
+        """The prompt of a completion request, tokenized (on a worker thread)."""
+        prompt = _prompt(body)
+        if isinstance(prompt, str):
+            self._refuse_past_context(len(prompt), "prompt")
+            return self.model.tokenizer.encode(prompt, special=True)
+        if len(prompt) < self.scheduler.pipeline.n_ctx and not all(0 <= t < self.model.tokenizer.vocab_size
+                                                                    for t in prompt):
+            raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
+        return list(prompt)
+
     def _chat_ids(self, body: dict) -> list[int]:
+        """The prompt of a chat request: its messages rendered and tokenized (on a worker thread)."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise APIError(400, "messages must be a non-empty list", "messages")
@@ -273,11 +349,13 @@ class API:
                 raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                                f"messages[{i}].content")
             rendered.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        self._refuse_past_context(sum(len(m["content"]) for m in rendered), "messages", CHAT_TEXT_SLACK)
         tokenizer = self.model.tokenizer
         try:
             text = self.model.chat_template.render(rendered, add_generation_prompt=True)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
+        self._refuse_past_context(len(text), "messages")
         bos_text = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
         add_bos = False if bos_text and text.startswith(bos_text) else tokenizer.add_bos
         return tokenizer.encode(text, add_bos=add_bos, special=True)
@@ -287,29 +365,18 @@ class API:
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
             body = await self._body(request)
-            job = self._completion(body, self._chat_ids(body), chat=True)
+            job = self._completion(body, await run_in_threadpool(self._chat_ids, body), chat=True)
         except APIError as exc:
             return exc.response()
-        return await self._respond(job, chat=True)
+        return await self._respond(job, True, request)
 
     async def completions(self, request: HTTPRequest) -> Response:
         try:
             body = await self._body(request)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                ids = [int(t) for t in prompt]
-                if not all(0 <= t < self.model.tokenizer.vocab_size for t in ids):
-                    raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
-            elif isinstance(prompt, str) and prompt:
-                ids = self.model.tokenizer.encode(prompt, special=True)
-            else:
-                raise APIError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
-            job = self._completion(body, ids, chat=False)
+            job = self._completion(body, await run_in_threadpool(self._prompt_ids, body), chat=False)
         except APIError as exc:
             return exc.response()
-        return await self._respond(job, chat=False)
+        return await self._respond(job, False, request)
 
     async def models(self, request: HTTPRequest) -> Response:
         try:
@@ -365,7 +432,14 @@ class API:
 
     # --- running a completion --------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Cut short the non-streamed answers still running (any thread, or a signal handler)."""
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing left to cut
+                self._loop.call_soon_threadsafe(self._stopping.set)
+
     def _start(self, job: Completion, loop: asyncio.AbstractEventLoop) -> list[tuple[Request, asyncio.Queue]]:
+        self._loop = loop
         handoff = self._handoff
         runs = []
         for i in range(job.n):
@@ -381,7 +455,7 @@ class API:
         self.scheduler.submit(leader)
         return runs
 
-    async def _respond(self, job: Completion, chat: bool) -> Response:
+    async def _respond(self, job: Completion, chat: bool, http_request: HTTPRequest) -> Response:
         loop = asyncio.get_running_loop()
         runs = self._start(job, loop)
         kind = "chat.completion" if chat else "text_completion"
@@ -390,26 +464,48 @@ class API:
         if job.stream:
             return StreamingResponse(self._stream(job, runs, chat, {**base, "object": kind + ("" if not chat else ".chunk")}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        # The answer is written at the end: watch the connection meanwhile, so that a client
+        # that leaves has its sequences cancelled (and their KV caches freed) at once.
+        answer = asyncio.ensure_future(self._answer(job, runs, chat))
+        gone = asyncio.ensure_future(_client_gone(http_request))
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            choices = []
-            for index, (request, events) in enumerate(runs):
-                text, reason, tokens = "", "length", []
-                async for piece, finish, piece_tokens in self._pieces(job, request, events):
-                    text += piece
-                    reason = finish or reason
-                    tokens += piece_tokens
-                logprobs = self._logprobs(job, tokens, chat, 0)
-                choices.append({"index": index, "finish_reason": reason, "logprobs": logprobs,
-                                **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})})
-        except APIError as exc:
-            return exc.response()
+            await asyncio.wait({answer, gone, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if stopping.done() and not answer.done():
+                await asyncio.wait({answer, gone}, timeout=ANSWER_GRACE_S)
         finally:
+            for task in (gone, stopping, answer):
+                task.cancel()
             for request, _ in runs:
                 request.cancel()
+        if not answer.done() or answer.cancelled():
+            if gone.done() and not gone.cancelled():
+                log.info("%s left before its answer: %d sequence(s) cancelled", _peer(http_request.client), len(runs))
+                return APIError(400, "the client closed the connection", code="client_closed").response()
+            return APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
+                            kind="server_error").response()
+        try:
+            choices = answer.result()
+        except APIError as exc:
+            return exc.response()
         completion = sum(len(r.tokens) for r, _ in runs)
         return JSONResponse({**base, "object": kind, "choices": choices, "usage": {
             "prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
             "total_tokens": len(job.prompt_ids) + completion}})
+
+    async def _answer(self, job: Completion, runs, chat: bool) -> list[dict]:
+        """The choices of a non-streamed answer, once every sequence is done."""
+        choices = []
+        for index, (request, events) in enumerate(runs):
+            text, reason, tokens = "", "length", []
+            async for piece, finish, piece_tokens in self._pieces(job, request, events):
+                text += piece
+                reason = finish or reason
+                tokens += piece_tokens
+            logprobs = self._logprobs(job, tokens, chat, 0)
+            choices.append({"index": index, "finish_reason": reason, "logprobs": logprobs,
+                            **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})})
+        return choices
 
     async def _pieces(self, job: Completion, request: Request,
                       events: asyncio.Queue) -> AsyncIterator[tuple[str, str, list[Event]]]:
@@ -535,26 +631,246 @@ def _is_loopback_host(host: str) -> bool:
         return False
 
 
-class LoopbackOnly:
-    """ASGI middleware: refuse requests whose Host is not a loopback name, or whose Origin is a
-    page somewhere else (DNS rebinding and cross-site requests from a browser)."""
+def _authority(url_or_host: str, scheme: str) -> str:
+    """'http://Example:80' -> 'example:80', 'example' (with scheme http) -> 'example:80'."""
+    if "://" in url_or_host:
+        scheme, url_or_host = url_or_host.split("://", 1)
+    authority = url_or_host.strip().lower().rstrip("/")
+    if ":" not in authority.rsplit("]", 1)[-1]:
+        authority += ":" + {"http": "80", "https": "443"}.get(scheme.lower(), "")
+    return authority
 
-    def __init__(self, app):
+
+def _browser_refusal(scope, loopback_only: bool) -> APIError | None:
+    """The refusal of a request that may come from a web page that must not reach this server."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    host, origin = headers.get("host", ""), headers.get("origin")
+    if loopback_only and not _is_loopback_host(host):
+        return APIError(403, "this server answers only requests addressed to localhost (Host header)",
+                        code="forbidden_host")
+    if origin is None:
+        return None
+    if origin.strip().lower() == "null":
+        return APIError(403, "requests from sandboxed frames and local files are refused (Origin: null)",
+                        code="forbidden_origin")
+    if loopback_only:
+        own = _is_loopback_host(origin.split("://", 1)[-1].rstrip("/"))
+    else:
+        own = _authority(origin, "http") == _authority(host, scope.get("scheme", "http"))
+    return None if own else APIError(403, "requests from web pages on other sites are refused (Origin header)",
+                                     code="forbidden_origin")
+
+
+class BrowserGuard:
+    """ASGI middleware: refuse requests from web pages other than this server's own (a foreign
+    or null Origin, on every route) and, bound to loopback, those whose Host is not a loopback
+    name (DNS rebinding)."""
+
+    def __init__(self, app, loopback_only: bool):
         self.app = app
+        self.loopback_only = loopback_only
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-            origin = headers.get("origin")
-            why = None
-            if not _is_loopback_host(headers.get("host", "")):
-                why = "this server answers only requests addressed to localhost (Host header)"
-            elif origin is not None and origin != "null" and not _is_loopback_host(origin.split("://", 1)[-1]):
-                why = "requests from web pages on other sites are refused (Origin header)"
-            if why:
-                await APIError(403, why, code="forbidden_host").response()(scope, receive, send)
+            refusal = _browser_refusal(scope, self.loopback_only)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _too_large(max_body: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server takes ({max_body} bytes; "
+                    "serve --max-body raises it)", code="request_too_large", headers=CLOSE)
+
+
+class BodyLimits:
+    """ASGI middleware: a request body is at most `max_body` bytes, by its Content-Length and
+    counted as it comes in (a chunked upload has none), and arrives within `read_timeout`
+    seconds; a client that leaves mid-upload costs one line in the log."""
+
+    def __init__(self, app, max_body: int, read_timeout: float):
+        self.app, self.max_body, self.read_timeout = app, max_body, read_timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"").strip()
+        if length.isdigit() and int(length) > self.max_body:
+            await _too_large(self.max_body).response()(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout
+        received, done, started = 0, False, False
+
+        async def bounded_receive():
+            nonlocal received, done
+            if done:  # after the body: waiting for a disconnect, as long as it takes
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                raise APIError(408, f"the request body did not arrive within {self.read_timeout:g} s "
+                               "(serve --read-timeout)", code="request_timeout", headers=CLOSE) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _too_large(self.max_body)
+                done = not message.get("more_body", False)
+            else:
+                done = True
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, bounded_receive, tracked_send)
+        except ClientDisconnect:
+            log.info("%s left while sending its request to %s", _peer(scope.get("client")), scope.get("path"))
+        except APIError as exc:  # from bounded_receive, where no endpoint caught it
+            if started:
+                raise
+            await exc.response()(scope, receive, send)
+
+
+def _peer(client: tuple[str, int] | None) -> str:
+    return f"{client[0]}:{client[1]}" if client else "a client"
+
+
+async def _client_gone(request: HTTPRequest) -> None:
+    """Returns once the client has closed its connection (its body read, the server's receive
+    waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _parse_json(raw: bytes) -> dict:
+    """A request body as a JSON object, or a 400 naming what is wrong (a worker thread's work:
+    a few MiB of JSON take a while)."""
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(raw):  # a lone surrogate is valid JSON but not text
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string; "
+                           "send text as valid Unicode") from None
+    return body
+
+
+def _prompt(body: dict) -> str | list[int]:
+    """A completion's prompt, in the forms of OpenAI's that ask for one answer: a string, a list
+    of token ids, or a one-element list of either."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is not supported; send one request per "
+                       "prompt", "prompt")
+    raise APIError(400, "prompt must be a non-empty string, a list of token ids, or a one-element list of either",
+                   "prompt")
+
+
+ROUTES = "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and /"
+
+
+async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
+    """Starlette's own refusals (no such route, wrong method) as OpenAI-style JSON."""
+    if exc.status_code == 404:
+        message = f"no route {request.url.path}; this server answers {ROUTES}"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path} (allowed: {(exc.headers or {}).get('Allow')})"
+    else:
+        message = exc.detail
+    return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
+                    headers=exc.headers).response()
+
+
+async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
+    return APIError(500, "internal error in the server (its log has the details)", kind="server_error").response()
+
+
+def _header_timeout_protocol(timeout: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection whose next request's headers have not all
+    come `timeout` seconds after it opened or after its last answer: uvicorn closes a silent
+    keep-alive connection, but neither one that never sends a request nor one that sends a
+    byte now and then."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderTimeout(AutoHTTPProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:  # no request under way
+                self.transport.close()
+
+    return HeaderTimeout
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self.on_exit = on_exit  # called as the server starts to stop
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self.on_exit()
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """As uvicorn's, without raising SIGINT or SIGTERM again once the server has stopped:
+        `serve` still has its scheduler and the nodes' sessions to close."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+            yield
+            return
+        handlers = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+
+def run_http(api: API, sock, limits: ServeLimits) -> None:
+    """Serve `api` on `sock` until SIGINT or SIGTERM, with `limits` on every connection."""
+    config = uvicorn.Config(api.app, log_level="warning", lifespan="off",
+                            http=_header_timeout_protocol(limits.read_timeout),
+                            limit_concurrency=limits.max_connections,
+                            timeout_keep_alive=min(KEEP_ALIVE_S, limits.read_timeout),
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    _Server(config, on_exit=api.stop).run(sockets=[sock])
 
 
 def _top_logprobs(body: dict, chat: bool) -> int:

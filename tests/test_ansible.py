@@ -108,7 +108,7 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
         "caravan_prefix": str(prefix), "caravan_manage_services": False, "caravan_manage_packages": False,
         "caravan_venv_site_packages": True, "caravan_model": str(smollm2_path), "caravan_threads": 1,
         "caravan_node_port": node_port, "caravan_token_file": str(tmp_path / "credentials" / "cluster-token"),
-        "caravan_archive": str(tmp_path / "caravan-src.tar"),
+        "caravan_archive": str(tmp_path / "caravan-src.tar"), "caravan_api_key": "test-api-key",
     }
     (tmp_path / "vars.json").write_text(json.dumps(extra))
     env = {**os.environ, "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
@@ -136,6 +136,16 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
             problems = [line for line in (verify.stdout + verify.stderr).splitlines()
                         if any(word in line for word in ("Unknown", "Invalid", "Failed to parse", "bad-setting"))]
             assert not problems, problems
+
+    # The API key is in a file of the service's own, not on the command line or in the unit.
+    api_key = prefix / "opt" / "caravan" / "cache" / "api-key"
+    assert (api_key.stat().st_mode & 0o777) == 0o600 and api_key.read_text().strip() == "test-api-key"
+    serve_unit = (units / "caravan-serve.service").read_text()
+    assert "test-api-key" not in serve_unit and f"--api-key-file {api_key}" in serve_unit
+    serve_argv, _ = unit_command(units / "caravan-serve.service")
+    max_connections = int(serve_argv[serve_argv.index("--max-connections") + 1])
+    nofile = int(next(line.split("=", 1)[1] for line in serve_unit.splitlines() if line.startswith("LimitNOFILE=")))
+    assert nofile > max_connections
 
     argv, unit_env = unit_command(units / "caravan-node.service")
     assert argv[0] == str(prefix / "opt" / "caravan" / "venv" / "bin" / "caravan") and "--no-advertise" not in argv

@@ -34,17 +34,18 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 class Server:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, env: dict | None = None, stderr=subprocess.PIPE):
+        """`caravan serve ARGS` on a free port; `stderr` may be a file to keep its log in."""
         self.proc = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
-                                      "--ctx", str(N_CTX), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                      "--ctx", str(N_CTX), *args], stdout=subprocess.PIPE, stderr=stderr,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
         if not sel.select(timeout=120):
             self.stop()
             raise RuntimeError("caravan serve did not start")
         line = self.proc.stdout.readline()
-        assert line.startswith("caravan serving"), line + self.proc.stderr.read()
+        assert line.startswith("caravan serving"), line + (self.proc.stderr.read() if self.proc.stderr else "")
         self.url = line.rsplit(" ", 1)[1].strip()  # http://127.0.0.1:PORT/v1
 
     def client(self, api_key: str = "unused") -> "openai.OpenAI":
@@ -277,20 +278,27 @@ def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, 
             n.stop()
 
 
-def raw_get(server: Server, path: str, headers: dict) -> tuple[int, str]:
+def raw_request(server: Server, method: str, path: str, headers: dict, body: bytes | None = None
+                ) -> tuple[int, dict[str, str], str]:
+    """(status, headers with lower-case names, body) of one request sent as given (no Host added)."""
     import http.client
     from urllib.parse import urlsplit
 
     url = urlsplit(server.url)
     conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    conn.putrequest("GET", path, skip_host=True)
-    for name, value in headers.items():
+    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+    for name, value in {**headers, **({"Content-Length": str(len(body))} if body is not None else {})}.items():
         conn.putheader(name, value)
-    conn.endheaders()
+    conn.endheaders(body)
     response = conn.getresponse()
-    body = response.read().decode()
+    text = response.read().decode()
     conn.close()
-    return response.status, body
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, text
+
+
+def raw_get(server: Server, path: str, headers: dict) -> tuple[int, str]:
+    status, _, body = raw_request(server, "GET", path, headers)
+    return status, body
 
 
 def test_only_localhost_pages_reach_a_loopback_server(server):
@@ -300,10 +308,23 @@ def test_only_localhost_pages_reach_a_loopback_server(server):
     assert raw_get(server, "/v1/models", {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"})[0] == 200
     status, body = raw_get(server, "/v1/models", {"Host": f"evil.example:{port}"})  # DNS rebinding
     assert status == 403 and "Host" in body
-    status, body = raw_get(server, "/v1/models", {**local, "Origin": "https://evil.example"})  # a page elsewhere
-    assert status == 403 and "Origin" in body
-    status, _ = raw_get(server, "/v1/models", {**local, "Origin": "https://evil.example"})
-    assert "access-control-allow-origin" not in body.lower()
+    status, headers, body = raw_request(server, "GET", "/v1/models", {**local, "Origin": "https://evil.example"})
+    assert status == 403 and "Origin" in body  # a page elsewhere
+    assert "access-control-allow-origin" not in headers
+    # A sandboxed frame's POST, and any POST from a page elsewhere, however it is sent.
+    question = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 1}).encode()
+    for origin in ("null", "https://evil.example", f"http://evil.example:{port}"):
+        for media in ("application/json", "text/plain"):
+            status, headers, body = raw_request(server, "POST", "/v1/completions",
+                                                {**local, "Origin": origin, "Content-Type": media}, question)
+            assert status == 403 and "Origin" in body and json.loads(body)["error"]["code"] == "forbidden_origin"
+            assert "access-control-allow-origin" not in headers
+    # A text/plain POST needs no preflight in a browser: refused whatever its Origin.
+    status, _, body = raw_request(server, "POST", "/v1/completions", {**local, "Content-Type": "text/plain"}, question)
+    assert status == 415 and "application/json" in json.loads(body)["error"]["message"]
+    status, _, body = raw_request(server, "POST", "/v1/completions", {**local, "Origin": f"http://localhost:{port}",
+                                                                      "Content-Type": "application/json"}, question)
+    assert status == 200 and json.loads(body)["choices"]
 
 
 def test_health_and_metrics(server):
