@@ -1,11 +1,19 @@
-"""Bounded load: 32 clients for 60 seconds against `caravan serve` in front of 2 nodes. Every
-request completes without an error, and memory stays flat after warm-up (server and nodes)."""
+"""Bounded load: 32 clients for 60 seconds against `caravan serve` in front of 2 nodes, while at
+the same time one client keeps sending 10 MB prompts, one holds 500 idle connections open and
+one keeps walking away from non-streamed requests. Every well-behaved request completes without
+an error, /health never takes a second to answer, and memory stays flat after warm-up (server
+and nodes)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import socket
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import psutil
 import pytest
@@ -18,15 +26,21 @@ pytestmark = pytest.mark.model
 CLIENTS = 32
 SECONDS = 60.0
 WARM_UP = 15.0
-MAX_GROWTH = 64 << 20  # resident bytes a process may add between the end of warm-up and the end
+IDLE_CONNECTIONS = 500
+BIG_PROMPT = 10 << 20  # bytes of prompt text in each of the large requests
+MAX_GROWTH = 0.10  # of a process's resident memory, between the end of warm-up and the end
+HEALTH_LIMIT_S = 1.0
 
 
-def test_thirty_two_clients_for_a_minute(tmp_path):
+def test_thirty_two_clients_for_a_minute_while_others_misbehave(tmp_path):
     nodes = [NodeProcess(tmp_path / f"n{i}") for i in range(2)]
     server = Server("--nodes", ",".join(n.address for n in nodes), "--max-batch", "32")
+    address = urllib.parse.urlsplit(server.url)
+    host, port = address.hostname, address.port
     processes = [psutil.Process(server.proc.pid)] + [psutil.Process(n.proc.pid) for n in nodes]
     stop_at = time.monotonic() + SECONDS
-    done, errors = [], []
+    stop = threading.Event()
+    done, errors, health_s, refused = [], [], [], []
     lock = threading.Lock()
 
     def client(i: int) -> None:
@@ -49,21 +63,129 @@ def test_thirty_two_clients_for_a_minute(tmp_path):
                 with lock:
                     errors.append(repr(exc))
 
+    def big_prompts() -> None:
+        body = json.dumps({"model": MODEL, "prompt": "word " * (BIG_PROMPT // 5), "max_tokens": 4}).encode()
+        chunked = False
+        while not stop.is_set():
+            status = _post_big(host, port, body, chunked)
+            chunked = not chunked
+            with lock:
+                refused.append(status)
+
+    def idle_connections() -> None:
+        """Opens connections that never send a byte (and half a request on every tenth), opening
+        new ones as the server closes them."""
+        held: list[socket.socket] = []
+        try:
+            while not stop.is_set():
+                held = [s for s in held if _still_open(s)]
+                while len(held) < IDLE_CONNECTIONS and not stop.is_set():
+                    s = socket.create_connection((host, port), timeout=5)
+                    if len(held) % 10 == 0:
+                        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{")
+                    held.append(s)
+                stop.wait(0.5)
+        finally:
+            for s in held:
+                s.close()
+
+    def walk_aways() -> None:
+        body = json.dumps({"model": MODEL, "prompt": "Tell me a long story about a caravan.", "max_tokens": 200,
+                           "temperature": 0.7}).encode()
+        while not stop.is_set():
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            stop.wait(0.5)
+            s.close()
+
+    def health() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            status = _get(server.url.removesuffix("/v1") + "/health", timeout=10)
+            with lock:
+                health_s.append((time.monotonic() - t0, status))
+            stop.wait(0.25)
+
     try:
-        with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
+        with concurrent.futures.ThreadPoolExecutor(CLIENTS + 4) as pool:
+            others = [pool.submit(f) for f in (big_prompts, idle_connections, walk_aways, health)]
             futures = [pool.submit(client, i) for i in range(CLIENTS)]
             time.sleep(WARM_UP)
             warm = [p.memory_info().rss for p in processes]
             for f in futures:
                 f.result(timeout=SECONDS + 120)
+            stop.set()
+            for f in others:
+                f.result(timeout=60)
         end = [p.memory_info().rss for p in processes]
-        growth = [e - w for w, e in zip(warm, end)]
+        growth = [e / w - 1 for w, e in zip(warm, end)]
+        slowest = max(s for s, _ in health_s)
         print(f"{len(done)} requests in {SECONDS:.0f} s from {CLIENTS} clients, {len(errors)} errors; "
-              f"resident growth after warm-up (server, node, node): {[g >> 20 for g in growth]} MiB")
+              f"{len(refused)} 10 MB prompts refused ({sorted(set(map(str, refused)))}); /health asked {len(health_s)} times, "
+              f"slowest {slowest * 1e3:.0f} ms; resident growth after warm-up (server, node, node): "
+              f"{[f'{g:+.1%}' for g in growth]}")
         assert not errors, errors[:3]
         assert len(done) >= CLIENTS and sum(done) > 0  # a sampled answer may be empty (end of text first)
+        assert refused and set(refused) <= {413, "closed"}, refused
+        late = [(round(seconds, 3), status) for seconds, status in health_s
+                if status != 200 or seconds >= HEALTH_LIMIT_S]
+        assert not late, late
         assert all(g < MAX_GROWTH for g in growth), growth
     finally:
+        stop.set()
         server.stop()
         for n in nodes:
             n.stop()
+
+
+def _post_big(host: str, port: int, body: bytes, chunked: bool) -> int | str:
+    """The response's status, or "closed" when the server closed the connection while the body
+    was still being sent (a refusal before reading it all: the status may be lost in the reset).
+    Chunked, the body's size is not declared: the server must count it as it comes."""
+    with socket.create_connection((host, port), timeout=30) as s:
+        framing = b"Transfer-Encoding: chunked" if chunked else b"Content-Length: %d" % len(body)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"%s\r\nConnection: close\r\n\r\n" % framing)
+        try:
+            if chunked:
+                for i in range(0, len(body), 1 << 16):
+                    piece = body[i : i + (1 << 16)]
+                    s.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+                s.sendall(b"0\r\n\r\n")
+            else:
+                s.sendall(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        try:
+            head = s.recv(64)
+        except ConnectionResetError:
+            return "closed"
+    return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else "closed"
+
+
+def _get(url: str, timeout: float) -> int | str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError as exc:  # a timeout or a refused connection: the assertion reports it
+        return repr(exc)
+
+
+def _still_open(s: socket.socket) -> bool:
+    """False once the server has closed the connection (a read gives end of file)."""
+    s.setblocking(False)
+    try:
+        data = s.recv(1 << 16)
+    except BlockingIOError:
+        return True
+    except OSError:
+        data = b""
+    finally:
+        s.setblocking(True)
+    if not data:
+        s.close()
+        return False
+    return True  # it answered (a 408 or 503, say); it will close next
