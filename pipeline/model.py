@@ -295,7 +295,8 @@ def _tensor(source: TensorSource, name: str, rows: int, cols: int) -> PackedMatr
         raise ModelError(f"{name}: shape [{packed.cols}, {packed.rows}], expected [{cols}, {rows}] (GGUF order)")
     part = non_finite_part(packed)
     if part is not None:  # every product by it would be NaN: say so at load, not as garbage text later
-        raise ModelError(f"{name}: non-finite values (NaN or Inf) in its {part}; {_DAMAGED}")
+        where = "" if part == "values" else f" in its {part}"
+        raise ModelError(f"{name}: non-finite values (NaN or Inf){where}; {_DAMAGED}")
     release = getattr(source, "release", None)  # a memory-mapped file: its pages were read to repack
     if release is not None and not any(np.may_share_memory(a, raw) for a in packed.arrays):
         release(name)  # the repacked copy is what runs: keep resident memory at one copy of the weights

@@ -174,7 +174,8 @@ def _dequantize_q8_0(data: bytes, rows: int, cols: int) -> np.ndarray:
     blocks = np.frombuffer(data, dtype=np.uint8).reshape(rows, cols // Q8_BLOCK, Q8_BLOCK_BYTES)
     d = np.ascontiguousarray(blocks[..., :2]).view("<f2").astype(np.float32)  # (rows, n_blocks, 1)
     q = blocks[..., 2:].view(np.int8).astype(np.float32)
-    return (q * d).reshape(rows, cols)
+    with np.errstate(invalid="ignore"):  # an Inf scale times a zero quant: NaN, refused by the caller
+        return (q * d).reshape(rows, cols)
 
 
 # --- segments ---------------------------------------------------------------------------------
