@@ -164,7 +164,7 @@ def non_finite_part(m: PackedMatrix) -> str | None:
         return "values" if _any_exponent_all_ones(m.arrays[0].view(np.uint32), _F32_EXPONENT) else None
     if m.type == QT.BF16:
         return "values" if _any_exponent_all_ones(m.arrays[0], _BF16_EXPONENT) else None
-    for index in _F16_ARRAYS.get(m.type, ()):
+    for index in _F16_ARRAYS[m.type]:
         if _any_exponent_all_ones(m.arrays[index], _F16_EXPONENT):
             return "values" if m.type == QT.F16 else "block scales"
     return None
