@@ -263,10 +263,11 @@ class StageServicer(pb_grpc.StageServicer):
             hidden = wire.decode_hidden(request.hidden, stage.config.dim, wire.MAX_BATCH_ROWS)
             if hidden.shape[0] != rows:
                 raise wire.WireError(f"{hidden.shape[0]} hidden rows for segments of {rows} rows")
+            # Everything that can be refused is checked before the stage makes any session's cache.
+            reply_format = wire.check_format(request.reply_format or request.hidden.format, stage.config.dim)
             t0 = time.perf_counter()
             out = self._run(stage.forward, StageBatch(segments, hidden))
             compute_us = int((time.perf_counter() - t0) * 1e6)
-            reply_format = request.reply_format or request.hidden.format
             return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format), compute_us=[compute_us])
         except Exception as exc:  # noqa: BLE001  (one bad batch never ends the stream)
             if wire.status_code(exc) == grpc.StatusCode.INTERNAL:

@@ -184,6 +184,12 @@ def pack(ttype: QT, raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
     return rows, cols, (quants, group_rows(_f16_bits(blocks, 208)), group_rows(meta))
 
 
+# Which of pack()'s arrays hold f16 bits (the scales d and minima m or dmin, as laid out above);
+# the others hold integers, and BF16's bits are checked as bf16.
+F16_ARRAYS = {QT.Q5_0: (1,), QT.Q5_1: (1, 2), QT.Q2_K: (1, 2), QT.Q3_K: (1,), QT.Q4_K: (1, 2), QT.Q5_K: (1, 2),
+              QT.Q6_K: (1,)}
+
+
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix: rows padded to whole groups, quants as stored,
     f16 scales as stored, and the K-quants' sub-block scales in 16 bytes per superblock."""
@@ -233,13 +239,15 @@ def _quantize_row_q8_k(x, qs, d, bsums, t):
         d[t, b] = np.float32(1.0) / iscale
 
 
-@nb.njit(cache=True, nogil=True)
+# error_model="numpy": an Inf activation (activations that overflowed) makes a scale of -0, and
+# its inverse must be Inf, as in C, not a ZeroDivisionError out of a product.
+@nb.njit(cache=True, nogil=True, error_model="numpy")
 def _quantize_q8_k(x, qs, d, bsums):
     for t in range(x.shape[0]):
         _quantize_row_q8_k(x, qs, d, bsums, t)
 
 
-@nb.njit(cache=True, nogil=True, parallel=True)
+@nb.njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def _quantize_q8_k_parallel(x, qs, d, bsums):
     for t in nb.prange(x.shape[0]):
         _quantize_row_q8_k(x, qs, d, bsums, t)

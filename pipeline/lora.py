@@ -38,7 +38,7 @@ import numpy as np
 
 from .gguf_file import GGUFFile, TensorInfo, describe, tensor_view
 from .model import ModelConfig, layer_tensor_shapes
-from .quants import SUPPORTED_TYPES, Activations, PackedMatrix, matmul, pack, supported_names
+from .quants import SUPPORTED_TYPES, Activations, PackedMatrix, matmul, non_finite_part, pack, supported_names
 
 # attn_qkv and Phi-3's gate+up ffn_up are adapted whole, as llama.cpp's phi3 graph does (one
 # build_lora_mm on the fused matrix)
@@ -204,11 +204,17 @@ class LoraAdapter:
     def weights(self, layers: Iterable[int]) -> AdapterWeights:
         """The packed factors of every matrix this adapter adapts in `layers`."""
         wanted = set(layers)
-        return {
-            base: LoraWeight(pack(p.a.type, self._view(p.a), p.a.name), pack(p.b.type, self._view(p.b), p.b.name),
-                             self.alpha)
-            for base, p in self.pairs.items() if p.layer in wanted
-        }
+        return {base: LoraWeight(self._packed(p.a), self._packed(p.b), self.alpha)
+                for base, p in self.pairs.items() if p.layer in wanted}
+
+    def _packed(self, info: TensorInfo) -> PackedMatrix:
+        packed = pack(info.type, self._view(info), info.name)
+        part = non_finite_part(packed)
+        if part is not None:  # every adapted row would be NaN: refused when the adapter loads
+            where = "" if part == "values" else f" in its {part}"
+            raise LoraError(f"adapter {self.name!r}: {info.name}: non-finite values (NaN or Inf){where}; "
+                            "the adapter file is damaged or was written wrongly")
+        return packed
 
 
 class LoraRows:

@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as QT
 
 from .architectures import ARCHITECTURES, BLOCK_TENSORS, SUPPORTED_ARCHITECTURES, Architecture
 from .gguf_file import describe
-from .quants import Activations, PackedMatrix, dequantize_rows, matmul, pack
+from .quants import Activations, PackedMatrix, dequantize_rows, matmul, non_finite_part, pack
 from .ops import rmsnorm, softcap_
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,10 @@ def _tensor(source: TensorSource, name: str, rows: int, cols: int) -> PackedMatr
     packed = pack(ttype, raw, name)
     if packed.rows != rows or packed.cols != cols:
         raise ModelError(f"{name}: shape [{packed.cols}, {packed.rows}], expected [{cols}, {rows}] (GGUF order)")
+    part = non_finite_part(packed)
+    if part is not None:  # every product by it would be NaN: say so at load, not as garbage text later
+        where = "" if part == "values" else f" in its {part}"
+        raise ModelError(f"{name}: non-finite values (NaN or Inf){where}; {_DAMAGED}")
     release = getattr(source, "release", None)  # a memory-mapped file: its pages were read to repack
     if release is not None and not any(np.may_share_memory(a, raw) for a in packed.arrays):
         release(name)  # the repacked copy is what runs: keep resident memory at one copy of the weights
@@ -309,7 +313,12 @@ def _vector(source: TensorSource, name: str, length: int) -> np.ndarray:
     data = source.tensor_data(name)
     if data.shape != (length,):
         raise ModelError(f"{name}: shape {list(data.shape)}, expected [{length}]")
+    if not np.isfinite(data).all():
+        raise ModelError(f"{name}: non-finite values (NaN or Inf); {_DAMAGED}")
     return np.ascontiguousarray(data, dtype=np.float32)
+
+
+_DAMAGED = "the model file is damaged or was written wrongly (download or convert it again)"
 
 
 def _field(tensor_name: str) -> str:

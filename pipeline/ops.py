@@ -116,7 +116,10 @@ def softcap_(x: np.ndarray, cap: float) -> None:
     np.multiply(x, np.float32(cap), out=x)
 
 
-@nb.njit(cache=True, nogil=True, fastmath=FASTMATH)
+# error_model="numpy": exp_f32 clamps a NaN score (from a NaN or Inf that reached attention) to
+# zero, so such a row sums to zero, and dividing by it must give Inf, as in C, not raise a
+# ZeroDivisionError inside prange (which surfaces as a SystemError).
+@nb.njit(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy")
 def _softmax_rows(scores, n_rows, start, m0, group, scale, softcap, window, p_lo, n_max):
     """Row i of scores (query vector m0 + i of a tile, at position pos = start + (m0 + i) // group)
     becomes softmax(scale * cap(scores[i, lo:pos + 1])) over the positions it sees: lo is 0, or

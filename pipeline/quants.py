@@ -147,6 +147,34 @@ def _pack_grouped(ttype: QT, raw: np.ndarray) -> PackedMatrix:
     return PackedMatrix(ttype, rows, n_blocks * QK, (qs, *fields))
 
 
+# Which of PackedMatrix.arrays hold f16 bits, by format: block scales and minima, or F16's
+# values. The other arrays hold integers (quants, sub-block scales), which cannot be NaN or Inf.
+_F16_ARRAYS = {QT.F16: (0,), QT.Q8_0: (1,), QT.Q4_0: (1,), QT.Q4_1: (1, 2), **formats.F16_ARRAYS}
+
+# A float whose exponent bits are all ones is an Inf or a NaN (IEEE 754): the masks, by format.
+_F16_EXPONENT, _BF16_EXPONENT, _F32_EXPONENT = 0x7C00, 0x7F80, 0x7F800000
+_CHECK_CHUNK = 1 << 20  # values checked at once: bounds the temporaries for a large tensor
+
+
+def non_finite_part(m: PackedMatrix) -> str | None:
+    """What of m holds a NaN or an Inf ("values" of a float format, "block scales" of a block
+    format), or None. Only the float arrays are read (a block format's scales are a tenth or
+    less of its bytes), as bits with a mask, a chunk at a time."""
+    if m.type == QT.F32:
+        return "values" if _any_exponent_all_ones(m.arrays[0].view(np.uint32), _F32_EXPONENT) else None
+    if m.type == QT.BF16:
+        return "values" if _any_exponent_all_ones(m.arrays[0], _BF16_EXPONENT) else None
+    for index in _F16_ARRAYS[m.type]:
+        if _any_exponent_all_ones(m.arrays[index], _F16_EXPONENT):
+            return "values" if m.type == QT.F16 else "block scales"
+    return None
+
+
+def _any_exponent_all_ones(bits: np.ndarray, mask: int) -> bool:
+    flat = bits.reshape(-1)
+    return any(np.any((flat[i : i + _CHECK_CHUNK] & mask) == mask) for i in range(0, flat.size, _CHECK_CHUNK))
+
+
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
     any weight is read): GGUF's own bytes per block, over whole groups of 8 rows."""

@@ -168,10 +168,17 @@ class Sampler:
         return apply_repeat_penalty(logits, recent, p.repeat_penalty)
 
 
+_OVERFLOWED = "the model's activations overflowed, or its weights are damaged"
+
+
 def _validate_logits(logits: np.ndarray) -> None:
-    """A NaN or an all -inf vector means the model broke; say so instead of drawing junk."""
+    """A NaN, a +inf or an all -inf vector means the model broke; say so instead of drawing junk
+    (a +inf makes every probability NaN)."""
     _check_shape(logits)
-    _check_top(logits.max())
+    top = logits.max()
+    _check_top(top)
+    if top == np.inf:
+        raise ValueError(f"logits contain +inf ({_OVERFLOWED}): no token can be sampled")
 
 
 def _check_shape(logits: np.ndarray) -> None:
@@ -187,6 +194,6 @@ def _check_shape(logits: np.ndarray) -> None:
 def _check_top(top) -> None:
     """top: the logits' max (NaN when any is NaN)."""
     if np.isnan(top):
-        raise ValueError("logits contain NaN")
+        raise ValueError(f"logits contain NaN ({_OVERFLOWED}): no token can be sampled")
     if top == -np.inf:
         raise ValueError("logits are all -inf: no token can be sampled")

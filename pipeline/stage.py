@@ -291,15 +291,37 @@ class LocalStage:
                 f"session {seg.session_id}: segment starts at {seg.start} but only {cache.length} positions are cached"
             )
 
-    def _caches(self, segments: Sequence[Segment]) -> list[KVCache]:
-        """The KV cache of each segment's session, made or grown to fit; the whole batch is
-        checked first, so a refused batch leaves nothing behind."""
+    def _check_batch(self, batch: StageBatch) -> np.ndarray:
+        """The batch's rows as a (T, dim) f32 copy, the residual stream, once everything that can
+        be refused is checked: a refused batch leaves nothing behind."""
+        c = self.config
+        segments = batch.segments
         if not segments:
             raise StageError("empty batch")
         if len({seg.session_id for seg in segments}) != len(segments):
             raise StageError("a batch holds at most one segment per session")
         for seg in segments:
             self._check(seg)
+        x = np.array(batch.hidden, dtype=np.float32, copy=True)  # (T, dim)
+        if x.ndim != 2 or x.shape[1] != c.dim or x.shape[0] != sum(s.length for s in segments):
+            raise StageError(f"hidden state of shape {x.shape} does not match the batch's segments and dim {c.dim}")
+        if not np.isfinite(x).all():  # kernels would give its session garbage
+            raise StageError(f"{self._sessions_of(batch, x)}: the hidden state given to layers {self.layers} holds NaN or Inf")
+        return x
+
+    @staticmethod
+    def _sessions_of(batch: StageBatch, x: np.ndarray) -> str:
+        """'session a, b': the sessions whose rows of x (T, dim) hold a NaN or an Inf."""
+        bad = ~np.isfinite(x).all(axis=1)
+        names, row = [], 0
+        for seg in batch.segments:
+            if bad[row : row + seg.length].any():
+                names.append(seg.session_id)
+            row += seg.length
+        return f"session {', '.join(names)}"
+
+    def _caches(self, segments: Sequence[Segment]) -> list[KVCache]:
+        """The KV cache of each segment's session (checked by _check_batch), made or grown to fit."""
         caches = []
         for seg in segments:
             cache = self.sessions.get(seg.session_id)
@@ -313,7 +335,31 @@ class LocalStage:
 
     def forward(self, batch: StageBatch) -> np.ndarray:
         with self._lock:
-            return self._forward(batch)
+            x = self._check_batch(batch)
+            lora = LoraRows(batch.segments, self.adapters)  # checked before any cache changes
+            cached = {seg.session_id: self.sessions[seg.session_id].length
+                      for seg in batch.segments if seg.session_id in self.sessions}
+            try:
+                out = self._forward(batch, x, lora, self._caches(batch.segments))
+                if not np.isfinite(out).all():  # checked input, so these layers overflowed
+                    raise StageError(f"{self._sessions_of(batch, out)}: the hidden state became NaN or Inf in layers "
+                                     f"{self.layers} (the model's activations overflowed); the batch was not kept")
+            except BaseException:
+                self._forget(batch.segments, cached)
+                raise
+            for seg in batch.segments:
+                self.sessions[seg.session_id].length = seg.start + seg.length
+            return out
+
+    def _forget(self, segments: Sequence[Segment], cached: dict[str, int]) -> None:
+        """Undo a failed batch: the sessions it started go, and the others keep only the
+        positions before their segment (the batch may have overwritten the rest)."""
+        for seg in segments:
+            if seg.session_id not in cached:
+                self.sessions.pop(seg.session_id, None)
+            elif seg.session_id in self.sessions:
+                self.sessions[seg.session_id].length = min(cached[seg.session_id], seg.start)
+        self._lists = None  # they may hold the arrays of sessions gone
 
     def _cache_lists(self, caches: list[KVCache]) -> tuple[List, List]:
         """The caches' key and value arrays as the typed lists attention takes. Making them costs
@@ -325,14 +371,10 @@ class LocalStage:
             self._lists = key, List([cache.k for cache in caches]), List([cache.v for cache in caches])
         return self._lists[1], self._lists[2]
 
-    def _forward(self, batch: StageBatch) -> np.ndarray:
+    def _forward(self, batch: StageBatch, x: np.ndarray, lora: LoraRows, caches: list[KVCache]) -> np.ndarray:
+        """x (T, dim), the residual stream, through the layers, in place; caches: each segment's."""
         c = self.config
         arch = c.architecture
-        x = np.array(batch.hidden, dtype=np.float32, copy=True)  # (T, dim), the residual stream
-        if x.ndim != 2 or x.shape[1] != c.dim or x.shape[0] != sum(s.length for s in batch.segments):
-            raise StageError(f"hidden state of shape {x.shape} does not match the batch's segments and dim {c.dim}")
-        lora = LoraRows(batch.segments, self.adapters)  # checked before any cache changes
-        caches = self._caches(batch.segments)
         positions = batch.positions()
         starts = np.array([seg.start for seg in batch.segments], dtype=np.int64)
         lengths = np.array([seg.length for seg in batch.segments], dtype=np.int64)
@@ -389,6 +431,4 @@ class LocalStage:
             if w.post_ffw_norm is not None:
                 out = rmsnorm(out, w.post_ffw_norm, c.norm_eps)
             x += out
-        for seg, cache in zip(batch.segments, caches):
-            cache.length = seg.start + seg.length
         return x

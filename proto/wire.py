@@ -92,6 +92,15 @@ def wire_format(name: str) -> int:
         raise WireError(f"unknown wire format {name!r} (known: {', '.join(WIRE_FORMATS)})") from None
 
 
+def check_format(fmt: int, cols: int) -> int:
+    """fmt, when rows of `cols` floats can travel in it; WireError otherwise."""
+    if fmt not in WIRE_NAMES:
+        raise WireError(f"unknown wire format {fmt} (known: {', '.join(f'{code} ({name})' for code, name in WIRE_NAMES.items())})")
+    if fmt == pb.WIRE_FORMAT_Q8_0 and cols % Q8_BLOCK:
+        raise WireError(f"Q8_0 needs a width that is a multiple of {Q8_BLOCK}, got {cols}")
+    return fmt
+
+
 def row_bytes(fmt: int, cols: int) -> int:
     if fmt == pb.WIRE_FORMAT_F32:
         return 4 * cols
@@ -125,16 +134,25 @@ def decode_hidden(t: pb.Tensor, cols: int, max_rows: int) -> np.ndarray:
         raise WireError(f"hidden state has {t.cols} columns, expected {cols}")
     if not 0 < t.rows <= max_rows:
         raise WireError(f"hidden state has {t.rows} rows, expected 1 to {max_rows}")
-    expected = t.rows * row_bytes(t.format, cols)
-    if t.format == pb.WIRE_FORMAT_Q8_0 and cols % Q8_BLOCK:
-        raise WireError(f"Q8_0 needs a width that is a multiple of {Q8_BLOCK}, got {cols}")
+    expected = t.rows * row_bytes(check_format(t.format, cols), cols)
     if len(t.data) != expected:
         raise WireError(f"hidden state of {t.rows}x{cols} {WIRE_NAMES[t.format]} has {len(t.data)} bytes, expected {expected}")
     if t.format == pb.WIRE_FORMAT_F32:
-        return np.frombuffer(t.data, dtype="<f4").reshape(t.rows, cols).astype(np.float32)
-    if t.format == pb.WIRE_FORMAT_F16:
-        return np.frombuffer(t.data, dtype="<f2").reshape(t.rows, cols).astype(np.float32)
-    return _dequantize_q8_0(t.data, t.rows, cols)
+        x = np.frombuffer(t.data, dtype="<f4").reshape(t.rows, cols).astype(np.float32)
+    elif t.format == pb.WIRE_FORMAT_F16:
+        x = np.frombuffer(t.data, dtype="<f2").reshape(t.rows, cols).astype(np.float32)
+    else:
+        x = _dequantize_q8_0(t.data, t.rows, cols)
+    if not np.isfinite(x).all():  # kernels would compute garbage from it: refused before any compute
+        raise WireError(_non_finite(x, t.format))
+    return x
+
+
+def _non_finite(x: np.ndarray, fmt: int) -> str:
+    row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+    why = ("values past f16's range arrive as Inf: send f32" if fmt == pb.WIRE_FORMAT_F16
+           else "the sender's activations overflowed, or its data is damaged")
+    return f"hidden state row {row} of {x.shape[0]} holds NaN or Inf ({why})"
 
 
 def _quantize_q8_0(x: np.ndarray) -> bytes:
@@ -156,7 +174,8 @@ def _dequantize_q8_0(data: bytes, rows: int, cols: int) -> np.ndarray:
     blocks = np.frombuffer(data, dtype=np.uint8).reshape(rows, cols // Q8_BLOCK, Q8_BLOCK_BYTES)
     d = np.ascontiguousarray(blocks[..., :2]).view("<f2").astype(np.float32)  # (rows, n_blocks, 1)
     q = blocks[..., 2:].view(np.int8).astype(np.float32)
-    return (q * d).reshape(rows, cols)
+    with np.errstate(invalid="ignore"):  # an Inf scale times a zero quant: NaN, refused by the caller
+        return (q * d).reshape(rows, cols)
 
 
 # --- segments ---------------------------------------------------------------------------------

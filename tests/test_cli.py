@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from caravan.coordinator.cli import error_message
@@ -272,6 +273,28 @@ def bad_files(smollm2_path, tmp_path_factory):
 def test_expected_failures_are_one_line(env, bad_files, args, expected):
     args = [a.replace("{bad}", str(bad_files)) for a in args]
     assert_one_error_line(caravan(env, *args), expected)
+
+
+@pytest.fixture(scope="module")
+def non_finite_models(tmp_path_factory):
+    """A tiny model with a NaN block scale, and one whose finite weights make its activations overflow."""
+    from tiny_models import tiny_llama, with_block_scale, write_gguf
+
+    folder = tmp_path_factory.mktemp("non-finite")
+    metadata, tensors = tiny_llama()
+    write_gguf(folder / "nan-scale.gguf", metadata, with_block_scale(tensors, "blk.1.attn_q.weight", np.nan, row=3))
+    norm, ttype = tensors["blk.1.ffn_norm.weight"]
+    write_gguf(folder / "overflow.gguf", metadata, {**tensors, "blk.1.ffn_norm.weight": (norm * np.float32(1e30), ttype)})
+    return folder
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("nan-scale.gguf", "blk.1.attn_q.weight: non-finite values (NaN or Inf) in its block scales; the model file is damaged"),
+    ("overflow.gguf", "the hidden state became NaN or Inf in layers [0, 3) (the model's activations overflowed)"),
+], ids=["nan-scale", "overflow"])
+def test_non_finite_weights_or_activations_are_one_line(env, non_finite_models, model, expected):
+    result = caravan(env, "run", "hi", "--model", str(non_finite_models / model), "--max-tokens", "4", *ONE_THREAD)
+    assert_one_error_line(result, expected)
 
 
 def test_usage_error_exits_2(env):

@@ -292,6 +292,21 @@ def test_bad_adapter_is_one_clear_error(tiny_q8_path, tmp_path, case):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_an_adapter_with_a_non_finite_value_is_refused_when_added(tiny_q8_path, tmp_path):
+    def poison(tensors):
+        b, ttype = tensors["blk.0.ffn_down.weight.lora_b"]
+        b = b.copy()
+        b[5, 2] = np.nan
+        tensors["blk.0.ffn_down.weight.lora_b"] = (b, ttype)
+
+    path = write_gguf(tmp_path / "nan.gguf", *broken(tensors=poison))
+    stage = build(tiny_q8_path).stages[0]
+    adapter = LoraAdapter.open(path, stage.config)
+    with pytest.raises(LoraError, match=r"adapter 'nan': blk\.0\.ffn_down\.weight\.lora_b: non-finite values \(NaN or Inf\); "):
+        stage.add_adapter(adapter)
+    assert stage.adapters == {}
+
+
 def test_norm_tensors_are_skipped_as_llama_cpp_does(tiny_q8_path, tmp_path):
     path = write_gguf(tmp_path / "norms.gguf", *broken(tensors=lambda t: t.update(
         {"blk.0.attn_norm.weight": (np.ones(64, np.float32), QT.F32)})))

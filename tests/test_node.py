@@ -149,6 +149,42 @@ def test_bad_batches_get_errors_and_the_stream_goes_on(model, node):
     assert client.info().state == pb.NODE_STATE_READY
 
 
+@pytest.mark.parametrize("fmt, value", [
+    (pb.WIRE_FORMAT_F32, np.nan), (pb.WIRE_FORMAT_F32, np.inf), (pb.WIRE_FORMAT_F16, -np.inf),
+    (pb.WIRE_FORMAT_Q8_0, np.nan),
+], ids=["f32-nan", "f32-inf", "f16-minus-inf", "q8_0-nan"])
+def test_a_non_finite_hidden_state_is_refused_before_any_compute(model, node, fmt, value):
+    client, _, _ = node
+    client.load(model.file, SHA, model.config, LayerRange(0, 3), N_CTX)
+    stream = Stream(client)
+    x = np.ones((3, 64), np.float32)
+    x[2, 40] = value
+    reply = stream.send(pb.ForwardRequest(id=1, segments=[pb.Segment(session_id="s", start=0, length=3)],
+                                          hidden=wire.encode_hidden(x, fmt)))
+    assert reply.WhichOneof("result") == "error"
+    assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "hidden state row 2 of 3 holds NaN or Inf" in reply.error.message
+    assert client.info().sessions == 0  # nothing was computed: no session was made
+    reply = stream.send(good_request(2))
+    stream.close()
+    assert reply.WhichOneof("result") == "hidden"
+    assert client.info().sessions == 1
+
+
+def test_a_batch_refused_for_its_reply_format_makes_no_session(model, node):
+    client, _, _ = node
+    client.load(model.file, SHA, model.config, LayerRange(0, 3), N_CTX)
+    stream = Stream(client)
+    request = good_request(1)
+    request.reply_format = 9
+    reply = stream.send(request)
+    stream.close()
+    assert reply.WhichOneof("result") == "error"
+    assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "unknown wire format 9" in reply.error.message
+    assert client.info().sessions == 0
+
+
 CHAIN_LAYERS = (LayerRange(0, 1), LayerRange(1, 2), LayerRange(2, 3))
 
 

@@ -4,8 +4,10 @@ numbers, bit for bit, as one stage running one sequence; and bad batches are ref
 
 from __future__ import annotations
 
+import dataclasses
 import mmap
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,10 +17,11 @@ import naive
 from caravan.pipeline.arena import WeightArena
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFFile
-from caravan.pipeline.model import ModelConfig, ModelHead
+from caravan.pipeline.loader import load_model
+from caravan.pipeline.model import ModelConfig, ModelError, ModelHead
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch, StageError
-from tiny_models import dequantized_weights
+from tiny_models import dequantized_weights, tiny_llama, with_block_scale, write_gguf
 
 pytest_plugins = ["fixtures_tiny"]
 
@@ -316,6 +319,60 @@ def test_a_refused_batch_leaves_no_session_behind(stage):
     with pytest.raises(StageError):
         run(stage, Segment("new", 0, 1), Segment("ghost", 3, 1))
     assert set(stage.sessions) == {"s"}
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_a_non_finite_hidden_state_is_refused_before_any_session_changes(stage, value):
+    hidden = rows(3)
+    hidden[2, 7] = value  # the new session's second row
+    with pytest.raises(StageError, match=r"session new: the hidden state given to layers \[0, 3\) holds NaN or Inf"):
+        run(stage, Segment("s", 5, 1), Segment("new", 0, 2), hidden=hidden)
+    assert set(stage.sessions) == {"s"} and stage.sessions["s"].length == 5
+
+
+@pytest.mark.parametrize("start", [5, 3], ids=["next-position", "rewound"])
+def test_a_batch_that_fails_in_its_layers_leaves_no_session_and_no_stale_position(tiny_q8_path, stage, start):
+    """A batch whose activations overflow in the layers (one layer's FFN norm weights made huge)
+    is refused, starts no session, and leaves a session it extended only the positions before its
+    segment; that session then computes as if the batch had never come."""
+    kept = stage.weights[1]
+    stage.weights[1] = dataclasses.replace(kept, ffn_norm=kept.ffn_norm * np.float32(1e30))
+    with pytest.raises(StageError, match=r"session s, new: the hidden state became NaN or Inf in layers \[0, 3\)"):
+        run(stage, Segment("s", start, 1), Segment("new", 0, 2))
+    assert set(stage.sessions) == {"s"} and stage.sessions["s"].length == start
+    stage.weights[1] = kept
+    fresh = build(tiny_q8_path, n_ctx=16)
+    fresh.forward([Segment("s", 0, 5)], prompt(5))
+    x = rows(1)
+    expected = fresh.stages[0].forward(StageBatch((Segment("s", start, 1),), x))
+    assert np.array_equal(run(stage, Segment("s", start, 1), hidden=x), expected)
+
+
+def with_value(tensors, name, value):
+    """tensors with one value of the float matrix or vector `name` set to value."""
+    array, ttype = tensors[name]
+    array = array.copy()
+    array.reshape(-1)[array.size // 2] = value
+    return {**tensors, name: (array, ttype)}
+
+
+@pytest.mark.parametrize("ttype, name, value, in_scales", [
+    (QT.Q8_0, "blk.1.attn_q.weight", np.nan, True),
+    (QT.Q4_1, "blk.2.ffn_down.weight", np.inf, True),
+    (QT.Q4_0, "token_embd.weight", -np.inf, True),
+    (QT.F16, "blk.0.attn_v.weight", np.inf, False),
+    (QT.F32, "blk.2.ffn_gate.weight", np.nan, False),
+    (QT.Q8_0, "blk.1.ffn_norm.weight", np.nan, False),
+], ids=["q8_0-scale", "q4_1-scale", "q4_0-embedding-scale", "f16-value", "f32-value", "norm-weight"])
+def test_non_finite_weights_are_one_error_at_load_naming_the_tensor(tmp_path, ttype, name, value, in_scales):
+    metadata, tensors = tiny_llama(weight_type=ttype)
+    if in_scales:
+        tensors, expected = with_block_scale(tensors, name, value, row=3, block=1), " in its block scales;"
+    else:
+        tensors, expected = with_value(tensors, name, value), ";"
+    path = write_gguf(tmp_path / "damaged.gguf", metadata, tensors)
+    with pytest.raises(ModelError, match=re.escape(f"{name}: non-finite values (NaN or Inf){expected}")):
+        load_model(path).local_pipeline(16)
 
 
 def test_an_empty_batch_is_refused_as_a_stage_error(stage):

@@ -69,6 +69,31 @@ def test_decode_refuses_what_does_not_match(change, message):
         wire.decode_hidden(t, 64, 8)
 
 
+@pytest.mark.parametrize("fmt", [pb.WIRE_FORMAT_F32, pb.WIRE_FORMAT_F16, pb.WIRE_FORMAT_Q8_0], ids=["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_decode_refuses_nan_and_inf(fmt, value):
+    x = hidden()
+    x[3, 40] = value
+    with pytest.raises(wire.WireError, match=r"hidden state row 3 of 5 holds NaN or Inf"):
+        wire.decode_hidden(wire.encode_hidden(x, fmt), 64, 8)
+
+
+def test_f16_past_its_range_is_refused_with_the_fix():
+    x = hidden()
+    x[1, 0] = 70000.0  # past f16's largest finite value: Inf on the wire
+    with pytest.raises(wire.WireError, match=r"row 1 of 5 holds NaN or Inf \(values past f16's range arrive as Inf: send f32\)"):
+        wire.decode_hidden(wire.encode_hidden(x, pb.WIRE_FORMAT_F16), 64, 8)
+
+
+def test_a_q8_0_block_with_a_nan_scale_is_refused():
+    t = wire.encode_hidden(hidden(), pb.WIRE_FORMAT_Q8_0)
+    data = bytearray(t.data)
+    data[34 : 36] = np.array([np.nan], np.float16).tobytes()  # row 0, block 1: d
+    t.data = bytes(data)
+    with pytest.raises(wire.WireError, match=r"row 0 of 5 holds NaN or Inf"):
+        wire.decode_hidden(t, 64, 8)
+
+
 def test_q8_0_needs_whole_blocks():
     with pytest.raises(wire.WireError, match="multiple of 32"):
         wire.encode_hidden(np.zeros((1, 48), np.float32), pb.WIRE_FORMAT_Q8_0)

@@ -187,6 +187,18 @@ def write_gguf(
     return path
 
 
+def with_block_scale(tensors: dict[str, tuple[np.ndarray, QT]], name: str, value: float, row: int = 0,
+                     block: int = 0) -> dict[str, tuple[np.ndarray, QT]]:
+    """tensors with one block scale d of matrix `name` (Q8_0, Q4_0 or Q4_1: d is the f16 in each
+    block's first two bytes, ggml-common.h) set to value, as a damaged file would hold it."""
+    array, ttype = tensors[name]
+    block_bytes = {QT.Q8_0: 34, QT.Q4_0: 18, QT.Q4_1: 20}[ttype]
+    raw = quantize(array.astype(np.float32), ttype)
+    blocks = raw.reshape(raw.shape[0], -1, block_bytes).copy()
+    blocks[row, block, :2] = np.array([value], np.float16).view(np.uint8)
+    return {**tensors, name: (blocks.reshape(raw.shape), ttype)}
+
+
 def write_tiny_llama(path: str | os.PathLike[str], **kwargs: Any) -> Path:
     """Write `tiny_llama(**kwargs)` to path; returns the path."""
     return write_gguf(path, *tiny_llama(**kwargs))
