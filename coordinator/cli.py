@@ -421,6 +421,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
     model = _load(args)
+    model.check_chat_template()
     with _pipeline(args, model, args.ctx) as pipeline:
         return _chat_loop(args, out, model, pipeline, params)
 
@@ -728,6 +729,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     model = _load(args)
+    model.check_chat_template()
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
     with _pipeline(args, model, args.ctx) as pipeline:

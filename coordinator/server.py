@@ -287,7 +287,8 @@ class API:
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
             body = await self._body(request)
-            job = self._completion(body, self._chat_ids(body), chat=True)
+            # The chat template renders in a worker process; waiting for it must not hold the event loop.
+            job = self._completion(body, await run_in_threadpool(self._chat_ids, body), chat=True)
         except APIError as exc:
             return exc.response()
         return await self._respond(job, chat=True)
