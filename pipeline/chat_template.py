@@ -282,11 +282,12 @@ class ChatTemplate:
         call from any thread; blocks at most RENDER_SECONDS (plus a worker's start).
         """
         _validate_messages(messages)
-        max_chars = RENDER_BASE_CHARS + 2 * sum(len(m["role"]) + len(m["content"]) for m in messages)
-        request = {"source": self.source, "messages": messages, "add_generation_prompt": bool(add_generation_prompt),
-                   "bos_token": self.bos_token, "eos_token": self.eos_token, "tools": tools, "max_chars": max_chars}
         try:
-            data = encode(request)
+            given = sum(len(m["role"]) + len(m["content"]) for m in messages) + len(encode(tools))
+            max_chars = RENDER_BASE_CHARS + 2 * given
+            data = encode({"source": self.source, "messages": messages, "tools": tools, "max_chars": max_chars,
+                           "add_generation_prompt": bool(add_generation_prompt), "bos_token": self.bos_token,
+                           "eos_token": self.eos_token})
         except (TypeError, ValueError, RecursionError) as exc:
             raise ChatTemplateError(f"messages and tools must be plain JSON data: {exc}") from exc
         try:
