@@ -449,6 +449,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
     model = _load(args)
+    model.check_chat_template()
     with _pipeline(args, model, args.ctx) as pipeline:
         return _chat_loop(args, out, model, pipeline, params)
 
@@ -767,6 +768,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     api_key = _api_key(args)
     limits = ServeLimits(max_body=args.max_body, read_timeout=args.read_timeout, max_connections=args.max_connections)
     model = _load(args)
+    model.check_chat_template()
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
     with _pipeline(args, model, args.ctx) as pipeline:

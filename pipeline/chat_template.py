@@ -8,21 +8,37 @@ as is, and the globals `raise_exception` and `strftime_now`.
 
 The template text comes from a model file, so it is untrusted: the sandbox keeps it away
 from Python internals, and an attempt to reach them is an error rather than an empty string.
+The sandbox does not bound time or memory, so rendering runs in a worker process
+(`worker_process.ProcessPool`) that is killed at a deadline, has its address space capped and
+stops writing at an output bound; a model's template is checked once at load (`check`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 import jinja2
 import jinja2.ext
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .worker_process import ProcessPool, WorkerCrashed, WorkTimeout, encode
+
 logger = logging.getLogger(__name__)
+
+# An honest template renders in far less; a client waiting for a runaway gets an error this soon.
+RENDER_SECONDS = 2.0
+# Output a template may write beyond the messages' text (counted twice over, for templates that
+# repeat a message): a few turns' framing and a long system prompt need a small part of it.
+RENDER_BASE_CHARS = 1 << 20
+# What a render may allocate on top of its worker's start-up size.
+RENDER_MEMORY_BYTES = 256 << 20
+# Renders at once: a runaway holds one worker until its deadline, the others go on.
+RENDER_PROCESSES = 4
 
 # llama.cpp's fallback when a model carries no template (`llm_chat_apply_template`,
 # LLM_CHAT_TEMPLATE_CHATML): every turn as `<|im_start|>{role}\n{content}<|im_end|>\n`,
@@ -57,6 +73,10 @@ GEMMA_TEMPLATE = (
 
 class ChatTemplateError(ValueError):
     """The chat template or the messages given to it cannot be rendered."""
+
+
+class ChatTemplateLimitError(ChatTemplateError):
+    """The template went past a bound while rendering: time, output, memory or recursion."""
 
 
 class _StrictSandbox(ImmutableSandboxedEnvironment):
@@ -141,16 +161,94 @@ def _validate_messages(messages: Any) -> None:
                 )
 
 
+# --- in the worker process ------------------------------------------------------------------
+
+_COMPILED_KEPT = 8  # templates kept compiled in a worker: one per model served, and the fallbacks
+_compiled: dict[str, jinja2.Template] = {}
+_environment: ImmutableSandboxedEnvironment | None = None
+
+
+class _OutputTooLong(Exception):
+    pass
+
+
+def _compile(source: str) -> jinja2.Template:
+    global _environment
+    if source not in _compiled:
+        if _environment is None:
+            _environment = _make_environment()
+        if len(_compiled) >= _COMPILED_KEPT:
+            _compiled.clear()
+        try:
+            _compiled[source] = _environment.from_string(source)
+        except TemplateSyntaxError as exc:
+            raise ChatTemplateError(f"chat template syntax error on line {exc.lineno}: {exc.message}") from exc
+    return _compiled[source]
+
+
+def _bounded(chunks: Iterator[str], max_chars: int) -> str:
+    """The chunks joined, stopping as soon as they pass `max_chars`."""
+    parts, n = [], 0
+    for chunk in chunks:
+        n += len(chunk)
+        if n > max_chars:
+            raise _OutputTooLong
+        parts.append(chunk)
+    return "".join(parts)
+
+
+def render_request(request: dict) -> dict:
+    """The worker's handler: {"text": prompt} or {"error": one line, "limit": bool}."""
+    try:
+        template = _compile(request["source"])
+        context = {key: request[key] for key in ("messages", "add_generation_prompt", "bos_token", "eos_token",
+                                                 "tools")}
+        return {"text": _bounded(template.generate(**context), request["max_chars"])}
+    except ChatTemplateError as exc:
+        return {"error": str(exc), "limit": False}
+    except SecurityError as exc:
+        return {"error": f"chat template is unsafe{_where(exc)}: {exc}", "limit": False}
+    except _OutputTooLong:
+        return {"error": f"chat template wrote more than {request['max_chars']} characters "
+                         "(a loop without end?)", "limit": True}
+    except RecursionError as exc:
+        return {"error": f"chat template nests or recurses too deeply{_where(exc)}: a macro that calls itself "
+                         "without end?", "limit": True}
+    except MemoryError as exc:
+        return {"error": f"chat template needed more than {RENDER_MEMORY_BYTES >> 20} MiB to render{_where(exc)}",
+                "limit": True}
+    except Exception as exc:  # noqa: BLE001 - the template is foreign code: any error it raises is its failure
+        return {"error": f"chat template failed to render{_where(exc)}: {exc}", "limit": False}
+
+
+# --- in the caller's process ----------------------------------------------------------------
+
+_pool: ProcessPool | None = None
+_pool_lock = threading.Lock()
+
+
+def _render_pool() -> ProcessPool:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ProcessPool(f"{__name__}:render_request", seconds=RENDER_SECONDS,
+                                memory_bytes=RENDER_MEMORY_BYTES, size=RENDER_PROCESSES)
+        return _pool
+
+
+# Two-message conversations a template must render at load: a first request with a system
+# prompt, and, for templates without a system role (Gemma, early Mistral), a finished exchange.
+_CHECK_CONVERSATIONS: tuple[tuple[list[dict], bool], ...] = (
+    ([{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Hello!"}], True),
+    ([{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi! How can I help?"}], False),
+)
+
+
 class ChatTemplate:
-    """A compiled chat template; `render` turns a conversation into prompt text."""
+    """A model's chat template; `render` turns a conversation into prompt text, in a worker
+    process and within RENDER_SECONDS and the output and memory bounds."""
 
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
-        try:
-            self._template = _make_environment().from_string(source)
-        except TemplateSyntaxError as exc:
-            raise ChatTemplateError(
-                f"chat template syntax error on line {exc.lineno}: {exc.message}"
-            ) from exc
         self.source = source
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -180,21 +278,43 @@ class ChatTemplate:
         """The prompt text for `messages`; `add_generation_prompt` opens the reply turn.
 
         `tools` (JSON-schema function descriptions) are passed through to templates that
-        support tool calling; as in transformers, it is `None` when there are none.
+        support tool calling; as in transformers, it is `None` when there are none. Safe to
+        call from any thread; blocks at most RENDER_SECONDS (plus a worker's start).
         """
         _validate_messages(messages)
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token,
-                eos_token=self.eos_token,
-                tools=tools,
-            )
-        except ChatTemplateError:
-            raise
-        except SecurityError as exc:
-            raise ChatTemplateError(f"chat template is unsafe{_where(exc)}: {exc}") from exc
-        except (TemplateError, TypeError) as exc:
-            # TypeError: the template combined values it cannot (e.g. str + None).
-            raise ChatTemplateError(f"chat template failed to render{_where(exc)}: {exc}") from exc
+            given = sum(len(m["role"]) + len(m["content"]) for m in messages) + len(encode(tools))
+            max_chars = RENDER_BASE_CHARS + 2 * given
+            data = encode({"source": self.source, "messages": messages, "tools": tools, "max_chars": max_chars,
+                           "add_generation_prompt": bool(add_generation_prompt), "bos_token": self.bos_token,
+                           "eos_token": self.eos_token})
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ChatTemplateError(f"messages and tools must be plain JSON data: {exc}") from exc
+        try:
+            # A reply is JSON: a character is at most six bytes there (`\u001f`).
+            reply = _render_pool().call(data, max_reply_bytes=6 * max_chars + 4096)
+        except WorkTimeout as exc:
+            raise ChatTemplateLimitError(f"chat template took longer than {RENDER_SECONDS:g} s to render "
+                                         "(a loop without end?)") from exc
+        except WorkerCrashed as exc:
+            raise ChatTemplateLimitError(f"chat template crashed its render process: {exc}") from exc
+        if isinstance(reply, dict) and isinstance(reply.get("text"), str):
+            return reply["text"]
+        if isinstance(reply, dict) and isinstance(reply.get("error"), str):
+            raise (ChatTemplateLimitError if reply.get("limit") else ChatTemplateError)(reply["error"])
+        raise ChatTemplateLimitError("chat template's render process sent an invalid reply")
+
+    def check(self) -> None:
+        """Render a two-message conversation once, within the bounds; ChatTemplateError if the
+        template cannot. A template past a bound fails at once (it is not given a second try)."""
+        error: ChatTemplateError | None = None
+        for messages, add_generation_prompt in _CHECK_CONVERSATIONS:
+            try:
+                self.render(messages, add_generation_prompt)
+                return
+            except ChatTemplateLimitError:
+                raise
+            except ChatTemplateError as exc:
+                error = exc
+        assert error is not None
+        raise error

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as QT
 
 from .architectures import GLOBAL_TENSORS
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, ChatTemplateError
 from .generate import Pipeline
 from .gguf_file import GGUFFile
 from .model import ModelConfig, ModelError, ModelHead
@@ -36,6 +36,15 @@ class LoadedModel:
         if n_ctx <= 0:
             raise ValueError(f"context size must be positive, got {n_ctx}")
         return min(n_ctx, self.config.context_length)
+
+    def check_chat_template(self) -> None:
+        """Render a two-message conversation once (ChatTemplateError naming the file if the
+        template cannot), so a template that runs away fails at load rather than at a request."""
+        try:
+            self.chat_template.check()
+        except ChatTemplateError as exc:
+            raise ChatTemplateError(f"{self.file.path}: its chat template cannot render a two-message "
+                                    f"conversation: {exc}") from exc
 
     def local_pipeline(self, n_ctx: int | None = None) -> Pipeline:
         """Every layer in this process: [LocalStage(0, n_layers)]."""

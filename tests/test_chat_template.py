@@ -1,11 +1,28 @@
 """Chat templates render as transformers renders them, and hostile ones fail closed."""
 
+import concurrent.futures
 import ctypes
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 
-from caravan.pipeline.chat_template import ChatTemplate, ChatTemplateError
+from caravan.pipeline.chat_template import (
+    CHATML_TEMPLATE,
+    RENDER_SECONDS,
+    ChatTemplate,
+    ChatTemplateError,
+    ChatTemplateLimitError,
+)
+from tiny_models import tiny_llama, write_gguf
 
 # tokenizer.chat_template of HuggingFaceTB/SmolLM2-*-Instruct, verbatim.
 SMOLLM2_TEMPLATE = (
@@ -134,8 +151,9 @@ def test_strftime_now():
 
 
 def test_syntax_error_names_the_line():
-    with pytest.raises(ChatTemplateError, match="line 3"):
-        ChatTemplate("ok\nstill ok\n{% if %}")
+    # Compiling is the worker's job too: the error comes with the first render.
+    with pytest.raises(ChatTemplateError, match="syntax error on line 3"):
+        ChatTemplate("ok\nstill ok\n{% if %}").render([])
 
 
 @pytest.mark.parametrize(
@@ -218,3 +236,193 @@ def test_gemma_fallback_matches_llama_cpp_builtin(messages, add_generation_promp
 
 def test_fallback_without_gemma_tokens_is_chatml():
     assert ChatTemplate.fallback(["<|im_start|>", "a"]).source == ChatTemplate.chatml().source
+
+
+# --- bounds: a model's template is foreign code --------------------------------------------------
+
+# The hang of issue 22: ten billion iterations that write nothing.
+NESTED_LOOPS = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+HI = [{"role": "user", "content": "Hi"}]
+# Margin over RENDER_SECONDS for a loaded machine (a fresh worker's start is not counted in the bound).
+SLACK_SECONDS = 10.0
+
+
+def bounded(call, seconds: float = RENDER_SECONDS + SLACK_SECONDS):
+    """call() in a daemon thread: its result or exception, or a test failure (not a hang) when it
+    has not returned in `seconds`."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"render did not return within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_nested_loops_end_in_an_error_within_the_time_bound():
+    ChatTemplate.chatml().render(HI)  # a worker already running: its start is not what is timed
+    peak = peak_rss_mib()
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateLimitError, match=f"took longer than {RENDER_SECONDS:g} s"):
+        bounded(lambda: ChatTemplate(NESTED_LOOPS).render(HI))
+    assert RENDER_SECONDS - 0.1 < time.monotonic() - start < RENDER_SECONDS + SLACK_SECONDS
+    assert peak_rss_mib() - peak < 50
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        # Writes ten bytes an iteration: stopped at the output bound while it writes.
+        ("{% for i in range(99999) %}{% for j in range(99999) %}xxxxxxxxxx{% endfor %}{% endfor %}",
+         r"wrote more than \d+ characters"),
+        ("{{ 'x' * 10**9 }}", "needed more than 256 MiB"),
+        # Doubles a string until the worker's memory bound stops it.
+        ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+         "needed more than 256 MiB|wrote more than"),
+    ],
+    ids=["loops", "repeat", "doubling"],
+)
+def test_output_and_memory_bombs_are_errors(source, expected):
+    peak = peak_rss_mib()
+    with pytest.raises(ChatTemplateLimitError, match=expected):
+        bounded(lambda: ChatTemplate(source).render(HI))
+    assert peak_rss_mib() - peak < 50  # the bomb went off in the worker, not here
+
+
+def test_recursive_macro_is_a_chat_template_error():
+    source = "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}"
+    with pytest.raises(ChatTemplateLimitError, match="recurses too deeply"):
+        bounded(lambda: ChatTemplate(source).render(HI))
+
+
+@pytest.mark.parametrize("source", ["{{ 1 / 0 }}", "{{ 'abc'.index('z') }}", "{{ 10.0 ** 400 }}"])
+def test_any_exception_of_the_template_is_a_chat_template_error(source):
+    with pytest.raises(ChatTemplateError, match="failed to render"):
+        ChatTemplate(source).render(HI)
+
+
+def test_after_a_killed_runaway_the_next_render_works():
+    with pytest.raises(ChatTemplateLimitError):
+        bounded(lambda: ChatTemplate(NESTED_LOOPS).render(HI))
+    text = bounded(lambda: ChatTemplate(SMOLLM2_TEMPLATE).render(CONVERSATION), SLACK_SECONDS)
+    assert text == ChatTemplate.chatml().render(CONVERSATION)
+
+
+def test_renders_from_many_threads_do_not_wait_for_a_runaway():
+    smollm2 = ChatTemplate(SMOLLM2_TEMPLATE)
+    opened = smollm2.render(CONVERSATION).removesuffix("<|im_start|>assistant\n")
+
+    def render(i: int) -> str:
+        return smollm2.render(CONVERSATION + [{"role": "user", "content": str(i)}])
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(render, range(16)))  # workers already running: their start is not what is timed
+        runaway = pool.submit(ChatTemplate(NESTED_LOOPS).render, HI)
+        time.sleep(0.2)  # the runaway holds its worker
+        start = time.monotonic()
+        texts = list(pool.map(render, range(200)))
+        elapsed = time.monotonic() - start
+        with pytest.raises(ChatTemplateLimitError):
+            runaway.result(timeout=RENDER_SECONDS + SLACK_SECONDS)
+    assert texts == [opened + f"<|im_start|>user\n{i}<|im_end|>\n<|im_start|>assistant\n" for i in range(200)]
+    assert elapsed < RENDER_SECONDS, f"{elapsed:.2f} s: renders waited for the runaway"
+
+
+def test_check_renders_a_two_message_conversation_once():
+    ChatTemplate(SMOLLM2_TEMPLATE).check()
+    ChatTemplate(MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>").check()  # no system role: user, assistant
+    ChatTemplate.fallback(["<start_of_turn>", "<end_of_turn>"]).check()
+    with pytest.raises(ChatTemplateError, match="rejected the messages: no"):
+        ChatTemplate("{{ raise_exception('no') }}").check()
+    start = time.monotonic()
+    with pytest.raises(ChatTemplateLimitError, match="took longer than"):
+        bounded(lambda: ChatTemplate(NESTED_LOOPS).check(), 2 * RENDER_SECONDS + SLACK_SECONDS)
+    assert time.monotonic() - start < 2 * RENDER_SECONDS  # a runaway gets no second try
+
+
+# --- a model with such a template, served -----------------------------------------------------
+
+
+def model_with_template(path: Path, source: str) -> Path:
+    metadata, tensors = tiny_llama(n_layers=1, ctx=64)
+    return write_gguf(path, {**metadata, "tokenizer.chat_template": source}, tensors)
+
+
+def caravan(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "caravan.coordinator", *args, "-t", "1"], input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_model_whose_template_runs_away_fails_at_load(tmp_path):
+    path = model_with_template(tmp_path / "bomb.gguf", NESTED_LOOPS)
+    expected = (f"caravan: error: {path}: its chat template cannot render a two-message conversation: "
+                f"chat template took longer than {RENDER_SECONDS:g} s to render (a loop without end?)")
+    for args in (["serve", "--port", "0"], ["chat"]):
+        result = caravan(*args, "--model", str(path), stdin="Hi\n")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.splitlines() == [expected]
+        assert result.stdout == ""
+    # A raw completion never renders the template: the model still runs.
+    result = caravan("run", "Hi", "--model", str(path), "--max-tokens", "2")
+    assert result.returncode == 0, result.stderr
+
+
+def get(url: str, timeout: float) -> int:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return response.status
+
+
+def post_chat(url: str, messages: list[dict]) -> tuple[int, dict]:
+    body = json.dumps({"messages": messages, "max_tokens": 2}).encode()
+    request = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_a_runaway_on_a_longer_conversation_is_a_400_and_the_server_stays_up(tmp_path):
+    # ChatML, but a runaway once a conversation has more than two messages: it passes the load check.
+    source = "{% if messages | length > 2 %}" + NESTED_LOOPS + "{% endif %}" + CHATML_TEMPLATE
+    path = model_with_template(tmp_path / "late-bomb.gguf", source)
+    process = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
+                                "--model", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("caravan serving"), line + process.stderr.read()
+        url = line.rsplit(" ", 1)[1].strip().removesuffix("/v1")
+        assert post_chat(url, HI)[0] == 200
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            bomb = pool.submit(post_chat, url, CONVERSATION)
+            time.sleep(0.3)  # the request is in its render
+            while not bomb.done():
+                start = time.monotonic()
+                assert get(url + "/health", timeout=5) == 200
+                assert time.monotonic() - start < 1.0, "/health waited for the template"
+                time.sleep(0.1)
+            status, body = bomb.result()
+        assert status == 400
+        assert "took longer than" in body["error"]["message"] and body["error"]["param"] == "messages"
+        assert post_chat(url, HI)[0] == 200
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
