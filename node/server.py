@@ -111,6 +111,12 @@ class StageServicer(pb_grpc.StageServicer):
             numba.set_num_threads(self.threads)
             return fn(*args)
 
+    def close(self) -> None:
+        """The node is stopping: end every Results stream (each coordinator hears it at once and
+        re-plans) and the links to the next nodes of chains."""
+        self.results.close()
+        self.links.close()
+
     # --- Info and Benchmark -------------------------------------------------------------------
 
     def Info(self, request, context):

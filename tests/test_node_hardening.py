@@ -239,3 +239,63 @@ def test_unauthenticated_calls_are_refused_before_their_body_is_read(tmp_path):
     finally:
         channel.close()
         node.stop()
+
+
+# --- 10: session ids, a shared cache directory, SIGTERM --------------------------------------
+
+
+def test_copy_session_ids_are_capped_as_forward_caps_them(model, tmp_path):
+    server, client, _ = start_node(tmp_path)
+    stream = Stream(client)
+    try:
+        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+        assert stream.send(forward_request(1, "a")).WhichOneof("result") == "hidden"
+        too_long = "t" * (wire.MAX_SESSION_ID + 1)
+        for source, target in (("a", too_long), (too_long, "b"), ("a", "")):
+            with pytest.raises(grpc.RpcError) as caught:
+                client.stub.CopySession(pb.CopySessionRequest(source=source, target=target, length=1))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"session id must have 1 to {wire.MAX_SESSION_ID} characters" in caught.value.details()
+        client.copy_session("a", "t" * wire.MAX_SESSION_ID, 1)  # the longest id is fine
+        assert client.info().sessions == 2
+    finally:
+        stream.close()
+        client.close()
+        server.stop(0)
+
+
+def test_two_nodes_cannot_share_a_cache_directory(tmp_path):
+    first = NodeProcess(tmp_path / "shared")
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            NodeProcess(tmp_path / "shared", log_path=tmp_path / "second.log")
+        error = (tmp_path / "second.log").read_text().strip()
+        assert error.count("\n") == 0 and "Traceback" not in error, caught.value
+        assert f"cache directory {tmp_path / 'shared'} is in use by another caravan node (pid {first.proc.pid})" in error
+        assert "two nodes cannot share one" in error and "--cache-dir" in error
+        assert first.proc.poll() is None
+    finally:
+        first.stop()
+    NodeProcess(tmp_path / "shared").stop()  # free again once the first has gone
+
+
+def test_a_node_holding_layers_and_streams_exits_on_sigterm_at_once(model, tmp_path):
+    node = NodeProcess(tmp_path / "n")
+    client = NodeClient(node.address, cluster_token())
+    try:
+        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+        stage = RemoteStage(client, LAYERS, 64)  # a coordinator's Forward and Results streams stay open
+        stage.forward(StageBatch((Segment("a", 0, 2),), np.ones((2, 64), np.float32)))
+        t0 = time.monotonic()
+        node.proc.send_signal(signal.SIGTERM)
+        assert node.proc.wait(timeout=10) == 0
+        seconds = time.monotonic() - t0
+        print(f"node exited {seconds:.2f} s after SIGTERM")
+        assert seconds < 2.0
+        with pytest.raises(Exception) as caught:  # the coordinator hears it as a lost node
+            stage.forward(StageBatch((Segment("a", 2, 1),), np.ones((1, 64), np.float32)))
+        assert getattr(caught.value, "lost", False)
+        stage.close()
+    finally:
+        client.close()
+        node.stop()
