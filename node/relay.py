@@ -46,7 +46,8 @@ def check_chain(request: pb.ForwardRequest) -> None:
 
 
 class ResultStreams:
-    """The Results streams open on this node, by chain id."""
+    """The Results streams open on this node, by chain id; `on_end(chain)` once one has ended
+    (the node ends the chain's sessions then)."""
 
     def __init__(self, on_end: Callable[[str], None] = lambda chain: None):
         self._lock = threading.Lock()

@@ -40,7 +40,7 @@ from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import auth, wire
 
 from .relay import Links, LinkError, ResultStreams, check_chain
-from .sessions import SessionCap, SessionOwners
+from .sessions import SessionCap, SessionOwners, is_chain, stream_owner
 from .streams import POOL_THREADS, StreamGate
 from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 
@@ -247,13 +247,13 @@ class StageServicer(pb_grpc.StageServicer):
         with self._lock:
             self._stage, self._loaded, self._cap = stage, (manifest.model_sha256, manifest.layers, n_ctx), cap
         self._set_state(pb.NODE_STATE_READY)
-        log.info("layers %s hold at most %d sessions", manifest.layers, cap.limit)
-        log.info("layers %s ready (from %s) in %.2f s", manifest.layers, origin, time.perf_counter() - t0)
+        log.info("layers %s ready (from %s) in %.2f s, for at most %d sessions", manifest.layers, origin,
+                 time.perf_counter() - t0, cap.limit)
 
     # --- serving ------------------------------------------------------------------------------
 
     def Forward(self, request_iterator, context):
-        stream = f"stream:{uuid.uuid4().hex}"  # owns the sessions of batches sent outside a chain
+        stream = stream_owner()  # of the sessions of batches sent outside a chain
         try:
             for request in request_iterator:
                 if not request.chain:
@@ -300,7 +300,7 @@ class StageServicer(pb_grpc.StageServicer):
     def _forward_owned(self, stage: LocalStage, owner: str, batch: StageBatch) -> np.ndarray:
         """Under the compute lock, so an owner's stream cannot end between the checks and the
         claim: the batch, its new sessions within the cap, its sessions then `owner`'s."""
-        if not owner.startswith("stream:") and not self.results.is_open(owner):
+        if is_chain(owner) and not self.results.is_open(owner):
             raise wire.NotReadyError(f"chain {owner} has no results stream on this node (its coordinator closed it "
                                      "or went away): open one before its batches")
         new = {s.session_id for s in batch.segments} - stage.sessions.keys()

@@ -19,9 +19,20 @@ fit, at that size, in the memory its layers left free.
 from __future__ import annotations
 
 import threading
+import uuid
 from dataclasses import dataclass
 
 MAX_SESSIONS = 4096  # per node whatever its memory: a session costs objects beyond its cache
+_STREAM = "stream:"  # starts a Forward stream's owner name; chain ids have no colon (relay.py)
+
+
+def stream_owner() -> str:
+    """A new owner name for the batches of one Forward stream sent outside a chain."""
+    return f"{_STREAM}{uuid.uuid4().hex}"
+
+
+def is_chain(owner: str) -> bool:
+    return not owner.startswith(_STREAM)
 
 
 class SessionLimitError(MemoryError):
