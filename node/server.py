@@ -499,6 +499,8 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.keepalive_time_ms", PEER_KEEPALIVE_MS),
             ("grpc.keepalive_timeout_ms", wire.KEEPALIVE_MS),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a coordinator whose streams are idle
+            ("grpc.http2.ping_timeout_ms", wire.KEEPALIVE_MS),
         ],
     )
     pb_grpc.add_StageServicer_to_server(servicer, server)

@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.coordinator.remote import NodeClient, RemoteStage
-from caravan.node.server import NodeSettings, create_server
+from caravan.node.server import PEER_KEEPALIVE_MS, NodeSettings, create_server
 from caravan.node.streams import MAX_STREAMS_PER_PEER
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch
@@ -124,6 +124,27 @@ def test_a_killed_coordinators_sessions_go_with_it(model, tmp_path):
         assert client.info().sessions == 1
         stage.close()
         wait_for(lambda: client.info().sessions == 0, 5)
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def test_a_frozen_coordinators_sessions_go_after_the_keepalive(model, tmp_path):
+    """A coordinator that stops answering without closing its connection (frozen, unplugged):
+    the node's own keepalive pings go unanswered and its streams end."""
+    server, client, _ = start_node(tmp_path)
+    try:
+        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+        coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, client.address], stdout=subprocess.PIPE,
+                                       text=True)
+        try:
+            assert coordinator.stdout.readline().strip() == "ready"
+            coordinator.send_signal(signal.SIGSTOP)  # its sockets stay open; nothing answers on them
+            seconds = wait_for(lambda: client.info().sessions == 0, 4 * PEER_KEEPALIVE_MS / 1e3)
+        finally:
+            coordinator.kill()
+            coordinator.stdout.close()
+        print(f"sessions gone {seconds:.1f} s after the coordinator froze")
     finally:
         client.close()
         server.stop(0)
