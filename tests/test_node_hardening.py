@@ -5,7 +5,6 @@ what it sends, and the node's own edges (session ids, its cache directory, SIGTE
 
 from __future__ import annotations
 
-import dataclasses
 import queue
 import signal
 import subprocess
