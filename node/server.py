@@ -52,6 +52,9 @@ VERSION = package_version("caravan")
 # The node pings a coordinator's connection this often when idle: one that went silent
 # (unplugged, frozen) loses its streams, and with them its sessions, a timeout later.
 PEER_KEEPALIVE_MS = 5 * wire.KEEPALIVE_MS
+# Bytes a stream may send ahead of what its handler has read: enough for a LAN's line rate at
+# a few ms of round trip.
+STREAM_WINDOW_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -501,6 +504,10 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
             ("grpc.keepalive_timeout_ms", wire.KEEPALIVE_MS),
             ("grpc.http2.max_pings_without_data", 0),  # keep pinging a coordinator whose streams are idle
             ("grpc.http2.ping_timeout_ms", wire.KEEPALIVE_MS),
+            # A fixed window per stream, not one grown by bandwidth probes: what a peer can make
+            # the node buffer before a handler refuses its call (no token) stays this small.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ],
     )
     pb_grpc.add_StageServicer_to_server(servicer, server)

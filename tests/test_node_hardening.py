@@ -269,7 +269,7 @@ def test_unauthenticated_calls_are_refused_before_their_body_is_read(tmp_path):
                 refused(lambda: next(stub.Forward(iter([pb.ForwardRequest(chain=big)]), timeout=30)))
         grown = process.memory_info().rss - before
         print(f"node RSS {before >> 20} MiB, +{grown / 2**20:.1f} MiB after 20 unauthenticated 31 MiB calls")
-        assert grown < wire.MAX_MESSAGE_BYTES  # less than one message: none of them was kept
+        assert grown < 10 << 20  # a few streams' windows at most: no message was kept, or read whole
         trusted = NodeClient(node.address, cluster_token())
         assert trusted.info().state == pb.NODE_STATE_IDLE  # the node serves its own coordinator still
         trusted.close()
