@@ -30,10 +30,12 @@ from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
 
 from .advertise import Advertisement
 from .server import VERSION, NodeSettings, create_server
+from .weights import lock_cache_dir
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 50051
+STOP_GRACE_S = 0.5  # on SIGTERM, for the calls under way (a batch, an Info) to finish
 
 
 def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
@@ -102,6 +104,7 @@ def serve(args: argparse.Namespace) -> int:
         if advert is not None:
             advert.update(state=STATE_NAMES.get(state, "unknown"))
 
+    cache_lock = lock_cache_dir(cache_dir)  # before anything reads or writes the directory
     token = load_token(args.token_file or cache_dir / TOKEN_FILE)
     settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
                             cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit, token=token,
@@ -126,7 +129,21 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     log.info("stopping")
-    if advert is not None:
-        advert.close()
-    server.stop(grace=2).wait()
+    shut_down(server, servicer, advert)
+    if cache_lock is not None:
+        cache_lock.close()
     return 0
+
+
+def shut_down(server, servicer, advert: Advertisement | None) -> None:
+    """Stop within about STOP_GRACE_S: the advertisement's goodbye goes out while the server
+    stops, and open streams end at once instead of holding the grace period to its end
+    (a coordinator's streams never end by themselves)."""
+    goodbye = None
+    if advert is not None:
+        goodbye = threading.Thread(target=advert.close, name="caravan-goodbye")
+        goodbye.start()
+    servicer.close()
+    server.stop(grace=STOP_GRACE_S).wait()
+    if goodbye is not None:
+        goodbye.join(timeout=STOP_GRACE_S)

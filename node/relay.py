@@ -2,7 +2,7 @@
 answers the coordinator. A token through N nodes then crosses the network N + 1 times
 instead of 2N, the data flow of DESIGN.md ("stage 1 -> stage 2 -> ... -> coordinator").
 
-    results = ResultStreams()     # Results(chain) streams the coordinator opened on this node
+    results = ResultStreams(on_end)   # Results(chain) streams the coordinator opened on this node
     links = Links(token, tls)     # long-lived Forward streams to the nodes after this one
     links.send("pi2:50051", request)   # LinkError when that node cannot be reached
     results.deliver(chain, reply)      # False when no coordinator listens for that chain
@@ -14,7 +14,7 @@ import logging
 import queue
 import re
 import threading
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 
@@ -46,11 +46,13 @@ def check_chain(request: pb.ForwardRequest) -> None:
 
 
 class ResultStreams:
-    """The Results streams open on this node, by chain id."""
+    """The Results streams open on this node, by chain id; `on_end(chain)` once one has ended
+    (the node ends the chain's sessions then)."""
 
-    def __init__(self):
+    def __init__(self, on_end: Callable[[str], None] = lambda chain: None):
         self._lock = threading.Lock()
         self._queues: dict[str, queue.SimpleQueue] = {}
+        self._on_end = on_end  # called with the chain id once its stream has ended
 
     def serve(self, chain: str, context: grpc.ServicerContext) -> Iterator[pb.ForwardReply]:
         """The body of a Results call: id 0 once registered, then what is delivered, until the
@@ -69,8 +71,22 @@ class ResultStreams:
                 yield reply
         finally:
             with self._lock:
-                if self._queues.get(chain) is replies:
+                ended = self._queues.get(chain) is replies
+                if ended:
                     del self._queues[chain]
+            if ended:
+                self._on_end(chain)
+
+    def is_open(self, chain: str) -> bool:
+        with self._lock:
+            return chain in self._queues
+
+    def close(self) -> None:
+        """End every stream (the node is stopping): each coordinator hears its stream end."""
+        with self._lock:
+            queues = list(self._queues.values())
+        for replies in queues:
+            replies.put(None)
 
     def deliver(self, chain: str, reply: pb.ForwardReply) -> bool:
         with self._lock:

@@ -40,6 +40,8 @@ from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import auth, wire
 
 from .relay import Links, LinkError, ResultStreams, check_chain
+from .sessions import SessionCap, SessionOwners, is_chain, stream_owner
+from .streams import POOL_THREADS, StreamGate
 from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,12 @@ log = logging.getLogger(__name__)
 SERVICE = "caravan.v1.Stage"  # the name health reports READY under
 MAX_ADAPTERS = 16  # LoRA adapters a node holds at once
 VERSION = package_version("caravan")
+# The node pings a coordinator's connection this often when idle: one that went silent
+# (unplugged, frozen) loses its streams, and with them its sessions, a timeout later.
+PEER_KEEPALIVE_MS = 5 * wire.KEEPALIVE_MS
+# Bytes a stream may send ahead of what its handler has read: enough for a LAN's line rate at
+# a few ms of round trip.
+STREAM_WINDOW_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,10 @@ class StageServicer(pb_grpc.StageServicer):
         self._benchmarks: dict[tuple, float] = {}
         self._on_state = on_state
         self.cache = WeightCache(settings.cache_dir)
-        self.results = ResultStreams()
+        self.owners = SessionOwners()
+        self._cap: SessionCap | None = None  # set with each load
+        self.results = ResultStreams(on_end=self._release)
+        self.streams = StreamGate()  # the server's interceptor: streams open, within their caps
         self.links = Links(settings.token, settings.tls)
         self.node_id = _node_id(settings.cache_dir)
         self.local_file: GGUFFile | None = None
@@ -102,6 +113,12 @@ class StageServicer(pb_grpc.StageServicer):
         with self._compute:
             numba.set_num_threads(self.threads)
             return fn(*args)
+
+    def close(self) -> None:
+        """The node is stopping: end every Results stream (each coordinator hears it at once and
+        re-plans) and the links to the next nodes of chains."""
+        self.results.close()
+        self.links.close()
 
     # --- Info and Benchmark -------------------------------------------------------------------
 
@@ -221,36 +238,44 @@ class StageServicer(pb_grpc.StageServicer):
         self._set_state(pb.NODE_STATE_LOADING)
         with self._lock:
             self._stage, self._loaded = None, None  # free the old layers before loading new ones
+        self.owners.clear()
         try:
             t0 = time.perf_counter()
             stage = self._run(_load_and_warm_up, source, config, manifest.layers, n_ctx)
         except Exception as exc:
             self._set_state(pb.NODE_STATE_FAILED, f"loading layers {manifest.layers} failed: {exc}")
             raise
+        room = self._capped(psutil.virtual_memory().available + stage.weight_bytes) - stage.weight_bytes
+        cap = SessionCap(KVCache.bytes_for(len(stage.layers), config.kv_dim, n_ctx), room, n_ctx)
         with self._lock:
-            self._stage, self._loaded = stage, (manifest.model_sha256, manifest.layers, n_ctx)
+            self._stage, self._loaded, self._cap = stage, (manifest.model_sha256, manifest.layers, n_ctx), cap
         self._set_state(pb.NODE_STATE_READY)
-        log.info("layers %s ready (from %s) in %.2f s", manifest.layers, origin, time.perf_counter() - t0)
+        log.info("layers %s ready (from %s) in %.2f s, for at most %d sessions", manifest.layers, origin,
+                 time.perf_counter() - t0, cap.limit)
 
     # --- serving ------------------------------------------------------------------------------
 
     def Forward(self, request_iterator, context):
-        for request in request_iterator:
-            if not request.chain:
-                yield self._forward(request)
-                continue
-            try:
-                check_chain(request)
-            except wire.WireError as exc:  # no next node to trust: the coordinator hears it here
-                self._deliver(request, pb.ForwardReply(id=request.id, error=pb.Error(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"node {self._name}: {exc}")))
-                continue
-            self._pass_on(request, self._forward(request))
+        stream = stream_owner()  # of the sessions of batches sent outside a chain
+        try:
+            for request in request_iterator:
+                if not request.chain:
+                    yield self._forward(request, stream)
+                    continue
+                try:
+                    check_chain(request)
+                except wire.WireError as exc:  # no next node to trust: the coordinator hears it here
+                    self._deliver(request, pb.ForwardReply(id=request.id, error=pb.Error(
+                        code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=f"node {self._name}: {exc}")))
+                    continue
+                self._pass_on(request, self._forward(request, request.chain))
+        finally:  # the coordinator closed the stream or went away
+            self._release(stream)
 
     def Results(self, request, context):
         yield from self.results.serve(request.chain, context)
 
-    def _forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+    def _forward(self, request: pb.ForwardRequest, owner: str) -> pb.ForwardReply:
         if request.HasField("error"):  # an earlier node of the chain refused the batch
             return pb.ForwardReply(id=request.id, error=request.error)
         with self._lock:
@@ -266,7 +291,7 @@ class StageServicer(pb_grpc.StageServicer):
             # Everything that can be refused is checked before the stage makes any session's cache.
             reply_format = wire.check_format(request.reply_format or request.hidden.format, stage.config.dim)
             t0 = time.perf_counter()
-            out = self._run(stage.forward, StageBatch(segments, hidden))
+            out = self._run(self._forward_owned, stage, owner, StageBatch(segments, hidden))
             compute_us = int((time.perf_counter() - t0) * 1e6)
             return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format), compute_us=[compute_us])
         except Exception as exc:  # noqa: BLE001  (one bad batch never ends the stream)
@@ -275,6 +300,40 @@ class StageServicer(pb_grpc.StageServicer):
             # In a chain the coordinator hears it from the last node: say which node refused.
             message = f"node {self._name}: {exc}" if request.chain else str(exc)
             return pb.ForwardReply(id=request.id, error=pb.Error(code=wire.status_code(exc).value[0], message=message))
+
+    def _forward_owned(self, stage: LocalStage, owner: str, batch: StageBatch) -> np.ndarray:
+        """Under the compute lock, so an owner's stream cannot end between the checks and the
+        claim: the batch, its new sessions within the cap, its sessions then `owner`'s."""
+        if is_chain(owner) and not self.results.is_open(owner):
+            raise wire.NotReadyError(f"chain {owner} has no results stream on this node (its coordinator closed it "
+                                     "or went away): open one before its batches")
+        new = {s.session_id for s in batch.segments} - stage.sessions.keys()
+        self._session_cap().check(len(stage.sessions), len(new), self._name)
+        out = stage.forward(batch)
+        self.owners.claim(owner, [s.session_id for s in batch.segments])
+        return out
+
+    def _session_cap(self) -> SessionCap:
+        with self._lock:
+            cap = self._cap
+        assert cap is not None  # set before the stage is
+        return cap
+
+    def _release(self, owner: str) -> None:
+        """End the sessions `owner` holds: its stream has ended."""
+        with self._lock:
+            stage = self._stage
+        if stage is None:
+            return
+        ended = self._run(self._end_owned, stage, owner)
+        if ended:
+            log.info("%s ended: its %d sessions ended with it", owner, ended)
+
+    def _end_owned(self, stage: LocalStage, owner: str) -> int:
+        sessions = self.owners.release(owner)
+        for session_id in sessions:
+            stage.end_session(session_id)
+        return len(sessions)
 
     def _pass_on(self, request: pb.ForwardRequest, reply: pb.ForwardReply) -> None:
         """A chain's batch, computed (or refused): on to the next node, or, from the last node,
@@ -307,22 +366,35 @@ class StageServicer(pb_grpc.StageServicer):
         return self.settings.name or f"{platform.node()}-{self.settings.port}"
 
     def EndSession(self, request, context):
+        # Not behind the compute lock: only the batch running now delays it, never those waiting.
         with self._lock:
             stage = self._stage
         if stage is not None:
-            self._run(stage.end_session, request.session_id)
+            self.owners.forget(request.session_id)
+            stage.end_session(request.session_id)
         return pb.EndSessionReply()
 
     def CopySession(self, request, context):
         try:
+            wire.check_session_id(request.source)
+            wire.check_session_id(request.target)
             with self._lock:
                 stage = self._stage
             if stage is None:
                 raise wire.NotReadyError("no layers are loaded on this node")
-            self._run(stage.copy_session, request.source, request.target, request.length)
+            self._run(self._copy_owned, stage, request.source, request.target, request.length)
         except Exception as exc:  # noqa: BLE001  (mapped to a status by wire's one table)
             _abort(context, exc)
         return pb.CopySessionReply()
+
+    def _copy_owned(self, stage: LocalStage, source: str, target: str, length: int) -> None:
+        """Under the compute lock: the copy, within the cap, owned by the source's owner."""
+        if target not in stage.sessions:
+            self._session_cap().check(len(stage.sessions), 1, self._name)
+        stage.copy_session(source, target, length)
+        owner = self.owners.owner(source)
+        if owner is not None:
+            self.owners.claim(owner, [target])
 
     def LoadAdapter(self, request_iterator, context):
         try:
@@ -420,8 +492,8 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
 
     servicer = StageServicer(settings, state_changed)
     server = grpc.server(
-        ThreadPoolExecutor(max_workers=16, thread_name_prefix="caravan-grpc"),
-        interceptors=[auth.TokenCheck(settings.token)] if settings.token else [],
+        ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="caravan-grpc"),
+        interceptors=[*([auth.TokenCheck(settings.token)] if settings.token else []), servicer.streams],
         options=[
             ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),
@@ -429,6 +501,14 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
             ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.keepalive_time_ms", PEER_KEEPALIVE_MS),
+            ("grpc.keepalive_timeout_ms", wire.KEEPALIVE_MS),
+            ("grpc.http2.max_pings_without_data", 0),  # keep pinging a coordinator whose streams are idle
+            ("grpc.http2.ping_timeout_ms", wire.KEEPALIVE_MS),
+            # A fixed window per stream, not one grown by bandwidth probes: what a peer can make
+            # the node buffer before a handler refuses its call (no token) stays this small.
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
         ],
     )
     pb_grpc.add_StageServicer_to_server(servicer, server)

@@ -15,6 +15,7 @@ layer that looks whole.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
@@ -37,6 +39,7 @@ from caravan.pipeline.stage import LayerRange
 log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+LOCK_FILE = "node.lock"  # in the cache directory, locked by the node process that uses it
 
 
 class WeightError(ValueError):
@@ -98,6 +101,37 @@ class RangeManifest:
     def layer_tensors(self, layer: int) -> tuple[TensorInfo, ...]:
         prefix = f"blk.{layer}."
         return tuple(t for t in self.tensors if t.name.startswith(prefix))
+
+
+class CacheDirInUse(OSError):
+    """Another node process holds the cache directory."""
+
+
+def lock_cache_dir(cache_dir: Path) -> IO[str] | None:
+    """Hold `cache_dir` for this node process: two nodes on one directory would share its node
+    id (coordinators then refuse the second as the same node) and write the same layers. The
+    lock goes with the process, however it ends; None when the directory cannot be written
+    (the node still serves, and says so when it needs its cache)."""
+    path = Path(cache_dir) / LOCK_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path, "a+")
+    except OSError as exc:
+        log.warning("cannot lock the cache directory %s: %s", cache_dir, exc.strerror or exc)
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        raise CacheDirInUse(f"cache directory {cache_dir} is in use by another caravan node"
+                            f"{f' (pid {holder})' if holder.isdigit() else ''}: two nodes cannot share one "
+                            "(it holds the node's id and weight cache); give this node its own --cache-dir") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 class CachedLayers:

@@ -98,20 +98,18 @@ class TokenCheck(grpc.ServerInterceptor):
         sent = dict(details.invocation_metadata or ()).get(_HEADER, "")
         if hmac.compare_digest(sent.encode(), self._expected):
             return handler
-        return _refusal(handler)
+        return _REFUSAL
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    def refuse(request_or_iterator, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+def _refuse(request_iterator, context):
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster token")
+    yield  # a generator: the call is answered with its status alone
 
-    kinds = ((handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-             (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-             (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-             (handler.stream_stream, grpc.stream_stream_rpc_method_handler))
-    make = next(make for behaviour, make in kinds if behaviour is not None)
-    return make(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+
+# Refuses before reading the request, whatever kind of call was made: gRPC starts a streaming
+# handler without a deserializer at once and never receives the message, so a peer without the
+# token makes the node neither hold nor parse what it sends.
+_REFUSAL = grpc.stream_stream_rpc_method_handler(_refuse)
 
 
 # --- mutual TLS ------------------------------------------------------------------------------

@@ -183,6 +183,13 @@ def _dequantize_q8_0(data: bytes, rows: int, cols: int) -> np.ndarray:
 MAX_SESSION_ID = 128  # characters
 
 
+def check_session_id(session_id: str) -> str:
+    """A session id from the wire (a batch's segment, CopySession's source and target)."""
+    if not session_id or len(session_id) > MAX_SESSION_ID:
+        raise WireError(f"session id must have 1 to {MAX_SESSION_ID} characters, got {len(session_id)}")
+    return session_id
+
+
 def encode_segments(segments) -> list[pb.Segment]:
     return [pb.Segment(session_id=s.session_id, start=s.start, length=s.length,
                        adapters=[pb.AdapterRef(name=name, scale=scale) for name, scale in s.adapters])
@@ -192,8 +199,7 @@ def encode_segments(segments) -> list[pb.Segment]:
 def decode_segments(messages) -> tuple[Segment, ...]:
     segments = []
     for m in messages:
-        if not m.session_id or len(m.session_id) > MAX_SESSION_ID:
-            raise WireError(f"session id must have 1 to {MAX_SESSION_ID} characters")
+        check_session_id(m.session_id)
         if m.length == 0:
             raise WireError(f"session {m.session_id}: segment of 0 rows")
         segments.append(Segment(m.session_id, m.start, m.length, _decode_adapters(m)))
