@@ -5,7 +5,9 @@ gone, or stops answering past the batch's deadline), ClusterPipeline re-plans ov
 that still answer (and any that came back or were found since), loads the layers each now
 needs, refills every session's KV cache from its tokens, and runs the batch again. The
 kernels are deterministic, so the refilled caches hold the same bits and the generation goes
-on exactly as it would have: the client sees a delay, not an error.
+on exactly as it would have: the client sees a delay, not an error. Every plan, the first one
+included, is made the same way: a node that does not answer is left out, and one lost while it
+is measured, loaded, connected to or refilled is dropped and the plan made again.
 
 The scheduler's lanes call it from several threads at once. Calls share the current plan; a
 recovery waits until no call is using it, and of the lanes that failed on the same lost node
@@ -107,8 +109,8 @@ class ClusterPipeline(Pipeline):
         return PlanError(f"no plan fits the nodes still alive ({alive}) after {'; '.join(lost)}: {error}")
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        self.adapters[adapter.name] = adapter
-        super().add_adapter(adapter)
+        self.adapters[adapter.name] = adapter  # before any re-plan, which sends it to the new stages
+        self._with_recovery(lambda: Pipeline.add_adapter(self, adapter))
 
     @contextlib.contextmanager
     def _plan_in_use(self) -> Iterator[int]:

@@ -295,11 +295,20 @@ class RemoteStage:
 
     def _open_results(self, part: Part):
         stream = part.client.stub.Results(pb.ResultsRequest(chain=self.chain))
-        timer = threading.Timer(CONNECT_TIMEOUT_S, stream.cancel)  # a node that accepts but never answers
+        late = threading.Event()
+
+        def give_up() -> None:  # a node that accepts but never answers (frozen, or cut off)
+            late.set()
+            stream.cancel()
+
+        timer = threading.Timer(CONNECT_TIMEOUT_S, give_up)
         timer.start()
         try:
             next(stream)  # id 0: registered, batches may come
         except (grpc.RpcError, StopIteration) as exc:
+            if late.is_set():
+                raise NodeError(part.client.label, "opening its results stream: did not answer in time",
+                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
             if isinstance(exc, grpc.RpcError):
                 raise part.client.error(exc, "opening its results stream") from None
             raise NodeError(part.client.label, "ended its results stream at once", grpc.StatusCode.UNAVAILABLE) from None

@@ -130,7 +130,10 @@ def test_node_lost_in_each_phase_of_a_run(smollm2, expected, nodes, tmp_path, mo
         assert tokens == expected
         assert len(pipeline.recoveries) == 1 and b.address in pipeline.recoveries[0], pipeline.recoveries
         assert [s.node.name for s in pipeline.plan.assignments] == [a.address, c.address]
-        print(f"{fault} while {phase}: the run took {time.monotonic() - t0:.1f} s")
+        took = time.monotonic() - t0
+        print(f"{fault} while {phase}: the run took {took:.1f} s")
+        if fault == "freeze":  # noticed within seconds, never at a long call's deadline
+            assert took < 45
     finally:
         pipeline.close()
 
