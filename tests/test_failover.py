@@ -138,6 +138,20 @@ def test_node_lost_in_each_phase_of_a_run(smollm2, expected, nodes, tmp_path, mo
         pipeline.close()
 
 
+def test_node_down_before_the_run_is_left_out(smollm2, expected, nodes, tmp_path, caplog):
+    """A node given in the list that is already gone when the run starts: the run goes on over
+    the others, saying which one it left out."""
+    a, b, c = nodes(), nodes(), nodes()
+    b.kill()
+    pipeline = cluster(smollm2, [a.address, b.address, c.address], tmp_path)
+    try:
+        assert list(generation(pipeline, smollm2)) == expected
+        assert [s.node.name for s in pipeline.plan.assignments] == [a.address, c.address]
+        assert any("leaving out" in r.message and b.address in r.message for r in caplog.records)
+    finally:
+        pipeline.close()
+
+
 def test_node_lost_while_re_planning(smollm2, expected, nodes, tmp_path, monkeypatch):
     """A second node dies while the coordinator re-plans around the first (loading the new
     ranges): it plans again, over the one node left."""
