@@ -130,19 +130,21 @@ class NodeClient:
         """The reply of a long call, asking the node every few seconds meanwhile whether it still
         answers: a node that froze or was cut off fails within seconds, not at the call's deadline,
         while a slow one (a Pi compiling its kernels) is left to finish."""
-        while True:
-            try:
-                return call.result(timeout=PROBE_INTERVAL_S)
-            except grpc.FutureTimeoutError:
-                pass
-            except grpc.RpcError as exc:
-                raise self.error(exc, doing) from None
-            try:
-                self.stub.Info(pb.InfoRequest(), timeout=CONNECT_TIMEOUT_S)
-            except grpc.RpcError as exc:
-                if exc.code() in LOST:
-                    call.cancel()
-                    raise self.error(exc, f"{doing} (asked whether it still answers)") from None
+        try:
+            while True:
+                try:
+                    return call.result(timeout=PROBE_INTERVAL_S)
+                except grpc.FutureTimeoutError:
+                    pass
+                except grpc.RpcError as exc:
+                    raise self.error(exc, doing) from None
+                try:
+                    self.stub.Info(pb.InfoRequest(), timeout=CONNECT_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    if exc.code() in LOST:
+                        raise self.error(exc, f"{doing} (asked whether it still answers)") from None
+        finally:
+            call.cancel()  # nothing once it is done; else (lost node, Ctrl-C) the call ends here too
 
     def end_session(self, session_id: str) -> None:
         try:
