@@ -87,10 +87,12 @@ def _local_info() -> pb.NodeInfo:
 
 
 def connect(addresses: list[str], token: str | None = None, optional: Collection[str] = (),
-            tls: auth.TLSFiles | None = None) -> list[Node]:
+            tls: auth.TLSFiles | None = None, left_out: list[NodeError] | None = None) -> list[Node]:
     """Ask every node who it is. One unreachable, untrusted or incompatible node is an error
     naming it, unless it is `optional` (found by discovery, or re-planning after a failure):
-    then it is left out with a warning."""
+    then it is left out with a warning. Given a `left_out` list (a plan that routes around lost
+    nodes), any node that is unreachable or does not answer in time is left out too, and the
+    errors of the nodes left out go to the list instead of the log, for the caller to report."""
     nodes = []
     try:
         for address in addresses:
@@ -102,9 +104,13 @@ def connect(addresses: list[str], token: str | None = None, optional: Collection
                 nodes.append(Node(address, client, client.info()))
             except NodeError as exc:
                 client.close()
-                if address not in optional or not (exc.lost or exc.code == grpc.StatusCode.UNAUTHENTICATED):
+                skipped = address in optional and (exc.lost or exc.code == grpc.StatusCode.UNAUTHENTICATED)
+                if not (skipped or exc.lost and left_out is not None):
                     raise
-                log.warning("leaving out %s", exc)
+                if left_out is None:
+                    log.warning("leaving out %s", exc)
+                else:
+                    left_out.append(exc)
     except BaseException:
         close_nodes(nodes)
         raise

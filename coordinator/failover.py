@@ -5,7 +5,9 @@ gone, or stops answering past the batch's deadline), ClusterPipeline re-plans ov
 that still answer (and any that came back or were found since), loads the layers each now
 needs, refills every session's KV cache from its tokens, and runs the batch again. The
 kernels are deterministic, so the refilled caches hold the same bits and the generation goes
-on exactly as it would have: the client sees a delay, not an error.
+on exactly as it would have: the client sees a delay, not an error. Every plan, the first one
+included, is made the same way: a node that does not answer is left out, and one lost while it
+is measured, loaded, connected to or refilled is dropped and the plan made again.
 
 The scheduler's lanes call it from several threads at once. Calls share the current plan; a
 recovery waits until no call is using it, and of the lanes that failed on the same lost node
@@ -30,13 +32,13 @@ from caravan.pipeline.stage import Segment
 from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
 
-from .cluster import Cluster, close_nodes, connect, deploy, make_plan, measure
+from .cluster import Cluster, Node, close_nodes, connect, deploy, make_plan, measure
 from .planner import Plan, PlanError
 from .remote import FORWARD_TIMEOUT_S, NodeError
 
 log = logging.getLogger(__name__)
 
-MAX_RECOVERIES = 3  # per batch: past this, the error goes to the caller
+MAX_RECOVERIES = 3  # re-plans per batch, and nodes lost per plan: past this, the error goes to the caller
 
 
 class ClusterPipeline(Pipeline):
@@ -62,7 +64,8 @@ class ClusterPipeline(Pipeline):
         self._in_flight = 0  # calls using the current plan
         self._recovering = False  # a re-plan is waiting for them or running
         self._generation = 0  # plans made so far
-        self._deploy(n_ctx, skip_unreachable=False)
+        self.n_ctx = n_ctx
+        self._replan(first=True)
 
     @property
     def plan(self) -> Plan:
@@ -70,27 +73,44 @@ class ClusterPipeline(Pipeline):
             raise PlanError("no plan: the last re-plan failed")
         return self.cluster.plan
 
-    def _deploy(self, n_ctx: int, skip_unreachable: bool) -> None:
+    def _deploy(self, first: bool) -> None:
+        """One plan over the nodes that answer now: ask who they are, measure, place, load.
+        A node that does not answer is left out; on the first plan, an explicit node that
+        refuses the cluster token or speaks another protocol is an error (a setup mistake)."""
         addresses = self.addresses()
-        optional = addresses if skip_unreachable else [a for a in addresses if self.optional(a)]
-        nodes = connect(addresses, self.token, optional, self.tls)
-        if not nodes:
-            raise NodeError("cluster", "no usable node: each one was unreachable or refused the cluster token")
+        optional = [a for a in addresses if self.optional(a)] if first else addresses
+        left_out: list[NodeError] = []
+        nodes = connect(addresses, self.token, optional, self.tls, left_out)
         try:
             measure(nodes, self.model)
-            plan = make_plan(self.model, nodes, n_ctx)
+            plan = make_plan(self.model, nodes, self.n_ctx)
+        except PlanError as exc:
+            close_nodes(nodes)
+            raise self._no_plan(nodes, left_out, exc) from None
         except BaseException:
             close_nodes(nodes)
             raise
-        self.cluster = deploy(self.model, nodes, plan, n_ctx, self.cache_dir, self.wire_format, self.progress,
+        for exc in left_out:
+            log.warning("leaving out %s", exc)
+        self.cluster = deploy(self.model, nodes, plan, self.n_ctx, self.cache_dir, self.wire_format, self.progress,
                               self.forward_timeout_s)
-        Pipeline.__init__(self, self.model.head, self.cluster.stages, n_ctx)
+        Pipeline.__init__(self, self.model.head, self.cluster.stages, self.n_ctx)
         for adapter in self.adapters.values():
             super().add_adapter(adapter)
 
+    def _no_plan(self, nodes: list[Node], left_out: list[NodeError], error: PlanError) -> PlanError:
+        """The one line to say why the nodes that answer cannot run the model."""
+        if not nodes and left_out:
+            return PlanError(f"no node answered: {'; '.join(map(str, left_out))}")
+        lost = self.recoveries[-1:] or [str(exc) for exc in left_out]
+        if not lost:
+            return error  # nothing was lost: the nodes given are too small
+        alive = ", ".join(node.name for node in nodes) or "none"
+        return PlanError(f"no plan fits the nodes still alive ({alive}) after {'; '.join(lost)}: {error}")
+
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        self.adapters[adapter.name] = adapter
-        super().add_adapter(adapter)
+        self.adapters[adapter.name] = adapter  # before any re-plan, which sends it to the new stages
+        self._with_recovery(lambda: Pipeline.add_adapter(self, adapter))
 
     @contextlib.contextmanager
     def _plan_in_use(self) -> Iterator[int]:
@@ -175,17 +195,23 @@ class ClusterPipeline(Pipeline):
             self.cluster.close()
         self.cluster, self.stages = None, []
 
-    def _replan(self) -> None:
-        """Place the layers on the nodes that answer now, and refill every session's caches."""
+    def _replan(self, first: bool = False) -> None:
+        """Place the layers on the nodes that answer now and refill every session's caches; a
+        node lost on the way (connecting, loading, opening streams, refilling) is dropped and the
+        plan made again, up to MAX_RECOVERIES times."""
         t0 = time.perf_counter()
-        try:
-            self._deploy(self.n_ctx, skip_unreachable=True)
-        except PlanError as plan_error:
-            lost = f"after {self.recoveries[-1]}: " if self.recoveries else ""
-            raise PlanError(f"{lost}{plan_error}") from None
-        log.warning("re-planned in %.1f s: %s", time.perf_counter() - t0,
-                    ", ".join(f"{a.node.name} {a.layers}" for a in self.plan.assignments))
-        self._refill()
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                self._deploy(first)
+                self._refill()
+                break
+            except NodeError as exc:
+                if not exc.lost or attempt == MAX_RECOVERIES:
+                    raise
+                self._drop(exc)
+        if self.recoveries:
+            log.warning("re-planned in %.1f s: %s", time.perf_counter() - t0,
+                        ", ".join(f"{a.node.name} {a.layers}" for a in self.plan.assignments))
 
     def _refill(self) -> None:
         """Run every session's tokens so far through the new stages, rebuilding their KV caches."""

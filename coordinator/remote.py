@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
 CONTROL_TIMEOUT_S = 60.0  # Info, Benchmark, EndSession
 LOAD_TIMEOUT_S = 600.0  # loading and compiling a range on a Pi, or pushing it over Wi-Fi
+PROBE_INTERVAL_S = 2.0  # while a long call runs, how often the node is asked whether it still answers
 
 
 # Codes that mean the node is gone or stuck, not that it refused the request: the
@@ -102,16 +103,13 @@ class NodeClient:
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            self.info(CONTROL_TIMEOUT_S)
+            self.info()  # a frozen node fails here in seconds, not at the control deadline
             times.append(time.perf_counter() - t0)
         return float(np.median(times) * 1e3)
 
     def benchmark(self, config: ModelConfig, weight_type: int) -> float:
-        try:
-            reply = self.stub.Benchmark(pb.BenchmarkRequest(config=wire.encode_config(config), weight_type=weight_type),
-                                        timeout=CONTROL_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise self.error(exc, "benchmarking its kernels") from None
+        request = pb.BenchmarkRequest(config=wire.encode_config(config), weight_type=weight_type)
+        reply = self._finish(self.stub.Benchmark.future(request, timeout=CONTROL_TIMEOUT_S), "benchmarking its kernels")
         return reply.ms_per_layer
 
     def load(self, model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int,
@@ -119,16 +117,34 @@ class NodeClient:
         """Have the node load `layers`: from what it has if it can, else push exactly those tensors."""
         request = load_request(model, model_sha256, config, layers, n_ctx)
         doing = f"loading layers {layers}"
-        try:
-            reply = self.stub.Load(request, timeout=LOAD_TIMEOUT_S)
-            if reply.needs_weights:
-                request.push_layers.extend(reply.missing_layers)
-                reply = self.stub.PushWeights(_weight_chunks(model, request, on_bytes), timeout=LOAD_TIMEOUT_S)
-        except grpc.RpcError as exc:
-            raise self.error(exc, doing) from None
+        reply = self._finish(self.stub.Load.future(request, timeout=LOAD_TIMEOUT_S), doing)
+        if reply.needs_weights:
+            request.push_layers.extend(reply.missing_layers)
+            chunks = _weight_chunks(model, request, on_bytes)
+            reply = self._finish(self.stub.PushWeights.future(chunks, timeout=LOAD_TIMEOUT_S), doing)
         if not reply.ready:
             raise NodeError(self.label, f"{doing}: the node did not become ready")
         return reply
+
+    def _finish(self, call: grpc.Future, doing: str):
+        """The reply of a long call, asking the node every few seconds meanwhile whether it still
+        answers: a node that froze or was cut off fails within seconds, not at the call's deadline,
+        while a slow one (a Pi compiling its kernels) is left to finish."""
+        try:
+            while True:
+                try:
+                    return call.result(timeout=PROBE_INTERVAL_S)
+                except grpc.FutureTimeoutError:
+                    pass
+                except grpc.RpcError as exc:
+                    raise self.error(exc, doing) from None
+                try:
+                    self.stub.Info(pb.InfoRequest(), timeout=CONNECT_TIMEOUT_S)
+                except grpc.RpcError as exc:
+                    if exc.code() in LOST:
+                        raise self.error(exc, f"{doing} (asked whether it still answers)") from None
+        finally:
+            call.cancel()  # nothing once it is done; else (lost node, Ctrl-C) the call ends here too
 
     def end_session(self, session_id: str) -> None:
         try:
@@ -281,11 +297,20 @@ class RemoteStage:
 
     def _open_results(self, part: Part):
         stream = part.client.stub.Results(pb.ResultsRequest(chain=self.chain))
-        timer = threading.Timer(CONNECT_TIMEOUT_S, stream.cancel)  # a node that accepts but never answers
+        late = threading.Event()
+
+        def give_up() -> None:  # a node that accepts but never answers (frozen, or cut off)
+            late.set()
+            stream.cancel()
+
+        timer = threading.Timer(CONNECT_TIMEOUT_S, give_up)
         timer.start()
         try:
             next(stream)  # id 0: registered, batches may come
         except (grpc.RpcError, StopIteration) as exc:
+            if late.is_set():
+                raise NodeError(part.client.label, "opening its results stream: did not answer in time",
+                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
             if isinstance(exc, grpc.RpcError):
                 raise part.client.error(exc, "opening its results stream") from None
             raise NodeError(part.client.label, "ended its results stream at once", grpc.StatusCode.UNAVAILABLE) from None
