@@ -57,7 +57,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be finite (0 = off), got {getattr(self, name)}")
         for token, bias in self.logit_bias:
             if token < 0 or not math.isfinite(bias):
-                raise ValueError(f"logit_bias must pair token ids >= 0 with finite biases, got {token}: {bias}")
+                raise ValueError(
+                    f"logit_bias must pair token ids >= 0 with finite biases, got {token}: {bias}"
+                )
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
 
@@ -138,6 +140,8 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # (n_bias,)
+        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)  # (n_bias,)
 
     def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
         """The next token id; `logits` is (vocab,) and is not modified."""
@@ -175,21 +179,22 @@ class Sampler:
         return not (off or p.repeat_last_n == 0 or len(previous_tokens) == 0)
 
     def _biased(self, logits: np.ndarray) -> np.ndarray:
-        if not self.params.logit_bias:
+        if not self._bias_ids.size:
             return logits
-        ids = np.array([token for token, _ in self.params.logit_bias], dtype=np.int64)  # (n_bias,)
-        if ids.max() >= logits.shape[0]:
-            raise ValueError(f"logit_bias token ids must be in [0, {logits.shape[0]}), got {ids.max()}")
+        vocab = logits.shape[0]
+        if self._bias_ids.max() >= vocab:
+            raise ValueError(
+                f"logit_bias token ids must be in [0, {vocab}), got {self._bias_ids.max()}"
+            )
         out = logits.astype(np.float32, copy=True)  # (vocab,)
-        np.add.at(out, ids, np.array([bias for _, bias in self.params.logit_bias], dtype=np.float32))
-        _check_top(out.max())
+        np.add.at(out, self._bias_ids, self._bias)  # finite biases: the max stays finite
         return out
 
     def _penalised(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
         p = self.params
         if not self._penalises(previous_tokens):
             return logits
-        recent = np.asarray(previous_tokens, dtype=np.int64)[-p.repeat_last_n :]
+        recent = np.asarray(previous_tokens[-p.repeat_last_n :], dtype=np.int64)
         vocab = logits.shape[0]
         if recent.min() < 0 or recent.max() >= vocab:
             raise ValueError(
