@@ -16,9 +16,11 @@ defaults (SamplingParams'), so a client that sends none gets sensible answers. A
 does not implement (tools, response_format, echo, ...) or does not know is a 400 naming it, never
 silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
 "length"), as llama-server does. Errors are OpenAI-style JSON,
-`{"error": {"message", "type", "param", "code"}}`, with the right status. A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs
-the base model with that adapter's low-rank products added, in the same batches as the others;
-the base model's own id runs it without. A client that goes away mid-stream has its sequence cancelled, which frees its
+`{"error": {"message", "type", "param", "code"}}`, with the right status.
+
+A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs the base model
+with that adapter's low-rank products added, in the same batches as the others; the base model's
+own id runs it without. A client that goes away mid-stream has its sequence cancelled, which frees its
 KV cache on every stage.
 
 Bound to loopback (the default), it answers only requests whose Host names loopback and whose
