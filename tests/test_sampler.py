@@ -149,6 +149,48 @@ def test_penalties_match_reference(repeat, frequency, presence):
     np.testing.assert_array_equal(out[untouched], logits[untouched])
 
 
+def llama_cpp_bias_and_penalties(logits, recent, bias, last_n, repeat, frequency, presence):
+    """The logits after llama.cpp's own logit-bias and penalties samplers (a chain, as
+    common_sampler builds it), fed `recent` as the tokens so far."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ctypes = pytest.importorskip("ctypes")
+    vocab = logits.size
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    biases = (llama_cpp.llama_logit_bias * len(bias))(*[llama_cpp.llama_logit_bias(t, b) for t, b in bias])
+    llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_logit_bias(vocab, len(bias), biases))
+    llama_cpp.llama_sampler_chain_add(
+        chain, llama_cpp.llama_sampler_init_penalties(vocab, last_n, repeat, frequency, presence))
+    try:
+        for token in recent:
+            llama_cpp.llama_sampler_accept(chain, int(token))
+        data = (llama_cpp.llama_token_data * vocab)(
+            *[llama_cpp.llama_token_data(i, float(x), 0.0) for i, x in enumerate(logits)])
+        array = llama_cpp.llama_token_data_array(data, vocab, -1, False)
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(array))
+        out = np.empty(vocab, dtype=np.float32)
+        for i in range(array.size):
+            out[data[i].id] = data[i].logit
+        return out
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+
+
+@pytest.mark.parametrize(
+    ("repeat", "frequency", "presence", "last_n"),
+    [(1.0, 0.5, 0.0, 64), (1.0, 0.0, 1.5, 64), (1.3, 0.7, -0.4, 32), (0.8, -2.0, 2.0, 8)],
+)
+def test_bias_and_penalties_match_llama_cpp(repeat, frequency, presence, last_n):
+    logits = random_logits(300, seed=13)
+    recent = np.random.default_rng(14).integers(0, 40, size=100)
+    bias = ((3, -100.0), (5, 7.5), (250, 2.0))
+    params = SamplingParams(repeat_penalty=repeat, frequency_penalty=frequency, presence_penalty=presence,
+                            repeat_last_n=last_n, logit_bias=bias)
+    sampler = Sampler(params)
+    ours = sampler._penalised(sampler._biased(logits), list(recent))
+    theirs = llama_cpp_bias_and_penalties(logits, recent, bias, last_n, repeat, frequency, presence)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-5)
+
+
 def test_frequency_penalty_counts_occurrences_presence_does_not():
     logits = np.array([3.0, 2.5, 0.0], dtype=np.float32)
     freq = SamplingParams(temperature=0.0, frequency_penalty=0.3)
