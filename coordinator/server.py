@@ -3,16 +3,24 @@
     POST /v1/chat/completions   messages rendered with the model's chat template
     POST /v1/completions        a raw prompt
     GET  /v1/models             the model served, and MODEL:ADAPTER for each --lora adapter
+    GET  /v1/models/{id}        one of them (a JSON 404 for any other id)
     GET  /                      a small web chat page (coordinator/chat.html)
     GET  /health                200 when ready, 503 while no plan of nodes works; the stages
     GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
 
-Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n and stream
-(Server-Sent Events: `data: {chunk}` lines, usage in the last chunk, then `data: [DONE]`).
-Errors are OpenAI-style JSON, `{"error": {"message", "type", "param", "code"}}`, with the
-right status. A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs
-the base model with that adapter's low-rank products added, in the same batches as the others;
-the base model's own id runs it without. A client that goes away mid-stream has its sequence cancelled, which frees its
+Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n, logprobs,
+frequency_penalty, presence_penalty, logit_bias, llama-server's top_k, min_p, repeat_penalty and
+repeat_last_n, and stream (Server-Sent Events: `data: {chunk}` lines, usage in the last chunk,
+then `data: [DONE]`). Sampling settings a request leaves out are llama-server's and Ollama's
+defaults (SamplingParams'), so a client that sends none gets sensible answers. A field caravan
+does not implement (tools, response_format, echo, ...) or does not know is a 400 naming it, never
+silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
+"length"), as llama-server does. Errors are OpenAI-style JSON,
+`{"error": {"message", "type", "param", "code"}}`, with the right status.
+
+A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs the base model
+with that adapter's low-rank products added, in the same batches as the others; the base model's
+own id runs it without. A client that goes away mid-stream has its sequence cancelled, which frees its
 KV cache on every stage.
 
 Bound to loopback (the default), it answers only requests whose Host names loopback and whose
@@ -88,6 +96,38 @@ CHAT_TEXT_SLACK = 4
 CLOSE = {"Connection": "close"}  # on a refusal that leaves part of a request unread
 # A JSON escape of a UTF-16 surrogate: only then can a parsed string hold a lone one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# The top-level fields each endpoint reads: OpenAI's, and llama-server's sampling settings.
+_COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
+                            "repeat_last_n", "frequency_penalty", "presence_penalty", "logit_bias", "n", "stop",
+                            "seed", "stream", "logprobs"})
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "stream_options"}
+COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
+# Fields that cannot change an answer, accepted and ignored: who the end user is (user), a client's
+# own labels (metadata), OpenAI's storage and tier (store, service_tier) and llama-server's hint to
+# reuse a cached prompt (cache_prompt). Any other field a request sets is a 400 naming it.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "cache_prompt"})
+# Fields caravan does not implement: the values that ask for nothing (accepted as such; so is null)
+# and why any other value is refused.
+UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
+    "tools": (([],), "tool calls are not implemented"),
+    "tool_choice": (("none",), "tool calls are not implemented"),
+    "parallel_tool_calls": ((), "tool calls are not implemented"),
+    "functions": (([],), "function calls are not implemented"),
+    "function_call": (("none",), "function calls are not implemented"),
+    "response_format": (({"type": "text"},), "structured output is not implemented"),
+    "json_schema": ((), "structured output is not implemented"),
+    "grammar": (("",), "grammars are not implemented"),
+    "echo": ((False,), "the prompt is not echoed back"),
+    "suffix": (("",), "insertion before a suffix is not implemented"),
+    "best_of": ((1,), "best_of above 1 is not implemented; ask for n answers instead"),
+    "audio": ((), "answers are text only"),
+    "modalities": ((["text"],), "answers are text only"),
+    "prediction": ((), "predicted outputs are not implemented"),
+    "reasoning_effort": ((), "this server runs no reasoning model"),
+    "web_search_options": ((), "there is no web search"),
+}
+LOGIT_BIAS_RANGE = 100.0  # a logit_bias value's bound either way, as OpenAI documents it
+PENALTY_RANGE = 2.0  # frequency_penalty's and presence_penalty's bound either way, as OpenAI documents them
 
 
 @dataclass(frozen=True)
@@ -133,7 +173,8 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
         raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}", name)
     if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
-        raise APIError(400, f"{name} must be between {lo:g} and {hi:g}, got {value}", name)
+        bounds = f"at least {lo:g}" if hi == math.inf else f"between {lo:g} and {hi:g}"
+        raise APIError(400, f"{name} must be {bounds}, got {value}", name)
     return value
 
 
@@ -235,6 +276,7 @@ class API:
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
+            Route("/v1/models/{model_id:path}", self.model_info, methods=["GET"]),
             Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -284,12 +326,12 @@ class API:
         if room <= 0:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's context is {n_ctx}",
                            "messages", "context_length_exceeded")
-        max_tokens = _number(body, "max_tokens", None, 1, n_ctx, integer=True)
+        max_tokens = _number(body, "max_tokens", None, 1, math.inf, integer=True)
         if max_tokens is None:
-            max_tokens = _number(body, "max_completion_tokens", room, 1, n_ctx, integer=True)
-        if max_tokens > room:
-            raise APIError(400, f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens is more than "
-                           f"this server's context of {n_ctx}", "max_tokens", "context_length_exceeded")
+            max_tokens = _number(body, "max_completion_tokens", room, 1, math.inf, integer=True)
+        # Past the context the answer ends where the context does, with finish_reason "length", as
+        # llama-server's does: a client asking for "as much as you like" gets an answer, not a 400.
+        max_tokens = min(max_tokens, room)
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
@@ -300,16 +342,8 @@ class API:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise APIError(400, "stream must be true or false", "stream")
-        try:
-            params = SamplingParams(
-                temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
-                top_k=0, min_p=0.0,
-                repeat_penalty=1.0,
-                seed=seed,
-            )
-        except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+        _stream_options(body)
+        params = _sampling(body, seed, self.model.tokenizer.vocab_size, n_ctx)
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
         model = body.get("model") or self.model_id
         return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()),
@@ -362,30 +396,49 @@ class API:
 
     # --- endpoints -------------------------------------------------------------------------------
 
+    def _job(self, body: dict, chat: bool) -> Completion:
+        """A request's fields checked and its prompt tokenized (on a worker thread: a long
+        logit_bias or prompt takes a while)."""
+        _refuse_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS,
+                       "/v1/chat/completions" if chat else "/v1/completions")
+        return self._completion(body, self._chat_ids(body) if chat else self._prompt_ids(body), chat)
+
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
-            body = await self._body(request)
-            job = self._completion(body, await run_in_threadpool(self._chat_ids, body), chat=True)
+            job = await run_in_threadpool(self._job, await self._body(request), True)
         except APIError as exc:
             return exc.response()
         return await self._respond(job, True, request)
 
     async def completions(self, request: HTTPRequest) -> Response:
         try:
-            body = await self._body(request)
-            job = self._completion(body, await run_in_threadpool(self._prompt_ids, body), chat=False)
+            job = await run_in_threadpool(self._job, await self._body(request), False)
         except APIError as exc:
             return exc.response()
         return await self._respond(job, False, request)
+
+    def _model_object(self, model_id: str) -> dict:
+        return {"id": model_id, "object": "model", "created": self.created, "owned_by": "caravan"}
 
     async def models(self, request: HTTPRequest) -> Response:
         try:
             self._authorize(request)
         except APIError as exc:
             return exc.response()
-        return JSONResponse({"object": "list", "data": [
-            {"id": model_id, "object": "model", "created": self.created, "owned_by": "caravan"}
-            for model_id in (self.model_id, *self.adapters)]})
+        return JSONResponse({"object": "list", "data": [self._model_object(m) for m in (self.model_id, *self.adapters)]})
+
+    async def model_info(self, request: HTTPRequest) -> Response:
+        """GET /v1/models/{id}: one model object, or OpenAI's 404 for an id this server does not run."""
+        model_id = request.path_params["model_id"]
+        try:
+            self._authorize(request)
+            if model_id != self.model_id and model_id not in self.adapters:
+                served = ", ".join(repr(m) for m in (self.model_id, *self.adapters))
+                raise APIError(404, f"the model {model_id!r} does not exist; this server runs {served}", "model",
+                               "model_not_found")
+        except APIError as exc:
+            return exc.response()
+        return JSONResponse(self._model_object(model_id))
 
     async def page(self, request: HTTPRequest) -> Response:
         return HTMLResponse(self.chat_page)
@@ -785,7 +838,7 @@ def _prompt(body: dict) -> str | list[int]:
                    "prompt")
 
 
-ROUTES = "/v1/chat/completions, /v1/completions, /v1/models, /health, /metrics and /"
+ROUTES = "/v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, /health, /metrics and /"
 
 
 async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
@@ -888,6 +941,79 @@ def _top_logprobs(body: dict, chat: bool) -> int:
     if top is not None and not wanted:
         raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
     return (top or 0) if wanted else -1
+
+
+def _refuse_fields(body: dict, accepted: frozenset[str], path: str) -> None:
+    """A 400 naming the first field set (not null) that `path` does not take: one caravan does
+    not implement (unless at a value that asks for nothing) or one it does not know."""
+    for name, value in body.items():
+        if value is None or name in accepted or name in IGNORED_FIELDS:
+            continue
+        if name in UNSUPPORTED_FIELDS:
+            harmless, why = UNSUPPORTED_FIELDS[name]
+            if any(value == h and type(value) is type(h) for h in harmless):
+                continue
+            raise APIError(400, f"{name!r} is not supported by this server ({why}); remove it from the request",
+                           name, "unsupported_parameter")
+        raise APIError(400, f"{name!r} is not a parameter of {path} that this server knows; remove it from the "
+                       "request", name, "unknown_parameter")
+
+
+def _stream_options(body: dict) -> None:
+    """OpenAI's stream_options: only include_usage, and the usage is always in a stream's last chunk."""
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(k == "include_usage" and isinstance(v, bool)
+                                                 for k, v in options.items()):
+        raise APIError(400, "stream_options may only hold include_usage (true or false)", "stream_options")
+
+
+def _sampling(body: dict, seed: int | None, vocab_size: int, n_ctx: int) -> SamplingParams:
+    """A request's sampling settings; those it leaves out are SamplingParams' defaults (llama-server's
+    and Ollama's), not OpenAI's temperature 1 without filters, which a small model answers in noise."""
+    default = SamplingParams()
+    # vLLM's top_k -1 and llama.cpp's 0 both mean off; so does llama-server's repeat_last_n -1 for "the
+    # whole context" (the penalties then see every token there is).
+    top_k = _number(body, "top_k", default.top_k, -1, math.inf, integer=True)
+    last_n = _number(body, "repeat_last_n", default.repeat_last_n, -1, math.inf, integer=True)
+    try:
+        return SamplingParams(
+            temperature=_number(body, "temperature", default.temperature, 0.0, 2.0),
+            top_k=max(top_k, 0),
+            top_p=_number(body, "top_p", default.top_p, 0.0, 1.0),
+            min_p=_number(body, "min_p", default.min_p, 0.0, 1.0),
+            repeat_penalty=_number(body, "repeat_penalty", default.repeat_penalty, 0.0, math.inf),
+            repeat_last_n=n_ctx if last_n < 0 else last_n,
+            frequency_penalty=_number(body, "frequency_penalty", default.frequency_penalty, -PENALTY_RANGE,
+                                      PENALTY_RANGE),
+            presence_penalty=_number(body, "presence_penalty", default.presence_penalty, -PENALTY_RANGE,
+                                     PENALTY_RANGE),
+            logit_bias=_logit_bias(body, vocab_size),
+            seed=seed,
+        )
+    except ValueError as exc:  # its message begins with the field's name
+        raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}, ids within the vocabulary."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise APIError(400, 'logit_bias must be an object of token ids to biases, e.g. {"1234": -100}', "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                           "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):
+            raise APIError(400, f"logit_bias[{key!r}] must be a number from {-LOGIT_BIAS_RANGE:g} to "
+                           f"{LOGIT_BIAS_RANGE:g}, got {value!r}", "logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:

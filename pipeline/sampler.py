@@ -4,11 +4,15 @@ The chain and its order follow llama.cpp's `common_sampler` defaults (`common/co
 `common_params_sampling::samplers`; the stages live in `src/llama-sampling.cpp`), keeping
 the stages caravan exposes:
 
-    penalties -> top-k -> top-p -> min-p -> temperature -> dist
+    logit bias -> penalties -> top-k -> top-p -> min-p -> temperature -> dist
 
+The logit bias comes first, as `common_sampler_init` puts it ahead of the chain. The penalties
+are `llama_sampler_penalties`: over the last `repeat_last_n` tokens (the prompt's included), a
+token seen `count` times has its logit divided by the repeat penalty (multiplied when it is not
+positive), then lowered by `count * frequency_penalty + presence_penalty`.
 top-k, top-p and min-p see the logits before temperature, so temperature reshapes only the
-distribution among the survivors. Temperature 0 is greedy decoding after the penalties.
-Each filter keeps at least one token (llama.cpp's `min_keep = 1`).
+distribution among the survivors. Temperature 0 is greedy decoding after the bias and the
+penalties. Each filter keeps at least one token (llama.cpp's `min_keep = 1`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ class SamplingParams:
     top_p: float = 0.95  # keep the smallest head whose probability reaches p; 1.0 = off
     min_p: float = 0.05  # keep tokens with p >= min_p * p_max; 0.0 = off
     repeat_penalty: float = 1.0  # CTRL-style penalty on recent tokens; 1.0 = off
-    repeat_last_n: int = 64  # how many of the most recent tokens the penalty looks at
+    repeat_last_n: int = 64  # how many of the most recent tokens the penalties look at
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the recent tokens; 0 = off
+    presence_penalty: float = 0.0  # subtracted once from every token in the recent tokens; 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit) pairs
     seed: int | None = None  # seeds the draws; None = fresh OS entropy
 
     def __post_init__(self) -> None:
@@ -45,24 +52,38 @@ class SamplingParams:
             )
         if self.repeat_last_n < 0:
             raise ValueError(f"repeat_last_n must be >= 0 (0 = off), got {self.repeat_last_n}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be finite (0 = off), got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            if token < 0 or not math.isfinite(bias):
+                raise ValueError(
+                    f"logit_bias must pair token ids >= 0 with finite biases, got {token}: {bias}"
+                )
         if self.seed is not None and self.seed < 0:
             raise ValueError(f"seed must be >= 0 or None, got {self.seed}")
 
 
-def apply_repeat_penalty(
-    logits: np.ndarray, recent_tokens: np.ndarray, penalty: float
+def apply_penalties(
+    logits: np.ndarray,
+    recent_tokens: np.ndarray,
+    repeat: float = 1.0,
+    frequency: float = 0.0,
+    presence: float = 0.0,
 ) -> np.ndarray:
-    """A copy of logits with each distinct recent token pushed down by `penalty`.
+    """A copy of logits with each token of `recent_tokens` pushed down, as llama.cpp's
+    `llama_sampler_penalties_apply` does.
 
-    CTRL's penalty (Keskar et al. 2019) divides a logit; llama.cpp's
-    `llama_sampler_penalties_apply` divides positive logits and multiplies the others, so
-    the penalty lowers a token whatever its sign. A token counts once however often it
-    repeated.
+    CTRL's repeat penalty (Keskar et al. 2019) divides a logit; llama.cpp divides positive
+    logits and multiplies the others, so the penalty lowers a token whatever its sign, and
+    once however often the token repeated. OpenAI's frequency and presence penalties then
+    subtract `count * frequency + presence`.
     """
     out = logits.astype(np.float32, copy=True)  # (vocab,)
-    tokens = np.unique(recent_tokens)  # (n_distinct,)
+    tokens, counts = np.unique(recent_tokens, return_counts=True)  # (n_distinct,) each
     hit = out[tokens]
-    out[tokens] = np.where(hit <= 0.0, hit * penalty, hit / penalty)
+    hit = np.where(hit <= 0.0, hit * np.float32(repeat), hit / np.float32(repeat))
+    out[tokens] = hit - (counts.astype(np.float32) * np.float32(frequency) + np.float32(presence))
     return out
 
 
@@ -119,11 +140,13 @@ class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # (n_bias,)
+        self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)  # (n_bias,)
 
     def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
         """The next token id; `logits` is (vocab,) and is not modified."""
         p = self.params
-        if p.temperature == 0.0 and not self._penalises(previous_tokens):
+        if p.temperature == 0.0 and not p.logit_bias and not self._penalises(previous_tokens):
             # np.argmax returns the first maximum (ties go to the lowest id), and the first NaN
             # if there is one: one pass over the logits checks them and picks the token.
             _check_shape(logits)
@@ -131,7 +154,7 @@ class Sampler:
             _check_top(logits[best])
             return best
         _validate_logits(logits)
-        logits = self._penalised(logits, previous_tokens)
+        logits = self._penalised(self._biased(logits), previous_tokens)
         if p.temperature == 0.0:
             return int(np.argmax(logits))
 
@@ -152,20 +175,35 @@ class Sampler:
 
     def _penalises(self, previous_tokens: Sequence[int]) -> bool:
         p = self.params
-        return not (p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or len(previous_tokens) == 0)
+        off = p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
+        return not (off or p.repeat_last_n == 0 or len(previous_tokens) == 0)
+
+    def _biased(self, logits: np.ndarray) -> np.ndarray:
+        if not self._bias_ids.size:
+            return logits
+        vocab = logits.shape[0]
+        if self._bias_ids.max() >= vocab:
+            raise ValueError(
+                f"logit_bias token ids must be in [0, {vocab}), got {self._bias_ids.max()}"
+            )
+        out = logits.astype(np.float32, copy=True)  # (vocab,)
+        np.add.at(out, self._bias_ids, self._bias)  # finite biases: the max stays finite
+        return out
 
     def _penalised(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> np.ndarray:
         p = self.params
         if not self._penalises(previous_tokens):
             return logits
-        recent = np.asarray(previous_tokens, dtype=np.int64)[-p.repeat_last_n :]
+        recent = np.asarray(previous_tokens[-p.repeat_last_n :], dtype=np.int64)
         vocab = logits.shape[0]
         if recent.min() < 0 or recent.max() >= vocab:
             raise ValueError(
                 f"previous_tokens must be token ids in [0, {vocab}), "
                 f"got values from {recent.min()} to {recent.max()}"
             )
-        return apply_repeat_penalty(logits, recent, p.repeat_penalty)
+        return apply_penalties(
+            logits, recent, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+        )
 
 
 _OVERFLOWED = "the model's activations overflowed, or its weights are damaged"
