@@ -218,21 +218,23 @@ class OllamaAPI:
             version = "0.0.0"
         return JSONResponse({"version": version})
 
+    async def _authorized_entry(self, request: HTTPRequest) -> dict:
+        self.api._authorize(request)
+        return await run_in_threadpool(self._entry)
+
     async def tags(self, request: HTTPRequest) -> Response:
         try:
-            self.api._authorize(request)
+            entry = await self._authorized_entry(request)
         except APIError as exc:
             return exc.response(ollama=True)
-        entry = await run_in_threadpool(self._entry)
         return JSONResponse({"models": [{"name": name, "model": name, **entry}
                                         for name in (self._tagged(), *self.api.adapters)]})
 
     async def ps(self, request: HTTPRequest) -> Response:
         try:
-            self.api._authorize(request)
+            entry = await self._authorized_entry(request)
         except APIError as exc:
             return exc.response(ollama=True)
-        entry = await run_in_threadpool(self._entry)
         del entry["modified_at"]
         name = self._tagged()
         return JSONResponse({"models": [{"name": name, "model": name, **entry, "expires_at": LOADED_UNTIL_STOPPED,
