@@ -14,7 +14,8 @@ other name is a 404 `{"error": "model 'x' not found"}`. Answers stream as NDJSON
 "stream": false (Ollama streams by default): one object a line, the last with done: true,
 done_reason ("stop" or "length"), the token counts and the durations in nanoseconds
 (load_duration is 0: the model was loaded when the server started). Errors are Ollama's
-`{"error": message}` with the HTTP status, also mid-stream as a line of their own.
+`{"error": message}` with the HTTP status, also mid-stream as a line of their own. Answers carry
+no `context` (Ollama's deprecated token memory of /api/generate).
 
 `options` map onto caravan's sampling: temperature, top_k, top_p, min_p, repeat_penalty,
 repeat_last_n (-1: the whole context), seed (negative: a fresh one), num_predict (0 or less:

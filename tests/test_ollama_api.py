@@ -65,6 +65,9 @@ def test_list_show_ps_and_version(server):
     assert running.model == running.name == TAGGED and running.context_length == N_CTX and running.size == listed.size
     status, text = raw_get(server, "/api/version", host(server))
     assert status == 200 and json.loads(text)["version"]
+    # The server's own refusals, before any route, in Ollama's shape too.
+    status, text = raw_get(server, "/api/tags", {**host(server), "Origin": "https://evil.example"})
+    assert status == 403 and "Origin" in json.loads(text)["error"]
 
 
 def test_chat_and_generate_are_the_greedy_text_of_this_process_and_of_openai(server, smollm2, alone):
