@@ -86,7 +86,7 @@ UNSUPPORTED = {
     "context": "context (deprecated by Ollama); send the conversation to /api/chat",
 }
 # Go's time.ParseDuration syntax, which Ollama reads a keep_alive string with.
-_DURATION = re.compile(r"[-+]?(0|((\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h))+)")
+_DURATION = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)|((\d+\.?\d*|\.\d+)(ns|us|µs|ms|s|m|h))+)")
 
 
 def _unsupported(body: dict, where: str = "") -> None:
@@ -108,8 +108,8 @@ def _line(obj: dict) -> str:
 
 
 def _keep_alive(body: dict) -> None:
-    """keep_alive as Ollama takes it (seconds, or a Go duration string); caravan keeps the model
-    loaded anyway."""
+    """keep_alive as Ollama takes it (seconds, or a Go duration string; here a string of seconds
+    too, as Ollama's OLLAMA_KEEP_ALIVE takes it); caravan keeps the model loaded anyway."""
     value = body.get("keep_alive")
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
         return
@@ -342,14 +342,16 @@ class OllamaAPI:
         defaults = SamplingParams()
         seed = _number(named, "options.seed", None, -math.inf, math.inf, integer=True)
         last_n = _number(named, "options.repeat_last_n", defaults.repeat_last_n, -1, math.inf, integer=True)
+        top_k = _number(named, "options.top_k", defaults.top_k, 0, math.inf, integer=True)
+        vocab = self.api.model.tokenizer.vocab_size
         try:
             params = SamplingParams(
                 temperature=_number(named, "options.temperature", defaults.temperature, 0.0, math.inf),
-                top_k=_number(named, "options.top_k", defaults.top_k, 0, math.inf, integer=True),
+                top_k=top_k if top_k < vocab else 0,  # 0: the whole vocabulary, which a larger k means too
                 top_p=_number(named, "options.top_p", defaults.top_p, 0.0, 1.0),
                 min_p=_number(named, "options.min_p", defaults.min_p, 0.0, 1.0),
                 repeat_penalty=_number(named, "options.repeat_penalty", defaults.repeat_penalty, 0.0, math.inf),
-                repeat_last_n=num_ctx if last_n == -1 else last_n,
+                repeat_last_n=num_ctx if last_n == -1 else min(last_n, num_ctx),  # no more tokens than that to look at
                 seed=None if seed is None or seed < 0 else seed,
             )
         except ValueError as exc:

@@ -4,6 +4,7 @@ a client library would never send): the same answers as OpenAI's routes and as t
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import pytest
@@ -127,6 +128,12 @@ def test_options_map_onto_caravans_sampling(server, smollm2):
     ok = c.chat(model=MODEL, messages=QUESTION, keep_alive="5m",
                 options={**GREEDY, "num_predict": 2, "num_gpu": 1, "num_thread": 8, "typical_p": 1.0})
     assert ok.done and ok.eval_count == 2
+    # Bounds past what they can mean are what they mean: the whole vocabulary, the whole context.
+    huge = {"top_k": 10**12, "repeat_last_n": 10**12, "seed": 2**70, "num_predict": 10**12, "num_ctx": N_CTX}
+    again = c.generate(model=MODEL, prompt="1, 2, 3, 4,", raw=True, keep_alive="-1", options={**huge, "temperature": 0,
+                                                                                          "num_predict": 3})
+    assert again.eval_count == 3
+    assert c.generate(model=MODEL, prompt="Hi", raw=True, keep_alive=-1, options={**huge, "stop": ["\n"]}).done
     loaded = c.chat(model=MODEL, messages=[], keep_alive=0)
     assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
 
@@ -200,21 +207,43 @@ def test_the_client_sees_the_errors_as_ollamas():
         s.stop()
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_sequence(server, smollm2):
-    prompt = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
-    ids = smollm2.tokenizer.encode(prompt)
-    pipeline = smollm2.local_pipeline(N_CTX)
-    long = len(list(Generation(pipeline, ids, Sampler(SamplingParams(temperature=0)), 300, smollm2.tokenizer.eog_ids)))
-    assert long == 300  # greedy, it counts on past 300 tokens: only a cancellation ends it early
-    before = metrics(server)["caravan_generated_tokens_total"]
-    parts = client(server).generate(model=MODEL, prompt=prompt, raw=True, stream=True,
-                                    options={**GREEDY, "num_predict": 300})
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # greedy, the model counts on past LONG tokens (checked below)
+LONG = 300
+
+
+def leave_a_stream(server: Server) -> None:
+    parts = client(server).generate(model=MODEL, prompt=COUNTING, raw=True, stream=True,
+                                    options={**GREEDY, "num_predict": LONG})
     assert next(parts).response
     parts.close()  # the client goes away mid-answer
+
+
+def leave_an_answer(server: Server) -> None:
+    body = json.dumps({"model": MODEL, "prompt": COUNTING, "raw": True, "stream": False,
+                       "options": {**GREEDY, "num_predict": LONG}}).encode()
+    host_port = host(server)["Host"]
+    hostname, port = host_port.rsplit(":", 1)
+    sock = socket.create_connection((hostname, int(port)), timeout=30)
+    sock.sendall(f"POST /api/generate HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not metrics(server)["caravan_requests_in_flight"]:
+        time.sleep(0.02)
+    sock.close()  # before the answer is written
+
+
+@pytest.mark.parametrize("leave", [leave_a_stream, leave_an_answer])
+def test_a_client_that_leaves_frees_its_sequence(server, smollm2, leave):
+    ids = smollm2.tokenizer.encode(COUNTING)
+    pipeline = smollm2.local_pipeline(N_CTX)
+    long = len(list(Generation(pipeline, ids, Sampler(SamplingParams(temperature=0)), LONG, smollm2.tokenizer.eog_ids)))
+    assert long == LONG  # only a cancellation ends the request early
+    before = metrics(server)["caravan_generated_tokens_total"]
+    leave(server)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and metrics(server)["caravan_requests_in_flight"]:
         time.sleep(0.05)
     after = metrics(server)
     assert after["caravan_requests_in_flight"] == 0
-    assert after["caravan_generated_tokens_total"] - before < 300
+    assert after["caravan_generated_tokens_total"] - before < LONG
     assert after[f'caravan_kv_cache_bytes{{stage="local",layers="0-{smollm2.config.n_layers - 1}"}}'] == 0
