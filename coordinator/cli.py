@@ -780,7 +780,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         try:
             host, port = sock.getsockname()[:2]
             loopback = ipaddress.ip_address(host).is_loopback
-            api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits)
+            api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits,
+                      cache_dir=_cache_dir(args))
             if api_key is None and not loopback:
                 log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
             _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")

@@ -7,6 +7,8 @@
     GET  /                      a small web chat page (coordinator/chat.html)
     GET  /health                200 when ready, 503 while no plan of nodes works; the stages
     GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
+    /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version
+                                Ollama's API, on the same model (coordinator/ollama.py)
 
 Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n, logprobs,
 frequency_penalty, presence_penalty, logit_bias, llama-server's top_k, min_p, repeat_penalty and
@@ -93,6 +95,7 @@ ANSWER_GRACE_S = SHUTDOWN_GRACE_S - 1.0
 # A chat's messages may be this many times longer than a prompt that fits before they are
 # refused unrendered: a template may leave some of a conversation out.
 CHAT_TEXT_SLACK = 4
+OLLAMA_PREFIX = "/api/"  # the routes of Ollama's API (coordinator/ollama.py)
 CLOSE = {"Connection": "close"}  # on a refusal that leaves part of a request unread
 # A JSON escape of a UTF-16 surrogate: only then can a parsed string hold a lone one.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -146,9 +149,16 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+    def response(self, ollama: bool = False) -> JSONResponse:
+        """OpenAI's error object, or Ollama's `{"error": message}` on Ollama's routes."""
+        body = {"error": self.message} if ollama else {"error": {"message": self.message, "type": self.kind,
+                                                                  "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def _speaks_ollama(scope) -> bool:
+    """Whether a request is to Ollama's API (coordinator/ollama.py), whose errors have its own shape."""
+    return scope.get("path", "").startswith(OLLAMA_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -249,7 +259,9 @@ def kernels_fill_the_cores(threads: int | None, cores: int | None = None) -> boo
 class API:
     def __init__(self, model: LoadedModel, scheduler: Scheduler, model_id: str, api_key: str | None = None,
                  loopback_only: bool = True, adapters: dict[str, tuple[tuple[str, float], ...]] | None = None,
-                 limits: ServeLimits = ServeLimits()):
+                 limits: ServeLimits = ServeLimits(), cache_dir: Path | None = None):
+        from .ollama import OllamaAPI  # it builds on this module's pieces
+
         self.model = model
         self.limits = limits
         # Every token stands for at most this many bytes of text (its vocabulary entry, for a
@@ -280,6 +292,7 @@ class API:
             Route("/", self.page, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
+            *OllamaAPI(self, cache_dir).routes(),
         ], middleware=[
             Middleware(BodyLimits, max_body=limits.max_body, read_timeout=limits.read_timeout),
             Middleware(BrowserGuard, loopback_only=loopback_only),
@@ -298,18 +311,23 @@ class API:
                            kind="authentication_error")
 
     async def _body(self, request: HTTPRequest) -> dict:
-        self._authorize(request)
-        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media != "application/json":
-            raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, "
-                           f"got {media or 'no Content-Type'}", code="unsupported_media_type", headers=CLOSE)
-        body = await run_in_threadpool(_parse_json, await request.body())
+        body = await self._json_body(request)
         model = body.get("model")
         if model is not None and model != self.model_id and model not in self.adapters:
             served = ", ".join(repr(m) for m in (self.model_id, *self.adapters))
             raise APIError(404, f"the model {model!r} does not exist; this server runs {served}",
                            "model", "model_not_found")
         return body
+
+    async def _json_body(self, request: HTTPRequest) -> dict:
+        """The request's JSON object, once its API key and Content-Type are right (parsed on a
+        worker thread)."""
+        self._authorize(request)
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != "application/json":
+            raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, "
+                           f"got {media or 'no Content-Type'}", code="unsupported_media_type", headers=CLOSE)
+        return await run_in_threadpool(_parse_json, await request.body())
 
     def _refuse_past_context(self, chars: int, param: str, slack: int = 1) -> None:
         """Refuse a text of `chars` characters, untokenized, when it cannot fit the context (a
@@ -517,9 +535,21 @@ class API:
         if job.stream:
             return StreamingResponse(self._stream(job, runs, chat, {**base, "object": kind + ("" if not chat else ".chunk")}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            choices = await self._await_answer(self._answer(job, runs, chat), runs, http_request)
+        except APIError as exc:
+            return exc.response()
+        completion = sum(len(r.tokens) for r, _ in runs)
+        return JSONResponse({**base, "object": kind, "choices": choices, "usage": {
+            "prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
+            "total_tokens": len(job.prompt_ids) + completion}})
+
+    async def _await_answer(self, answer_coro, runs, http_request: HTTPRequest):
+        """What `answer_coro` returns, a non-streamed answer of `runs`, or an APIError: a 400 if
+        the client left first, a 503 if the server stopped first."""
         # The answer is written at the end: watch the connection meanwhile, so that a client
         # that leaves has its sequences cancelled (and their KV caches freed) at once.
-        answer = asyncio.ensure_future(self._answer(job, runs, chat))
+        answer = asyncio.ensure_future(answer_coro)
         gone = asyncio.ensure_future(_client_gone(http_request))
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
@@ -534,31 +564,29 @@ class API:
         if not answer.done() or answer.cancelled():
             if gone.done() and not gone.cancelled():
                 log.info("%s left before its answer: %d sequence(s) cancelled", _peer(http_request.client), len(runs))
-                return APIError(400, "the client closed the connection", code="client_closed").response()
-            return APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
-                            kind="server_error").response()
-        try:
-            choices = answer.result()
-        except APIError as exc:
-            return exc.response()
-        completion = sum(len(r.tokens) for r, _ in runs)
-        return JSONResponse({**base, "object": kind, "choices": choices, "usage": {
-            "prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(job.prompt_ids) + completion}})
+                raise APIError(400, "the client closed the connection", code="client_closed")
+            raise APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
+                           kind="server_error")
+        return answer.result()
 
     async def _answer(self, job: Completion, runs, chat: bool) -> list[dict]:
         """The choices of a non-streamed answer, once every sequence is done."""
         choices = []
         for index, (request, events) in enumerate(runs):
-            text, reason, tokens = "", "length", []
-            async for piece, finish, piece_tokens in self._pieces(job, request, events):
-                text += piece
-                reason = finish or reason
-                tokens += piece_tokens
+            text, reason, tokens = await self._whole(job, request, events)
             logprobs = self._logprobs(job, tokens, chat, 0)
             choices.append({"index": index, "finish_reason": reason, "logprobs": logprobs,
                             **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})})
         return choices
+
+    async def _whole(self, job: Completion, request: Request, events: asyncio.Queue) -> tuple[str, str, list[Event]]:
+        """(text, finish_reason, token events) of one sequence, once it is done."""
+        text, reason, tokens = "", "length", []
+        async for piece, finish, piece_tokens in self._pieces(job, request, events):
+            text += piece
+            reason = finish or reason
+            tokens += piece_tokens
+        return text, reason, tokens
 
     async def _pieces(self, job: Completion, request: Request,
                       events: asyncio.Queue) -> AsyncIterator[tuple[str, str, list[Event]]]:
@@ -727,7 +755,7 @@ class BrowserGuard:
         if scope["type"] == "http":
             refusal = _browser_refusal(scope, self.loopback_only)
             if refusal is not None:
-                await refusal.response()(scope, receive, send)
+                await refusal.response(_speaks_ollama(scope))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -751,7 +779,7 @@ class BodyLimits:
             return
         length = dict(scope["headers"]).get(b"content-length", b"").strip()
         if length.isdigit() and int(length) > self.max_body:
-            await _too_large(self.max_body).response()(scope, receive, send)
+            await _too_large(self.max_body).response(_speaks_ollama(scope))(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.read_timeout
@@ -787,7 +815,7 @@ class BodyLimits:
         except APIError as exc:  # from bounded_receive, where no endpoint caught it
             if started:
                 raise
-            await exc.response()(scope, receive, send)
+            await exc.response(_speaks_ollama(scope))(scope, receive, send)
 
 
 def _peer(client: tuple[str, int] | None) -> str:
@@ -838,7 +866,8 @@ def _prompt(body: dict) -> str | list[int]:
                    "prompt")
 
 
-ROUTES = "/v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, /health, /metrics and /"
+ROUTES = ("/v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, Ollama's /api/chat, /api/generate, "
+          "/api/tags, /api/show, /api/ps and /api/version, /health, /metrics and /")
 
 
 async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
@@ -850,11 +879,12 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
     else:
         message = exc.detail
     return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
-                    headers=exc.headers).response()
+                    headers=exc.headers).response(_speaks_ollama(request.scope))
 
 
 async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
-    return APIError(500, "internal error in the server (its log has the details)", kind="server_error").response()
+    return APIError(500, "internal error in the server (its log has the details)",
+                    kind="server_error").response(_speaks_ollama(request.scope))
 
 
 def _header_timeout_protocol(timeout: float) -> type:

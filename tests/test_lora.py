@@ -494,6 +494,10 @@ def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
         assert got == expected
         status, reply = call("/completions", {"model": f"{base_id}:nope", "prompt": "hi", "max_tokens": 2})
         assert status == 404 and f"{base_id}:{names[0]}" in reply["error"]["message"]
+        # Ollama's API names the adapters alike: MODEL:ADAPTER is a model with a tag.
+        with urllib.request.urlopen(url.removesuffix("/v1") + "/api/tags", timeout=120) as response:
+            listed = [m["name"] for m in json.loads(response.read())["models"]]
+        assert listed == [f"{base_id}:latest", f"{base_id}:{names[0]}", f"{base_id}:{names[1]}"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
