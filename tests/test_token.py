@@ -5,6 +5,7 @@ coordinator it serves with which layers. Real node processes on loopback ports."
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ from caravan.coordinator.cluster import close_nodes, connect
 from caravan.coordinator.remote import NodeError
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import LayerRange
-from caravan.proto.auth import REREAD_S, TOKEN_ENV, TOKEN_FILE, load_token
+from caravan.proto.auth import REREAD_S, TOKEN_ENV, TOKEN_FILE, TokenCheck, load_token
 
 from node_processes import NodeProcess
 
@@ -83,6 +84,25 @@ def test_a_node_takes_a_token_file_copied_in_after_it_started(tmp_path):
     log = node.log_path.read_text()
     assert f"copy the coordinator's token file to {theirs}" in log  # the node's side of the refusal
     assert f"{theirs}: the cluster token changed" in log
+
+
+def test_a_refused_call_reads_the_token_file_again_at_most_every_reread_s(tmp_path):
+    """However many calls a peer with a wrong token makes, the file is read at most once per
+    interval: a token written within it waits for the next one."""
+    Details = collections.namedtuple("Details", "method invocation_metadata")
+    path = tmp_path / "token"
+    check = TokenCheck(load_token(path), path, reread_s=3600)
+
+    def answer(token: str) -> str:
+        details = Details("/caravan.v1.Stage/Info", (("authorization", f"Bearer {token}"),))
+        return "served" if check.intercept_service(lambda d: "handler", details) == "handler" else "refused"
+
+    path.unlink()
+    new = load_token(path)
+    assert answer(new) == "served" and check.token == new  # the first refusal reads the file
+    path.unlink()
+    newer = load_token(path)
+    assert answer(newer) == "refused" and answer(new) == "served"  # not again within the hour
 
 
 def test_a_node_takes_its_token_from_the_environment_or_the_command_line(tmp_path):
