@@ -5,7 +5,7 @@
 
 The first line on stdout says where it listens (`caravan node NAME listening on HOST:PORT`),
 so scripts and tests that pass --port 0 learn the port. It serves until SIGINT or SIGTERM.
-Without -v it logs warnings, and at INFO which coordinator it serves with which layers.
+Without -v it logs warnings and its own INFO lines: which coordinator it serves with which layers.
 """
 
 from __future__ import annotations
