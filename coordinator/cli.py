@@ -11,6 +11,7 @@
     caravan bench                   prefill and decode tokens/s, first token, hops, memory
     caravan serve                   OpenAI-compatible HTTP API (coordinator.server)
     caravan quantize IN OUT --type  a GGUF model written again in another format (pipeline.quantize)
+    caravan token                   the cluster's join token (created if missing), and where it lives
 
 run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
 over worker nodes; without them every layer runs in this process.
@@ -57,7 +58,7 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
-from caravan.proto.auth import TOKEN_FILE, TLSFiles, TokenError, load_token
+from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, TokenError, load_token
 
 from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
 from .failover import ClusterPipeline
@@ -278,6 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false",
                    help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
     p.set_defaults(func=cmd_bench)
+
+    p = verbs.add_parser("token", parents=[common],
+                         help="print the cluster's join token (created if missing); stderr says where it lives")
+    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                   help="the token file (default: CACHE_DIR/cluster-token)")
+    p.set_defaults(func=cmd_token)
     return parser
 
 
@@ -361,7 +368,7 @@ def _explicit(args: argparse.Namespace) -> list[str]:
     return parse_nodes(args.nodes) if args.nodes else []
 
 
-def _token(args: argparse.Namespace) -> str:
+def _token(args: argparse.Namespace) -> ClusterToken:
     return load_token(args.token_file or _cache_dir(args) / TOKEN_FILE)
 
 
@@ -556,6 +563,18 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
         _emit(out, {"ppl": ppl, "n_scored": n_scored})
     else:
         _emit(out, f"perplexity: {ppl:.4f} over {n_scored} tokens ({n_windows} windows of {n_ctx})")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, out: TextIO) -> int:
+    """The cluster's join token on stdout, created when missing; on stderr, where it lives and
+    where a node wants it."""
+    token = _token(args)
+    path = token.path.absolute()
+    _emit(out, {"token": str(token), "path": str(path)} if args.json else str(token))
+    print(f"the cluster token is in {path}: copy that file to each node's cache directory "
+          f"(as {TOKEN_FILE}) or start the node with --token-file PATH, or give the node the token in {TOKEN_ENV}",
+          file=sys.stderr)
     return 0
 
 

@@ -58,7 +58,8 @@ class NodeError(RuntimeError):
         return self.code in LOST
 
 
-def _describe(exc: grpc.RpcError) -> tuple[str, grpc.StatusCode]:
+def _describe(exc: grpc.RpcError, token: str | None = None) -> tuple[str, grpc.StatusCode]:
+    """What went wrong, in words, and its code; `token` is the cluster token that was sent."""
     code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code == grpc.StatusCode.UNAVAILABLE:
@@ -67,7 +68,7 @@ def _describe(exc: grpc.RpcError) -> tuple[str, grpc.StatusCode]:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return "did not answer in time", code
     if code == grpc.StatusCode.UNAUTHENTICATED:
-        return "refused this coordinator's cluster token (give both the same --token-file)", code
+        return auth.refused_token_advice(token, details), code
     return details or code.name, code
 
 
@@ -76,6 +77,7 @@ class NodeClient:
                  max_message_bytes: int = wire.MAX_MESSAGE_BYTES):
         self.address = address
         self.name = address  # replaced by the node's own name once Info answers
+        self.token = token
         self.channel = auth.open_channel(address, tls, options=wire.client_options(max_message_bytes))
         self.stub = pb_grpc.StageStub(auth.with_token(self.channel, token))
 
@@ -84,7 +86,7 @@ class NodeClient:
         return self.address if self.name == self.address else f"{self.name} ({self.address})"
 
     def error(self, exc: grpc.RpcError, doing: str) -> NodeError:
-        message, code = _describe(exc)
+        message, code = _describe(exc, self.token)
         return NodeError(self.label, f"{doing}: {message}", code)
 
     def info(self, timeout: float = CONNECT_TIMEOUT_S) -> pb.NodeInfo:
@@ -401,7 +403,7 @@ class RemoteStage:
             return waiting.reply
 
     def _lost(self, part: Part, exc: BaseException) -> NodeError:
-        message = _describe(exc)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
+        message = _describe(exc, part.client.token)[0] if isinstance(exc, grpc.RpcError) else "the stream ended"
         return NodeError(part.client.label, f"layers {part.layers}: {message}", grpc.StatusCode.UNAVAILABLE)
 
     def _fail(self, error: NodeError) -> None:

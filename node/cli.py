@@ -1,10 +1,11 @@
 """`caravan node`: serve a stage of layers to coordinators and advertise it on the LAN.
 
     caravan node [--host H] [--port P] [--name N] [--threads T] [--cache-dir DIR]
-                 [--model PATH] [--no-advertise]
+                 [--model PATH] [--token-file PATH | --token TOKEN] [--no-advertise]
 
 The first line on stdout says where it listens (`caravan node NAME listening on HOST:PORT`),
 so scripts and tests that pass --port 0 learn the port. It serves until SIGINT or SIGTERM.
+Without -v it logs warnings and its own INFO lines: which coordinator it serves with which layers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import argparse
 import re
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import sys
@@ -25,7 +27,7 @@ from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.gguf_file import GGUFError
 from caravan.pipeline.numba_config import NODE_SPIN, spin_briefly_when_idle
 
-from caravan.proto.auth import TOKEN_FILE, TLSFiles, load_token
+from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, check_token, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
 
 from .advertise import Advertisement
@@ -52,9 +54,14 @@ def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
                    help="a local copy of a model file: its layers load from it instead of the network")
     p.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
                    help="offer at most SIZE of memory to coordinators, runtime included (e.g. 2G, 512M)")
-    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                   help="the cluster join token, copied from the coordinator (default: CACHE_DIR/cluster-token, "
-                   "created if missing)")
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--token-file", type=Path, default=None, metavar="PATH",
+                        help="the cluster join token, copied from the coordinator (`caravan token` there says where "
+                        "it is); read again when a call is refused, so a new copy needs no restart (default: "
+                        f"${TOKEN_ENV} if set, else CACHE_DIR/cluster-token, created if missing)")
+    tokens.add_argument("--token", default=None, metavar="TOKEN",
+                        help="the cluster join token itself, as `caravan token` prints it; other users of this "
+                        f"machine can read it in the process list: prefer --token-file or ${TOKEN_ENV}")
     p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
                    help="mutual TLS: this node's certificate, naming its address (with --tls-key, --tls-ca)")
     p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
@@ -82,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("caravan").setLevel(level)
+    # The node's own few INFO lines (whom it serves, with which layers) belong in its journal.
+    logging.getLogger("caravan.node").setLevel(min(level, logging.INFO))
     try:
         return serve(args)
     except KeyboardInterrupt:
@@ -105,10 +114,10 @@ def serve(args: argparse.Namespace) -> int:
             advert.update(state=STATE_NAMES.get(state, "unknown"))
 
     cache_lock = lock_cache_dir(cache_dir)  # before anything reads or writes the directory
-    token = load_token(args.token_file or cache_dir / TOKEN_FILE)
+    token = cluster_token(args, cache_dir)
     settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
                             cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit, token=token,
-                            tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca))
+                            token_file=token.path, tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca))
     try:
         server, port, servicer = create_server(settings, on_state)
     except GGUFError as exc:
@@ -133,6 +142,19 @@ def serve(args: argparse.Namespace) -> int:
     if cache_lock is not None:
         cache_lock.close()
     return 0
+
+
+def cluster_token(args: argparse.Namespace, cache_dir: Path) -> ClusterToken:
+    """--token, else --token-file, else $CARAVAN_TOKEN, else the cache directory's token file."""
+    if args.token is not None:
+        log.warning("--token can be read by every user of this machine in the process list: prefer --token-file "
+                    "or the environment variable %s", TOKEN_ENV)
+        return check_token(args.token, "--token")
+    if args.token_file is None and os.environ.get(TOKEN_ENV):
+        return check_token(os.environ[TOKEN_ENV], TOKEN_ENV)
+    return load_token(args.token_file or cache_dir / TOKEN_FILE, advice=(
+        "until the coordinator's token file is copied over it (`caravan token` on the coordinator says where it is), "
+        "this node refuses every coordinator"))
 
 
 def shut_down(server, servicer, advert: Advertisement | None) -> None:

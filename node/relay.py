@@ -3,7 +3,7 @@ answers the coordinator. A token through N nodes then crosses the network N + 1 
 instead of 2N, the data flow of DESIGN.md ("stage 1 -> stage 2 -> ... -> coordinator").
 
     results = ResultStreams(on_end)   # Results(chain) streams the coordinator opened on this node
-    links = Links(token, tls)     # long-lived Forward streams to the nodes after this one
+    links = Links(token_now, tls)      # long-lived Forward streams to the nodes after this one
     links.send("pi2:50051", request)   # LinkError when that node cannot be reached
     results.deliver(chain, reply)      # False when no coordinator listens for that chain
 """
@@ -144,8 +144,8 @@ class Links:
     """This node's Forward streams to the next nodes of its chains, opened on first use and
     opened again once when one has ended (the next node restarted)."""
 
-    def __init__(self, token: str | None, tls: auth.TLSFiles | None):
-        self._token = token
+    def __init__(self, token: Callable[[], str | None], tls: auth.TLSFiles | None):
+        self._token = token  # the node's token now: a link opened after it changed sends the new one
         self._tls = tls
         self._lock = threading.Lock()
         self._links: dict[str, _Link] = {}
@@ -158,7 +158,7 @@ class Links:
         if link is not None:
             log.info("the link to %s ended (%s); opening it again", address, link.call.code())
             link.close()
-        link = _Link(address, self._token, self._tls)
+        link = _Link(address, self._token(), self._tls)
         with self._lock:
             old, self._links[address] = self._links.get(address), link
         if old is not None and old is not link:

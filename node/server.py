@@ -41,13 +41,14 @@ from caravan.proto import auth, wire
 
 from .relay import Links, LinkError, ResultStreams, check_chain
 from .sessions import SessionCap, SessionOwners, is_chain, stream_owner
-from .streams import POOL_THREADS, StreamGate
+from .streams import POOL_THREADS, StreamGate, peer_address
 from .weights import CachedLayers, RangeManifest, WeightCache, WeightError
 
 log = logging.getLogger(__name__)
 
 SERVICE = "caravan.v1.Stage"  # the name health reports READY under
 MAX_ADAPTERS = 16  # LoRA adapters a node holds at once
+MAX_ANNOUNCED = 1024  # (coordinator, layers) pairs remembered as logged, so each is logged once
 VERSION = package_version("caravan")
 # The node pings a coordinator's connection this often when idle: one that went silent
 # (unplugged, frozen) loses its streams, and with them its sessions, a timeout later.
@@ -67,6 +68,7 @@ class NodeSettings:
     model_path: Path | None = None  # a local copy of a model file: its layers need no transfer
     memory_limit: int | None = None  # bytes this node offers at most (runtime, layers, KV caches)
     token: str | None = None  # the cluster join token every Stage call must carry (None: no check)
+    token_file: Path | None = None  # the file token was read from: read again when a call is refused
     tls: auth.TLSFiles | None = None  # mutual TLS: only clients with a certificate from tls.ca
 
 
@@ -91,7 +93,10 @@ class StageServicer(pb_grpc.StageServicer):
         self._cap: SessionCap | None = None  # set with each load
         self.results = ResultStreams(on_end=self._release)
         self.streams = StreamGate()  # the server's interceptor: streams open, within their caps
-        self.links = Links(settings.token, settings.tls)
+        # Every Stage call must carry the cluster token: the server's first interceptor.
+        self.token_check = auth.TokenCheck(settings.token, settings.token_file) if settings.token else None
+        self.links = Links(lambda: self.token_check.token if self.token_check else None, settings.tls)
+        self._announced: set[tuple[str, LayerRange]] = set()  # (coordinator, layers) logged
         self.node_id = _node_id(settings.cache_dir)
         self.local_file: GGUFFile | None = None
         self.local_sha256 = ""
@@ -183,6 +188,7 @@ class StageServicer(pb_grpc.StageServicer):
         try:
             config, manifest = self._manifest(request)
             if self._already_loaded(request):
+                self._announce(context, manifest.layers)
                 return pb.LoadReply(ready=True, source="loaded")
             if self.local_file is not None and self.local_sha256 == manifest.model_sha256:
                 source, origin = self.local_file, "local file"
@@ -192,6 +198,7 @@ class StageServicer(pb_grpc.StageServicer):
                     return pb.LoadReply(needs_weights=True, missing_layers=missing)
                 source, origin = self.cache.source(manifest.model_sha256, manifest.layers), "cache"
             self._load(source, config, manifest, request.n_ctx, origin)
+            self._announce(context, manifest.layers)
         except Exception as exc:  # noqa: BLE001  (mapped to a status; the node keeps serving)
             _abort(context, exc)
         return pb.LoadReply(ready=True, source=origin)
@@ -227,6 +234,7 @@ class StageServicer(pb_grpc.StageServicer):
                 raise WeightError(f"layers {missing} of {manifest.layers} are still missing after the push")
             self._load(self.cache.source(manifest.model_sha256, manifest.layers), config, manifest,
                        first.header.n_ctx, "pushed")
+            self._announce(context, manifest.layers)
         except Exception as exc:  # noqa: BLE001
             if writer is not None:
                 writer.abort()
@@ -252,6 +260,17 @@ class StageServicer(pb_grpc.StageServicer):
         self._set_state(pb.NODE_STATE_READY)
         log.info("layers %s ready (from %s) in %.2f s, for at most %d sessions", manifest.layers, origin,
                  time.perf_counter() - t0, cap.limit)
+
+    def _announce(self, context: grpc.ServicerContext | None, layers: LayerRange) -> None:
+        """Log, once per coordinator connection and layer range, whom this node serves and with what."""
+        peer = peer_address(context.peer()) if context is not None else "in this process"
+        with self._lock:
+            if (peer, layers) in self._announced:
+                return
+            if len(self._announced) >= MAX_ANNOUNCED:
+                self._announced.clear()
+            self._announced.add((peer, layers))
+        log.info("serving coordinator %s with layers %s", peer, layers)
 
     # --- serving ------------------------------------------------------------------------------
 
@@ -493,7 +512,7 @@ def create_server(settings: NodeSettings, on_state: Callable[[int], None] = lamb
     servicer = StageServicer(settings, state_changed)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="caravan-grpc"),
-        interceptors=[*([auth.TokenCheck(settings.token)] if settings.token else []), servicer.streams],
+        interceptors=[*([servicer.token_check] if servicer.token_check else []), servicer.streams],
         options=[
             ("grpc.max_receive_message_length", wire.MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", wire.MAX_MESSAGE_BYTES),

@@ -29,6 +29,12 @@ def peer_host(peer: str) -> str:
     return peer
 
 
+def peer_address(peer: str) -> str:
+    """'ipv4:10.0.0.2:51234' -> '10.0.0.2:51234', 'ipv6:[::1]:5000' -> '[::1]:5000'; other forms as is."""
+    kind, _, address = peer.partition(":")
+    return address if kind in ("ipv4", "ipv6") else peer
+
+
 class StreamGate(grpc.ServerInterceptor):
     """Counts the streaming calls running, in all and per peer host, and refuses one past a cap."""
 

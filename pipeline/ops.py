@@ -16,6 +16,7 @@ import numba as nb
 import numpy as np
 
 from .numba_config import FASTMATH
+from .quants import F16_TO_F32
 from .simd import TILE_COLS, TILE_ROWS, exp_f32, f16_bits, round_f16, tile_f16
 
 
@@ -350,10 +351,9 @@ def _fill_gelu_table(halves, table):
 def _gelu_table() -> np.ndarray:
     """(65536,) f32: _gelu_f16 of every f16 value, by its bits (ggml_table_gelu_f16); made on
     the first GeGLU."""
-    halves = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
     table = np.empty(65536, np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # the NaN and Inf entries, never read
-        _fill_gelu_table(halves, table)
+        _fill_gelu_table(F16_TO_F32, table)
     return table
 
 

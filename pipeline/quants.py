@@ -51,9 +51,25 @@ from .simd import (
 
 QK = 32  # weights per block, for every block format here
 
+
+def f16_to_f32_table() -> np.ndarray:
+    """(65536,) f32: the value of every f16 bit pattern, made from the bits alone so every machine
+    builds the same table without a floating-point exception. It is ggml's ggml_table_f32_f16 bit
+    for bit (F16C's vcvtph2ps and ggml_compute_fp16_to_fp32 agree): a NaN keeps its sign and
+    payload and comes out quiet, where numpy's cast leaves a signalling NaN signalling on x86 and
+    quiets it on ARM with a RuntimeWarning."""
+    h = np.arange(1 << 16, dtype=np.uint32)
+    sign, exponent, mantissa = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
+    normal = ((exponent + (127 - 15)) << 23) | (mantissa << 13)
+    subnormal = (mantissa.astype(np.float32) * np.float32(2.0**-24)).view(np.uint32)  # exact: a power of 2 apart
+    inf_nan = np.uint32(0x7F800000) | (mantissa << 13) | np.where(mantissa != 0, np.uint32(0x00400000), np.uint32(0))
+    bits = np.select([exponent == 0, exponent == 31], [subnormal, inf_nan], normal)
+    return (sign | bits).astype(np.uint32).view(np.float32)
+
+
 # f16 -> f32 for every bit pattern: Numba has no float16, so compiled code decodes f16 through
 # this table, as ggml does with its ggml_table_f32_f16.
-F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+F16_TO_F32 = f16_to_f32_table()
 
 SUPPORTED_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, *formats.TYPES)
 

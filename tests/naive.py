@@ -9,12 +9,25 @@ Shapes follow llama2.c: x (T, dim), q (T, n_heads * head_dim), k/v (n_positions,
 
 from __future__ import annotations
 
+import math
+import struct
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 QK = 32  # weights per quantization block
+
+
+def f16_to_f32_bits(h: int) -> int:
+    """The f32 bits of f16 bits h, per IEEE 754's fields: value (-1)^s * 2^(e - 15) * 1.m
+    (subnormal: 2^-14 * 0.m), and a NaN keeps its payload and is made quiet (the f32 quiet
+    bit set), as x86's vcvtph2ps and ggml's ggml_compute_fp16_to_fp32 do."""
+    sign, exponent, mantissa = h >> 15, (h >> 10) & 0x1F, h & 0x3FF
+    if exponent == 31:
+        return sign << 31 | 0xFF << 23 | (0x400000 if mantissa else 0) | mantissa << 13
+    value = math.ldexp(mantissa, -24) if exponent == 0 else math.ldexp(1024 + mantissa, exponent - 25)
+    return struct.unpack("<I", struct.pack("<f", -value if sign else value))[0]
 
 
 # ---------------------------------------------------------------------------------------------

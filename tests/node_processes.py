@@ -29,15 +29,18 @@ START_TIMEOUT_S = 60.0
 
 class NodeProcess:
     """`python -m caravan.node --host 127.0.0.1 --port 0 ...`; address is known once it prints
-    its first line. Its stderr goes to log_path (default: <cache_dir>.log)."""
+    its first line. Its stderr goes to log_path (default: <cache_dir>.log). token_flags replace
+    `--token-file <token_file>` (give () to pass none); env adds to the environment."""
 
     def __init__(self, cache_dir: Path, *extra: str, threads: int = 1, advertise: bool = False,
                  prefix: tuple[str, ...] = (), name: str | None = None, log_path: Path | None = None,
-                 port: int = 0, token_file: Path | None = None, host: str = "127.0.0.1"):
+                 port: int = 0, token_file: Path | None = None, host: str = "127.0.0.1",
+                 token_flags: tuple[str, ...] | None = None, env: dict[str, str] | None = None):
         self.cache_dir = Path(cache_dir)
+        if token_flags is None:
+            token_flags = ("--token-file", str(token_file or cluster_token_file()))
         cmd = [*prefix, sys.executable, "-m", "caravan.node", "--host", host, "--port", str(port),
-               "--threads", str(threads), "--cache-dir", str(cache_dir),
-               "--token-file", str(token_file or cluster_token_file()), *extra]
+               "--threads", str(threads), "--cache-dir", str(cache_dir), *token_flags, *extra]
         if not advertise:
             cmd.append("--no-advertise")
         if name:
@@ -45,7 +48,7 @@ class NodeProcess:
         self.log_path = Path(log_path or f"{cache_dir}.log")
         self._log = open(self.log_path, "a")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         self.address = self._read_address()
 
     def _read_address(self) -> str:

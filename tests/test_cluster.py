@@ -23,7 +23,7 @@ from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, Segment, StageError
 from caravan.proto import caravan_pb2 as pb
-from node_processes import NodeProcess, cluster_token
+from node_processes import NodeProcess, cluster_token, cluster_token_file
 
 pytestmark = pytest.mark.model
 
@@ -289,5 +289,7 @@ def test_node_with_another_clusters_token_is_refused_by_name(smollm2_path, tmp_p
         result = caravan("run", "hi", "-n", "1", "--nodes", node.address)
         assert result.returncode == 1 and result.stderr.count("\n") == 1
         assert node.address in result.stderr and "refused this coordinator's cluster token" in result.stderr
+        # What to copy where: this coordinator's token file, to the file the node reads.
+        assert f"copy {cluster_token_file()} " in result.stderr and f"({tmp_path / 'their-token'})" in result.stderr
     finally:
         node.stop()

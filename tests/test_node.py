@@ -166,9 +166,9 @@ def test_a_non_finite_hidden_state_is_refused_before_any_compute(model, node, fm
     assert "hidden state row 2 of 3 holds NaN or Inf" in reply.error.message
     assert client.info().sessions == 0  # nothing was computed: no session was made
     reply = stream.send(good_request(2))
-    stream.close()
     assert reply.WhichOneof("result") == "hidden"
-    assert client.info().sessions == 1
+    assert client.info().sessions == 1  # before the stream closes: its sessions end with it
+    stream.close()
 
 
 def test_a_batch_refused_for_its_reply_format_makes_no_session(model, node):

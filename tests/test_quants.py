@@ -8,6 +8,9 @@ with the unrounded product; then the invariances the kernels promise (batch, thr
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -85,12 +88,40 @@ def test_dequantize_rows_equals_gguf(ttype, cols):
     np.testing.assert_array_equal(dequantize_rows(packed, ids), expected[ids])
 
 
-def test_f16_table_is_numpys_cast():
+def test_f16_table_is_every_bit_pattern_by_its_fields():
+    """All 65,536 entries bit for bit, NaN payloads and quiet bits included (numpy's cast leaves
+    x86's 1,022 signalling NaNs signalling, and on ARM quiets them with a warning)."""
+    expected = np.array([naive.f16_to_f32_bits(h) for h in range(1 << 16)], np.uint32)
+    np.testing.assert_array_equal(F16_TO_F32.view(np.uint32), expected)
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-    expected = bits.view(np.float16).astype(np.float32)
-    nan = np.isnan(expected)
-    np.testing.assert_array_equal(np.isnan(F16_TO_F32), nan)
-    np.testing.assert_array_equal(F16_TO_F32[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    finite = ~np.isnan(F16_TO_F32)
+    np.testing.assert_array_equal(F16_TO_F32[finite], bits.view(np.float16)[finite].astype(np.float32))
+
+
+def test_f16_table_is_ggmls():
+    """Against ggml's own conversion (ggml_fp16_to_fp32_row in llama-cpp-python's libggml-base,
+    F16C on x86), where it is installed."""
+    import ctypes
+    from pathlib import Path
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    base = next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"), None)
+    if base is None:
+        pytest.skip("llama-cpp-python has no libggml-base library")
+    convert = ctypes.CDLL(str(base)).ggml_fp16_to_fp32_row
+    convert.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ggml = np.empty(1 << 16, np.float32)
+    convert(bits.ctypes.data, ggml.ctypes.data, bits.size)
+    np.testing.assert_array_equal(F16_TO_F32.view(np.uint32), ggml.view(np.uint32))
+
+
+def test_the_f16_tables_are_built_without_a_floating_point_warning():
+    """`python -W error` turns any RuntimeWarning into an error: importing the kernels and
+    building the GELU table (the f16 tables) must not raise one, on any machine."""
+    code = "import caravan.pipeline.quants, caravan.pipeline.ops as ops; ops._gelu_table()"
+    result = subprocess.run([sys.executable, "-W", "error", "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_f16_rounding_equals_numpy_cast():

@@ -5,16 +5,16 @@ numbers, bit for bit, as one stage running one sequence; and bad batches are ref
 from __future__ import annotations
 
 import dataclasses
-import mmap
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
 import naive
-from caravan.pipeline.arena import WeightArena
+from caravan.pipeline.arena import THP_DIR, HugePages, WeightArena, huge_page_for, read_huge_pages
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.loader import load_model
@@ -516,7 +516,7 @@ def _mapping_flags(address: int) -> list[str]:
 
 
 @pytest.mark.parametrize("ttype", [QT.Q8_0, QT.Q4_1, QT.F32])
-def test_a_stages_matrices_share_one_block_advised_as_huge_pages(tiny_model_path, ttype):
+def test_a_stages_matrices_share_one_block(tiny_model_path, ttype):
     stage = build(tiny_model_path(weight_type=ttype)).stages[0]
     run = [*stage.qkv, *stage.gate_up, *(m for w in stage.weights for m in (w.attn_output, w.ffn_down))]
     parts = [m for w in stage.weights for m in (w.attn_q, w.attn_k, w.attn_v, w.ffn_gate, w.ffn_up)]  # views of the stacks
@@ -528,12 +528,54 @@ def test_a_stages_matrices_share_one_block_advised_as_huge_pages(tiny_model_path
         assert a.flags.c_contiguous and a.ctypes.data % 64 == 0
     for a in (a for m in run + parts for a in m.arrays):
         assert start <= a.ctypes.data and a.ctypes.data + a.nbytes <= start + block.nbytes
-    if hasattr(mmap, "MADV_HUGEPAGE") and os.path.exists("/proc/self/smaps"):
-        assert "hg" in _mapping_flags(start)  # MADV_HUGEPAGE
+
+
+def _thp_dir(tmp_path: Path, enabled: str, pmd_size: int | None = None) -> Path:
+    """A stand-in for /sys/kernel/mm/transparent_hugepage."""
+    (tmp_path / "enabled").write_text(enabled + "\n")
+    if pmd_size is not None:
+        (tmp_path / "hpage_pmd_size").write_text(f"{pmd_size}\n")
+    return tmp_path
+
+
+def test_huge_pages_follow_the_kernels_page_size_and_setting(tmp_path):
+    assert [huge_page_for(page) for page in (4 << 10, 16 << 10, 64 << 10)] == [2 << 20, 32 << 20, 512 << 20]
+    assert read_huge_pages(_thp_dir(tmp_path, "always [madvise] never", 32 << 20), 16 << 10) == HugePages(16 << 10, 32 << 20, True)
+    assert read_huge_pages(_thp_dir(tmp_path, "[always] madvise never"), 16 << 10).enabled
+    assert read_huge_pages(_thp_dir(tmp_path, "always madvise [never]", 2 << 20), 4 << 10) == HugePages(4 << 10, 2 << 20, False)
+    # A kernel built without transparent huge pages has no such directory.
+    assert read_huge_pages(tmp_path / "missing", 16 << 10) == HugePages(16 << 10, 32 << 20, False)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_the_arena_advises_whole_huge_pages_from_their_boundary(tmp_path):
+    """With 32 MiB huge pages (a 16 KiB-page kernel's): a 40 MiB arena starts on a 32 MiB boundary,
+    its first 32 MiB advised and its tail not. The advice holds where this kernel has
+    transparent huge pages at all."""
+    pages = read_huge_pages(_thp_dir(tmp_path, "always [madvise] never", 32 << 20))
+    arena = WeightArena(40 << 20, pages)
+    start = arena.take((1,), np.uint8).ctypes.data
+    if os.path.exists(THP_DIR):
+        assert arena.huge_bytes == 32 << 20
+    if arena.huge_bytes:
+        assert start % (32 << 20) == 0
+        assert "hg" in _mapping_flags(start) and "hg" not in _mapping_flags(start + (32 << 20))
+    else:
+        assert "hg" not in _mapping_flags(start)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux's /proc/self/smaps")
+def test_the_arena_asks_for_no_huge_pages_where_they_are_off(tmp_path):
+    pages = read_huge_pages(_thp_dir(tmp_path, "always madvise [never]", 2 << 20))
+    arena = WeightArena(5 << 20, pages)
+    assert arena.huge_bytes == 0
+    assert "hg" not in _mapping_flags(arena.take((1,), np.uint8).ctypes.data)
+
+
 
 
 def test_the_arena_hands_out_aligned_arrays_until_it_is_full():
-    arena = WeightArena(100)  # rounded up to one huge page
+    arena = WeightArena(100)  # rounded up to one page
     a = arena.take((3, 5), np.uint16)
     b = arena.concatenate([np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((1, 3), np.float32)])
     assert a.ctypes.data % 64 == 0 and b.ctypes.data % 64 == 0 and b.ctypes.data - a.ctypes.data == 64
