@@ -13,19 +13,12 @@ import pytest
 
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from test_serve import MODEL, N_CTX, QUESTION, Server, chat_ids, openai, raw_get
+from test_serve import MODEL, N_CTX, QUESTION, chat_ids, openai, raw_get, server  # noqa: F401  (server: the module's fixture)
 
 pytestmark = pytest.mark.model
 
 SEA = [{"role": "user", "content": "Write two sentences about the sea."}]
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")
