@@ -324,8 +324,8 @@ class StageServicer(pb_grpc.StageServicer):
         """Under the compute lock, so an owner's stream cannot end between the checks and the
         claim: the batch, its new sessions within the cap, its sessions then `owner`'s."""
         if is_chain(owner) and not self.results.is_open(owner):
-            raise wire.NotReadyError(f"chain {owner} has no results stream on this node (its coordinator closed it "
-                                     "or went away): open one before its batches")
+            raise wire.ChainClosedError(f"chain {owner} has no results stream on this node (its coordinator closed "
+                                        "it or went away): open one before its batches")
         new = {s.session_id for s in batch.segments} - stage.sessions.keys()
         self._session_cap().check(len(stage.sessions), len(new), self._name)
         out = stage.forward(batch)

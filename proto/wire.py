@@ -64,10 +64,16 @@ class NotReadyError(RuntimeError):
     """The node has no layers loaded (or is loading new ones)."""
 
 
+class ChainClosedError(RuntimeError):
+    """A chain's batch reached a node where the chain's results stream has ended: the
+    coordinator lost part of the chain or went away, so it must plan the chain again."""
+
+
 # The one table from errors to gRPC status codes, first match wins. Nodes send these codes;
 # the coordinator reports them with the node's name.
 STATUS_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (NotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ChainClosedError, grpc.StatusCode.UNAVAILABLE),  # the coordinator treats the chain as lost
     (MemoryError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OSError, grpc.StatusCode.FAILED_PRECONDITION),  # the node's disk or cache directory
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # WireError, WeightError, StageError, ModelError

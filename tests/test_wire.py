@@ -176,6 +176,7 @@ def test_config_from_the_wire_is_checked(field, value, message):
     (StageError("x"), grpc.StatusCode.INVALID_ARGUMENT),
     (ModelError("x"), grpc.StatusCode.INVALID_ARGUMENT),
     (wire.NotReadyError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+    (wire.ChainClosedError("x"), grpc.StatusCode.UNAVAILABLE),
     (MemoryError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PermissionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
     (RuntimeError("x"), grpc.StatusCode.INTERNAL),
