@@ -49,7 +49,6 @@ import ipaddress
 import json
 import logging
 import math
-import os
 import re
 import signal
 import threading
@@ -59,7 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-import numba
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -75,6 +73,7 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
 
+from .handoff import EventHandoff, kernels_fill_the_cores
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
 
@@ -83,7 +82,6 @@ log = logging.getLogger(__name__)
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (completions: logprobs up to 5)
-WRITE_WAIT_S = 0.1  # how long a step's end waits at most for its tokens' chunks to be written
 MAX_BODY_BYTES = 4 * 2**20  # a request body's bound unless serve --max-body says otherwise
 READ_TIMEOUT_S = 30.0  # time for a request's headers, and then for its body (serve --read-timeout)
 MAX_CONNECTIONS = 1000  # open connections past which requests get a 503 (serve --max-connections)
@@ -186,74 +184,6 @@ def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool 
         bounds = f"at least {lo:g}" if hi == math.inf else f"between {lo:g} and {hi:g}"
         raise APIError(400, f"{name} must be {bounds}, got {value}", name)
     return value
-
-
-class EventHandoff:
-    """Events from the scheduler's threads to the streams on the event loop, a step's at once.
-
-    The requests' on_event calls only collect them (put); the scheduler calls flush after each
-    step, which hands them to the loop in one call_soon_threadsafe and, when this process runs
-    the whole model on every core (`wait`), waits until the streams they woke have written their
-    chunks before the next step starts.
-    - Waking the loop's thread hands it the interpreter lock: when the first token of a step
-      woke it as soon as it was sampled, sampling 8 streams took 0.8 ms a step instead of 0.27
-      (the loop wrote its chunks while the scheduler waited for the lock).
-    - Waiting keeps the loop's writing out of the next step's kernels when their threads fill the
-      cores: the loop's thread would take a core from one (the other then waits at the end of
-      every parallel loop). Measured against not waiting at 2 threads on 2 cores, it was within
-      noise at 1 and 8 streams. With a core to spare, the loop writes there while the next step
-      runs (1 thread on 2 cores, 12 interleaved rounds: one stream 69.1 tok/s without the wait,
-      67.3 with it; 8 streams alike). The wait is at most WRITE_WAIT_S."""
-
-    def __init__(self, wait: bool = True) -> None:
-        self.wait = wait
-        self._lock = threading.Condition()
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}  # by the streams' loop
-        self._sent = 0  # deliveries handed to a loop so far
-        self._written = 0  # the last delivery whose streams have written what it brought
-
-    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
-        """Called on a scheduler thread: kept until its next flush."""
-        with self._lock:
-            self._pending.setdefault(loop, []).append((queue, event))
-
-    def flush(self, timeout: float = WRITE_WAIT_S) -> None:
-        """Called on a scheduler thread: send what was put and, if `wait`, wait (at most
-        `timeout`) until its streams have written their chunks."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            first, self._sent = self._sent + 1, self._sent + len(pending)
-            last = self._sent
-        if not pending:
-            return
-        for number, (loop, events) in enumerate(pending.items(), first):
-            try:
-                loop.call_soon_threadsafe(self._deliver, loop, events, number)
-            except RuntimeError:  # that loop is closed: the server is shutting down, its streams gone
-                self._mark_written(number)
-        if self.wait:
-            with self._lock:
-                self._lock.wait_for(lambda: self._written >= last, timeout)
-
-    def _deliver(self, loop: asyncio.AbstractEventLoop, events: list[tuple[asyncio.Queue, Event]], number: int) -> None:
-        for queue, event in events:
-            queue.put_nowait(event)
-        # Each put woke a stream's task; they run before this callback, each to its next wait,
-        # writing its chunk to the socket on the way (a slow reader's is only buffered).
-        loop.call_soon(self._mark_written, number)
-
-    def _mark_written(self, number: int) -> None:
-        with self._lock:
-            self._written = max(self._written, number)
-            self._lock.notify_all()
-
-
-def kernels_fill_the_cores(threads: int | None, cores: int | None = None) -> bool:
-    """Whether the model's kernels run on as many threads as there are cores (threads None:
-    Numba's default, one per core; cores None: those this process may run on)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return (threads or numba.config.NUMBA_NUM_THREADS) >= cores
 
 
 class API:
