@@ -74,6 +74,7 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
 
 from .handoff import EventHandoff, kernels_fill_the_cores
+from .metrics import PROMETHEUS_MEDIA_TYPE, kv_per_stage, prometheus_text
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
 
@@ -404,32 +405,8 @@ class API:
             self._authorize(request)
         except APIError as exc:
             return exc.response()
-        s = self.scheduler
-        lines = [
-            "# HELP caravan_requests_in_flight Sequences being decoded or prefilled.",
-            "# TYPE caravan_requests_in_flight gauge",
-            f"caravan_requests_in_flight {len(s.active)}",
-            "# HELP caravan_queue_length Requests waiting for a place in the batch.",
-            "# TYPE caravan_queue_length gauge",
-            f"caravan_queue_length {s.queue_length}",
-            "# HELP caravan_generated_tokens_total Tokens sampled since start.",
-            "# TYPE caravan_generated_tokens_total counter",
-            f"caravan_generated_tokens_total {s.tokens_generated}",
-            "# HELP caravan_prompt_tokens_total Prompt tokens run through the stages (n > 1 samples share one prefill).",
-            "# TYPE caravan_prompt_tokens_total counter",
-            f"caravan_prompt_tokens_total {s.prompt_tokens_computed}",
-            "# HELP caravan_tokens_per_second Generated tokens per second over the last minute.",
-            "# TYPE caravan_tokens_per_second gauge",
-            f"caravan_tokens_per_second {s.tokens_per_second():.3f}",
-            "# HELP caravan_steps_total Forward calls through the stages since start.",
-            "# TYPE caravan_steps_total counter",
-            f"caravan_steps_total {s.steps}",
-            "# HELP caravan_kv_cache_bytes KV cache held on each stage.",
-            "# TYPE caravan_kv_cache_bytes gauge",
-        ]
-        for name, layers, held in await run_in_threadpool(_kv_per_stage, s.pipeline):
-            lines.append(f'caravan_kv_cache_bytes{{stage="{name}",layers="{layers.start}-{layers.stop - 1}"}} {held}')
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        rows = await run_in_threadpool(kv_per_stage, self.scheduler.pipeline)
+        return Response(prometheus_text(self.scheduler, rows), media_type=PROMETHEUS_MEDIA_TYPE)
 
     # --- running a completion --------------------------------------------------------------------
 
@@ -608,20 +585,6 @@ class API:
         finally:  # the client may be gone: free every sequence's caches
             for request, _ in runs:
                 request.cancel()
-
-
-def _kv_per_stage(pipeline) -> list[tuple[str, object, int]]:
-    """(node name, layer range, KV cache bytes) for each node; asks remote nodes over gRPC."""
-    rows = []
-    for name, layers, client, stage in placement(list(pipeline.stages)):
-        if client is None:
-            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values()))))
-            continue
-        try:
-            rows.append((name, layers, client.info().kv_cache_bytes))
-        except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
-            rows.append((name, layers, -1))
-    return rows
 
 
 def _hostname(host: str) -> str:
