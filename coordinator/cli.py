@@ -67,7 +67,7 @@ from .planner import PlanError
 from .reference import llama_cpp_available, llama_cpp_rates
 from .remote import NodeError, placement
 from .scheduler import Scheduler
-from .server import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
+from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -780,7 +780,8 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     import socket
 
-    from .server import API, ServeLimits, run_http
+    from .http_guard import ServeLimits, run_http
+    from .server import API
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
