@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import ipaddress
 import json
@@ -39,8 +38,6 @@ from typing import Callable, Iterator, TextIO
 
 import grpc
 import numba
-import numpy as np
-import psutil
 from tqdm import tqdm
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, default_cache_dir, resolve_model
@@ -60,11 +57,12 @@ from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, TokenError, load_token
 
+from . import bench
 from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
 from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS, discover
 from .planner import PlanError
-from .reference import llama_cpp_available, llama_cpp_rates
+from .reference import llama_cpp_comparison
 from .remote import NodeError, placement
 from .scheduler import Scheduler
 from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
@@ -656,11 +654,6 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-# Filler for `bench` prompts: ordinary English, repeated to the length asked for.
-_BENCH_TEXT = ("The caravan moved slowly across the desert, each animal carrying part of the load. "
-               "At every oasis the travellers rested, traded news and counted their water. ")
-
-
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if args.decode_tokens < 2:  # decode is timed from the second token: the first ends the prefill
         raise ValueError("--decode-tokens must be at least 2: the first token comes with the prompt's prefill")
@@ -668,79 +661,18 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     n_ctx = model.context_size(args.ctx)
     if args.prompt_tokens + args.decode_tokens > n_ctx:
         raise ValueError(f"--prompt-tokens plus --decode-tokens must fit the context of {n_ctx}")
-    tokenizer = model.tokenizer
-    filler = tokenizer.encode(_BENCH_TEXT, add_bos=False)
-    prefix = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    prompt = (prefix + filler * (args.prompt_tokens // len(filler) + 1))[: args.prompt_tokens]
-    greedy = SamplingParams(temperature=0)
-    runs = []
+    prompt = bench.bench_prompt(model.tokenizer, args.prompt_tokens)
     with _pipeline(args, model, n_ctx) as pipeline:
-        for run in range(args.runs + 1):  # the first warms up: compiled kernels loaded, pages touched
-            generation = Generation(pipeline, prompt, Sampler(greedy), args.decode_tokens, stop_ids=frozenset())
-            tokens = list(generation)
-            if run:
-                runs.append(generation.timings.as_dict())
-        stages = []
-        for name, layers, client, stage in placement(pipeline.stages):
-            row: dict = {"layers": [layers.start, layers.stop]}
-            if client is not None:
-                info = client.info()
-                row.update(node=client.name, address=client.address,
-                           hop_us=round(float(np.median(stage.hop_s)) * 1e6, 1) if stage.hop_s else None,
-                           rss_bytes=info.rss_bytes, weight_bytes=info.weight_bytes)
-            else:
-                row.update(node=LOCAL, weight_bytes=stage.weight_bytes)
-            stages.append(row)
-    result = {
-        "model": model.name,
-        "threads": numba.get_num_threads(),
-        "prompt_tokens": len(prompt),
-        "decode_tokens": args.decode_tokens,
-        "runs": args.runs,
-        **{key: round(float(np.median([r[key] for r in runs])), 3) for key in runs[0]},
-        "coordinator_rss_bytes": psutil.Process().memory_info().rss,
-        "stages": stages,
-    }
+        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs)
+        stages = bench.stage_rows(pipeline)
+    result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
     # Memory first: llama.cpp would add its own to this process's resident size.
-    skipped = "--no-llama-cpp" if not args.llama_cpp else llama_cpp_available()
-    if skipped is None:
-        reference, reference_tokens = llama_cpp_rates(model.file.path, prompt, args.decode_tokens, n_ctx,
-                                                      numba.get_num_threads(), args.runs)
-        result["llama.cpp"] = {key: round(value, 6) for key, value in dataclasses.asdict(reference).items()}
-        # How many greedy tokens, from the first, both engines chose alike: a check that they did the same work.
-        result["llama.cpp"]["same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b),
-                                                  min(len(tokens), len(reference_tokens)))
-        result["ratios"] = {  # above 1: caravan is faster
-            "prefill": round(result["prefill_tokens_per_s"] / reference.prefill_tokens_per_s, 3),
-            "decode": round(result["decode_tokens_per_s"] / reference.decode_tokens_per_s, 3),
-            "first_token": round(reference.first_token_s / result["first_token_s"], 3),
-        }
-    else:
-        result["llama.cpp"] = {"skipped": skipped}
+    result.update(llama_cpp_comparison(result, model.file.path, prompt, tokens, n_ctx, args.llama_cpp))
     if args.json:
         _emit(out, result)
         return 0
-    _emit(out, f"{result['model']}, {result['threads']} thread(s), median of {args.runs} runs")
-    _emit(out, f"prefill {result['prefill_tokens_per_s']:.1f} tokens/s ({len(prompt)} tokens), "
-               f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({args.decode_tokens} tokens), "
-               f"first token {result['first_token_s'] * 1e3:.0f} ms")
-    for st in stages:
-        hop = f", hop {st['hop_us']:.0f} us" if st.get("hop_us") is not None else ""
-        rss = f", resident {st['rss_bytes'] / 2**20:.0f} MiB" if "rss_bytes" in st else ""
-        _emit(out, f"  {st['node']}: layers {st['layers'][0]}-{st['layers'][1] - 1}, "
-                   f"weights {st['weight_bytes'] / 2**20:.1f} MiB{rss}{hop}")
-    _emit(out, f"coordinator resident {result['coordinator_rss_bytes'] / 2**20:.0f} MiB")
-    reference = result["llama.cpp"]
-    if "skipped" in reference:
-        _emit(out, f"llama.cpp: not run ({reference['skipped']})")
-    else:
-        ratios = result["ratios"]
-        _emit(out, f"llama.cpp, same prompt and threads, whole model in this process: prefill "
-                   f"{reference['prefill_tokens_per_s']:.1f} tokens/s, decode {reference['decode_tokens_per_s']:.1f} "
-                   f"tokens/s, first token {reference['first_token_s'] * 1e3:.0f} ms")
-        _emit(out, f"caravan vs llama.cpp: prefill {ratios['prefill']:.2f}x, decode {ratios['decode']:.2f}x, "
-                   f"first token {ratios['first_token']:.2f}x as fast; the first {reference['same_tokens']} of "
-                   f"{args.decode_tokens} greedy tokens the same")
+    for line in bench.report_lines(result):
+        _emit(out, line)
     return 0
 
 
