@@ -24,7 +24,6 @@ progress, logging and errors go to stderr. An expected failure is one line
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import ipaddress
 import json
@@ -34,18 +33,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Callable, TextIO
 
 import grpc
 import numba
 from tqdm import tqdm
 
-from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, default_cache_dir, resolve_model
+from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, resolve_model
 from caravan.pipeline.chat_template import ChatTemplateError
 from caravan.pipeline.generate import ContextFullError, Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFError, GGUFFile
-from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel, load_model
-from caravan.pipeline.lora import LoraAdapter, LoraError, check_scale
+from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel
+from caravan.pipeline.lora import LoraError, check_scale
 from caravan.pipeline.model import ModelError
 from caravan.pipeline import perplexity
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
@@ -55,12 +54,13 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
-from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, TokenError, load_token
+from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError
 
 from . import bench
-from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
+from . import from_flags
+from .cluster import LOCAL, close_nodes, connect, describe_plan, head_ms, make_plan, measure
 from .failover import ClusterPipeline
-from .discovery import DISCOVER_SECONDS, discover
+from .discovery import DISCOVER_SECONDS
 from .planner import PlanError
 from .reference import llama_cpp_comparison
 from .remote import NodeError, placement
@@ -297,20 +297,6 @@ def _lora_flag(text: str) -> tuple[Path, float]:
     return Path(text), 1.0
 
 
-def _adapters(args: argparse.Namespace, model: LoadedModel, pipeline: Pipeline) -> tuple[tuple[str, float], ...]:
-    """Open every --lora adapter, check it against the model, give it to every stage; returns
-    (name, scale) of each, in order. An adapter's name is its file name without .gguf."""
-    chosen: list[tuple[str, float]] = []
-    for path, scale in args.lora:
-        adapter = LoraAdapter.open(path, model.config)
-        if any(name == adapter.name for name, _ in chosen):
-            raise LoraError(f"--lora: two adapters named {adapter.name!r}; rename one of the files")
-        pipeline.add_adapter(adapter)
-        chosen.append((adapter.name, scale))
-        log.info("adapter %s: %d matrices, alpha %g, scale %g", adapter.name, len(adapter.pairs), adapter.alpha, scale)
-    return tuple(chosen)
-
-
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -329,111 +315,21 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         raise ValueError(f"invalid sampling option: {exc}") from exc
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is None:
-        return
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= threads <= limit:
-        raise ValueError(f"--threads must be between 1 and {limit} (NUMBA_NUM_THREADS), got {threads}")
-    numba.set_num_threads(threads)
-
-
-def _model_path(args: argparse.Namespace) -> Path:
-    return resolve_model(args.model, _cache_dir(args), progress=not args.json)
-
-
-def _load(args: argparse.Namespace) -> LoadedModel:
-    _set_threads(args.threads)
-    path = _model_path(args)
-    model = load_model(path)
-    log.info("model %s: %d layers, dim %d, from %s", model.name, model.config.n_layers, model.config.dim, path)
-    return model
-
-
-def _addresses(args: argparse.Namespace) -> list[str]:
-    """--nodes, then the nodes --discover finds (skipping ones already listed)."""
-    addresses = parse_nodes(args.nodes) if args.nodes else []
-    if args.discover:
-        found = discover(args.discover_seconds)
-        if not found and not addresses:
-            raise NodeError("discovery", f"no caravan nodes answered on the LAN within {args.discover_seconds:g} s; "
-                            "start `caravan node` on each machine, or give --nodes HOST:PORT,...")
-        addresses += [a.address for a in found if a.address not in addresses]
-    return addresses
-
-
-def _explicit(args: argparse.Namespace) -> list[str]:
-    return parse_nodes(args.nodes) if args.nodes else []
-
-
-def _token(args: argparse.Namespace) -> ClusterToken:
-    return load_token(args.token_file or _cache_dir(args) / TOKEN_FILE)
-
-
-def _tls(args: argparse.Namespace) -> TLSFiles | None:
-    return TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
-
-
-def _measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
-    """The nodes to plan with: every --nodes entry must answer; discovered ones that are
-    unreachable or do not accept our token are left out with a warning."""
-    addresses = _addresses(args)
-    explicit = _explicit(args)
-    nodes = connect(addresses, _token(args), optional=[a for a in addresses if a not in explicit], tls=_tls(args))
-    try:
-        measure(nodes, model)
-    except BaseException:
-        close_nodes(nodes)
-        raise
-    return nodes
-
-
-@contextlib.contextmanager
-def _pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterator[Pipeline]:
-    """Every layer in this process, or spread over the nodes given by --nodes / --discover
-    (asked again at every re-plan, so a node that comes back is used)."""
-    if not (args.nodes or args.discover):
-        yield model.local_pipeline(n_ctx)
-        return
-    n_ctx = model.context_size(n_ctx)
-    explicit = _explicit(args)
-    pipeline = ClusterPipeline(model, lambda: _addresses(args), n_ctx, _cache_dir(args), wire.wire_format(args.wire),
-                               progress=not args.json, token=_token(args), optional=lambda a: a not in explicit,
-                               tls=_tls(args))
-    try:
-        summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(pipeline, a.node.name)} {a.layers}"
-                            for a in pipeline.plan.assignments)
-        log.info("layers placed: %s", summary)
-        if not args.json:
-            print(f"layers: {summary}", file=sys.stderr)
-        yield pipeline
-    finally:
-        pipeline.close()
-
-
-def _node_name(pipeline: ClusterPipeline, address: str) -> str:
-    return next((n.name for n in pipeline.cluster.nodes if n.address == address), address)
-
-
-def _cache_dir(args: argparse.Namespace) -> Path:
-    return args.cache_dir if args.cache_dir is not None else default_cache_dir()
-
-
 # --- verbs ----------------------------------------------------------------------------------
 
 
 def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
-    path = _model_path(args)
+    path = from_flags.model_path(args)
     _emit(out, {"path": str(path)} if args.json else str(path))
     return 0
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
-    model = _load(args)
-    with _pipeline(args, model, args.ctx) as pipeline:
+    model = from_flags.loaded_model(args)
+    with from_flags.pipeline(args, model, args.ctx) as pipeline:
         tokenizer = model.tokenizer
-        adapters = _adapters(args, model, pipeline)
+        adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
         generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters)
         if args.json:
@@ -453,16 +349,16 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     model.check_chat_template()
-    with _pipeline(args, model, args.ctx) as pipeline:
+    with from_flags.pipeline(args, model, args.ctx) as pipeline:
         return _chat_loop(args, out, model, pipeline, params)
 
 
 def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeline: Pipeline,
                params: SamplingParams) -> int:
     tokenizer = model.tokenizer
-    adapters = _adapters(args, model, pipeline)
+    adapters = from_flags.adapters(args, model, pipeline)
     sampler = Sampler(params)  # one generator for the whole conversation: a seed fixes it all
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -519,7 +415,7 @@ def _chat_prompt(model: LoadedModel, system: list[dict], history: list[dict], n_
 
 
 def cmd_tokenize(args: argparse.Namespace, out: TextIO) -> int:
-    path = _model_path(args)
+    path = from_flags.model_path(args)
     tokenizer = Tokenizer.from_metadata(GGUFFile(path).metadata)
     ids = tokenizer.encode(args.text, add_bos=False if args.no_bos else None, special=True)
     if args.json:
@@ -537,7 +433,7 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
     if args.ctx < 3:
         raise ValueError(f"--ctx must be at least 3 (the second half of each window is scored), got {args.ctx}")
     text = args.file.read_text(encoding="utf-8")
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     if args.ctx > model.config.context_length:
         raise ValueError(f"--ctx {args.ctx} is larger than the model's context of {model.config.context_length} tokens")
     tokens = perplexity.windows(model.tokenizer, text, args.ctx)  # (window, position)
@@ -548,7 +444,7 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
     n_windows, n_ctx = tokens.shape
     total_nll = 0.0
     n_scored = 0
-    with _pipeline(args, model, n_ctx) as pipeline, \
+    with from_flags.pipeline(args, model, n_ctx) as pipeline, \
             tqdm(total=n_windows, unit="window", file=sys.stderr, disable=args.json, desc="perplexity") as bar:
         for window in tokens:
             nll = perplexity.window_nll(pipeline, window)
@@ -567,7 +463,7 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_token(args: argparse.Namespace, out: TextIO) -> int:
     """The cluster's join token on stdout, created when missing; on stderr, where it lives and
     where a node wants it."""
-    token = _token(args)
+    token = from_flags.token(args)
     path = token.path.absolute()
     _emit(out, {"token": str(token), "path": str(path)} if args.json else str(token))
     print(f"the cluster token is in {path}: copy that file to each node's cache directory "
@@ -581,14 +477,14 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
     details and timed on the model's layer shape; an unreachable one is listed as such."""
     if not args.nodes:
         args.discover = True
-    model = _load(args)
-    token = _token(args)
+    model = from_flags.loaded_model(args)
+    token = from_flags.token(args)
     rows = []
-    for address in _addresses(args):
+    for address in from_flags.addresses(args):
         if address == LOCAL:
             continue
         try:
-            nodes = connect([address], token, tls=_tls(args))
+            nodes = connect([address], token, tls=from_flags.tls(args))
         except NodeError as exc:
             trusted = exc.code != grpc.StatusCode.UNAUTHENTICATED
             rows.append({"address": address, "state": "unreachable" if trusted else "untrusted", "error": str(exc)})
@@ -630,9 +526,9 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     if not (args.nodes or args.discover):
         raise ValueError("plan needs --nodes HOST:PORT,... or --discover")
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     n_ctx = model.context_size(args.ctx)
-    nodes = _measured_nodes(args, model)
+    nodes = from_flags.measured_nodes(args, model)
     try:
         plan = make_plan(model, nodes, n_ctx)
         result = describe_plan(plan, nodes, model, n_ctx, head_ms(model))
@@ -657,12 +553,12 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if args.decode_tokens < 2:  # decode is timed from the second token: the first ends the prefill
         raise ValueError("--decode-tokens must be at least 2: the first token comes with the prompt's prefill")
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     n_ctx = model.context_size(args.ctx)
     if args.prompt_tokens + args.decode_tokens > n_ctx:
         raise ValueError(f"--prompt-tokens plus --decode-tokens must fit the context of {n_ctx}")
     prompt = bench.bench_prompt(model.tokenizer, args.prompt_tokens)
-    with _pipeline(args, model, n_ctx) as pipeline:
+    with from_flags.pipeline(args, model, n_ctx) as pipeline:
         timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs)
         stages = bench.stage_rows(pipeline)
     result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
@@ -678,7 +574,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
     target = parse_type(args.type)  # before any download: a wrong type fails at once
-    source = resolve_model(args.input, _cache_dir(args), progress=not args.json)
+    source = resolve_model(args.input, from_flags.cache_dir(args), progress=not args.json)
     report = quantize_model(source, args.output, target, progress=not args.json)
     if args.json:
         _emit(out, {"path": str(args.output), **report.as_dict()})
@@ -719,12 +615,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     api_key = _api_key(args)
     limits = ServeLimits(max_body=args.max_body, read_timeout=args.read_timeout, max_connections=args.max_connections)
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     model.check_chat_template()
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
-    with _pipeline(args, model, args.ctx) as pipeline:
-        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in _adapters(args, model, pipeline)}
+    with from_flags.pipeline(args, model, args.ctx) as pipeline:
+        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in from_flags.adapters(args, model, pipeline)}
         # One lane per node when there are nodes: each node works on one lane's batch while the
         # next node works on another's. In one process a lane would only wait for the other.
         lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
@@ -733,7 +629,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             host, port = sock.getsockname()[:2]
             loopback = ipaddress.ip_address(host).is_loopback
             api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits,
-                      cache_dir=_cache_dir(args))
+                      cache_dir=from_flags.cache_dir(args))
             if api_key is None and not loopback:
                 log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
             _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
