@@ -33,7 +33,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable, NamedTuple, TextIO
 
 import grpc
 import numba
@@ -137,7 +137,30 @@ def _size(text: str) -> int:
     return value
 
 
+class SharedFlags(NamedTuple):
+    """The groups of flags several verbs take, as argparse parent parsers."""
+
+    common: argparse.ArgumentParser
+    model: argparse.ArgumentParser
+    cluster: argparse.ArgumentParser
+    lora: argparse.ArgumentParser
+    sampling: argparse.ArgumentParser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    shared = SharedFlags(_common_flags(), _model_flags(), _cluster_flags(), _lora_flags(), _sampling_flags())
+    parser = argparse.ArgumentParser(prog=PROG, description="Run a LLaMA-family GGUF model.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    # In the order --help lists them.
+    _add_model_verbs(verbs, shared)
+    _add_cluster_verbs(verbs, shared)
+    _add_serve_verb(verbs, shared)
+    _add_tool_verbs(verbs, shared)
+    return parser
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    """Flags every verb takes: verbosity, --json, the cache directory."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0,
                         help="log to stderr (-v: info and tracebacks, -vv: debug)")
@@ -145,13 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                         help="model cache (default: $CARAVAN_HOME, else $XDG_CACHE_HOME/caravan, "
                         "else ~/.cache/caravan)")
+    return common
 
+
+def _model_flags() -> argparse.ArgumentParser:
+    """Which model to run, and on how many threads."""
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="PATH|NAME",
                        help=f"a .gguf file or a known model name (default: {DEFAULT_MODEL})")
     model.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                        help=f"compute threads (default: all, {numba.config.NUMBA_NUM_THREADS})")
+    return model
 
+
+def _cluster_flags() -> argparse.ArgumentParser:
+    """Which worker nodes to spread the layers over, and how to reach them."""
     cluster = argparse.ArgumentParser(add_help=False)
     cluster.add_argument("--nodes", default=None, metavar="HOST:PORT,...",
                          help=f"worker nodes to spread the layers over, in pipeline order; '{LOCAL}' is this process")
@@ -168,12 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="the CA that signed the nodes' certificates")
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
+    return cluster
 
+
+def _lora_flags() -> argparse.ArgumentParser:
+    """LoRA adapters to apply (run, chat) or offer (serve)."""
     lora = argparse.ArgumentParser(add_help=False)
     lora.add_argument("--lora", action="append", type=_lora_flag, default=[], metavar="FILE[:SCALE]",
                       help="a LoRA adapter in llama.cpp's GGUF format, scaled by SCALE (default 1); repeat for "
                       "more. run and chat apply them all; serve offers each as the model MODEL:ADAPTER")
+    return lora
 
+
+def _sampling_flags() -> argparse.ArgumentParser:
+    """Context size, answer length and sampling settings of run and chat."""
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                           help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
@@ -191,29 +230,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"1 = off (default: {_SAMPLING.repeat_penalty})")
     sampling.add_argument("--seed", "-s", type=int, default=None, metavar="S",
                           help="seed for sampling (default: random)")
+    return sampling
 
-    parser = argparse.ArgumentParser(prog=PROG, description="Run a LLaMA-family GGUF model.")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("pull", parents=[common], help="fetch a model into the cache, print its path")
+def _add_model_verbs(verbs, shared: SharedFlags) -> None:
+    """pull, run, chat, tokenize and perplexity: a model in this process or over nodes."""
+    p = verbs.add_parser("pull", parents=[shared.common], help="fetch a model into the cache, print its path")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"a known model name (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
-    p = verbs.add_parser("run", parents=[common, model, cluster, lora, sampling], help="raw completion of PROMPT, streamed")
+    p = verbs.add_parser("run", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
+                         help="raw completion of PROMPT, streamed")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=cmd_run)
 
-    p = verbs.add_parser("chat", parents=[common, model, cluster, lora, sampling], help="interactive chat (lines from stdin)")
+    p = verbs.add_parser("chat", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
+                         help="interactive chat (lines from stdin)")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system message to start the conversation")
     p.set_defaults(func=cmd_chat)
 
-    p = verbs.add_parser("tokenize", parents=[common, model], help="token ids of TEXT, as llama-tokenize")
+    p = verbs.add_parser("tokenize", parents=[shared.common, shared.model], help="token ids of TEXT, as llama-tokenize")
     p.add_argument("text", metavar="TEXT")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token even if the model wants it")
     p.set_defaults(func=cmd_tokenize)
 
-    p = verbs.add_parser("perplexity", parents=[common, model, cluster], help="perplexity of the model on a text FILE")
+    p = verbs.add_parser("perplexity", parents=[shared.common, shared.model, shared.cluster],
+                         help="perplexity of the model on a text FILE")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--ctx", "-c", type=int, default=PERPLEXITY_CTX, metavar="N",
                    help=f"window size in tokens; its second half is scored, as llama-perplexity does (default: {PERPLEXITY_CTX})")
@@ -221,20 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score at most K windows (default: all)")
     p.set_defaults(func=cmd_perplexity)
 
+
+def _add_cluster_verbs(verbs, shared: SharedFlags) -> None:
+    """node, nodes and plan: the worker nodes."""
     # Parsed by caravan.node.cli itself (see main); listed here for --help.
     verbs.add_parser("node", add_help=False, help="run a worker node (caravan node --help)")
 
-    p = verbs.add_parser("nodes", parents=[common, model, cluster],
+    p = verbs.add_parser("nodes", parents=[shared.common, shared.model, shared.cluster],
                          help="list the nodes this machine can see: memory, cores, measured speed")
     p.set_defaults(func=cmd_nodes)
 
-    p = verbs.add_parser("plan", parents=[common, model, cluster],
+    p = verbs.add_parser("plan", parents=[shared.common, shared.model, shared.cluster],
                          help="which node would get which layers, and the expected tokens/s")
     p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
     p.set_defaults(func=cmd_plan)
 
-    p = verbs.add_parser("serve", parents=[common, model, cluster, lora],
+
+def _add_serve_verb(verbs, shared: SharedFlags) -> None:
+    """serve: the HTTP API and its limits on each client."""
+    p = verbs.add_parser("serve", parents=[shared.common, shared.model, shared.cluster, shared.lora],
                          help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; give --api-key before opening it)")
@@ -259,14 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"file descriptors (default: {MAX_CONNECTIONS})")
     p.set_defaults(func=cmd_serve)
 
-    p = verbs.add_parser("quantize", parents=[common],
+
+def _add_tool_verbs(verbs, shared: SharedFlags) -> None:
+    """quantize, bench and token."""
+    p = verbs.add_parser("quantize", parents=[shared.common],
                          help="write a GGUF model again with its matrices in another format, as llama-quantize")
     p.add_argument("input", metavar="IN", help="the model: a .gguf file (F32, F16, BF16, or quantized) or a known name")
     p.add_argument("output", type=Path, metavar="OUT", help="the .gguf file to write (must not exist)")
     p.add_argument("--type", required=True, metavar="TYPE", help=f"the matrices' format: {quantize_types()}")
     p.set_defaults(func=cmd_quantize)
 
-    p = verbs.add_parser("bench", parents=[common, model, cluster],
+    p = verbs.add_parser("bench", parents=[shared.common, shared.model, shared.cluster],
                          help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
     p.add_argument("--ctx", "-c", type=int, default=1024, metavar="N", help="context size (default: 1024)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=256, metavar="N",
@@ -278,12 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
     p.set_defaults(func=cmd_bench)
 
-    p = verbs.add_parser("token", parents=[common],
+    p = verbs.add_parser("token", parents=[shared.common],
                          help="print the cluster's join token (created if missing); stderr says where it lives")
     p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                    help="the token file (default: CACHE_DIR/cluster-token)")
     p.set_defaults(func=cmd_token)
-    return parser
 
 
 def _lora_flag(text: str) -> tuple[Path, float]:
@@ -620,7 +671,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
     with from_flags.pipeline(args, model, args.ctx) as pipeline:
-        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in from_flags.adapters(args, model, pipeline)}
+        chosen = from_flags.adapters(args, model, pipeline)
+        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
         # next node works on another's. In one process a lane would only wait for the other.
         lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1

@@ -324,7 +324,8 @@ class API:
                 request.cancel()
         if not answer.done() or answer.cancelled():
             if gone.done() and not gone.cancelled():
-                log.info("%s left before its answer: %d sequence(s) cancelled", describe_peer(http_request.client), len(runs))
+                log.info("%s left before its answer: %d sequence(s) cancelled", describe_peer(http_request.client),
+                         len(runs))
                 raise APIError(400, "the client closed the connection", code="client_closed")
             raise APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
                            kind="server_error")
@@ -363,7 +364,8 @@ class API:
             if event.kind == "done":
                 tail = pending + decoder.flush()
                 cut = first_stop(tail, job.stop)
-                yield (tail if cut is None else tail[:cut]), ("stop" if cut is not None else finish_reason_of(event)), tokens
+                reason = "stop" if cut is not None else finish_reason_of(event)
+                yield (tail if cut is None else tail[:cut]), reason, tokens
                 return
             tokens.append(event)
             pending += decoder.push(event.token)
