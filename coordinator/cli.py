@@ -35,7 +35,6 @@ import sys
 from pathlib import Path
 from typing import Callable, NamedTuple, TextIO
 
-import grpc
 import numba
 from tqdm import tqdm
 
@@ -58,7 +57,7 @@ from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError
 
 from . import bench
 from . import from_flags
-from .cluster import LOCAL, close_nodes, connect, describe_plan, head_ms, make_plan, measure
+from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, survey_node
 from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS
 from .planner import PlanError
@@ -530,32 +529,8 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
         args.discover = True
     model = from_flags.loaded_model(args)
     token = from_flags.token(args)
-    rows = []
-    for address in from_flags.addresses(args):
-        if address == LOCAL:
-            continue
-        try:
-            nodes = connect([address], token, tls=from_flags.tls(args))
-        except NodeError as exc:
-            trusted = exc.code != grpc.StatusCode.UNAUTHENTICATED
-            rows.append({"address": address, "state": "unreachable" if trusted else "untrusted", "error": str(exc)})
-            continue
-        node = nodes[0]
-        try:
-            measure(nodes, model)
-            info = node.info
-            rows.append({
-                "name": node.name, "address": address, "id": info.node_id, "version": info.version,
-                "architecture": info.architecture, "cores": info.cores, "threads": info.threads,
-                "memory_total": info.memory_total, "memory_available": info.memory_available,
-                "state": wire.STATE_NAMES.get(info.state, "unknown"),
-                "layers": [info.layer_start, info.layer_stop] if info.layer_stop else None,
-                "ms_per_layer": round(node.ms_per_layer, 4), "rtt_ms": round(node.rtt_ms, 4),
-            })
-        except NodeError as exc:
-            rows.append({"address": address, "error": str(exc)})
-        finally:
-            close_nodes(nodes)
+    rows = [survey_node(address, token, from_flags.tls(args), model)
+            for address in from_flags.addresses(args) if address != LOCAL]
     if args.json:
         _emit(out, {"model": model.name, "nodes": rows})
         return 0
