@@ -70,8 +70,8 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
 
-from .http_guard import CLOSE, SHUTDOWN_GRACE_S, BodyLimits, BrowserGuard, ServeLimits, describe_peer
 from .handoff import EventHandoff, kernels_fill_the_cores
+from .http_guard import CLOSE, SHUTDOWN_GRACE_S, BodyLimits, BrowserGuard, ServeLimits, describe_peer
 from .metrics import PROMETHEUS_MEDIA_TYPE, kv_per_stage, prometheus_text
 from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, Completion, chat_messages, choice_object,
                          completion_request, finish_reason_of, first_stop, logprobs_object, parse_json_object,
