@@ -55,16 +55,15 @@ from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError
 
-from . import bench
-from . import from_flags
+from . import bench, from_flags
 from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, survey_node
-from .failover import ClusterPipeline
 from .discovery import DISCOVER_SECONDS
+from .failover import ClusterPipeline
+from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 from .planner import PlanError
 from .reference import llama_cpp_comparison
 from .remote import NodeError, placement
 from .scheduler import Scheduler
-from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
