@@ -1,8 +1,8 @@
 """OpenAI's API as caravan speaks it: which fields a request may set, how each is checked, and
 the shapes of what goes back (errors, choices, logprobs, stream chunks, usage).
 
-Everything here is plain data in, plain data out: the routes and the running of a completion
-are coordinator/server.py's; Ollama's API (coordinator/ollama.py) reuses the checks.
+Nothing here touches a socket or the scheduler: the routes and the running of a completion are
+coordinator/server.py's; Ollama's API (coordinator/ollama.py) reuses the checks and the errors.
 """
 
 from __future__ import annotations
@@ -57,6 +57,10 @@ UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
 }
 LOGIT_BIAS_RANGE = 100.0  # a logit_bias value's bound either way, as OpenAI documents it
 PENALTY_RANGE = 2.0  # frequency_penalty's and presence_penalty's bound either way, as OpenAI documents them
+STREAM_END = "data: [DONE]\n\n"  # a stream's last event, after the chunk with the usage
+
+
+# --- requests -----------------------------------------------------------------------------
 
 
 class APIError(Exception):
@@ -93,18 +97,6 @@ class Completion:
     top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and its k most likely
 
 
-def number_field(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}", name)
-    if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
-        bounds = f"at least {lo:g}" if hi == math.inf else f"between {lo:g} and {hi:g}"
-        raise APIError(400, f"{name} must be {bounds}, got {value}", name)
-    return value
-
-
 def parse_json_object(raw: bytes) -> dict:
     """A request body as a JSON object, or a 400 naming what is wrong (a worker thread's work:
     a few MiB of JSON take a while)."""
@@ -125,40 +117,6 @@ def parse_json_object(raw: bytes) -> dict:
     return body
 
 
-def prompt_field(body: dict) -> str | list[int]:
-    """A completion's prompt, in the forms of OpenAI's that ask for one answer: a string, a list
-    of token ids, or a one-element list of either."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is not supported; send one request per "
-                       "prompt", "prompt")
-    raise APIError(400, "prompt must be a non-empty string, a list of token ids, or a one-element list of either",
-                   "prompt")
-
-
-def top_logprobs_field(body: dict, chat: bool) -> int:
-    """-1 for no logprobs, else how many most likely tokens to list with each token: chat's
-    `logprobs: true` with `top_logprobs` (0 .. 20), completions' `logprobs` (0 .. 5)."""
-    if not chat:
-        value = number_field(body, "logprobs", None, 0, 5, integer=True)
-        return -1 if value is None else value
-    wanted = body.get("logprobs", False)
-    if wanted is None:
-        wanted = False
-    if not isinstance(wanted, bool):
-        raise APIError(400, "logprobs must be true or false", "logprobs")
-    top = number_field(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-    if top is not None and not wanted:
-        raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
-    return (top or 0) if wanted else -1
-
-
 def refuse_fields(body: dict, accepted: frozenset[str], path: str) -> None:
     """A 400 naming the first field set (not null) that `path` does not take: one caravan does
     not implement (unless at a value that asks for nothing) or one it does not know."""
@@ -173,72 +131,6 @@ def refuse_fields(body: dict, accepted: frozenset[str], path: str) -> None:
                            name, "unsupported_parameter")
         raise APIError(400, f"{name!r} is not a parameter of {path} that this server knows; remove it from the "
                        "request", name, "unknown_parameter")
-
-
-def check_stream_options(body: dict) -> None:
-    """OpenAI's stream_options: only include_usage, and the usage is always in a stream's last chunk."""
-    options = body.get("stream_options")
-    if options is None:
-        return
-    if not isinstance(options, dict) or not all(k == "include_usage" and isinstance(v, bool)
-                                                 for k, v in options.items()):
-        raise APIError(400, "stream_options may only hold include_usage (true or false)", "stream_options")
-
-
-def sampling_params(body: dict, seed: int | None, vocab_size: int, n_ctx: int) -> SamplingParams:
-    """A request's sampling settings; those it leaves out are SamplingParams' defaults (llama-server's
-    and Ollama's), not OpenAI's temperature 1 without filters, which a small model answers in noise."""
-    default = SamplingParams()
-    # vLLM's top_k -1 and llama.cpp's 0 both mean off; so does llama-server's repeat_last_n -1 for "the
-    # whole context" (the penalties then see every token there is).
-    top_k = number_field(body, "top_k", default.top_k, -1, math.inf, integer=True)
-    last_n = number_field(body, "repeat_last_n", default.repeat_last_n, -1, math.inf, integer=True)
-    try:
-        return SamplingParams(
-            temperature=number_field(body, "temperature", default.temperature, 0.0, 2.0),
-            top_k=max(top_k, 0),
-            top_p=number_field(body, "top_p", default.top_p, 0.0, 1.0),
-            min_p=number_field(body, "min_p", default.min_p, 0.0, 1.0),
-            repeat_penalty=number_field(body, "repeat_penalty", default.repeat_penalty, 0.0, math.inf),
-            repeat_last_n=n_ctx if last_n < 0 else last_n,
-            frequency_penalty=number_field(body, "frequency_penalty", default.frequency_penalty, -PENALTY_RANGE,
-                                      PENALTY_RANGE),
-            presence_penalty=number_field(body, "presence_penalty", default.presence_penalty, -PENALTY_RANGE,
-                                     PENALTY_RANGE),
-            logit_bias=_logit_bias(body, vocab_size),
-            seed=seed,
-        )
-    except ValueError as exc:  # its message begins with the field's name
-        raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from None
-
-
-def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI's logit_bias: {"token id": bias from -100 to 100}, ids within the vocabulary."""
-    bias = body.get("logit_bias")
-    if bias is None:
-        return ()
-    if not isinstance(bias, dict):
-        raise APIError(400, 'logit_bias must be an object of token ids to biases, e.g. {"1234": -100}', "logit_bias")
-    pairs = []
-    for key, value in bias.items():
-        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
-            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
-                           "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):
-            raise APIError(400, f"logit_bias[{key!r}] must be a number from {-LOGIT_BIAS_RANGE:g} to "
-                           f"{LOGIT_BIAS_RANGE:g}, got {value!r}", "logit_bias")
-        pairs.append((int(key), float(value)))
-    return tuple(pairs)
-
-
-def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def finish_reason_of(event: Event) -> str:
-    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
 
 
 def completion_request(body: dict, prompt_ids: list[int], chat: bool, n_ctx: int, vocab_size: int, model_id: str,
@@ -300,6 +192,121 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
     return rendered
 
 
+def prompt_field(body: dict) -> str | list[int]:
+    """A completion's prompt, in the forms of OpenAI's that ask for one answer: a string, a list
+    of token ids, or a one-element list of either."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, str) and prompt:
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
+        raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is not supported; send one request per "
+                       "prompt", "prompt")
+    raise APIError(400, "prompt must be a non-empty string, a list of token ids, or a one-element list of either",
+                   "prompt")
+
+
+def number_field(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}", name)
+    if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
+        bounds = f"at least {lo:g}" if hi == math.inf else f"between {lo:g} and {hi:g}"
+        raise APIError(400, f"{name} must be {bounds}, got {value}", name)
+    return value
+
+
+def sampling_params(body: dict, seed: int | None, vocab_size: int, n_ctx: int) -> SamplingParams:
+    """A request's sampling settings; those it leaves out are SamplingParams' defaults (llama-server's
+    and Ollama's), not OpenAI's temperature 1 without filters, which a small model answers in noise."""
+    default = SamplingParams()
+    # vLLM's top_k -1 and llama.cpp's 0 both mean off; so does llama-server's repeat_last_n -1 for "the
+    # whole context" (the penalties then see every token there is).
+    top_k = number_field(body, "top_k", default.top_k, -1, math.inf, integer=True)
+    last_n = number_field(body, "repeat_last_n", default.repeat_last_n, -1, math.inf, integer=True)
+    try:
+        return SamplingParams(
+            temperature=number_field(body, "temperature", default.temperature, 0.0, 2.0),
+            top_k=max(top_k, 0),
+            top_p=number_field(body, "top_p", default.top_p, 0.0, 1.0),
+            min_p=number_field(body, "min_p", default.min_p, 0.0, 1.0),
+            repeat_penalty=number_field(body, "repeat_penalty", default.repeat_penalty, 0.0, math.inf),
+            repeat_last_n=n_ctx if last_n < 0 else last_n,
+            frequency_penalty=number_field(body, "frequency_penalty", default.frequency_penalty, -PENALTY_RANGE,
+                                      PENALTY_RANGE),
+            presence_penalty=number_field(body, "presence_penalty", default.presence_penalty, -PENALTY_RANGE,
+                                     PENALTY_RANGE),
+            logit_bias=_logit_bias(body, vocab_size),
+            seed=seed,
+        )
+    except ValueError as exc:  # its message begins with the field's name
+        raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from None
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}, ids within the vocabulary."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict):
+        raise APIError(400, 'logit_bias must be an object of token ids to biases, e.g. {"1234": -100}', "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
+                           "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):
+            raise APIError(400, f"logit_bias[{key!r}] must be a number from {-LOGIT_BIAS_RANGE:g} to "
+                           f"{LOGIT_BIAS_RANGE:g}, got {value!r}", "logit_bias")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
+def top_logprobs_field(body: dict, chat: bool) -> int:
+    """-1 for no logprobs, else how many most likely tokens to list with each token: chat's
+    `logprobs: true` with `top_logprobs` (0 .. 20), completions' `logprobs` (0 .. 5)."""
+    if not chat:
+        value = number_field(body, "logprobs", None, 0, 5, integer=True)
+        return -1 if value is None else value
+    wanted = body.get("logprobs", False)
+    if wanted is None:
+        wanted = False
+    if not isinstance(wanted, bool):
+        raise APIError(400, "logprobs must be true or false", "logprobs")
+    top = number_field(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    if top is not None and not wanted:
+        raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
+    return (top or 0) if wanted else -1
+
+
+def check_stream_options(body: dict) -> None:
+    """OpenAI's stream_options: only include_usage, and the usage is always in a stream's last chunk."""
+    options = body.get("stream_options")
+    if options is None:
+        return
+    if not isinstance(options, dict) or not all(k == "include_usage" and isinstance(v, bool)
+                                                 for k, v in options.items()):
+        raise APIError(400, "stream_options may only hold include_usage (true or false)", "stream_options")
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def finish_reason_of(event: Event) -> str:
+    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
+
+
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -341,9 +348,6 @@ def logprobs_object(tokenizer, job: Completion, tokens: list[Event], chat: bool,
 
 def server_sent_event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
-
-
-STREAM_END = "data: [DONE]\n\n"  # a stream's last event, after the chunk with the usage
 
 
 def stream_chunk(base: dict, chat: bool, index: int, text: str | None, finish: str | None, usage: dict | None = None,
