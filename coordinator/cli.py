@@ -24,8 +24,6 @@ progress, logging and errors go to stderr. An expected failure is one line
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import importlib
 import ipaddress
 import json
@@ -35,20 +33,17 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Callable, NamedTuple, TextIO
 
-import grpc
 import numba
-import numpy as np
-import psutil
 from tqdm import tqdm
 
-from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, default_cache_dir, resolve_model
+from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, resolve_model
 from caravan.pipeline.chat_template import ChatTemplateError
 from caravan.pipeline.generate import ContextFullError, Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFError, GGUFFile
-from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel, load_model
-from caravan.pipeline.lora import LoraAdapter, LoraError, check_scale
+from caravan.pipeline.loader import DEFAULT_CTX, LoadedModel
+from caravan.pipeline.lora import LoraError, check_scale
 from caravan.pipeline.model import ModelError
 from caravan.pipeline import perplexity
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
@@ -58,16 +53,17 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
-from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, TokenError, load_token
+from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError
 
-from .cluster import LOCAL, Node, close_nodes, connect, describe_plan, head_ms, make_plan, measure, parse_nodes
+from . import bench, from_flags
+from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, survey_node
+from .discovery import DISCOVER_SECONDS
 from .failover import ClusterPipeline
-from .discovery import DISCOVER_SECONDS, discover
+from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 from .planner import PlanError
-from .reference import llama_cpp_available, llama_cpp_rates
+from .reference import llama_cpp_comparison
 from .remote import NodeError, placement
 from .scheduler import Scheduler
-from .server import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +135,30 @@ def _size(text: str) -> int:
     return value
 
 
+class SharedFlags(NamedTuple):
+    """The groups of flags several verbs take, as argparse parent parsers."""
+
+    common: argparse.ArgumentParser
+    model: argparse.ArgumentParser
+    cluster: argparse.ArgumentParser
+    lora: argparse.ArgumentParser
+    sampling: argparse.ArgumentParser
+
+
 def build_parser() -> argparse.ArgumentParser:
+    shared = SharedFlags(_common_flags(), _model_flags(), _cluster_flags(), _lora_flags(), _sampling_flags())
+    parser = argparse.ArgumentParser(prog=PROG, description="Run a LLaMA-family GGUF model.")
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    # In the order --help lists them.
+    _add_model_verbs(verbs, shared)
+    _add_cluster_verbs(verbs, shared)
+    _add_serve_verb(verbs, shared)
+    _add_tool_verbs(verbs, shared)
+    return parser
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    """Flags every verb takes: verbosity, --json, the cache directory."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0,
                         help="log to stderr (-v: info and tracebacks, -vv: debug)")
@@ -147,13 +166,21 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--cache-dir", type=Path, default=None, metavar="DIR",
                         help="model cache (default: $CARAVAN_HOME, else $XDG_CACHE_HOME/caravan, "
                         "else ~/.cache/caravan)")
+    return common
 
+
+def _model_flags() -> argparse.ArgumentParser:
+    """Which model to run, and on how many threads."""
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="PATH|NAME",
                        help=f"a .gguf file or a known model name (default: {DEFAULT_MODEL})")
     model.add_argument("--threads", "-t", type=int, default=None, metavar="N",
                        help=f"compute threads (default: all, {numba.config.NUMBA_NUM_THREADS})")
+    return model
 
+
+def _cluster_flags() -> argparse.ArgumentParser:
+    """Which worker nodes to spread the layers over, and how to reach them."""
     cluster = argparse.ArgumentParser(add_help=False)
     cluster.add_argument("--nodes", default=None, metavar="HOST:PORT,...",
                          help=f"worker nodes to spread the layers over, in pipeline order; '{LOCAL}' is this process")
@@ -170,12 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="the CA that signed the nodes' certificates")
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
+    return cluster
 
+
+def _lora_flags() -> argparse.ArgumentParser:
+    """LoRA adapters to apply (run, chat) or offer (serve)."""
     lora = argparse.ArgumentParser(add_help=False)
     lora.add_argument("--lora", action="append", type=_lora_flag, default=[], metavar="FILE[:SCALE]",
                       help="a LoRA adapter in llama.cpp's GGUF format, scaled by SCALE (default 1); repeat for "
                       "more. run and chat apply them all; serve offers each as the model MODEL:ADAPTER")
+    return lora
 
+
+def _sampling_flags() -> argparse.ArgumentParser:
+    """Context size, answer length and sampling settings of run and chat."""
     sampling = argparse.ArgumentParser(add_help=False)
     sampling.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                           help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
@@ -193,29 +228,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"1 = off (default: {_SAMPLING.repeat_penalty})")
     sampling.add_argument("--seed", "-s", type=int, default=None, metavar="S",
                           help="seed for sampling (default: random)")
+    return sampling
 
-    parser = argparse.ArgumentParser(prog=PROG, description="Run a LLaMA-family GGUF model.")
-    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    p = verbs.add_parser("pull", parents=[common], help="fetch a model into the cache, print its path")
+def _add_model_verbs(verbs, shared: SharedFlags) -> None:
+    """pull, run, chat, tokenize and perplexity: a model in this process or over nodes."""
+    p = verbs.add_parser("pull", parents=[shared.common], help="fetch a model into the cache, print its path")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
                    help=f"a known model name (default: {DEFAULT_MODEL})")
     p.set_defaults(func=cmd_pull)
 
-    p = verbs.add_parser("run", parents=[common, model, cluster, lora, sampling], help="raw completion of PROMPT, streamed")
+    p = verbs.add_parser("run", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
+                         help="raw completion of PROMPT, streamed")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=cmd_run)
 
-    p = verbs.add_parser("chat", parents=[common, model, cluster, lora, sampling], help="interactive chat (lines from stdin)")
+    p = verbs.add_parser("chat", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
+                         help="interactive chat (lines from stdin)")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system message to start the conversation")
     p.set_defaults(func=cmd_chat)
 
-    p = verbs.add_parser("tokenize", parents=[common, model], help="token ids of TEXT, as llama-tokenize")
+    p = verbs.add_parser("tokenize", parents=[shared.common, shared.model], help="token ids of TEXT, as llama-tokenize")
     p.add_argument("text", metavar="TEXT")
     p.add_argument("--no-bos", action="store_true", help="do not add the BOS token even if the model wants it")
     p.set_defaults(func=cmd_tokenize)
 
-    p = verbs.add_parser("perplexity", parents=[common, model, cluster], help="perplexity of the model on a text FILE")
+    p = verbs.add_parser("perplexity", parents=[shared.common, shared.model, shared.cluster],
+                         help="perplexity of the model on a text FILE")
     p.add_argument("file", type=Path, metavar="FILE")
     p.add_argument("--ctx", "-c", type=int, default=PERPLEXITY_CTX, metavar="N",
                    help=f"window size in tokens; its second half is scored, as llama-perplexity does (default: {PERPLEXITY_CTX})")
@@ -223,20 +262,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score at most K windows (default: all)")
     p.set_defaults(func=cmd_perplexity)
 
+
+def _add_cluster_verbs(verbs, shared: SharedFlags) -> None:
+    """node, nodes and plan: the worker nodes."""
     # Parsed by caravan.node.cli itself (see main); listed here for --help.
     verbs.add_parser("node", add_help=False, help="run a worker node (caravan node --help)")
 
-    p = verbs.add_parser("nodes", parents=[common, model, cluster],
+    p = verbs.add_parser("nodes", parents=[shared.common, shared.model, shared.cluster],
                          help="list the nodes this machine can see: memory, cores, measured speed")
     p.set_defaults(func=cmd_nodes)
 
-    p = verbs.add_parser("plan", parents=[common, model, cluster],
+    p = verbs.add_parser("plan", parents=[shared.common, shared.model, shared.cluster],
                          help="which node would get which layers, and the expected tokens/s")
     p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
     p.set_defaults(func=cmd_plan)
 
-    p = verbs.add_parser("serve", parents=[common, model, cluster, lora],
+
+def _add_serve_verb(verbs, shared: SharedFlags) -> None:
+    """serve: the HTTP API and its limits on each client."""
+    p = verbs.add_parser("serve", parents=[shared.common, shared.model, shared.cluster, shared.lora],
                          help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; give --api-key before opening it)")
@@ -261,14 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
                         f"file descriptors (default: {MAX_CONNECTIONS})")
     p.set_defaults(func=cmd_serve)
 
-    p = verbs.add_parser("quantize", parents=[common],
+
+def _add_tool_verbs(verbs, shared: SharedFlags) -> None:
+    """quantize, bench and token."""
+    p = verbs.add_parser("quantize", parents=[shared.common],
                          help="write a GGUF model again with its matrices in another format, as llama-quantize")
     p.add_argument("input", metavar="IN", help="the model: a .gguf file (F32, F16, BF16, or quantized) or a known name")
     p.add_argument("output", type=Path, metavar="OUT", help="the .gguf file to write (must not exist)")
     p.add_argument("--type", required=True, metavar="TYPE", help=f"the matrices' format: {quantize_types()}")
     p.set_defaults(func=cmd_quantize)
 
-    p = verbs.add_parser("bench", parents=[common, model, cluster],
+    p = verbs.add_parser("bench", parents=[shared.common, shared.model, shared.cluster],
                          help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
     p.add_argument("--ctx", "-c", type=int, default=1024, metavar="N", help="context size (default: 1024)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=256, metavar="N",
@@ -280,12 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
     p.set_defaults(func=cmd_bench)
 
-    p = verbs.add_parser("token", parents=[common],
+    p = verbs.add_parser("token", parents=[shared.common],
                          help="print the cluster's join token (created if missing); stderr says where it lives")
     p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                    help="the token file (default: CACHE_DIR/cluster-token)")
     p.set_defaults(func=cmd_token)
-    return parser
 
 
 def _lora_flag(text: str) -> tuple[Path, float]:
@@ -297,20 +344,6 @@ def _lora_flag(text: str) -> tuple[Path, float]:
         except (ValueError, LoraError):
             pass  # a ':' in the file name, not a scale
     return Path(text), 1.0
-
-
-def _adapters(args: argparse.Namespace, model: LoadedModel, pipeline: Pipeline) -> tuple[tuple[str, float], ...]:
-    """Open every --lora adapter, check it against the model, give it to every stage; returns
-    (name, scale) of each, in order. An adapter's name is its file name without .gguf."""
-    chosen: list[tuple[str, float]] = []
-    for path, scale in args.lora:
-        adapter = LoraAdapter.open(path, model.config)
-        if any(name == adapter.name for name, _ in chosen):
-            raise LoraError(f"--lora: two adapters named {adapter.name!r}; rename one of the files")
-        pipeline.add_adapter(adapter)
-        chosen.append((adapter.name, scale))
-        log.info("adapter %s: %d matrices, alpha %g, scale %g", adapter.name, len(adapter.pairs), adapter.alpha, scale)
-    return tuple(chosen)
 
 
 def _sampling_params(args: argparse.Namespace) -> SamplingParams:
@@ -331,111 +364,21 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
         raise ValueError(f"invalid sampling option: {exc}") from exc
 
 
-def _set_threads(threads: int | None) -> None:
-    if threads is None:
-        return
-    limit = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= threads <= limit:
-        raise ValueError(f"--threads must be between 1 and {limit} (NUMBA_NUM_THREADS), got {threads}")
-    numba.set_num_threads(threads)
-
-
-def _model_path(args: argparse.Namespace) -> Path:
-    return resolve_model(args.model, _cache_dir(args), progress=not args.json)
-
-
-def _load(args: argparse.Namespace) -> LoadedModel:
-    _set_threads(args.threads)
-    path = _model_path(args)
-    model = load_model(path)
-    log.info("model %s: %d layers, dim %d, from %s", model.name, model.config.n_layers, model.config.dim, path)
-    return model
-
-
-def _addresses(args: argparse.Namespace) -> list[str]:
-    """--nodes, then the nodes --discover finds (skipping ones already listed)."""
-    addresses = parse_nodes(args.nodes) if args.nodes else []
-    if args.discover:
-        found = discover(args.discover_seconds)
-        if not found and not addresses:
-            raise NodeError("discovery", f"no caravan nodes answered on the LAN within {args.discover_seconds:g} s; "
-                            "start `caravan node` on each machine, or give --nodes HOST:PORT,...")
-        addresses += [a.address for a in found if a.address not in addresses]
-    return addresses
-
-
-def _explicit(args: argparse.Namespace) -> list[str]:
-    return parse_nodes(args.nodes) if args.nodes else []
-
-
-def _token(args: argparse.Namespace) -> ClusterToken:
-    return load_token(args.token_file or _cache_dir(args) / TOKEN_FILE)
-
-
-def _tls(args: argparse.Namespace) -> TLSFiles | None:
-    return TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
-
-
-def _measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
-    """The nodes to plan with: every --nodes entry must answer; discovered ones that are
-    unreachable or do not accept our token are left out with a warning."""
-    addresses = _addresses(args)
-    explicit = _explicit(args)
-    nodes = connect(addresses, _token(args), optional=[a for a in addresses if a not in explicit], tls=_tls(args))
-    try:
-        measure(nodes, model)
-    except BaseException:
-        close_nodes(nodes)
-        raise
-    return nodes
-
-
-@contextlib.contextmanager
-def _pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterator[Pipeline]:
-    """Every layer in this process, or spread over the nodes given by --nodes / --discover
-    (asked again at every re-plan, so a node that comes back is used)."""
-    if not (args.nodes or args.discover):
-        yield model.local_pipeline(n_ctx)
-        return
-    n_ctx = model.context_size(n_ctx)
-    explicit = _explicit(args)
-    pipeline = ClusterPipeline(model, lambda: _addresses(args), n_ctx, _cache_dir(args), wire.wire_format(args.wire),
-                               progress=not args.json, token=_token(args), optional=lambda a: a not in explicit,
-                               tls=_tls(args))
-    try:
-        summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(pipeline, a.node.name)} {a.layers}"
-                            for a in pipeline.plan.assignments)
-        log.info("layers placed: %s", summary)
-        if not args.json:
-            print(f"layers: {summary}", file=sys.stderr)
-        yield pipeline
-    finally:
-        pipeline.close()
-
-
-def _node_name(pipeline: ClusterPipeline, address: str) -> str:
-    return next((n.name for n in pipeline.cluster.nodes if n.address == address), address)
-
-
-def _cache_dir(args: argparse.Namespace) -> Path:
-    return args.cache_dir if args.cache_dir is not None else default_cache_dir()
-
-
 # --- verbs ----------------------------------------------------------------------------------
 
 
 def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
-    path = _model_path(args)
+    path = from_flags.model_path(args)
     _emit(out, {"path": str(path)} if args.json else str(path))
     return 0
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
-    model = _load(args)
-    with _pipeline(args, model, args.ctx) as pipeline:
+    model = from_flags.loaded_model(args)
+    with from_flags.pipeline(args, model, args.ctx) as pipeline:
         tokenizer = model.tokenizer
-        adapters = _adapters(args, model, pipeline)
+        adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
         generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters)
         if args.json:
@@ -455,16 +398,16 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     model.check_chat_template()
-    with _pipeline(args, model, args.ctx) as pipeline:
+    with from_flags.pipeline(args, model, args.ctx) as pipeline:
         return _chat_loop(args, out, model, pipeline, params)
 
 
 def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeline: Pipeline,
                params: SamplingParams) -> int:
     tokenizer = model.tokenizer
-    adapters = _adapters(args, model, pipeline)
+    adapters = from_flags.adapters(args, model, pipeline)
     sampler = Sampler(params)  # one generator for the whole conversation: a seed fixes it all
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -521,7 +464,7 @@ def _chat_prompt(model: LoadedModel, system: list[dict], history: list[dict], n_
 
 
 def cmd_tokenize(args: argparse.Namespace, out: TextIO) -> int:
-    path = _model_path(args)
+    path = from_flags.model_path(args)
     tokenizer = Tokenizer.from_metadata(GGUFFile(path).metadata)
     ids = tokenizer.encode(args.text, add_bos=False if args.no_bos else None, special=True)
     if args.json:
@@ -539,7 +482,7 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
     if args.ctx < 3:
         raise ValueError(f"--ctx must be at least 3 (the second half of each window is scored), got {args.ctx}")
     text = args.file.read_text(encoding="utf-8")
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     if args.ctx > model.config.context_length:
         raise ValueError(f"--ctx {args.ctx} is larger than the model's context of {model.config.context_length} tokens")
     tokens = perplexity.windows(model.tokenizer, text, args.ctx)  # (window, position)
@@ -550,7 +493,7 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
     n_windows, n_ctx = tokens.shape
     total_nll = 0.0
     n_scored = 0
-    with _pipeline(args, model, n_ctx) as pipeline, \
+    with from_flags.pipeline(args, model, n_ctx) as pipeline, \
             tqdm(total=n_windows, unit="window", file=sys.stderr, disable=args.json, desc="perplexity") as bar:
         for window in tokens:
             nll = perplexity.window_nll(pipeline, window)
@@ -569,7 +512,7 @@ def cmd_perplexity(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_token(args: argparse.Namespace, out: TextIO) -> int:
     """The cluster's join token on stdout, created when missing; on stderr, where it lives and
     where a node wants it."""
-    token = _token(args)
+    token = from_flags.token(args)
     path = token.path.absolute()
     _emit(out, {"token": str(token), "path": str(path)} if args.json else str(token))
     print(f"the cluster token is in {path}: copy that file to each node's cache directory "
@@ -583,34 +526,10 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
     details and timed on the model's layer shape; an unreachable one is listed as such."""
     if not args.nodes:
         args.discover = True
-    model = _load(args)
-    token = _token(args)
-    rows = []
-    for address in _addresses(args):
-        if address == LOCAL:
-            continue
-        try:
-            nodes = connect([address], token, tls=_tls(args))
-        except NodeError as exc:
-            trusted = exc.code != grpc.StatusCode.UNAUTHENTICATED
-            rows.append({"address": address, "state": "unreachable" if trusted else "untrusted", "error": str(exc)})
-            continue
-        node = nodes[0]
-        try:
-            measure(nodes, model)
-            info = node.info
-            rows.append({
-                "name": node.name, "address": address, "id": info.node_id, "version": info.version,
-                "architecture": info.architecture, "cores": info.cores, "threads": info.threads,
-                "memory_total": info.memory_total, "memory_available": info.memory_available,
-                "state": wire.STATE_NAMES.get(info.state, "unknown"),
-                "layers": [info.layer_start, info.layer_stop] if info.layer_stop else None,
-                "ms_per_layer": round(node.ms_per_layer, 4), "rtt_ms": round(node.rtt_ms, 4),
-            })
-        except NodeError as exc:
-            rows.append({"address": address, "error": str(exc)})
-        finally:
-            close_nodes(nodes)
+    model = from_flags.loaded_model(args)
+    token = from_flags.token(args)
+    rows = [survey_node(address, token, from_flags.tls(args), model)
+            for address in from_flags.addresses(args) if address != LOCAL]
     if args.json:
         _emit(out, {"model": model.name, "nodes": rows})
         return 0
@@ -632,9 +551,9 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     if not (args.nodes or args.discover):
         raise ValueError("plan needs --nodes HOST:PORT,... or --discover")
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     n_ctx = model.context_size(args.ctx)
-    nodes = _measured_nodes(args, model)
+    nodes = from_flags.measured_nodes(args, model)
     try:
         plan = make_plan(model, nodes, n_ctx)
         result = describe_plan(plan, nodes, model, n_ctx, head_ms(model))
@@ -656,97 +575,31 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-# Filler for `bench` prompts: ordinary English, repeated to the length asked for.
-_BENCH_TEXT = ("The caravan moved slowly across the desert, each animal carrying part of the load. "
-               "At every oasis the travellers rested, traded news and counted their water. ")
-
-
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if args.decode_tokens < 2:  # decode is timed from the second token: the first ends the prefill
         raise ValueError("--decode-tokens must be at least 2: the first token comes with the prompt's prefill")
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     n_ctx = model.context_size(args.ctx)
     if args.prompt_tokens + args.decode_tokens > n_ctx:
         raise ValueError(f"--prompt-tokens plus --decode-tokens must fit the context of {n_ctx}")
-    tokenizer = model.tokenizer
-    filler = tokenizer.encode(_BENCH_TEXT, add_bos=False)
-    prefix = [tokenizer.bos_id] if tokenizer.add_bos and tokenizer.bos_id is not None else []
-    prompt = (prefix + filler * (args.prompt_tokens // len(filler) + 1))[: args.prompt_tokens]
-    greedy = SamplingParams(temperature=0)
-    runs = []
-    with _pipeline(args, model, n_ctx) as pipeline:
-        for run in range(args.runs + 1):  # the first warms up: compiled kernels loaded, pages touched
-            generation = Generation(pipeline, prompt, Sampler(greedy), args.decode_tokens, stop_ids=frozenset())
-            tokens = list(generation)
-            if run:
-                runs.append(generation.timings.as_dict())
-        stages = []
-        for name, layers, client, stage in placement(pipeline.stages):
-            row: dict = {"layers": [layers.start, layers.stop]}
-            if client is not None:
-                info = client.info()
-                row.update(node=client.name, address=client.address,
-                           hop_us=round(float(np.median(stage.hop_s)) * 1e6, 1) if stage.hop_s else None,
-                           rss_bytes=info.rss_bytes, weight_bytes=info.weight_bytes)
-            else:
-                row.update(node=LOCAL, weight_bytes=stage.weight_bytes)
-            stages.append(row)
-    result = {
-        "model": model.name,
-        "threads": numba.get_num_threads(),
-        "prompt_tokens": len(prompt),
-        "decode_tokens": args.decode_tokens,
-        "runs": args.runs,
-        **{key: round(float(np.median([r[key] for r in runs])), 3) for key in runs[0]},
-        "coordinator_rss_bytes": psutil.Process().memory_info().rss,
-        "stages": stages,
-    }
+    prompt = bench.bench_prompt(model.tokenizer, args.prompt_tokens)
+    with from_flags.pipeline(args, model, n_ctx) as pipeline:
+        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs)
+        stages = bench.stage_rows(pipeline)
+    result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
     # Memory first: llama.cpp would add its own to this process's resident size.
-    skipped = "--no-llama-cpp" if not args.llama_cpp else llama_cpp_available()
-    if skipped is None:
-        reference, reference_tokens = llama_cpp_rates(model.file.path, prompt, args.decode_tokens, n_ctx,
-                                                      numba.get_num_threads(), args.runs)
-        result["llama.cpp"] = {key: round(value, 6) for key, value in dataclasses.asdict(reference).items()}
-        # How many greedy tokens, from the first, both engines chose alike: a check that they did the same work.
-        result["llama.cpp"]["same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b),
-                                                  min(len(tokens), len(reference_tokens)))
-        result["ratios"] = {  # above 1: caravan is faster
-            "prefill": round(result["prefill_tokens_per_s"] / reference.prefill_tokens_per_s, 3),
-            "decode": round(result["decode_tokens_per_s"] / reference.decode_tokens_per_s, 3),
-            "first_token": round(reference.first_token_s / result["first_token_s"], 3),
-        }
-    else:
-        result["llama.cpp"] = {"skipped": skipped}
+    result.update(llama_cpp_comparison(result, model.file.path, prompt, tokens, n_ctx, args.llama_cpp))
     if args.json:
         _emit(out, result)
         return 0
-    _emit(out, f"{result['model']}, {result['threads']} thread(s), median of {args.runs} runs")
-    _emit(out, f"prefill {result['prefill_tokens_per_s']:.1f} tokens/s ({len(prompt)} tokens), "
-               f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({args.decode_tokens} tokens), "
-               f"first token {result['first_token_s'] * 1e3:.0f} ms")
-    for st in stages:
-        hop = f", hop {st['hop_us']:.0f} us" if st.get("hop_us") is not None else ""
-        rss = f", resident {st['rss_bytes'] / 2**20:.0f} MiB" if "rss_bytes" in st else ""
-        _emit(out, f"  {st['node']}: layers {st['layers'][0]}-{st['layers'][1] - 1}, "
-                   f"weights {st['weight_bytes'] / 2**20:.1f} MiB{rss}{hop}")
-    _emit(out, f"coordinator resident {result['coordinator_rss_bytes'] / 2**20:.0f} MiB")
-    reference = result["llama.cpp"]
-    if "skipped" in reference:
-        _emit(out, f"llama.cpp: not run ({reference['skipped']})")
-    else:
-        ratios = result["ratios"]
-        _emit(out, f"llama.cpp, same prompt and threads, whole model in this process: prefill "
-                   f"{reference['prefill_tokens_per_s']:.1f} tokens/s, decode {reference['decode_tokens_per_s']:.1f} "
-                   f"tokens/s, first token {reference['first_token_s'] * 1e3:.0f} ms")
-        _emit(out, f"caravan vs llama.cpp: prefill {ratios['prefill']:.2f}x, decode {ratios['decode']:.2f}x, "
-                   f"first token {ratios['first_token']:.2f}x as fast; the first {reference['same_tokens']} of "
-                   f"{args.decode_tokens} greedy tokens the same")
+    for line in bench.report_lines(result):
+        _emit(out, line)
     return 0
 
 
 def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
     target = parse_type(args.type)  # before any download: a wrong type fails at once
-    source = resolve_model(args.input, _cache_dir(args), progress=not args.json)
+    source = resolve_model(args.input, from_flags.cache_dir(args), progress=not args.json)
     report = quantize_model(source, args.output, target, progress=not args.json)
     if args.json:
         _emit(out, {"path": str(args.output), **report.as_dict()})
@@ -780,18 +633,20 @@ def _api_key(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     import socket
 
-    from .server import API, ServeLimits, run_http
+    from .http_guard import ServeLimits, run_http
+    from .server import API
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     api_key = _api_key(args)
     limits = ServeLimits(max_body=args.max_body, read_timeout=args.read_timeout, max_connections=args.max_connections)
-    model = _load(args)
+    model = from_flags.loaded_model(args)
     model.check_chat_template()
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
-    with _pipeline(args, model, args.ctx) as pipeline:
-        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in _adapters(args, model, pipeline)}
+    with from_flags.pipeline(args, model, args.ctx) as pipeline:
+        chosen = from_flags.adapters(args, model, pipeline)
+        adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
         # next node works on another's. In one process a lane would only wait for the other.
         lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
@@ -800,7 +655,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             host, port = sock.getsockname()[:2]
             loopback = ipaddress.ip_address(host).is_loopback
             api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits,
-                      cache_dir=_cache_dir(args))
+                      cache_dir=from_flags.cache_dir(args))
             if api_key is None and not loopback:
                 log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
             _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")

@@ -149,6 +149,32 @@ def measure(nodes: list[Node], model: LoadedModel) -> None:
             node.rtt_ms = node.client.round_trip_ms()
 
 
+def survey_node(address: str, token: str | None, tls: auth.TLSFiles | None, model: LoadedModel) -> dict:
+    """What `caravan nodes` lists of the node at `address`: its details and its speed on `model`'s
+    layer shape, or why it could not be asked (unreachable, or it does not accept `token`)."""
+    try:
+        nodes = connect([address], token, tls=tls)
+    except NodeError as exc:
+        trusted = exc.code != grpc.StatusCode.UNAUTHENTICATED
+        return {"address": address, "state": "unreachable" if trusted else "untrusted", "error": str(exc)}
+    node = nodes[0]
+    try:
+        measure(nodes, model)
+        info = node.info
+        return {
+            "name": node.name, "address": address, "id": info.node_id, "version": info.version,
+            "architecture": info.architecture, "cores": info.cores, "threads": info.threads,
+            "memory_total": info.memory_total, "memory_available": info.memory_available,
+            "state": wire.STATE_NAMES.get(info.state, "unknown"),
+            "layers": [info.layer_start, info.layer_stop] if info.layer_stop else None,
+            "ms_per_layer": round(node.ms_per_layer, 4), "rtt_ms": round(node.rtt_ms, 4),
+        }
+    except NodeError as exc:
+        return {"address": address, "error": str(exc)}
+    finally:
+        close_nodes(nodes)
+
+
 def layer_bytes(model: LoadedModel) -> int:
     """Bytes of the largest layer once its weights are packed for the kernels."""
     largest = 0

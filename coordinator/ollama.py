@@ -56,7 +56,8 @@ from starlette.routing import Route
 from caravan.pipeline.catalog import default_cache_dir, file_sha256
 from caravan.pipeline.sampler import SamplingParams
 
-from .server import API, MAX_TOP_LOGPROBS, OLLAMA_PREFIX, APIError, Completion, _number
+from .openai_api import MAX_TOP_LOGPROBS, OLLAMA_PREFIX, APIError, Completion, logprobs_object, number_field
+from .server import API
 
 LATEST = ":latest"  # the tag Ollama gives a model name that has none
 MAX_OLLAMA_STOP = 16  # stop strings a request may set: Ollama sets no bound; this one keeps the scan short
@@ -329,28 +330,28 @@ class OllamaAPI:
             if key not in MAPPED_OPTIONS and key not in IGNORED_OPTIONS and key not in NEUTRAL_OPTIONS:
                 raise APIError(400, f"options.{key} is not an option caravan knows (it maps "
                                f"{', '.join(MAPPED_OPTIONS)})")
-        named = {f"options.{key}": value for key, value in options.items()}  # _number names what it refuses
+        named = {f"options.{key}": value for key, value in options.items()}  # number_field names what it refuses
         n_ctx = self.api.scheduler.pipeline.n_ctx
-        num_ctx = _number(named, "options.num_ctx", n_ctx, 1, math.inf, integer=True)
+        num_ctx = number_field(named, "options.num_ctx", n_ctx, 1, math.inf, integer=True)
         if num_ctx > n_ctx:
             raise APIError(400, f"options.num_ctx {num_ctx} is more than this server's context of {n_ctx} "
                            "(caravan serve --ctx sets it)")
         room = num_ctx - len(prompt_ids)
         if room <= 0:
             raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this request's context is {num_ctx}")
-        predict = _number(named, "options.num_predict", -1, -math.inf, math.inf, integer=True)
+        predict = number_field(named, "options.num_predict", -1, -math.inf, math.inf, integer=True)
         defaults = SamplingParams()
-        seed = _number(named, "options.seed", None, -math.inf, math.inf, integer=True)
-        last_n = _number(named, "options.repeat_last_n", defaults.repeat_last_n, -1, math.inf, integer=True)
-        top_k = _number(named, "options.top_k", defaults.top_k, 0, math.inf, integer=True)
+        seed = number_field(named, "options.seed", None, -math.inf, math.inf, integer=True)
+        last_n = number_field(named, "options.repeat_last_n", defaults.repeat_last_n, -1, math.inf, integer=True)
+        top_k = number_field(named, "options.top_k", defaults.top_k, 0, math.inf, integer=True)
         vocab = self.api.model.tokenizer.vocab_size
         try:
             params = SamplingParams(
-                temperature=_number(named, "options.temperature", defaults.temperature, 0.0, math.inf),
+                temperature=number_field(named, "options.temperature", defaults.temperature, 0.0, math.inf),
                 top_k=top_k if top_k < vocab else 0,  # 0: the whole vocabulary, which a larger k means too
-                top_p=_number(named, "options.top_p", defaults.top_p, 0.0, 1.0),
-                min_p=_number(named, "options.min_p", defaults.min_p, 0.0, 1.0),
-                repeat_penalty=_number(named, "options.repeat_penalty", defaults.repeat_penalty, 0.0, math.inf),
+                top_p=number_field(named, "options.top_p", defaults.top_p, 0.0, 1.0),
+                min_p=number_field(named, "options.min_p", defaults.min_p, 0.0, 1.0),
+                repeat_penalty=number_field(named, "options.repeat_penalty", defaults.repeat_penalty, 0.0, math.inf),
                 repeat_last_n=num_ctx if last_n == -1 else min(last_n, num_ctx),  # no more tokens than that to look at
                 seed=None if seed is None or seed < 0 else seed,
             )
@@ -392,7 +393,7 @@ class OllamaAPI:
 
     def _logprobs(self, job: Completion, tokens) -> list | None:
         """Ollama's logprobs: OpenAI chat's content entries (token, logprob, bytes, top_logprobs)."""
-        found = self.api._logprobs(job, tokens, True, 0)
+        found = logprobs_object(self.api.model.tokenizer, job, tokens, True, 0)
         return None if found is None else found["content"]
 
     def _done(self, job: Completion, request, reply: dict, reason: str, started: float) -> dict:
@@ -431,7 +432,7 @@ def _top_logprobs(body: dict) -> int:
     wanted = body.get("logprobs") or False
     if not isinstance(wanted, bool):
         raise APIError(400, "logprobs must be true or false")
-    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
+    top = number_field(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
     if top is not None and not wanted:
         raise APIError(400, "top_logprobs needs logprobs set to true")
     return (top or 0) if wanted else -1

@@ -12,7 +12,7 @@ import contextlib
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -93,3 +93,24 @@ def llama_cpp_rates(path: Path, prompt: Sequence[int], decode_tokens: int, n_ctx
         llm.close()
     rates = Rates(*(statistics.median(getattr(r, field) for r, _ in results) for field in Rates.__dataclass_fields__))
     return rates, results[-1][1]
+
+
+def llama_cpp_comparison(result: dict, path: Path, prompt: Sequence[int], tokens: Sequence[int], n_ctx: int,
+                         enabled: bool = True) -> dict:
+    """`caravan bench`'s llama.cpp entries for its `result` (whose greedy `tokens` these were):
+    llama.cpp's rates on the same run and caravan's ratios to them, or why llama.cpp was not run."""
+    skipped = "--no-llama-cpp" if not enabled else llama_cpp_available()
+    if skipped is not None:
+        return {"llama.cpp": {"skipped": skipped}}
+    reference, reference_tokens = llama_cpp_rates(path, prompt, result["decode_tokens"], n_ctx, result["threads"],
+                                                  result["runs"])
+    entry = {key: round(value, 6) for key, value in asdict(reference).items()}
+    # How many greedy tokens, from the first, both engines chose alike: a check that they did the same work.
+    entry["same_tokens"] = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens)) if a != b),
+                                min(len(tokens), len(reference_tokens)))
+    ratios = {  # above 1: caravan is faster
+        "prefill": round(result["prefill_tokens_per_s"] / reference.prefill_tokens_per_s, 3),
+        "decode": round(result["decode_tokens_per_s"] / reference.decode_tokens_per_s, 3),
+        "first_token": round(reference.first_token_s / result["first_token_s"], 3),
+    }
+    return {"llama.cpp": entry, "ratios": ratios}

@@ -9,7 +9,7 @@ row the same bits whatever else shares its batch, so a greedy request gets the s
 or among many. A step's events go to the requests' on_event during the step and the `flush`
 hook after it: the server sends them to its streams together there and, when it runs the whole
 model on every core, waits until they are written, so that writing them does not slow the next
-step's kernels (server.EventHandoff).
+step's kernels (handoff.EventHandoff).
 
 In front of several nodes the scheduler runs one lane per stage: each lane is a thread with
 its own batch, and the lanes' batches follow each other through the stages, so every node

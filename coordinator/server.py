@@ -38,34 +38,29 @@ template run on worker threads, never on the event loop; a prompt that cannot fi
 refused before it is tokenized; past --max-connections new requests get a 503. A non-streamed
 request whose client leaves is cancelled like a stream, and SIGTERM ends the server within
 SHUTDOWN_GRACE_S of letting requests finish, then cancels the rest.
+
+Here: the routes, and running a completion (its streams and answers). Elsewhere: which fields a
+request may set and the shapes of answers (openai_api.py), the guards, limits and uvicorn
+server (http_guard.py), the hand-off of tokens to the event loop (handoff.py), the Prometheus
+text (metrics.py) and Ollama's API (ollama.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
-import ipaddress
-import json
 import logging
-import math
-import os
-import re
-import signal
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
-import numba
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -75,185 +70,24 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
 
+from .handoff import EventHandoff, kernels_fill_the_cores
+from .http_guard import CLOSE, SHUTDOWN_GRACE_S, BodyLimits, BrowserGuard, ServeLimits, describe_peer
+from .metrics import PROMETHEUS_MEDIA_TYPE, kv_per_stage, prometheus_text
+from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, Completion, chat_messages, choice_object,
+                         completion_request, finish_reason_of, first_stop, logprobs_object, parse_json_object,
+                         prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, token_text,
+                         usage_object)
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
-MAX_N = 8  # choices per request
-MAX_STOP = 4  # stop strings, as OpenAI allows
-MAX_TOP_LOGPROBS = 20  # chat's top_logprobs, as OpenAI allows (completions: logprobs up to 5)
-WRITE_WAIT_S = 0.1  # how long a step's end waits at most for its tokens' chunks to be written
-MAX_BODY_BYTES = 4 * 2**20  # a request body's bound unless serve --max-body says otherwise
-READ_TIMEOUT_S = 30.0  # time for a request's headers, and then for its body (serve --read-timeout)
-MAX_CONNECTIONS = 1000  # open connections past which requests get a 503 (serve --max-connections)
-KEEP_ALIVE_S = 5.0  # an idle connection between two requests is closed after this long
-SHUTDOWN_GRACE_S = 3.0  # on SIGTERM, how long requests in flight may finish before they are cancelled
 # On SIGTERM, how long a non-streamed answer may still take before it is a 503 instead: less than
 # SHUTDOWN_GRACE_S, so that the 503 is written before the server cancels what is left.
 ANSWER_GRACE_S = SHUTDOWN_GRACE_S - 1.0
 # A chat's messages may be this many times longer than a prompt that fits before they are
 # refused unrendered: a template may leave some of a conversation out.
 CHAT_TEXT_SLACK = 4
-OLLAMA_PREFIX = "/api/"  # the routes of Ollama's API (coordinator/ollama.py)
-CLOSE = {"Connection": "close"}  # on a refusal that leaves part of a request unread
-# A JSON escape of a UTF-16 surrogate: only then can a parsed string hold a lone one.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-# The top-level fields each endpoint reads: OpenAI's, and llama-server's sampling settings.
-_COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                            "repeat_last_n", "frequency_penalty", "presence_penalty", "logit_bias", "n", "stop",
-                            "seed", "stream", "logprobs"})
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "stream_options"}
-COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
-# Fields that cannot change an answer, accepted and ignored: who the end user is (user), a client's
-# own labels (metadata), OpenAI's storage and tier (store, service_tier) and llama-server's hint to
-# reuse a cached prompt (cache_prompt). Any other field a request sets is a 400 naming it.
-IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "cache_prompt"})
-# Fields caravan does not implement: the values that ask for nothing (accepted as such; so is null)
-# and why any other value is refused.
-UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "tools": (([],), "tool calls are not implemented"),
-    "tool_choice": (("none",), "tool calls are not implemented"),
-    "parallel_tool_calls": ((), "tool calls are not implemented"),
-    "functions": (([],), "function calls are not implemented"),
-    "function_call": (("none",), "function calls are not implemented"),
-    "response_format": (({"type": "text"},), "structured output is not implemented"),
-    "json_schema": ((), "structured output is not implemented"),
-    "grammar": (("",), "grammars are not implemented"),
-    "echo": ((False,), "the prompt is not echoed back"),
-    "suffix": (("",), "insertion before a suffix is not implemented"),
-    "best_of": ((1,), "best_of above 1 is not implemented; ask for n answers instead"),
-    "audio": ((), "answers are text only"),
-    "modalities": ((["text"],), "answers are text only"),
-    "prediction": ((), "predicted outputs are not implemented"),
-    "reasoning_effort": ((), "this server runs no reasoning model"),
-    "web_search_options": ((), "there is no web search"),
-}
-LOGIT_BIAS_RANGE = 100.0  # a logit_bias value's bound either way, as OpenAI documents it
-PENALTY_RANGE = 2.0  # frequency_penalty's and presence_penalty's bound either way, as OpenAI documents them
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """What one client may take of the HTTP server (serve's flags)."""
-
-    max_body: int = MAX_BODY_BYTES  # bytes in a request body
-    read_timeout: float = READ_TIMEOUT_S  # seconds for a request's headers, then for its body
-    max_connections: int = MAX_CONNECTIONS  # open connections before requests are refused
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-        self.headers = headers
-
-    def response(self, ollama: bool = False) -> JSONResponse:
-        """OpenAI's error object, or Ollama's `{"error": message}` on Ollama's routes."""
-        body = {"error": self.message} if ollama else {"error": {"message": self.message, "type": self.kind,
-                                                                  "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
-
-
-def _speaks_ollama(scope) -> bool:
-    """Whether a request is to Ollama's API (coordinator/ollama.py), whose errors have its own shape."""
-    return scope.get("path", "").startswith(OLLAMA_PREFIX)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """What a request asks for, validated."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    max_tokens: int
-    n: int
-    stop: tuple[str, ...]
-    stream: bool
-    model: str = ""  # the model id asked for: the base model's, or MODEL:ADAPTER
-    adapters: tuple[tuple[str, float], ...] = ()  # the LoRA adapters that id stands for
-    top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and its k most likely
-
-
-def _number(body: dict, name: str, default, lo: float, hi: float, integer: bool = False):
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise APIError(400, f"{name} must be {'an integer' if integer else 'a number'}", name)
-    if not (lo <= value <= hi) or (isinstance(value, float) and not math.isfinite(value)):
-        bounds = f"at least {lo:g}" if hi == math.inf else f"between {lo:g} and {hi:g}"
-        raise APIError(400, f"{name} must be {bounds}, got {value}", name)
-    return value
-
-
-class EventHandoff:
-    """Events from the scheduler's threads to the streams on the event loop, a step's at once.
-
-    The requests' on_event calls only collect them (put); the scheduler calls flush after each
-    step, which hands them to the loop in one call_soon_threadsafe and, when this process runs
-    the whole model on every core (`wait`), waits until the streams they woke have written their
-    chunks before the next step starts.
-    - Waking the loop's thread hands it the interpreter lock: when the first token of a step
-      woke it as soon as it was sampled, sampling 8 streams took 0.8 ms a step instead of 0.27
-      (the loop wrote its chunks while the scheduler waited for the lock).
-    - Waiting keeps the loop's writing out of the next step's kernels when their threads fill the
-      cores: the loop's thread would take a core from one (the other then waits at the end of
-      every parallel loop). Measured against not waiting at 2 threads on 2 cores, it was within
-      noise at 1 and 8 streams. With a core to spare, the loop writes there while the next step
-      runs (1 thread on 2 cores, 12 interleaved rounds: one stream 69.1 tok/s without the wait,
-      67.3 with it; 8 streams alike). The wait is at most WRITE_WAIT_S."""
-
-    def __init__(self, wait: bool = True) -> None:
-        self.wait = wait
-        self._lock = threading.Condition()
-        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Event]]] = {}  # by the streams' loop
-        self._sent = 0  # deliveries handed to a loop so far
-        self._written = 0  # the last delivery whose streams have written what it brought
-
-    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: Event) -> None:
-        """Called on a scheduler thread: kept until its next flush."""
-        with self._lock:
-            self._pending.setdefault(loop, []).append((queue, event))
-
-    def flush(self, timeout: float = WRITE_WAIT_S) -> None:
-        """Called on a scheduler thread: send what was put and, if `wait`, wait (at most
-        `timeout`) until its streams have written their chunks."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-            first, self._sent = self._sent + 1, self._sent + len(pending)
-            last = self._sent
-        if not pending:
-            return
-        for number, (loop, events) in enumerate(pending.items(), first):
-            try:
-                loop.call_soon_threadsafe(self._deliver, loop, events, number)
-            except RuntimeError:  # that loop is closed: the server is shutting down, its streams gone
-                self._mark_written(number)
-        if self.wait:
-            with self._lock:
-                self._lock.wait_for(lambda: self._written >= last, timeout)
-
-    def _deliver(self, loop: asyncio.AbstractEventLoop, events: list[tuple[asyncio.Queue, Event]], number: int) -> None:
-        for queue, event in events:
-            queue.put_nowait(event)
-        # Each put woke a stream's task; they run before this callback, each to its next wait,
-        # writing its chunk to the socket on the way (a slow reader's is only buffered).
-        loop.call_soon(self._mark_written, number)
-
-    def _mark_written(self, number: int) -> None:
-        with self._lock:
-            self._written = max(self._written, number)
-            self._lock.notify_all()
-
-
-def kernels_fill_the_cores(threads: int | None, cores: int | None = None) -> bool:
-    """Whether the model's kernels run on as many threads as there are cores (threads None:
-    Numba's default, one per core; cores None: those this process may run on)."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return (threads or numba.config.NUMBA_NUM_THREADS) >= cores
 
 
 class API:
@@ -327,7 +161,7 @@ class API:
         if media != "application/json":
             raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, "
                            f"got {media or 'no Content-Type'}", code="unsupported_media_type", headers=CLOSE)
-        return await run_in_threadpool(_parse_json, await request.body())
+        return await run_in_threadpool(parse_json_object, await request.body())
 
     def _refuse_past_context(self, chars: int, param: str, slack: int = 1) -> None:
         """Refuse a text of `chars` characters, untokenized, when it cannot fit the context (a
@@ -338,38 +172,9 @@ class API:
             raise APIError(400, f"the prompt is at least {least} tokens ({chars} characters); this server's "
                            f"context is {n_ctx}", param, "context_length_exceeded")
 
-    def _completion(self, body: dict, prompt_ids: list[int], chat: bool) -> Completion:
-        n_ctx = self.scheduler.pipeline.n_ctx
-        room = n_ctx - len(prompt_ids)
-        if room <= 0:
-            raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's context is {n_ctx}",
-                           "messages", "context_length_exceeded")
-        max_tokens = _number(body, "max_tokens", None, 1, math.inf, integer=True)
-        if max_tokens is None:
-            max_tokens = _number(body, "max_completion_tokens", room, 1, math.inf, integer=True)
-        # Past the context the answer ends where the context does, with finish_reason "length", as
-        # llama-server's does: a client asking for "as much as you like" gets an answer, not a 400.
-        max_tokens = min(max_tokens, room)
-        stop = body.get("stop")
-        stop = [stop] if isinstance(stop, str) else stop or []
-        if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-            raise APIError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise APIError(400, "seed must be an integer", "seed")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise APIError(400, "stream must be true or false", "stream")
-        _stream_options(body)
-        params = _sampling(body, seed, self.model.tokenizer.vocab_size, n_ctx)
-        n = _number(body, "n", 1, 1, MAX_N, integer=True)
-        model = body.get("model") or self.model_id
-        return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, self.adapters.get(model, ()),
-                          _top_logprobs(body, chat))
-
     def _prompt_ids(self, body: dict) -> list[int]:
         """The prompt of a completion request, tokenized (on a worker thread)."""
-        prompt = _prompt(body)
+        prompt = prompt_field(body)
         if isinstance(prompt, str):
             self._refuse_past_context(len(prompt), "prompt")
             return self.model.tokenizer.encode(prompt, special=True)
@@ -380,27 +185,7 @@ class API:
 
     def _chat_ids(self, body: dict) -> list[int]:
         """The prompt of a chat request: its messages rendered and tokenized (on a worker thread)."""
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise APIError(400, "messages must be a non-empty list", "messages")
-        rendered = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-                raise APIError(400, f"messages[{i}] needs a role of system, user, assistant, developer or tool",
-                               f"messages[{i}].role")
-            content = m.get("content", "")
-            if isinstance(content, list):  # content parts: only text ones are understood
-                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                           for p in content):
-                    raise APIError(400, f"messages[{i}].content: only text parts are supported",
-                                   f"messages[{i}].content")
-                content = "".join(p["text"] for p in content)
-            if content is None:
-                content = ""
-            if not isinstance(content, str):
-                raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
-                               f"messages[{i}].content")
-            rendered.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        rendered = chat_messages(body)
         self._refuse_past_context(sum(len(m["content"]) for m in rendered), "messages", CHAT_TEXT_SLACK)
         tokenizer = self.model.tokenizer
         try:
@@ -417,9 +202,11 @@ class API:
     def _job(self, body: dict, chat: bool) -> Completion:
         """A request's fields checked and its prompt tokenized (on a worker thread: a long
         logit_bias or prompt takes a while)."""
-        _refuse_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS,
+        refuse_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS,
                        "/v1/chat/completions" if chat else "/v1/completions")
-        return self._completion(body, self._chat_ids(body) if chat else self._prompt_ids(body), chat)
+        prompt_ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        return completion_request(body, prompt_ids, chat, self.scheduler.pipeline.n_ctx,
+                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters)
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
@@ -474,32 +261,8 @@ class API:
             self._authorize(request)
         except APIError as exc:
             return exc.response()
-        s = self.scheduler
-        lines = [
-            "# HELP caravan_requests_in_flight Sequences being decoded or prefilled.",
-            "# TYPE caravan_requests_in_flight gauge",
-            f"caravan_requests_in_flight {len(s.active)}",
-            "# HELP caravan_queue_length Requests waiting for a place in the batch.",
-            "# TYPE caravan_queue_length gauge",
-            f"caravan_queue_length {s.queue_length}",
-            "# HELP caravan_generated_tokens_total Tokens sampled since start.",
-            "# TYPE caravan_generated_tokens_total counter",
-            f"caravan_generated_tokens_total {s.tokens_generated}",
-            "# HELP caravan_prompt_tokens_total Prompt tokens run through the stages (n > 1 samples share one prefill).",
-            "# TYPE caravan_prompt_tokens_total counter",
-            f"caravan_prompt_tokens_total {s.prompt_tokens_computed}",
-            "# HELP caravan_tokens_per_second Generated tokens per second over the last minute.",
-            "# TYPE caravan_tokens_per_second gauge",
-            f"caravan_tokens_per_second {s.tokens_per_second():.3f}",
-            "# HELP caravan_steps_total Forward calls through the stages since start.",
-            "# TYPE caravan_steps_total counter",
-            f"caravan_steps_total {s.steps}",
-            "# HELP caravan_kv_cache_bytes KV cache held on each stage.",
-            "# TYPE caravan_kv_cache_bytes gauge",
-        ]
-        for name, layers, held in await run_in_threadpool(_kv_per_stage, s.pipeline):
-            lines.append(f'caravan_kv_cache_bytes{{stage="{name}",layers="{layers.start}-{layers.stop - 1}"}} {held}')
-        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        rows = await run_in_threadpool(kv_per_stage, self.scheduler.pipeline)
+        return Response(prometheus_text(self.scheduler, rows), media_type=PROMETHEUS_MEDIA_TYPE)
 
     # --- running a completion --------------------------------------------------------------------
 
@@ -539,10 +302,8 @@ class API:
             choices = await self._await_answer(self._answer(job, runs, chat), runs, http_request)
         except APIError as exc:
             return exc.response()
-        completion = sum(len(r.tokens) for r, _ in runs)
-        return JSONResponse({**base, "object": kind, "choices": choices, "usage": {
-            "prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
-            "total_tokens": len(job.prompt_ids) + completion}})
+        usage = usage_object(len(job.prompt_ids), sum(len(r.tokens) for r, _ in runs))
+        return JSONResponse({**base, "object": kind, "choices": choices, "usage": usage})
 
     async def _await_answer(self, answer_coro, runs, http_request: HTTPRequest):
         """What `answer_coro` returns, a non-streamed answer of `runs`, or an APIError: a 400 if
@@ -563,7 +324,8 @@ class API:
                 request.cancel()
         if not answer.done() or answer.cancelled():
             if gone.done() and not gone.cancelled():
-                log.info("%s left before its answer: %d sequence(s) cancelled", _peer(http_request.client), len(runs))
+                log.info("%s left before its answer: %d sequence(s) cancelled", describe_peer(http_request.client),
+                         len(runs))
                 raise APIError(400, "the client closed the connection", code="client_closed")
             raise APIError(503, "the server is shutting down; ask again once it is back", code="shutting_down",
                            kind="server_error")
@@ -574,9 +336,8 @@ class API:
         choices = []
         for index, (request, events) in enumerate(runs):
             text, reason, tokens = await self._whole(job, request, events)
-            logprobs = self._logprobs(job, tokens, chat, 0)
-            choices.append({"index": index, "finish_reason": reason, "logprobs": logprobs,
-                            **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})})
+            logprobs = logprobs_object(self.model.tokenizer, job, tokens, chat, 0)
+            choices.append(choice_object(index, text, reason, logprobs, chat))
         return choices
 
     async def _whole(self, job: Completion, request: Request, events: asyncio.Queue) -> tuple[str, str, list[Event]]:
@@ -602,12 +363,13 @@ class API:
                 raise APIError(500, event.message, kind="server_error")
             if event.kind == "done":
                 tail = pending + decoder.flush()
-                cut = _first_stop(tail, job.stop)
-                yield (tail if cut is None else tail[:cut]), ("stop" if cut is not None else _reason(event)), tokens
+                cut = first_stop(tail, job.stop)
+                reason = "stop" if cut is not None else finish_reason_of(event)
+                yield (tail if cut is None else tail[:cut]), reason, tokens
                 return
             tokens.append(event)
             pending += decoder.push(event.token)
-            cut = _first_stop(pending, job.stop)
+            cut = first_stop(pending, job.stop)
             if cut is not None:
                 request.cancel()
                 yield pending[:cut], "stop", tokens
@@ -617,43 +379,9 @@ class API:
                 yield ready, "", tokens
                 tokens = []
 
-    def _logprobs(self, job: Completion, tokens: list[Event], chat: bool, offset: int) -> dict | None:
-        """OpenAI's logprobs object for these tokens: chat's {"content": [...]}, or the legacy
-        completions form; `offset` is where the first token starts in the choice's text."""
-        if job.top_logprobs < 0:
-            return None
-        tokenizer = self.model.tokenizer
-
-        def text(token: int) -> str:
-            return tokenizer.token_bytes(token).decode("utf-8", errors="replace")
-
-        if chat:
-            return {"content": [{
-                "token": text(e.token), "logprob": e.logprob, "bytes": list(tokenizer.token_bytes(e.token)),
-                "top_logprobs": [{"token": text(t), "logprob": lp, "bytes": list(tokenizer.token_bytes(t))} for t, lp in e.top],
-            } for e in tokens]}
-        offsets = []
-        for e in tokens:
-            offsets.append(offset)
-            offset += len(text(e.token))
-        return {"tokens": [text(e.token) for e in tokens], "token_logprobs": [e.logprob for e in tokens],
-                "top_logprobs": [{text(t): lp for t, lp in e.top} for e in tokens] if job.top_logprobs else None,
-                "text_offset": offsets}
-
     async def _stream(self, job: Completion, runs, chat: bool, base: dict) -> AsyncIterator[str]:
-        def chunk(index: int, text: str | None, finish: str | None, usage: dict | None = None,
-                  logprobs: dict | None = None) -> str:
-            if chat:
-                delta = {"role": "assistant", "content": ""} if text is None else {"content": text}
-                choice = {"index": index, "delta": delta if finish is None else {}, "finish_reason": finish,
-                          "logprobs": logprobs}
-            else:
-                choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": logprobs}
-            payload = {**base, "choices": [choice]}
-            if usage is not None:
-                payload["usage"] = usage
-            return f"data: {json.dumps(payload)}\n\n"
-
+        chunk = functools.partial(stream_chunk, base, chat)
+        tokenizer = self.model.tokenizer
         try:
             for index, (request, events) in enumerate(runs):
                 if chat:
@@ -662,164 +390,20 @@ class API:
                 try:
                     async for piece, reason, tokens in self._pieces(job, request, events):
                         if piece or tokens:
-                            yield chunk(index, piece, None, logprobs=self._logprobs(job, tokens, chat, offset))
-                            offset += sum(len(self.model.tokenizer.token_bytes(e.token).decode("utf-8", errors="replace"))
-                                          for e in tokens)
+                            logprobs = logprobs_object(tokenizer, job, tokens, chat, offset)
+                            yield chunk(index, piece, None, logprobs=logprobs)
+                            offset += sum(len(token_text(tokenizer, e.token)) for e in tokens)
                         finish = reason or finish
                 except APIError as exc:
-                    yield f"data: {json.dumps({'error': {'message': exc.message, 'type': exc.kind}})}\n\n"
+                    yield stream_error(exc)
                     return
-                completion = sum(len(r.tokens) for r, _ in runs)
                 last = index == len(runs) - 1
-                yield chunk(index, "" if not chat else None, finish,
-                            {"prompt_tokens": len(job.prompt_ids), "completion_tokens": completion,
-                             "total_tokens": len(job.prompt_ids) + completion} if last else None)
-            yield "data: [DONE]\n\n"
+                usage = usage_object(len(job.prompt_ids), sum(len(r.tokens) for r, _ in runs)) if last else None
+                yield chunk(index, "" if not chat else None, finish, usage)
+            yield STREAM_END
         finally:  # the client may be gone: free every sequence's caches
             for request, _ in runs:
                 request.cancel()
-
-
-def _kv_per_stage(pipeline) -> list[tuple[str, object, int]]:
-    """(node name, layer range, KV cache bytes) for each node; asks remote nodes over gRPC."""
-    rows = []
-    for name, layers, client, stage in placement(list(pipeline.stages)):
-        if client is None:
-            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values()))))
-            continue
-        try:
-            rows.append((name, layers, client.info().kv_cache_bytes))
-        except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
-            rows.append((name, layers, -1))
-    return rows
-
-
-def _hostname(host: str) -> str:
-    """'localhost:8080' -> 'localhost', '[::1]:8080' -> '::1', '127.0.0.1' -> '127.0.0.1'."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        return host[1 : host.find("]")] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-
-
-def _is_loopback_host(host: str) -> bool:
-    name = _hostname(host)
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-def _authority(url_or_host: str, scheme: str) -> str:
-    """'http://Example:80' -> 'example:80', 'example' (with scheme http) -> 'example:80'."""
-    if "://" in url_or_host:
-        scheme, url_or_host = url_or_host.split("://", 1)
-    authority = url_or_host.strip().lower().rstrip("/")
-    if ":" not in authority.rsplit("]", 1)[-1]:
-        authority += ":" + {"http": "80", "https": "443"}.get(scheme.lower(), "")
-    return authority
-
-
-def _browser_refusal(scope, loopback_only: bool) -> APIError | None:
-    """The refusal of a request that may come from a web page that must not reach this server."""
-    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-    host, origin = headers.get("host", ""), headers.get("origin")
-    if loopback_only and not _is_loopback_host(host):
-        return APIError(403, "this server answers only requests addressed to localhost (Host header)",
-                        code="forbidden_host")
-    if origin is None:
-        return None
-    if origin.strip().lower() == "null":
-        return APIError(403, "requests from sandboxed frames and local files are refused (Origin: null)",
-                        code="forbidden_origin")
-    if loopback_only:
-        own = _is_loopback_host(origin.split("://", 1)[-1].rstrip("/"))
-    else:
-        own = _authority(origin, "http") == _authority(host, scope.get("scheme", "http"))
-    return None if own else APIError(403, "requests from web pages on other sites are refused (Origin header)",
-                                     code="forbidden_origin")
-
-
-class BrowserGuard:
-    """ASGI middleware: refuse requests from web pages other than this server's own (a foreign
-    or null Origin, on every route) and, bound to loopback, those whose Host is not a loopback
-    name (DNS rebinding)."""
-
-    def __init__(self, app, loopback_only: bool):
-        self.app = app
-        self.loopback_only = loopback_only
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            refusal = _browser_refusal(scope, self.loopback_only)
-            if refusal is not None:
-                await refusal.response(_speaks_ollama(scope))(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _too_large(max_body: int) -> APIError:
-    return APIError(413, f"the request body is larger than this server takes ({max_body} bytes; "
-                    "serve --max-body raises it)", code="request_too_large", headers=CLOSE)
-
-
-class BodyLimits:
-    """ASGI middleware: a request body is at most `max_body` bytes, by its Content-Length and
-    counted as it comes in (a chunked upload has none), and arrives within `read_timeout`
-    seconds; a client that leaves mid-upload costs one line in the log."""
-
-    def __init__(self, app, max_body: int, read_timeout: float):
-        self.app, self.max_body, self.read_timeout = app, max_body, read_timeout
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length", b"").strip()
-        if length.isdigit() and int(length) > self.max_body:
-            await _too_large(self.max_body).response(_speaks_ollama(scope))(scope, receive, send)
-            return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.read_timeout
-        received, done, started = 0, False, False
-
-        async def bounded_receive():
-            nonlocal received, done
-            if done:  # after the body: waiting for a disconnect, as long as it takes
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
-            except asyncio.TimeoutError:
-                raise APIError(408, f"the request body did not arrive within {self.read_timeout:g} s "
-                               "(serve --read-timeout)", code="request_timeout", headers=CLOSE) from None
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise _too_large(self.max_body)
-                done = not message.get("more_body", False)
-            else:
-                done = True
-            return message
-
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, bounded_receive, tracked_send)
-        except ClientDisconnect:
-            log.info("%s left while sending its request to %s", _peer(scope.get("client")), scope.get("path"))
-        except APIError as exc:  # from bounded_receive, where no endpoint caught it
-            if started:
-                raise
-            await exc.response(_speaks_ollama(scope))(scope, receive, send)
-
-
-def _peer(client: tuple[str, int] | None) -> str:
-    return f"{client[0]}:{client[1]}" if client else "a client"
 
 
 async def _client_gone(request: HTTPRequest) -> None:
@@ -827,43 +411,6 @@ async def _client_gone(request: HTTPRequest) -> None:
     waits for that)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _parse_json(raw: bytes) -> dict:
-    """A request body as a JSON object, or a 400 naming what is wrong (a worker thread's work:
-    a few MiB of JSON take a while)."""
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    if _SURROGATE_ESCAPE.search(raw):  # a lone surrogate is valid JSON but not text
-        try:
-            json.dumps(body, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise APIError(400, "the request body has a lone UTF-16 surrogate (\\ud800-\\udfff) in a string; "
-                           "send text as valid Unicode") from None
-    return body
-
-
-def _prompt(body: dict) -> str | list[int]:
-    """A completion's prompt, in the forms of OpenAI's that ask for one answer: a string, a list
-    of token ids, or a one-element list of either."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return prompt
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(400, f"prompt: a batch of {len(prompt)} prompts is not supported; send one request per "
-                       "prompt", "prompt")
-    raise APIError(400, "prompt must be a non-empty string, a list of token ids, or a one-element list of either",
-                   "prompt")
 
 
 ROUTES = ("/v1/chat/completions, /v1/completions, /v1/models, /v1/models/{id}, Ollama's /api/chat, /api/generate, "
@@ -879,177 +426,9 @@ async def _http_error(request: HTTPRequest, exc: HTTPException) -> Response:
     else:
         message = exc.detail
     return APIError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
-                    headers=exc.headers).response(_speaks_ollama(request.scope))
+                    headers=exc.headers).response(speaks_ollama(request.scope))
 
 
 async def _internal_error(request: HTTPRequest, exc: Exception) -> Response:
     return APIError(500, "internal error in the server (its log has the details)",
-                    kind="server_error").response(_speaks_ollama(request.scope))
-
-
-def _header_timeout_protocol(timeout: float) -> type:
-    """uvicorn's HTTP protocol, closing a connection whose next request's headers have not all
-    come `timeout` seconds after it opened or after its last answer: uvicorn closes a silent
-    keep-alive connection, but neither one that never sends a request nor one that sends a
-    byte now and then."""
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
-
-    class HeaderTimeout(AutoHTTPProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self._arm_header_timer()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm_header_timer()
-
-        def connection_lost(self, exc) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            super().connection_lost(exc)
-
-        def _arm_header_timer(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            self._header_timer = self.loop.call_later(timeout, self._headers_late)
-
-        def _headers_late(self) -> None:
-            if self.cycle is None or self.cycle.response_complete:  # no request under way
-                self.transport.close()
-
-    return HeaderTimeout
-
-
-class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, on_exit):
-        super().__init__(config)
-        self.on_exit = on_exit  # called as the server starts to stop
-
-    def handle_exit(self, sig, frame) -> None:
-        super().handle_exit(sig, frame)
-        self.on_exit()
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        """As uvicorn's, without raising SIGINT or SIGTERM again once the server has stopped:
-        `serve` still has its scheduler and the nodes' sessions to close."""
-        if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-            yield
-            return
-        handlers = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
-
-
-def run_http(api: API, sock, limits: ServeLimits) -> None:
-    """Serve `api` on `sock` until SIGINT or SIGTERM, with `limits` on every connection."""
-    config = uvicorn.Config(api.app, log_level="warning", lifespan="off",
-                            http=_header_timeout_protocol(limits.read_timeout),
-                            limit_concurrency=limits.max_connections,
-                            timeout_keep_alive=min(KEEP_ALIVE_S, limits.read_timeout),
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
-    _Server(config, on_exit=api.stop).run(sockets=[sock])
-
-
-def _top_logprobs(body: dict, chat: bool) -> int:
-    """-1 for no logprobs, else how many most likely tokens to list with each token: chat's
-    `logprobs: true` with `top_logprobs` (0 .. 20), completions' `logprobs` (0 .. 5)."""
-    if not chat:
-        value = _number(body, "logprobs", None, 0, 5, integer=True)
-        return -1 if value is None else value
-    wanted = body.get("logprobs", False)
-    if wanted is None:
-        wanted = False
-    if not isinstance(wanted, bool):
-        raise APIError(400, "logprobs must be true or false", "logprobs")
-    top = _number(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS, integer=True)
-    if top is not None and not wanted:
-        raise APIError(400, "top_logprobs needs logprobs set to true", "top_logprobs")
-    return (top or 0) if wanted else -1
-
-
-def _refuse_fields(body: dict, accepted: frozenset[str], path: str) -> None:
-    """A 400 naming the first field set (not null) that `path` does not take: one caravan does
-    not implement (unless at a value that asks for nothing) or one it does not know."""
-    for name, value in body.items():
-        if value is None or name in accepted or name in IGNORED_FIELDS:
-            continue
-        if name in UNSUPPORTED_FIELDS:
-            harmless, why = UNSUPPORTED_FIELDS[name]
-            if any(value == h and type(value) is type(h) for h in harmless):
-                continue
-            raise APIError(400, f"{name!r} is not supported by this server ({why}); remove it from the request",
-                           name, "unsupported_parameter")
-        raise APIError(400, f"{name!r} is not a parameter of {path} that this server knows; remove it from the "
-                       "request", name, "unknown_parameter")
-
-
-def _stream_options(body: dict) -> None:
-    """OpenAI's stream_options: only include_usage, and the usage is always in a stream's last chunk."""
-    options = body.get("stream_options")
-    if options is None:
-        return
-    if not isinstance(options, dict) or not all(k == "include_usage" and isinstance(v, bool)
-                                                 for k, v in options.items()):
-        raise APIError(400, "stream_options may only hold include_usage (true or false)", "stream_options")
-
-
-def _sampling(body: dict, seed: int | None, vocab_size: int, n_ctx: int) -> SamplingParams:
-    """A request's sampling settings; those it leaves out are SamplingParams' defaults (llama-server's
-    and Ollama's), not OpenAI's temperature 1 without filters, which a small model answers in noise."""
-    default = SamplingParams()
-    # vLLM's top_k -1 and llama.cpp's 0 both mean off; so does llama-server's repeat_last_n -1 for "the
-    # whole context" (the penalties then see every token there is).
-    top_k = _number(body, "top_k", default.top_k, -1, math.inf, integer=True)
-    last_n = _number(body, "repeat_last_n", default.repeat_last_n, -1, math.inf, integer=True)
-    try:
-        return SamplingParams(
-            temperature=_number(body, "temperature", default.temperature, 0.0, 2.0),
-            top_k=max(top_k, 0),
-            top_p=_number(body, "top_p", default.top_p, 0.0, 1.0),
-            min_p=_number(body, "min_p", default.min_p, 0.0, 1.0),
-            repeat_penalty=_number(body, "repeat_penalty", default.repeat_penalty, 0.0, math.inf),
-            repeat_last_n=n_ctx if last_n < 0 else last_n,
-            frequency_penalty=_number(body, "frequency_penalty", default.frequency_penalty, -PENALTY_RANGE,
-                                      PENALTY_RANGE),
-            presence_penalty=_number(body, "presence_penalty", default.presence_penalty, -PENALTY_RANGE,
-                                     PENALTY_RANGE),
-            logit_bias=_logit_bias(body, vocab_size),
-            seed=seed,
-        )
-    except ValueError as exc:  # its message begins with the field's name
-        raise APIError(400, str(exc), str(exc).split(" ", 1)[0]) from None
-
-
-def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI's logit_bias: {"token id": bias from -100 to 100}, ids within the vocabulary."""
-    bias = body.get("logit_bias")
-    if bias is None:
-        return ()
-    if not isinstance(bias, dict):
-        raise APIError(400, 'logit_bias must be an object of token ids to biases, e.g. {"1234": -100}', "logit_bias")
-    pairs = []
-    for key, value in bias.items():
-        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
-            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {vocab_size - 1})",
-                           "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE):
-            raise APIError(400, f"logit_bias[{key!r}] must be a number from {-LOGIT_BIAS_RANGE:g} to "
-                           f"{LOGIT_BIAS_RANGE:g}, got {value!r}", "logit_bias")
-        pairs.append((int(key), float(value)))
-    return tuple(pairs)
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _reason(event: Event) -> str:
-    return {"stop": "stop", "length": "length"}.get(event.finish_reason, "stop")
+                    kind="server_error").response(speaks_ollama(request.scope))

@@ -9,7 +9,7 @@ import threading
 import time
 
 from caravan.coordinator.scheduler import Event, Request, Scheduler
-from caravan.coordinator.server import EventHandoff, kernels_fill_the_cores
+from caravan.coordinator.handoff import EventHandoff, kernels_fill_the_cores
 from caravan.pipeline.generate import Generation
 from test_stage import build, greedy, prompt
 

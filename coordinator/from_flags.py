@@ -1,0 +1,133 @@
+"""What a `caravan` verb runs on, built from its command-line flags: the model (--model,
+--threads, --cache-dir), the cluster token and TLS files, the nodes (--nodes, --discover), the
+pipeline over them and the LoRA adapters (--lora).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numba
+
+from caravan.pipeline.catalog import default_cache_dir, resolve_model
+from caravan.pipeline.generate import Pipeline
+from caravan.pipeline.loader import LoadedModel, load_model
+from caravan.pipeline.lora import LoraAdapter, LoraError
+from caravan.proto import wire
+from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
+
+from .cluster import LOCAL, Node, close_nodes, connect, measure, parse_nodes
+from .discovery import discover
+from .failover import ClusterPipeline
+from .remote import NodeError
+
+log = logging.getLogger(__name__)
+
+
+def adapters(args: argparse.Namespace, model: LoadedModel, pipeline: Pipeline) -> tuple[tuple[str, float], ...]:
+    """Open every --lora adapter, check it against the model, give it to every stage; returns
+    (name, scale) of each, in order. An adapter's name is its file name without .gguf."""
+    chosen: list[tuple[str, float]] = []
+    for path, scale in args.lora:
+        adapter = LoraAdapter.open(path, model.config)
+        if any(name == adapter.name for name, _ in chosen):
+            raise LoraError(f"--lora: two adapters named {adapter.name!r}; rename one of the files")
+        pipeline.add_adapter(adapter)
+        chosen.append((adapter.name, scale))
+        log.info("adapter %s: %d matrices, alpha %g, scale %g", adapter.name, len(adapter.pairs), adapter.alpha, scale)
+    return tuple(chosen)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= threads <= limit:
+        raise ValueError(f"--threads must be between 1 and {limit} (NUMBA_NUM_THREADS), got {threads}")
+    numba.set_num_threads(threads)
+
+
+def model_path(args: argparse.Namespace) -> Path:
+    return resolve_model(args.model, cache_dir(args), progress=not args.json)
+
+
+def loaded_model(args: argparse.Namespace) -> LoadedModel:
+    _set_threads(args.threads)
+    path = model_path(args)
+    model = load_model(path)
+    log.info("model %s: %d layers, dim %d, from %s", model.name, model.config.n_layers, model.config.dim, path)
+    return model
+
+
+def addresses(args: argparse.Namespace) -> list[str]:
+    """--nodes, then the nodes --discover finds (skipping ones already listed)."""
+    addresses = parse_nodes(args.nodes) if args.nodes else []
+    if args.discover:
+        found = discover(args.discover_seconds)
+        if not found and not addresses:
+            raise NodeError("discovery", f"no caravan nodes answered on the LAN within {args.discover_seconds:g} s; "
+                            "start `caravan node` on each machine, or give --nodes HOST:PORT,...")
+        addresses += [a.address for a in found if a.address not in addresses]
+    return addresses
+
+
+def _explicit(args: argparse.Namespace) -> list[str]:
+    return parse_nodes(args.nodes) if args.nodes else []
+
+
+def token(args: argparse.Namespace) -> ClusterToken:
+    return load_token(args.token_file or cache_dir(args) / TOKEN_FILE)
+
+
+def tls(args: argparse.Namespace) -> TLSFiles | None:
+    return TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca)
+
+
+def measured_nodes(args: argparse.Namespace, model: LoadedModel) -> list[Node]:
+    """The nodes to plan with: every --nodes entry must answer; discovered ones that are
+    unreachable or do not accept our token are left out with a warning."""
+    every = addresses(args)
+    explicit = _explicit(args)
+    nodes = connect(every, token(args), optional=[a for a in every if a not in explicit], tls=tls(args))
+    try:
+        measure(nodes, model)
+    except BaseException:
+        close_nodes(nodes)
+        raise
+    return nodes
+
+
+@contextlib.contextmanager
+def pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterator[Pipeline]:
+    """Every layer in this process, or spread over the nodes given by --nodes / --discover
+    (asked again at every re-plan, so a node that comes back is used)."""
+    if not (args.nodes or args.discover):
+        yield model.local_pipeline(n_ctx)
+        return
+    n_ctx = model.context_size(n_ctx)
+    explicit = _explicit(args)
+    cluster = ClusterPipeline(model, lambda: addresses(args), n_ctx, cache_dir(args), wire.wire_format(args.wire),
+                              progress=not args.json, token=token(args), optional=lambda a: a not in explicit,
+                              tls=tls(args))
+    try:
+        summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(cluster, a.node.name)} {a.layers}"
+                            for a in cluster.plan.assignments)
+        log.info("layers placed: %s", summary)
+        if not args.json:
+            print(f"layers: {summary}", file=sys.stderr)
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def _node_name(pipeline: ClusterPipeline, address: str) -> str:
+    return next((n.name for n in pipeline.cluster.nodes if n.address == address), address)
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    return args.cache_dir if args.cache_dir is not None else default_cache_dir()
