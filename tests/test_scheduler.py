@@ -212,7 +212,7 @@ def test_a_steps_events_go_out_together_at_the_flush_after_it(tiny_q8_path):
 
 
 def test_the_servers_handoff_delivers_at_flush_and_waits_for_the_streams():
-    """EventHandoff (coordinator/server.py) on a real event loop: put() only collects; flush()
+    """EventHandoff (coordinator/handoff.py) on a real event loop: put() only collects; flush()
     returns once the streams it woke have run (a stream writes its chunk there); a loop that is
     stuck makes flush() give up after its timeout, and a closed one returns at once."""
     loop = asyncio.new_event_loop()
