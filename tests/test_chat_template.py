@@ -22,7 +22,7 @@ from caravan.pipeline.chat_template import (
     ChatTemplateError,
     ChatTemplateLimitError,
 )
-from tiny_models import tiny_llama, write_gguf
+from support.tiny_models import tiny_llama, write_gguf
 
 # tokenizer.chat_template of HuggingFaceTB/SmolLM2-*-Instruct, verbatim.
 SMOLLM2_TEMPLATE = (

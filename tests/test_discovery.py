@@ -16,9 +16,8 @@ import sys
 
 import pytest
 
-from node_processes import NodeProcess, cluster_token_file
+from support.nodes import NodeProcess, cluster_token_file
 
-pytest_plugins = ["fixtures_tiny"]
 
 _names = itertools.count()
 

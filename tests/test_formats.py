@@ -2,7 +2,7 @@
 
 The same layers of trust as test_quants.py: dequantization bit-exact against
 `gguf.quants.dequantize` on random blocks (every scale bit pattern), activation rounding exactly
-ggml's (tests/naive.py), products tight against float64 on the rounded activations, then the
+ggml's (tests/support/naive.py), products tight against float64 on the rounded activations, then the
 promises (batch, thread count, AVX2 = generic IR), and whole tiny models against float64 and
 against llama.cpp.
 """
@@ -16,10 +16,10 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-import naive
 from caravan.pipeline import formats, simd_formats
 from caravan.pipeline.quants import Activations, dequantize_rows, matmul, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
+from support import naive
 
 TYPES = formats.TYPES
 K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
@@ -376,7 +376,7 @@ def model_types(main: QT, v_and_down: QT | None):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """label -> path of a 2-layer model (dim 256 and FFN 512: whole K-quant superblocks)."""
-    from tiny_models import tiny_llama, with_random_blocks, write_gguf
+    from support.tiny_models import tiny_llama, with_random_blocks, write_gguf
 
     folder = tmp_path_factory.mktemp("format_models")
     written = {}
@@ -409,7 +409,7 @@ def test_tiny_model_matches_float64_reference(tiny_model, label):
     2.3% over these formats and 2 seeds); a layout or wiring error moves them by O(1)."""
     from caravan.pipeline.gguf_file import GGUFFile
     from caravan.pipeline.model import ModelConfig
-    from tiny_models import dequantized_weights
+    from support.tiny_models import dequantized_weights
 
     path = tiny_model(label)
     gguf = GGUFFile(path)
@@ -467,7 +467,7 @@ def test_node_benchmark_runs_every_format(ttype, dim):
     no multiple of 256 (Gemma 3 270M's 640) the K-quants' rows fall back as llama.cpp's do."""
     from caravan.pipeline.model import ModelConfig
     from caravan.pipeline.speed import ms_per_layer
-    from tiny_models import tiny_llama
+    from support.tiny_models import tiny_llama
 
     metadata, _ = tiny_llama(n_layers=1, dim=dim, hidden_dim=512, n_heads=4, n_kv_heads=2)
     config = ModelConfig.from_metadata(metadata, 300)

@@ -33,7 +33,7 @@ from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelError
 from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.tokenizer import TokenizerError
-from tiny_models import tiny_llama, write_gguf
+from support.tiny_models import tiny_llama, write_gguf
 
 EXPECTED = (GGUFError, ModelError, TokenizerError, UnsupportedTypeError)
 SECONDS = 2.0  # the most one bad file may take to be refused

@@ -18,9 +18,8 @@ import urllib.request
 import psutil
 import pytest
 
-from node_processes import NodeProcess
-from test_serve import MODEL, Server
-
+from support.nodes import NodeProcess
+from support.serve import MODEL, Server
 pytestmark = pytest.mark.model
 
 CLIENTS = 32

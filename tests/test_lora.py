@@ -28,9 +28,8 @@ from caravan.pipeline.model import ModelHead
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
-from tiny_models import tiny_llama, tiny_lora, write_gguf, write_tiny_model
+from support.tiny_models import tiny_llama, tiny_lora, write_gguf, write_tiny_model
 
-pytest_plugins = ["fixtures_tiny"]
 
 N_CTX = 256
 PROMPT = [299, 17, 204, 81, 3, 150, 42, 260, 77, 5]
@@ -415,7 +414,7 @@ def test_run_with_adapters_over_two_node_processes(tiny_model_path, two_adapters
     """`caravan run --lora A:0.5 --lora B` in one process equals Generation with both adapters,
     and equals the same command over two real node processes (each gets only its layers'
     adapter tensors); a bad --lora is one line and exit 1."""
-    from node_processes import NodeProcess
+    from support.nodes import NodeProcess
 
     model_path, model, pipeline, names = with_adapters(tiny_model_path, two_adapters)
     flags = ("--lora", f"{two_adapters[0]}:0.5", "--lora", str(two_adapters[1]))
@@ -508,7 +507,7 @@ def test_lost_node_is_refilled_with_the_sessions_adapters(tiny_model_path, two_a
     refills the session's KV caches with its adapter, so every logit afterwards has the same
     bits as in one process."""
     from caravan.coordinator.failover import ClusterPipeline
-    from node_processes import NodeProcess, cluster_token
+    from support.nodes import NodeProcess, cluster_token
 
     _, model, one, names = with_adapters(tiny_model_path, two_adapters)
     chosen = ((names[0], 1.0), (names[1], 0.5))

@@ -27,9 +27,8 @@ from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import wire
 
-from node_processes import NodeProcess, cluster_token
+from support.nodes import NodeProcess, cluster_token
 
-pytest_plugins = ["fixtures_tiny"]
 
 SHA = "ab" * 32
 N_CTX = 64

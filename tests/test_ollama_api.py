@@ -11,7 +11,7 @@ import pytest
 
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from test_serve import MODEL, N_CTX, QUESTION, Server, alone, chat_ids, raw_get, raw_request  # noqa: F401  (alone: a fixture)
+from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw_request
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
 
@@ -19,13 +19,6 @@ pytestmark = pytest.mark.model
 
 TAGGED = MODEL + ":latest"
 GREEDY = {"temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.stop()
 
 
 def base_url(server: Server) -> str:

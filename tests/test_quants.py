@@ -1,7 +1,7 @@
 """Weight formats and products: dequantization exact vs gguf-py, products vs float64 references.
 
 Layers of trust, in order: `dequantize_rows` is bit-exact against `gguf.quants.dequantize`; the
-activation rounding is ggml's (tests/naive.py writes it down), so `matmul` is compared tightly
+activation rounding is ggml's (tests/support/naive.py writes it down), so `matmul` is compared tightly
 with the float64 product of the dequantized weights and the rounded activations, and loosely
 with the unrounded product; then the invariances the kernels promise (batch, thread count).
 """
@@ -17,7 +17,6 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-import naive
 from caravan.pipeline import formats, simd
 from caravan.pipeline.quants import (
     F16_TO_F32,
@@ -29,6 +28,7 @@ from caravan.pipeline.quants import (
     pack,
     packed_nbytes,
 )
+from support import naive
 
 TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
 ROWS = (1, 3, 67)
@@ -278,7 +278,7 @@ AWKWARD_AND_RANDOM = pytest.mark.parametrize("rows", (awkward_activations(), ran
 @AWKWARD_AND_RANDOM
 def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
     """Activations.q8 (a thread per row from PARALLEL_ROWS rows, serial below) gives ggml's x86
-    quantize_row_q8_1 integers and f16 scales (tests/naive.py) and its block sums, and so does
+    quantize_row_q8_1 integers and f16 scales (tests/support/naive.py) and its block sums, and so does
     simd.quantize_block_q8's plain-numpy twin."""
     acts = Activations(rows)
     qs, d, s = acts.q8()

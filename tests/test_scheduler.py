@@ -11,9 +11,8 @@ import time
 from caravan.coordinator.scheduler import Event, Request, Scheduler
 from caravan.coordinator.server import EventHandoff, kernels_fill_the_cores
 from caravan.pipeline.generate import Generation
-from test_stage import build, greedy, prompt
+from support.stages import build, greedy, prompt
 
-pytest_plugins = ["fixtures_tiny"]
 
 
 class Timed:

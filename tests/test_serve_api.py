@@ -13,7 +13,9 @@ import pytest
 
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from test_serve import MODEL, N_CTX, QUESTION, chat_ids, openai, raw_get, server  # noqa: F401  (server: the module's fixture)
+from support.serve import MODEL, N_CTX, QUESTION, raw_get
+
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
 pytestmark = pytest.mark.model
 

@@ -9,13 +9,11 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from caravan.coordinator.cli import API_KEY_ENV, _api_key
-from test_serve import MODEL, N_CTX, Server, raw_request
-
+from support.serve import MODEL, N_CTX, Server, raw_request
 pytestmark = pytest.mark.model
 
 KEY = "s3cret-key"
@@ -355,7 +353,7 @@ def test_sigterm_in_front_of_nodes_closes_their_sessions(tmp_path):
     """Issue 22, defect 5: SIGTERM in front of two nodes, with answers being written, leaves
     no session behind on either node."""
     from caravan.coordinator.remote import NodeClient
-    from node_processes import NodeProcess, cluster_token
+    from support.nodes import NodeProcess, cluster_token
 
     nodes = [NodeProcess(tmp_path / f"n{i}") for i in range(2)]
     s = Server("--nodes", ",".join(n.address for n in nodes), env={API_KEY_ENV: KEY})

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node_processes import NodeProcess
+from support.nodes import NodeProcess
 
 x509 = pytest.importorskip("cryptography.x509", reason="cryptography makes the test certificates")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from test_serve import Server
-
+from support.serve import Server
 pytestmark = pytest.mark.model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

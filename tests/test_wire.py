@@ -118,7 +118,7 @@ def family_configs() -> list[ModelConfig]:
     """Configs of every family as read from the tiny models' metadata, with their features on."""
     import dataclasses
 
-    from tiny_models import tiny_model
+    from support.tiny_models import tiny_model
 
     configs = []
     for arch, kwargs in [
