@@ -24,6 +24,13 @@ keep_compiled_kernels_in(default_cache_dir(), os.environ)
 poll_sockets_in_place(os.environ)
 
 
+def pytest_collection_modifyitems(config, items):
+    """An oracle test is slow: it loads llama.cpp and runs the model a second time."""
+    for item in items:
+        if item.get_closest_marker("oracle"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def smollm2_path():
     return pull(DEFAULT_MODEL, default_cache_dir(), progress=False)

@@ -341,6 +341,7 @@ def test_renders_from_many_threads_do_not_wait_for_a_runaway():
     assert elapsed < RENDER_SECONDS, f"{elapsed:.2f} s: renders waited for the runaway"
 
 
+@pytest.mark.slow
 def test_check_renders_a_two_message_conversation_once():
     ChatTemplate(SMOLLM2_TEMPLATE).check()
     ChatTemplate(MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>").check()  # no system role: user, assistant
@@ -366,6 +367,7 @@ def caravan(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_model_whose_template_runs_away_fails_at_load(tmp_path):
     path = model_with_template(tmp_path / "bomb.gguf", NESTED_LOOPS)
     expected = (f"caravan: error: {path}: its chat template cannot render a two-message conversation: "
@@ -396,6 +398,7 @@ def post_chat(url: str, messages: list[dict]) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
+@pytest.mark.slow
 def test_a_runaway_on_a_longer_conversation_is_a_400_and_the_server_stays_up(tmp_path):
     # ChatML, but a runaway once a conversation has more than two messages: it passes the load check.
     source = "{% if messages | length > 2 %}" + NESTED_LOOPS + "{% endif %}" + CHATML_TEMPLATE

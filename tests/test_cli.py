@@ -25,7 +25,7 @@ from caravan.pipeline import numba_config
 from caravan.pipeline.catalog import PullError
 from caravan.pipeline.generate import ContextFullError
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 TEXT = (
     "The llama is a domesticated South American camelid, widely used as a meat and pack "

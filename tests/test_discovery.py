@@ -18,6 +18,8 @@ import pytest
 
 from support.nodes import NodeProcess, cluster_token_file
 
+pytestmark = pytest.mark.slow  # spawns caravan node processes
+
 
 _names = itertools.count()
 

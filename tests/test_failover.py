@@ -20,7 +20,7 @@ from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from support.nodes import NodeProcess, cluster_token
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 N_CTX = 256
 PROMPT = "Once upon a time, in a small village,"

@@ -138,6 +138,7 @@ def test_logits_past_the_sliding_window_match_llama_cpp(gemma3, pipeline, llama)
     assert np.median(error[512:]) < 0.08 and error.max() < 0.2
 
 
+@pytest.mark.slow
 def test_caravan_run_by_name(gemma3_path, tmp_path):
     """`caravan run --model gemma3-270m` resolves the name through the catalog (a private cache
     linking to the pulled file) and streams the golden completion."""

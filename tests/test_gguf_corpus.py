@@ -416,6 +416,7 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
+@pytest.mark.slow
 def test_caravan_run_reports_one_line(tiny, tmp_path, case):
     _, make, error, pattern = next(c for c in BYTE_CASES if c[0] == case)
     path = tmp_path / "bad.gguf"

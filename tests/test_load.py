@@ -20,7 +20,7 @@ import pytest
 
 from support.nodes import NodeProcess
 from support.serve import MODEL, Server
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CLIENTS = 32
 SECONDS = 60.0

@@ -356,6 +356,7 @@ def test_node_applies_only_its_layers(tiny_q8_path, two_adapters, node):
     remote.close()
 
 
+@pytest.mark.slow
 def test_node_refuses_bad_adapter_streams(tiny_q8_path, adapter_path, node):
     client, _ = node
     model = load_model(tiny_q8_path)
@@ -410,6 +411,7 @@ def with_adapters(tiny_model_path, paths):
     return model_path, model, pipeline, names
 
 
+@pytest.mark.slow
 def test_run_with_adapters_over_two_node_processes(tiny_model_path, two_adapters, tmp_path):
     """`caravan run --lora A:0.5 --lora B` in one process equals Generation with both adapters,
     and equals the same command over two real node processes (each gets only its layers'
@@ -438,6 +440,7 @@ def test_run_with_adapters_over_two_node_processes(tiny_model_path, two_adapters
     assert result.stderr.strip().splitlines()[-1].startswith("caravan: error: ") and "not an adapter" in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
     """`caravan serve --lora A --lora B:1.5` offers MODEL, MODEL:A and MODEL:B; requests for the
     three, sent at once (so they share batches), each get the text that one process computes
@@ -502,6 +505,7 @@ def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
         proc.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_lost_node_is_refilled_with_the_sessions_adapters(tiny_model_path, two_adapters, tmp_path):
     """A node killed mid-generation: the re-plan sends the adapter to the new stages and
     refills the session's KV caches with its adapter, so every logit afterwards has the same

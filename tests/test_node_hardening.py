@@ -29,6 +29,8 @@ from caravan.proto import wire
 
 from support.nodes import NodeProcess, cluster_token
 
+pytestmark = pytest.mark.slow  # spawns caravan node processes
+
 
 SHA = "ab" * 32
 N_CTX = 64

@@ -15,7 +15,7 @@ from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 TAGGED = MODEL + ":latest"
 GREEDY = {"temperature": 0}

@@ -116,6 +116,7 @@ def test_f16_table_is_ggmls():
     np.testing.assert_array_equal(F16_TO_F32.view(np.uint32), ggml.view(np.uint32))
 
 
+@pytest.mark.slow
 def test_the_f16_tables_are_built_without_a_floating_point_warning():
     """`python -W error` turns any RuntimeWarning into an error: importing the kernels and
     building the GELU table (the f16 tables) must not raise one, on any machine."""

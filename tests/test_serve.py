@@ -19,7 +19,7 @@ from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 def test_chat_and_completions_streamed_and_not(server, smollm2, alone):
     client = server.client()

@@ -17,7 +17,7 @@ from support.serve import MODEL, N_CTX, QUESTION, raw_get
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 SEA = [{"role": "user", "content": "Write two sentences about the sea."}]
 PROMPT = "The capital of France is"

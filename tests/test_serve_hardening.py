@@ -14,7 +14,7 @@ import pytest
 
 from caravan.coordinator.cli import API_KEY_ENV, _api_key
 from support.serve import MODEL, N_CTX, Server, raw_request
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 KEY = "s3cret-key"
 READ_TIMEOUT_S = 2.0  # the server's --read-timeout here: short, so that the test sees it act

@@ -25,6 +25,8 @@ from caravan.proto.auth import REREAD_S, TOKEN_ENV, TOKEN_FILE, TokenCheck, load
 
 from support.nodes import NodeProcess
 
+pytestmark = pytest.mark.slow  # spawns caravan node processes
+
 
 SHA = "cd" * 32  # the tiny model, named by any well-formed digest
 

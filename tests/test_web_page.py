@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from support.serve import Server
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

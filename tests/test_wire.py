@@ -204,6 +204,7 @@ def test_grpc_polls_sockets_in_place_unless_the_operator_says_otherwise():
     assert environ == {"GRPC_EXPERIMENTS": "-event_engine_client"}
 
 
+@pytest.mark.slow
 def test_the_entry_points_choose_before_grpc_is_imported():
     # gRPC reads GRPC_EXPERIMENTS when it starts: what `caravan` and `caravan node` import
     # before they call poll_sockets_in_place must not import grpc.
