@@ -16,6 +16,7 @@ from caravan.coordinator.remote import NodeClient
 from caravan.pipeline.stage import Segment
 from support.nodes import NodeProcess, cluster_token
 from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw_request
+from support.wait import wait_for
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
@@ -193,10 +194,7 @@ def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, 
         next(iter(stream))
         stream.close()  # the client goes away mid-answer
         clients = [NodeClient(n.address, cluster_token()) for n in nodes]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(c.info().sessions for c in clients):
-            time.sleep(0.2)
-        assert [c.info().sessions for c in clients] == [0, 0]
+        wait_for(lambda: not any(c.info().sessions for c in clients), 20, "the sessions freed on both nodes")
         for c in clients:
             c.close()
     finally:
