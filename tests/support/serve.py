@@ -22,10 +22,12 @@ QUESTION = [{"role": "user", "content": "What is the capital of France? Answer i
 
 
 class Server:
-    def __init__(self, *args: str, env: dict | None = None, stderr=subprocess.PIPE):
-        """`caravan serve ARGS` on a free port; `stderr` may be a file to keep its log in."""
+    def __init__(self, *args: str, env: dict | None = None, stderr=subprocess.PIPE, ctx: int | None = N_CTX):
+        """`caravan serve ARGS` on a free port; `stderr` may be a file to keep its log in; ctx None
+        leaves the context size to the model."""
+        ctx_flags = ("--ctx", str(ctx)) if ctx is not None else ()
         self.proc = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
-                                      "--ctx", str(N_CTX), *args], stdout=subprocess.PIPE, stderr=stderr,
+                                      *ctx_flags, *args], stdout=subprocess.PIPE, stderr=stderr,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -42,11 +44,25 @@ class Server:
 
         return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=120)
 
-    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    @property
+    def base_url(self) -> str:
+        """http://127.0.0.1:PORT, where /health, /metrics and Ollama's /api routes are."""
+        return self.url.removesuffix("/v1")
+
+    def post(self, path: str, body: bytes, headers: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+        """(status, JSON answer) of a POST to url + path (under /v1)."""
         request = urllib.request.Request(self.url + path, data=body, method="POST",
                                          headers={"Content-Type": "application/json", **(headers or {})})
+        return self._json(request, timeout)
+
+    def get(self, path: str, timeout: float = 60) -> tuple[int, dict]:
+        """(status, JSON answer) of a GET of base_url + path."""
+        return self._json(urllib.request.Request(self.base_url + path), timeout)
+
+    @staticmethod
+    def _json(request: urllib.request.Request, timeout: float) -> tuple[int, dict]:
         try:
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
