@@ -23,6 +23,7 @@ from caravan.pipeline.stage import Segment
 # they are in this tree, every test here says so instead of failing on the first tensor.
 pytestmark = [
     pytest.mark.model,
+    pytest.mark.slow,  # greedy runs of the real model
     pytest.mark.skipif(not {QT.Q4_K, QT.Q6_K, QT.Q5_0} <= set(SUPPORTED_TYPES),
                        reason="Gemma 3 270M Q4_K_M needs the Q4_K, Q6_K and Q5_0 kernels (the formats work)"),
 ]

@@ -540,6 +540,7 @@ def mutated(content: bytes, edits) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow  # a fuzzing run
 @settings(
     max_examples=12, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],

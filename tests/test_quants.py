@@ -369,6 +369,7 @@ def _f16_conversions(x, rounded, bits):
         bits[i] = simd.f16_bits(x[i])
 
 
+@pytest.mark.slow  # a sweep over f32's range
 def test_f16_conversions_match_numpy():
     """The compiled f32 -> f16 roundings (activation scales, f16 activations, the KV cache) are
     numpy's astype(np.float16), to nearest with ties to even: on every f32 from f16's subnormals
