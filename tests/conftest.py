@@ -9,16 +9,26 @@ from __future__ import annotations
 import os
 
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, pull
 from caravan.pipeline.numba_config import keep_compiled_kernels_in
 from caravan.proto.polling import poll_sockets_in_place
+from support.serve import N_CTX, Server
+from support.tiny_models import write_tiny_llama
 
 # One kernel cache for this process and every caravan process the tests start, including those
 # given a private CARAVAN_HOME: each would otherwise compile every kernel again.
 keep_compiled_kernels_in(default_cache_dir(), os.environ)
 # gRPC as caravan's own commands set it up, here and in the processes the tests start.
 poll_sockets_in_place(os.environ)
+
+
+def pytest_collection_modifyitems(config, items):
+    """An oracle test is slow: it loads llama.cpp and runs the model a second time."""
+    for item in items:
+        if item.get_closest_marker("oracle"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +55,67 @@ def gemma3(gemma3_path):
     from caravan.pipeline.loader import load_model
 
     return load_model(gemma3_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny seeded models, written once per session
+
+WEIGHT_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny_models")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tiny_model_dir):
+    """path_for(weight_type=..., **tiny_llama kwargs): a written model, written once per session."""
+    written = {}
+
+    def path_for(**kwargs):
+        key = tuple(sorted(kwargs.items()))
+        if key not in written:
+            name = "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in key) or "default"
+            written[key] = write_tiny_llama(tiny_model_dir / f"{name}.gguf", **kwargs)
+        return written[key]
+
+    return path_for
+
+
+@pytest.fixture(scope="session", params=WEIGHT_TYPES, ids=lambda t: t.name)
+def tiny_path(request, tiny_model_path):
+    """A tiny 3-layer model for each supported weight type (tied output)."""
+    return tiny_model_path(weight_type=request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_q8_path(tiny_model_path):
+    return tiny_model_path(weight_type=QT.Q8_0)
+
+
+# ---------------------------------------------------------------------------------------------
+# `caravan serve` on the real model
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One `caravan serve` process per module (a module may override it with its own flags)."""
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def alone(smollm2):
+    """Greedy answers computed in this process, one request at a time."""
+    from caravan.pipeline.generate import Generation
+    from caravan.pipeline.sampler import Sampler, SamplingParams
+
+    pipeline = smollm2.local_pipeline(N_CTX)
+
+    def run(prompt_ids, max_tokens):
+        g = Generation(pipeline, prompt_ids, Sampler(SamplingParams(temperature=0)), max_tokens, smollm2.tokenizer.eog_ids)
+        return smollm2.tokenizer.decode(list(g))
+
+    return run

@@ -13,10 +13,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from support.wait import wait_for
+
+pytestmark = pytest.mark.slow  # runs ansible, ansible-lint and an sshd
 
 ANSIBLE = Path(__file__).resolve().parents[1] / "ansible"
 SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if Path("/usr/sbin/sshd").exists() else None)
@@ -48,6 +51,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture
 def sshd(tmp_path):
     if SSHD is None:
@@ -67,12 +75,7 @@ def sshd(tmp_path):
     ]))
     Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation directory
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.1)
+    wait_for(lambda: listening(port), 10, "sshd listening")
     yield port, tmp_path / "client_key"
     proc.terminate()
     proc.wait(timeout=10)

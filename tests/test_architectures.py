@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-import naive
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelError, ModelHead
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment
-from tiny_models import dequantized_weights, tiny_model, write_gguf, write_tiny_model
+from support import naive
+from support.tiny_models import dequantized_weights, tiny_model, write_gguf, write_tiny_model
 
 N_CTX = 128
 PROMPT = 40
@@ -258,7 +258,7 @@ def test_a_lora_adapter_on_another_family_matches_llama_cpp(model_dir, name):
     from caravan.pipeline.generate import Generation
     from caravan.pipeline.lora import LoraAdapter
     from caravan.pipeline.sampler import Sampler, SamplingParams
-    from tiny_models import tiny_lora
+    from support.tiny_models import tiny_lora
 
     path = write_fixture(model_dir, name, QT.F32)
     adapter_path = write_gguf(model_dir / f"{name}-lora.gguf", *tiny_lora(arch=FIXTURES[name]["arch"], seed=3))

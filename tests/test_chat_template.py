@@ -8,8 +8,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime
 from pathlib import Path
 
@@ -22,7 +20,8 @@ from caravan.pipeline.chat_template import (
     ChatTemplateError,
     ChatTemplateLimitError,
 )
-from tiny_models import tiny_llama, write_gguf
+from support.serve import Server
+from support.tiny_models import tiny_llama, write_gguf
 
 # tokenizer.chat_template of HuggingFaceTB/SmolLM2-*-Instruct, verbatim.
 SMOLLM2_TEMPLATE = (
@@ -341,6 +340,7 @@ def test_renders_from_many_threads_do_not_wait_for_a_runaway():
     assert elapsed < RENDER_SECONDS, f"{elapsed:.2f} s: renders waited for the runaway"
 
 
+@pytest.mark.slow
 def test_check_renders_a_two_message_conversation_once():
     ChatTemplate(SMOLLM2_TEMPLATE).check()
     ChatTemplate(MISTRAL_TEMPLATE, bos_token="<s>", eos_token="</s>").check()  # no system role: user, assistant
@@ -366,6 +366,7 @@ def caravan(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.Com
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_a_model_whose_template_runs_away_fails_at_load(tmp_path):
     path = model_with_template(tmp_path / "bomb.gguf", NESTED_LOOPS)
     expected = (f"caravan: error: {path}: its chat template cannot render a two-message conversation: "
@@ -380,49 +381,29 @@ def test_a_model_whose_template_runs_away_fails_at_load(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def get(url: str, timeout: float) -> int:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return response.status
+def post_chat(server: Server, messages: list[dict]) -> tuple[int, dict]:
+    return server.post("/chat/completions", json.dumps({"messages": messages, "max_tokens": 2}).encode())
 
 
-def post_chat(url: str, messages: list[dict]) -> tuple[int, dict]:
-    body = json.dumps({"messages": messages, "max_tokens": 2}).encode()
-    request = urllib.request.Request(url + "/v1/chat/completions", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
+@pytest.mark.slow
 def test_a_runaway_on_a_longer_conversation_is_a_400_and_the_server_stays_up(tmp_path):
     # ChatML, but a runaway once a conversation has more than two messages: it passes the load check.
     source = "{% if messages | length > 2 %}" + NESTED_LOOPS + "{% endif %}" + CHATML_TEMPLATE
     path = model_with_template(tmp_path / "late-bomb.gguf", source)
-    process = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
-                                "--model", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = Server("--model", str(path), ctx=None)
     try:
-        line = process.stdout.readline()
-        assert line.startswith("caravan serving"), line + process.stderr.read()
-        url = line.rsplit(" ", 1)[1].strip().removesuffix("/v1")
-        assert post_chat(url, HI)[0] == 200
+        assert post_chat(server, HI)[0] == 200
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            bomb = pool.submit(post_chat, url, CONVERSATION)
+            bomb = pool.submit(post_chat, server, CONVERSATION)
             time.sleep(0.3)  # the request is in its render
             while not bomb.done():
                 start = time.monotonic()
-                assert get(url + "/health", timeout=5) == 200
+                assert server.get("/health", timeout=5)[0] == 200
                 assert time.monotonic() - start < 1.0, "/health waited for the template"
                 time.sleep(0.1)
             status, body = bomb.result()
         assert status == 400
         assert "took longer than" in body["error"]["message"] and body["error"]["param"] == "messages"
-        assert post_chat(url, HI)[0] == 200
+        assert post_chat(server, HI)[0] == 200
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()

@@ -25,7 +25,7 @@ from caravan.pipeline import numba_config
 from caravan.pipeline.catalog import PullError
 from caravan.pipeline.generate import ContextFullError
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 TEXT = (
     "The llama is a domesticated South American camelid, widely used as a meat and pack "
@@ -243,7 +243,7 @@ def bad_files(smollm2_path, tmp_path_factory):
     (folder / "text.gguf").write_text("this is not a model\n" * 10)
     with open(smollm2_path, "rb") as f:
         (folder / "truncated.gguf").write_bytes(f.read(1_000_000))
-    from tiny_models import tiny_model, write_gguf
+    from support.tiny_models import tiny_model, write_gguf
 
     metadata, tensors = tiny_model("llama")
     metadata = {k.replace("llama.", "mamba."): v for k, v in metadata.items()} | {"general.architecture": "mamba"}
@@ -278,7 +278,7 @@ def test_expected_failures_are_one_line(env, bad_files, args, expected):
 @pytest.fixture(scope="module")
 def non_finite_models(tmp_path_factory):
     """A tiny model with a NaN block scale, and one whose finite weights make its activations overflow."""
-    from tiny_models import tiny_llama, with_block_scale, write_gguf
+    from support.tiny_models import tiny_llama, with_block_scale, write_gguf
 
     folder = tmp_path_factory.mktemp("non-finite")
     metadata, tensors = tiny_llama()

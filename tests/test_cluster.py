@@ -23,9 +23,9 @@ from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, Segment, StageError
 from caravan.proto import caravan_pb2 as pb
-from node_processes import NodeProcess, cluster_token, cluster_token_file
+from support.nodes import NodeProcess, cluster_token, cluster_token_file
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 N_CTX = 256
 PROMPTS = ("The capital of France is", "def fibonacci(n):")

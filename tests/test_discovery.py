@@ -16,9 +16,10 @@ import sys
 
 import pytest
 
-from node_processes import NodeProcess, cluster_token_file
+from support.nodes import NodeProcess, cluster_token_file
 
-pytest_plugins = ["fixtures_tiny"]
+pytestmark = pytest.mark.slow  # spawns caravan node processes
+
 
 _names = itertools.count()
 

@@ -18,9 +18,9 @@ from caravan.coordinator.remote import NodeClient, RemoteStage
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from node_processes import NodeProcess, cluster_token
+from support.nodes import NodeProcess, cluster_token
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 N_CTX = 256
 PROMPT = "Once upon a time, in a small village,"
@@ -319,7 +319,7 @@ def test_network_cut_to_a_node_is_treated_as_dead(smollm2, expected, nodes, tmp_
     from pathlib import Path
 
     a, b = nodes(), nodes()
-    proxy = subprocess.Popen([sys.executable, str(Path(__file__).with_name("delay_proxy.py")), b.address, "0", "1000"],
+    proxy = subprocess.Popen([sys.executable, str(Path(__file__).parent / "support" / "delay_proxy.py"), b.address, "0", "1000"],
                              stdout=subprocess.PIPE, text=True)
     try:
         b_via_proxy = proxy.stdout.readline().rsplit(" ", 1)[1].strip()
@@ -344,7 +344,7 @@ def test_network_cut_to_a_node_is_treated_as_dead(smollm2, expected, nodes, tmp_
 def test_http_client_sees_a_delay_not_an_error(smollm2, nodes):
     """`caravan serve` in front of 3 nodes; one is killed while an answer streams: the client
     gets the whole answer, the same as from one process."""
-    from test_serve import MODEL, QUESTION, Server, chat_ids
+    from support.serve import MODEL, QUESTION, Server, chat_ids
 
     expected = smollm2.tokenizer.decode(list(Generation(
         smollm2.local_pipeline(512), chat_ids(smollm2, QUESTION), Sampler(SamplingParams(temperature=0)), 48,

@@ -2,7 +2,7 @@
 
 The same layers of trust as test_quants.py: dequantization bit-exact against
 `gguf.quants.dequantize` on random blocks (every scale bit pattern), activation rounding exactly
-ggml's (tests/naive.py), products tight against float64 on the rounded activations, then the
+ggml's (tests/support/naive.py), products tight against float64 on the rounded activations, then the
 promises (batch, thread count, AVX2 = generic IR), and whole tiny models against float64 and
 against llama.cpp.
 """
@@ -16,10 +16,11 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-import naive
 from caravan.pipeline import formats, simd_formats
 from caravan.pipeline.quants import Activations, dequantize_rows, matmul, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
+from support import naive
+from support.products import assert_product_close, random_activations
 
 TYPES = formats.TYPES
 K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
@@ -46,11 +47,6 @@ def random_raw(ttype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
         scale = rng.standard_normal(blocks.shape[:2]) * rng.uniform(0.001, 0.05, (rows, 1))
         blocks[:, :, offset : offset + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
     return blocks.reshape(rows, -1)
-
-
-def random_activations(n_rows: int, cols: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n_rows, cols)) * rng.uniform(0.01, 10.0, (n_rows, 1))).astype(np.float32)
 
 
 def minima(ttype: QT, raw: np.ndarray) -> dict:
@@ -157,16 +153,9 @@ def test_matmul_vs_float64(ttype, rows, cols, n_tokens):
     out = matmul(pack(ttype, raw, "w"), Activations(x))
     assert out.shape == (n_tokens, rows) and out.dtype == np.float32
 
-    # Tight: the same rounded activations, so only f32 accumulation differs.
+    # Loose: 8-bit blocks round each activation by amax / 254 at most, bf16 by 2**-9 relative.
     ref, scale = rounded_reference(ttype, raw, w, x)
-    err = np.abs(out - ref) / scale
-    assert err.max() < 1e-5, f"max error {err.max():.2e} of the row scale"
-
-    # Loose: against the unrounded activations (8-bit blocks: amax / 254 per value at most;
-    # bf16: 2**-9 relative).
-    exact = x.astype(np.float64) @ w.T
-    err = np.abs(out - exact) / (np.abs(x.astype(np.float64)) @ np.abs(w).T)
-    assert err.max() < 1e-2
+    assert_product_close(out, ref, scale, x, w, loose=1e-2)
 
 
 def test_bf16_matmul_with_a_tail_of_columns():
@@ -376,7 +365,7 @@ def model_types(main: QT, v_and_down: QT | None):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """label -> path of a 2-layer model (dim 256 and FFN 512: whole K-quant superblocks)."""
-    from tiny_models import tiny_llama, with_random_blocks, write_gguf
+    from support.tiny_models import tiny_llama, with_random_blocks, write_gguf
 
     folder = tmp_path_factory.mktemp("format_models")
     written = {}
@@ -409,7 +398,7 @@ def test_tiny_model_matches_float64_reference(tiny_model, label):
     2.3% over these formats and 2 seeds); a layout or wiring error moves them by O(1)."""
     from caravan.pipeline.gguf_file import GGUFFile
     from caravan.pipeline.model import ModelConfig
-    from tiny_models import dequantized_weights
+    from support.tiny_models import dequantized_weights
 
     path = tiny_model(label)
     gguf = GGUFFile(path)
@@ -467,7 +456,7 @@ def test_node_benchmark_runs_every_format(ttype, dim):
     no multiple of 256 (Gemma 3 270M's 640) the K-quants' rows fall back as llama.cpp's do."""
     from caravan.pipeline.model import ModelConfig
     from caravan.pipeline.speed import ms_per_layer
-    from tiny_models import tiny_llama
+    from support.tiny_models import tiny_llama
 
     metadata, _ = tiny_llama(n_layers=1, dim=dim, hidden_dim=512, n_heads=4, n_kv_heads=2)
     config = ModelConfig.from_metadata(metadata, 300)

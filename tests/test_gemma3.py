@@ -23,6 +23,7 @@ from caravan.pipeline.stage import Segment
 # they are in this tree, every test here says so instead of failing on the first tensor.
 pytestmark = [
     pytest.mark.model,
+    pytest.mark.slow,  # greedy runs of the real model
     pytest.mark.skipif(not {QT.Q4_K, QT.Q6_K, QT.Q5_0} <= set(SUPPORTED_TYPES),
                        reason="Gemma 3 270M Q4_K_M needs the Q4_K, Q6_K and Q5_0 kernels (the formats work)"),
 ]
@@ -138,6 +139,7 @@ def test_logits_past_the_sliding_window_match_llama_cpp(gemma3, pipeline, llama)
     assert np.median(error[512:]) < 0.08 and error.max() < 0.2
 
 
+@pytest.mark.slow
 def test_caravan_run_by_name(gemma3_path, tmp_path):
     """`caravan run --model gemma3-270m` resolves the name through the catalog (a private cache
     linking to the pulled file) and streams the golden completion."""

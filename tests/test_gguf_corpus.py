@@ -33,7 +33,7 @@ from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelError
 from caravan.pipeline.quants import UnsupportedTypeError
 from caravan.pipeline.tokenizer import TokenizerError
-from tiny_models import tiny_llama, write_gguf
+from support.tiny_models import tiny_llama, write_gguf
 
 EXPECTED = (GGUFError, ModelError, TokenizerError, UnsupportedTypeError)
 SECONDS = 2.0  # the most one bad file may take to be refused
@@ -416,6 +416,7 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("case", CLI_CASES)
+@pytest.mark.slow
 def test_caravan_run_reports_one_line(tiny, tmp_path, case):
     _, make, error, pattern = next(c for c in BYTE_CASES if c[0] == case)
     path = tmp_path / "bad.gguf"
@@ -539,6 +540,7 @@ def mutated(content: bytes, edits) -> bytes:
     return bytes(data)
 
 
+@pytest.mark.slow  # a fuzzing run
 @settings(
     max_examples=12, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],

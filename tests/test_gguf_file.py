@@ -15,9 +15,8 @@ from caravan.pipeline.gguf_file import GGUFError, GGUFFile
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelConfig, ModelError
 from caravan.pipeline.quants import UnsupportedTypeError
-from tiny_models import tiny_llama, tiny_vocabulary, write_gguf
+from support.tiny_models import tiny_llama, tiny_vocabulary, write_gguf
 
-pytest_plugins = ["fixtures_tiny"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,10 +18,9 @@ import urllib.request
 import psutil
 import pytest
 
-from node_processes import NodeProcess
-from test_serve import MODEL, Server
-
-pytestmark = pytest.mark.model
+from support.nodes import NodeProcess
+from support.serve import MODEL, Server
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CLIENTS = 32
 SECONDS = 60.0

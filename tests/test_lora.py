@@ -28,9 +28,9 @@ from caravan.pipeline.model import ModelHead
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
-from tiny_models import tiny_llama, tiny_lora, write_gguf, write_tiny_model
+from support.serve import Server
+from support.tiny_models import tiny_llama, tiny_lora, write_gguf, write_tiny_model
 
-pytest_plugins = ["fixtures_tiny"]
 
 N_CTX = 256
 PROMPT = [299, 17, 204, 81, 3, 150, 42, 260, 77, 5]
@@ -357,6 +357,7 @@ def test_node_applies_only_its_layers(tiny_q8_path, two_adapters, node):
     remote.close()
 
 
+@pytest.mark.slow
 def test_node_refuses_bad_adapter_streams(tiny_q8_path, adapter_path, node):
     client, _ = node
     model = load_model(tiny_q8_path)
@@ -411,11 +412,12 @@ def with_adapters(tiny_model_path, paths):
     return model_path, model, pipeline, names
 
 
+@pytest.mark.slow
 def test_run_with_adapters_over_two_node_processes(tiny_model_path, two_adapters, tmp_path):
     """`caravan run --lora A:0.5 --lora B` in one process equals Generation with both adapters,
     and equals the same command over two real node processes (each gets only its layers'
     adapter tensors); a bad --lora is one line and exit 1."""
-    from node_processes import NodeProcess
+    from support.nodes import NodeProcess
 
     model_path, model, pipeline, names = with_adapters(tiny_model_path, two_adapters)
     flags = ("--lora", f"{two_adapters[0]}:0.5", "--lora", str(two_adapters[1]))
@@ -439,14 +441,12 @@ def test_run_with_adapters_over_two_node_processes(tiny_model_path, two_adapters
     assert result.stderr.strip().splitlines()[-1].startswith("caravan: error: ") and "not an adapter" in result.stderr
 
 
+@pytest.mark.slow
 def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
     """`caravan serve --lora A --lora B:1.5` offers MODEL, MODEL:A and MODEL:B; requests for the
     three, sent at once (so they share batches), each get the text that one process computes
     alone with that choice; an unknown adapter is a 404 naming what is served."""
     import concurrent.futures
-    import selectors
-    import urllib.error
-    import urllib.request
 
     model_path, model, pipeline, names = with_adapters(tiny_model_path, two_adapters)
     base_id = model_path.stem
@@ -457,26 +457,13 @@ def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
         for m, a in choices.items() for i, p in enumerate(prompts)}
     assert len({(expected[m, 0], expected[m, 1]) for m in choices}) == 3  # each choice writes something else
 
-    proc = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--model", str(model_path),
-                             "--port", "0", "-t", "1", "--ctx", str(N_CTX), "--lora", str(two_adapters[0]),
-                             "--lora", f"{two_adapters[1]}:1.5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server("--model", str(model_path), "--lora", str(two_adapters[0]), "--lora", f"{two_adapters[1]}:1.5",
+                    ctx=N_CTX)
     try:
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        assert sel.select(timeout=120), "caravan serve did not start"
-        line = proc.stdout.readline()
-        assert line.startswith("caravan serving"), line + proc.stderr.read()
-        url = line.rsplit(" ", 1)[1].strip()
-
         def call(path: str, body: dict | None = None) -> tuple[int, dict]:
-            request = urllib.request.Request(url + path, data=None if body is None else json.dumps(body).encode(),
-                                             headers={"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=120) as response:
-                    return response.status, json.loads(response.read())
-            except urllib.error.HTTPError as exc:
-                return exc.code, json.loads(exc.read())
+            if body is None:
+                return server.get("/v1" + path, timeout=120)
+            return server.post(path, json.dumps(body).encode(), timeout=120)
 
         status, listing = call("/models")
         assert status == 200 and [m["id"] for m in listing["data"]] == list(choices)
@@ -495,20 +482,19 @@ def test_serve_chooses_the_adapter_per_request(tiny_model_path, two_adapters):
         status, reply = call("/completions", {"model": f"{base_id}:nope", "prompt": "hi", "max_tokens": 2})
         assert status == 404 and f"{base_id}:{names[0]}" in reply["error"]["message"]
         # Ollama's API names the adapters alike: MODEL:ADAPTER is a model with a tag.
-        with urllib.request.urlopen(url.removesuffix("/v1") + "/api/tags", timeout=120) as response:
-            listed = [m["name"] for m in json.loads(response.read())["models"]]
+        listed = [m["name"] for m in server.get("/api/tags", timeout=120)[1]["models"]]
         assert listed == [f"{base_id}:latest", f"{base_id}:{names[0]}", f"{base_id}:{names[1]}"]
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
+@pytest.mark.slow
 def test_lost_node_is_refilled_with_the_sessions_adapters(tiny_model_path, two_adapters, tmp_path):
     """A node killed mid-generation: the re-plan sends the adapter to the new stages and
     refills the session's KV caches with its adapter, so every logit afterwards has the same
     bits as in one process."""
     from caravan.coordinator.failover import ClusterPipeline
-    from node_processes import NodeProcess, cluster_token
+    from support.nodes import NodeProcess, cluster_token
 
     _, model, one, names = with_adapters(tiny_model_path, two_adapters)
     chosen = ((names[0], 1.0), (names[1], 0.5))

@@ -22,7 +22,6 @@ from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, 
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import wire
 
-pytest_plugins = ["fixtures_tiny"]
 
 SHA = "ab" * 32  # the tests name the tiny model by any well-formed digest
 N_CTX = 64
@@ -397,7 +396,7 @@ def test_every_family_runs_on_a_node_bit_identical_and_restarts_from_its_cache(f
     """The node learns the family from the wire config alone (block tensors, RoPE factors and
     scaling, sliding layers, caps), receives exactly those tensors, and gives the bits of a
     LocalStage; a second node on the same cache directory loads the layers from disk."""
-    from tiny_models import write_tiny_model
+    from support.tiny_models import write_tiny_model
 
     kwargs = dict(FAMILIES[family])
     model = load_model(write_tiny_model(tmp_path / f"{family}.gguf", kwargs.pop("arch"), **kwargs))

@@ -27,9 +27,11 @@ from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import wire
 
-from node_processes import NodeProcess, cluster_token
+from support.nodes import NodeProcess, cluster_token
+from support.wait import wait_for
 
-pytest_plugins = ["fixtures_tiny"]
+pytestmark = pytest.mark.slow  # spawns caravan node processes
+
 
 SHA = "ab" * 32
 N_CTX = 64
@@ -65,15 +67,6 @@ class Stream:
 
     def close(self) -> None:
         self.requests.put(None)
-
-
-def wait_for(condition, timeout_s: float) -> float:
-    """Seconds until condition() held; fails past timeout_s."""
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < timeout_s, f"not within {timeout_s} s"
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 # --- 6: sessions belong to their coordinator's streams, and stop at a cap --------------------

@@ -14,6 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs three test modules again, interpreted
+
 TESTS = Path(__file__).resolve().parent
 SUBSET = "not cols1536 and not T17 and not thread_count and not tiny_model and not memory_plan and not f16_conversions"
 

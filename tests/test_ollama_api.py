@@ -11,21 +11,15 @@ import pytest
 
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from test_serve import MODEL, N_CTX, QUESTION, Server, alone, chat_ids, raw_get, raw_request  # noqa: F401  (alone: a fixture)
+from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw_request
+from support.wait import wait_for
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 TAGGED = MODEL + ":latest"
 GREEDY = {"temperature": 0}
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.stop()
 
 
 def base_url(server: Server) -> str:
@@ -226,9 +220,7 @@ def leave_an_answer(server: Server) -> None:
     sock = socket.create_connection((hostname, int(port)), timeout=30)
     sock.sendall(f"POST /api/generate HTTP/1.1\r\nHost: {host_port}\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not metrics(server)["caravan_requests_in_flight"]:
-        time.sleep(0.02)
+    wait_for(lambda: metrics(server)["caravan_requests_in_flight"], 30, "the request in flight")
     sock.close()  # before the answer is written
 
 
@@ -240,9 +232,7 @@ def test_a_client_that_leaves_frees_its_sequence(server, smollm2, leave):
     assert long == LONG  # only a cancellation ends the request early
     before = metrics(server)["caravan_generated_tokens_total"]
     leave(server)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and metrics(server)["caravan_requests_in_flight"]:
-        time.sleep(0.05)
+    wait_for(lambda: not metrics(server)["caravan_requests_in_flight"], 20, "no request in flight")
     after = metrics(server)
     assert after["caravan_requests_in_flight"] == 0
     assert after["caravan_generated_tokens_total"] - before < LONG

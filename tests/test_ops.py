@@ -1,4 +1,4 @@
-"""RMSNorm, RoPE (both pairings), attention (sliding windows, soft-capping), SwiGLU and GeGLU against the float64 formulas in tests/naive.py.
+"""RMSNorm, RoPE (both pairings), attention (sliding windows, soft-capping), SwiGLU and GeGLU against the float64 formulas in tests/support/naive.py.
 
 The kernels compute in f32 (with ggml's float64 sums where ggml has them), so each comparison
 allows a few f32 ulps of the values involved; the tolerances below say where more is due.
@@ -13,12 +13,12 @@ import numba
 import numpy as np
 import pytest
 
-import naive
 from numba.typed import List
 
 from caravan.pipeline import simd
 from caravan.pipeline.numba_config import FASTMATH
 from caravan.pipeline.ops import attention, attention_segments, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
+from support import naive
 
 F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23
 
@@ -112,19 +112,6 @@ def f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-def assert_attention_close(got: np.ndarray, expected: np.ndarray, v_max: float) -> None:
-    """got within f32 rounding of the float64 reference (scores off by ~head_dim ulps of |q||k|
-    feed exp: ~1e-6 relative in the weights), except where a weight lies that close to an f16
-    rounding boundary and rounds the other way: one f16 step (at most 2**-11) of one weight moves
-    its head's outputs by up to 2**-11 * max|v|. Such weights are rare: a few outputs in a
-    hundred at most, where an error in the kernel (a query not rounded to f16 included) moves
-    most of them."""
-    err = np.abs(got - expected)
-    beyond = err > 1e-5 * (np.abs(expected) + v_max)
-    assert beyond.mean() <= 0.02, f"{beyond.sum()} of {err.size} outputs beyond f32 rounding"
-    assert err.max() <= 2.0**-11 * v_max * 1.01, f"max error {err.max()}: more than one f16 step of a weight"
-
-
 def cache_layout(k: np.ndarray, v: np.ndarray, n_kv_heads: int) -> tuple[np.ndarray, np.ndarray]:
     """k and v (positions, n_kv_heads * head_dim) f32 -> the KV cache's layout and type: keys
     (n_kv_heads, head_dim, positions), values (n_kv_heads, positions, head_dim), f16 bits."""
@@ -157,7 +144,7 @@ def test_attention(n_heads, n_kv_heads, head_dim, start, n_rows):
     got = attention(q, *cache_layout(k_cache, v_cache, n_kv_heads), start, n_heads)
     assert got.shape == q.shape and got.dtype == np.float32
     expected = naive.attention(q, f16(k_cache), f16(v_cache), start, n_heads, n_kv_heads, f16_operands=True)
-    assert_attention_close(got, expected, np.abs(f16(v_cache[: start + n_rows])).max())
+    naive.assert_attention_close(got, expected, np.abs(f16(v_cache[: start + n_rows])).max())
 
 
 def test_attention_first_position_returns_v():
@@ -394,7 +381,7 @@ def test_attention_window_and_softcap(softcap, window, start, n_rows):
     got = attention(q, *cache_layout(k, v, n_kv_heads), start, n_heads, 0.5, softcap, window)
     expected = naive.attention(q, f16(k), f16(v), start, n_heads, n_kv_heads, f16_operands=True, scale=0.5,
                                softcap=softcap, window=window)
-    assert_attention_close(got, expected, np.abs(f16(v)).max())
+    naive.assert_attention_close(got, expected, np.abs(f16(v)).max())
 
 
 def test_windowed_rows_alone_equal_rows_together():

@@ -20,8 +20,7 @@ from caravan.pipeline.ops import attention, geglu, rmsnorm, swiglu
 from caravan.pipeline.quants import Activations, matmul
 from caravan.pipeline.stage import LayerRange, LocalStage
 
-import llama_cpp_taps
-from test_ops import assert_attention_close
+from support import llama_cpp_taps, naive
 
 pytestmark = [pytest.mark.model, pytest.mark.oracle]
 pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
@@ -98,7 +97,7 @@ def test_smollm2_layer_ops_equal_llama_cpp(smollm2, smollm2_taps, smollm2_stage,
     # the last nodes named Qcur and Kcur are after RoPE
     k, v = kv_cache(taps[f"Kcur-{layer}", -1], taps[f"Vcur-{layer}"], c.n_kv_heads, c.head_dim)
     ours = attention(taps[f"Qcur-{layer}", -1], k, v, 0, c.n_heads, c.attn_scale)
-    assert_attention_close(ours, taps[f"kqv_out-{layer}"], float(np.abs(v.view(np.float16)).max()))
+    naive.assert_attention_close(ours, taps[f"kqv_out-{layer}"], float(np.abs(v.view(np.float16)).max()))
 
 
 GEMMA3_LAYERS = (0, 5)  # a sliding-window layer and a global one
@@ -133,4 +132,4 @@ def test_gemma3_layer_ops_equal_llama_cpp(gemma3, gemma3_taps, gemma3_stage, lay
     q = taps[f"Qcur-{layer}", -1] * np.float32(c.attn_scale)
     k, v = kv_cache(taps[f"Kcur-{layer}", -1], taps[f"Vcur-{layer}"], c.n_kv_heads, c.head_dim)
     ours = attention(q, k, v, 0, c.n_heads, 1.0, c.attn_softcap, stage.window[layer])
-    assert_attention_close(ours, taps[f"kqv_out-{layer}"], float(np.abs(v.view(np.float16)).max()))
+    naive.assert_attention_close(ours, taps[f"kqv_out-{layer}"], float(np.abs(v.view(np.float16)).max()))

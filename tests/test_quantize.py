@@ -11,7 +11,6 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-import naive
 from caravan.coordinator.cli import main
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.loader import load_model
@@ -19,9 +18,9 @@ from caravan.pipeline.model import ModelConfig
 from caravan.pipeline.quantize import FILE_TYPES, QuantizeError, parse_type, quantize_model
 from caravan.pipeline.quants import SUPPORTED_TYPES
 from caravan.pipeline.stage import Segment
-from tiny_models import dequantized_weights, tiny_llama, write_gguf
+from support import naive
+from support.tiny_models import dequantized_weights, tiny_llama, write_gguf
 
-pytest_plugins = ["fixtures_tiny"]
 
 OFFERED = tuple(FILE_TYPES)
 BLOCK_TYPES = (QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0)

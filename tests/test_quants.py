@@ -1,7 +1,7 @@
 """Weight formats and products: dequantization exact vs gguf-py, products vs float64 references.
 
 Layers of trust, in order: `dequantize_rows` is bit-exact against `gguf.quants.dequantize`; the
-activation rounding is ggml's (tests/naive.py writes it down), so `matmul` is compared tightly
+activation rounding is ggml's (tests/support/naive.py writes it down), so `matmul` is compared tightly
 with the float64 product of the dequantized weights and the rounded activations, and loosely
 with the unrounded product; then the invariances the kernels promise (batch, thread count).
 """
@@ -17,7 +17,6 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-import naive
 from caravan.pipeline import formats, simd
 from caravan.pipeline.quants import (
     F16_TO_F32,
@@ -29,6 +28,8 @@ from caravan.pipeline.quants import (
     pack,
     packed_nbytes,
 )
+from support import naive
+from support.products import assert_product_close, random_activations
 
 TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
 ROWS = (1, 3, 67)
@@ -44,11 +45,6 @@ def random_weights(rows: int, cols: int, ttype: QT, seed: int = 0) -> tuple[np.n
     w = rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.2, 0.2, (rows, 1))
     raw = quantize(w.astype(np.float32), ttype)
     return raw, dequantize(raw, ttype).astype(np.float64).reshape(rows, cols)
-
-
-def random_activations(n_rows: int, cols: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n_rows, cols)) * rng.uniform(0.01, 10.0, (n_rows, 1))).astype(np.float32)
 
 
 def rounded_reference(ttype: QT, raw: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,6 +112,7 @@ def test_f16_table_is_ggmls():
     np.testing.assert_array_equal(F16_TO_F32.view(np.uint32), ggml.view(np.uint32))
 
 
+@pytest.mark.slow
 def test_the_f16_tables_are_built_without_a_floating_point_warning():
     """`python -W error` turns any RuntimeWarning into an error: importing the kernels and
     building the GELU table (the f16 tables) must not raise one, on any machine."""
@@ -164,17 +161,11 @@ def test_matmul_vs_float64(ttype, rows, cols, n_tokens):
     out = matmul(pack(ttype, raw, "w"), Activations(x))
     assert out.shape == (n_tokens, rows) and out.dtype == np.float32
 
-    # Tight: the same rounded activations, so only f32 accumulation differs (a few ulps of the
-    # output's scale; a single activation rounded to a different q would cost ~1e-3).
+    # Tight: a single activation rounded to a different q would cost ~1e-3 of the row scale.
+    # Loose: Q8 blocks round each x by at most d / 2 = amax / 254, f16 by 2**-11 relative;
+    # relative to |x| @ |W| that stays under 1%.
     ref, scale = rounded_reference(ttype, raw, w, x)
-    err = np.abs(out - ref) / scale
-    assert err.max() < 1e-5, f"max error {err.max():.2e} of the row scale"
-
-    # Loose: against the unrounded activations. Q8 blocks round each x by at most d / 2 =
-    # amax / 254, f16 by 2**-11 relative; relative to |x| @ |W| that stays under 1%.
-    exact = x.astype(np.float64) @ w.T
-    err = np.abs(out - exact) / (np.abs(x.astype(np.float64)) @ np.abs(w).T)
-    assert err.max() < (1e-6 if ttype == QT.F32 else 1e-2)
+    assert_product_close(out, ref, scale, x, w, loose=1e-6 if ttype == QT.F32 else 1e-2)
 
 
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
@@ -278,7 +269,7 @@ AWKWARD_AND_RANDOM = pytest.mark.parametrize("rows", (awkward_activations(), ran
 @AWKWARD_AND_RANDOM
 def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
     """Activations.q8 (a thread per row from PARALLEL_ROWS rows, serial below) gives ggml's x86
-    quantize_row_q8_1 integers and f16 scales (tests/naive.py) and its block sums, and so does
+    quantize_row_q8_1 integers and f16 scales (tests/support/naive.py) and its block sums, and so does
     simd.quantize_block_q8's plain-numpy twin."""
     acts = Activations(rows)
     qs, d, s = acts.q8()
@@ -378,6 +369,7 @@ def _f16_conversions(x, rounded, bits):
         bits[i] = simd.f16_bits(x[i])
 
 
+@pytest.mark.slow  # a sweep over f32's range
 def test_f16_conversions_match_numpy():
     """The compiled f32 -> f16 roundings (activation scales, f16 activations, the KV cache) are
     numpy's astype(np.float16), to nearest with ties to even: on every f32 from f16's subnormals

@@ -11,9 +11,9 @@ import time
 from caravan.coordinator.scheduler import Event, Request, Scheduler
 from caravan.coordinator.handoff import EventHandoff, kernels_fill_the_cores
 from caravan.pipeline.generate import Generation
-from test_stage import build, greedy, prompt
+from support.stages import build, greedy, prompt
+from support.wait import wait_for
 
-pytest_plugins = ["fixtures_tiny"]
 
 
 class Timed:
@@ -94,9 +94,7 @@ def test_followers_share_the_leaders_prefill(tiny_q8_path):
         gone.cancel()
         leader.followers = [follower, gone]
         run_all(scheduler, [leader])
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (len(follower_tokens) < 12 or not cancelled):
-            time.sleep(0.05)
+        wait_for(lambda: len(follower_tokens) >= 12 and cancelled, 30, "the follower's 12 tokens and the cancellation")
     finally:
         scheduler.close()
     assert follower_tokens == leader_tokens == list(Generation(build(tiny_q8_path), ids, greedy(), 12, frozenset()))

@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import selectors
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -17,81 +13,14 @@ import numpy as np
 import pytest
 
 from caravan.coordinator.remote import NodeClient
-from caravan.pipeline.generate import Generation
-from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
-from node_processes import NodeProcess, cluster_token
+from support.nodes import NodeProcess, cluster_token
+from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw_request
+from support.wait import wait_for
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
-pytestmark = pytest.mark.model
-
-MODEL = "smollm2-135m-instruct"
-N_CTX = 512
-# Greedy, this model answers "The capital of France is Paris." (without "Answer in one word." it
-# wanders into French, as llama.cpp does on the same prompt).
-QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
-
-
-class Server:
-    def __init__(self, *args: str, env: dict | None = None, stderr=subprocess.PIPE):
-        """`caravan serve ARGS` on a free port; `stderr` may be a file to keep its log in."""
-        self.proc = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
-                                      "--ctx", str(N_CTX), *args], stdout=subprocess.PIPE, stderr=stderr,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout=120):
-            self.stop()
-            raise RuntimeError("caravan serve did not start")
-        line = self.proc.stdout.readline()
-        assert line.startswith("caravan serving"), line + (self.proc.stderr.read() if self.proc.stderr else "")
-        self.url = line.rsplit(" ", 1)[1].strip()  # http://127.0.0.1:PORT/v1
-
-    def client(self, api_key: str = "unused") -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=120)
-
-    def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + path, data=body, method="POST",
-                                         headers={"Content-Type": "application/json", **(headers or {})})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def alone(smollm2):
-    """Greedy answers computed in this process, one request at a time."""
-    pipeline = smollm2.local_pipeline(N_CTX)
-
-    def run(prompt_ids, max_tokens):
-        g = Generation(pipeline, prompt_ids, Sampler(SamplingParams(temperature=0)), max_tokens, smollm2.tokenizer.eog_ids)
-        return smollm2.tokenizer.decode(list(g))
-
-    return run
-
-
-def chat_ids(model, messages):
-    text = model.chat_template.render(messages, add_generation_prompt=True)
-    return model.tokenizer.encode(text, special=True)
-
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 def test_chat_and_completions_streamed_and_not(server, smollm2, alone):
     client = server.client()
@@ -265,39 +194,13 @@ def test_in_front_of_two_nodes_and_a_dropped_client_frees_its_sessions(smollm2, 
         next(iter(stream))
         stream.close()  # the client goes away mid-answer
         clients = [NodeClient(n.address, cluster_token()) for n in nodes]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and any(c.info().sessions for c in clients):
-            time.sleep(0.2)
-        assert [c.info().sessions for c in clients] == [0, 0]
+        wait_for(lambda: not any(c.info().sessions for c in clients), 20, "the sessions freed on both nodes")
         for c in clients:
             c.close()
     finally:
         s.stop()
         for n in nodes:
             n.stop()
-
-
-def raw_request(server: Server, method: str, path: str, headers: dict, body: bytes | None = None
-                ) -> tuple[int, dict[str, str], str]:
-    """(status, headers with lower-case names, body) of one request sent as given (no Host added)."""
-    import http.client
-    from urllib.parse import urlsplit
-
-    url = urlsplit(server.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
-    for name, value in {**headers, **({"Content-Length": str(len(body))} if body is not None else {})}.items():
-        conn.putheader(name, value)
-    conn.endheaders(body)
-    response = conn.getresponse()
-    text = response.read().decode()
-    conn.close()
-    return response.status, {k.lower(): v for k, v in response.getheaders()}, text
-
-
-def raw_get(server: Server, path: str, headers: dict) -> tuple[int, str]:
-    status, _, body = raw_request(server, "GET", path, headers)
-    return status, body
 
 
 def test_only_localhost_pages_reach_a_loopback_server(server):

@@ -13,9 +13,11 @@ import pytest
 
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from test_serve import MODEL, N_CTX, QUESTION, chat_ids, openai, raw_get, server  # noqa: F401  (server: the module's fixture)
+from support.serve import MODEL, N_CTX, QUESTION, raw_get
 
-pytestmark = pytest.mark.model
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 SEA = [{"role": "user", "content": "Write two sentences about the sea."}]
 PROMPT = "The capital of France is"

@@ -9,14 +9,13 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from caravan.coordinator.cli import API_KEY_ENV, _api_key
-from test_serve import MODEL, N_CTX, Server, raw_request
-
-pytestmark = pytest.mark.model
+from support.serve import MODEL, N_CTX, Server, raw_request
+from support.wait import wait_for
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 KEY = "s3cret-key"
 READ_TIMEOUT_S = 2.0  # the server's --read-timeout here: short, so that the test sees it act
@@ -214,14 +213,8 @@ def test_silent_and_half_sent_connections_are_closed_and_a_real_request_gets_thr
         status, _, body = raw_request(server, "GET", "/v1/models", {**host_header(server),
                                                                     "Authorization": f"Bearer {KEY}"})
         assert status == 503, body
-        deadline = time.monotonic() + READ_TIMEOUT_S + 10
-        while time.monotonic() < deadline:
-            status, _, body = raw_request(server, "GET", "/v1/models", {**host_header(server),
-                                                                        "Authorization": f"Bearer {KEY}"})
-            if status == 200:
-                break
-            time.sleep(0.2)
-        assert status == 200, body
+        wait_for(lambda: raw_request(server, "GET", "/v1/models", {**host_header(server), "Authorization": f"Bearer {KEY}"}
+                                 )[0] == 200, READ_TIMEOUT_S + 10, "service again", interval_s=0.2)
     finally:
         for sock in socks:
             sock.close()
@@ -234,15 +227,10 @@ def test_a_non_streamed_request_whose_client_leaves_stops_decoding(server):
                        "n": 4}).encode()
     sock = socket.create_connection(address(server), timeout=30)
     sock.sendall(request_head(server, "/v1/completions", len(body)) + body)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and metric(server, "caravan_requests_in_flight") < 4:
-        time.sleep(0.1)
+    wait_for(lambda: metric(server, "caravan_requests_in_flight") >= 4, 60, "4 sequences in flight")
     assert metric(server, "caravan_requests_in_flight") == 4
     sock.close()
-    left = time.monotonic()
-    while time.monotonic() - left < 5 and metric(server, "caravan_requests_in_flight") > 0:
-        time.sleep(0.1)
-    assert metric(server, "caravan_requests_in_flight") == 0
+    wait_for(lambda: metric(server, "caravan_requests_in_flight") == 0, 5, "the sequences cancelled")
     before = metric(server, "caravan_generated_tokens_total")
     time.sleep(1.0)
     assert metric(server, "caravan_generated_tokens_total") == before
@@ -335,9 +323,7 @@ def test_sigterm_ends_the_server_quickly_with_requests_in_flight():
         threads = [threading.Thread(target=ask, daemon=True) for _ in range(4)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and metric(s, "caravan_requests_in_flight") < 4:
-            time.sleep(0.1)
+        wait_for(lambda: metric(s, "caravan_requests_in_flight") >= 4, 60, "4 requests in flight")
         assert metric(s, "caravan_requests_in_flight") == 4
         start = time.monotonic()
         s.proc.terminate()
@@ -355,7 +341,7 @@ def test_sigterm_in_front_of_nodes_closes_their_sessions(tmp_path):
     """Issue 22, defect 5: SIGTERM in front of two nodes, with answers being written, leaves
     no session behind on either node."""
     from caravan.coordinator.remote import NodeClient
-    from node_processes import NodeProcess, cluster_token
+    from support.nodes import NodeProcess, cluster_token
 
     nodes = [NodeProcess(tmp_path / f"n{i}") for i in range(2)]
     s = Server("--nodes", ",".join(n.address for n in nodes), env={API_KEY_ENV: KEY})
@@ -366,9 +352,7 @@ def test_sigterm_in_front_of_nodes_closes_their_sessions(tmp_path):
             for _ in range(2)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not all(c.info().sessions > 0 for c in clients):
-            time.sleep(0.1)
+        wait_for(lambda: all(c.info().sessions > 0 for c in clients), 60, "a session on each node")
         assert metric(s, "caravan_requests_in_flight") == 2 and all(c.info().sessions > 0 for c in clients)
         start = time.monotonic()
         s.proc.terminate()

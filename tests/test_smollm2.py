@@ -44,7 +44,7 @@ GOLDEN = {
 }
 NEAR_TIE = 0.5  # llama.cpp top-2 logit gap within the engines' shared noise (see above)
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]  # greedy runs of the real model
 
 
 @pytest.fixture(scope="module")

@@ -13,39 +13,15 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-import naive
 from caravan.pipeline.arena import THP_DIR, HugePages, WeightArena, huge_page_for, read_huge_pages
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelConfig, ModelError, ModelHead
-from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch, StageError
-from tiny_models import dequantized_weights, tiny_llama, with_block_scale, write_gguf
-
-pytest_plugins = ["fixtures_tiny"]
-
-N_CTX = 256
-
-
-def build(path, splits=None, n_ctx: int = N_CTX) -> Pipeline:
-    """A pipeline of LocalStages over `splits` (layer counts, in order; default one stage)."""
-    gguf = GGUFFile(path)
-    config = ModelConfig.from_metadata(gguf.metadata, gguf.tensors["token_embd.weight"].n_rows)
-    splits = splits or [config.n_layers]
-    stages, start = [], 0
-    for n in splits:
-        stages.append(LocalStage.load(gguf, config, LayerRange(start, start + n), n_ctx))
-        start += n
-    return Pipeline(ModelHead(gguf, config), stages, n_ctx)
-
-
-def prompt(n: int, seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 299, n)  # 299 is <|endoftext|>
-
-
-def greedy() -> Sampler:
-    return Sampler(SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0))
+from support import naive
+from support.stages import build, greedy, prompt
+from support.tiny_models import dequantized_weights, tiny_llama, with_block_scale, write_gguf
 
 
 def decode_greedy(

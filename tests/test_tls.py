@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from node_processes import NodeProcess
+from support.nodes import NodeProcess
 
 x509 = pytest.importorskip("cryptography.x509", reason="cryptography makes the test certificates")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
-pytestmark = pytest.mark.model
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 
 def _name(cn: str):

@@ -23,9 +23,10 @@ from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import LayerRange
 from caravan.proto.auth import REREAD_S, TOKEN_ENV, TOKEN_FILE, TokenCheck, load_token
 
-from node_processes import NodeProcess
+from support.nodes import NodeProcess
 
-pytest_plugins = ["fixtures_tiny"]
+pytestmark = pytest.mark.slow  # spawns caravan node processes
+
 
 SHA = "cd" * 32  # the tiny model, named by any well-formed digest
 

@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 
-from test_serve import Server
-
-pytestmark = pytest.mark.model
+from support.serve import Server
+pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -118,7 +118,7 @@ def family_configs() -> list[ModelConfig]:
     """Configs of every family as read from the tiny models' metadata, with their features on."""
     import dataclasses
 
-    from tiny_models import tiny_model
+    from support.tiny_models import tiny_model
 
     configs = []
     for arch, kwargs in [
@@ -205,6 +205,7 @@ def test_grpc_polls_sockets_in_place_unless_the_operator_says_otherwise():
     assert environ == {"GRPC_EXPERIMENTS": "-event_engine_client"}
 
 
+@pytest.mark.slow
 def test_the_entry_points_choose_before_grpc_is_imported():
     # gRPC reads GRPC_EXPERIMENTS when it starts: what `caravan` and `caravan node` import
     # before they call poll_sockets_in_place must not import grpc.

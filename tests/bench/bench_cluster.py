@@ -45,7 +45,7 @@ from caravan.proto.polling import poll_sockets_in_place  # noqa: E402
 
 poll_sockets_in_place()  # as `caravan` does, before grpc is imported: this process calls nodes too
 
-from node_processes import NodeProcess, cluster_token  # noqa: E402
+from support.nodes import NodeProcess, cluster_token  # noqa: E402
 
 from caravan.coordinator.cluster import connect, layer_bytes  # noqa: E402
 from caravan.coordinator.remote import Part, RemoteStage  # noqa: E402
@@ -221,7 +221,7 @@ class Proxied:
 
     def __init__(self, node: NodeProcess, delay_ms: float, rate_mbit: float):
         self.node = node
-        proxy = Path(__file__).resolve().parents[1] / "delay_proxy.py"
+        proxy = Path(__file__).resolve().parents[1] / "support" / "delay_proxy.py"
         self.proc = subprocess.Popen([sys.executable, str(proxy), node.address, str(delay_ms), str(rate_mbit)],
                                      stdout=subprocess.PIPE, text=True)
         self.address = self.proc.stdout.readline().rsplit(" ", 1)[1].strip()

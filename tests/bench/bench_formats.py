@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_engine import TEXT, caravan_timers, llama_timers  # noqa: E402
 from make_synthetic import TYPES, synthetic_llama  # noqa: E402
-from tiny_models import write_gguf  # noqa: E402
+from support.tiny_models import write_gguf  # noqa: E402
 
 from caravan.pipeline.loader import load_model  # noqa: E402
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node_processes import NodeProcess  # noqa: E402
-from test_serve import MODEL, Server  # noqa: E402
+from support.nodes import NodeProcess  # noqa: E402
+from support.serve import MODEL, Server  # noqa: E402
 
 TOKENS = 64
 STREAMS = (1, 4, 8, 16)

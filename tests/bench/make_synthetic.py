@@ -9,7 +9,7 @@ Llama-2-7B's (4096, 11008, 32, 32, 32), vocabulary 32000. Every matrix is in the
 (and the K-quants' 6-bit sub-block scales) chosen so each matrix has about 1/sqrt(fan-in)
 spread, written as raw blocks through gguf.GGUFWriter (no quantization pass, so 7B takes
 seconds, not an hour); norms are F32 ones. The tokenizer is the tiny byte-level BPE of
-tests/tiny_models.py padded with unused tokens up to the vocabulary size.
+tests/support/tiny_models.py padded with unused tokens up to the vocabulary size.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caravan.pipeline.model import ModelConfig, layer_tensor_shapes  # noqa: E402
 from caravan.pipeline.quants import SUPPORTED_TYPES  # noqa: E402
 from caravan.pipeline.speed import random_blocks  # noqa: E402
-from tiny_models import llama_metadata, tiny_vocabulary, write_gguf  # noqa: E402
+from support.tiny_models import llama_metadata, tiny_vocabulary, write_gguf  # noqa: E402
 
 SIZES = {  # dim, hidden_dim, n_layers, n_heads, n_kv_heads
     "1b": (2048, 5632, 22, 32, 4),

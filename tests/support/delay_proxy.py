@@ -2,7 +2,7 @@
 each direction, to stand in for a LAN between Pis where `tc netem` is not available (this
 machine's kernel has no sch_netem).
 
-    python tests/delay_proxy.py TARGET_HOST:PORT DELAY_MS RATE_MBIT
+    python tests/support/delay_proxy.py TARGET_HOST:PORT DELAY_MS RATE_MBIT
 
 Prints `listening on 127.0.0.1:PORT`, then forwards until killed. Threads and time.sleep, not
 asyncio: the event loop rounds timeouts up to whole milliseconds, five times the delay.
