@@ -5,12 +5,14 @@ what it sends, and the node's own edges (session ids, its cache directory, SIGTE
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from typing import Iterator
 
 import grpc
 import numpy as np
@@ -43,10 +45,31 @@ def model(tiny_q8_path):
     return load_model(tiny_q8_path)
 
 
-def start_node(tmp_path, **settings):
+@contextlib.contextmanager
+def loaded_node(model, tmp_path, **settings) -> Iterator[tuple[NodeClient, object]]:
+    """(client, servicer) of a node in this process holding LAYERS, stopped on the way out."""
     server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=tmp_path,
                                                         **settings))
-    return server, NodeClient(f"127.0.0.1:{port}"), servicer
+    client = NodeClient(f"127.0.0.1:{port}")
+    try:
+        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+        yield client, servicer
+    finally:
+        client.close()
+        server.stop(0)
+
+
+@contextlib.contextmanager
+def coordinator_process(address: str) -> Iterator[subprocess.Popen]:
+    """A coordinator in a process of its own holding COORDINATOR's sessions on the node."""
+    coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, address], stdout=subprocess.PIPE, text=True)
+    try:
+        assert coordinator.stdout.readline().strip() == "ready"
+        yield coordinator
+    finally:
+        coordinator.kill()
+        coordinator.wait()
+        coordinator.stdout.close()
 
 
 def forward_request(i: int, session: str, rows: int = 2) -> pb.ForwardRequest:
@@ -67,6 +90,12 @@ class Stream:
 
     def close(self) -> None:
         self.requests.put(None)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # --- 6: sessions belong to their coordinator's streams, and stop at a cap --------------------
@@ -94,20 +123,11 @@ COORDINATOR = textwrap.dedent("""
 
 
 def test_a_killed_coordinators_sessions_go_with_it(model, tmp_path):
-    server, client, _ = start_node(tmp_path)
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
-        coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, client.address], stdout=subprocess.PIPE,
-                                       text=True)
-        try:
-            assert coordinator.stdout.readline().strip() == "ready"
+    with loaded_node(model, tmp_path) as (client, _):
+        with coordinator_process(client.address) as coordinator:
             assert client.info().sessions == 5  # a, b, c, a2 on the chain; raw on the stream
             coordinator.kill()  # SIGKILL: no EndSession, no goodbye
-            coordinator.wait()
             seconds = wait_for(lambda: client.info().sessions == 0, 5)
-        finally:
-            coordinator.kill()
-            coordinator.stdout.close()
         print(f"sessions gone {seconds:.2f} s after the coordinator was killed")
         # A new coordinator on the same layers starts clean, and closing its stage ends its sessions.
         assert client.load(model.file, SHA, model.config, LAYERS, N_CTX).source == "loaded"
@@ -116,38 +136,21 @@ def test_a_killed_coordinators_sessions_go_with_it(model, tmp_path):
         assert client.info().sessions == 1
         stage.close()
         wait_for(lambda: client.info().sessions == 0, 5)
-    finally:
-        client.close()
-        server.stop(0)
 
 
 def test_a_frozen_coordinators_sessions_go_after_the_keepalive(model, tmp_path):
     """A coordinator that stops answering without closing its connection (frozen, unplugged):
     the node's own keepalive pings go unanswered and its streams end."""
-    server, client, _ = start_node(tmp_path)
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
-        coordinator = subprocess.Popen([sys.executable, "-c", COORDINATOR, client.address], stdout=subprocess.PIPE,
-                                       text=True)
-        try:
-            assert coordinator.stdout.readline().strip() == "ready"
-            coordinator.send_signal(signal.SIGSTOP)  # its sockets stay open; nothing answers on them
-            seconds = wait_for(lambda: client.info().sessions == 0, 4 * PEER_KEEPALIVE_MS / 1e3)
-        finally:
-            coordinator.kill()
-            coordinator.stdout.close()
-        print(f"sessions gone {seconds:.1f} s after the coordinator froze")
-    finally:
-        client.close()
-        server.stop(0)
+    with loaded_node(model, tmp_path) as (client, _), coordinator_process(client.address) as coordinator:
+        coordinator.send_signal(signal.SIGSTOP)  # its sockets stay open; nothing answers on them
+        seconds = wait_for(lambda: client.info().sessions == 0, 4 * PEER_KEEPALIVE_MS / 1e3)
+    print(f"sessions gone {seconds:.1f} s after the coordinator froze")
 
 
 def test_a_session_taken_over_by_a_new_chain_stays_when_the_old_one_ends(model, tmp_path):
     """A re-plan's refill re-creates sessions under the same ids on a new chain before the old
     chain's stream has ended on the node: the old chain's end must not take them."""
-    server, client, _ = start_node(tmp_path)
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+    with loaded_node(model, tmp_path) as (client, _):
         old, new = RemoteStage(client, LAYERS, 64), RemoteStage(client, LAYERS, 64)
         batch = StageBatch((Segment("s", 0, 3),), np.ones((3, 64), np.float32))
         old.forward(batch)
@@ -157,18 +160,12 @@ def test_a_session_taken_over_by_a_new_chain_stays_when_the_old_one_ends(model, 
         assert client.info().sessions == 1
         new.close()
         wait_for(lambda: client.info().sessions == 0, 5)
-    finally:
-        client.close()
-        server.stop(0)
 
 
 def test_sessions_past_the_memory_cap_are_refused_by_name(model, tmp_path):
     weights = LocalStage.load(model.file, model.config, LAYERS, N_CTX).weight_bytes
     per_session = KVCache.bytes_for(len(LAYERS), model.config.kv_dim, N_CTX)
-    server, client, _ = start_node(tmp_path, memory_limit=weights + 3 * per_session + per_session // 2)
-    stream = Stream(client)
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+    with loaded_node(model, tmp_path, memory_limit=weights + 3 * per_session + per_session // 2) as (client, _), Stream(client) as stream:
         for i, session in enumerate("abc", start=1):
             assert stream.send(forward_request(i, session)).WhichOneof("result") == "hidden"
         reply = stream.send(forward_request(4, "d"))
@@ -182,58 +179,44 @@ def test_sessions_past_the_memory_cap_are_refused_by_name(model, tmp_path):
         client.end_session("b")
         assert stream.send(forward_request(6, "d")).WhichOneof("result") == "hidden"
         assert client.info().sessions == 3
-    finally:
-        stream.close()
-        client.close()
-        server.stop(0)
 
 
 def test_end_session_answers_while_batches_wait_for_the_kernels(model, tmp_path):
     """EndSession waits for no queue of batches (an EndSession that timed out behind them left
     its session behind)."""
-    server, client, servicer = start_node(tmp_path)
-    stream = Stream(client)
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+    with loaded_node(model, tmp_path) as (client, servicer), Stream(client) as stream:
         assert stream.send(forward_request(1, "a")).WhichOneof("result") == "hidden"
         with servicer._compute:  # as while other batches hold and wait for the kernels
             client.stub.EndSession(pb.EndSessionRequest(session_id="a"), timeout=1)
             assert client.info().sessions == 0
-    finally:
-        stream.close()
-        client.close()
-        server.stop(0)
 
 
 # --- 7: idle streams leave threads for short calls and health --------------------------------
 
 
 def test_idle_streams_cannot_starve_short_calls_or_health(model, tmp_path):
-    server, client, servicer = start_node(tmp_path)
     requests: queue.Queue = queue.Queue()  # never fed: every Forward stream stays idle
     calls = []
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
-        for i in range(40):
-            calls.append(client.stub.Forward(iter(requests.get, None)))
-            calls.append(client.stub.Results(pb.ResultsRequest(chain=f"idle{i}")))
-        wait_for(lambda: sum(call.done() for call in calls) == len(calls) - MAX_STREAMS_PER_PEER, 10)
-        refused = [call for call in calls if call.done()]
-        assert all(call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in refused)
-        assert "this node serves no more streams" in refused[0].details()
-        assert servicer.streams.open == MAX_STREAMS_PER_PEER
-        health = health_pb2_grpc.HealthStub(client.channel)
-        for call in (lambda: client.stub.Info(pb.InfoRequest(), timeout=1),
-                     lambda: client.stub.EndSession(pb.EndSessionRequest(session_id="x"), timeout=1),
-                     lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1)):
-            t0 = time.monotonic()
-            call()
-            assert time.monotonic() - t0 < 1
-    finally:
-        for call in calls:
-            call.cancel()
-        client.close()
-        server.stop(0)
+    with loaded_node(model, tmp_path) as (client, servicer):
+        try:
+            for i in range(40):
+                calls.append(client.stub.Forward(iter(requests.get, None)))
+                calls.append(client.stub.Results(pb.ResultsRequest(chain=f"idle{i}")))
+            wait_for(lambda: sum(call.done() for call in calls) == len(calls) - MAX_STREAMS_PER_PEER, 10)
+            refused = [call for call in calls if call.done()]
+            assert all(call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in refused)
+            assert "this node serves no more streams" in refused[0].details()
+            assert servicer.streams.open == MAX_STREAMS_PER_PEER
+            health = health_pb2_grpc.HealthStub(client.channel)
+            for call in (lambda: client.stub.Info(pb.InfoRequest(), timeout=1),
+                         lambda: client.stub.EndSession(pb.EndSessionRequest(session_id="x"), timeout=1),
+                         lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=1)):
+                t0 = time.monotonic()
+                call()
+                assert time.monotonic() - t0 < 1
+        finally:
+            for call in calls:
+                call.cancel()
 
 
 # --- 8: a peer without the token cannot make the node read what it sends ---------------------
@@ -275,10 +258,7 @@ def test_unauthenticated_calls_are_refused_before_their_body_is_read(tmp_path):
 
 
 def test_copy_session_ids_are_capped_as_forward_caps_them(model, tmp_path):
-    server, client, _ = start_node(tmp_path)
-    stream = Stream(client)
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
+    with loaded_node(model, tmp_path) as (client, _), Stream(client) as stream:
         assert stream.send(forward_request(1, "a")).WhichOneof("result") == "hidden"
         too_long = "t" * (wire.MAX_SESSION_ID + 1)
         for source, target in (("a", too_long), (too_long, "b"), ("a", "")):
@@ -288,10 +268,6 @@ def test_copy_session_ids_are_capped_as_forward_caps_them(model, tmp_path):
             assert f"session id must have 1 to {wire.MAX_SESSION_ID} characters" in caught.value.details()
         client.copy_session("a", "t" * wire.MAX_SESSION_ID, 1)  # the longest id is fine
         assert client.info().sessions == 2
-    finally:
-        stream.close()
-        client.close()
-        server.stop(0)
 
 
 def test_two_nodes_cannot_share_a_cache_directory(tmp_path):
