@@ -109,13 +109,18 @@ def exchange(server: Server, head: bytes, chunks=(), timeout: float = 20.0) -> b
             sock.setblocking(False)
         sock.setblocking(True)
         sock.settimeout(timeout)
-        answer = b""
-        try:
-            while data := sock.recv(65536):
-                answer += data
-        except ConnectionResetError:
-            pass
-        return answer
+        return read_to_end(sock)
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset ends it too)."""
+    answer = b""
+    try:
+        while data := sock.recv(65536):
+            answer += data
+    except ConnectionResetError:
+        pass
+    return answer
 
 
 def chunked(body: bytes, size: int = 65536) -> list[bytes]:
@@ -194,12 +199,8 @@ def test_silent_and_half_sent_connections_are_closed_and_a_real_request_gets_thr
     status, reply = post(server, "/completions", {"model": MODEL, "prompt": "Hello", "max_tokens": 2})
     assert status == 200 and reply["choices"]
     for kind, sock in socks:
-        answer = b""
         try:
-            while data := sock.recv(4096):
-                answer += data
-        except ConnectionResetError:
-            pass
+            answer = read_to_end(sock)
         except socket.timeout:
             pytest.fail(f"a {kind} connection was still open {time.monotonic() - opened:.1f} s after it opened")
         if kind == "half body":
