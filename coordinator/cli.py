@@ -13,6 +13,7 @@
     caravan serve                   OpenAI-compatible HTTP API (coordinator.server)
     caravan quantize IN OUT --type  a GGUF model written again in another format (pipeline.quantize)
     caravan token                   the cluster's join token (created if missing), and where it lives
+    caravan warmup [-m MODEL]       compile the kernels a model (or every format) needs, ahead of the first run
 
 run, chat and perplexity take --nodes HOST:PORT,... and/or --discover to spread the layers
 over worker nodes; without them every layer runs in this process.
@@ -49,7 +50,7 @@ from caravan.pipeline.model import ModelError
 from caravan.pipeline import perplexity
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
 from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
-from caravan.pipeline.quants import UnsupportedTypeError
+from caravan.pipeline.quants import SUPPORTED_TYPES, UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
@@ -334,11 +335,26 @@ def _add_tool_verbs(verbs, shared: SharedFlags) -> None:
                    help="skip the same run through llama.cpp (done when llama-cpp-python is installed)")
     p.set_defaults(func=cmd_bench)
 
+    p = verbs.add_parser("warmup", parents=[shared.common],
+                         help="compile the kernels of a model's formats (default: every format) ahead of the first run")
+    p.add_argument("--model", "-m", default=None, metavar="PATH|NAME", help="the model whose formats to compile")
+    p.add_argument("--types", type=_weight_types, default=None, metavar="TYPE,...",
+                   help=f"these formats instead ({', '.join(t.name for t in SUPPORTED_TYPES)})")
+    p.set_defaults(func=cmd_warmup)
+
     p = verbs.add_parser("token", parents=[shared.common],
                          help="print the cluster's join token (created if missing); stderr says where it lives")
     p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                    help="the token file (default: CACHE_DIR/cluster-token)")
     p.set_defaults(func=cmd_token)
+
+
+def _weight_types(text: str) -> list:
+    names = {t.name: t for t in SUPPORTED_TYPES}
+    wrong = [name for name in text.upper().split(",") if name not in names]
+    if wrong:
+        raise argparse.ArgumentTypeError(f"unknown format {wrong[0]} (known: {', '.join(names)})")
+    return [names[name] for name in text.upper().split(",")]
 
 
 def _lora_flag(text: str) -> tuple[Path, float]:
@@ -632,6 +648,28 @@ def cmd_quantize(args: argparse.Namespace, out: TextIO) -> int:
     _emit(out, f"{args.output}: {report.n_converted} of {report.n_tensors} tensors to {report.file_type} "
                f"({len(report.notes)} with another type, {report.n_kept} kept), "
                f"{report.bytes_in / 2**20:.1f} MiB -> {report.bytes_out / 2**20:.1f} MiB in {report.seconds:.1f} s")
+    return 0
+
+
+def cmd_warmup(args: argparse.Namespace, out: TextIO) -> int:
+    """Each format's kernels compiled (or found cached), a line per format with its time."""
+    from caravan.pipeline import warmup
+    from caravan.pipeline.loader import load_model
+
+    model = load_model(from_flags.model_path(args)) if args.model else None
+    config = model.config if model else warmup.GENERIC
+    formats = args.types or (warmup.model_formats(model.file) if model else list(SUPPORTED_TYPES))
+    announce = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    done = warmup.warm(config, formats, announce)
+    if model:
+        warmup.warm_head(model.head, config)
+    if args.json:
+        _emit(out, {"formats": [w.__dict__ for w in done], "cache": os.environ.get("NUMBA_CACHE_DIR")})
+        return 0
+    for w in done:
+        _emit(out, f"{w.format:<5} {'compiled' if w.compiled else 'cached':<8} {w.seconds:6.1f} s")
+    _emit(out, f"{sum(w.compiled for w in done)} of {len(done)} formats compiled, kernels in "
+               f"{os.environ.get('NUMBA_CACHE_DIR') or 'the source folders'}")
     return 0
 
 

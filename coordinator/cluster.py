@@ -31,7 +31,7 @@ from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.quants import SUPPORTED_TYPES, Activations, matmul, packed_nbytes
 from caravan.pipeline.speed import ms_per_layer
-from caravan.pipeline.stage import KVCache, LocalStage, Stage
+from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import auth, wire
 
@@ -262,8 +262,7 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 sources[node.address] = "local file"
                 continue
             pushed[node.address] = 0
-            with tqdm(total=None, unit="B", unit_scale=True, disable=not (progress and sys.stderr.isatty()), file=sys.stderr,
-                      desc=f"{node.name} layers {layers}", leave=False) as bar:
+            with _push_progress(model, layers, node.name, progress) as bar:
                 def sent(n: int, address: str = node.address) -> None:
                     pushed[address] += n
                     bar.update(n)
@@ -277,6 +276,36 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
         _close(stages, nodes)
         raise
     return Cluster(pipeline, plan, nodes, stages, sources, pushed)
+
+
+class _PushProgress:
+    """A progress bar of the bytes sent to one node, shown once bytes flow for more than a second
+    (a node that has the layers cached sends none, and gets no bar)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.bar: tqdm | None = None
+
+    def update(self, n: int) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, disable=not self.enabled, file=sys.stderr,
+                            desc=self.desc, delay=1.0, leave=False)
+        self.bar.update(n)
+
+    def __enter__(self) -> "_PushProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _push_progress(model: LoadedModel, layers: LayerRange, name: str, progress: bool) -> _PushProgress:
+    prefixes = tuple(f"blk.{i}." for i in range(layers.start, layers.stop))
+    total = sum(info.n_bytes for tensor, info in model.file.tensors.items() if tensor.startswith(prefixes))
+    size = f"{total / 1e6:.0f} MB" if total >= 10e6 else f"{total / 1e6:.1f} MB"
+    desc = f"sending layers {layers.start}-{layers.stop - 1}, {size}, to {name}"
+    return _PushProgress(total, desc, progress and sys.stderr.isatty())
 
 
 def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int, head: float) -> dict:

@@ -14,6 +14,7 @@ from typing import Iterator
 
 import numba
 
+from caravan.pipeline import warmup
 from caravan.pipeline.catalog import default_cache_dir, resolve_model
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel, load_model
@@ -107,6 +108,7 @@ def pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterat
     """Every layer in this process, or spread over the nodes given by --nodes / --discover
     (asked again at every re-plan, so a node that comes back is used)."""
     if not (args.nodes or args.discover):
+        _compile_kernels(args, model)
         yield model.local_pipeline(n_ctx)
         return
     n_ctx = model.context_size(n_ctx)
@@ -123,6 +125,19 @@ def pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterat
         yield cluster
     finally:
         cluster.close()
+
+
+def _compile_kernels(args: argparse.Namespace, model: LoadedModel) -> None:
+    """On a first run, compile the model's kernels before anything else, saying so on a terminal
+    (elsewhere in the log): otherwise the first prompt waits a minute or more in silence."""
+    cold = warmup.cold_formats(model.config, warmup.model_formats(model.file))
+    if not cold:
+        return
+    shown = not args.json and sys.stderr.isatty()
+    announce = (lambda line: print(line, file=sys.stderr, flush=True)) if shown else log.info
+    done = warmup.warm(model.config, cold, announce)
+    warmup.warm_head(model.head, model.config)
+    log.info("kernels compiled in %.1f s", sum(w.seconds for w in done))
 
 
 def _node_name(pipeline: ClusterPipeline, address: str) -> str:

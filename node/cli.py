@@ -26,6 +26,7 @@ import numba
 from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.gguf_file import GGUFError
 from caravan.pipeline.numba_config import NODE_SPIN, spin_briefly_when_idle
+from caravan.pipeline.warmup import nothing_compiled
 
 from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, check_token, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
@@ -132,6 +133,9 @@ def serve(args: argparse.Namespace) -> int:
             "state": STATE_NAMES[info.state],
         })
     print(f"caravan node {name} listening on {args.host}:{port}", flush=True)
+    if nothing_compiled():
+        log.info("no kernels compiled yet: the first coordinator waits while they compile (a minute or more per "
+                 "format on a Pi); `caravan warmup` compiles them ahead")
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -33,6 +33,7 @@ from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.model import ModelConfig
+from caravan.pipeline import warmup
 from caravan.pipeline.speed import ms_per_layer
 from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch
 from caravan.proto import caravan_pb2 as pb
@@ -156,7 +157,7 @@ class StageServicer(pb_grpc.StageServicer):
             ttype = wire.tensor_type(request.weight_type)
             key = (config, ttype)
             if key not in self._benchmarks:
-                self._benchmarks[key] = self._run(ms_per_layer, config, ttype)
+                self._benchmarks[key] = self._run(_benchmark, config, ttype)
         except Exception as exc:  # noqa: BLE001  (mapped to a status; the node keeps serving)
             _abort(context, exc)
         return pb.BenchmarkReply(ms_per_layer=self._benchmarks[key])
@@ -456,16 +457,28 @@ class StageServicer(pb_grpc.StageServicer):
         return pb.AdapterReply(bytes_received=expected)
 
 
+def _benchmark(config: ModelConfig, ttype) -> float:
+    """ms_per_layer, after compiling the format's kernels where this is their first run, saying so."""
+    warmup.warm(config, warmup.cold_formats(config, [ttype]), announce=log.info)
+    return ms_per_layer(config, ttype)
+
+
 def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: int) -> LocalStage:
     """Load the layers, then run a prefill and a decode step so every kernel is compiled (or
     read from Numba's cache) before the node says it is ready."""
     stage = LocalStage.load(source, config, layers, n_ctx)
+    formats = warmup.layer_formats(source, config, layers.start)
+    cold = warmup.cold_formats(config, formats)
+    if cold:
+        log.info("compiling kernels for %s, first run only", ", ".join(t.name for t in cold))
     rng = np.random.default_rng(0)
     rows = min(5, n_ctx - 1)
     for start, n in ((0, rows), (rows, 1)):
         hidden = rng.standard_normal((n, config.dim), dtype=np.float32)
         stage.forward(StageBatch((Segment("warm-up", start, n),), hidden))
     stage.end_session("warm-up")
+    for ttype in formats:
+        warmup.mark(config.arch, ttype)
     return stage
 
 
