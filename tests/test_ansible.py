@@ -124,6 +124,8 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
 
     units = prefix / "etc" / "systemd" / "system"
+    # The workers' kernels were compiled at install, where the node's own start finds them.
+    assert list((prefix / "opt" / "caravan" / "cache" / "numba").glob("*/warm/llama-Q4_1")), first.stdout[-4000:]
     token = prefix / "opt" / "caravan" / "cache" / "cluster-token"
     assert (token.stat().st_mode & 0o777) == 0o600
     assert token.read_text().strip() == (tmp_path / "credentials" / "cluster-token").read_text().strip()
