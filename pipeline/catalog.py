@@ -157,7 +157,8 @@ def resolve_model(name_or_path: str, cache_dir: Path, progress: bool = True, fet
     remote = _remote(name_or_path)
     if remote is not None:
         target = Path(cache_dir) / "models" / remote.file_name
-        if not (fetch or not remote.hub or target.is_file()):
+        is_url = "://" in name_or_path  # never a mistyped local path
+        if not (fetch or is_url or target.is_file()):
             raise PullError(f"no such file: {name_or_path}; to fetch it from Hugging Face, "
                             f"run `caravan pull {name_or_path}`")
         return pull_remote(remote, cache_dir, progress)

@@ -54,10 +54,11 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HF_PATH = re.compile(
-    r"(?:(?:https?://)?(?:hf\.co|huggingface\.co)/)?"
-    r"(?P<owner>[\w.-]+)/(?P<repo>[\w.-]+)(?:@(?P<rev1>[\w.-]+))?/(?P<file>[^@]+\.gguf)(?:@(?P<rev2>[\w./-]+))?",
+    r"(?:hf\.co/|huggingface\.co/)?"
+    r"(?P<owner>[\w.-]+)/(?P<repo>[\w.-]+)(?:@(?P<rev1>[\w.-]+))?/(?P<file>[^@:]+\.gguf)(?:@(?P<rev2>[\w./-]+))?",
     re.IGNORECASE,
 )
+_HUB_HOSTS = ("huggingface.co", "hf.co")
 
 
 class DownloadError(RuntimeError):
@@ -74,7 +75,7 @@ class Remote:
     url: str
     file_name: str  # the file's name in the cache
     sha256: str | None  # given with the spec (#sha256=), else learnt from the server's headers
-    hub: bool  # a Hugging Face path: the Hub's headers carry the digest
+    hub: bool  # on the Hub (a Hugging Face path, or a URL of its host): its headers carry the digest
 
     def with_sha256(self, headers: list[email.message.Message]) -> str | None:
         """The expected digest: the spec's own, else the Hub's `X-Linked-Etag` or `ETag`."""
@@ -100,13 +101,16 @@ def parse_remote(spec: str, environ: Mapping[str, str] = os.environ) -> Remote |
     parts = urlsplit(spec)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         return None
+    hub = parts.hostname in (*_HUB_HOSTS, urlsplit(environ.get(HF_ENDPOINT_ENV) or HF_ENDPOINT).hostname)
+    if hub and "/blob/" in parts.path:  # the file's web page on the Hub: its bytes are under /resolve/
+        parts = parts._replace(path=parts.path.replace("/blob/", "/resolve/", 1))
     digest = None
     if parts.fragment:
         key, _, value = parts.fragment.partition("=")
         if key != "sha256" or not _SHA256.fullmatch(value.lower()):
             raise DownloadError(f"{spec}: the URL's fragment must be #sha256=<64 hex digits>, got #{parts.fragment}")
         digest = value.lower()
-    return Remote(spec, parts._replace(fragment="").geturl(), _file_name(spec, unquote(parts.path)), digest, False)
+    return Remote(spec, parts._replace(fragment="").geturl(), _file_name(spec, unquote(parts.path)), digest, hub)
 
 
 def _file_name(spec: str, path: str) -> str:

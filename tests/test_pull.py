@@ -150,6 +150,9 @@ def test_parse_remote_maps_hub_paths_and_urls(monkeypatch):
     assert parse_remote("o/r@abc/f.gguf").url == "http://127.0.0.1:9/o/r/resolve/abc/f.gguf"
     url = parse_remote("https://example.org/m/x%20y.gguf#sha256=" + "A" * 64)
     assert (url.url, url.file_name, url.sha256, url.hub) == ("https://example.org/m/x%20y.gguf", "x y.gguf", "a" * 64, False)
+    page = parse_remote("https://huggingface.co/o/r/blob/main/f.gguf")  # the file's web page, as users copy it
+    assert (page.url, page.hub) == ("https://huggingface.co/o/r/resolve/main/f.gguf", True)
+    assert parse_remote("hf.co/o/r/f.gguf").url == "http://127.0.0.1:9/o/r/resolve/main/f.gguf"
     assert parse_remote("smollm2-135m-instruct") is None and parse_remote("./models/x.gguf") is None
     with pytest.raises(download_module.DownloadError, match="does not name a .gguf file"):
         parse_remote("https://example.org/models/")
