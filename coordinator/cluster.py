@@ -8,14 +8,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import platform
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import psutil
 from gguf import GGMLQuantizationType as QT
 from tqdm import tqdm
 
+from caravan.pipeline import warmup
 from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel
@@ -143,10 +146,37 @@ def measure(nodes: list[Node], model: LoadedModel) -> None:
     weight_type = layer_weight_type(model)
     for node in nodes:
         if node.client is None:
+            warmup.warm(model.config, warmup.cold_formats(model.config, [weight_type]), say)
             node.ms_per_layer = ms_per_layer(model.config, weight_type)
         else:
-            node.ms_per_layer = node.client.benchmark(model.config, int(weight_type))
+            with _said_after(SLOW_S, f"waiting for {node.name} to time its {weight_type.name} kernels (the first "
+                                     "time, it compiles them: a minute or more on a Pi; `caravan warmup` there "
+                                     "does it ahead)"):
+                node.ms_per_layer = node.client.benchmark(model.config, int(weight_type))
             node.rtt_ms = node.client.round_trip_ms()
+
+
+SLOW_S = 1.0  # a wait longer than this is explained, or shown as a progress bar
+
+
+def say(line: str) -> None:
+    """A line for the user waiting at a terminal; elsewhere (a service, a test) a log line."""
+    if sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
+    else:
+        log.info("%s", line)
+
+
+@contextlib.contextmanager
+def _said_after(seconds: float, line: str) -> Iterator[None]:
+    """`line` is said if the block takes longer than `seconds`."""
+    timer = threading.Timer(seconds, say, (line,))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def survey_node(address: str, token: str | None, tls: auth.TLSFiles | None, model: LoadedModel) -> dict:
@@ -289,7 +319,7 @@ class _PushProgress:
     def update(self, n: int) -> None:
         if self.bar is None:
             self.bar = tqdm(total=self.total, unit="B", unit_scale=True, disable=not self.enabled, file=sys.stderr,
-                            desc=self.desc, delay=1.0, leave=False)
+                            desc=self.desc, delay=SLOW_S, leave=False)
         self.bar.update(n)
 
     def __enter__(self) -> "_PushProgress":

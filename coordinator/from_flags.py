@@ -22,7 +22,7 @@ from caravan.pipeline.lora import LoraAdapter, LoraError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
 
-from .cluster import LOCAL, Node, close_nodes, connect, measure, parse_nodes
+from .cluster import LOCAL, Node, close_nodes, connect, measure, parse_nodes, say
 from .discovery import discover
 from .failover import ClusterPipeline
 from .remote import NodeError
@@ -133,9 +133,7 @@ def _compile_kernels(args: argparse.Namespace, model: LoadedModel) -> None:
     cold = warmup.cold_formats(model.config, warmup.model_formats(model.file))
     if not cold:
         return
-    shown = not args.json and sys.stderr.isatty()
-    announce = (lambda line: print(line, file=sys.stderr, flush=True)) if shown else log.info
-    done = warmup.warm(model.config, cold, announce)
+    done = warmup.warm(model.config, cold, log.info if args.json else say)
     warmup.warm_head(model.head, model.config)
     log.info("kernels compiled in %.1f s", sum(w.seconds for w in done))
 

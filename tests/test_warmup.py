@@ -15,7 +15,7 @@ import time
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from caravan.coordinator.cluster import _push_progress
+from caravan.coordinator.cluster import _push_progress, _said_after
 from caravan.pipeline import warmup
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.loader import load_model
@@ -120,3 +120,14 @@ def test_pushing_weights_shows_layers_bytes_and_node(tmp_path, monkeypatch):
     with _push_progress(model, LayerRange(0, 1), "piB", True) as bar:
         pass  # the layers were cached: no bytes, no bar
     assert bar.bar is None
+
+
+def test_a_long_wait_for_a_node_is_explained(caplog):
+    with caplog.at_level(logging.INFO, logger="caravan"):
+        with _said_after(0.05, "waiting for piA"):
+            pass
+        time.sleep(0.2)
+        assert "waiting for piA" not in caplog.text  # a quick answer needs no explanation
+        with _said_after(0.05, "waiting for piA"):
+            time.sleep(0.5)
+    assert "waiting for piA" in caplog.text
