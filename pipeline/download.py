@@ -188,11 +188,13 @@ def _fetch(remote: Remote, file: BinaryIO, progress: bool) -> str:
             if isinstance(exc, OSError) and exc.errno in NO_ROOM:
                 raise
             reason = getattr(exc, "reason", None) or exc
+            got = file.seek(0, os.SEEK_END)
+            if attempt == ATTEMPTS and not got:  # nothing to continue from: the part file goes
+                raise DownloadError(f"{remote.spec}: cannot download it ({reason})") from None
             if attempt == ATTEMPTS:
-                raise DownloadInterrupted(f"{remote.spec}: download stopped at {file.tell()} bytes ({reason}); "
+                raise DownloadInterrupted(f"{remote.spec}: download stopped at {got} bytes ({reason}); "
                                           "run the same pull again to continue") from None
-            log.warning("%s: connection lost at %d bytes (%s); continuing in %.1f s",
-                        remote.spec, file.tell(), reason, pause)
+            log.warning("%s: %s after %d bytes; trying again in %.1f s", remote.spec, reason, got, pause)
             time.sleep(pause)
             pause *= 2
     file.flush()

@@ -232,6 +232,8 @@ def test_an_html_page_a_404_and_a_non_gguf_url_are_one_line_each(env, hub):
     one_error_line(caravan(env, "pull", "owner/repo/missing.gguf"), "not found (HTTP 404")
     one_error_line(caravan(env, "pull", f"{hub.endpoint}/files/"), "does not name a .gguf file")
     one_error_line(caravan(env, "rm", "../hashes.json"), "not a model in the cache")
+    closed = hub.endpoint.rsplit(":", 1)[0] + ":1/tiny.gguf"  # nothing listens on port 1
+    one_error_line(caravan(env, "pull", closed), "cannot download it", "Connection refused")
     assert models_dir(env) == []
 
 
