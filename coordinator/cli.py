@@ -26,6 +26,7 @@ progress, logging and errors go to stderr. An expected failure is one line
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import ipaddress
 import json
@@ -664,7 +665,7 @@ def cmd_warmup(args: argparse.Namespace, out: TextIO) -> int:
     if model:
         warmup.warm_head(model.head, config)
     if args.json:
-        _emit(out, {"formats": [w.__dict__ for w in done], "cache": os.environ.get("NUMBA_CACHE_DIR")})
+        _emit(out, {"formats": [dataclasses.asdict(w) for w in done], "cache": os.environ.get("NUMBA_CACHE_DIR")})
         return 0
     for w in done:
         _emit(out, f"{w.format:<5} {'compiled' if w.compiled else 'cached':<8} {w.seconds:6.1f} s")
