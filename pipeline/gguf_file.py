@@ -308,6 +308,9 @@ class GGUFFile:
         does after quantizing it; a later read maps them in again from the file."""
         release_pages(self._map, self.tensors[name])
 
+    def __repr__(self) -> str:
+        return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} keys)"
+
 
 def release_pages(mapped: mmap.mmap, info: TensorInfo) -> None:
     """Drop the pages holding a tensor from a file mapping (MADV_DONTNEED): a later read maps
@@ -316,9 +319,6 @@ def release_pages(mapped: mmap.mmap, info: TensorInfo) -> None:
     end = min(-(-(info.offset + info.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapped))
     if hasattr(mmap, "MADV_DONTNEED") and end > start:
         mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
-
-    def __repr__(self) -> str:
-        return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} keys)"
 
 
 def tensor_view(buffer, info: TensorInfo) -> np.ndarray:

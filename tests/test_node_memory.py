@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -14,16 +13,15 @@ from gguf import GGMLQuantizationType as QT
 
 from caravan.coordinator.remote import NodeClient, NodeError
 from caravan.node.server import NodeSettings, create_server
+from caravan.node.server import _load_and_warm_up as load_and_warm_up
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import KVCache, LayerRange
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto.wire import NODE_RUNTIME_BYTES
 
+from bench.make_synthetic import synthetic_llama
 from support.nodes import NodeProcess, cluster_token
-
-sys.path.insert(0, str(Path(__file__).parent / "bench"))
-from make_synthetic import synthetic_llama  # noqa: E402
-from support.tiny_models import write_gguf  # noqa: E402
+from support.tiny_models import write_gguf
 
 SHA = "cd" * 32
 N_CTX = 64
@@ -57,7 +55,11 @@ def synthetic(tmp_path_factory):
     """A Q4_0 model of 1.1B's shapes with 6 layers (about 150 MiB of layers)."""
     path = tmp_path_factory.mktemp("synthetic") / "synthetic-0.4b.gguf"
     write_gguf(path, *synthetic_llama("0.4b", QT.Q4_0))
-    return load_model(path)
+    model = load_model(path)
+    # Compiled here, a node reads the kernels from the cache: compiling them in the node
+    # would take memory of its own, while it is measured.
+    load_and_warm_up(model.file, model.config, LayerRange(0, 1), N_CTX)
+    return model
 
 
 @contextlib.contextmanager
