@@ -44,8 +44,8 @@ WEIGHT_CHUNK_BYTES = 1 << 20
 KEEPALIVE_MS = 2000
 
 # What a node's own process takes beside its layers and KV caches (Python, Numba, gRPC,
-# scratch), measured in the README: the planner leaves it free on every node, and a node
-# counts it against its --memory-limit.
+# scratch; measured in tests/bench/RESULTS.md): the planner leaves it free on every node, and
+# a node counts it against its --memory-limit.
 NODE_RUNTIME_BYTES = 300 << 20
 
 
