@@ -227,7 +227,10 @@ def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int) -> Plan:
     for node in nodes:
         if math.isnan(node.ms_per_layer):
             raise ValueError(f"node {node.label} has not been measured")
-        capacities.append(NodeCapacity(node.address, node.ms_per_layer, node.info.memory_available, node.rtt_ms))
+        # A node's layers and KV caches go when it loads new ones: that memory is free to a plan.
+        info = node.info
+        free = info.memory_available + info.weight_bytes + info.kv_cache_bytes
+        capacities.append(NodeCapacity(node.address, node.ms_per_layer, free, node.rtt_ms))
     return plan_layers(capacities, model_cost(model, n_ctx))
 
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from caravan.pipeline.stage import LayerRange
+from caravan.proto.wire import NODE_RUNTIME_BYTES
 
 MIB = 1 << 20
-NODE_RUNTIME_BYTES = 300 * MIB  # Python, Numba, gRPC and scratch on a node, measured in the README
 
 
 class PlanError(ValueError):

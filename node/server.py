@@ -132,12 +132,11 @@ class StageServicer(pb_grpc.StageServicer):
         mem = psutil.virtual_memory()
         with self._lock:
             stage, loaded, state, error = self._stage, self._loaded, self._state, self._error
-        weights = stage.weight_bytes if stage else 0
-        kv = sum(c.nbytes for c in list(stage.sessions.values())) if stage else 0
+        weights, kv = _held(stage)
         info = pb.NodeInfo(
             protocol_version=wire.PROTOCOL_VERSION, version=VERSION, node_id=self.node_id,
             name=self.settings.name, memory_total=self._capped(mem.total),
-            memory_available=self._capped(mem.available + weights + kv),
+            memory_available=max(0, self._capped(mem.available + weights + kv) - weights - kv),
             cores=os.cpu_count() or 1, threads=self.threads, architecture=platform.machine(),
             state=state, local_model_sha256=self.local_sha256, error=error,
             max_message_bytes=wire.MAX_MESSAGE_BYTES, rss_bytes=psutil.Process().memory_info().rss,
@@ -150,6 +149,33 @@ class StageServicer(pb_grpc.StageServicer):
     def _capped(self, n_bytes: int) -> int:
         limit = self.settings.memory_limit
         return n_bytes if limit is None else min(n_bytes, limit)
+
+    def _room(self, held: int) -> int:
+        """Bytes for layers and KV caches, counting as free the `held` bytes a new load lets go:
+        what the machine has free, and within --memory-limit once the runtime is counted
+        (without a limit the runtime is in use already, not in what the machine has free)."""
+        room = psutil.virtual_memory().available + held
+        limit = self.settings.memory_limit
+        return room if limit is None else min(room, limit - wire.NODE_RUNTIME_BYTES)
+
+    def _check_room(self, manifest: RangeManifest, kv_dim: int, n_ctx: int) -> None:
+        """Refuse layers whose weights and one full KV cache would not fit (MemoryError)."""
+        with self._lock:
+            held = sum(_held(self._stage))
+        weights = manifest.packed_bytes
+        kv = KVCache.bytes_for(len(manifest.layers), kv_dim, n_ctx)
+        room = self._room(held)
+        if weights + kv <= room:
+            return
+        limit = self.settings.memory_limit
+        if limit is not None and room == limit - wire.NODE_RUNTIME_BYTES:
+            has = f"its --memory-limit is {limit >> 20} MiB, {wire.NODE_RUNTIME_BYTES >> 20} MiB of it for the runtime"
+        else:
+            has = f"it has {room >> 20} MiB free"
+        raise MemoryError(
+            f"layers {manifest.layers} need {(weights + kv) >> 20} MiB ({weights >> 20} MiB of "
+            f"weights, {kv >> 20} MiB of KV cache for {n_ctx} tokens); {has}: give it fewer layers, a shorter "
+            "context, or more memory")
 
     def Benchmark(self, request, context):
         try:
@@ -173,11 +199,7 @@ class StageServicer(pb_grpc.StageServicer):
         layers = LayerRange(request.layer_start, request.layer_stop)
         entries = [(t.name, t.type, tuple(t.shape), t.n_bytes) for t in request.tensors]
         manifest = RangeManifest.build(request.model_sha256, config, layers, entries)
-        needed = manifest.n_bytes + KVCache.bytes_for(len(layers), config.kv_dim, request.n_ctx)
-        available = self._capped(psutil.virtual_memory().available + (self._stage.weight_bytes if self._stage else 0))
-        if needed > available:
-            raise MemoryError(f"layers {layers} need {needed >> 20} MiB with a {request.n_ctx}-token context; "
-                              f"this node has {available >> 20} MiB free")
+        self._check_room(manifest, config.kv_dim, request.n_ctx)
         return config, manifest
 
     def _already_loaded(self, request: pb.LoadRequest) -> bool:
@@ -254,7 +276,10 @@ class StageServicer(pb_grpc.StageServicer):
         except Exception as exc:
             self._set_state(pb.NODE_STATE_FAILED, f"loading layers {manifest.layers} failed: {exc}")
             raise
-        room = self._capped(psutil.virtual_memory().available + stage.weight_bytes) - stage.weight_bytes
+        finally:
+            if isinstance(source, CachedLayers):
+                source.close()
+        room = self._room(stage.weight_bytes) - stage.weight_bytes
         cap = SessionCap(KVCache.bytes_for(len(stage.layers), config.kv_dim, n_ctx), room, n_ctx)
         with self._lock:
             self._stage, self._loaded, self._cap = stage, (manifest.model_sha256, manifest.layers, n_ctx), cap
@@ -461,6 +486,13 @@ def _benchmark(config: ModelConfig, ttype) -> float:
     """ms_per_layer, after compiling the format's kernels where this is their first run, saying so."""
     warmup.warm(config, warmup.cold_formats(config, [ttype]), announce=log.info)
     return ms_per_layer(config, ttype)
+
+
+def _held(stage: LocalStage | None) -> tuple[int, int]:
+    """(weight bytes, KV cache bytes) a stage holds."""
+    if stage is None:
+        return 0, 0
+    return stage.weight_bytes, sum(c.nbytes for c in list(stage.sessions.values()))
 
 
 def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: int) -> LocalStage:

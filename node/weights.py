@@ -31,9 +31,9 @@ from typing import IO
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from caravan.pipeline.gguf_file import GGUFError, TensorInfo, tensor_nbytes, tensor_view
+from caravan.pipeline.gguf_file import GGUFError, TensorInfo, release_pages, tensor_nbytes, tensor_view
 from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
-from caravan.pipeline.quants import SUPPORTED_TYPES, supported_names
+from caravan.pipeline.quants import SUPPORTED_TYPES, packed_nbytes, supported_names
 from caravan.pipeline.stage import LayerRange
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ class RangeManifest:
     @property
     def n_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)
+
+    @property
+    def packed_bytes(self) -> int:
+        """The tensors' bytes as the kernels hold them, as the coordinator's plan counts them."""
+        return sum(packed_nbytes(t.type, t.n_rows, t.shape[0]) if len(t.shape) == 2 else t.n_bytes
+                   for t in self.tensors)
 
     @classmethod
     def build(cls, model_sha256: str, config: ModelConfig, layers: LayerRange,
@@ -135,10 +141,13 @@ def lock_cache_dir(cache_dir: Path) -> IO[str] | None:
 
 
 class CachedLayers:
-    """A TensorSource over cached layers, each memory-mapped from its weights.bin."""
+    """A TensorSource over cached layers, each memory-mapped from its weights.bin. Once the
+    layers are copied out, close() unmaps the files and drops their pages, so the node holds
+    one copy of its weights, not also the file's (as the one-process loader does)."""
 
     def __init__(self, directories: list[Path]):
         self._tensors: dict[str, tuple[mmap.mmap | None, TensorInfo]] = {}
+        self._files: list[tuple[Path, mmap.mmap]] = []
         for directory in directories:
             meta = json.loads((directory / "manifest.json").read_text())
             config = ModelConfig.from_dict(meta["config"])
@@ -150,6 +159,7 @@ class CachedLayers:
                 raise WeightError(f"{path}: {path.stat().st_size} bytes, the manifest says {manifest.n_bytes}")
             with open(path, "rb") as f:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._files.append((path, data))
             for info in manifest.tensors:
                 self._tensors[info.name] = (data, info)
 
@@ -158,8 +168,46 @@ class CachedLayers:
         return None if entry is None else entry[1].type
 
     def tensor_data(self, name: str) -> np.ndarray:
+        """A view of a matrix's bytes; a copy of a vector's (norms and biases are kept as read,
+        and a view would keep its file mapped)."""
         data, info = self._tensors[name]
-        return tensor_view(data, info)
+        view = tensor_view(data, info)
+        return view.copy() if view.ndim == 1 else view
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's pages from this process once it was repacked (GGUFFile.release)."""
+        data, info = self._tensors[name]
+        release_pages(data, info)
+
+    def close(self) -> None:
+        """Unmap every file and drop its pages from the page cache: the layers were copied."""
+        for path, data in self._files:
+            if hasattr(mmap, "MADV_DONTNEED"):
+                data.madvise(mmap.MADV_DONTNEED)  # a page still mapped stays in the page cache
+            try:
+                data.close()
+            except BufferError:  # an array still refers to it: its pages come back if read
+                log.debug("%s stays mapped: an array still refers to it", path)
+            drop_page_cache(path)
+        self._files.clear()
+        self._tensors.clear()
+
+
+def drop_page_cache(path: Path) -> None:
+    """Ask the kernel to drop the file's cached pages (those not yet written back go once they
+    are): bytes a Pi's memory need not hold once they were copied."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as exc:
+        log.debug("cannot drop the cached pages of %s: %s", path, exc)
+    finally:
+        os.close(fd)
 
 
 class WeightCache:

@@ -306,14 +306,19 @@ class GGUFFile:
     def release(self, name: str) -> None:
         """Drop the pages of a tensor from this process's memory, as llama.cpp's unmap_weight
         does after quantizing it; a later read maps them in again from the file."""
-        info = self.tensors[name]
-        start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
-        end = min(-(-(info.offset + info.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE, self.file_size)
-        if hasattr(mmap, "MADV_DONTNEED") and end > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        release_pages(self._map, self.tensors[name])
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors, {len(self.metadata)} keys)"
+
+
+def release_pages(mapped: mmap.mmap, info: TensorInfo) -> None:
+    """Drop the pages holding a tensor from a file mapping (MADV_DONTNEED): a later read maps
+    them in again from the file."""
+    start = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(-(-(info.offset + info.n_bytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mapped))
+    if hasattr(mmap, "MADV_DONTNEED") and end > start:
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def tensor_view(buffer, info: TensorInfo) -> np.ndarray:

@@ -43,6 +43,11 @@ WEIGHT_CHUNK_BYTES = 1 << 20
 # (unplugged, frozen) is noticed within KEEPALIVE_MS * 2 even while no batch is in flight.
 KEEPALIVE_MS = 2000
 
+# What a node's own process takes beside its layers and KV caches (Python, Numba, gRPC,
+# scratch; measured in tests/bench/RESULTS.md): the planner leaves it free on every node, and
+# a node counts it against its --memory-limit.
+NODE_RUNTIME_BYTES = 300 << 20
+
 
 def client_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
     """Options of a channel to a node: the coordinator's, and a node's to the next of a chain."""

@@ -45,6 +45,21 @@ def test_yamllint_and_ansible_lint_and_syntax():
         assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_a_model_in_a_home_folder_stays_readable_to_serve():
+    """ProtectHome=true would hide a model under /home from caravan-serve: the unit makes it read-only."""
+    jinja2 = pytest.importorskip("jinja2")
+    template = (ANSIBLE / "roles" / "coordinator" / "templates" / "caravan-serve.service.j2").read_text()
+    settings = dict(ansible_managed="test", caravan_user="caravan", caravan_cache_dir="/opt/caravan/cache",
+                    caravan_venv="/opt/caravan/venv", caravan_home="/opt/caravan", caravan_serve_host="127.0.0.1",
+                    caravan_serve_port=8080, caravan_ctx=2048, caravan_threads=4, caravan_serve_max_connections=1000,
+                    coordinator_nodes="pi2:50051", caravan_api_key="", coordinator_api_key_file="")
+    render = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render
+    for model, protect in (("/home/pi/models/my.gguf", "read-only"), ("/opt/caravan/cache/models/my.gguf", "true"),
+                           ("smollm2-135m-instruct", "true")):
+        unit = render(coordinator_model=model, **settings)
+        assert f"--model {model} " in unit and f"\nProtectHome={protect}\n" in unit, unit
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,7 +124,7 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
     prefix = tmp_path / "prefix"
     extra = {
         "caravan_prefix": str(prefix), "caravan_manage_services": False, "caravan_manage_packages": False,
-        "caravan_venv_site_packages": True, "caravan_model": str(smollm2_path), "caravan_threads": 1,
+        "caravan_venv_site_packages": True, "caravan_model_file": str(smollm2_path), "caravan_threads": 1,
         "caravan_node_port": node_port, "caravan_token_file": str(tmp_path / "credentials" / "cluster-token"),
         "caravan_archive": str(tmp_path / "caravan-src.tar"), "caravan_api_key": "test-api-key",
     }
@@ -151,6 +166,11 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
     max_connections = int(serve_argv[serve_argv.index("--max-connections") + 1])
     nofile = int(next(line.split("=", 1)[1] for line in serve_unit.splitlines() if line.startswith("LimitNOFILE=")))
     assert nofile > max_connections
+
+    # A model file of the machine running Ansible is copied into the coordinator's cache, for serve.
+    model = prefix / "opt" / "caravan" / "cache" / "models" / smollm2_path.name
+    assert model.stat().st_size == smollm2_path.stat().st_size and (model.stat().st_mode & 0o777) == 0o640
+    assert serve_argv[serve_argv.index("--model") + 1] == str(model) and "ProtectHome=true" in serve_unit
 
     argv, unit_env = unit_command(units / "caravan-node.service")
     assert argv[0] == str(prefix / "opt" / "caravan" / "venv" / "bin" / "caravan") and "--no-advertise" not in argv

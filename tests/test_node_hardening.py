@@ -165,7 +165,8 @@ def test_a_session_taken_over_by_a_new_chain_stays_when_the_old_one_ends(model, 
 def test_sessions_past_the_memory_cap_are_refused_by_name(model, tmp_path):
     weights = LocalStage.load(model.file, model.config, LAYERS, N_CTX).weight_bytes
     per_session = KVCache.bytes_for(len(LAYERS), model.config.kv_dim, N_CTX)
-    with loaded_node(model, tmp_path, memory_limit=weights + 3 * per_session + per_session // 2) as (client, _), Stream(client) as stream:
+    limit = wire.NODE_RUNTIME_BYTES + weights + 3 * per_session + per_session // 2
+    with loaded_node(model, tmp_path, memory_limit=limit) as (client, _), Stream(client) as stream:
         for i, session in enumerate("abc", start=1):
             assert stream.send(forward_request(i, session)).WhichOneof("result") == "hidden"
         reply = stream.send(forward_request(4, "d"))

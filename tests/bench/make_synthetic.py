@@ -1,7 +1,7 @@
 """Write a synthetic LLaMA-shaped GGUF model with random weights, for speed and memory at the
 sizes people run on Pis. Output quality does not matter: speed and memory do.
 
-    python tests/bench/make_synthetic.py OUT.gguf [--size 1b|7b] [--type Q4_0|Q4_K|BF16|...]
+    python tests/bench/make_synthetic.py OUT.gguf [--size 0.4b|1b|7b] [--type Q4_0|Q4_K|BF16|...]
 
 Shapes are TinyLlama-1.1B's (dim 2048, FFN 5632, 22 layers, 32 heads, 4 KV heads) and
 Llama-2-7B's (4096, 11008, 32, 32, 32), vocabulary 32000. Every matrix is in the one --type
@@ -29,6 +29,7 @@ from caravan.pipeline.speed import random_blocks  # noqa: E402
 from support.tiny_models import llama_metadata, tiny_vocabulary, write_gguf  # noqa: E402
 
 SIZES = {  # dim, hidden_dim, n_layers, n_heads, n_kv_heads
+    "0.4b": (2048, 5632, 6, 32, 4),  # 1b's layers, fewer: file pages a test can see, written in seconds
     "1b": (2048, 5632, 22, 32, 4),
     "7b": (4096, 11008, 32, 32, 32),
 }
