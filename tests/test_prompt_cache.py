@@ -1,0 +1,109 @@
+"""The prompt cache across requests (issue 24): a stage keeps finished sessions under a byte
+budget, least recently used first out, and later sessions copy from them and decode bit for
+bit as if they had computed the prefix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageError
+from support.stages import build, prompt
+
+N_CTX = 128
+
+
+def retired_bytes(stage: LocalStage, n_positions: int) -> int:
+    return KVCache.bytes_for(len(stage.layers), stage.config.kv_dim, n_positions)
+
+
+def filled(pipeline, session: str, n: int, seed: int = 0) -> np.ndarray:
+    ids = prompt(n, seed)
+    pipeline.forward([Segment(session, 0, n)], ids)
+    return ids
+
+
+def test_budget_is_respected_exactly_least_recently_used_first(tiny_q8_path):
+    pipeline = build(tiny_q8_path, n_ctx=N_CTX)
+    stage = pipeline.stages[0]
+    stage.prompt_cache.set_budget(retired_bytes(stage, 30))  # room for 30 positions in all
+    for name in "abc":
+        filled(pipeline, name, 12)
+    pipeline.retire_session("a", 10)
+    pipeline.retire_session("b", 10)
+    assert stage.prompt_cache.stats().bytes == retired_bytes(stage, 20)
+    stage.copy_session("a", "a2", 5)  # "a" is now the most recently used: "b" goes first
+    pipeline.retire_session("c", 12)
+    stats = stage.prompt_cache.stats()
+    assert "b" not in stage.prompt_cache and "a" in stage.prompt_cache and "c" in stage.prompt_cache
+    assert (stats.sessions, stats.tokens, stats.bytes) == (2, 22, retired_bytes(stage, 22))
+    assert stats.bytes <= stats.budget and stats.hits == 1 and stats.evictions == 1
+    assert set(stage.sessions) == {"a2"}  # retired sessions are not live ones
+
+
+def test_a_session_larger_than_the_budget_is_not_kept(tiny_q8_path):
+    pipeline = build(tiny_q8_path, n_ctx=N_CTX)
+    stage = pipeline.stages[0]
+    stage.prompt_cache.set_budget(retired_bytes(stage, 8))
+    filled(pipeline, "a", 9)
+    pipeline.retire_session("a", 9)
+    assert "a" not in stage.prompt_cache and not stage.sessions
+    assert stage.prompt_cache.stats().bytes == 0
+
+
+def test_budget_zero_keeps_nothing(tiny_q8_path):
+    pipeline = build(tiny_q8_path, n_ctx=N_CTX)  # LocalStage's default budget is 0
+    filled(pipeline, "a", 9)
+    pipeline.retire_session("a", 9)
+    with pytest.raises(StageError, match="unknown here"):
+        pipeline.copy_session("a", "b", 4)
+
+
+def test_a_copy_of_a_retired_session_decodes_as_if_it_had_computed_the_prefix(tiny_q8_path):
+    """The retired session keeps only the positions it was told are valid (a rejected draft
+    past them is cut), and a session copied from it goes on bit for bit as a fresh one."""
+    ids = prompt(40, seed=5)
+    fresh = build(tiny_q8_path, splits=[1, 2], n_ctx=N_CTX)
+    expected = fresh.forward([Segment("fresh", 0, len(ids))], ids)
+    pipeline = build(tiny_q8_path, splits=[1, 2], n_ctx=N_CTX)
+    for stage in pipeline.stages:
+        stage.prompt_cache.set_budget(1 << 30)
+    pipeline.forward([Segment("turn1", 0, 30)], ids[:30])
+    pipeline.forward([Segment("turn1", 30, 3)], np.array([1, 2, 3]))  # a draft the caller rejected
+    pipeline.retire_session("turn1", 30)
+    assert all(stage.prompt_cache.stats().tokens == 30 for stage in pipeline.stages)
+    with pytest.raises(StageError, match="cannot copy 31"):
+        pipeline.stages[0].copy_session("turn1", "turn2", 31)
+    pipeline.copy_session("turn1", "turn2", 30)
+    hidden = pipeline.forward([Segment("turn2", 30, 10)], ids[30:])
+    np.testing.assert_array_equal(hidden, expected[30:])
+    pipeline.copy_session("turn1", "turn3", 30)  # the retired session is never written: copy it again
+    np.testing.assert_array_equal(pipeline.forward([Segment("turn3", 30, 10)], ids[30:]), expected[30:])
+
+
+def test_retire_refuses_positions_never_computed_and_ends_the_session(tiny_q8_path):
+    pipeline = build(tiny_q8_path, n_ctx=N_CTX)
+    stage = pipeline.stages[0]
+    stage.prompt_cache.set_budget(1 << 30)
+    filled(pipeline, "a", 5)
+    with pytest.raises(StageError, match="cannot keep 6"):
+        stage.retire_session("a", 6)
+    assert "a" not in stage.sessions and "a" not in stage.prompt_cache
+    stage.retire_session("unknown", 3)  # nothing to keep: as end_session
+    filled(pipeline, "b", 5)
+    stage.retire_session("b", 5)
+    stage.end_session("b")  # ending a retired session drops it from the cache
+    assert stage.prompt_cache.stats().sessions == 0
+
+
+def test_shrink_makes_room_for_live_sessions_oldest_first(tiny_q8_path):
+    pipeline = build(tiny_q8_path, n_ctx=N_CTX)
+    stage = pipeline.stages[0]
+    evicted = []
+    stage.prompt_cache.set_budget(1 << 30)
+    stage.prompt_cache.on_evict = evicted.append
+    for name in "abc":
+        filled(pipeline, name, 10)
+        pipeline.retire_session(name, 10)
+    assert stage.prompt_cache.shrink_to(retired_bytes(stage, 15)) == ["a", "b"]
+    assert evicted == ["a", "b"] and stage.prompt_cache.stats().tokens == 10
