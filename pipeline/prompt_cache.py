@@ -16,6 +16,7 @@ the same way).
 from __future__ import annotations
 
 import collections
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -38,13 +39,13 @@ class CacheStats:
 
 
 class PromptCache:
-    """Retired sessions' KV caches in least recently used order, within `budget` bytes. Not
-    thread-safe: its stage calls it under its own lock."""
+    """Retired sessions' KV caches in least recently used order, within `budget` bytes."""
 
     def __init__(self, budget: int = 0, on_evict: Callable[[str], None] = lambda session_id: None):
         self.budget = budget
         self.on_evict = on_evict  # told each session dropped to stay within the budget
         self._held: collections.OrderedDict[str, object] = collections.OrderedDict()  # id -> KVCache, oldest first
+        self._lock = threading.RLock()  # a node makes room for live sessions outside its stage's lock
         self._bytes = 0
         self._tokens = 0
         self.hits = 0
@@ -56,49 +57,55 @@ class PromptCache:
     def put(self, session_id: str, cache, length: int) -> None:
         """Keep the first `length` positions of `cache` (a KVCache), copied to an exact fit, unless
         they alone exceed the budget; older sessions go until the rest fits."""
-        self.pop(session_id)
-        if length <= 0 or cache.nbytes_for(length) > self.budget:
-            return
-        kept = cache.trimmed(length)
-        self._held[session_id] = kept
-        self._bytes += kept.nbytes
-        self._tokens += length
-        self.shrink_to(self.budget)
+        with self._lock:
+            self.pop(session_id)
+            if length <= 0 or cache.nbytes_for(length) > self.budget:
+                return
+            kept = cache.trimmed(length)
+            self._held[session_id] = kept
+            self._bytes += kept.nbytes
+            self._tokens += length
+            self.shrink_to(self.budget)
 
     def get(self, session_id: str):
         """The retired session's KVCache (now the most recently used), or None."""
-        cache = self._held.get(session_id)
-        if cache is not None:
-            self._held.move_to_end(session_id)
-            self.hits += 1
-        return cache
+        with self._lock:
+            cache = self._held.get(session_id)
+            if cache is not None:
+                self._held.move_to_end(session_id)
+                self.hits += 1
+            return cache
 
     def pop(self, session_id: str) -> bool:
-        cache = self._held.pop(session_id, None)
-        if cache is None:
-            return False
-        self._bytes -= cache.nbytes
-        self._tokens -= cache.length
-        return True
+        with self._lock:
+            cache = self._held.pop(session_id, None)
+            if cache is None:
+                return False
+            self._bytes -= cache.nbytes
+            self._tokens -= cache.length
+            return True
 
     def shrink_to(self, n_bytes: int) -> list[str]:
         """Evict the least recently used sessions until at most `n_bytes` are held; their ids."""
         evicted = []
-        while self._held and self._bytes > max(0, n_bytes):
-            session_id = next(iter(self._held))
-            self.pop(session_id)
-            self.evictions += 1
-            evicted.append(session_id)
-            self.on_evict(session_id)
+        with self._lock:
+            while self._held and self._bytes > max(0, n_bytes):
+                session_id = next(iter(self._held))
+                self.pop(session_id)
+                self.evictions += 1
+                evicted.append(session_id)
+                self.on_evict(session_id)
         return evicted
 
     def set_budget(self, budget: int) -> None:
-        self.budget = max(0, budget)
-        self.shrink_to(self.budget)
+        with self._lock:
+            self.budget = max(0, budget)
+            self.shrink_to(self.budget)
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
     def stats(self) -> CacheStats:
-        return CacheStats(len(self._held), self._tokens, self._bytes, self.budget, self.hits, self.evictions)
+        with self._lock:
+            return CacheStats(len(self._held), self._tokens, self._bytes, self.budget, self.hits, self.evictions)

@@ -4,10 +4,19 @@ bit as if they had computed the prefix."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from typing import Iterator
+
+import grpc
 import numpy as np
 import pytest
 
-from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageError
+from caravan.coordinator.remote import NodeClient, RemoteStage
+from caravan.node.server import NodeSettings, create_server
+from caravan.pipeline.loader import load_model
+from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch, StageError
+from caravan.proto import caravan_pb2 as pb
 from support.stages import build, prompt
 
 N_CTX = 128
@@ -107,3 +116,89 @@ def test_shrink_makes_room_for_live_sessions_oldest_first(tiny_q8_path):
         pipeline.retire_session(name, 10)
     assert stage.prompt_cache.shrink_to(retired_bytes(stage, 15)) == ["a", "b"]
     assert evicted == ["a", "b"] and stage.prompt_cache.stats().tokens == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# On a node: EndSession with keep, the budget, and the memory cap
+
+
+SHA = "ab" * 32
+LAYERS = LayerRange(0, 3)
+NODE_CTX = 64
+
+
+@contextlib.contextmanager
+def loaded_node(model, tmp_path, **settings) -> Iterator[tuple[NodeClient, object]]:
+    """(client, servicer) of a node in this process holding LAYERS."""
+    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=tmp_path,
+                                                        **settings))
+    client = NodeClient(f"127.0.0.1:{port}")
+    try:
+        client.load(model.file, SHA, model.config, LAYERS, NODE_CTX)
+        yield client, servicer
+    finally:
+        client.close()
+        server.stop(0)
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 64), dtype=np.float32)
+
+
+def test_a_node_keeps_a_retired_session_and_copies_from_it(tiny_q8_path, tmp_path):
+    model = load_model(tiny_q8_path)
+    local = LocalStage.load(model.file, model.config, LAYERS, NODE_CTX)
+    with loaded_node(model, tmp_path, cache_budget=1 << 20) as (client, servicer):
+        remote = RemoteStage(client, LAYERS, model.config.dim)
+        try:
+            batch = StageBatch((Segment("a", 0, 20),), rows(20))
+            remote.forward(batch)
+            local.forward(batch)
+            remote.retire_session("a", 12)
+            info = client.info()
+            assert info.sessions == 0 and (info.prompt_cache.sessions, info.prompt_cache.tokens) == (1, 12)
+            assert info.prompt_cache.bytes == KVCache.bytes_for(len(LAYERS), model.config.kv_dim, 12)
+            assert info.prompt_cache.budget == 1 << 20
+            remote.copy_session("a", "b", 12)
+            local.copy_session("a", "b", 12)
+            step = StageBatch((Segment("b", 12, 3),), rows(3, seed=1))
+            np.testing.assert_array_equal(remote.forward(step), local.forward(step))
+            assert client.info().prompt_cache.hits == 1
+            with pytest.raises(grpc.RpcError) as caught:  # more than it computed: refused, and ended
+                client.stub.EndSession(pb.EndSessionRequest(session_id="b", keep=30))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "caches 15 positions, cannot keep 30" in caught.value.details()
+            assert client.info().prompt_cache.sessions == 1
+        finally:
+            remote.close()
+        # the retired session belongs to the chain's stream: it ends with it
+        wait_for(lambda: client.info().prompt_cache.sessions == 0, 5)
+
+
+def test_a_node_evicts_retired_sessions_when_a_live_one_needs_room(tiny_q8_path, tmp_path):
+    model = load_model(tiny_q8_path)
+    weights = LocalStage.load(model.file, model.config, LAYERS, NODE_CTX).weight_bytes
+    per_session = KVCache.bytes_for(len(LAYERS), model.config.kv_dim, NODE_CTX)
+    limit = weights + 3 * per_session + per_session // 2
+    with loaded_node(model, tmp_path, memory_limit=limit, cache_budget=1 << 30) as (client, servicer):
+        remote = RemoteStage(client, LAYERS, model.config.dim)
+        try:
+            remote.forward(StageBatch((Segment("r", 0, NODE_CTX),), rows(NODE_CTX)))
+            remote.retire_session("r", NODE_CTX)  # as much as a full live session
+            assert client.info().prompt_cache.bytes == per_session
+            for name in "ab":
+                remote.forward(StageBatch((Segment(name, 0, 2),), rows(2)))
+            assert client.info().prompt_cache.sessions == 1  # two live and one retired fit
+            remote.forward(StageBatch((Segment("c", 0, 2),), rows(2)))  # a third live one does not
+            info = client.info()
+            assert info.sessions == 3 and info.prompt_cache.sessions == 0 and info.prompt_cache.evictions == 1
+            assert servicer.owners.owner("r") is None
+        finally:
+            remote.close()
+
+
+def wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
