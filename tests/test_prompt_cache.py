@@ -4,20 +4,17 @@ bit as if they had computed the prefix."""
 
 from __future__ import annotations
 
-import contextlib
-import time
-from typing import Iterator
-
 import grpc
 import numpy as np
 import pytest
 
-from caravan.coordinator.remote import NodeClient, RemoteStage
-from caravan.node.server import NodeSettings, create_server
+from caravan.coordinator.remote import RemoteStage
 from caravan.pipeline.loader import load_model
-from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch, StageError
+from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
 from support.stages import build, prompt
+from support.wait import wait_for
+from test_node_hardening import LAYERS, N_CTX as NODE_CTX, loaded_node
 
 N_CTX = 128
 
@@ -122,25 +119,6 @@ def test_shrink_makes_room_for_live_sessions_oldest_first(tiny_q8_path):
 # On a node: EndSession with keep, the budget, and the memory cap
 
 
-SHA = "ab" * 32
-LAYERS = LayerRange(0, 3)
-NODE_CTX = 64
-
-
-@contextlib.contextmanager
-def loaded_node(model, tmp_path, **settings) -> Iterator[tuple[NodeClient, object]]:
-    """(client, servicer) of a node in this process holding LAYERS."""
-    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=tmp_path,
-                                                        **settings))
-    client = NodeClient(f"127.0.0.1:{port}")
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, NODE_CTX)
-        yield client, servicer
-    finally:
-        client.close()
-        server.stop(0)
-
-
 def rows(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 64), dtype=np.float32)
 
@@ -196,9 +174,3 @@ def test_a_node_evicts_retired_sessions_when_a_live_one_needs_room(tiny_q8_path,
         finally:
             remote.close()
 
-
-def wait_for(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
