@@ -4,14 +4,20 @@ bit as if they had computed the prefix."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
 import grpc
 import numpy as np
 import pytest
 
 from caravan.coordinator.remote import RemoteStage
+from caravan.coordinator.scheduler import common_prefix
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
+from support.nodes import NodeProcess
+from support.serve import MODEL, Server, chat_ids
 from support.stages import build, prompt
 from support.wait import wait_for
 from test_node_hardening import LAYERS, N_CTX as NODE_CTX, loaded_node
@@ -174,3 +180,105 @@ def test_a_node_evicts_retired_sessions_when_a_live_one_needs_room(tiny_q8_path,
         finally:
             remote.close()
 
+
+
+# ---------------------------------------------------------------------------------------------
+# `caravan serve` on the real model, in one process and in front of two nodes
+
+SYSTEM = ("You are a helpful assistant who answers questions about geography briefly and precisely, "
+          "in one sentence, without lists.")
+TURNS = ["What is the capital of France?", "And what is the capital of Italy?"]
+BUDGET = 3 << 20  # the conversation's sessions fit; with an unrelated request's they do not
+OTHER = [{"role": "user", "content": "Write two sentences about the history of the bicycle, from its invention "
+                                     "in the nineteenth century to the racing bicycles of today."}]
+
+
+def chat(server: Server, messages: list[dict]) -> str:
+    status, body = server.post("/chat/completions", json.dumps(
+        {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 24}).encode(), timeout=300)
+    assert status == 200, body
+    return body["choices"][0]["message"]["content"]
+
+
+def scrape(server: Server) -> dict[str, float]:
+    with urllib.request.urlopen(server.base_url + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if not line.startswith("#")}
+
+
+def conversation(server: Server) -> tuple[list[str], list[int], list[list[dict]]]:
+    """Each turn's answer, the prompt tokens each computed (through /metrics), and its messages."""
+    messages, answers, computed = [{"role": "system", "content": SYSTEM}], [], []
+    sent = []
+    for turn in TURNS:
+        messages = messages + [{"role": "user", "content": turn}]
+        before = scrape(server)["caravan_prompt_tokens_total"]
+        answers.append(chat(server, messages))
+        computed.append(int(scrape(server)["caravan_prompt_tokens_total"] - before))
+        sent.append(messages)
+        messages = messages + [{"role": "assistant", "content": answers[-1]}]
+    return answers, computed, sent
+
+
+def check_second_turn_computes_only_its_new_tokens(smollm2, server: Server, computed: list[int], sent) -> dict:
+    first, second = chat_ids(smollm2, sent[0]), chat_ids(smollm2, sent[1])
+    assert computed[0] == len(first)
+    # The first turn's session holds its prompt and its answer: the second turn's prompt
+    # begins with both (the template closes the answer after it), and computes the rest.
+    answer = smollm2.tokenizer.encode(sent[1][-2]["content"], special=False)
+    expected = len(second) - common_prefix(first + answer, second, len(second) - 1)
+    print(f"first turn: {len(first)} prompt tokens computed; second: {computed[1]} of {len(second)}")
+    assert computed[1] == expected and expected < len(second) - len(first)
+    metrics = scrape(server)
+    assert metrics["caravan_prompt_cache_hits_total"] == 1
+    assert metrics["caravan_prompt_tokens_cached_total"] == len(second) - computed[1]
+    return metrics
+
+
+@pytest.mark.slow
+def test_second_turn_computes_only_new_tokens_in_one_process_and_output_is_unchanged(smollm2):
+    off = Server("--cache-budget", "0")
+    try:
+        expected, computed_off, _ = conversation(off)
+        assert "caravan_prompt_cache_hits_total" not in scrape(off)
+    finally:
+        off.stop()
+    server = Server("--cache-budget", str(BUDGET))
+    try:
+        answers, computed, sent = conversation(server)
+        assert answers == expected  # greedy, token for token
+        assert computed[0] == computed_off[0] and computed[1] < computed_off[1]
+        check_second_turn_computes_only_its_new_tokens(smollm2, server, computed, sent)
+        chat(server, OTHER)  # its session does not fit beside the conversation's
+        metrics = scrape(server)
+        label = f'{{stage="local",layers="0-{smollm2.config.n_layers - 1}"}}'
+        assert metrics[f"caravan_prompt_cache_budget_bytes{label}"] == BUDGET
+        assert 0 < metrics[f"caravan_prompt_cache_bytes{label}"] <= BUDGET
+        assert metrics[f"caravan_prompt_cache_evictions_total{label}"] >= 1
+        assert metrics[f"caravan_prompt_cache_stage_hits_total{label}"] == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_second_turn_computes_only_new_tokens_in_front_of_two_nodes(smollm2, tmp_path):
+    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(2)]
+    addresses = ",".join(node.address for node in nodes)
+    try:
+        off = Server("--nodes", addresses, "--cache-budget", "0")
+        try:
+            expected, _, _ = conversation(off)
+        finally:
+            off.stop()
+        server = Server("--nodes", addresses)
+        try:
+            answers, computed, sent = conversation(server)
+            assert answers == expected
+            metrics = check_second_turn_computes_only_its_new_tokens(smollm2, server, computed, sent)
+            hits = [v for k, v in metrics.items() if k.startswith("caravan_prompt_cache_stage_hits_total{")]
+            assert hits == [1, 1]  # each node copied the cached session once
+        finally:
+            server.stop()
+    finally:
+        for node in nodes:
+            node.stop()
