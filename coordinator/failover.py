@@ -185,10 +185,9 @@ class ClusterPipeline(Pipeline):
         return self._with_recovery(call)
 
     def copy_session(self, source: str, target: str, length: int) -> None:
-        if source not in self.history:  # retired before a re-plan, which dropped it
-            raise StageError(f"session {source} is unknown here (a re-plan dropped the cached sessions)")
-
         def call():
+            if source not in self.history:  # retired before a re-plan (maybe this call's), which dropped it
+                raise StageError(f"session {source} is unknown here (a re-plan dropped the cached sessions)")
             Pipeline.end_session(self, target)  # what a failed earlier attempt left
             Pipeline.copy_session(self, source, target, length)
             self.history[target] = self.history[source][:length]

@@ -5,20 +5,23 @@ bit as if they had computed the prefix."""
 from __future__ import annotations
 
 import json
+import threading
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 
+from caravan.coordinator.failover import ClusterPipeline
 from caravan.coordinator.remote import RemoteStage
-from caravan.coordinator.scheduler import common_prefix
+from caravan.coordinator.scheduler import Request, Scheduler, common_prefix
+from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
-from support.nodes import NodeProcess
+from support.nodes import NodeProcess, cluster_token
 from support.serve import MODEL, Server, chat_ids
-from support.stages import build, prompt
+from support.stages import build, greedy, prompt
 from support.wait import wait_for
 from test_node_hardening import LAYERS, N_CTX as NODE_CTX, loaded_node
 
@@ -282,3 +285,52 @@ def test_second_turn_computes_only_new_tokens_in_front_of_two_nodes(smollm2, tmp
     finally:
         for node in nodes:
             node.stop()
+
+
+@pytest.mark.slow
+def test_failover_drops_cached_sessions_and_the_next_turn_is_unchanged(smollm2, tmp_path, caplog):
+    """A node dies between two turns: the chain's other nodes drop its sessions, cached ones
+    included, so the second turn's copy is refused (a miss) and it computes its whole prompt,
+    the same tokens as in one process; the re-plan drops the other cached sessions."""
+    first = chat_ids(smollm2, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}])
+    other = chat_ids(smollm2, OTHER)
+    local = smollm2.local_pipeline(512)
+    answer = list(Generation(local, first, greedy(), 12, stop_ids=frozenset()))
+    second = first + answer + smollm2.tokenizer.encode(" And Italy?", special=False)
+    expected = list(Generation(local, second, greedy(), 12, stop_ids=frozenset()))
+    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(3)]
+    pipeline = ClusterPipeline(smollm2, lambda: [n.address for n in nodes], 512, tmp_path, progress=False,
+                               token=cluster_token())
+    scheduler = Scheduler(pipeline, prompt_cache=True)
+    try:
+        assert run_one(scheduler, first)[0] == answer
+        kept = run_one(scheduler, other)[1]
+        assert len(scheduler.prompt_cache) == 2 and kept in pipeline.retired
+        nodes[1].kill()
+        tokens, last = run_one(scheduler, second)
+        assert tokens == expected
+        assert len(pipeline.recoveries) == 1 and pipeline.retired == {last}  # only the turn after the re-plan
+        assert (scheduler.prompt_cache.hits, scheduler.prompt_cache.misses) == (0, 3)
+        assert scheduler.prompt_tokens_computed == len(first) + len(other) + len(second)
+        assert "re-plan: dropped 1 cached sessions" in caplog.text
+    finally:
+        scheduler.close()
+        pipeline.close()
+        for node in nodes:
+            node.stop()
+
+
+def run_one(scheduler: Scheduler, prompt_ids: list[int]) -> tuple[list[int], str]:
+    """A greedy request of 12 tokens through the scheduler: its tokens and its session id."""
+    tokens, done = [], threading.Event()
+
+    def on_event(event):
+        if event.kind == "token":
+            tokens.append(event.token)
+        else:
+            assert event.kind == "done", event.message
+            done.set()
+
+    request = scheduler.submit(Request(prompt_ids, greedy(), 12, frozenset(), on_event))
+    assert done.wait(300)
+    return tokens, request.session_id
