@@ -334,3 +334,18 @@ def run_one(scheduler: Scheduler, prompt_ids: list[int]) -> tuple[list[int], str
     request = scheduler.submit(Request(prompt_ids, greedy(), 12, frozenset(), on_event))
     assert done.wait(300)
     return tokens, request.session_id
+
+
+def test_cache_budget_flags_take_sizes_and_zero(capsys):
+    from caravan.coordinator.cli import build_parser as serve_parser
+    from caravan.node.cli import build_parser as node_parser
+
+    assert serve_parser().parse_args(["serve", "--cache-budget", "0"]).cache_budget == 0
+    assert serve_parser().parse_args(["serve", "--cache-budget", "512M"]).cache_budget == 512 << 20
+    assert serve_parser().parse_args(["serve"]).cache_budget is None  # a share of the free memory
+    assert node_parser().parse_args(["--cache-budget", "2G"]).cache_budget == 2 << 30
+    assert node_parser().parse_args(["--cache-budget", "0"]).cache_budget == 0
+    for parser, args in ((serve_parser(), ["serve", "--cache-budget", "lots"]), (node_parser(), ["--cache-budget", "-1"])):
+        with pytest.raises(SystemExit):
+            parser.parse_args(args)
+        assert "--cache-budget" in capsys.readouterr().err
