@@ -349,3 +349,60 @@ def test_cache_budget_flags_take_sizes_and_zero(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(args)
         assert "--cache-budget" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler over LocalStages of a tiny model
+
+
+def scheduled(pipeline, prompt_ids, stop_ids=frozenset(), max_tokens=6, prompt_cache=True) -> tuple[list[int], Scheduler]:
+    scheduler = Scheduler(pipeline, prompt_cache=prompt_cache)
+    try:
+        request = Request(list(prompt_ids), greedy(), max_tokens, frozenset(stop_ids), lambda event: None)
+        done = threading.Event()
+        request.on_event = lambda event: done.set() if event.kind != "token" else None
+        scheduler.submit(request)
+        assert done.wait(120)
+        return request.tokens, scheduler
+    finally:
+        scheduler.close()
+
+
+def test_scheduler_keeps_exactly_the_tokens_fed_and_the_next_turn_computes_only_the_rest(tiny_q8_path):
+    reference = build(tiny_q8_path, splits=[1, 2])
+    first = [int(t) for t in prompt(30, seed=7)]
+    answer, _ = scheduled(reference, first, prompt_cache=False)
+    second = first + answer + [int(t) for t in prompt(9, seed=8)]
+    expected, _ = scheduled(reference, second, prompt_cache=False)
+
+    pipeline = build(tiny_q8_path, splits=[1, 2])
+    for stage in pipeline.stages:
+        stage.prompt_cache.set_budget(1 << 30)
+    scheduler = Scheduler(pipeline, prompt_cache=True)
+    try:
+        for prompt_ids, tokens in ((first, answer), (second, expected)):
+            request = Request(list(prompt_ids), greedy(), 6, frozenset(), lambda event: None)
+            done = threading.Event()
+            request.on_event = lambda event, done=done: done.set() if event.kind != "token" else None
+            before = scheduler.prompt_tokens_computed
+            scheduler.submit(request)
+            assert done.wait(120)
+            assert request.tokens == tokens  # greedy, token for token as without the cache
+        # finish "length": the last token sampled was never fed back
+        assert scheduler.prompt_tokens_computed - before == len(second) - len(first) - len(answer) + 1
+        assert all(stage.prompt_cache.stats().tokens == len(second) + len(expected) - 1 for stage in pipeline.stages)
+        assert (scheduler.prompt_cache.hits, scheduler.prompt_cache.misses) == (1, 1)
+        assert len(scheduler.prompt_cache) == 1  # the second turn's session holds all the first's did
+    finally:
+        scheduler.close()
+
+
+def test_a_request_stopped_by_its_stop_token_keeps_every_token_it_fed(tiny_q8_path):
+    pipeline = build(tiny_q8_path)
+    pipeline.stages[0].prompt_cache.set_budget(1 << 30)
+    first = [int(t) for t in prompt(20, seed=6)]  # greedy: 36, 36, then 142 on and on
+    free_run, _ = scheduled(pipeline, first, max_tokens=12, prompt_cache=False)
+    k = max((i for i, token in enumerate(free_run) if token not in free_run[:i]), default=0)  # the last new token
+    tokens, _ = scheduled(pipeline, first, stop_ids={free_run[k]}, max_tokens=12)
+    assert k > 0 and tokens == free_run[:k]
+    assert pipeline.stages[0].prompt_cache.stats().tokens == len(first) + k  # all k were fed back
