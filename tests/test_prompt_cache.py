@@ -5,6 +5,7 @@ bit as if they had computed the prefix."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import urllib.request
 
@@ -312,7 +313,8 @@ def test_failover_drops_cached_sessions_and_the_next_turn_is_unchanged(smollm2, 
         assert len(pipeline.recoveries) == 1 and pipeline.retired == {last}  # only the turn after the re-plan
         assert (scheduler.prompt_cache.hits, scheduler.prompt_cache.misses) == (0, 3)
         assert scheduler.prompt_tokens_computed == len(first) + len(other) + len(second)
-        assert "re-plan: dropped 1 cached sessions" in caplog.text
+        # the other request's at least (the first turn's too when the copy met the dead node first)
+        assert re.search(r"re-plan: dropped [12] cached sessions", caplog.text) and kept not in pipeline.history
     finally:
         scheduler.close()
         pipeline.close()
