@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, TextIO
 
 import numba
+import psutil
 from tqdm import tqdm
 
 from caravan.pipeline.catalog import DEFAULT_MODEL, PullError, list_models, remove_model, resolve_model
@@ -50,6 +51,7 @@ from caravan.pipeline.lora import LoraError, check_scale
 from caravan.pipeline.model import ModelError
 from caravan.pipeline import perplexity
 from caravan.pipeline.numba_config import WAITING_SPIN, spin_briefly_when_idle
+from caravan.pipeline.prompt_cache import CACHE_SHARE_OF_FREE, default_budget
 from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import SUPPORTED_TYPES, UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
@@ -136,6 +138,11 @@ def _size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive size such as 4MiB, 512KiB or 1048576, got {text}")
     return value
+
+
+def _size_or_zero(text: str) -> int:
+    """As _size, and 0 (turns the thing sized off)."""
+    return 0 if text.strip() == "0" else _size(text)
 
 
 class SharedFlags(NamedTuple):
@@ -312,6 +319,11 @@ def _add_serve_verb(verbs, shared: SharedFlags) -> None:
     p.add_argument("--max-connections", type=_positive_int, default=MAX_CONNECTIONS, metavar="N",
                    help="open connections past which requests get a 503; the process needs about N + 1024 "
                         f"file descriptors (default: {MAX_CONNECTIONS})")
+    p.add_argument("--cache-budget", type=_size_or_zero, default=None, metavar="SIZE",
+                   help="keep finished requests' KV caches, up to SIZE per stage, so that a request beginning "
+                        "alike (the next turn of a chat) computes only what follows; 0 turns the prompt cache off "
+                        f"(default: {CACHE_SHARE_OF_FREE * 100:g}%% of the memory free once the model is loaded; "
+                        "in front of nodes each node's own --cache-budget applies)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -714,7 +726,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         # One lane per node when there are nodes: each node works on one lane's batch while the
         # next node works on another's. In one process a lane would only wait for the other.
         lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
-        scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes)
+        scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
+                              prompt_cache=_prompt_cache(args, pipeline))
         try:
             host, port = sock.getsockname()[:2]
             loopback = ipaddress.ip_address(host).is_loopback
@@ -728,6 +741,19 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             scheduler.close()
     log.info("caravan serve stopped")
     return 0
+
+
+def _prompt_cache(args: argparse.Namespace, pipeline: Pipeline) -> bool:
+    """Give the stages in this process their prompt cache budget (nodes have their own);
+    whether the prompt cache is on."""
+    if args.cache_budget == 0:
+        return False
+    if not isinstance(pipeline, ClusterPipeline):
+        budget = args.cache_budget if args.cache_budget is not None else default_budget(psutil.virtual_memory().available)
+        for stage in pipeline.stages:
+            stage.prompt_cache.set_budget(budget)
+        log.info("prompt cache: %d MiB per stage", budget >> 20)
+    return True
 
 
 def _stream(generation: Generation, tokenizer: Tokenizer, out: TextIO) -> None:

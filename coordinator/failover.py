@@ -9,6 +9,11 @@ on exactly as it would have: the client sees a delay, not an error. Every plan, 
 included, is made the same way: a node that does not answer is left out, and one lost while it
 is measured, loaded, connected to or refilled is dropped and the plan made again.
 
+Finished sessions the stages keep in their prompt caches (retire_session) are not refilled: a
+re-plan drops them, and a later copy from one fails as an unknown session, which the scheduler
+counts as a miss and answers by computing the prompt. Refilling them would spend the re-plan's
+time on sessions that may never be used again.
+
 The scheduler's lanes call it from several threads at once. Calls share the current plan; a
 recovery waits until no call is using it, and of the lanes that failed on the same lost node
 the first re-plans and the others run their batches again on the new plan.
@@ -28,7 +33,7 @@ import numpy as np
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.lora import LoraAdapter
-from caravan.pipeline.stage import Segment
+from caravan.pipeline.stage import Segment, StageError
 from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
 
@@ -57,6 +62,7 @@ class ClusterPipeline(Pipeline):
         self.forward_timeout_s = forward_timeout_s
         self.history: dict[str, list[int]] = {}  # session -> its tokens at positions 0 .. len - 1
         self.session_adapters: dict[str, tuple] = {}  # session -> its Segment.adapters
+        self.retired: set[str] = set()  # sessions of history kept only in prompt caches: never refilled
         self.adapters: dict[str, LoraAdapter] = {}  # sent again to the stages of every new plan
         self.recoveries: list[str] = []  # why each re-plan happened
         self.cluster: Cluster | None = None
@@ -180,6 +186,8 @@ class ClusterPipeline(Pipeline):
 
     def copy_session(self, source: str, target: str, length: int) -> None:
         def call():
+            if source not in self.history:  # retired before a re-plan (maybe this call's), which dropped it
+                raise StageError(f"session {source} is unknown here (a re-plan dropped the cached sessions)")
             Pipeline.end_session(self, target)  # what a failed earlier attempt left
             Pipeline.copy_session(self, source, target, length)
             self.history[target] = self.history[source][:length]
@@ -214,7 +222,14 @@ class ClusterPipeline(Pipeline):
                         ", ".join(f"{a.node.name} {a.layers}" for a in self.plan.assignments))
 
     def _refill(self) -> None:
-        """Run every session's tokens so far through the new stages, rebuilding their KV caches."""
+        """Run every live session's tokens so far through the new stages, rebuilding their KV
+        caches; the retired ones are dropped (see the module's docstring)."""
+        for session_id in self.retired:
+            self.history.pop(session_id, None)
+            self.session_adapters.pop(session_id, None)
+        if self.retired:
+            log.warning("re-plan: dropped %d cached sessions", len(self.retired))
+        self.retired.clear()
         for session_id, tokens in self.history.items():
             Pipeline.prefill(self, session_id, tokens, self.session_adapters.get(session_id, ()))
 
@@ -231,7 +246,15 @@ class ClusterPipeline(Pipeline):
         with self._plan_in_use():
             self.history.pop(session_id, None)
             self.session_adapters.pop(session_id, None)
+            self.retired.discard(session_id)
             super().end_session(session_id)
+
+    def retire_session(self, session_id: str, length: int) -> None:
+        with self._plan_in_use():
+            if session_id in self.history:
+                del self.history[session_id][length:]  # what later copies of it start from
+                self.retired.add(session_id)
+            super().retire_session(session_id, length)
 
     def close(self) -> None:
         if self.cluster is not None:

@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+from caravan.pipeline.prompt_cache import CacheStats
+
 from .remote import placement
 from .scheduler import Scheduler
 
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4"  # Prometheus' text exposition format
 
 
-def kv_per_stage(pipeline) -> list[tuple[str, object, int]]:
-    """(node name, layer range, KV cache bytes) for each node; asks remote nodes over gRPC."""
+# The prompt cache's per-stage figures: (metric, its help, type, CacheStats field)
+PROMPT_CACHE_METRICS = (
+    ("caravan_prompt_cache_tokens", "Positions of finished sessions each stage keeps for later requests.", "gauge", "tokens"),
+    ("caravan_prompt_cache_bytes", "Bytes of keys and values each stage keeps for later requests.", "gauge", "bytes"),
+    ("caravan_prompt_cache_budget_bytes", "Bytes each stage's prompt cache may hold at most.", "gauge", "budget"),
+    ("caravan_prompt_cache_sessions", "Finished sessions each stage keeps.", "gauge", "sessions"),
+    ("caravan_prompt_cache_stage_hits_total", "Copies each stage made from a kept session.", "counter", "hits"),
+    ("caravan_prompt_cache_evictions_total", "Kept sessions each stage dropped for its budget or live sessions.",
+     "counter", "evictions"),
+)
+
+
+def kv_per_stage(pipeline) -> list[tuple[str, object, int, CacheStats]]:
+    """(node name, layer range, KV cache bytes, prompt cache figures) for each node; asks
+    remote nodes over gRPC (-1 bytes and empty figures for a node that does not answer)."""
     rows = []
     for name, layers, client, stage in placement(list(pipeline.stages)):
         if client is None:
-            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values()))))
+            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values())),
+                         stage.prompt_cache.stats()))
             continue
         try:
-            rows.append((name, layers, client.info().kv_cache_bytes))
+            info = client.info()
         except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
-            rows.append((name, layers, -1))
+            rows.append((name, layers, -1, CacheStats()))
+            continue
+        cached = info.prompt_cache
+        rows.append((name, layers, info.kv_cache_bytes, CacheStats(
+            cached.sessions, cached.tokens, cached.bytes, cached.budget, cached.hits, cached.evictions)))
     return rows
 
 
-def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, object, int]]) -> str:
+def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, object, int, CacheStats]]) -> str:
     """The metrics page: `s`'s counters, then `kv_rows` (kv_per_stage's, gathered off the event loop)."""
     lines = [
         "# HELP caravan_requests_in_flight Sequences being decoded or prefilled.",
@@ -46,6 +66,31 @@ def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, object, int]]) -> str
         "# HELP caravan_kv_cache_bytes KV cache held on each stage.",
         "# TYPE caravan_kv_cache_bytes gauge",
     ]
-    for name, layers, held in kv_rows:
-        lines.append(f'caravan_kv_cache_bytes{{stage="{name}",layers="{layers.start}-{layers.stop - 1}"}} {held}')
+    for name, layers, held, _ in kv_rows:
+        lines.append(f'caravan_kv_cache_bytes{{{_labels(name, layers)}}} {held}')
+    if s.prompt_cache is not None:
+        lines += _prompt_cache_lines(s, kv_rows)
     return "\n".join(lines) + "\n"
+
+
+def _labels(name: str, layers) -> str:
+    return f'stage="{name}",layers="{layers.start}-{layers.stop - 1}"'
+
+
+def _prompt_cache_lines(s: Scheduler, kv_rows: list[tuple[str, object, int, CacheStats]]) -> list[str]:
+    index = s.prompt_cache
+    lines = [
+        "# HELP caravan_prompt_cache_hits_total Requests that started from a cached prefix.",
+        "# TYPE caravan_prompt_cache_hits_total counter",
+        f"caravan_prompt_cache_hits_total {index.hits}",
+        "# HELP caravan_prompt_cache_misses_total Requests that found no cached prefix (or one a stage had dropped).",
+        "# TYPE caravan_prompt_cache_misses_total counter",
+        f"caravan_prompt_cache_misses_total {index.misses}",
+        "# HELP caravan_prompt_tokens_cached_total Prompt tokens copied from the prompt cache instead of computed.",
+        "# TYPE caravan_prompt_tokens_cached_total counter",
+        f"caravan_prompt_tokens_cached_total {index.tokens_reused}",
+    ]
+    for metric, help_text, kind, field in PROMPT_CACHE_METRICS:
+        lines += [f"# HELP {metric} {help_text}", f"# TYPE {metric} {kind}"]
+        lines += [f"{metric}{{{_labels(name, layers)}}} {getattr(stats, field)}" for name, layers, _, stats in kv_rows]
+    return lines

@@ -148,9 +148,10 @@ class NodeClient:
         finally:
             call.cancel()  # nothing once it is done; else (lost node, Ctrl-C) the call ends here too
 
-    def end_session(self, session_id: str) -> None:
+    def end_session(self, session_id: str, keep: int = 0) -> None:
+        """End a session; keep > 0 keeps its first `keep` positions in the node's prompt cache."""
         try:
-            self.stub.EndSession(pb.EndSessionRequest(session_id=session_id), timeout=CONNECT_TIMEOUT_S)
+            self.stub.EndSession(pb.EndSessionRequest(session_id=session_id, keep=keep), timeout=CONNECT_TIMEOUT_S)
         except grpc.RpcError as exc:  # the session's cache dies with the node anyway
             log.warning("%s", self.error(exc, f"ending session {session_id}"))
 
@@ -448,6 +449,10 @@ class RemoteStage:
     def copy_session(self, source: str, target: str, length: int) -> None:
         for part in self.parts:
             part.client.copy_session(source, target, length)
+
+    def retire_session(self, session_id: str, length: int) -> None:
+        for part in self.parts:
+            part.client.end_session(session_id, keep=length)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         for part in self.parts:

@@ -20,6 +20,11 @@ runs the prompt; its followers then get a copy of its KV caches on every stage a
 their first tokens from the same logits. Requests whose prompts begin alike (a chat template's
 system prompt) share that beginning the same way: a new request copies it from an earlier one
 of its lane and computes only the rest.
+
+With the prompt cache on, a request that ends is retired instead: every stage keeps the keys
+and values of its tokens (within the stage's budget), and a later request whose prompt begins
+with them (the next turn of a chat, a regenerated answer) copies that prefix when it is
+admitted (coordinator/prompt_cache.py).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import numpy as np
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.sampler import Sampler
 from caravan.pipeline.stage import Segment
+
+from .prompt_cache import PromptIndex
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +105,9 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK,
-                 threads: int | None = None, lanes: int = 1):
+                 threads: int | None = None, lanes: int = 1, prompt_cache: bool = False):
         self.pipeline = pipeline
+        self.prompt_cache = PromptIndex() if prompt_cache else None  # finished sessions the stages keep
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -169,7 +177,8 @@ class Scheduler:
                         self._wake.wait()
                     if self._closed:
                         break
-                    self._admit(lane)
+                    admitted = self._admit(lane)
+                self._start_from_cache(admitted)
                 self._drop_cancelled(lane)
                 if lane.active:
                     self._step(lane)
@@ -182,16 +191,59 @@ class Scheduler:
             self._end(request, Event("done", finish_reason="cancelled"))
         self.flush()
 
-    def _admit(self, lane: _Lane) -> None:
+    def _admit(self, lane: _Lane) -> list[Request]:
         """Take waiting requests while this lane has room and no fewer requests than the others
         (so a few requests spread over the lanes). A leader brings its followers along once its
-        prefill is done: keep room for them. Called with _wake held."""
+        prefill is done: keep room for them. Called with _wake held; returns those taken."""
+        admitted = []
         while self.waiting:
             request = self.waiting[0]
             fits = not lane.active or len(lane.active) + 1 + len(request.followers) <= self.lane_batch
             if not fits or len(lane.active) > min(len(other.active) for other in self.lanes):
-                return
-            lane.active.append(self.waiting.pop(0))
+                break
+            admitted.append(self.waiting.pop(0))
+            lane.active.append(admitted[-1])
+        return admitted
+
+    def _start_from_cache(self, requests: list[Request]) -> None:
+        """Start each new request from the cached session sharing the longest beginning with its
+        prompt (its last token is always computed: its logits give the first token). A stage
+        that evicted that session refuses the copy: the request computes its prompt instead."""
+        if self.prompt_cache is None:
+            return
+        for request in requests:
+            donor, shared = self.prompt_cache.longest(request.prompt_ids, request.adapters, len(request.prompt_ids) - 1)
+            if shared >= MIN_SHARED_PREFIX:
+                try:
+                    self.pipeline.copy_session(donor, request.session_id, shared)
+                    request.prefilled = shared
+                except Exception as exc:  # noqa: BLE001  (evicted, or a node lost: compute the prompt)
+                    log.info("prompt cache: copying %s: %s", donor, exc)
+                    self.prompt_cache.remove(donor)
+                    self._end_sessions([request.session_id, donor])  # what a partial copy left
+            self.prompt_cache.count(request.prefilled)
+
+    def _end_sessions(self, session_ids: list[str]) -> None:
+        for session_id in session_ids:
+            try:
+                self.pipeline.end_session(session_id)
+            except Exception as exc:  # noqa: BLE001  (a node gone: its caches went with it)
+                log.warning("ending session %s: %s", session_id, exc)
+
+    def _retire(self, request: Request, event: Event) -> None:
+        """End the request's session; with the prompt cache on, a finished one is retired: the
+        stages keep the positions of its tokens for later requests to copy."""
+        kept = cached_tokens(request, event) if self.prompt_cache is not None else []
+        if len(kept) < MIN_SHARED_PREFIX:
+            self._end_sessions([request.session_id])
+            return
+        try:
+            self.pipeline.retire_session(request.session_id, len(kept))
+        except Exception as exc:  # noqa: BLE001  (a node gone, or a stage refused: nothing to keep)
+            log.warning("retiring session %s: %s", request.session_id, exc)
+            self._end_sessions([request.session_id])
+            return
+        self._end_sessions(self.prompt_cache.add(request.session_id, kept, request.adapters))
 
     def _drop_cancelled(self, lane: _Lane) -> None:
         with self._wake:
@@ -204,10 +256,7 @@ class Scheduler:
         for lane in self.lanes:
             if request in lane.active:
                 lane.active.remove(request)
-        try:
-            self.pipeline.end_session(request.session_id)
-        except Exception as exc:  # noqa: BLE001  (a node gone: its caches went with it)
-            log.warning("ending session %s: %s", request.session_id, exc)
+        self._retire(request, event)
         request.on_event(event)
         followers, request.followers = request.followers, []  # still waiting for the prefill they share
         for follower in followers:
@@ -357,6 +406,18 @@ class Scheduler:
                 request.on_event(Event("token", token=token))
             if len(request.tokens) >= request.max_tokens or len(request.prompt_ids) + len(request.tokens) >= self.pipeline.n_ctx:
                 self._end(request, Event("done", finish_reason="length"))
+
+
+def cached_tokens(request: Request, event: Event) -> list[int]:
+    """The tokens whose keys and values the request's caches hold as it ends with `event`: the
+    prompt as far as it went, then the generated tokens fed back (the last one sampled is fed
+    only when the next was the stop token). None after an error: the stages may have undone it."""
+    if event.kind != "done":
+        return []
+    if not request.decoding:
+        return request.prompt_ids[: request.prefilled]
+    fed = len(request.tokens) if event.finish_reason == "stop" else len(request.tokens) - 1
+    return list(request.prompt_ids) + request.tokens[: max(fed, 0)]
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:

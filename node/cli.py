@@ -27,6 +27,7 @@ from caravan.pipeline.catalog import default_cache_dir
 from caravan.pipeline.gguf_file import GGUFError
 from caravan.pipeline.numba_config import NODE_SPIN, spin_briefly_when_idle
 from caravan.pipeline.warmup import nothing_compiled
+from caravan.pipeline.prompt_cache import CACHE_SHARE_OF_FREE
 
 from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, check_token, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
@@ -55,6 +56,10 @@ def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
                    help="a local copy of a model file: its layers load from it instead of the network")
     p.add_argument("--memory-limit", type=_size, default=None, metavar="SIZE",
                    help="offer at most SIZE of memory to coordinators, runtime included (e.g. 2G, 512M)")
+    p.add_argument("--cache-budget", type=_size, default=None, metavar="SIZE",
+                   help="keep finished sessions' KV caches, up to SIZE, for later requests that begin alike "
+                        f"(the next turn of a chat) to copy; 0 keeps none (default: {CACHE_SHARE_OF_FREE * 100:g}%% of the "
+                        "memory the layers leave free)")
     tokens = p.add_mutually_exclusive_group()
     tokens.add_argument("--token-file", type=Path, default=None, metavar="PATH",
                         help="the cluster join token, copied from the coordinator (`caravan token` there says where "
@@ -118,7 +123,7 @@ def serve(args: argparse.Namespace) -> int:
     token = cluster_token(args, cache_dir)
     settings = NodeSettings(host=args.host, port=args.port, name=args.name or "", threads=args.threads,
                             cache_dir=cache_dir, model_path=args.model, memory_limit=args.memory_limit, token=token,
-                            token_file=token.path, tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca))
+                            token_file=token.path, cache_budget=args.cache_budget, tls=TLSFiles.from_flags(args.tls_cert, args.tls_key, args.tls_ca))
     try:
         server, port, servicer = create_server(settings, on_state)
     except GGUFError as exc:

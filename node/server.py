@@ -34,6 +34,7 @@ from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.model import ModelConfig
 from caravan.pipeline import warmup
+from caravan.pipeline.prompt_cache import default_budget
 from caravan.pipeline.speed import ms_per_layer
 from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch
 from caravan.proto import caravan_pb2 as pb
@@ -71,6 +72,7 @@ class NodeSettings:
     token: str | None = None  # the cluster join token every Stage call must carry (None: no check)
     token_file: Path | None = None  # the file token was read from: read again when a call is refused
     tls: auth.TLSFiles | None = None  # mutual TLS: only clients with a certificate from tls.ca
+    cache_budget: int | None = None  # bytes of finished sessions kept to copy (None: a share of what the layers leave free)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
@@ -133,15 +135,21 @@ class StageServicer(pb_grpc.StageServicer):
         with self._lock:
             stage, loaded, state, error = self._stage, self._loaded, self._state, self._error
         weights, kv = _held(stage)
+        cached = stage.prompt_cache.stats() if stage else None
+        reclaimable = cached.bytes if cached else 0  # the prompt cache gives way to live sessions
         info = pb.NodeInfo(
             protocol_version=wire.PROTOCOL_VERSION, version=VERSION, node_id=self.node_id,
             name=self.settings.name, memory_total=self._capped(mem.total),
-            memory_available=max(0, self._capped(mem.available + weights + kv) - weights - kv),
+            memory_available=max(0, self._capped(mem.available + weights + kv + reclaimable) - weights - kv),
             cores=os.cpu_count() or 1, threads=self.threads, architecture=platform.machine(),
             state=state, local_model_sha256=self.local_sha256, error=error,
             max_message_bytes=wire.MAX_MESSAGE_BYTES, rss_bytes=psutil.Process().memory_info().rss,
             weight_bytes=weights, kv_cache_bytes=kv, sessions=len(stage.sessions) if stage else 0,
         )
+        if cached is not None:
+            info.prompt_cache.CopyFrom(pb.PromptCacheInfo(
+                sessions=cached.sessions, tokens=cached.tokens, bytes=cached.bytes, budget=cached.budget,
+                hits=cached.hits, evictions=cached.evictions))
         if loaded is not None:
             info.model_sha256, info.layer_start, info.layer_stop = loaded[0], loaded[1].start, loaded[1].stop
         return info
@@ -281,11 +289,14 @@ class StageServicer(pb_grpc.StageServicer):
                 source.close()
         room = self._room(stage.weight_bytes) - stage.weight_bytes
         cap = SessionCap(KVCache.bytes_for(len(stage.layers), config.kv_dim, n_ctx), room, n_ctx)
+        budget = self.settings.cache_budget
+        stage.prompt_cache.set_budget(min(room, default_budget(room) if budget is None else budget))
+        stage.prompt_cache.on_evict = self.owners.forget
         with self._lock:
             self._stage, self._loaded, self._cap = stage, (manifest.model_sha256, manifest.layers, n_ctx), cap
         self._set_state(pb.NODE_STATE_READY)
-        log.info("layers %s ready (from %s) in %.2f s, for at most %d sessions", manifest.layers, origin,
-                 time.perf_counter() - t0, cap.limit)
+        log.info("layers %s ready (from %s) in %.2f s, for at most %d sessions, %d MiB of prompt cache",
+                 manifest.layers, origin, time.perf_counter() - t0, cap.limit, stage.prompt_cache.budget >> 20)
 
     def _announce(self, context: grpc.ServicerContext | None, layers: LayerRange) -> None:
         """Log, once per coordinator connection and layer range, whom this node serves and with what."""
@@ -353,10 +364,18 @@ class StageServicer(pb_grpc.StageServicer):
             raise wire.ChainClosedError(f"chain {owner} has no results stream on this node (its coordinator closed "
                                         "it or went away): open one before its batches")
         new = {s.session_id for s in batch.segments} - stage.sessions.keys()
-        self._session_cap().check(len(stage.sessions), len(new), self._name)
+        self._make_room(stage, len(new))
         out = stage.forward(batch)
         self.owners.claim(owner, [s.session_id for s in batch.segments])
         return out
+
+    def _make_room(self, stage: LocalStage, new: int) -> None:
+        """Within the cap, `new` more live sessions: the prompt cache gives up, oldest first,
+        what they and the live ones may grow to (the cap's room counts finished sessions kept)."""
+        cap = self._session_cap()
+        if new:
+            stage.prompt_cache.shrink_to(cap.room - (len(stage.sessions) + new) * cap.session_bytes)
+        cap.check(len(stage.sessions), new, self._name)
 
     def _session_cap(self) -> SessionCap:
         with self._lock:
@@ -414,9 +433,17 @@ class StageServicer(pb_grpc.StageServicer):
         # Not behind the compute lock: only the batch running now delays it, never those waiting.
         with self._lock:
             stage = self._stage
-        if stage is not None:
-            self.owners.forget(request.session_id)
-            stage.end_session(request.session_id)
+        if stage is None:
+            return pb.EndSessionReply()
+        try:
+            if request.keep:  # still its owner's: it ends with the owner's stream
+                stage.retire_session(request.session_id, request.keep)
+        except Exception as exc:  # noqa: BLE001  (mapped to a status by wire's one table)
+            _abort(context, exc)
+        finally:
+            if not request.keep or request.session_id not in stage.prompt_cache:
+                self.owners.forget(request.session_id)
+                stage.end_session(request.session_id)
         return pb.EndSessionReply()
 
     def CopySession(self, request, context):
@@ -434,8 +461,7 @@ class StageServicer(pb_grpc.StageServicer):
 
     def _copy_owned(self, stage: LocalStage, source: str, target: str, length: int) -> None:
         """Under the compute lock: the copy, within the cap, owned by the source's owner."""
-        if target not in stage.sessions:
-            self._session_cap().check(len(stage.sessions), 1, self._name)
+        self._make_room(stage, 0 if target in stage.sessions else 1)
         stage.copy_session(source, target, length)
         owner = self.owners.owner(source)
         if owner is not None:

@@ -102,6 +102,12 @@ class Pipeline:
         for stage in self.stages:
             stage.copy_session(source, target, length)
 
+    def retire_session(self, session_id: str, length: int) -> None:
+        """End the session on every stage, each keeping its first `length` positions in its
+        prompt cache for later sessions to copy (`length`: the tokens accepted, not drafts)."""
+        for stage in self.stages:
+            stage.retire_session(session_id, length)
+
     def add_adapter(self, adapter: LoraAdapter) -> None:
         """Make a LoRA adapter available to sessions (Segment.adapters): each stage keeps the
         matrices of its own layers."""

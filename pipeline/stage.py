@@ -20,6 +20,7 @@ from .arena import WeightArena, room_for, room_in_file
 from .lora import AdapterWeights, LoraAdapter, LoraRows
 from .model import LayerWeights, ModelConfig, TensorSource
 from .ops import attention_segments, geglu, rmsnorm, rope_, rope_tables, swiglu
+from .prompt_cache import PromptCache
 from .quants import Activations, PackedMatrix, matmul
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class Stage(Protocol):
 
     def end_session(self, session_id: str) -> None: ...
     def copy_session(self, source: str, target: str, length: int) -> None: ...  # target's cache = source's first `length` positions
+    def retire_session(self, session_id: str, length: int) -> None: ...  # end it, keep its first `length` positions to copy
 
     def add_adapter(self, adapter: LoraAdapter) -> None: ...  # hold its matrices of this stage's layers
 
@@ -136,6 +138,19 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def nbytes_for(self, n_positions: int) -> int:
+        """What a copy of the first n_positions takes (trimmed)."""
+        return self.nbytes // self.capacity * n_positions
+
+    def trimmed(self, length: int) -> "KVCache":
+        """A copy of positions 0 .. length - 1, its arrays exactly that long."""
+        n_layers, n_kv_heads, head_dim = self.k.shape[:3]
+        copy = KVCache(n_layers, n_kv_heads, head_dim, self.n_ctx, initial=length)
+        copy.k[...] = self.k[..., :length]
+        copy.v[...] = self.v[:, :, :length]
+        copy.length = length
+        return copy
 
 
 def stack_rows(mats: Sequence[PackedMatrix], arena: WeightArena) -> tuple[PackedMatrix | None, list[PackedMatrix]]:
@@ -226,6 +241,7 @@ class LocalStage:
             self.rope.append(tables[base, scale])
         self.window = [config.sliding_window if config.is_sliding(layer) else 0 for layer in layers]
         self.sessions: dict[str, KVCache] = {}
+        self.prompt_cache = PromptCache()  # retired sessions; budget 0 (keeps none) unless set
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapter name -> its matrices in these layers
         self._lock = threading.Lock()  # one batch at a time: the scheduler's lanes may call at once
         self._lists: tuple[tuple[int, ...], List, List] | None = None  # see _cache_lists
@@ -250,7 +266,21 @@ class LocalStage:
     def end_session(self, session_id: str) -> None:
         with self._lock:
             self.sessions.pop(session_id, None)
+            self.prompt_cache.pop(session_id)
             self._lists = None  # they may hold this session's arrays
+
+    def retire_session(self, session_id: str, length: int) -> None:
+        """End the session but keep its first `length` positions (those the caller accepted) in
+        the prompt cache, within its budget, for later sessions to copy from."""
+        with self._lock:
+            cache = self.sessions.pop(session_id, None)
+            self._lists = None
+            if cache is None:
+                return
+            if not 0 <= length <= cache.length:
+                raise StageError(f"session {session_id} caches {cache.length} positions, cannot keep {length}; "
+                                 "it was ended")
+            self.prompt_cache.put(session_id, cache, length)
 
     def copy_session(self, source: str, target: str, length: int) -> None:
         """Start session `target` with a copy of the first `length` cached positions of `source`
@@ -259,18 +289,14 @@ class LocalStage:
             self._copy_session(source, target, length)
 
     def _copy_session(self, source: str, target: str, length: int) -> None:
-        cache = self.sessions.get(source)
+        cache = self.sessions.get(source) or self.prompt_cache.get(source)
         if cache is None:
             raise StageError(f"session {source} is unknown here")
         if not 0 < length <= cache.length:
             raise StageError(f"session {source} caches {cache.length} positions, cannot copy {length}")
         if target in self.sessions:
             raise StageError(f"session {target} exists already")
-        copy = KVCache(len(self.layers), self.config.n_kv_heads, self.config.head_dim, self.n_ctx, initial=length)
-        copy.k[...] = cache.k[..., :length]
-        copy.v[...] = cache.v[:, :, :length]
-        copy.length = length
-        self.sessions[target] = copy
+        self.sessions[target] = cache.trimmed(length)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         """Hold a LoRA adapter's matrices of these layers (none, when it adapts none of them)."""

@@ -36,7 +36,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("protocol_version", "version", "node_id", "name", "memory_total", "memory_available", "cores", "threads", "architecture", "state", "model_sha256", "layer_start", "layer_stop", "local_model_sha256", "error", "max_message_bytes", "rss_bytes", "weight_bytes", "kv_cache_bytes", "sessions")
+    __slots__ = ("protocol_version", "version", "node_id", "name", "memory_total", "memory_available", "cores", "threads", "architecture", "state", "model_sha256", "layer_start", "layer_stop", "local_model_sha256", "error", "max_message_bytes", "rss_bytes", "weight_bytes", "kv_cache_bytes", "sessions", "prompt_cache")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class NodeInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     version: str
     node_id: str
@@ -77,7 +78,24 @@ class NodeInfo(_message.Message):
     weight_bytes: int
     kv_cache_bytes: int
     sessions: int
-    def __init__(self, protocol_version: _Optional[int] = ..., version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., cores: _Optional[int] = ..., threads: _Optional[int] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., model_sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., local_model_sha256: _Optional[str] = ..., error: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
+    prompt_cache: PromptCacheInfo
+    def __init__(self, protocol_version: _Optional[int] = ..., version: _Optional[str] = ..., node_id: _Optional[str] = ..., name: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_available: _Optional[int] = ..., cores: _Optional[int] = ..., threads: _Optional[int] = ..., architecture: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., model_sha256: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., local_model_sha256: _Optional[str] = ..., error: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ..., prompt_cache: _Optional[_Union[PromptCacheInfo, _Mapping]] = ...) -> None: ...
+
+class PromptCacheInfo(_message.Message):
+    __slots__ = ("sessions", "tokens", "bytes", "budget", "hits", "evictions")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: int
+    tokens: int
+    bytes: int
+    budget: int
+    hits: int
+    evictions: int
+    def __init__(self, sessions: _Optional[int] = ..., tokens: _Optional[int] = ..., bytes: _Optional[int] = ..., budget: _Optional[int] = ..., hits: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
 
 class ModelConfig(_message.Message):
     __slots__ = ("arch", "n_layers", "dim", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "n_rot", "vocab_size", "context_length", "norm_eps", "rope_theta", "rope_scale", "rope_theta_swa", "rope_freq_factors", "sliding_window", "sliding_layers", "attn_softcap", "final_softcap", "layer_tensors")
@@ -270,10 +288,12 @@ class ResultsRequest(_message.Message):
     def __init__(self, chain: _Optional[str] = ...) -> None: ...
 
 class EndSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "keep")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    keep: int
+    def __init__(self, session_id: _Optional[str] = ..., keep: _Optional[int] = ...) -> None: ...
 
 class EndSessionReply(_message.Message):
     __slots__ = ()

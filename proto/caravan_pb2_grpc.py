@@ -137,7 +137,7 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EndSession(self, request, context):
-        """Free a session's KV cache.
+        """Free a session's KV cache, or keep its first positions in the node's prompt cache.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +145,7 @@ class StageServicer:
 
     def CopySession(self, request, context):
         """Start a session with a copy of another's first positions (samples of one prompt share its
-        prefill: n > 1 in the HTTP API).
+        prefill: n > 1 in the HTTP API; a new request starts from a cached one's prompt).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
