@@ -20,6 +20,7 @@ from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
+from caravan.proto.wire import NODE_RUNTIME_BYTES
 from support.nodes import NodeProcess, cluster_token
 from support.serve import MODEL, Server, chat_ids
 from support.stages import build, greedy, prompt
@@ -167,7 +168,7 @@ def test_a_node_evicts_retired_sessions_when_a_live_one_needs_room(tiny_q8_path,
     model = load_model(tiny_q8_path)
     weights = LocalStage.load(model.file, model.config, LAYERS, NODE_CTX).weight_bytes
     per_session = KVCache.bytes_for(len(LAYERS), model.config.kv_dim, NODE_CTX)
-    limit = weights + 3 * per_session + per_session // 2
+    limit = NODE_RUNTIME_BYTES + weights + 3 * per_session + per_session // 2
     with loaded_node(model, tmp_path, memory_limit=limit, cache_budget=1 << 30) as (client, servicer):
         remote = RemoteStage(client, LAYERS, model.config.dim)
         try:
