@@ -28,8 +28,10 @@ decide those. Sampling options caravan does not implement are accepted at the va
 sampling as it is and refused otherwise; a name Ollama does not know either is refused too
 (Ollama only logs it): a misspelt option never goes unnoticed.
 
-Refused with a 400 naming them, until caravan has them: `format` (structured output), `tools`,
-`images`, `think`, `suffix`, `template` and `context`. `keep_alive` is checked (seconds, or a
+`format` constrains the answer: "json" to a JSON object, a JSON schema to JSON matching it
+(pipeline/grammar.py; a schema the constrained-decoding library refuses is a 400 saying why).
+Refused with a 400 naming them, until caravan has them: `tools`, `images`, `think`, `suffix`,
+`template` and `context`. `keep_alive` is checked (seconds, or a
 duration such as "5m") and changes nothing.
 """
 
@@ -54,6 +56,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from caravan.pipeline.catalog import default_cache_dir, file_sha256
+from caravan.pipeline.grammar import ANY_JSON_OBJECT, GrammarError
 from caravan.pipeline.sampler import SamplingParams
 
 from .openai_api import MAX_TOP_LOGPROBS, OLLAMA_PREFIX, APIError, Completion, logprobs_object, number_field
@@ -77,7 +80,6 @@ IGNORED_OPTIONS = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vr
 NEUTRAL_OPTIONS = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 # Request fields caravan does not implement yet (empty or false is as if left out).
 UNSUPPORTED = {
-    "format": "structured output (format as \"json\" or a JSON schema)",
     "tools": "tool calls (tools)",
     "tool_calls": "tool calls (tool_calls)",
     "images": "images (caravan runs text models)",
@@ -358,7 +360,20 @@ class OllamaAPI:
         except ValueError as exc:
             raise APIError(400, f"options: {exc}") from None
         return Completion(prompt_ids, params, room if predict <= 0 else min(predict, room), 1, _stop(options),
-                          _stream_flag(body), model, adapters, _top_logprobs(body))
+                          _stream_flag(body), model, adapters, _top_logprobs(body), self._format(body))
+
+    def _format(self, body: dict) -> str:
+        """The grammar of Ollama's `format`: "json" for a JSON object, or a JSON schema ("" for free text)."""
+        value = body.get("format")
+        if value in (None, ""):
+            return ""
+        if value != "json" and not isinstance(value, dict):
+            raise APIError(400, f'format must be "json" or a JSON schema (an object), got {value!r}')
+        try:
+            return self.api.model.grammars.json_schema(ANY_JSON_OBJECT if value == "json" else value)
+        except GrammarError as exc:
+            raise APIError(400, f"format: the schema is refused by the constrained-decoding library: {exc}; "
+                           "change or remove that part") from None
 
     async def _complete(self, request: HTTPRequest, chat: bool) -> Response:
         started = time.perf_counter()
@@ -371,7 +386,7 @@ class OllamaAPI:
             if ids is None:  # nothing to answer: Ollama's way to load a model, which is loaded
                 _stream_flag(body)
                 return JSONResponse({**self._reply(model, chat, ""), "done": True, "done_reason": "load"})
-            job = self._job(body, ids, model, adapters)
+            job = await run_in_threadpool(self._job, body, ids, model, adapters)  # a schema takes a while to compile
         except APIError as exc:
             return exc.response(ollama=True)
         runs = self.api._start(job, asyncio.get_running_loop())

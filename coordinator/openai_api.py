@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from starlette.responses import JSONResponse
 
+from caravan.pipeline.grammar import ANY_JSON_OBJECT, GrammarError, Grammars
 from caravan.pipeline.sampler import SamplingParams
 
 from .scheduler import Event
@@ -28,7 +29,7 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # The top-level fields each endpoint reads: OpenAI's, and llama-server's sampling settings.
 _COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                             "repeat_last_n", "frequency_penalty", "presence_penalty", "logit_bias", "n", "stop",
-                            "seed", "stream", "logprobs"})
+                            "seed", "stream", "logprobs", "response_format", "json_schema", "grammar"})
 CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "stream_options"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
 # Fields that cannot change an answer, accepted and ignored: who the end user is (user), a client's
@@ -43,9 +44,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
     "parallel_tool_calls": ((), "tool calls are not implemented"),
     "functions": (([],), "function calls are not implemented"),
     "function_call": (("none",), "function calls are not implemented"),
-    "response_format": (({"type": "text"},), "structured output is not implemented"),
-    "json_schema": ((), "structured output is not implemented"),
-    "grammar": (("",), "grammars are not implemented"),
     "echo": ((False,), "the prompt is not echoed back"),
     "suffix": (("",), "insertion before a suffix is not implemented"),
     "best_of": ((1,), "best_of above 1 is not implemented; ask for n answers instead"),
@@ -95,6 +93,7 @@ class Completion:
     model: str = ""  # the model id asked for: the base model's, or MODEL:ADAPTER
     adapters: tuple[tuple[str, float], ...] = ()  # the LoRA adapters that id stands for
     top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and its k most likely
+    grammar: str = ""  # what the answer is constrained to (Grammars' compiled text); "" = free text
 
 
 def parse_json_object(raw: bytes) -> dict:
@@ -134,9 +133,9 @@ def refuse_fields(body: dict, accepted: frozenset[str], path: str) -> None:
 
 
 def completion_request(body: dict, prompt_ids: list[int], chat: bool, n_ctx: int, vocab_size: int, model_id: str,
-                       adapters: dict[str, tuple[tuple[str, float], ...]]) -> Completion:
+                       adapters: dict[str, tuple[tuple[str, float], ...]], grammar: str = "") -> Completion:
     """A request's fields, checked, as the Completion to run for `prompt_ids` (`model_id` is the base
-    model's, `adapters` maps each other id served to its LoRA adapters)."""
+    model's, `adapters` maps each other id served to its LoRA adapters, `grammar` constrains the answer)."""
     room = n_ctx - len(prompt_ids)
     if room <= 0:
         raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's context is {n_ctx}",
@@ -162,7 +161,54 @@ def completion_request(body: dict, prompt_ids: list[int], chat: bool, n_ctx: int
     n = number_field(body, "n", 1, 1, MAX_N, integer=True)
     model = body.get("model") or model_id
     return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, adapters.get(model, ()),
-                      top_logprobs_field(body, chat))
+                      top_logprobs_field(body, chat), grammar)
+
+
+def structured_output(body: dict, grammars: Grammars) -> str:
+    """The grammar a request constrains its answer to ("" for free text): OpenAI's response_format
+    (json_object, json_schema), or llama-server's json_schema (a schema) or grammar (GBNF); a 400
+    naming what the constrained-decoding library refuses."""
+    asked = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) not in (None, "")]
+    if len(asked) > 1:
+        raise APIError(400, f"{' and '.join(asked)} both constrain the answer; send one of them", asked[1])
+    if not asked:
+        return ""
+    name = asked[0]
+    value = body[name]
+    try:
+        if name == "grammar":
+            if not isinstance(value, str):
+                raise APIError(400, "grammar must be a string of llama.cpp's GBNF", name)
+            return grammars.gbnf(value)
+        if name == "json_schema":
+            if not isinstance(value, (dict, bool)):
+                raise APIError(400, "json_schema must be a JSON schema (an object)", name)
+            return grammars.json_schema(value)
+        schema = _response_format_schema(value)
+        return "" if schema is None else grammars.json_schema(schema)
+    except GrammarError as exc:
+        raise APIError(400, f"{name}: the schema or grammar is refused by the constrained-decoding library: "
+                       f"{exc}; change or remove that part", name, "invalid_schema") from None
+
+
+def _response_format_schema(value) -> dict | bool | None:
+    """The JSON schema of OpenAI's response_format (None for "text"); llama-server's json_object
+    may carry a schema too."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return value.get("schema") or ANY_JSON_OBJECT
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise APIError(400, 'response_format.json_schema must be an object with a "schema" (a JSON schema)',
+                           "response_format")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise APIError(400, "response_format.json_schema.strict must be true or false", "response_format")
+        # Not strict asks for no more than strict does: the answer is held to the schema either way.
+        return spec.get("schema", ANY_JSON_OBJECT)
+    raise APIError(400, 'response_format.type must be "text", "json_object" or "json_schema"', "response_format")
 
 
 def chat_messages(body: dict) -> list[dict[str, str]]:

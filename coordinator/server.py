@@ -14,9 +14,11 @@ Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n, lo
 frequency_penalty, presence_penalty, logit_bias, llama-server's top_k, min_p, repeat_penalty and
 repeat_last_n, and stream (Server-Sent Events: `data: {chunk}` lines, usage in the last chunk,
 then `data: [DONE]`). Sampling settings a request leaves out are llama-server's and Ollama's
-defaults (SamplingParams'), so a client that sends none gets sensible answers. A field caravan
-does not implement (tools, response_format, echo, ...) or does not know is a 400 naming it, never
-silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
+defaults (SamplingParams'), so a client that sends none gets sensible answers. Structured output:
+OpenAI's response_format (json_object, json_schema) and llama-server's json_schema and grammar
+(GBNF) hold the answer to a grammar, token by token (pipeline/grammar.py); a schema the library
+refuses is a 400 saying what. A field caravan does not implement (tools, echo, ...) or does not
+know is a 400 naming it, never silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
 "length"), as llama-server does. Errors are OpenAI-style JSON,
 `{"error": {"message", "type", "param", "code"}}`, with the right status.
 
@@ -75,8 +77,8 @@ from .http_guard import CLOSE, SHUTDOWN_GRACE_S, BodyLimits, BrowserGuard, Serve
 from .metrics import PROMETHEUS_MEDIA_TYPE, kv_per_stage, prometheus_text
 from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, Completion, chat_messages, choice_object,
                          completion_request, finish_reason_of, first_stop, logprobs_object, parse_json_object,
-                         prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, token_text,
-                         usage_object)
+                         prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, structured_output,
+                         token_text, usage_object)
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
 
@@ -206,7 +208,8 @@ class API:
                        "/v1/chat/completions" if chat else "/v1/completions")
         prompt_ids = self._chat_ids(body) if chat else self._prompt_ids(body)
         return completion_request(body, prompt_ids, chat, self.scheduler.pipeline.n_ctx,
-                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters)
+                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters,
+                                  structured_output(body, self.model.grammars))
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
@@ -280,7 +283,8 @@ class API:
             events: asyncio.Queue[Event] = asyncio.Queue()
             params = job.params if job.params.seed is None else SamplingParams(**{**job.params.__dict__,
                                                                                 "seed": job.params.seed + i})
-            request = Request(job.prompt_ids, Sampler(params), job.max_tokens, self.model.tokenizer.eog_ids,
+            constraint = self.model.grammars.constraint(job.grammar) if job.grammar else None
+            request = Request(job.prompt_ids, Sampler(params, constraint), job.max_tokens, self.model.tokenizer.eog_ids,
                               lambda e, q=events: handoff.put(loop, q, e), job.adapters,
                               job.top_logprobs)
             runs.append((request, events))
