@@ -68,6 +68,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from caravan.pipeline.chat_template import ChatTemplateError
+from caravan.pipeline.grammar import GrammarError
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
@@ -78,9 +79,10 @@ from .metrics import PROMETHEUS_MEDIA_TYPE, kv_per_stage, prometheus_text
 from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, Completion, chat_messages, choice_object,
                          completion_request, finish_reason_of, first_stop, logprobs_object, parse_json_object,
                          prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, structured_output,
-                         token_text, usage_object)
+                         token_text, tool_calls_chunk, usage_object)
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
+from .tools import CallStream, ToolUse, generic_messages, parse_tool_calls, tool_grammar, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +187,19 @@ class API:
             raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
         return list(prompt)
 
-    def _chat_ids(self, body: dict) -> list[int]:
-        """The prompt of a chat request: its messages rendered and tokenized (on a worker thread)."""
+    def _chat_ids(self, body: dict, tools: ToolUse | None = None) -> list[int]:
+        """The prompt of a chat request: its messages (and tools) rendered and tokenized (on a worker
+        thread). A template that takes no tools gets them, and the calls and results in the
+        history, as text (coordinator/tools.py)."""
         rendered = chat_messages(body)
         self._refuse_past_context(sum(len(m["content"]) for m in rendered), "messages", CHAT_TEXT_SLACK)
         tokenizer = self.model.tokenizer
+        template = self.model.chat_template
         try:
-            text = self.model.chat_template.render(rendered, add_generation_prompt=True)
+            if "tools" in template.source:
+                text = template.render(rendered, add_generation_prompt=True, tools=tools and tools.templated)
+            else:
+                text = template.render(generic_messages(rendered, tools), add_generation_prompt=True)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
         self._refuse_past_context(len(text), "messages")
@@ -206,10 +214,20 @@ class API:
         logit_bias or prompt takes a while)."""
         refuse_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS,
                        "/v1/chat/completions" if chat else "/v1/completions")
-        prompt_ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        tools = tool_use(body) if chat else None
+        prompt_ids = self._chat_ids(body, tools) if chat else self._prompt_ids(body)
+        grammar = structured_output(body, self.model.grammars)
+        if tools is not None and tools.choice != "auto":  # a call must come: hold the answer to the call format
+            if grammar:
+                raise APIError(400, f"tool_choice {tools.choice!r} and a response format both constrain the "
+                               "answer; send one of them", "tool_choice")
+            try:
+                grammar = tool_grammar(tools, self.model.grammars)
+            except GrammarError as exc:
+                raise APIError(400, f"tools: a function's parameters are refused by the constrained-decoding "
+                               f"library: {exc}; change or remove that part", "tools", "invalid_schema") from None
         return completion_request(body, prompt_ids, chat, self.scheduler.pipeline.n_ctx,
-                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters,
-                                  structured_output(body, self.model.grammars))
+                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters, grammar, tools)
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
@@ -341,7 +359,8 @@ class API:
         for index, (request, events) in enumerate(runs):
             text, reason, tokens = await self._whole(job, request, events)
             logprobs = logprobs_object(self.model.tokenizer, job, tokens, chat, 0)
-            choices.append(choice_object(index, text, reason, logprobs, chat))
+            content, calls = parse_tool_calls(text, job.tools) if job.tools else (text, [])
+            choices.append(choice_object(index, content, "tool_calls" if calls else reason, logprobs, chat, calls))
         return choices
 
     async def _whole(self, job: Completion, request: Request, events: asyncio.Queue) -> tuple[str, str, list[Event]]:
@@ -390,17 +409,27 @@ class API:
             for index, (request, events) in enumerate(runs):
                 if chat:
                     yield chunk(index, None, None)
-                finish, offset = "length", 0
+                finish, offset, calls, held = "length", 0, CallStream() if job.tools else None, []
                 try:
                     async for piece, reason, tokens in self._pieces(job, request, events):
-                        if piece or tokens:
-                            logprobs = logprobs_object(tokenizer, job, tokens, chat, offset)
+                        held += tokens
+                        piece = calls.push(piece) if calls else piece
+                        if piece or (held and not calls):
+                            logprobs = logprobs_object(tokenizer, job, held, chat, offset)
                             yield chunk(index, piece, None, logprobs=logprobs)
-                            offset += sum(len(token_text(tokenizer, e.token)) for e in tokens)
+                            offset += sum(len(token_text(tokenizer, e.token)) for e in held)
+                            held = []
                         finish = reason or finish
                 except APIError as exc:
                     yield stream_error(exc)
                     return
+                if calls:  # what was held back: the rest of the content, and the calls
+                    tail, found = calls.finish(job.tools)
+                    if tail or held:
+                        yield chunk(index, tail, None, logprobs=logprobs_object(tokenizer, job, held, chat, offset))
+                    if found:
+                        yield tool_calls_chunk(base, index, found)
+                        finish = "tool_calls"
                 last = index == len(runs) - 1
                 usage = usage_object(len(job.prompt_ids), sum(len(r.tokens) for r, _ in runs)) if last else None
                 yield chunk(index, "" if not chat else None, finish, usage)
