@@ -17,7 +17,8 @@ then `data: [DONE]`). Sampling settings a request leaves out are llama-server's 
 defaults (SamplingParams'), so a client that sends none gets sensible answers. Structured output:
 OpenAI's response_format (json_object, json_schema) and llama-server's json_schema and grammar
 (GBNF) hold the answer to a grammar, token by token (pipeline/grammar.py); a schema the library
-refuses is a 400 saying what. A field caravan does not implement (tools, echo, ...) or does not
+refuses is a 400 saying what. Tool calls (tools, tool_choice, parallel_tool_calls) are
+coordinator/tools.py's. A field caravan does not implement (functions, echo, ...) or does not
 know is a 400 naming it, never silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
 "length"), as llama-server does. Errors are OpenAI-style JSON,
 `{"error": {"message", "type", "param", "code"}}`, with the right status.
