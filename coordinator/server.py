@@ -83,7 +83,7 @@ from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, C
                          token_text, tool_calls_chunk, usage_object)
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
-from .tools import CallStream, ToolUse, generic_messages, parse_tool_calls, tool_grammar, tool_use
+from .tools import CallStream, ToolUse, parse_tool_calls, render_chat, tool_grammar, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +195,8 @@ class API:
         rendered = chat_messages(body)
         self._refuse_past_context(sum(len(m["content"]) for m in rendered), "messages", CHAT_TEXT_SLACK)
         tokenizer = self.model.tokenizer
-        template = self.model.chat_template
         try:
-            if "tools" in template.source:
-                text = template.render(rendered, add_generation_prompt=True, tools=tools and tools.templated)
-            else:
-                text = template.render(generic_messages(rendered, tools), add_generation_prompt=True)
+            text = render_chat(self.model.chat_template, rendered, tools)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
         self._refuse_past_context(len(text), "messages")

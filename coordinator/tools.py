@@ -2,7 +2,8 @@
 constrained (tool_choice required or a named function) and parsed back into `tool_calls`.
 
 The call format is Hermes' (Qwen2.5, Hermes, and the Hugging Face templates that follow them):
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one per call. A chat template that
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, one per call; an answer that is all
+one call object (Llama 3.x's `{"name": ..., "parameters": {...}}`) is read as one too. A chat template that
 takes `tools` renders them itself, with the history's assistant `tool_calls` and `role: tool`
 messages; one that does not (SmolLM2's) gets them as llama-server's generic format does: a system
 block that lists the functions and the call format, earlier calls written out in that format and
@@ -16,6 +17,7 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from caravan.pipeline.chat_template import ChatTemplate
 from caravan.pipeline.grammar import JSON_LAYOUT, Grammars
 
 from .openai_api import APIError
@@ -88,6 +90,14 @@ def _function(i: int, tool) -> dict:
 # --- the prompt ---------------------------------------------------------------------------
 
 
+def render_chat(template: ChatTemplate, messages: list[dict], use: ToolUse | None) -> str:
+    """The prompt of a conversation with tools: through the template's own `tools` where it
+    takes them (Hugging Face's convention), else in the generic format (generic_messages)."""
+    if "tools" in template.source:
+        return template.render(messages, add_generation_prompt=True, tools=use.templated if use else None)
+    return template.render(generic_messages(messages, use), add_generation_prompt=True)
+
+
 def generic_messages(messages: list[dict], use: ToolUse | None) -> list[dict]:
     """The conversation for a template that knows nothing of tools: the tools described in the
     system message, calls and results written out as text."""
@@ -137,15 +147,11 @@ def tool_grammar(use: ToolUse, grammars: Grammars) -> str:
 
 
 def parse_tool_calls(text: str, use: ToolUse) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of an answer: the calls to functions among the tools, each with an id
-    and its arguments as a JSON string; the text outside them is the content (None if empty).
-    Without any call the whole text is the content."""
+    """(content, tool_calls) of an answer: the calls to functions among the tools (_call_objects),
+    each with an id and its arguments as a JSON string; the text outside them is the content (None
+    if empty). Without any call the whole text is the content."""
     calls = []
-    for found in _CALL.finditer(text):
-        try:
-            call = json.loads(found.group(1))
-        except ValueError:
-            continue
+    for call in _call_objects(text):
         name = call.get("name") if isinstance(call, dict) else None
         if name not in {f["name"] for f in use.functions}:
             continue
@@ -156,9 +162,25 @@ def parse_tool_calls(text: str, use: ToolUse) -> tuple[str | None, list[dict]]:
             break
     if not calls:
         return text, []
+    if CALL_OPEN not in text:  # the whole answer was the call
+        return None, calls
     # A call the answer did not finish (max_tokens) is neither a call nor content.
     content = _CALL.sub("", text).split(CALL_OPEN, 1)[0].strip()
     return content or None, calls
+
+
+def _call_objects(text: str) -> list:
+    """The JSON of each call in an answer: Hermes' tagged calls, else (Llama 3.x's format) an
+    answer that is all one call object or a list of them."""
+    tagged = [found.group(1) for found in _CALL.finditer(text)]
+    objects = []
+    for found in tagged or [text.strip()]:
+        try:
+            value = json.loads(found)
+        except ValueError:
+            continue
+        objects += value if isinstance(value, list) and not tagged else [value]
+    return objects
 
 
 class CallStream:
@@ -173,6 +195,8 @@ class CallStream:
     def push(self, piece: str) -> str:
         """The content that is safe to send now."""
         self.text += piece
+        if not self._sent and self.text.lstrip()[:1] in ("{", "["):
+            self._held = True  # the answer may be all one call (_call_objects): wait for it whole
         if not self._held:
             start = self.text.find(CALL_OPEN, self._sent)
             if start >= 0:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from caravan.coordinator.tools import CallStream, ToolUse, generic_messages, parse_tool_calls
+from caravan.coordinator.tools import CallStream, ToolUse, generic_messages, parse_tool_calls, render_chat
 from support.serve import MODEL, QUESTION
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -146,3 +146,42 @@ def test_a_template_without_tools_gets_them_as_text():
     assert out[2] == {"role": "assistant", "content": '<tool_call>{"name": "get_weather", "arguments": {"city": '
                                                       '"Oslo", "unit": "celsius"}}</tool_call>'}
     assert out[3] == {"role": "user", "content": "<tool_response>\n18 C\n</tool_response>"}
+
+
+# The shape of Qwen2.5's template around tools: it takes `tools`, an assistant's tool_calls (their
+# arguments as objects) and `role: tool` results.
+HERMES_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n<tools>{% for tool in tools %}\n{{ tool | tojson }}{% endfor %}\n"
+    "</tools><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}{%- if message.role == 'assistant' and message.tool_calls %}"
+    "<|im_start|>assistant\n{% for call in message.tool_calls %}<tool_call>\n"
+    '{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}\n'
+    "</tool_call>{% endfor %}<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}{%- endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_takes_tools_renders_them_itself():
+    from caravan.coordinator.openai_api import chat_messages
+    from caravan.pipeline.chat_template import ChatTemplate
+
+    body = {"messages": [{"role": "user", "content": "Weather in Oslo?"},
+                         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                          "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "celsius"}'}}]},
+                         {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]}
+    text = render_chat(ChatTemplate(HERMES_TEMPLATE), chat_messages(body), USE)
+    assert '"name": "get_weather"' in text.split("</tools>")[0]  # the tools through the template's variable
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}' in text
+    assert "<tool_response>\n18 C\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+
+
+def test_an_answer_that_is_all_one_call_is_read_as_one():
+    """Llama 3.x's format: the whole answer one JSON call, with "parameters"."""
+    content, calls = parse_tool_calls('{"name": "get_weather", "parameters": {"city": "Rome", "unit": "celsius"}}', USE)
+    assert content is None and json.loads(calls[0]["function"]["arguments"])["city"] == "Rome"
+    stream = CallStream()
+    assert stream.push('{"name": "get_weather", ') == "" and stream.push('"parameters": {}}') == ""
+    assert stream.finish(USE)[1][0]["function"]["name"] == "get_weather"
+    assert parse_tool_calls('{"answer": 42}', USE) == ('{"answer": 42}', [])
