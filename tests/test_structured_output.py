@@ -181,6 +181,32 @@ def test_ollama_format_json_and_a_schema(server):
     assert refused.value.status_code == 400 and "uniqueItems" in refused.value.error
 
 
+@pytest.mark.model
+@pytest.mark.slow
+def test_masks_apply_per_row_in_a_batch(server, smollm2, alone):
+    """A constrained request with n=3 (its samples share one prefill and decode as rows of one
+    batch) beside a free one in the same batches: every sample validates, and the free request's
+    greedy text is what it is alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from support.serve import chat_ids
+
+    what, schema = SCHEMAS[6]
+    client = server.client()
+    with ThreadPoolExecutor(2) as pool:
+        constrained = pool.submit(client.chat.completions.create, model=MODEL, messages=ask(what), n=3, seed=7,
+                                  max_tokens=MAX_TOKENS, response_format={"type": "json_schema", "json_schema": {
+                                      "name": "list", "schema": schema}})
+        free = pool.submit(client.chat.completions.create, model=MODEL, messages=QUESTION, temperature=0,
+                           max_tokens=24)
+        choices, plain = constrained.result().choices, free.result().choices[0].message.content
+    assert len(choices) == 3
+    for choice in choices:
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), schema)
+    assert plain == alone(chat_ids(smollm2, QUESTION), 24)
+
+
 # --- in process: the sampler's constraint --------------------------------------------------
 
 
