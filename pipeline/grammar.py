@@ -134,6 +134,11 @@ class GrammarConstraint:
         self._matcher.consume_token(int(token))
         self._allowed = None
 
+    def rollback(self, count: int) -> None:
+        """Take back the last `count` tokens advanced past (speculated tokens the model rejected)."""
+        self._matcher.rollback(count)
+        self._allowed = None
+
     @property
     def finished(self) -> bool:
         """Whether the grammar is complete and allows nothing but the end of generation."""

@@ -148,6 +148,8 @@ class Constraint(Protocol):
 
     def allowed_rows(self, draft: list[int]) -> np.ndarray: ...  # (len(draft) + 1, vocab) bool, now and after each
 
+    def rollback(self, count: int) -> None: ...  # take back the last `count` tokens advanced past
+
 
 def masked(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
     """A copy of logits, (..., vocab), with -inf wherever `allowed` (same shape, bool) is False:

@@ -240,6 +240,11 @@ def test_masks_for_draft_tokens_in_one_call(smollm2):
     assert np.array_equal(rows[0], constraint.allowed())
     logits = np.zeros((len(draft) + 1, smollm2.tokenizer.vocab_size), dtype=np.float32)
     assert np.isneginf(masked(logits, rows)).sum() == (~rows).sum()
+    for token in draft[:3]:
+        constraint.advance(token)
+    assert np.array_equal(constraint.allowed(), rows[3])
+    constraint.rollback(3)  # the draft's tokens rejected after all
+    assert np.array_equal(constraint.allowed(), rows[0])
     wrong = smollm2.tokenizer.encode('{"no', add_bos=False)
     assert not constraint.allowed_rows(wrong)[-1].any()  # past a refused draft token nothing is allowed
 
