@@ -19,8 +19,8 @@ OpenAI's response_format (json_object, json_schema) and llama-server's json_sche
 (GBNF) hold the answer to a grammar, token by token (pipeline/grammar.py); a schema the library
 refuses is a 400 saying what. Tool calls (tools, tool_choice, parallel_tool_calls) are
 coordinator/tools.py's. A field caravan does not implement (functions, echo, ...) or does not
-know is a 400 naming it, never silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
-"length"), as llama-server does. Errors are OpenAI-style JSON,
+know is a 400 naming it, never silently dropped. max_tokens past the room left in the context is
+cut to it (finish_reason "length"), as llama-server does. Errors are OpenAI-style JSON,
 `{"error": {"message", "type", "param", "code"}}`, with the right status.
 
 A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs the base model
@@ -213,18 +213,24 @@ class API:
                        "/v1/chat/completions" if chat else "/v1/completions")
         tools = tool_use(body) if chat else None
         prompt_ids = self._chat_ids(body, tools) if chat else self._prompt_ids(body)
-        grammar = structured_output(body, self.model.grammars)
-        if tools is not None and tools.choice != "auto":  # a call must come: hold the answer to the call format
-            if grammar:
-                raise APIError(400, f"tool_choice {tools.choice!r} and a response format both constrain the "
-                               "answer; send one of them", "tool_choice")
-            try:
-                grammar = tool_grammar(tools, self.model.grammars)
-            except GrammarError as exc:
-                raise APIError(400, f"tools: a function's parameters are refused by the constrained-decoding "
-                               f"library: {exc}; change or remove that part", "tools", "invalid_schema") from None
         return completion_request(body, prompt_ids, chat, self.scheduler.pipeline.n_ctx,
-                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters, grammar, tools)
+                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters,
+                                  self._grammar(body, tools), tools)
+
+    def _grammar(self, body: dict, tools: ToolUse | None) -> str:
+        """What the answer is held to: the response format asked for, or with tool_choice required
+        or a named function the call format ("" for free text)."""
+        grammar = structured_output(body, self.model.grammars)
+        if tools is None or tools.choice == "auto":
+            return grammar
+        if grammar:
+            raise APIError(400, f"tool_choice {tools.choice!r} and a response format both constrain the answer; "
+                           "send one of them", "tool_choice")
+        try:
+            return tool_grammar(tools, self.model.grammars)
+        except GrammarError as exc:
+            raise APIError(400, f"tools: a function's parameters are refused by the constrained-decoding library: "
+                           f"{exc}; change or remove that part", "tools", "invalid_schema") from None
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:

@@ -41,9 +41,10 @@ SCHEMAS = [
             "street": STRING, "city": NAME, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
             "required": ["street", "city", "zip"], "additionalProperties": False}},
         "required": ["name", "address"]}),
-    ("a shopping list with prices", {"type": "object", "properties": {"items": {"type": "array", "maxItems": 3, "items": {
-        "type": "object", "properties": {"name": NAME, "price": {"type": "number", "minimum": 0, "maximum": 1000}},
-        "required": ["name", "price"]}}}, "required": ["items"]}),
+    ("a shopping list with prices", {"type": "object", "properties": {"items": {
+        "type": "array", "maxItems": 3, "items": {
+            "type": "object", "properties": {"name": NAME, "price": {"type": "number", "minimum": 0, "maximum": 1000}},
+            "required": ["name", "price"]}}}, "required": ["items"]}),
     ("three numbers from 1 to 10", {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 10},
                                     "minItems": 3, "maxItems": 3}),
     ("a rating of a film", {"type": "object", "properties": {"film": NAME, "stars": {"type": "integer",

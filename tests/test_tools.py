@@ -61,8 +61,8 @@ def test_a_required_or_named_call_validates_and_a_second_turn_completes(server, 
 @pytest.mark.slow
 def test_tool_calls_stream_as_delta_tool_calls(server):
     chunks = list(server.client().chat.completions.create(
-        model=MODEL, messages=ASK, tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        seed=2, max_tokens=MAX_TOKENS, stream=True))
+        model=MODEL, messages=ASK, tools=[WEATHER], seed=2, max_tokens=MAX_TOKENS, stream=True,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     calls: dict[int, dict] = {}
     for delta in deltas:
