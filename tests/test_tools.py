@@ -185,3 +185,26 @@ def test_an_answer_that_is_all_one_call_is_read_as_one():
     assert stream.push('{"name": "get_weather", ') == "" and stream.push('"parameters": {}}') == ""
     assert stream.finish(USE)[1][0]["function"]["name"] == "get_weather"
     assert parse_tool_calls('{"answer": 42}', USE) == ('{"answer": 42}', [])
+
+
+@pytest.mark.model
+@pytest.mark.slow
+@pytest.mark.parametrize("stream", [False, True])
+def test_ollama_chat_with_tools(server, stream):
+    """Ollama's /api/chat through its client: an answer held (by format) to one call object comes back
+    as message.tool_calls with arguments that validate, streamed and not; a second turn with the
+    call and its result in the history completes."""
+    ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
+    client = ollama.Client(host=server.base_url, timeout=120)
+    call_schema = {"type": "object", "properties": {"name": {"const": "get_weather"}, "arguments": WEATHER_PARAMETERS},
+                   "required": ["name", "arguments"], "additionalProperties": False}
+    options = {"temperature": 0, "num_predict": MAX_TOKENS}
+    parts = client.chat(model=MODEL, messages=ASK, tools=[WEATHER], format=call_schema, options=options, stream=stream)
+    calls = [call for part in (parts if stream else [parts]) for call in part.message.tool_calls or ()]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    jsonschema.validate(dict(calls[0].function.arguments), WEATHER_PARAMETERS)
+    history = [*ASK, {"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "get_weather", "arguments": dict(calls[0].function.arguments)}}]},
+        {"role": "tool", "content": "18 C, sunny"}]
+    second = client.chat(model=MODEL, messages=history, tools=[WEATHER], options=options)
+    assert second.done and second.done_reason in ("stop", "length") and second.message.content
