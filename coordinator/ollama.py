@@ -28,8 +28,13 @@ decide those. Sampling options caravan does not implement are accepted at the va
 sampling as it is and refused otherwise; a name Ollama does not know either is refused too
 (Ollama only logs it): a misspelt option never goes unnoticed.
 
-Refused with a 400 naming them, until caravan has them: `format` (structured output), `tools`,
-`images`, `think`, `suffix`, `template` and `context`. `keep_alive` is checked (seconds, or a
+`format` constrains the answer: "json" to a JSON object, a JSON schema to JSON matching it
+(pipeline/grammar.py; a schema the constrained-decoding library refuses is a 400 saying why).
+/api/chat's `tools` are offered to the model as OpenAI's are with tool_choice "auto"
+(coordinator/tools.py): its calls come back as message.tool_calls (arguments as objects), and
+the history's assistant tool_calls and `role: tool` messages are rendered.
+Refused with a 400 naming them, until caravan has them: `tools` on /api/generate, `images`,
+`think`, `suffix`, `template` and `context`. `keep_alive` is checked (seconds, or a
 duration such as "5m") and changes nothing.
 """
 
@@ -54,10 +59,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from caravan.pipeline.catalog import default_cache_dir, file_sha256
+from caravan.pipeline.grammar import ANY_JSON_OBJECT, GrammarError
 from caravan.pipeline.sampler import SamplingParams
 
 from .openai_api import MAX_TOP_LOGPROBS, OLLAMA_PREFIX, APIError, Completion, logprobs_object, number_field
 from .server import API
+from .tools import CallStream, ToolUse, parse_tool_calls, tool_use
 
 LATEST = ":latest"  # the tag Ollama gives a model name that has none
 MAX_OLLAMA_STOP = 16  # stop strings a request may set: Ollama sets no bound; this one keeps the scan short
@@ -77,9 +84,7 @@ IGNORED_OPTIONS = frozenset({"numa", "num_batch", "num_gpu", "main_gpu", "low_vr
 NEUTRAL_OPTIONS = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat": 0, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 # Request fields caravan does not implement yet (empty or false is as if left out).
 UNSUPPORTED = {
-    "format": "structured output (format as \"json\" or a JSON schema)",
-    "tools": "tool calls (tools)",
-    "tool_calls": "tool calls (tool_calls)",
+    "tools": "tool calls on /api/generate (tools); send them to /api/chat",
     "images": "images (caravan runs text models)",
     "think": "thinking (think)",
     "suffix": "fill-in-the-middle (suffix)",
@@ -286,17 +291,17 @@ class OllamaAPI:
             raise APIError(400, "messages must be a list")
         for i, message in enumerate(messages):
             if isinstance(message, dict):
-                _unsupported({"images": message.get("images"), "tool_calls": message.get("tool_calls")},
-                             f"messages[{i}].")
-        return [{"role": m.get("role"), "content": m.get("content", "")} if isinstance(m, dict) else m
+                _unsupported({"images": message.get("images")}, f"messages[{i}].")
+        return [{"role": m.get("role"), "content": m.get("content", ""),
+                 **({"tool_calls": m["tool_calls"]} if m.get("tool_calls") else {})} if isinstance(m, dict) else m
                 for m in messages]
 
-    async def _prompt_ids(self, body: dict, chat: bool) -> list[int] | None:
+    async def _prompt_ids(self, body: dict, chat: bool, tools: ToolUse | None = None) -> list[int] | None:
         """The prompt's tokens (rendered and tokenized on a worker thread), or None when there are no
         messages or no prompt."""
         if chat:
             messages = self._messages(body)
-            return await run_in_threadpool(self.api._chat_ids, {"messages": messages}) if messages else None
+            return await run_in_threadpool(self.api._chat_ids, {"messages": messages}, tools) if messages else None
         prompt = body.get("prompt")
         if prompt is None or prompt == "":
             return None
@@ -319,7 +324,7 @@ class OllamaAPI:
         messages = [{"role": "system", "content": system}] if system else []
         return self.api._chat_ids({"messages": [*messages, {"role": "user", "content": prompt}]})
 
-    def _job(self, body: dict, prompt_ids: list[int], model: str, adapters) -> Completion:
+    def _job(self, body: dict, prompt_ids: list[int], model: str, adapters, tools: ToolUse | None) -> Completion:
         options = body.get("options") or {}
         if not isinstance(options, dict):
             raise APIError(400, "options must be an object")
@@ -358,20 +363,35 @@ class OllamaAPI:
         except ValueError as exc:
             raise APIError(400, f"options: {exc}") from None
         return Completion(prompt_ids, params, room if predict <= 0 else min(predict, room), 1, _stop(options),
-                          _stream_flag(body), model, adapters, _top_logprobs(body))
+                          _stream_flag(body), model, adapters, _top_logprobs(body), self._format(body), tools)
+
+    def _format(self, body: dict) -> str:
+        """The grammar of Ollama's `format`: "json" for a JSON object, or a JSON schema ("" for free text)."""
+        value = body.get("format")
+        if value in (None, ""):
+            return ""
+        if value != "json" and not isinstance(value, dict):
+            raise APIError(400, f'format must be "json" or a JSON schema (an object), got {value!r}')
+        try:
+            return self.api.model.grammars.json_schema(ANY_JSON_OBJECT if value == "json" else value)
+        except GrammarError as exc:
+            raise APIError(400, f"format: the schema is refused by the constrained-decoding library: {exc}; "
+                           "change or remove that part") from None
 
     async def _complete(self, request: HTTPRequest, chat: bool) -> Response:
         started = time.perf_counter()
         try:
             body = await self.api._json_body(request)
             model, adapters = self._model(body)
-            _unsupported(body)
+            _unsupported({key: value for key, value in body.items() if not (chat and key == "tools")})
             _keep_alive(body)
-            ids = await self._prompt_ids(body, chat)
+            tools = tool_use({"tools": body.get("tools")}) if chat else None
+            ids = await self._prompt_ids(body, chat, tools)
             if ids is None:  # nothing to answer: Ollama's way to load a model, which is loaded
                 _stream_flag(body)
                 return JSONResponse({**self._reply(model, chat, ""), "done": True, "done_reason": "load"})
-            job = self._job(body, ids, model, adapters)
+            # a schema takes a while to compile
+            job = await run_in_threadpool(self._job, body, ids, model, adapters, tools)
         except APIError as exc:
             return exc.response(ollama=True)
         runs = self.api._start(job, asyncio.get_running_loop())
@@ -381,12 +401,20 @@ class OllamaAPI:
             text, reason, tokens = await self.api._await_answer(self.api._whole(job, *runs[0]), runs, request)
         except APIError as exc:
             return exc.response(ollama=True)
-        return JSONResponse(self._done(job, runs[0][0], self._reply(job.model, chat, text, self._logprobs(job, tokens)),
-                                       reason, started))
+        content, calls = parse_tool_calls(text, job.tools) if job.tools else (text, [])
+        reply = self._reply(job.model, chat, content or "", self._logprobs(job, tokens), calls)
+        return JSONResponse(self._done(job, runs[0][0], reply, reason, started))
 
-    def _reply(self, model: str, chat: bool, text: str, logprobs: list | None = None) -> dict:
-        reply = {"model": model, "created_at": _now(),
-                 **({"message": {"role": "assistant", "content": text}} if chat else {"response": text}), "done": False}
+    def _reply(self, model: str, chat: bool, text: str, logprobs: list | None = None,
+               calls: list[dict] | None = None) -> dict:
+        """One object of an answer; `calls` (OpenAI's tool_calls) as Ollama's, arguments as objects."""
+        message = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [{"function": {"name": c["function"]["name"],
+                                                   "arguments": json.loads(c["function"]["arguments"])}}
+                                     for c in calls]
+        reply = {"model": model, "created_at": _now(), **({"message": message} if chat else {"response": text}),
+                 "done": False}
         if logprobs is not None:
             reply["logprobs"] = logprobs
         return reply
@@ -406,12 +434,17 @@ class OllamaAPI:
 
     async def _stream(self, job: Completion, runs, chat: bool, started: float) -> AsyncIterator[str]:
         request, events = runs[0]
-        reason = "length"
+        reason, calls = "length", CallStream() if job.tools else None
         try:
             async for piece, finish, tokens in self.api._pieces(job, request, events):
                 reason = finish or reason
+                piece = calls.push(piece) if calls else piece
                 if piece or (tokens and job.top_logprobs >= 0):
                     yield _line(self._reply(job.model, chat, piece, self._logprobs(job, tokens)))
+            if calls:  # what was held back: the rest of the content, and the calls
+                tail, found = calls.finish(job.tools)
+                if tail or found:
+                    yield _line(self._reply(job.model, chat, tail, None, found))
             yield _line(self._done(job, request, self._reply(job.model, chat, ""), reason, started))
         except APIError as exc:
             yield _line({"error": exc.message})

@@ -11,12 +11,17 @@ import json
 import math
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse
 
+from caravan.pipeline.grammar import ANY_JSON_OBJECT, GrammarError, Grammars
 from caravan.pipeline.sampler import SamplingParams
 
 from .scheduler import Event
+
+if TYPE_CHECKING:
+    from .tools import ToolUse
 
 MAX_N = 8  # choices per request
 MAX_STOP = 4  # stop strings, as OpenAI allows
@@ -28,8 +33,9 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 # The top-level fields each endpoint reads: OpenAI's, and llama-server's sampling settings.
 _COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
                             "repeat_last_n", "frequency_penalty", "presence_penalty", "logit_bias", "n", "stop",
-                            "seed", "stream", "logprobs"})
-CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "stream_options"}
+                            "seed", "stream", "logprobs", "response_format", "json_schema", "grammar"})
+CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "stream_options", "tools",
+                                "tool_choice", "parallel_tool_calls"}
 COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
 # Fields that cannot change an answer, accepted and ignored: who the end user is (user), a client's
 # own labels (metadata), OpenAI's storage and tier (store, service_tier) and llama-server's hint to
@@ -38,14 +44,8 @@ IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "cache_
 # Fields caravan does not implement: the values that ask for nothing (accepted as such; so is null)
 # and why any other value is refused.
 UNSUPPORTED_FIELDS: dict[str, tuple[tuple, str]] = {
-    "tools": (([],), "tool calls are not implemented"),
-    "tool_choice": (("none",), "tool calls are not implemented"),
-    "parallel_tool_calls": ((), "tool calls are not implemented"),
     "functions": (([],), "function calls are not implemented"),
     "function_call": (("none",), "function calls are not implemented"),
-    "response_format": (({"type": "text"},), "structured output is not implemented"),
-    "json_schema": ((), "structured output is not implemented"),
-    "grammar": (("",), "grammars are not implemented"),
     "echo": ((False,), "the prompt is not echoed back"),
     "suffix": (("",), "insertion before a suffix is not implemented"),
     "best_of": ((1,), "best_of above 1 is not implemented; ask for n answers instead"),
@@ -95,6 +95,8 @@ class Completion:
     model: str = ""  # the model id asked for: the base model's, or MODEL:ADAPTER
     adapters: tuple[tuple[str, float], ...] = ()  # the LoRA adapters that id stands for
     top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and its k most likely
+    grammar: str = ""  # what the answer is constrained to (Grammars' compiled text); "" = free text
+    tools: ToolUse | None = None  # the functions the answer may call (coordinator/tools.py)
 
 
 def parse_json_object(raw: bytes) -> dict:
@@ -134,9 +136,10 @@ def refuse_fields(body: dict, accepted: frozenset[str], path: str) -> None:
 
 
 def completion_request(body: dict, prompt_ids: list[int], chat: bool, n_ctx: int, vocab_size: int, model_id: str,
-                       adapters: dict[str, tuple[tuple[str, float], ...]]) -> Completion:
+                       adapters: dict[str, tuple[tuple[str, float], ...]], grammar: str = "",
+                       tools: ToolUse | None = None) -> Completion:
     """A request's fields, checked, as the Completion to run for `prompt_ids` (`model_id` is the base
-    model's, `adapters` maps each other id served to its LoRA adapters)."""
+    model's, `adapters` maps each other id served to its LoRA adapters, `grammar` constrains the answer)."""
     room = n_ctx - len(prompt_ids)
     if room <= 0:
         raise APIError(400, f"the prompt is {len(prompt_ids)} tokens; this server's context is {n_ctx}",
@@ -162,12 +165,60 @@ def completion_request(body: dict, prompt_ids: list[int], chat: bool, n_ctx: int
     n = number_field(body, "n", 1, 1, MAX_N, integer=True)
     model = body.get("model") or model_id
     return Completion(prompt_ids, params, max_tokens, n, tuple(stop), stream, model, adapters.get(model, ()),
-                      top_logprobs_field(body, chat))
+                      top_logprobs_field(body, chat), grammar, tools)
 
 
-def chat_messages(body: dict) -> list[dict[str, str]]:
+def structured_output(body: dict, grammars: Grammars) -> str:
+    """The grammar a request constrains its answer to ("" for free text): OpenAI's response_format
+    (json_object, json_schema), or llama-server's json_schema (a schema) or grammar (GBNF); a 400
+    naming what the constrained-decoding library refuses."""
+    asked = [name for name in ("response_format", "json_schema", "grammar") if body.get(name) not in (None, "")]
+    if len(asked) > 1:
+        raise APIError(400, f"{' and '.join(asked)} both constrain the answer; send one of them", asked[1])
+    if not asked:
+        return ""
+    name = asked[0]
+    value = body[name]
+    try:
+        if name == "grammar":
+            if not isinstance(value, str):
+                raise APIError(400, "grammar must be a string of llama.cpp's GBNF", name)
+            return grammars.gbnf(value)
+        if name == "json_schema":
+            if not isinstance(value, (dict, bool)):
+                raise APIError(400, "json_schema must be a JSON schema (an object)", name)
+            return grammars.json_schema(value)
+        schema = _response_format_schema(value)
+        return "" if schema is None else grammars.json_schema(schema)
+    except GrammarError as exc:
+        raise APIError(400, f"{name}: the schema or grammar is refused by the constrained-decoding library: "
+                       f"{exc}; change or remove that part", name, "invalid_schema") from None
+
+
+def _response_format_schema(value) -> dict | bool | None:
+    """The JSON schema of OpenAI's response_format (None for "text"); llama-server's json_object
+    may carry a schema too."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return value.get("schema") or ANY_JSON_OBJECT
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+            raise APIError(400, 'response_format.json_schema must be an object with a "schema" (a JSON schema)',
+                           "response_format")
+        if not isinstance(spec.get("strict", False), (bool, type(None))):
+            raise APIError(400, "response_format.json_schema.strict must be true or false", "response_format")
+        # Not strict asks for no more than strict does: the answer is held to the schema either way.
+        return spec.get("schema", ANY_JSON_OBJECT)
+    raise APIError(400, 'response_format.type must be "text", "json_object" or "json_schema"', "response_format")
+
+
+def chat_messages(body: dict) -> list[dict]:
     """A chat request's messages, checked, as the chat template takes them: text content only,
-    and "developer" (OpenAI's newer name) as "system"."""
+    "developer" (OpenAI's newer name) as "system", an assistant's tool_calls and a tool result's
+    tool_call_id kept."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", "messages")
@@ -188,8 +239,38 @@ def chat_messages(body: dict) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or a list of text parts",
                            f"messages[{i}].content")
-        rendered.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+        rendered.append(history_message(i, {**m, "role": "system" if m["role"] == "developer" else m["role"]},
+                                        content))
     return rendered
+
+
+def history_message(i: int, m: dict, content: str) -> dict:
+    """A chat message as templates take it: an assistant's tool_calls kept (arguments as objects,
+    as Hugging Face templates expect), a tool result's tool_call_id kept."""
+    message = {"role": m["role"], "content": content}
+    calls = m.get("tool_calls")
+    if m["role"] == "assistant" and calls:
+        if not isinstance(calls, list) or not all(_is_call(c) for c in calls):
+            raise APIError(400, f"messages[{i}].tool_calls must be a list of {{\"id\", \"type\": \"function\", "
+                           "\"function\": {\"name\", \"arguments\"}}", f"messages[{i}].tool_calls")
+        message["tool_calls"] = [{"id": c.get("id", ""), "type": "function", "function": {
+            "name": c["function"]["name"], "arguments": _arguments(c["function"]["arguments"])}} for c in calls]
+    if m["role"] == "tool" and isinstance(m.get("tool_call_id"), str):
+        message["tool_call_id"] = m["tool_call_id"]
+    return message
+
+
+def _is_call(call) -> bool:
+    function = call.get("function") if isinstance(call, dict) else None
+    return (isinstance(function, dict) and isinstance(function.get("name"), str)
+            and isinstance(function.get("arguments"), (str, dict)))
+
+
+def _arguments(arguments: str | dict):
+    try:
+        return json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        return arguments
 
 
 def prompt_field(body: dict) -> str | list[int]:
@@ -312,10 +393,13 @@ def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def choice_object(index: int, text: str, finish_reason: str, logprobs: dict | None, chat: bool) -> dict:
-    """One choice of a non-streamed answer: chat's message, or completions' text."""
+def choice_object(index: int, text: str | None, finish_reason: str, logprobs: dict | None, chat: bool,
+                  tool_calls: list[dict] | None = None) -> dict:
+    """One choice of a non-streamed answer: chat's message (with its tool_calls, if any), or
+    completions' text."""
+    message = {"role": "assistant", "content": text, **({"tool_calls": tool_calls} if tool_calls else {})}
     return {"index": index, "finish_reason": finish_reason, "logprobs": logprobs,
-            **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}
+            **({"message": message} if chat else {"text": text})}
 
 
 def token_text(tokenizer, token: int) -> str:
@@ -364,6 +448,13 @@ def stream_chunk(base: dict, chat: bool, index: int, text: str | None, finish: s
     if usage is not None:
         payload["usage"] = usage
     return server_sent_event(payload)
+
+
+def tool_calls_chunk(base: dict, index: int, calls: list[dict]) -> str:
+    """The chunk that streams an answer's tool calls, each whole, as OpenAI's delta.tool_calls."""
+    delta = {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+    return server_sent_event({**base, "choices": [{"index": index, "delta": delta, "finish_reason": None,
+                                                   "logprobs": None}]})
 
 
 def stream_error(exc: APIError) -> str:

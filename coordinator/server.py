@@ -14,10 +14,13 @@ Both completion endpoints take max_tokens, temperature, top_p, seed, stop, n, lo
 frequency_penalty, presence_penalty, logit_bias, llama-server's top_k, min_p, repeat_penalty and
 repeat_last_n, and stream (Server-Sent Events: `data: {chunk}` lines, usage in the last chunk,
 then `data: [DONE]`). Sampling settings a request leaves out are llama-server's and Ollama's
-defaults (SamplingParams'), so a client that sends none gets sensible answers. A field caravan
-does not implement (tools, response_format, echo, ...) or does not know is a 400 naming it, never
-silently dropped. max_tokens past the room left in the context is cut to it (finish_reason
-"length"), as llama-server does. Errors are OpenAI-style JSON,
+defaults (SamplingParams'), so a client that sends none gets sensible answers. Structured output:
+OpenAI's response_format (json_object, json_schema) and llama-server's json_schema and grammar
+(GBNF) hold the answer to a grammar, token by token (pipeline/grammar.py); a schema the library
+refuses is a 400 saying what. Tool calls (tools, tool_choice, parallel_tool_calls) are
+coordinator/tools.py's. A field caravan does not implement (functions, echo, ...) or does not
+know is a 400 naming it, never silently dropped. max_tokens past the room left in the context is
+cut to it (finish_reason "length"), as llama-server does. Errors are OpenAI-style JSON,
 `{"error": {"message", "type", "param", "code"}}`, with the right status.
 
 A request's "model" chooses the LoRA adapter: MODEL:ADAPTER (serve --lora) runs the base model
@@ -66,6 +69,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from caravan.pipeline.chat_template import ChatTemplateError
+from caravan.pipeline.grammar import GrammarError
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.tokenizer import StreamDecoder
@@ -75,10 +79,11 @@ from .http_guard import CLOSE, SHUTDOWN_GRACE_S, BodyLimits, BrowserGuard, Serve
 from .metrics import PROMETHEUS_MEDIA_TYPE, kv_per_stage, prometheus_text
 from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, Completion, chat_messages, choice_object,
                          completion_request, finish_reason_of, first_stop, logprobs_object, parse_json_object,
-                         prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, token_text,
-                         usage_object)
+                         prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, structured_output,
+                         token_text, tool_calls_chunk, usage_object)
 from .remote import placement
 from .scheduler import Event, Request, Scheduler
+from .tools import CallStream, ToolUse, parse_tool_calls, render_chat, tool_grammar, tool_use
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +188,15 @@ class API:
             raise APIError(400, "prompt token ids must be within the vocabulary", "prompt")
         return list(prompt)
 
-    def _chat_ids(self, body: dict) -> list[int]:
-        """The prompt of a chat request: its messages rendered and tokenized (on a worker thread)."""
+    def _chat_ids(self, body: dict, tools: ToolUse | None = None) -> list[int]:
+        """The prompt of a chat request: its messages (and tools) rendered and tokenized (on a worker
+        thread). A template that takes no tools gets them, and the calls and results in the
+        history, as text (coordinator/tools.py)."""
         rendered = chat_messages(body)
         self._refuse_past_context(sum(len(m["content"]) for m in rendered), "messages", CHAT_TEXT_SLACK)
         tokenizer = self.model.tokenizer
         try:
-            text = self.model.chat_template.render(rendered, add_generation_prompt=True)
+            text = render_chat(self.model.chat_template, rendered, tools)
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
         self._refuse_past_context(len(text), "messages")
@@ -204,9 +211,26 @@ class API:
         logit_bias or prompt takes a while)."""
         refuse_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS,
                        "/v1/chat/completions" if chat else "/v1/completions")
-        prompt_ids = self._chat_ids(body) if chat else self._prompt_ids(body)
+        tools = tool_use(body) if chat else None
+        prompt_ids = self._chat_ids(body, tools) if chat else self._prompt_ids(body)
         return completion_request(body, prompt_ids, chat, self.scheduler.pipeline.n_ctx,
-                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters)
+                                  self.model.tokenizer.vocab_size, self.model_id, self.adapters,
+                                  self._grammar(body, tools), tools)
+
+    def _grammar(self, body: dict, tools: ToolUse | None) -> str:
+        """What the answer is held to: the response format asked for, or with tool_choice required
+        or a named function the call format ("" for free text)."""
+        grammar = structured_output(body, self.model.grammars)
+        if tools is None or tools.choice == "auto":
+            return grammar
+        if grammar:
+            raise APIError(400, f"tool_choice {tools.choice!r} and a response format both constrain the answer; "
+                           "send one of them", "tool_choice")
+        try:
+            return tool_grammar(tools, self.model.grammars)
+        except GrammarError as exc:
+            raise APIError(400, f"tools: a function's parameters are refused by the constrained-decoding library: "
+                           f"{exc}; change or remove that part", "tools", "invalid_schema") from None
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         try:
@@ -280,7 +304,8 @@ class API:
             events: asyncio.Queue[Event] = asyncio.Queue()
             params = job.params if job.params.seed is None else SamplingParams(**{**job.params.__dict__,
                                                                                 "seed": job.params.seed + i})
-            request = Request(job.prompt_ids, Sampler(params), job.max_tokens, self.model.tokenizer.eog_ids,
+            constraint = self.model.grammars.constraint(job.grammar) if job.grammar else None
+            request = Request(job.prompt_ids, Sampler(params, constraint), job.max_tokens, self.model.tokenizer.eog_ids,
                               lambda e, q=events: handoff.put(loop, q, e), job.adapters,
                               job.top_logprobs)
             runs.append((request, events))
@@ -337,7 +362,8 @@ class API:
         for index, (request, events) in enumerate(runs):
             text, reason, tokens = await self._whole(job, request, events)
             logprobs = logprobs_object(self.model.tokenizer, job, tokens, chat, 0)
-            choices.append(choice_object(index, text, reason, logprobs, chat))
+            content, calls = parse_tool_calls(text, job.tools) if job.tools else (text, [])
+            choices.append(choice_object(index, content, "tool_calls" if calls else reason, logprobs, chat, calls))
         return choices
 
     async def _whole(self, job: Completion, request: Request, events: asyncio.Queue) -> tuple[str, str, list[Event]]:
@@ -386,17 +412,27 @@ class API:
             for index, (request, events) in enumerate(runs):
                 if chat:
                     yield chunk(index, None, None)
-                finish, offset = "length", 0
+                finish, offset, calls, held = "length", 0, CallStream() if job.tools else None, []
                 try:
                     async for piece, reason, tokens in self._pieces(job, request, events):
-                        if piece or tokens:
-                            logprobs = logprobs_object(tokenizer, job, tokens, chat, offset)
+                        held += tokens
+                        piece = calls.push(piece) if calls else piece
+                        if piece or (held and not calls):
+                            logprobs = logprobs_object(tokenizer, job, held, chat, offset)
                             yield chunk(index, piece, None, logprobs=logprobs)
-                            offset += sum(len(token_text(tokenizer, e.token)) for e in tokens)
+                            offset += sum(len(token_text(tokenizer, e.token)) for e in held)
+                            held = []
                         finish = reason or finish
                 except APIError as exc:
                     yield stream_error(exc)
                     return
+                if calls:  # what was held back: the rest of the content, and the calls
+                    tail, found = calls.finish(job.tools)
+                    if tail or held:
+                        yield chunk(index, tail, None, logprobs=logprobs_object(tokenizer, job, held, chat, offset))
+                    if found:
+                        yield tool_calls_chunk(base, index, found)
+                        finish = "tool_calls"
                 last = index == len(runs) - 1
                 usage = usage_object(len(job.prompt_ids), sum(len(r.tokens) for r, _ in runs)) if last else None
                 yield chunk(index, "" if not chat else None, finish, usage)

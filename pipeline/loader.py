@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from .architectures import GLOBAL_TENSORS
 from .chat_template import ChatTemplate, ChatTemplateError
 from .generate import Pipeline
 from .gguf_file import GGUFFile
+from .grammar import Grammars
 from .model import ModelConfig, ModelError, ModelHead
 from .stage import LayerRange, LocalStage
 from .tokenizer import Tokenizer
@@ -25,6 +27,11 @@ class LoadedModel:
     tokenizer: Tokenizer
     chat_template: ChatTemplate
     head: ModelHead
+
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Structured output's view of the vocabulary, built once on first use."""
+        return Grammars(self.tokenizer)
 
     @property
     def name(self) -> str:

@@ -13,6 +13,10 @@ positive), then lowered by `count * frequency_penalty + presence_penalty`.
 top-k, top-p and min-p see the logits before temperature, so temperature reshapes only the
 distribution among the survivors. Temperature 0 is greedy decoding after the bias and the
 penalties. Each filter keeps at least one token (llama.cpp's `min_keep = 1`).
+
+A sampler may hold a `Constraint` (a grammar, pipeline/grammar.py): tokens it does not allow get
+-inf before the chain, as llama.cpp applies its grammar sampler first, and the token drawn
+advances it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -134,17 +139,45 @@ def min_p_count(sorted_logits: np.ndarray, min_p: float) -> int:
     return max(1, int(np.count_nonzero(sorted_logits >= threshold)))
 
 
+class Constraint(Protocol):
+    """Which tokens may come next in a sequence (pipeline/grammar.py's GrammarConstraint)."""
+
+    def allowed(self) -> np.ndarray: ...  # (vocab,) bool
+
+    def advance(self, token: int) -> None: ...  # the sequence chose `token`
+
+    def allowed_rows(self, draft: list[int]) -> np.ndarray: ...  # (len(draft) + 1, vocab) bool, now and after each
+
+    def rollback(self, count: int) -> None: ...  # take back the last `count` tokens advanced past
+
+
+def masked(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """A copy of logits, (..., vocab), with -inf wherever `allowed` (same shape, bool) is False:
+    one row, or a row per draft token from Constraint.allowed_rows."""
+    return np.where(allowed, logits, np.float32(-np.inf)).astype(np.float32, copy=False)
+
+
 class Sampler:
     """Draws tokens with one seeded generator, so a seed fixes the whole sequence."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, constraint: Constraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint
         self._rng = np.random.default_rng(params.seed)
         self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # (n_bias,)
         self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)  # (n_bias,)
 
     def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
-        """The next token id; `logits` is (vocab,) and is not modified."""
+        """The next token id; `logits` is (vocab,) and is not modified. With a constraint, only a
+        token it allows, and the constraint moves past it."""
+        if self.constraint is None:
+            return self._draw(logits, previous_tokens)
+        _check_shape(logits)
+        token = self._draw(masked(logits, self.constraint.allowed()), previous_tokens)
+        self.constraint.advance(token)
+        return token
+
+    def _draw(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> int:
         p = self.params
         if p.temperature == 0.0 and not p.logit_bias and not self._penalises(previous_tokens):
             # np.argmax returns the first maximum (ties go to the lowest id), and the first NaN

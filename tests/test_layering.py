@@ -20,10 +20,10 @@ MAY_IMPORT = {
     "node": {"pipeline", "proto"},
     "coordinator": {"pipeline", "proto"},
 }
-# pipeline/'s third-party packages: DESIGN's list, then the two it uses beyond it (llvmlite, the
+# pipeline/'s third-party packages: DESIGN's list, then the three it uses beyond it (llvmlite, the
 # code generator numba is built on, for the SIMD kernels' IR; tqdm for download and
-# quantization progress).
-PIPELINE_THIRD_PARTY = {"numpy", "numba", "gguf", "tokenizers", "jinja2", "llvmlite", "tqdm"}
+# quantization progress; llguidance for the sampler's grammar masks).
+PIPELINE_THIRD_PARTY = {"numpy", "numba", "gguf", "tokenizers", "jinja2", "llvmlite", "tqdm", "llguidance"}
 
 
 def imports(path: Path, package: tuple[str, ...]) -> list[tuple[int, str]]:

@@ -151,9 +151,11 @@ ASK = {"model": MODEL, "messages": QUESTION, "stream": False}
     ("/api/generate", {"model": "gpt-4", "prompt": "hi"}, 404, "model 'gpt-4' not found"),
     ("/api/show", {"model": "gpt-4"}, 404, "model 'gpt-4' not found"),
     ("/api/chat", {**ASK, "model": ""}, 400, "model is required"),
-    ("/api/chat", {**ASK, "format": "json"}, 400, "format"),
-    ("/api/generate", {"model": MODEL, "prompt": "hi", "format": {"type": "object"}}, 400, "format"),
-    ("/api/chat", {**ASK, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("/api/chat", {**ASK, "format": "yaml"}, 400, "format"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "format": {"type": "objekt"}}, 400, "format"),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "tools"),
+    ("/api/chat", {**ASK, "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, 400, "tools[0]"),
     ("/api/chat", {**ASK, "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}, 400,
      "messages[0].images"),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGk="]}, 400, "images"),
@@ -183,12 +185,13 @@ def test_bad_requests_get_ollamas_errors_and_the_server_goes_on(server, path, bo
 
 
 def test_the_client_sees_the_errors_as_ollamas():
-    """A schema in format, through the client: a 400 naming format, never a silent answer."""
+    """A schema in format that the constrained-decoding library refuses, through the client: a 400
+    naming format, never a silent answer."""
     s = Server("--api-key", "letmein")
     try:
         c = ollama.Client(host=base_url(s), headers={"Authorization": "Bearer letmein"}, timeout=120)
         with pytest.raises(ollama.ResponseError) as refused:
-            c.chat(model=MODEL, messages=QUESTION, format={"type": "object", "properties": {"a": {"type": "string"}}})
+            c.chat(model=MODEL, messages=QUESTION, format={"type": "array", "uniqueItems": True})
         assert refused.value.status_code == 400 and "format" in refused.value.error
         with pytest.raises(ollama.ResponseError) as missing:
             c.chat(model="llama3.2", messages=QUESTION, stream=True).__next__()

@@ -88,10 +88,7 @@ def test_sampling_fields_as_the_sampler_in_process(server, smollm2, pipeline, fi
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "auto"),
-    ("response_format", {"type": "json_object"}),
-    ("grammar", "root ::= \"yes\""),
+    ("functions", [{"name": "weather", "parameters": {"type": "object"}}]),
     ("mirostat", 2),
     ("frobnicate", True),
 ])

@@ -1,0 +1,78 @@
+"""Decode tokens/s with a JSON schema against unconstrained, in one process.
+
+    python tests/bench/bench_grammar.py [--model PATH|NAME] [--runs 3] [--threads 1] [--tokens 96]
+
+Both runs decode greedily from the same chat prompt (thirty people as JSON), --tokens tokens
+each, ending at no end-of-generation token; the constrained one holds the answer to a schema
+of thirty {name, age} objects, so the grammar never ends it early. Decode tokens/s is timed
+from the first token to the last (the prompt excluded), median of --runs alternating runs. The
+sampler's own cost per token (mask, apply, draw) is reported beside it.
+
+Not a test: figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numba
+
+from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, pull
+from caravan.pipeline.generate import Generation
+from caravan.pipeline.loader import load_model
+from caravan.pipeline.sampler import Sampler, SamplingParams
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0,
+                                                                            "maximum": 120}},
+          "required": ["name", "age"], "additionalProperties": False}
+SCHEMA = {"type": "object", "properties": {"people": {"type": "array", "minItems": 30, "maxItems": 30,
+                                                      "items": PERSON}},
+          "required": ["people"], "additionalProperties": False}
+ASK = [{"role": "user", "content": "List thirty people with their name and age as JSON."}]
+
+
+class TimedSampler(Sampler):
+    spent = 0.0
+
+    def sample(self, logits, previous_tokens=()):
+        start = time.perf_counter()
+        token = super().sample(logits, previous_tokens)
+        self.spent += time.perf_counter() - start
+        return token
+
+
+def decode(model, pipeline, ids, tokens: int, constrained: bool) -> tuple[float, float]:
+    """(decode tokens/s, sampler microseconds per token) of one run."""
+    constraint = model.grammars.constraint(model.grammars.json_schema(SCHEMA)) if constrained else None
+    sampler = TimedSampler(SamplingParams(temperature=0), constraint)
+    stamps = [time.perf_counter() for _ in Generation(pipeline, ids, sampler, tokens, frozenset())]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), sampler.spent / len(stamps) * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tokens", type=int, default=96)
+    args = parser.parse_args()
+    numba.set_num_threads(args.threads)
+    path = args.model if args.model.endswith(".gguf") else pull(args.model, default_cache_dir(), progress=False)
+    model = load_model(path)
+    pipeline = model.local_pipeline(512)
+    ids = model.tokenizer.encode(model.chat_template.render(ASK, add_generation_prompt=True), add_bos=False)
+    decode(model, pipeline, ids, 8, True)  # kernels compiled, the llguidance tokenizer built
+    runs = {False: [], True: []}
+    for _ in range(args.runs):
+        for constrained in (False, True):
+            runs[constrained].append(decode(model, pipeline, ids, args.tokens, constrained))
+    free, schema = (statistics.median(r[0] for r in runs[c]) for c in (False, True))
+    free_us, schema_us = (statistics.median(r[1] for r in runs[c]) for c in (False, True))
+    print(f"decode tokens/s, {args.threads} thread(s): unconstrained {free:.1f}, JSON schema {schema:.1f}, "
+          f"ratio {schema / free:.2f}; sampler per token {free_us:.0f} us vs {schema_us:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
