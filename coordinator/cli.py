@@ -392,7 +392,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             })
         else:
             _stream(generation, tokenizer, out)
-    log.info("stopped by %s; %s", generation.stopped_by, generation.timings.as_dict())
+    log.info("finished: %s; %s", generation.finish_reason, generation.timings.as_dict())
     return 0
 
 
@@ -441,7 +441,7 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
         else:
             _stream(generation, tokenizer, out)
         history.append({"role": "assistant", "content": tokenizer.decode(generation.tokens)})
-        log.info("stopped by %s; %s", generation.stopped_by, generation.timings.as_dict())
+        log.info("finished: %s; %s", generation.finish_reason, generation.timings.as_dict())
     if args.json:
         _emit(out, {"messages": system + history})
     return 0

@@ -2,7 +2,7 @@
 
 One thread runs the model (Numba's kernels and every stage call happen there). Each step it
 builds one batch from every request that is decoding (one row each) plus at most
-`prefill_chunk` prompt tokens of the requests still prefilling (the oldest first; several short
+`step_prompt_tokens` prompt tokens of the requests still prefilling (the oldest first; several short
 prompts share a step), runs it through the stages in one forward call, and samples the next
 token of each row that needs one. Requests join and leave between steps. The kernels give a
 row the same bits whatever else shares its batch, so a greedy request gets the same text alone
@@ -28,8 +28,7 @@ import collections
 import logging
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numba
@@ -37,11 +36,12 @@ import numpy as np
 
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.sampler import Sampler
+from caravan.pipeline.sequence import FINISH_CANCELLED, SequenceState, check_prompt_fits
 from caravan.pipeline.stage import Segment
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 64  # prompt tokens per step: bounds how long a new prompt stalls the others
+STEP_PROMPT_TOKENS = 64  # prompt tokens per step: bounds how long a new prompt stalls the others
 MAX_BATCH = 32  # sequences decoding at once; more wait in the queue
 MIN_SHARED_PREFIX = 16  # prompt tokens two requests must share for the later one to copy them
 
@@ -52,34 +52,23 @@ class Event:
     token: int = -1
     logprob: float = 0.0  # token: its log-probability, when the request asked for logprobs
     top: tuple[tuple[int, float], ...] = ()  # token: the most likely (token, logprob) pairs, if asked
-    finish_reason: str = ""  # done: "stop" (end of generation token), "length", "cancelled"
+    finish_reason: str = ""  # done: a sequence.FINISH_* reason
     message: str = ""  # error
 
 
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    sampler: Sampler
-    max_tokens: int
-    stop_ids: frozenset[int]
-    on_event: Callable[[Event], None]  # called on the scheduler's thread: must only hand off
-    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) the sequence uses
-    top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and the k most likely
-    followers: list["Request"] = field(default_factory=list)  # samples of the same prompt: they copy its prefill
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    tokens: list[int] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens already through the stages
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_s: float = 0.0
-    history: list[int] = field(init=False)  # prompt then generated tokens, for the sampler's penalties
+class Request(SequenceState):
+    """A sequence the server runs: its state, plus how its events reach the client."""
 
-    def __post_init__(self) -> None:
-        self.history = list(self.prompt_ids)
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt_ids)
+    def __init__(self, prompt_ids: list[int], sampler: Sampler, max_tokens: int, stop_ids: frozenset[int],
+                 on_event: Callable[[Event], None], adapters: tuple[tuple[str, float], ...] = (),
+                 top_logprobs: int = -1):
+        super().__init__(prompt_ids, sampler, max_tokens, stop_ids, adapters)
+        self.on_event = on_event  # called on the scheduler's thread: must only hand off
+        self.top_logprobs = top_logprobs  # -1: no logprobs; k >= 0: each token's logprob and the k most likely
+        self.followers: list[Request] = []  # samples of the same prompt: they copy its prefill
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_s = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True  # the scheduler ends the session at its next step
@@ -97,12 +86,12 @@ class _Lane:
 
 
 class Scheduler:
-    def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK,
+    def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
                  threads: int | None = None, lanes: int = 1):
         self.pipeline = pipeline
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        self.step_prompt_tokens = step_prompt_tokens
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
@@ -126,9 +115,7 @@ class Scheduler:
         return [request for lane in self.lanes for request in lane.active]
 
     def submit(self, request: Request) -> Request:
-        if len(request.prompt_ids) >= self.pipeline.n_ctx:
-            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens does not fit the context of "
-                             f"{self.pipeline.n_ctx} tokens")
+        check_prompt_fits(request.prompt_ids, self.pipeline.n_ctx)
         with self._wake:
             self.waiting.append(request)
             self._wake.notify_all()
@@ -143,7 +130,7 @@ class Scheduler:
         with self._wake:
             waiting, self.waiting = self.waiting, []
         for request in waiting:
-            self._end(request, Event("done", finish_reason="cancelled"))
+            self._end(request, Event("done", finish_reason=FINISH_CANCELLED))
         self.flush()
 
     def tokens_per_second(self, window_s: float = 60.0) -> float:
@@ -179,7 +166,7 @@ class Scheduler:
                     self._end(request, Event("error", message="internal error in the scheduler"))
             self.flush()
         for request in list(lane.active):
-            self._end(request, Event("done", finish_reason="cancelled"))
+            self._end(request, Event("done", finish_reason=FINISH_CANCELLED))
         self.flush()
 
     def _admit(self, lane: _Lane) -> None:
@@ -198,7 +185,7 @@ class Scheduler:
             waiting = [r for r in self.waiting if r.cancelled]
             self.waiting = [r for r in self.waiting if not r.cancelled]
         for request in waiting + [r for r in lane.active if r.cancelled]:
-            self._end(request, Event("done", finish_reason="cancelled"))
+            self._end(request, Event("done", finish_reason=FINISH_CANCELLED))
 
     def _end(self, request: Request, event: Event) -> None:
         for lane in self.lanes:
@@ -219,7 +206,7 @@ class Scheduler:
         followers, leader.followers = leader.followers, []
         for follower in followers:
             if follower.cancelled:
-                follower.on_event(Event("done", finish_reason="cancelled"))
+                follower.on_event(Event("done", finish_reason=FINISH_CANCELLED))
                 continue
             try:
                 self.pipeline.copy_session(leader.session_id, follower.session_id, len(leader.prompt_ids))
@@ -261,13 +248,13 @@ class Scheduler:
         """Whether the rest of this prompt should go in one call that pipelines its chunks through
         a chain of nodes: more than a step's worth is left, and the stages are such a chain."""
         left = len(request.prompt_ids) - request.prefilled
-        return not request.decoding and left > self.prefill_chunk and self.pipeline.prefill_depth > 1
+        return not request.decoding and left > self.step_prompt_tokens and self.pipeline.prefill_depth > 1
 
     def _prompt_rows(self, lane: _Lane, segments: list, ids: list, sampled: list, row: int) -> tuple[list[Request], int]:
         """Add the prompt tokens of the lane's requests still prefilling, in the order they came,
-        up to prefill_chunk in all (several short prompts go through in one step), to the step's
+        up to step_prompt_tokens in all (several short prompts go through in one step), to the step's
         segments and ids after its `row` decode rows; returns the requests and the token count."""
-        prefilling, budget = [], self.prefill_chunk
+        prefilling, budget = [], self.step_prompt_tokens
         for i, request in enumerate(lane.active):
             if budget == 0:
                 break
@@ -285,7 +272,7 @@ class Scheduler:
             prefilling.append(request)
             if request.decoding:
                 sampled.append((request, row - 1))
-        return prefilling, self.prefill_chunk - budget
+        return prefilling, self.step_prompt_tokens - budget
 
     def _step(self, lane: _Lane) -> None:
         """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
@@ -293,11 +280,11 @@ class Scheduler:
         row = 0
         for request in lane.active:
             if request.decoding and request.tokens:
-                position = len(request.prompt_ids) + len(request.tokens) - 1
-                segments.append(Segment(request.session_id, position, 1, request.adapters))
-                ids.append(request.tokens[-1])
+                segment, rows = request.decode_segment()
+                segments.append(segment)
+                ids.extend(rows)
                 sampled.append((request, row))
-                row += 1
+                row += segment.length
         lone = lane.active[0] if not segments and len(lane.active) == 1 else None
         if lone is not None and self._whole_prompt_at_once(lone):
             # Nothing else in the lane waits on this step: the rest of the prompt goes into the
@@ -340,14 +327,15 @@ class Scheduler:
         while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
             self._recent.popleft()
         for (request, _), row_logits in zip(sampled, logits):
-            token = request.sampler.sample(row_logits, request.history)
-            if not request.first_token_s:
-                request.first_token_s = time.perf_counter() - request.submitted
-            if token in request.stop_ids:
-                self._end(request, Event("done", finish_reason="stop"))
-                continue
-            request.tokens.append(token)
-            request.history.append(token)
+            self._advance(request, row_logits)
+
+    def _advance(self, request: Request, row_logits: np.ndarray) -> None:
+        """The request's next token from its row's logits, told to its client; the request ends
+        if that token (or its absence) finishes it."""
+        token = request.advance(row_logits, self.pipeline.n_ctx)
+        if not request.first_token_s:
+            request.first_token_s = time.perf_counter() - request.submitted
+        if token is not None:
             with self._counts:
                 self.tokens_generated += 1
             if request.top_logprobs >= 0:
@@ -355,9 +343,8 @@ class Scheduler:
                 request.on_event(Event("token", token=token, logprob=logprob, top=top))
             else:
                 request.on_event(Event("token", token=token))
-            if len(request.tokens) >= request.max_tokens or len(request.prompt_ids) + len(request.tokens) >= self.pipeline.n_ctx:
-                self._end(request, Event("done", finish_reason="length"))
-
+        if request.finished:
+            self._end(request, Event("done", finish_reason=request.finish_reason))
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     """How many tokens a and b share from the start, at most limit."""

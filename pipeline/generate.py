@@ -7,7 +7,6 @@ remote stages. Embedding, the final norm, the output head and sampling run here.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -16,14 +15,11 @@ import numpy as np
 from .lora import LoraAdapter
 from .model import ModelHead
 from .sampler import Sampler
+from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: its callers import it from here)
 from .stage import Segment, Stage, StageBatch
 
 PREFILL_CHUNK = 256  # rows per forward call during prefill: bounds activation and attention scratch
 PIPELINED_CHUNK_MIN = 32  # rows per chunk at least when chunks follow each other into a chain
-
-
-class ContextFullError(ValueError):
-    pass
 
 
 class Pipeline:
@@ -137,8 +133,8 @@ class Timings:
 
 @dataclass
 class Generation:
-    """One sequence's generation; iterate it for token ids. The KV caches on every stage are
-    released when it finishes or is closed."""
+    """One sequence's generation, a batch of one; iterate it for token ids. The KV caches on
+    every stage are released when it finishes or is closed."""
 
     pipeline: Pipeline
     prompt_ids: Sequence[int]
@@ -146,57 +142,49 @@ class Generation:
     max_tokens: int
     stop_ids: frozenset[int]
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), added with Pipeline.add_adapter
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    tokens: list[int] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
-    stopped_by: str = ""  # "eog", "length" or "context"
+    sequence: SequenceState = field(init=False)
 
     def __post_init__(self) -> None:
-        n = len(self.prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.pipeline.n_ctx:
-            raise ContextFullError(f"prompt of {n} tokens does not fit the context of {self.pipeline.n_ctx} tokens")
+        check_prompt_fits(self.prompt_ids, self.pipeline.n_ctx)
+        self.sequence = SequenceState(self.prompt_ids, self.sampler, self.max_tokens, self.stop_ids, self.adapters)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequence.tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return self.sequence.finish_reason
 
     def __iter__(self) -> Iterator[int]:
         try:
             yield from self._run()
         finally:
-            self.pipeline.end_session(self.session_id)
-
-    def _prefill(self) -> np.ndarray:
-        hidden = self.pipeline.prefill(self.session_id, self.prompt_ids, self.adapters)
-        return self.pipeline.head.logits(hidden)[0]
+            self.pipeline.end_session(self.sequence.session_id)
 
     def _run(self) -> Iterator[int]:
+        seq, n_ctx = self.sequence, self.pipeline.n_ctx
         t0 = time.perf_counter()
-        logits = self._prefill()
-        self.timings.prompt_tokens = len(self.prompt_ids)
+        hidden = self.pipeline.prefill(seq.session_id, seq.prompt_ids, seq.adapters)
+        seq.prefilled = len(seq.prompt_ids)
+        logits = self.pipeline.head.logits(hidden)[0]
+        self.timings.prompt_tokens = len(seq.prompt_ids)
         self.timings.prefill_s = time.perf_counter() - t0
-        history = list(self.prompt_ids)
         t_first = 0.0
         while True:
-            token = self.sampler.sample(logits, history)
+            token = seq.advance(logits, n_ctx)
             if t_first == 0.0:
                 t_first = time.perf_counter()
                 self.timings.first_token_s = t_first - t0
             else:
                 self.timings.decode_s = time.perf_counter() - t_first
-            if token in self.stop_ids:
-                self.stopped_by = "eog"
+            if token is None:
                 return
-            self.tokens.append(token)
-            self.timings.generated_tokens = len(self.tokens)
-            history.append(token)
+            self.timings.generated_tokens = len(seq.tokens)
             yield token
-            if len(self.tokens) >= self.max_tokens:
-                self.stopped_by = "length"
+            if seq.finished:
                 return
-            position = len(history) - 1
-            if position >= self.pipeline.n_ctx:
-                self.stopped_by = "context"
-                return
-            hidden = self.pipeline.forward(
-                [Segment(self.session_id, position, 1, self.adapters)], np.array([token], dtype=np.int64)
-            )
+            segment, ids = seq.decode_segment()
+            hidden = self.pipeline.forward([segment], np.array(ids, dtype=np.int64))
             logits = self.pipeline.head.logits(hidden)[0]

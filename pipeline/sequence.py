@@ -1,0 +1,82 @@
+"""One sequence's state and its stop rule: what the CLI's loop (generate.Generation, a batch of
+one) and the server's (coordinator/scheduler.py, many sequences a step) both advance.
+
+A sequence's prompt goes through the stages in chunks (`prefilled` counts how far); then each
+decode step sends its last token, and the logits of that row give the next token. Whatever
+loop drives it, the same rule decides when it ends, with OpenAI's finish reasons.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .sampler import Sampler
+from .stage import Segment
+
+FINISH_STOP = "stop"  # an end-of-generation token was sampled (it is not kept)
+FINISH_LENGTH = "length"  # max_tokens reached, or the context holds no further position
+FINISH_CANCELLED = "cancelled"  # the caller gave up on it
+
+
+class ContextFullError(ValueError):
+    pass
+
+
+def check_prompt_fits(prompt_ids: Sequence[int], n_ctx: int) -> None:
+    """A prompt must leave the context a position for a generated token."""
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= n_ctx:
+        raise ContextFullError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {n_ctx} tokens")
+
+
+@dataclass(eq=False)
+class SequenceState:
+    """A prompt, the tokens generated after it, and how to pick the next one."""
+
+    prompt_ids: list[int]
+    sampler: Sampler
+    max_tokens: int
+    stop_ids: frozenset[int]
+    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) the sequence uses
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # its KV caches on every stage
+    tokens: list[int] = field(default_factory=list)  # generated so far (an end-of-generation token is not kept)
+    prefilled: int = 0  # prompt tokens already through the stages
+    finish_reason: str = ""  # FINISH_*, once it has ended
+    history: list[int] = field(init=False)  # prompt then generated tokens, for the sampler's penalties
+
+    def __post_init__(self) -> None:
+        self.prompt_ids = list(self.prompt_ids)
+        self.history = list(self.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt_ids)
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.finish_reason)
+
+    def decode_segment(self) -> tuple[Segment, list[int]]:
+        """The rows of a decode step: the last token, at its position (the caches hold the ones
+        before it)."""
+        return Segment(self.session_id, len(self.history) - 1, 1, self.adapters), [self.history[-1]]
+
+    def advance(self, logits: np.ndarray, n_ctx: int) -> int | None:
+        """The next token, sampled from a row's logits (vocab,), appended and returned; None when
+        it ends the sequence instead. Either way `finish_reason` is set once the sequence ends:
+        at an end-of-generation token, at max_tokens, or when the new token's position would
+        not fit the context (it could not be run through the stages)."""
+        token = self.sampler.sample(logits, self.history)
+        if token in self.stop_ids:
+            self.finish_reason = FINISH_STOP
+            return None
+        self.tokens.append(token)
+        self.history.append(token)
+        if len(self.tokens) >= self.max_tokens or len(self.history) > n_ctx:
+            self.finish_reason = FINISH_LENGTH
+        return token
