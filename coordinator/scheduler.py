@@ -1,10 +1,11 @@
 """Many requests through one pipeline: continuous batching on the coordinator.
 
 One thread runs the model (Numba's kernels and every stage call happen there). Each step it
-builds one batch from every request that is decoding (one row each) plus at most
+builds one batch from every request that is decoding (its last token, plus the tokens its
+drafter guesses follow it: speculative decoding, pipeline/speculative.py) plus at most
 `step_prompt_tokens` prompt tokens of the requests still prefilling (the oldest first; several short
 prompts share a step), runs it through the stages in one forward call, and samples the next
-token of each row that needs one. Requests join and leave between steps. The kernels give a
+tokens of each request from its rows. Requests join and leave between steps. The kernels give a
 row the same bits whatever else shares its batch, so a greedy request gets the same text alone
 or among many. A step's events go to the requests' on_event during the step and the `flush`
 hook after it: the server sends them to its streams together there and, when it runs the whole
@@ -29,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
@@ -37,6 +38,7 @@ import numpy as np
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.sampler import Sampler
 from caravan.pipeline.sequence import FINISH_CANCELLED, SequenceState, check_prompt_fits
+from caravan.pipeline.speculative import PromptLookup
 from caravan.pipeline.stage import Segment
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,14 @@ class Request(SequenceState):
         self.cancelled = True  # the scheduler ends the session at its next step
 
 
+class _Sampled(NamedTuple):
+    """A request whose rows of a step give tokens: `row`, and one more for each draft token."""
+
+    request: Request
+    row: int
+    draft: tuple[int, ...] = ()
+
+
 class _Lane:
     """One model thread and the requests it batches. With several lanes their batches travel
     the stages one behind the other, so while a node works on one lane's batch the node before
@@ -87,11 +97,12 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
-                 threads: int | None = None, lanes: int = 1):
+                 threads: int | None = None, lanes: int = 1, draft_max: int = 0):
         self.pipeline = pipeline
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
         self.step_prompt_tokens = step_prompt_tokens
+        self.draft_max = draft_max  # prompt lookup's longest draft; 0: no speculative decoding
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
@@ -100,6 +111,9 @@ class Scheduler:
         self._counts = threading.Lock()
         self.steps = 0
         self.tokens_generated = 0
+        self.sequence_passes = 0  # a request's rows through the stages that gave tokens, counted once a step
+        self.draft_tokens = 0  # draft tokens run through the stages
+        self.draft_tokens_accepted = 0  # of those, the ones kept
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         # Called on a lane's thread after each turn of its loop (a step and its events) and after
@@ -116,6 +130,9 @@ class Scheduler:
 
     def submit(self, request: Request) -> Request:
         check_prompt_fits(request.prompt_ids, self.pipeline.n_ctx)
+        for sequence in (request, *request.followers):
+            if self.draft_max and sequence.drafter is None:
+                sequence.drafter = PromptLookup(self.draft_max)
         with self._wake:
             self.waiting.append(request)
             self._wake.notify_all()
@@ -200,7 +217,7 @@ class Scheduler:
         for follower in followers:
             follower.on_event(event)
 
-    def _start_followers(self, lane: _Lane, leader: Request, row: int, sampled: list[tuple[Request, int]]) -> None:
+    def _start_followers(self, lane: _Lane, leader: Request, row: int, sampled: list[_Sampled]) -> None:
         """The leader's prompt is through: give each follower a copy of its caches and a place
         among the rows sampled from this step's logits."""
         followers, leader.followers = leader.followers, []
@@ -215,7 +232,7 @@ class Scheduler:
                 continue
             follower.prefilled = len(follower.prompt_ids)
             lane.active.append(follower)
-            sampled.append((follower, row))
+            sampled.append(_Sampled(follower, row))
 
     def _share_prefix(self, request: Request, earlier: list[Request], computing: list[Request]) -> bool:
         """Start a new request from the KV caches of the earlier request of its lane whose prompt
@@ -271,19 +288,19 @@ class Scheduler:
             request.prefilled += len(chunk)
             prefilling.append(request)
             if request.decoding:
-                sampled.append((request, row - 1))
+                sampled.append(_Sampled(request, row - 1))
         return prefilling, self.step_prompt_tokens - budget
 
     def _step(self, lane: _Lane) -> None:
         """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
-        segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
+        segments, ids, sampled = [], [], []  # sampled: the requests whose rows give tokens
         row = 0
         for request in lane.active:
             if request.decoding and request.tokens:
-                segment, rows = request.decode_segment()
+                segment, rows = request.decode_segment(self.pipeline.n_ctx)
                 segments.append(segment)
                 ids.extend(rows)
-                sampled.append((request, row))
+                sampled.append(_Sampled(request, row, tuple(rows[1:])))
                 row += segment.length
         lone = lane.active[0] if not segments and len(lane.active) == 1 else None
         if lone is not None and self._whole_prompt_at_once(lone):
@@ -291,7 +308,7 @@ class Scheduler:
             # chain of nodes at once, its chunks following each other (Pipeline.prefill).
             start, lone.prefilled = lone.prefilled, len(lone.prompt_ids)
             prefilling, computed = [lone], lone.prefilled - start
-            sampled.append((lone, 0))
+            sampled.append(_Sampled(lone, 0))
 
             def forward() -> np.ndarray:
                 return self.pipeline.prefill(lone.session_id, lone.prompt_ids, lone.adapters, start)
@@ -304,7 +321,7 @@ class Scheduler:
         try:
             hidden = forward()
         except ValueError as exc:  # a request the stages refuse (StageError, context): fail the batch's requests
-            for request in {id(r): r for r, _ in sampled}.values():
+            for request in {id(s.request): s.request for s in sampled}.values():
                 self._end(request, Event("error", message=str(exc)))
             for request in prefilling:
                 if request in lane.active:
@@ -317,34 +334,45 @@ class Scheduler:
         with self._counts:
             self.steps += 1
             self.prompt_tokens_computed += computed
-        for request, row in list(sampled):
+        for request, row, _ in list(sampled):
             if request.followers:
                 self._start_followers(lane, request, row, sampled)
         if not sampled:
             return
-        logits = self.pipeline.head.logits(hidden[[r for _, r in sampled]])  # (len(sampled), vocab)
-        self._recent.append((time.monotonic(), len(sampled)))
+        rows = [s.row + i for s in sampled for i in range(1 + len(s.draft))]
+        logits = self.pipeline.head.logits(hidden[rows])  # (len(rows), vocab)
+        first, generated = 0, 0
+        for request, _, draft in sampled:
+            generated += self._advance(request, logits[first : first + 1 + len(draft)], draft)
+            first += 1 + len(draft)
+        with self._counts:
+            self.sequence_passes += len(sampled)
+            self.tokens_generated += generated
+            self.draft_tokens += sum(len(s.draft) for s in sampled)
+        self._recent.append((time.monotonic(), generated))
         while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
             self._recent.popleft()
-        for (request, _), row_logits in zip(sampled, logits):
-            self._advance(request, row_logits)
 
-    def _advance(self, request: Request, row_logits: np.ndarray) -> None:
-        """The request's next token from its row's logits, told to its client; the request ends
-        if that token (or its absence) finishes it."""
-        token = request.advance(row_logits, self.pipeline.n_ctx)
+    def _advance(self, request: Request, logits: np.ndarray, draft: tuple[int, ...]) -> int:
+        """The request's next tokens from its rows' logits (1 + len(draft), vocab), each told to
+        its client with the logprobs of its own row; the request ends if they finish it. Returns
+        how many tokens it got."""
+        accepted = request.accepted
+        tokens = request.advance(logits, self.pipeline.n_ctx, draft)
         if not request.first_token_s:
             request.first_token_s = time.perf_counter() - request.submitted
-        if token is not None:
-            with self._counts:
-                self.tokens_generated += 1
+        for token, row_logits in zip(tokens, logits):
             if request.top_logprobs >= 0:
                 logprob, top = token_logprobs(row_logits, token, request.top_logprobs)
                 request.on_event(Event("token", token=token, logprob=logprob, top=top))
             else:
                 request.on_event(Event("token", token=token))
+        with self._counts:
+            self.draft_tokens_accepted += request.accepted - accepted
         if request.finished:
             self._end(request, Event("done", finish_reason=request.finish_reason))
+        return len(tokens)
+
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:
     """How many tokens a and b share from the start, at most limit."""

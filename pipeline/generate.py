@@ -15,6 +15,7 @@ import numpy as np
 from .lora import LoraAdapter
 from .model import ModelHead
 from .sampler import Sampler
+from .speculative import Drafter
 from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: its callers import it from here)
 from .stage import Segment, Stage, StageBatch
 
@@ -112,6 +113,7 @@ class Timings:
     prefill_s: float = 0.0  # from the call to the prompt's logits
     first_token_s: float = 0.0  # from the call to the first sampled token
     decode_s: float = 0.0  # from the first token to the last
+    decode_passes: int = 0  # decode steps through the stages: fewer than tokens when drafts are kept
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -123,11 +125,18 @@ class Timings:
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens a decode pass gives: 1 without speculation, more when drafts are kept."""
+        n = self.generated_tokens - 1
+        return n / self.decode_passes if self.decode_passes else 0.0
+
     def as_dict(self) -> dict[str, float]:
         return {
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "first_token_s": round(self.first_token_s, 6),
+            "tokens_per_pass": round(self.tokens_per_pass, 3),
         }
 
 
@@ -142,12 +151,14 @@ class Generation:
     max_tokens: int
     stop_ids: frozenset[int]
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), added with Pipeline.add_adapter
+    drafter: Drafter | None = None  # speculative decoding's guesses (speculative.py); None: one token a pass
     timings: Timings = field(default_factory=Timings)
     sequence: SequenceState = field(init=False)
 
     def __post_init__(self) -> None:
         check_prompt_fits(self.prompt_ids, self.pipeline.n_ctx)
-        self.sequence = SequenceState(self.prompt_ids, self.sampler, self.max_tokens, self.stop_ids, self.adapters)
+        self.sequence = SequenceState(self.prompt_ids, self.sampler, self.max_tokens, self.stop_ids, self.adapters,
+                                      self.drafter)
 
     @property
     def tokens(self) -> list[int]:
@@ -164,27 +175,28 @@ class Generation:
             self.pipeline.end_session(self.sequence.session_id)
 
     def _run(self) -> Iterator[int]:
+        """Prefill, then passes of the last token and a draft (if any) until the sequence ends."""
         seq, n_ctx = self.sequence, self.pipeline.n_ctx
         t0 = time.perf_counter()
         hidden = self.pipeline.prefill(seq.session_id, seq.prompt_ids, seq.adapters)
         seq.prefilled = len(seq.prompt_ids)
-        logits = self.pipeline.head.logits(hidden)[0]
+        logits, draft = self.pipeline.head.logits(hidden), []  # (1, vocab)
         self.timings.prompt_tokens = len(seq.prompt_ids)
         self.timings.prefill_s = time.perf_counter() - t0
         t_first = 0.0
         while True:
-            token = seq.advance(logits, n_ctx)
+            new = seq.advance(logits, n_ctx, draft)
             if t_first == 0.0:
                 t_first = time.perf_counter()
                 self.timings.first_token_s = t_first - t0
             else:
                 self.timings.decode_s = time.perf_counter() - t_first
-            if token is None:
-                return
             self.timings.generated_tokens = len(seq.tokens)
-            yield token
+            yield from new
             if seq.finished:
                 return
-            segment, ids = seq.decode_segment()
+            segment, ids = seq.decode_segment(n_ctx)
+            draft = ids[1:]
             hidden = self.pipeline.forward([segment], np.array(ids, dtype=np.int64))
-            logits = self.pipeline.head.logits(hidden)[0]
+            logits = self.pipeline.head.logits(hidden)  # (1 + len(draft), vocab)
+            self.timings.decode_passes += 1
