@@ -67,12 +67,19 @@ class SequenceState:
     def finished(self) -> bool:
         return bool(self.finish_reason)
 
+    @property
+    def accepted_length(self) -> int:
+        """The positions of the stages' caches that hold this sequence's tokens, once decoding:
+        every token but the last, which the next pass sends. A stage may hold more (the rows of
+        a draft's rejected tokens); those are overwritten, and must not be kept or copied."""
+        return len(self.history) - 1
+
     def decode_segment(self, n_ctx: int) -> tuple[Segment, list[int]]:
         """The rows of a decode step: the last token, at its position (the caches hold exactly
         the positions before it: the accepted length), then the drafter's guess of the tokens
         after it, if any. The draft stops where the context does, and a token short of
         max_tokens (the last row's token comes without a draft)."""
-        position = len(self.history) - 1
+        position = self.accepted_length
         limit = min(n_ctx - len(self.history), self.max_tokens - len(self.tokens) - 1)
         draft = self.drafter.propose(self.history, limit) if self.drafter is not None and limit > 0 else []
         return Segment(self.session_id, position, 1 + len(draft), self.adapters), [self.history[-1], *draft]
