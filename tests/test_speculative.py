@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from caravan.coordinator.failover import ClusterPipeline
+from caravan.coordinator.metrics import prometheus_text
 from caravan.coordinator.scheduler import Event, Request, Scheduler
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
@@ -272,6 +273,9 @@ def test_the_scheduler_speculates_for_many_sequences_and_changes_no_token(tiny_q
     assert fast == plain
     assert scheduler.draft_tokens_accepted > 0 and scheduler.tokens_generated > scheduler.sequence_passes
     assert all(e.top for e in fast[2] if e.kind == "token")
+    metrics = dict(line.split() for line in prometheus_text(scheduler, []).splitlines() if not line.startswith("#"))
+    assert float(metrics["caravan_tokens_per_pass"]) > 1
+    assert int(metrics["caravan_draft_tokens_accepted_total"]) == scheduler.draft_tokens_accepted > 0
 
 
 @pytest.fixture
