@@ -30,7 +30,8 @@ from typing import Protocol, Sequence
 import numpy as np
 
 DRAFT_MAX = 8  # draft tokens a pass at most: rows beyond it cost more than they save when the guess is poor
-NGRAM_MAX = 3  # the longest tail looked up in the text so far (llama.cpp's prompt lookup uses 1 to 3 or 4)
+NGRAM_MAX = 3  # the longest tail looked up in the text so far
+NGRAM_MIN = 2  # the shortest: what followed one common token earlier is seldom what follows it now
 PAUSE_MAX = 16  # decode steps without a draft, at most, after drafts rejected at their first token
 
 
@@ -42,12 +43,12 @@ class Drafter(Protocol):
     def update(self, proposed: int, accepted: int) -> None: ...  # how many of the last draft's tokens the model kept
 
 
-def lookup(history: Sequence[int], ngram_max: int, n_draft: int) -> list[int]:
+def lookup(history: Sequence[int], n_draft: int, ngram_min: int = NGRAM_MIN, ngram_max: int = NGRAM_MAX) -> list[int]:
     """What followed an earlier occurrence of the history's last n tokens, n from ngram_max down
-    to 1: the latest occurrence that n_draft tokens follow, else the earliest (in a run of one
-    token the latest is followed by one token only); [] when the last token is new."""
+    to ngram_min: the latest occurrence that n_draft tokens follow, else the earliest (in a run
+    of one token the latest is followed by one token only); [] when none occurred before."""
     h = np.asarray(history, dtype=np.int64)  # (L,)
-    for n in range(min(ngram_max, len(h) - 1), 0, -1):
+    for n in range(min(ngram_max, len(h) - 1), ngram_min - 1, -1):
         tail = h[-n:]
         match = np.ones(len(h) - n, dtype=bool)  # match[s]: h[s : s + n] == tail, for every s before the tail's own
         for j in range(n):
@@ -69,11 +70,10 @@ class PromptLookup:
     one more than the tokens kept, and after drafts rejected at their first token it pauses,
     twice as long each time, so that text it cannot guess costs few wasted rows."""
 
-    def __init__(self, draft_max: int = DRAFT_MAX, ngram_max: int = NGRAM_MAX):
+    def __init__(self, draft_max: int = DRAFT_MAX):
         if draft_max < 1:
             raise ValueError(f"draft_max must be >= 1, got {draft_max}")
         self.draft_max = draft_max
-        self.ngram_max = ngram_max
         self.length = draft_max  # the next draft's length at most
         self.misses = 0  # drafts in a row rejected at their first token
         self.pause = 0  # decode steps left without a draft
@@ -83,7 +83,7 @@ class PromptLookup:
             self.pause -= 1
             return []
         n = min(self.length, limit)
-        return lookup(history, self.ngram_max, n) if n > 0 else []
+        return lookup(history, n) if n > 0 else []
 
     def update(self, proposed: int, accepted: int) -> None:
         if accepted == proposed:

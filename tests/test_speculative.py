@@ -67,10 +67,12 @@ class Recording:
 
 def test_lookup_proposes_what_followed_the_longest_matching_tail():
     history = [1, 2, 3, 9, 9, 5, 2, 3, 7, 1, 2, 3]
-    assert lookup(history, 3, 2) == [9, 9]  # "1 2 3" matched at the start
-    assert lookup([4, 2, 3, 8, 6, 6, 3], 3, 3) == [8, 6, 6]  # only "3" matches
-    assert lookup([1, 2, 3], 3, 4) == []
-    assert lookup([7, 7, 7, 7, 7], 3, 3) == [7, 7]  # in a run, the occurrence with the most after it
+    assert lookup(history, 2) == [9, 9]  # "1 2 3" matched at the start
+    assert lookup([4, 2, 3, 8, 6, 6, 2, 3], 3) == [8, 6, 6]  # only "2 3" matches
+    assert lookup([4, 2, 3, 8, 6, 6, 3], 3) == []  # a single token is too weak a match
+    assert lookup([4, 2, 3, 8, 6, 6, 3], 3, ngram_min=1) == [8, 6, 6]
+    assert lookup([1, 2, 3], 4) == []
+    assert lookup([7, 7, 7, 7, 7], 3) == [7, 7]  # in a run, the occurrence with the most after it
 
 
 def test_prompt_lookup_pauses_after_misses_and_grows_after_hits():
