@@ -15,8 +15,8 @@ import numpy as np
 from .lora import LoraAdapter
 from .model import ModelHead
 from .sampler import Sampler
+from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: imported from here)
 from .speculative import Drafter
-from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: its callers import it from here)
 from .stage import Segment, Stage, StageBatch
 
 PREFILL_CHUNK = 256  # rows per forward call during prefill: bounds activation and attention scratch
