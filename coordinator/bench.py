@@ -6,12 +6,15 @@ llama.cpp's figures for the same run come from coordinator/reference.py.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numba
 import numpy as np
 import psutil
 
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.sampler import Sampler, SamplingParams
+from caravan.pipeline.speculative import Drafter
 from caravan.pipeline.tokenizer import Tokenizer
 
 from .cluster import LOCAL
@@ -29,12 +32,15 @@ def bench_prompt(tokenizer: Tokenizer, n_tokens: int) -> list[int]:
     return (prefix + filler * (n_tokens // len(filler) + 1))[:n_tokens]
 
 
-def timed_runs(pipeline: Pipeline, prompt: list[int], decode_tokens: int, runs: int) -> tuple[list[dict], list[int]]:
-    """The timings of `runs` greedy generations after a warm-up one, and the tokens of the last."""
+def timed_runs(pipeline: Pipeline, prompt: list[int], decode_tokens: int, runs: int,
+               drafter: Callable[[], Drafter | None] = lambda: None) -> tuple[list[dict], list[int]]:
+    """The timings of `runs` greedy generations after a warm-up one, and the tokens of the last;
+    `drafter` makes each generation's drafter (speculative decoding) or None."""
     greedy = SamplingParams(temperature=0)
     timings = []
     for run in range(runs + 1):  # the first warms up: compiled kernels loaded, pages touched
-        generation = Generation(pipeline, prompt, Sampler(greedy), decode_tokens, stop_ids=frozenset())
+        generation = Generation(pipeline, prompt, Sampler(greedy), decode_tokens, stop_ids=frozenset(),
+                                drafter=drafter())
         tokens = list(generation)
         if run:
             timings.append(generation.timings.as_dict())
@@ -76,7 +82,7 @@ def report_lines(result: dict) -> list[str]:
     lines = [f"{result['model']}, {result['threads']} thread(s), median of {result['runs']} runs",
              f"prefill {result['prefill_tokens_per_s']:.1f} tokens/s ({result['prompt_tokens']} tokens), "
              f"decode {result['decode_tokens_per_s']:.1f} tokens/s ({result['decode_tokens']} tokens), "
-             f"first token {result['first_token_s'] * 1e3:.0f} ms"]
+             f"first token {result['first_token_s'] * 1e3:.0f} ms, {result['tokens_per_pass']:.2f} tokens a decode pass"]
     for st in result["stages"]:
         hop = f", hop {st['hop_us']:.0f} us" if st.get("hop_us") is not None else ""
         rss = f", resident {st['rss_bytes'] / 2**20:.0f} MiB" if "rss_bytes" in st else ""

@@ -55,6 +55,7 @@ from caravan.pipeline.prompt_cache import CACHE_SHARE_OF_FREE, default_budget
 from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import SUPPORTED_TYPES, UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
+from caravan.pipeline.speculative import DRAFT_MAX
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
@@ -153,10 +154,12 @@ class SharedFlags(NamedTuple):
     cluster: argparse.ArgumentParser
     lora: argparse.ArgumentParser
     sampling: argparse.ArgumentParser
+    speculation: argparse.ArgumentParser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    shared = SharedFlags(_common_flags(), _model_flags(), _cluster_flags(), _lora_flags(), _sampling_flags())
+    shared = SharedFlags(_common_flags(), _model_flags(), _cluster_flags(), _lora_flags(), _sampling_flags(),
+                         _speculation_flags())
     parser = argparse.ArgumentParser(prog=PROG, description="Run a LLaMA-family GGUF model.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     # In the order --help lists them.
@@ -241,6 +244,17 @@ def _sampling_flags() -> argparse.ArgumentParser:
     return sampling
 
 
+def _speculation_flags() -> argparse.ArgumentParser:
+    """Speculative decoding with prompt lookup (pipeline/speculative.py), on by default."""
+    speculation = argparse.ArgumentParser(add_help=False)
+    speculation.add_argument("--draft-max", type=_positive_int, default=DRAFT_MAX, metavar="N",
+                             help="draft at most N tokens a pass by prompt lookup; the model checks them in one "
+                             f"pass (default: {DRAFT_MAX})")
+    speculation.add_argument("--no-speculate", dest="speculate", action="store_false",
+                             help="decode one token a pass, without drafts")
+    return speculation
+
+
 def _add_model_verbs(verbs, shared: SharedFlags) -> None:
     """pull, run, chat, tokenize and perplexity: a model in this process or over nodes."""
     p = verbs.add_parser("pull", parents=[shared.common], help="fetch a model into the cache, print its path")
@@ -253,12 +267,14 @@ def _add_model_verbs(verbs, shared: SharedFlags) -> None:
     p.add_argument("model", metavar="MODEL", help="as `caravan list` names it, or as given to pull")
     p.set_defaults(func=cmd_rm)
 
-    p = verbs.add_parser("run", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
+    p = verbs.add_parser("run", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling,
+                                                 shared.speculation],
                          help="raw completion of PROMPT, streamed")
     p.add_argument("prompt", metavar="PROMPT")
     p.set_defaults(func=cmd_run)
 
-    p = verbs.add_parser("chat", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling],
+    p = verbs.add_parser("chat", parents=[shared.common, shared.model, shared.cluster, shared.lora, shared.sampling,
+                                                 shared.speculation],
                          help="interactive chat (lines from stdin)")
     p.add_argument("--system", metavar="TEXT", default=None, help="a system message to start the conversation")
     p.set_defaults(func=cmd_chat)
@@ -296,7 +312,8 @@ def _add_cluster_verbs(verbs, shared: SharedFlags) -> None:
 
 def _add_serve_verb(verbs, shared: SharedFlags) -> None:
     """serve: the HTTP API and its limits on each client."""
-    p = verbs.add_parser("serve", parents=[shared.common, shared.model, shared.cluster, shared.lora],
+    p = verbs.add_parser("serve", parents=[shared.common, shared.model, shared.cluster, shared.lora,
+                                           shared.speculation],
                          help="OpenAI-compatible HTTP API: /v1/chat/completions, /v1/completions, /v1/models")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: 127.0.0.1, this machine only; give --api-key before opening it)")
@@ -336,7 +353,7 @@ def _add_tool_verbs(verbs, shared: SharedFlags) -> None:
     p.add_argument("--type", required=True, metavar="TYPE", help=f"the matrices' format: {quantize_types()}")
     p.set_defaults(func=cmd_quantize)
 
-    p = verbs.add_parser("bench", parents=[shared.common, shared.model, shared.cluster],
+    p = verbs.add_parser("bench", parents=[shared.common, shared.model, shared.cluster, shared.speculation],
                          help="prefill and decode tokens/s, time to first token, per-hop latency, memory")
     p.add_argument("--ctx", "-c", type=int, default=1024, metavar="N", help="context size (default: 1024)")
     p.add_argument("--prompt-tokens", type=_positive_int, default=256, metavar="N",
@@ -434,7 +451,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         tokenizer = model.tokenizer
         adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
-        generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters)
+        generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters,
+                                from_flags.drafter(args))
         if args.json:
             for _ in generation:
                 pass
@@ -446,7 +464,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
             })
         else:
             _stream(generation, tokenizer, out)
-    log.info("stopped by %s; %s", generation.stopped_by, generation.timings.as_dict())
+    log.info("finished: %s; %s", generation.finish_reason, generation.timings.as_dict())
     return 0
 
 
@@ -488,14 +506,15 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
             continue
         history.append({"role": "user", "content": line})
         prompt_ids = _chat_prompt(model, system, history, pipeline.n_ctx)
-        generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters)
+        generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters,
+                                from_flags.drafter(args))
         if args.json:
             for _ in generation:
                 pass
         else:
             _stream(generation, tokenizer, out)
         history.append({"role": "assistant", "content": tokenizer.decode(generation.tokens)})
-        log.info("stopped by %s; %s", generation.stopped_by, generation.timings.as_dict())
+        log.info("finished: %s; %s", generation.finish_reason, generation.timings.as_dict())
     if args.json:
         _emit(out, {"messages": system + history})
     return 0
@@ -638,7 +657,8 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
         raise ValueError(f"--prompt-tokens plus --decode-tokens must fit the context of {n_ctx}")
     prompt = bench.bench_prompt(model.tokenizer, args.prompt_tokens)
     with from_flags.pipeline(args, model, n_ctx) as pipeline:
-        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs)
+        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs,
+                                           lambda: from_flags.drafter(args))
         stages = bench.stage_rows(pipeline)
     result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
     # Memory first: llama.cpp would add its own to this process's resident size.
@@ -727,6 +747,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         # next node works on another's. In one process a lane would only wait for the other.
         lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
+                              draft_max=args.draft_max if args.speculate else 0,
                               prompt_cache=_prompt_cache(args, pipeline))
         try:
             host, port = sock.getsockname()[:2]

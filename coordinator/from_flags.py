@@ -1,6 +1,6 @@
 """What a `caravan` verb runs on, built from its command-line flags: the model (--model,
 --threads, --cache-dir), the cluster token and TLS files, the nodes (--nodes, --discover), the
-pipeline over them and the LoRA adapters (--lora).
+pipeline over them, the LoRA adapters (--lora) and the drafter (--draft-max, --no-speculate).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from caravan.pipeline.catalog import default_cache_dir, resolve_model
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel, load_model
 from caravan.pipeline.lora import LoraAdapter, LoraError
+from caravan.pipeline.speculative import PromptLookup
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
 
@@ -42,6 +43,11 @@ def adapters(args: argparse.Namespace, model: LoadedModel, pipeline: Pipeline) -
         chosen.append((adapter.name, scale))
         log.info("adapter %s: %d matrices, alpha %g, scale %g", adapter.name, len(adapter.pairs), adapter.alpha, scale)
     return tuple(chosen)
+
+
+def drafter(args: argparse.Namespace) -> PromptLookup | None:
+    """Prompt lookup for one sequence, unless --no-speculate."""
+    return PromptLookup(args.draft_max) if args.speculate else None
 
 
 def _set_threads(threads: int | None) -> None:

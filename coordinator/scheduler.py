@@ -1,10 +1,11 @@
 """Many requests through one pipeline: continuous batching on the coordinator.
 
 One thread runs the model (Numba's kernels and every stage call happen there). Each step it
-builds one batch from every request that is decoding (one row each) plus at most
-`prefill_chunk` prompt tokens of the requests still prefilling (the oldest first; several short
+builds one batch from every request that is decoding (its last token, plus the tokens its
+drafter guesses follow it: speculative decoding, pipeline/speculative.py) plus at most
+`step_prompt_tokens` prompt tokens of the requests still prefilling (the oldest first; several short
 prompts share a step), runs it through the stages in one forward call, and samples the next
-token of each row that needs one. Requests join and leave between steps. The kernels give a
+tokens of each request from its rows. Requests join and leave between steps. The kernels give a
 row the same bits whatever else shares its batch, so a greedy request gets the same text alone
 or among many. A step's events go to the requests' on_event during the step and the `flush`
 hook after it: the server sends them to its streams together there and, when it runs the whole
@@ -33,22 +34,23 @@ import collections
 import logging
 import threading
 import time
-import uuid
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
 
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.sampler import Sampler
+from caravan.pipeline.sequence import FINISH_CANCELLED, FINISH_STOP, SequenceState, check_prompt_fits
+from caravan.pipeline.speculative import PromptLookup
 from caravan.pipeline.stage import Segment
 
 from .prompt_cache import PromptIndex
 
 log = logging.getLogger(__name__)
 
-PREFILL_CHUNK = 64  # prompt tokens per step: bounds how long a new prompt stalls the others
+STEP_PROMPT_TOKENS = 64  # prompt tokens per step: bounds how long a new prompt stalls the others
 MAX_BATCH = 32  # sequences decoding at once; more wait in the queue
 MIN_SHARED_PREFIX = 16  # prompt tokens two requests must share for the later one to copy them
 
@@ -59,37 +61,34 @@ class Event:
     token: int = -1
     logprob: float = 0.0  # token: its log-probability, when the request asked for logprobs
     top: tuple[tuple[int, float], ...] = ()  # token: the most likely (token, logprob) pairs, if asked
-    finish_reason: str = ""  # done: "stop" (end of generation token), "length", "cancelled"
+    finish_reason: str = ""  # done: a sequence.FINISH_* reason
     message: str = ""  # error
 
 
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    sampler: Sampler
-    max_tokens: int
-    stop_ids: frozenset[int]
-    on_event: Callable[[Event], None]  # called on the scheduler's thread: must only hand off
-    adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale) the sequence uses
-    top_logprobs: int = -1  # -1: no logprobs; k >= 0: each token's logprob and the k most likely
-    followers: list["Request"] = field(default_factory=list)  # samples of the same prompt: they copy its prefill
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    tokens: list[int] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens already through the stages
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-    first_token_s: float = 0.0
-    history: list[int] = field(init=False)  # prompt then generated tokens, for the sampler's penalties
+class Request(SequenceState):
+    """A sequence the server runs: its state, plus how its events reach the client."""
 
-    def __post_init__(self) -> None:
-        self.history = list(self.prompt_ids)
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt_ids)
+    def __init__(self, prompt_ids: list[int], sampler: Sampler, max_tokens: int, stop_ids: frozenset[int],
+                 on_event: Callable[[Event], None], adapters: tuple[tuple[str, float], ...] = (),
+                 top_logprobs: int = -1):
+        super().__init__(prompt_ids, sampler, max_tokens, stop_ids, adapters)
+        self.on_event = on_event  # called on the scheduler's thread: must only hand off
+        self.top_logprobs = top_logprobs  # -1: no logprobs; k >= 0: each token's logprob and the k most likely
+        self.followers: list[Request] = []  # samples of the same prompt: they copy its prefill
+        self.cancelled = False
+        self.submitted = time.perf_counter()
+        self.first_token_s = 0.0
 
     def cancel(self) -> None:
         self.cancelled = True  # the scheduler ends the session at its next step
+
+
+class _Sampled(NamedTuple):
+    """A request whose rows of a step give tokens: `row`, and one more for each draft token."""
+
+    request: Request
+    row: int
+    draft: tuple[int, ...] = ()
 
 
 class _Lane:
@@ -104,13 +103,14 @@ class _Lane:
 
 
 class Scheduler:
-    def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK,
-                 threads: int | None = None, lanes: int = 1, prompt_cache: bool = False):
+    def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
+                 threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False):
         self.pipeline = pipeline
         self.prompt_cache = PromptIndex() if prompt_cache else None  # finished sessions the stages keep
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
-        self.prefill_chunk = prefill_chunk
+        self.step_prompt_tokens = step_prompt_tokens
+        self.draft_max = draft_max  # prompt lookup's longest draft; 0: no speculative decoding
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
@@ -119,6 +119,9 @@ class Scheduler:
         self._counts = threading.Lock()
         self.steps = 0
         self.tokens_generated = 0
+        self.sequence_passes = 0  # a request's rows through the stages that gave tokens, counted once a step
+        self.draft_tokens = 0  # draft tokens run through the stages
+        self.draft_tokens_accepted = 0  # of those, the ones kept
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         # Called on a lane's thread after each turn of its loop (a step and its events) and after
@@ -134,9 +137,10 @@ class Scheduler:
         return [request for lane in self.lanes for request in lane.active]
 
     def submit(self, request: Request) -> Request:
-        if len(request.prompt_ids) >= self.pipeline.n_ctx:
-            raise ValueError(f"prompt of {len(request.prompt_ids)} tokens does not fit the context of "
-                             f"{self.pipeline.n_ctx} tokens")
+        check_prompt_fits(request.prompt_ids, self.pipeline.n_ctx)
+        for sequence in (request, *request.followers):
+            if self.draft_max and sequence.drafter is None:
+                sequence.drafter = PromptLookup(self.draft_max)
         with self._wake:
             self.waiting.append(request)
             self._wake.notify_all()
@@ -151,7 +155,7 @@ class Scheduler:
         with self._wake:
             waiting, self.waiting = self.waiting, []
         for request in waiting:
-            self._end(request, Event("done", finish_reason="cancelled"))
+            self._end(request, Event("done", finish_reason=FINISH_CANCELLED))
         self.flush()
 
     def tokens_per_second(self, window_s: float = 60.0) -> float:
@@ -188,7 +192,7 @@ class Scheduler:
                     self._end(request, Event("error", message="internal error in the scheduler"))
             self.flush()
         for request in list(lane.active):
-            self._end(request, Event("done", finish_reason="cancelled"))
+            self._end(request, Event("done", finish_reason=FINISH_CANCELLED))
         self.flush()
 
     def _admit(self, lane: _Lane) -> list[Request]:
@@ -250,7 +254,7 @@ class Scheduler:
             waiting = [r for r in self.waiting if r.cancelled]
             self.waiting = [r for r in self.waiting if not r.cancelled]
         for request in waiting + [r for r in lane.active if r.cancelled]:
-            self._end(request, Event("done", finish_reason="cancelled"))
+            self._end(request, Event("done", finish_reason=FINISH_CANCELLED))
 
     def _end(self, request: Request, event: Event) -> None:
         for lane in self.lanes:
@@ -262,13 +266,13 @@ class Scheduler:
         for follower in followers:
             follower.on_event(event)
 
-    def _start_followers(self, lane: _Lane, leader: Request, row: int, sampled: list[tuple[Request, int]]) -> None:
+    def _start_followers(self, lane: _Lane, leader: Request, row: int, sampled: list[_Sampled]) -> None:
         """The leader's prompt is through: give each follower a copy of its caches and a place
         among the rows sampled from this step's logits."""
         followers, leader.followers = leader.followers, []
         for follower in followers:
             if follower.cancelled:
-                follower.on_event(Event("done", finish_reason="cancelled"))
+                follower.on_event(Event("done", finish_reason=FINISH_CANCELLED))
                 continue
             try:
                 self.pipeline.copy_session(leader.session_id, follower.session_id, len(leader.prompt_ids))
@@ -277,7 +281,7 @@ class Scheduler:
                 continue
             follower.prefilled = len(follower.prompt_ids)
             lane.active.append(follower)
-            sampled.append((follower, row))
+            sampled.append(_Sampled(follower, row))
 
     def _share_prefix(self, request: Request, earlier: list[Request], computing: list[Request]) -> bool:
         """Start a new request from the KV caches of the earlier request of its lane whose prompt
@@ -310,13 +314,13 @@ class Scheduler:
         """Whether the rest of this prompt should go in one call that pipelines its chunks through
         a chain of nodes: more than a step's worth is left, and the stages are such a chain."""
         left = len(request.prompt_ids) - request.prefilled
-        return not request.decoding and left > self.prefill_chunk and self.pipeline.prefill_depth > 1
+        return not request.decoding and left > self.step_prompt_tokens and self.pipeline.prefill_depth > 1
 
     def _prompt_rows(self, lane: _Lane, segments: list, ids: list, sampled: list, row: int) -> tuple[list[Request], int]:
         """Add the prompt tokens of the lane's requests still prefilling, in the order they came,
-        up to prefill_chunk in all (several short prompts go through in one step), to the step's
+        up to step_prompt_tokens in all (several short prompts go through in one step), to the step's
         segments and ids after its `row` decode rows; returns the requests and the token count."""
-        prefilling, budget = [], self.prefill_chunk
+        prefilling, budget = [], self.step_prompt_tokens
         for i, request in enumerate(lane.active):
             if budget == 0:
                 break
@@ -333,27 +337,27 @@ class Scheduler:
             request.prefilled += len(chunk)
             prefilling.append(request)
             if request.decoding:
-                sampled.append((request, row - 1))
-        return prefilling, self.prefill_chunk - budget
+                sampled.append(_Sampled(request, row - 1))
+        return prefilling, self.step_prompt_tokens - budget
 
     def _step(self, lane: _Lane) -> None:
         """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
-        segments, ids, sampled = [], [], []  # sampled: (request, row) whose logits give a token
+        segments, ids, sampled = [], [], []  # sampled: the requests whose rows give tokens
         row = 0
         for request in lane.active:
             if request.decoding and request.tokens:
-                position = len(request.prompt_ids) + len(request.tokens) - 1
-                segments.append(Segment(request.session_id, position, 1, request.adapters))
-                ids.append(request.tokens[-1])
-                sampled.append((request, row))
-                row += 1
+                segment, rows = request.decode_segment(self.pipeline.n_ctx)
+                segments.append(segment)
+                ids.extend(rows)
+                sampled.append(_Sampled(request, row, tuple(rows[1:])))
+                row += segment.length
         lone = lane.active[0] if not segments and len(lane.active) == 1 else None
         if lone is not None and self._whole_prompt_at_once(lone):
             # Nothing else in the lane waits on this step: the rest of the prompt goes into the
             # chain of nodes at once, its chunks following each other (Pipeline.prefill).
             start, lone.prefilled = lone.prefilled, len(lone.prompt_ids)
             prefilling, computed = [lone], lone.prefilled - start
-            sampled.append((lone, 0))
+            sampled.append(_Sampled(lone, 0))
 
             def forward() -> np.ndarray:
                 return self.pipeline.prefill(lone.session_id, lone.prompt_ids, lone.adapters, start)
@@ -366,7 +370,7 @@ class Scheduler:
         try:
             hidden = forward()
         except ValueError as exc:  # a request the stages refuse (StageError, context): fail the batch's requests
-            for request in {id(r): r for r, _ in sampled}.values():
+            for request in {id(s.request): s.request for s in sampled}.values():
                 self._end(request, Event("error", message=str(exc)))
             for request in prefilling:
                 if request in lane.active:
@@ -379,45 +383,57 @@ class Scheduler:
         with self._counts:
             self.steps += 1
             self.prompt_tokens_computed += computed
-        for request, row in list(sampled):
+        for request, row, _ in list(sampled):
             if request.followers:
                 self._start_followers(lane, request, row, sampled)
         if not sampled:
             return
-        logits = self.pipeline.head.logits(hidden[[r for _, r in sampled]])  # (len(sampled), vocab)
-        self._recent.append((time.monotonic(), len(sampled)))
+        rows = [s.row + i for s in sampled for i in range(1 + len(s.draft))]
+        logits = self.pipeline.head.logits(hidden[rows])  # (len(rows), vocab)
+        first, generated = 0, 0
+        for request, _, draft in sampled:
+            generated += self._advance(request, logits[first : first + 1 + len(draft)], draft)
+            first += 1 + len(draft)
+        with self._counts:
+            self.sequence_passes += len(sampled)
+            self.tokens_generated += generated
+            self.draft_tokens += sum(len(s.draft) for s in sampled)
+        self._recent.append((time.monotonic(), generated))
         while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
             self._recent.popleft()
-        for (request, _), row_logits in zip(sampled, logits):
-            token = request.sampler.sample(row_logits, request.history)
-            if not request.first_token_s:
-                request.first_token_s = time.perf_counter() - request.submitted
-            if token in request.stop_ids:
-                self._end(request, Event("done", finish_reason="stop"))
-                continue
-            request.tokens.append(token)
-            request.history.append(token)
-            with self._counts:
-                self.tokens_generated += 1
+
+    def _advance(self, request: Request, logits: np.ndarray, draft: tuple[int, ...]) -> int:
+        """The request's next tokens from its rows' logits (1 + len(draft), vocab), each told to
+        its client with the logprobs of its own row; the request ends if they finish it. Returns
+        how many tokens it got."""
+        accepted = request.accepted
+        tokens = request.advance(logits, self.pipeline.n_ctx, draft)
+        if not request.first_token_s:
+            request.first_token_s = time.perf_counter() - request.submitted
+        for token, row_logits in zip(tokens, logits):
             if request.top_logprobs >= 0:
                 logprob, top = token_logprobs(row_logits, token, request.top_logprobs)
                 request.on_event(Event("token", token=token, logprob=logprob, top=top))
             else:
                 request.on_event(Event("token", token=token))
-            if len(request.tokens) >= request.max_tokens or len(request.prompt_ids) + len(request.tokens) >= self.pipeline.n_ctx:
-                self._end(request, Event("done", finish_reason="length"))
+        with self._counts:
+            self.draft_tokens_accepted += request.accepted - accepted
+        if request.finished:
+            self._end(request, Event("done", finish_reason=request.finish_reason))
+        return len(tokens)
 
 
 def cached_tokens(request: Request, event: Event) -> list[int]:
     """The tokens whose keys and values the request's caches hold as it ends with `event`: the
-    prompt as far as it went, then the generated tokens fed back (the last one sampled is fed
-    only when the next was the stop token). None after an error: the stages may have undone it."""
+    prompt as far as it went, then its accepted length (the last token sampled is fed only when
+    the next was the stop token; rows of rejected draft tokens are never kept). None after an
+    error: the stages may have undone it."""
     if event.kind != "done":
         return []
     if not request.decoding:
         return request.prompt_ids[: request.prefilled]
-    fed = len(request.tokens) if event.finish_reason == "stop" else len(request.tokens) - 1
-    return list(request.prompt_ids) + request.tokens[: max(fed, 0)]
+    fed = len(request.history) if event.finish_reason == FINISH_STOP else request.accepted_length
+    return request.history[:fed]
 
 
 def common_prefix(a: list[int], b: list[int], limit: int) -> int:

@@ -7,7 +7,6 @@ remote stages. Embedding, the final norm, the output head and sampling run here.
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -16,14 +15,12 @@ import numpy as np
 from .lora import LoraAdapter
 from .model import ModelHead
 from .sampler import Sampler
+from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: imported from here)
+from .speculative import Drafter
 from .stage import Segment, Stage, StageBatch
 
 PREFILL_CHUNK = 256  # rows per forward call during prefill: bounds activation and attention scratch
 PIPELINED_CHUNK_MIN = 32  # rows per chunk at least when chunks follow each other into a chain
-
-
-class ContextFullError(ValueError):
-    pass
 
 
 class Pipeline:
@@ -122,6 +119,7 @@ class Timings:
     prefill_s: float = 0.0  # from the call to the prompt's logits
     first_token_s: float = 0.0  # from the call to the first sampled token
     decode_s: float = 0.0  # from the first token to the last
+    decode_passes: int = 0  # decode steps through the stages: fewer than tokens when drafts are kept
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -133,18 +131,25 @@ class Timings:
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens a decode pass gives: 1 without speculation, more when drafts are kept."""
+        n = self.generated_tokens - 1
+        return n / self.decode_passes if self.decode_passes else 0.0
+
     def as_dict(self) -> dict[str, float]:
         return {
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 3),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "first_token_s": round(self.first_token_s, 6),
+            "tokens_per_pass": round(self.tokens_per_pass, 3),
         }
 
 
 @dataclass
 class Generation:
-    """One sequence's generation; iterate it for token ids. The KV caches on every stage are
-    released when it finishes or is closed."""
+    """One sequence's generation, a batch of one; iterate it for token ids. The KV caches on
+    every stage are released when it finishes or is closed."""
 
     pipeline: Pipeline
     prompt_ids: Sequence[int]
@@ -152,57 +157,52 @@ class Generation:
     max_tokens: int
     stop_ids: frozenset[int]
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), added with Pipeline.add_adapter
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    tokens: list[int] = field(default_factory=list)
+    drafter: Drafter | None = None  # speculative decoding's guesses (speculative.py); None: one token a pass
     timings: Timings = field(default_factory=Timings)
-    stopped_by: str = ""  # "eog", "length" or "context"
+    sequence: SequenceState = field(init=False)
 
     def __post_init__(self) -> None:
-        n = len(self.prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty")
-        if n >= self.pipeline.n_ctx:
-            raise ContextFullError(f"prompt of {n} tokens does not fit the context of {self.pipeline.n_ctx} tokens")
+        check_prompt_fits(self.prompt_ids, self.pipeline.n_ctx)
+        self.sequence = SequenceState(self.prompt_ids, self.sampler, self.max_tokens, self.stop_ids, self.adapters,
+                                      self.drafter)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.sequence.tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return self.sequence.finish_reason
 
     def __iter__(self) -> Iterator[int]:
         try:
             yield from self._run()
         finally:
-            self.pipeline.end_session(self.session_id)
-
-    def _prefill(self) -> np.ndarray:
-        hidden = self.pipeline.prefill(self.session_id, self.prompt_ids, self.adapters)
-        return self.pipeline.head.logits(hidden)[0]
+            self.pipeline.end_session(self.sequence.session_id)
 
     def _run(self) -> Iterator[int]:
+        """Prefill, then passes of the last token and a draft (if any) until the sequence ends."""
+        seq, n_ctx = self.sequence, self.pipeline.n_ctx
         t0 = time.perf_counter()
-        logits = self._prefill()
-        self.timings.prompt_tokens = len(self.prompt_ids)
+        hidden = self.pipeline.prefill(seq.session_id, seq.prompt_ids, seq.adapters)
+        seq.prefilled = len(seq.prompt_ids)
+        logits, draft = self.pipeline.head.logits(hidden), []  # (1, vocab)
+        self.timings.prompt_tokens = len(seq.prompt_ids)
         self.timings.prefill_s = time.perf_counter() - t0
-        history = list(self.prompt_ids)
         t_first = 0.0
         while True:
-            token = self.sampler.sample(logits, history)
+            new = seq.advance(logits, n_ctx, draft)
             if t_first == 0.0:
                 t_first = time.perf_counter()
                 self.timings.first_token_s = t_first - t0
             else:
                 self.timings.decode_s = time.perf_counter() - t_first
-            if token in self.stop_ids:
-                self.stopped_by = "eog"
+            self.timings.generated_tokens = len(seq.tokens)
+            yield from new
+            if seq.finished:
                 return
-            self.tokens.append(token)
-            self.timings.generated_tokens = len(self.tokens)
-            history.append(token)
-            yield token
-            if len(self.tokens) >= self.max_tokens:
-                self.stopped_by = "length"
-                return
-            position = len(history) - 1
-            if position >= self.pipeline.n_ctx:
-                self.stopped_by = "context"
-                return
-            hidden = self.pipeline.forward(
-                [Segment(self.session_id, position, 1, self.adapters)], np.array([token], dtype=np.int64)
-            )
-            logits = self.pipeline.head.logits(hidden)[0]
+            segment, ids = seq.decode_segment(n_ctx)
+            draft = ids[1:]
+            hidden = self.pipeline.forward([segment], np.array(ids, dtype=np.int64))
+            logits = self.pipeline.head.logits(hidden)  # (1 + len(draft), vocab)
+            self.timings.decode_passes += 1

@@ -186,10 +186,32 @@ class Sampler:
             best = int(np.argmax(logits))
             _check_top(logits[best])
             return best
+        ids, probs = self._candidates(logits, previous_tokens)
+        if p.temperature == 0.0:
+            return int(ids[0])
+        # One uniform per draw, inverted through the cumulative distribution; side="right"
+        # never lands on a token whose probability underflowed to zero.
+        cumulative = np.cumsum(probs)
+        u = self._rng.random() * cumulative[-1]
+        choice = int(np.searchsorted(cumulative, u, side="right"))
+        return int(ids[min(choice, ids.shape[0] - 1)])
+
+    def distribution(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> np.ndarray:
+        """The probabilities `sample` draws the next token from, (vocab,) float64: zero for the
+        tokens the filters drop; greedy is a point mass on the argmax."""
+        ids, probs = self._candidates(logits, previous_tokens)
+        out = np.zeros(logits.shape[0], dtype=np.float64)  # (vocab,)
+        out[ids] = probs / probs.sum()
+        return out
+
+    def _candidates(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens the chain keeps, in descending logit order, and their probabilities after
+        temperature; greedy keeps the argmax alone."""
+        p = self.params
         _validate_logits(logits)
         logits = self._penalised(self._biased(logits), previous_tokens)
         if p.temperature == 0.0:
-            return int(np.argmax(logits))
+            return np.array([int(np.argmax(logits))]), np.ones(1)
 
         ids = top_k_candidates(logits, p.top_k)  # (n,) descending by logit
         kept = logits[ids]
@@ -197,14 +219,7 @@ class Sampler:
             kept = kept[: top_p_count(kept, p.top_p)]
         if p.min_p > 0.0:
             kept = kept[: min_p_count(kept, p.min_p)]
-
-        probs = softmax(kept / np.float32(p.temperature))  # (n_kept,)
-        # One uniform per draw, inverted through the cumulative distribution; side="right"
-        # never lands on a token whose probability underflowed to zero.
-        cumulative = np.cumsum(probs)
-        u = self._rng.random() * cumulative[-1]
-        choice = int(np.searchsorted(cumulative, u, side="right"))
-        return int(ids[min(choice, kept.shape[0] - 1)])
+        return ids[: kept.shape[0]], softmax(kept / np.float32(p.temperature))  # (n_kept,) each
 
     def _penalises(self, previous_tokens: Sequence[int]) -> bool:
         p = self.params

@@ -84,6 +84,16 @@ def test_run_json_greedy_completes_paris(paris):
     assert set(paris["timings"]) >= {"prefill_tokens_per_s", "decode_tokens_per_s", "first_token_s"}
 
 
+def test_run_gives_the_same_tokens_without_speculation_or_with_short_drafts(env, paris):
+    """Speculative decoding (on by default) changes no token: --no-speculate and --draft-max 2
+    give the default run's tokens."""
+    for flags in (["--no-speculate"], ["--draft-max", "2"]):
+        result = caravan(env, *PARIS, "--json", *flags)
+        assert result.returncode == 0, result.stderr
+        assert only_json(result.stdout)["tokens"] == paris["tokens"]
+    assert "tokens_per_pass" in paris["timings"]
+
+
 def test_run_streams_the_same_text(env, paris):
     streamed = caravan(env, *PARIS)
     assert streamed.returncode == 0, streamed.stderr

@@ -142,14 +142,14 @@ def submit_together(scheduler: Scheduler, requests: list[Request], done: threadi
 
 
 def test_short_prompts_share_prefill_steps(tiny_q8_path):
-    """Prompts that come together are prefilled together, up to prefill_chunk tokens a step
+    """Prompts that come together are prefilled together, up to step_prompt_tokens tokens a step
     (a prompt longer than what is left goes on in the next step); every prompt token runs
     once, and each sequence gets the tokens it gets alone."""
     prompts = [prompt(5 + 2 * i, seed=10 + i) for i in range(5)]  # 5, 7, 9, 11, 13 tokens
     alone = [list(Generation(build(tiny_q8_path), p, greedy(), 8, frozenset())) for p in prompts]
     pipeline = build(tiny_q8_path)
     pipeline.stages = [Recording(pipeline.stages[0])]
-    scheduler = Scheduler(pipeline, prefill_chunk=16)
+    scheduler = Scheduler(pipeline, step_prompt_tokens=16)
     requests, outputs = run_together(scheduler, prompts, 8)
     assert outputs == alone
     assert scheduler.prompt_tokens_computed == sum(len(p) for p in prompts)
@@ -170,7 +170,7 @@ def test_prompts_that_begin_alike_share_the_beginning(tiny_q8_path):
     prompts = [system + list(prompt(3 + 2 * i, seed=40 + i)) for i in range(4)] + [system[:10] + list(prompt(6, seed=50))]
     alone = [list(Generation(build(tiny_q8_path), p, greedy(), 8, frozenset())) for p in prompts]
     pipeline = build(tiny_q8_path)
-    scheduler = Scheduler(pipeline, prefill_chunk=64)
+    scheduler = Scheduler(pipeline, step_prompt_tokens=64)
     _, outputs = run_together(scheduler, prompts, 8)
     assert outputs == alone
     shared = 20 * 3  # the 2nd, 3rd and 4th copy the first's 20 tokens; the 5th shares only 10

@@ -1,0 +1,94 @@
+"""Speculative decoding: guess the tokens that come next, let the model check them in one pass.
+
+A drafter proposes k tokens to follow a sequence's last token. The last token and the draft
+go through the stages as one segment of 1 + k rows, as a prefill chunk does, and the head gives
+logits for every row. Row i's logits are those a decode step would give after draft[:i]: the
+kernels give a row the same bits whatever else is in its batch. So the token sampled from row i
+is the token decoding would have produced there, and while it equals draft[i] the next row is
+valid too. A pass keeps the tokens up to the first that differs from the draft, which is the
+target's own token: at least one token a pass, at most 1 + k.
+
+The acceptance rule is that of Leviathan et al. 2023 and Chen et al. 2023 ("Fast inference from
+transformers via speculative decoding"; "Accelerating large language model decoding with
+speculative sampling") for a deterministic drafter, whose q is a point mass on d: accept d with
+probability p(d), else draw from p with d's mass removed and renormalized. Drawing t from p
+with the sampler and accepting d when t == d is that rule: P(t = d) = p(d), and given t != d, t
+follows p without d. Each kept token costs the sampler one draw, as decoding without a draft
+does, so a seed gives the same text with speculation or without. A drafter that is a model (a
+q that is not a point mass) needs the general rule on its q; the Drafter protocol leaves room.
+
+The stages keep only accepted positions in use: rows of rejected tokens stay in a session's KV
+cache past its accepted length, but the next segment starts at the accepted length (a segment
+may start anywhere up to the cached length, proto/caravan.proto's Segment.start) and the stage
+overwrites from there, so no rejected position is attended to again.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+DRAFT_MAX = 8  # draft tokens a pass at most: rows beyond it cost more than they save when the guess is poor
+NGRAM_MAX = 3  # the longest tail looked up in the text so far
+NGRAM_MIN = 2  # the shortest: what followed one common token earlier is seldom what follows it now
+PAUSE_MAX = 16  # decode steps without a draft, at most, after drafts rejected at their first token
+
+
+class Drafter(Protocol):
+    """Guesses the tokens that follow a sequence. One drafter per sequence: it may adapt to it."""
+
+    def propose(self, history: Sequence[int], limit: int) -> list[int]: ...  # at most `limit` tokens to follow history
+
+    def update(self, proposed: int, accepted: int) -> None: ...  # how many of the last draft's tokens the model kept
+
+
+def lookup(history: Sequence[int], n_draft: int, ngram_min: int = NGRAM_MIN, ngram_max: int = NGRAM_MAX) -> list[int]:
+    """What followed an earlier occurrence of the history's last n tokens, n from ngram_max down
+    to ngram_min: the latest occurrence that n_draft tokens follow, else the earliest (in a run
+    of one token the latest is followed by one token only); [] when none occurred before."""
+    h = np.asarray(history, dtype=np.int64)  # (L,)
+    for n in range(min(ngram_max, len(h) - 1), ngram_min - 1, -1):
+        tail = h[-n:]
+        match = np.ones(len(h) - n, dtype=bool)  # match[s]: h[s : s + n] == tail, for every s before the tail's own
+        for j in range(n):
+            match &= h[j : len(h) - n + j] == tail[j]
+        starts = np.flatnonzero(match)
+        if starts.size:
+            whole = starts[starts + n + n_draft <= len(h)]
+            follow = int(whole[-1] if whole.size else starts[0]) + n
+            return h[follow : follow + n_draft].tolist()
+    return []
+
+
+class PromptLookup:
+    """Prompt lookup decoding (Saxena 2023; llama.cpp's `lookup` and `ngram` drafters): the draft
+    is what followed the same few tokens earlier in the prompt or the text so far. It needs no
+    model and pays off where the answer copies its input (editing, quoting, code).
+
+    It adapts to how well it guesses: the draft grows while it is kept whole and shrinks to
+    one more than the tokens kept, and after drafts rejected at their first token it pauses,
+    twice as long each time, so that text it cannot guess costs few wasted rows."""
+
+    def __init__(self, draft_max: int = DRAFT_MAX):
+        if draft_max < 1:
+            raise ValueError(f"draft_max must be >= 1, got {draft_max}")
+        self.draft_max = draft_max
+        self.length = draft_max  # the next draft's length at most
+        self.misses = 0  # drafts in a row rejected at their first token
+        self.pause = 0  # decode steps left without a draft
+
+    def propose(self, history: Sequence[int], limit: int) -> list[int]:
+        if self.pause:
+            self.pause -= 1
+            return []
+        n = min(self.length, limit)
+        return lookup(history, n) if n > 0 else []
+
+    def update(self, proposed: int, accepted: int) -> None:
+        if accepted == proposed:
+            self.length = min(self.draft_max, 2 * self.length)
+        else:
+            self.length = accepted + 1
+        self.misses = self.misses + 1 if accepted == 0 else 0
+        self.pause = min(2**self.misses - 1, PAUSE_MAX)
