@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-from .remote import placement
+from caravan.pipeline.stage import LayerRange
+
 from .scheduler import Scheduler
 
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4"  # Prometheus' text exposition format
 
 
-def kv_per_stage(pipeline) -> list[tuple[str, object, int]]:
-    """(node name, layer range, KV cache bytes) for each node; asks remote nodes over gRPC."""
-    rows = []
-    for name, layers, client, stage in placement(list(pipeline.stages)):
-        if client is None:
-            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values()))))
-            continue
-        try:
-            rows.append((name, layers, client.info().kv_cache_bytes))
-        except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
-            rows.append((name, layers, -1))
-    return rows
+def kv_per_stage(pipeline) -> list[tuple[str, LayerRange, int]]:
+    """(node name, layer range, KV cache bytes, -1 for a node that did not answer) for each
+    node; asks remote nodes over gRPC."""
+    return [(row.node, row.layers, -1 if row.kv_bytes is None else row.kv_bytes) for row in pipeline.stats()]
 
 
-def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, object, int]]) -> str:
+def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, LayerRange, int]]) -> str:
     """The metrics page: `s`'s counters, then `kv_rows` (kv_per_stage's, gathered off the event loop)."""
     lines = [
         "# HELP caravan_requests_in_flight Sequences being decoded or prefilled.",

@@ -1,8 +1,9 @@
 """The one seam of caravan: a Stage runs a contiguous range of transformer layers.
 
-`LocalStage` runs its layers in this process; a remote stage sends the same batch to a node.
-The generation loop sees only a list of stages, so one process and a cluster give the same
-output.
+`LocalStage` runs its layers in this process; a `RemoteStage` (coordinator/remote.py) sends
+the same batch to a node, or to a chain of consecutive nodes that pass it on to each other
+(one RemoteStage per chain). The generation loop sees only a list of stages, so one process
+and a cluster give the same output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from numba.typed import List
@@ -72,19 +73,38 @@ class StageBatch:
         return np.concatenate([np.arange(s.start, s.start + s.length, dtype=np.int64) for s in self.segments])
 
 
-class Stage(Protocol):
+@dataclass(frozen=True)
+class StageStats:
+    """What one place that runs layers holds: a LocalStage, or one node of a RemoteStage's chain.
+    None: not known here (a node that was not asked, or did not answer)."""
+
     layers: LayerRange
+    node: str = "local"  # the node's name; "local" in this process
+    address: str | None = None  # the node's host:port; None in this process
+    sessions: int | None = None  # sessions with a KV cache
+    cached_positions: int | None = None  # positions cached, over every session
+    kv_bytes: int | None = None  # held by the sessions' KV caches
+    weight_bytes: int | None = None  # held by the layers' weights
+    rss_bytes: int | None = None  # a node process's resident size
+    hop_us: float | None = None  # a chain's median time per batch and node not spent computing
+
+
+class Stage(Protocol):
+    """Everything a stage offers; the generation loop, metrics and bench use nothing else."""
+
+    layers: LayerRange
+    depth: int  # batches that can be computing at once: the nodes of a chain, 1 in this process
 
     def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out
+    def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]: ...  # send now; the function waits for forward's output
 
     def end_session(self, session_id: str) -> None: ...
     def copy_session(self, source: str, target: str, length: int) -> None: ...  # target's cache = source's first `length` positions
 
     def add_adapter(self, adapter: LoraAdapter) -> None: ...  # hold its matrices of this stage's layers
 
-    # A stage may also have `depth` (nodes that can compute at once) and `submit(batch)` (send
-    # now, return the function that waits for the output): Pipeline.prefill then sends a
-    # prompt's chunks back to back (RemoteStage over a chain of nodes).
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]: ...  # one per node; ask_nodes=False: no network call
+    def close(self) -> None: ...  # let go of sessions and connections; the stage is not used again
 
 
 class KVCache:
@@ -246,6 +266,23 @@ class LocalStage:
     @property
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.weights)
+
+    depth = 1  # one batch computes at a time here
+
+    def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]:
+        """forward(batch) now; the function returned gives its output."""
+        out = self.forward(batch)
+        return lambda: out
+
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]:
+        caches = list(self.sessions.values())  # not under the lock: /health must not wait for a batch
+        return [StageStats(self.layers, sessions=len(caches), cached_positions=sum(c.length for c in caches),
+                           kv_bytes=sum(c.nbytes for c in caches), weight_bytes=self.weight_bytes)]
+
+    def close(self) -> None:
+        with self._lock:
+            self.sessions.clear()
+            self._lists = None
 
     def end_session(self, session_id: str) -> None:
         with self._lock:
