@@ -71,7 +71,7 @@ class Pipeline:
             hidden = None
             for first in range(start, len(ids), PREFILL_CHUNK):
                 chunk = ids[first : first + PREFILL_CHUNK]
-                hidden = Pipeline.forward(self, [Segment(session_id, first, len(chunk), adapters)], chunk)
+                hidden = self.forward([Segment(session_id, first, len(chunk), adapters)], chunk)
             return hidden[-1:]
         stage = self.stages[0]
         size = min(PREFILL_CHUNK, max(PIPELINED_CHUNK_MIN, -(-(len(ids) - start) // (2 * depth))))
