@@ -175,7 +175,8 @@ class ClusterPipeline:
     def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
         ids = np.asarray(prompt_ids, dtype=np.int64)
 
-        def call(pipeline: Pipeline) -> np.ndarray:  # a lost node mid-prompt: the new plan's stages, refilled, take it from `start` again
+        def call(pipeline: Pipeline) -> np.ndarray:
+            # a lost node mid-prompt: the new plan's stages, refilled, take it from `start` again
             hidden = pipeline.prefill(session_id, ids, adapters, start)
             self.replay.remember([Segment(session_id, start, len(ids) - start, adapters)], ids[start:])
             return hidden
