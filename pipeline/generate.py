@@ -1,8 +1,8 @@
 """The generation loop: tokens in, through a list of stages, tokens out.
 
 It sees only `list[Stage]`: one process is `[LocalStage(0, n_layers)]`; a chain of nodes is one
-RemoteStage (coordinator/remote.py), and a plan with layers in this process between nodes is
-a list of both. Embedding, the final norm, the output head and sampling run here.
+RemoteStage (coordinator/remote.py), and a plan that also places layers in this process is a
+list of both. Embedding, the final norm, the output head and sampling run here.
 """
 
 from __future__ import annotations
