@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from caravan.coordinator.failover import ClusterPipeline
 from caravan.coordinator.remote import RemoteStage
+from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.stage import LocalStage, Segment, Stage, StageBatch, StageStats
 from support.stages import build, prompt
 
@@ -55,3 +57,15 @@ def test_no_caller_reaches_into_a_stage_with_hasattr_getattr_or_isinstance():
     found = [f"{name}: {line.strip()}" for name in files
              for line in (ROOT / name).read_text(encoding="utf-8").splitlines() if probe.search(line)]
     assert not found, found
+
+
+def test_cluster_pipeline_offers_every_public_method_of_a_pipeline_with_its_signature():
+    """The scheduler, CLI, server and bench take either: ClusterPipeline holds a Pipeline (it is
+    not one) and answers the same calls the same way."""
+    assert not issubclass(ClusterPipeline, Pipeline)
+    for name, member in vars(Pipeline).items():
+        if name.startswith("_"):
+            continue
+        assert hasattr(ClusterPipeline, name), f"ClusterPipeline lacks {name}"
+        if inspect.isfunction(member):
+            assert inspect.signature(getattr(ClusterPipeline, name)) == inspect.signature(member), name
