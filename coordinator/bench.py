@@ -18,7 +18,7 @@ from caravan.pipeline.speculative import Drafter
 from caravan.pipeline.tokenizer import Tokenizer
 
 from .cluster import LOCAL
-from .remote import placement
+from .remote import NodeError
 
 # Filler for `bench` prompts: ordinary English, repeated to the length asked for.
 BENCH_TEXT = ("The caravan moved slowly across the desert, each animal carrying part of the load. "
@@ -50,15 +50,15 @@ def timed_runs(pipeline: Pipeline, prompt: list[int], decode_tokens: int, runs: 
 def stage_rows(pipeline: Pipeline) -> list[dict]:
     """Each stage's layers and weights; a node's also its resident size and median hop."""
     stages = []
-    for name, layers, client, stage in placement(pipeline.stages):
-        row: dict = {"layers": [layers.start, layers.stop]}
-        if client is not None:
-            info = client.info()
-            row.update(node=client.name, address=client.address,
-                       hop_us=round(float(np.median(stage.hop_s)) * 1e6, 1) if stage.hop_s else None,
-                       rss_bytes=info.rss_bytes, weight_bytes=info.weight_bytes)
+    for st in pipeline.stats():
+        if st.weight_bytes is None:
+            raise NodeError(st.address, "did not answer when asked for its memory; is it still running?")
+        row: dict = {"layers": [st.layers.start, st.layers.stop]}
+        if st.address is not None:
+            row.update(node=st.node, address=st.address, hop_us=st.hop_us, rss_bytes=st.rss_bytes,
+                       weight_bytes=st.weight_bytes)
         else:
-            row.update(node=LOCAL, weight_bytes=stage.weight_bytes)
+            row.update(node=LOCAL, weight_bytes=st.weight_bytes)
         stages.append(row)
     return stages
 

@@ -64,11 +64,10 @@ from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError
 from . import bench, from_flags
 from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, survey_node
 from .discovery import DISCOVER_SECONDS
-from .failover import ClusterPipeline
 from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 from .planner import PlanError
 from .reference import llama_cpp_comparison
-from .remote import NodeError, placement
+from .remote import NodeError
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -745,7 +744,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
         # next node works on another's. In one process a lane would only wait for the other.
-        lanes = len(placement(pipeline.stages)) if isinstance(pipeline, ClusterPipeline) else 1
+        nodes = pipeline.stats(ask_nodes=False)
+        lanes = len(nodes) if any(row.address is not None for row in nodes) else 1
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
                               draft_max=args.draft_max if args.speculate else 0,
                               prompt_cache=_prompt_cache(args, pipeline))

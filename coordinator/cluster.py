@@ -260,8 +260,7 @@ class Cluster:
 
 def _close(stages: list[Stage], nodes: list[Node]) -> None:
     for stage in stages:
-        if isinstance(stage, RemoteStage):
-            stage.close()
+        stage.close()
     close_nodes(nodes)
 
 

@@ -1,4 +1,4 @@
-"""A Pipeline over nodes that keeps going when nodes die or hang (DESIGN.md, "Failure is normal").
+"""A pipeline over nodes that keeps going when nodes die or hang (DESIGN.md, "Failure is normal").
 
 The coordinator keeps every session's tokens. When a stage is lost mid-batch (its node is
 gone, or stops answering past the batch's deadline), ClusterPipeline re-plans over the nodes
@@ -33,7 +33,7 @@ import numpy as np
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.lora import LoraAdapter
-from caravan.pipeline.stage import Segment, StageError
+from caravan.pipeline.stage import Segment, StageError, StageStats
 from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
 
@@ -46,43 +46,30 @@ log = logging.getLogger(__name__)
 MAX_RECOVERIES = 3  # re-plans per batch, and nodes lost per plan: past this, the error goes to the caller
 
 
-class ClusterPipeline(Pipeline):
+class Router:
+    """Routing: which nodes answer now, how fast they are, which layers each gets; `deploy` loads a
+    plan and gives its pipeline. It keeps no sessions (Replay does)."""
+
     def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
                  forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
                  optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None):
         self.model = model
-        self.token = token
-        self.tls = tls
-        self.optional = optional  # addresses that may be left out even on the first plan (discovered ones)
         self.addresses = addresses  # called at every (re-)plan: --nodes, plus what --discover finds then
+        self.optional = optional  # addresses that may be left out even on the first plan (discovered ones)
+        self.n_ctx = n_ctx
         self.cache_dir = cache_dir
         self.wire_format = wire_format
         self.progress = progress
         self.forward_timeout_s = forward_timeout_s
-        self.history: dict[str, list[int]] = {}  # session -> its tokens at positions 0 .. len - 1
-        self.session_adapters: dict[str, tuple] = {}  # session -> its Segment.adapters
-        self.retired: set[str] = set()  # sessions of history kept only in prompt caches: never refilled
-        self.adapters: dict[str, LoraAdapter] = {}  # sent again to the stages of every new plan
-        self.recoveries: list[str] = []  # why each re-plan happened
-        self.cluster: Cluster | None = None
-        self._gate = threading.Condition()  # guards the three below
-        self._in_flight = 0  # calls using the current plan
-        self._recovering = False  # a re-plan is waiting for them or running
-        self._generation = 0  # plans made so far
-        self.n_ctx = n_ctx
-        self._replan(first=True)
+        self.token = token
+        self.tls = tls
 
-    @property
-    def plan(self) -> Plan:
-        if self.cluster is None:
-            raise PlanError("no plan: the last re-plan failed")
-        return self.cluster.plan
-
-    def _deploy(self, first: bool) -> None:
+    def deploy(self, first: bool, lost: Sequence[str]) -> Cluster:
         """One plan over the nodes that answer now: ask who they are, measure, place, load.
         A node that does not answer is left out; on the first plan, an explicit node that
-        refuses the cluster token or speaks another protocol is an error (a setup mistake)."""
+        refuses the cluster token or speaks another protocol is an error (a setup mistake).
+        `lost`: why each earlier plan was dropped, for the error when none fits."""
         addresses = self.addresses()
         optional = [a for a in addresses if self.optional(a)] if first else addresses
         left_out: list[NodeError] = []
@@ -92,31 +79,159 @@ class ClusterPipeline(Pipeline):
             plan = make_plan(self.model, nodes, self.n_ctx)
         except PlanError as exc:
             close_nodes(nodes)
-            raise self._no_plan(nodes, left_out, exc) from None
+            raise _no_plan(nodes, left_out, lost, exc) from None
         except BaseException:
             close_nodes(nodes)
             raise
         for exc in left_out:
             log.warning("leaving out %s", exc)
-        self.cluster = deploy(self.model, nodes, plan, self.n_ctx, self.cache_dir, self.wire_format, self.progress,
-                              self.forward_timeout_s)
-        Pipeline.__init__(self, self.model.head, self.cluster.stages, self.n_ctx)
-        for adapter in self.adapters.values():
-            super().add_adapter(adapter)
+        return deploy(self.model, nodes, plan, self.n_ctx, self.cache_dir, self.wire_format, self.progress,
+                      self.forward_timeout_s)
 
-    def _no_plan(self, nodes: list[Node], left_out: list[NodeError], error: PlanError) -> PlanError:
-        """The one line to say why the nodes that answer cannot run the model."""
-        if not nodes and left_out:
-            return PlanError(f"no node answered: {'; '.join(map(str, left_out))}")
-        lost = self.recoveries[-1:] or [str(exc) for exc in left_out]
-        if not lost:
-            return error  # nothing was lost: the nodes given are too small
-        alive = ", ".join(node.name for node in nodes) or "none"
-        return PlanError(f"no plan fits the nodes still alive ({alive}) after {'; '.join(lost)}: {error}")
+
+def _no_plan(nodes: list[Node], left_out: list[NodeError], lost: Sequence[str], error: PlanError) -> PlanError:
+    """The one line to say why the nodes that answer cannot run the model."""
+    if not nodes and left_out:
+        return PlanError(f"no node answered: {'; '.join(map(str, left_out))}")
+    lost = list(lost[-1:]) or [str(exc) for exc in left_out]
+    if not lost:
+        return error  # nothing was lost: the nodes given are too small
+    alive = ", ".join(node.name for node in nodes) or "none"
+    return PlanError(f"no plan fits the nodes still alive ({alive}) after {'; '.join(lost)}: {error}")
+
+
+class Replay:
+    """Every session's tokens so far and its adapters: what refills a new plan's KV caches."""
+
+    def __init__(self):
+        self.history: dict[str, list[int]] = {}  # session -> its tokens at positions 0 .. len - 1
+        self.adapters: dict[str, tuple] = {}  # session -> its Segment.adapters
+        self.retired: set[str] = set()  # sessions kept only in prompt caches: dropped, never refilled
+
+    def remember(self, segments: Sequence[Segment], token_ids: np.ndarray) -> None:
+        row = 0
+        for seg in segments:
+            tokens = self.history.setdefault(seg.session_id, [])
+            self.adapters[seg.session_id] = seg.adapters
+            del tokens[seg.start :]
+            tokens.extend(int(t) for t in token_ids[row : row + seg.length])
+            row += seg.length
+
+    def check_copy(self, source: str) -> None:
+        if source not in self.history:  # retired before a re-plan (maybe this call's), which dropped it
+            raise StageError(f"session {source} is unknown here (a re-plan dropped the cached sessions)")
+
+    def copy(self, source: str, target: str, length: int) -> None:
+        self.history[target] = self.history[source][:length]
+        self.adapters[target] = self.adapters.get(source, ())
+
+    def retire(self, session_id: str, length: int) -> None:
+        if session_id in self.history:
+            del self.history[session_id][length:]  # what later copies of it start from
+            self.retired.add(session_id)
+
+    def forget(self, session_id: str) -> None:
+        self.history.pop(session_id, None)
+        self.adapters.pop(session_id, None)
+        self.retired.discard(session_id)
+
+    def refill(self, pipeline: Pipeline) -> None:
+        """Run every live session's tokens so far through `pipeline`, rebuilding their KV caches;
+        the retired ones are dropped (see the module's docstring)."""
+        if self.retired:
+            log.warning("re-plan: dropped %d cached sessions", len(self.retired))
+        for session_id in list(self.retired):
+            self.forget(session_id)
+        for session_id, tokens in self.history.items():
+            pipeline.prefill(session_id, tokens, self.adapters.get(session_id, ()))
+
+
+class ClusterPipeline:
+    """A Pipeline over nodes that survives their loss: the pipeline of the current plan (a Cluster,
+    rebuilt at every re-plan by the Router), the sessions' tokens (Replay), and the recovery
+    that joins them. It offers what the scheduler, CLI, server and bench use of a Pipeline."""
+
+    def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
+                 wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
+                 forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
+                 optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None):
+        self.router = Router(model, addresses, n_ctx, cache_dir, wire_format, progress, forward_timeout_s, token,
+                             optional, tls)
+        self.replay = Replay()
+        self.head = model.head
+        self.n_ctx = n_ctx
+        self.adapters: dict[str, LoraAdapter] = {}  # sent again to the stages of every new plan
+        self.recoveries: list[str] = []  # why each re-plan happened
+        self.cluster: Cluster | None = None  # the current plan, its nodes and its pipeline
+        self._gate = threading.Condition()  # guards the three below
+        self._in_flight = 0  # calls using the current plan
+        self._recovering = False  # a re-plan is waiting for them or running
+        self._generation = 0  # plans made so far
+        self._replan(first=True)
+
+    @property
+    def plan(self) -> Plan:
+        if self.cluster is None:
+            raise PlanError("no plan: the last re-plan failed")
+        return self.cluster.plan
+
+    @property
+    def prefill_depth(self) -> int:
+        cluster = self.cluster
+        return cluster.pipeline.prefill_depth if cluster is not None else 1
+
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]:
+        """The current plan's stages' (Pipeline.stats); none between plans."""
+        cluster = self.cluster
+        return cluster.pipeline.stats(ask_nodes) if cluster is not None else []
+
+    def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
+        def call(pipeline: Pipeline) -> np.ndarray:
+            hidden = pipeline.forward(segments, token_ids)
+            self.replay.remember(segments, token_ids)  # before any re-plan can read the history
+            return hidden
+
+        return self._with_recovery(call)
+
+    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+
+        def call(pipeline: Pipeline) -> np.ndarray:
+            # a lost node mid-prompt: the new plan's stages, refilled, take it from `start` again
+            hidden = pipeline.prefill(session_id, ids, adapters, start)
+            self.replay.remember([Segment(session_id, start, len(ids) - start, adapters)], ids[start:])
+            return hidden
+
+        return self._with_recovery(call)
+
+    def copy_session(self, source: str, target: str, length: int) -> None:
+        def call(pipeline: Pipeline) -> None:
+            self.replay.check_copy(source)
+            pipeline.end_session(target)  # what a failed earlier attempt left
+            pipeline.copy_session(source, target, length)
+            self.replay.copy(source, target, length)
+
+        self._with_recovery(call)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         self.adapters[adapter.name] = adapter  # before any re-plan, which sends it to the new stages
-        self._with_recovery(lambda: Pipeline.add_adapter(self, adapter))
+        self._with_recovery(lambda pipeline: pipeline.add_adapter(adapter))
+
+    def end_session(self, session_id: str) -> None:
+        with self._plan_in_use():
+            self.replay.forget(session_id)
+            if self.cluster is not None:
+                self.cluster.pipeline.end_session(session_id)
+
+    def retire_session(self, session_id: str, length: int) -> None:
+        with self._plan_in_use():
+            self.replay.retire(session_id, length)
+            if self.cluster is not None:
+                self.cluster.pipeline.retire_session(session_id, length)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
 
     @contextlib.contextmanager
     def _plan_in_use(self) -> Iterator[int]:
@@ -132,6 +247,21 @@ class ClusterPipeline(Pipeline):
             with self._gate:
                 self._in_flight -= 1
                 self._gate.notify_all()
+
+    def _with_recovery(self, call: Callable[[Pipeline], object]):
+        """call(the current plan's pipeline); when a node is lost, re-plan and call again."""
+        for attempt in range(MAX_RECOVERIES + 1):
+            error = None
+            with self._plan_in_use() as generation:
+                if self.cluster is not None:
+                    try:
+                        return call(self.cluster.pipeline)
+                    except NodeError as exc:
+                        if not exc.lost or attempt == MAX_RECOVERIES:
+                            raise
+                        error = exc
+            self._recover(error, generation)
+        raise PlanError(f"gave up after {MAX_RECOVERIES} re-plans: {self.recoveries[-1] if self.recoveries else 'no plan'}")
 
     def _recover(self, error: NodeError | None, generation: int) -> None:
         """Drop the plan `error` was met on and make a new one, unless another call did already."""
@@ -151,57 +281,13 @@ class ClusterPipeline(Pipeline):
                 self._recovering = False
                 self._gate.notify_all()
 
-    def _with_recovery(self, call: Callable[[], object]):
-        """call() on the current plan; when a node is lost, re-plan and call again."""
-        for attempt in range(MAX_RECOVERIES + 1):
-            error = None
-            with self._plan_in_use() as generation:
-                if self.cluster is not None:
-                    try:
-                        return call()
-                    except NodeError as exc:
-                        if not exc.lost or attempt == MAX_RECOVERIES:
-                            raise
-                        error = exc
-            self._recover(error, generation)
-        raise PlanError(f"gave up after {MAX_RECOVERIES} re-plans: {self.recoveries[-1] if self.recoveries else 'no plan'}")
-
-    def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
-        def call():
-            hidden = Pipeline.forward(self, segments, token_ids)
-            self._remember(segments, token_ids)  # before any re-plan can read the history
-            return hidden
-
-        return self._with_recovery(call)
-
-    def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
-        ids = np.asarray(prompt_ids, dtype=np.int64)
-
-        def call():  # a lost node mid-prompt: the new plan's stages, refilled, take it from `start` again
-            hidden = Pipeline.prefill(self, session_id, ids, adapters, start)
-            self._remember([Segment(session_id, start, len(ids) - start, adapters)], ids[start:])
-            return hidden
-
-        return self._with_recovery(call)
-
-    def copy_session(self, source: str, target: str, length: int) -> None:
-        def call():
-            if source not in self.history:  # retired before a re-plan (maybe this call's), which dropped it
-                raise StageError(f"session {source} is unknown here (a re-plan dropped the cached sessions)")
-            Pipeline.end_session(self, target)  # what a failed earlier attempt left
-            Pipeline.copy_session(self, source, target, length)
-            self.history[target] = self.history[source][:length]
-            self.session_adapters[target] = self.session_adapters.get(source, ())
-
-        self._with_recovery(call)
-
     def _drop(self, exc: NodeError) -> None:
         """Give up the current plan: a stage's node is gone or stuck."""
         log.warning("%s; re-planning over the nodes that still answer", exc)
         self.recoveries.append(str(exc))
         if self.cluster is not None:
             self.cluster.close()
-        self.cluster, self.stages = None, []
+        self.cluster = None
 
     def _replan(self, first: bool = False) -> None:
         """Place the layers on the nodes that answer now and refill every session's caches; a
@@ -210,8 +296,10 @@ class ClusterPipeline(Pipeline):
         t0 = time.perf_counter()
         for attempt in range(MAX_RECOVERIES + 1):
             try:
-                self._deploy(first)
-                self._refill()
+                self.cluster = self.router.deploy(first, self.recoveries)
+                for adapter in self.adapters.values():
+                    self.cluster.pipeline.add_adapter(adapter)
+                self.replay.refill(self.cluster.pipeline)
                 break
             except NodeError as exc:
                 if not exc.lost or attempt == MAX_RECOVERIES:
@@ -220,42 +308,3 @@ class ClusterPipeline(Pipeline):
         if self.recoveries:
             log.warning("re-planned in %.1f s: %s", time.perf_counter() - t0,
                         ", ".join(f"{a.node.name} {a.layers}" for a in self.plan.assignments))
-
-    def _refill(self) -> None:
-        """Run every live session's tokens so far through the new stages, rebuilding their KV
-        caches; the retired ones are dropped (see the module's docstring)."""
-        for session_id in self.retired:
-            self.history.pop(session_id, None)
-            self.session_adapters.pop(session_id, None)
-        if self.retired:
-            log.warning("re-plan: dropped %d cached sessions", len(self.retired))
-        self.retired.clear()
-        for session_id, tokens in self.history.items():
-            Pipeline.prefill(self, session_id, tokens, self.session_adapters.get(session_id, ()))
-
-    def _remember(self, segments: Sequence[Segment], token_ids: np.ndarray) -> None:
-        row = 0
-        for seg in segments:
-            tokens = self.history.setdefault(seg.session_id, [])
-            self.session_adapters[seg.session_id] = seg.adapters
-            del tokens[seg.start :]
-            tokens.extend(int(t) for t in token_ids[row : row + seg.length])
-            row += seg.length
-
-    def end_session(self, session_id: str) -> None:
-        with self._plan_in_use():
-            self.history.pop(session_id, None)
-            self.session_adapters.pop(session_id, None)
-            self.retired.discard(session_id)
-            super().end_session(session_id)
-
-    def retire_session(self, session_id: str, length: int) -> None:
-        with self._plan_in_use():
-            if session_id in self.history:
-                del self.history[session_id][length:]  # what later copies of it start from
-                self.retired.add(session_id)
-            super().retire_session(session_id, length)
-
-    def close(self) -> None:
-        if self.cluster is not None:
-            self.cluster.close()

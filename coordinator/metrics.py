@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from caravan.pipeline.prompt_cache import CacheStats
+from caravan.pipeline.stage import LayerRange
 
-from .remote import placement
 from .scheduler import Scheduler
 
 PROMETHEUS_MEDIA_TYPE = "text/plain; version=0.0.4"  # Prometheus' text exposition format
@@ -22,27 +22,14 @@ PROMPT_CACHE_METRICS = (
 )
 
 
-def kv_per_stage(pipeline) -> list[tuple[str, object, int, CacheStats]]:
-    """(node name, layer range, KV cache bytes, prompt cache figures) for each node; asks
-    remote nodes over gRPC (-1 bytes and empty figures for a node that does not answer)."""
-    rows = []
-    for name, layers, client, stage in placement(list(pipeline.stages)):
-        if client is None:
-            rows.append(("local", layers, sum(c.nbytes for c in list(stage.sessions.values())),
-                         stage.prompt_cache.stats()))
-            continue
-        try:
-            info = client.info()
-        except Exception:  # noqa: BLE001  (a node gone: failover reports it; metrics go on)
-            rows.append((name, layers, -1, CacheStats()))
-            continue
-        cached = info.prompt_cache
-        rows.append((name, layers, info.kv_cache_bytes, CacheStats(
-            cached.sessions, cached.tokens, cached.bytes, cached.budget, cached.hits, cached.evictions)))
-    return rows
+def kv_per_stage(pipeline) -> list[tuple[str, LayerRange, int, CacheStats]]:
+    """(node name, layer range, KV cache bytes, prompt cache figures) for each node; asks remote
+    nodes over gRPC (-1 bytes and empty figures for a node that does not answer)."""
+    return [(row.node, row.layers, -1 if row.kv_bytes is None else row.kv_bytes, row.prompt_cache or CacheStats())
+            for row in pipeline.stats()]
 
 
-def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, object, int, CacheStats]]) -> str:
+def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, LayerRange, int, CacheStats]]) -> str:
     """The metrics page: `s`'s counters, then `kv_rows` (kv_per_stage's, gathered off the event loop)."""
     lines = [
         "# HELP caravan_requests_in_flight Sequences being decoded or prefilled.",
@@ -82,11 +69,11 @@ def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, object, int, CacheSta
     return "\n".join(lines) + "\n"
 
 
-def _labels(name: str, layers) -> str:
+def _labels(name: str, layers: LayerRange) -> str:
     return f'stage="{name}",layers="{layers.start}-{layers.stop - 1}"'
 
 
-def _prompt_cache_lines(s: Scheduler, kv_rows: list[tuple[str, object, int, CacheStats]]) -> list[str]:
+def _prompt_cache_lines(s: Scheduler, kv_rows: list[tuple[str, LayerRange, int, CacheStats]]) -> list[str]:
     index = s.prompt_cache
     lines = [
         "# HELP caravan_prompt_cache_hits_total Requests that started from a cached prefix.",

@@ -1,6 +1,7 @@
-"""Talking to one node: NodeClient for its control calls, RemoteStage for the hidden states.
+"""Talking to nodes: NodeClient for one node's control calls, RemoteStage for the hidden states.
 
-RemoteStage stands behind the same Stage interface as LocalStage (petals' RemoteSequential,
+A chain of nodes is one RemoteStage: the batch goes to the first node and each passes it on to
+the next. It stands behind the same Stage interface as LocalStage (petals' RemoteSequential,
 exo's Shard): the generation loop cannot tell them apart, and with f32 on the wire the
 output is bit-identical.
 """
@@ -16,7 +17,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import grpc
@@ -25,7 +26,8 @@ import numpy as np
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.lora import LoraAdapter
 from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
-from caravan.pipeline.stage import LayerRange, StageBatch, StageError
+from caravan.pipeline.prompt_cache import CacheStats
+from caravan.pipeline.stage import LayerRange, StageBatch, StageError, StageStats
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import auth, wire
@@ -458,18 +460,27 @@ class RemoteStage:
         for part in self.parts:
             part.client.load_adapter(adapter, part.layers)
 
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]:
+        """One row per node of the chain; with ask_nodes, its counts from its Info (None where it
+        does not answer)."""
+        hop = list(self.hop_s)
+        hop_us = round(float(np.median(hop)) * 1e6, 1) if hop else None
+        rows = []
+        for part in self.parts:
+            row = StageStats(part.layers, part.client.name, part.client.address, hop_us=hop_us)
+            if ask_nodes:
+                try:
+                    info = part.client.info()
+                    cached = info.prompt_cache
+                    row = replace(row, sessions=info.sessions, kv_bytes=info.kv_cache_bytes,
+                                  weight_bytes=info.weight_bytes, rss_bytes=info.rss_bytes,
+                                  prompt_cache=CacheStats(cached.sessions, cached.tokens, cached.bytes, cached.budget,
+                                                          cached.hits, cached.evictions))
+                except NodeError as exc:  # failover reports a node gone; who asked goes on
+                    log.debug("%s", exc)
+            rows.append(row)
+        return rows
+
     def close(self) -> None:
         self._fail(NodeError(self.nodes, "the stage was closed", grpc.StatusCode.CANCELLED))
         self._requests.put(None)
-
-
-def placement(stages: Sequence) -> list[tuple[str, LayerRange, NodeClient | None, object]]:
-    """Who runs which layers: (node name, layers, its client, the stage) for each node of each
-    remote stage's chain, and ("local", layers, None, the stage) for a stage in this process."""
-    rows = []
-    for stage in stages:
-        if isinstance(stage, RemoteStage):
-            rows += [(part.client.name, part.layers, part.client, stage) for part in stage.parts]
-        else:
-            rows.append(("local", stage.layers, None, stage))
-    return rows

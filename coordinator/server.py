@@ -118,7 +118,7 @@ class API:
         self.chat_page = (Path(__file__).parent / "chat.html").read_text(encoding="utf-8")
         # Waiting for the writes pays where this process runs every layer on every core; in front
         # of nodes it would only hold the lane's next batch back from them.
-        in_process = all(client is None for _, _, client, _ in placement(list(scheduler.pipeline.stages)))
+        in_process = all(row.address is None for row in scheduler.pipeline.stats(ask_nodes=False))
         self._handoff = EventHandoff(wait=in_process and kernels_fill_the_cores(scheduler.threads))
         scheduler.flush = self._handoff.flush
         self._stopping = asyncio.Event()  # set on SIGTERM: answers still running are cut short
@@ -273,11 +273,11 @@ class API:
         return HTMLResponse(self.chat_page)
 
     async def health(self, request: HTTPRequest) -> Response:
-        if getattr(self.scheduler.pipeline, "cluster", True) is None:  # a ClusterPipeline between plans
+        rows = self.scheduler.pipeline.stats(ask_nodes=False)
+        if not rows:  # a ClusterPipeline between plans
             return JSONResponse({"status": "no plan of nodes fits; waiting for nodes", "model": self.model_id},
                                 status_code=503)
-        stages = [{"node": name, "layers": [layers.start, layers.stop]}
-                  for name, layers, _, _ in placement(self.scheduler.pipeline.stages)]
+        stages = [{"node": row.node, "layers": [row.layers.start, row.layers.stop]} for row in rows]
         return JSONResponse({"status": "ok", "model": self.model_id, "stages": stages})
 
     async def metrics(self, request: HTTPRequest) -> Response:

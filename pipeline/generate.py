@@ -1,7 +1,8 @@
 """The generation loop: tokens in, through a list of stages, tokens out.
 
-It sees only `list[Stage]`: one process is `[LocalStage(0, n_layers)]`, a cluster is a list of
-remote stages. Embedding, the final norm, the output head and sampling run here.
+It sees only `list[Stage]`: one process is `[LocalStage(0, n_layers)]`; a chain of nodes is one
+RemoteStage (coordinator/remote.py), and a plan that also places layers in this process is a
+list of both. Embedding, the final norm, the output head and sampling run here.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .model import ModelHead
 from .sampler import Sampler
 from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: imported from here)
 from .speculative import Drafter
-from .stage import Segment, Stage, StageBatch
+from .stage import Segment, Stage, StageBatch, StageStats
 
 PREFILL_CHUNK = 256  # rows per forward call during prefill: bounds activation and attention scratch
 PIPELINED_CHUNK_MIN = 32  # rows per chunk at least when chunks follow each other into a chain
@@ -47,17 +48,16 @@ class Pipeline:
 
     @property
     def prefill_depth(self) -> int:
-        """How many chunks of one prompt can be computing at once: the nodes of a chain when the
-        stages are one (a stage with `depth` that can `submit`), else 1."""
-        stage = self.stages[0] if len(self.stages) == 1 else None
-        return getattr(stage, "depth", 1) if hasattr(stage, "submit") else 1
+        """How many chunks of one prompt can be computing at once: the stage's depth (the nodes
+        of a chain) when the stages are one, else 1."""
+        return self.stages[0].depth if len(self.stages) == 1 else 1
 
     def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
         """A session's prompt through every stage, in chunks, from position `start` (the caches
         hold the positions before it); returns the hidden state of its last position (1, dim).
 
-        When the stages are one chain of several nodes (a stage whose `depth` > 1, which can
-        `submit` a batch without waiting for it), the chunks follow each other into the chain:
+        When the stages are one chain of several nodes (a stage whose `depth` > 1: its `submit`
+        sends a batch without waiting for it), the chunks follow each other into the chain:
         node 1 computes chunk 2 while node 2 computes chunk 1, so the nodes work at once, and
         the chunks are made small enough for that (two per node, at least PIPELINED_CHUNK_MIN
         rows). A row's result does not depend on the chunk it is in, so this is bit-identical
@@ -68,7 +68,7 @@ class Pipeline:
             hidden = None
             for first in range(start, len(ids), PREFILL_CHUNK):
                 chunk = ids[first : first + PREFILL_CHUNK]
-                hidden = Pipeline.forward(self, [Segment(session_id, first, len(chunk), adapters)], chunk)
+                hidden = self.forward([Segment(session_id, first, len(chunk), adapters)], chunk)
             return hidden[-1:]
         stage = self.stages[0]
         size = min(PREFILL_CHUNK, max(PIPELINED_CHUNK_MIN, -(-(len(ids) - start) // (2 * depth))))
@@ -110,6 +110,14 @@ class Pipeline:
         matrices of its own layers."""
         for stage in self.stages:
             stage.add_adapter(adapter)
+
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]:
+        """What each place that runs layers holds, in layer order (Stage.stats)."""
+        return [row for stage in self.stages for row in stage.stats(ask_nodes)]
+
+    def close(self) -> None:
+        for stage in self.stages:
+            stage.close()
 
 
 @dataclass

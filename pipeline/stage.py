@@ -1,8 +1,9 @@
 """The one seam of caravan: a Stage runs a contiguous range of transformer layers.
 
-`LocalStage` runs its layers in this process; a remote stage sends the same batch to a node.
-The generation loop sees only a list of stages, so one process and a cluster give the same
-output.
+`LocalStage` runs its layers in this process; a `RemoteStage` (coordinator/remote.py) sends
+the same batch to a node, or to a chain of consecutive nodes that pass it on to each other
+(one RemoteStage per chain). The generation loop sees only a list of stages, so one process
+and a cluster give the same output.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import ctypes
 import logging
 import threading
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from numba.typed import List
@@ -20,7 +21,7 @@ from .arena import WeightArena, room_for, room_in_file
 from .lora import AdapterWeights, LoraAdapter, LoraRows
 from .model import LayerWeights, ModelConfig, TensorSource
 from .ops import attention_segments, geglu, rmsnorm, rope_, rope_tables, swiglu
-from .prompt_cache import PromptCache
+from .prompt_cache import CacheStats, PromptCache
 from .quants import Activations, PackedMatrix, matmul
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,31 @@ class StageBatch:
         return np.concatenate([np.arange(s.start, s.start + s.length, dtype=np.int64) for s in self.segments])
 
 
-class Stage(Protocol):
+@dataclass(frozen=True)
+class StageStats:
+    """What one place that runs layers holds: a LocalStage, or one node of a RemoteStage's chain.
+    None: not known here (a node that was not asked, or did not answer)."""
+
     layers: LayerRange
+    node: str = "local"  # the node's name; "local" in this process
+    address: str | None = None  # the node's host:port; None in this process
+    sessions: int | None = None  # sessions with a KV cache
+    cached_positions: int | None = None  # positions cached, over every session
+    kv_bytes: int | None = None  # held by the sessions' KV caches
+    weight_bytes: int | None = None  # held by the layers' weights
+    rss_bytes: int | None = None  # a node process's resident size
+    hop_us: float | None = None  # a chain's median time per batch and node not spent computing
+    prompt_cache: CacheStats | None = None  # finished sessions kept for later requests
+
+
+class Stage(Protocol):
+    """Everything a stage offers; the generation loop, metrics and bench use nothing else."""
+
+    layers: LayerRange
+    depth: int  # batches that can be computing at once: the nodes of a chain, 1 in this process
 
     def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out
+    def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]: ...  # send now; the function waits for the output
 
     def end_session(self, session_id: str) -> None: ...
     def copy_session(self, source: str, target: str, length: int) -> None: ...  # target's cache = source's first `length` positions
@@ -84,9 +106,8 @@ class Stage(Protocol):
 
     def add_adapter(self, adapter: LoraAdapter) -> None: ...  # hold its matrices of this stage's layers
 
-    # A stage may also have `depth` (nodes that can compute at once) and `submit(batch)` (send
-    # now, return the function that waits for the output): Pipeline.prefill then sends a
-    # prompt's chunks back to back (RemoteStage over a chain of nodes).
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]: ...  # one per node; no network call without ask_nodes
+    def close(self) -> None: ...  # let go of sessions and connections; the stage is not used again
 
 
 class KVCache:
@@ -197,6 +218,23 @@ class _ReadOnDemand(Sequence[LayerWeights]):
         return LayerWeights.load(self.source, self.config, self.layers.start + i)
 
 
+class _BatchRows:
+    """What every layer's attention needs of one batch, made once per forward call."""
+
+    __slots__ = ("positions", "starts", "lengths", "k_caches", "v_caches", "lora", "q_scale", "kq_scale")
+
+    def __init__(self, batch: StageBatch, caches: tuple[List, List], lora: LoraRows, config: ModelConfig):
+        self.positions = batch.positions()  # (T,) each row's position
+        self.starts = np.array([seg.start for seg in batch.segments], dtype=np.int64)  # (segments,)
+        self.lengths = np.array([seg.length for seg in batch.segments], dtype=np.int64)  # (segments,)
+        self.k_caches, self.v_caches = caches  # each segment's KVCache.k and .v
+        self.lora = lora
+        # Gemma and Phi-3 scale Q before attention and the scores not at all; the others scale the scores
+        scale_q = config.architecture.scale_q
+        self.q_scale = np.float32(config.attn_scale) if scale_q else None
+        self.kq_scale = 1.0 if scale_q else config.attn_scale
+
+
 class LocalStage:
     """Layers [start, stop) of a model, run in this process, with a KV cache per session."""
 
@@ -262,6 +300,24 @@ class LocalStage:
     @property
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.weights)
+
+    depth = 1  # one batch computes at a time here
+
+    def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]:
+        """forward(batch) now; the function returned gives its output."""
+        out = self.forward(batch)
+        return lambda: out
+
+    def stats(self, ask_nodes: bool = True) -> list[StageStats]:
+        caches = list(self.sessions.values())  # not under the lock: /health must not wait for a batch
+        return [StageStats(self.layers, sessions=len(caches), cached_positions=sum(c.length for c in caches),
+                           kv_bytes=sum(c.nbytes for c in caches), weight_bytes=self.weight_bytes,
+                           prompt_cache=self.prompt_cache.stats())]
+
+    def close(self) -> None:
+        with self._lock:
+            self.sessions.clear()
+            self._lists = None
 
     def end_session(self, session_id: str) -> None:
         with self._lock:
@@ -399,62 +455,74 @@ class LocalStage:
 
     def _forward(self, batch: StageBatch, x: np.ndarray, lora: LoraRows, caches: list[KVCache]) -> np.ndarray:
         """x (T, dim), the residual stream, through the layers, in place; caches: each segment's."""
-        c = self.config
-        arch = c.architecture
-        positions = batch.positions()
-        starts = np.array([seg.start for seg in batch.segments], dtype=np.int64)
-        lengths = np.array([seg.length for seg in batch.segments], dtype=np.int64)
-        k_caches, v_caches = self._cache_lists(caches)
-        n_rows = x.shape[0]
-        # Gemma and Phi-3 scale Q before attention and the scores not at all; the others scale the scores
-        q_scale, kq_scale = (np.float32(c.attn_scale), 1.0) if arch.scale_q else (None, c.attn_scale)
+        rows = _BatchRows(batch, self._cache_lists(caches), lora, self.config)
         for li, w in enumerate(self.weights):
-            acts = Activations(rmsnorm(x, w.attn_norm, c.norm_eps))
-            if self.qkv[li] is not None:
-                qkv = matmul(self.qkv[li], acts)  # (T, q_dim + 2 * kv_dim): each row's Q, K and V
-            else:
-                qkv = np.concatenate([matmul(w.attn_q, acts), matmul(w.attn_k, acts), matmul(w.attn_v, acts)], axis=1)
-            q, k, v = qkv[:, : c.q_dim], qkv[:, c.q_dim : c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim :]  # views
-            if w.attn_qkv is not None:  # the file's own fused matrix: adapters see it whole
-                lora.add(self.layers.start + li, acts, attn_qkv=qkv)
-            else:
-                lora.add(self.layers.start + li, acts, attn_q=q, attn_k=k, attn_v=v)
-            if w.attn_q_bias is not None:
-                q += w.attn_q_bias
-                k += w.attn_k_bias
-                v += w.attn_v_bias
-            if w.attn_q_norm is not None:  # per head, over head_dim (Gemma 3)
-                q[...] = rmsnorm(q.reshape(-1, c.head_dim), w.attn_q_norm, c.norm_eps).reshape(n_rows, c.q_dim)
-                k[...] = rmsnorm(k.reshape(-1, c.head_dim), w.attn_k_norm, c.norm_eps).reshape(n_rows, c.kv_dim)
-            cos, sin = self.rope[li]
-            rope_(qkv, positions, cos, sin, c.n_heads + c.n_kv_heads, arch.rope_neox, c.head_dim)  # Q and K, side by side
-            if q_scale is not None:
-                q *= q_scale
-            attn = attention_segments(qkv, c.n_heads, c.head_dim, k_caches, v_caches, li, starts, lengths, kq_scale,
-                                      c.attn_softcap, self.window[li])  # (T, q_dim); stores K and V first
-            acts = Activations(attn)
-            out = matmul(w.attn_output, acts)  # (T, dim)
-            lora.add(self.layers.start + li, acts, attn_output=out)
-            if w.attn_output_bias is not None:
-                out += w.attn_output_bias
-            if w.post_attention_norm is not None:
-                out = rmsnorm(out, w.post_attention_norm, c.norm_eps)
-            x += out
-            acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))
-            if self.gate_up[li] is not None:
-                gate_up = matmul(self.gate_up[li], acts)  # (T, 2 * hidden_dim): gate, then up
-                gate, up = gate_up[:, : c.hidden_dim], gate_up[:, c.hidden_dim :]
-            else:
-                gate, up = matmul(w.ffn_gate, acts), matmul(w.ffn_up, acts)  # (T, hidden_dim) each
-            if w.ffn_gate is None:  # the file's ffn_up holds gate and up (Phi-3): adapters see it whole
-                lora.add(self.layers.start + li, acts, ffn_up=gate_up)
-            else:
-                lora.add(self.layers.start + li, acts, ffn_gate=gate, ffn_up=up)
-            glu = geglu if arch.gelu else swiglu
-            acts = Activations(glu(gate_up) if self.gate_up[li] is not None else glu(gate, up))  # (T, hidden_dim)
-            out = matmul(w.ffn_down, acts)  # (T, dim)
-            lora.add(self.layers.start + li, acts, ffn_down=out)
-            if w.post_ffw_norm is not None:
-                out = rmsnorm(out, w.post_ffw_norm, c.norm_eps)
-            x += out
+            x += self._attention(li, w, x, rows)
+            x += self._ffn(li, w, x, lora)
         return x
+
+    def _attention(self, li: int, w: LayerWeights, x: np.ndarray, rows: _BatchRows) -> np.ndarray:
+        """Layer li's attention block: what it adds to the residual stream x (T, dim)."""
+        c = self.config
+        acts = Activations(rmsnorm(x, w.attn_norm, c.norm_eps))  # (T, dim) normed input
+        qkv = self._qkv(li, w, acts, rows.lora)  # (T, q_dim + 2 * kv_dim): each row's Q, K and V
+        q, k, v = qkv[:, : c.q_dim], qkv[:, c.q_dim : c.q_dim + c.kv_dim], qkv[:, c.q_dim + c.kv_dim :]  # views
+        if w.attn_q_bias is not None:  # Q, K and V biases, where the file has them
+            q += w.attn_q_bias
+            k += w.attn_k_bias
+            v += w.attn_v_bias
+        if w.attn_q_norm is not None:  # per head, over head_dim (Gemma 3)
+            q[...] = rmsnorm(q.reshape(-1, c.head_dim), w.attn_q_norm, c.norm_eps).reshape(q.shape)
+            k[...] = rmsnorm(k.reshape(-1, c.head_dim), w.attn_k_norm, c.norm_eps).reshape(k.shape)
+        cos, sin = self.rope[li]
+        rope_(qkv, rows.positions, cos, sin, c.n_heads + c.n_kv_heads, c.architecture.rope_neox,
+              c.head_dim)  # Q and K, side by side
+        if rows.q_scale is not None:  # Gemma and Phi-3 scale Q, not the scores
+            q *= rows.q_scale
+        attn = attention_segments(qkv, c.n_heads, c.head_dim, rows.k_caches, rows.v_caches, li, rows.starts, rows.lengths,
+                                  rows.kq_scale, c.attn_softcap, self.window[li])  # (T, q_dim); stores K and V first
+        out = self._project(li, Activations(attn), rows.lora, w.attn_output, attn_output=w.attn_output)  # (T, dim)
+        if w.attn_output_bias is not None:  # output bias, where the file has one
+            out += w.attn_output_bias
+        if w.post_attention_norm is not None:  # norm of the block's output (Gemma 2, 3)
+            out = rmsnorm(out, w.post_attention_norm, c.norm_eps)
+        return out
+
+    def _qkv(self, li: int, w: LayerWeights, acts: Activations, lora: LoraRows) -> np.ndarray:
+        """Each row's Q, K and V side by side (T, q_dim + 2 * kv_dim), with the adapters' terms."""
+        if w.attn_qkv is not None:  # the file's own fused matrix: adapters see it whole
+            return self._project(li, acts, lora, w.attn_qkv, attn_qkv=w.attn_qkv)
+        if self.qkv[li] is not None:  # Q, K and V stacked: one product
+            return self._project(li, acts, lora, self.qkv[li], attn_q=w.attn_q, attn_k=w.attn_k, attn_v=w.attn_v)
+        return np.concatenate([self._project(li, acts, lora, w.attn_q, attn_q=w.attn_q),  # three types: three products
+                               self._project(li, acts, lora, w.attn_k, attn_k=w.attn_k),
+                               self._project(li, acts, lora, w.attn_v, attn_v=w.attn_v)], axis=1)
+
+    def _ffn(self, li: int, w: LayerWeights, x: np.ndarray, lora: LoraRows) -> np.ndarray:
+        """Layer li's feed-forward block: what it adds to the residual stream x (T, dim)."""
+        c = self.config
+        glu = geglu if c.architecture.gelu else swiglu
+        acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))  # (T, dim) normed input
+        if w.ffn_gate is None:  # the file's ffn_up holds gate and up (Phi-3): adapters see it whole
+            h = glu(self._project(li, acts, lora, w.ffn_up, ffn_up=w.ffn_up))  # (T, hidden_dim)
+        elif self.gate_up[li] is not None:  # gate and up stacked: one product
+            h = glu(self._project(li, acts, lora, self.gate_up[li], ffn_gate=w.ffn_gate, ffn_up=w.ffn_up))
+        else:  # gate and up of two types: two products
+            h = glu(self._project(li, acts, lora, w.ffn_gate, ffn_gate=w.ffn_gate),
+                    self._project(li, acts, lora, w.ffn_up, ffn_up=w.ffn_up))
+        out = self._project(li, Activations(h), lora, w.ffn_down, ffn_down=w.ffn_down)  # (T, dim)
+        if w.post_ffw_norm is not None:  # norm of the block's output (Gemma 2, 3)
+            out = rmsnorm(out, w.post_ffw_norm, c.norm_eps)
+        return out
+
+    def _project(self, li: int, acts: Activations, lora: LoraRows, matrix: PackedMatrix,
+                 **parts: PackedMatrix) -> np.ndarray:
+        """acts (T, n_in) times `matrix` (T, its rows), plus each LoRA adapter's term for the
+        matrices of layer li it holds: `parts`, by GGUF name, in row order (several when stacked)."""
+        out = matmul(matrix, acts)
+        if lora:
+            row = 0
+            for name, part in parts.items():
+                lora.add(self.layers.start + li, acts, **{name: out[:, row : row + part.rows]})
+                row += part.rows
+        return out

@@ -22,6 +22,7 @@ class Timed:
     def __init__(self, stage):
         self.stage = stage
         self.layers = stage.layers
+        self.depth = stage.depth
         self.calls: list[tuple[float, float]] = []
 
     def forward(self, batch):
