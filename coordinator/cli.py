@@ -769,7 +769,7 @@ def _prompt_cache(args: argparse.Namespace, pipeline: Pipeline) -> bool:
     whether the prompt cache is on."""
     if args.cache_budget == 0:
         return False
-    if not isinstance(pipeline, ClusterPipeline):
+    if all(row.address is None for row in pipeline.stats(ask_nodes=False)):  # stages in this process
         budget = args.cache_budget if args.cache_budget is not None else default_budget(psutil.virtual_memory().available)
         for stage in pipeline.stages:
             stage.prompt_cache.set_budget(budget)

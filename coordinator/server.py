@@ -81,7 +81,6 @@ from .openai_api import (CHAT_FIELDS, COMPLETION_FIELDS, STREAM_END, APIError, C
                          completion_request, finish_reason_of, first_stop, logprobs_object, parse_json_object,
                          prompt_field, refuse_fields, speaks_ollama, stream_chunk, stream_error, structured_output,
                          token_text, tool_calls_chunk, usage_object)
-from .remote import placement
 from .scheduler import Event, Request, Scheduler
 from .tools import CallStream, ToolUse, parse_tool_calls, render_chat, tool_grammar, tool_use
 
