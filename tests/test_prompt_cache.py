@@ -307,15 +307,15 @@ def test_failover_drops_cached_sessions_and_the_next_turn_is_unchanged(smollm2, 
     try:
         assert run_one(scheduler, first)[0] == answer
         kept = run_one(scheduler, other)[1]
-        assert len(scheduler.prompt_cache) == 2 and kept in pipeline.retired
+        assert len(scheduler.prompt_cache) == 2 and kept in pipeline.replay.retired
         nodes[1].kill()
         tokens, last = run_one(scheduler, second)
         assert tokens == expected
-        assert len(pipeline.recoveries) == 1 and pipeline.retired == {last}  # only the turn after the re-plan
+        assert len(pipeline.recoveries) == 1 and pipeline.replay.retired == {last}  # only the turn after the re-plan
         assert (scheduler.prompt_cache.hits, scheduler.prompt_cache.misses) == (0, 3)
         assert scheduler.prompt_tokens_computed == len(first) + len(other) + len(second)
         # the other request's at least (the first turn's too when the copy met the dead node first)
-        assert re.search(r"re-plan: dropped [12] cached sessions", caplog.text) and kept not in pipeline.history
+        assert re.search(r"re-plan: dropped [12] cached sessions", caplog.text) and kept not in pipeline.replay.history
     finally:
         scheduler.close()
         pipeline.close()
