@@ -223,7 +223,7 @@ class _BatchRows:
 
     __slots__ = ("positions", "starts", "lengths", "k_caches", "v_caches", "lora", "q_scale", "kq_scale")
 
-    def __init__(self, batch: StageBatch, caches: tuple[List, List], lora: LoraRows, config: ModelConfig):
+    def __init__(self, batch: StageBatch, caches: tuple[List, List], lora: LoraRows | None, config: ModelConfig):
         self.positions = batch.positions()  # (T,) each row's position
         self.starts = np.array([seg.start for seg in batch.segments], dtype=np.int64)  # (segments,)
         self.lengths = np.array([seg.length for seg in batch.segments], dtype=np.int64)  # (segments,)
@@ -455,10 +455,10 @@ class LocalStage:
 
     def _forward(self, batch: StageBatch, x: np.ndarray, lora: LoraRows, caches: list[KVCache]) -> np.ndarray:
         """x (T, dim), the residual stream, through the layers, in place; caches: each segment's."""
-        rows = _BatchRows(batch, self._cache_lists(caches), lora, self.config)
+        rows = _BatchRows(batch, self._cache_lists(caches), lora or None, self.config)  # None: no adapters to add
         for li, w in enumerate(self.weights):
             x += self._attention(li, w, x, rows)
-            x += self._ffn(li, w, x, lora)
+            x += self._ffn(li, w, x, rows.lora)
         return x
 
     def _attention(self, li: int, w: LayerWeights, x: np.ndarray, rows: _BatchRows) -> np.ndarray:
@@ -481,48 +481,49 @@ class LocalStage:
             q *= rows.q_scale
         attn = attention_segments(qkv, c.n_heads, c.head_dim, rows.k_caches, rows.v_caches, li, rows.starts, rows.lengths,
                                   rows.kq_scale, c.attn_softcap, self.window[li])  # (T, q_dim); stores K and V first
-        out = self._project(li, Activations(attn), rows.lora, w.attn_output, attn_output=w.attn_output)  # (T, dim)
+        out = self._project(li, Activations(attn), rows.lora, w.attn_output, ("attn_output",))  # (T, dim)
         if w.attn_output_bias is not None:  # output bias, where the file has one
             out += w.attn_output_bias
         if w.post_attention_norm is not None:  # norm of the block's output (Gemma 2, 3)
             out = rmsnorm(out, w.post_attention_norm, c.norm_eps)
         return out
 
-    def _qkv(self, li: int, w: LayerWeights, acts: Activations, lora: LoraRows) -> np.ndarray:
+    def _qkv(self, li: int, w: LayerWeights, acts: Activations, lora: LoraRows | None) -> np.ndarray:
         """Each row's Q, K and V side by side (T, q_dim + 2 * kv_dim), with the adapters' terms."""
         if w.attn_qkv is not None:  # the file's own fused matrix: adapters see it whole
-            return self._project(li, acts, lora, w.attn_qkv, attn_qkv=w.attn_qkv)
+            return self._project(li, acts, lora, w.attn_qkv, ("attn_qkv",))
         if self.qkv[li] is not None:  # Q, K and V stacked: one product
-            return self._project(li, acts, lora, self.qkv[li], attn_q=w.attn_q, attn_k=w.attn_k, attn_v=w.attn_v)
-        return np.concatenate([self._project(li, acts, lora, w.attn_q, attn_q=w.attn_q),  # three types: three products
-                               self._project(li, acts, lora, w.attn_k, attn_k=w.attn_k),
-                               self._project(li, acts, lora, w.attn_v, attn_v=w.attn_v)], axis=1)
+            return self._project(li, acts, lora, self.qkv[li], ("attn_q", "attn_k", "attn_v"))
+        return np.concatenate([self._project(li, acts, lora, w.attn_q, ("attn_q",)),  # three types: three products
+                               self._project(li, acts, lora, w.attn_k, ("attn_k",)),
+                               self._project(li, acts, lora, w.attn_v, ("attn_v",))], axis=1)
 
-    def _ffn(self, li: int, w: LayerWeights, x: np.ndarray, lora: LoraRows) -> np.ndarray:
+    def _ffn(self, li: int, w: LayerWeights, x: np.ndarray, lora: LoraRows | None) -> np.ndarray:
         """Layer li's feed-forward block: what it adds to the residual stream x (T, dim)."""
         c = self.config
         glu = geglu if c.architecture.gelu else swiglu
         acts = Activations(rmsnorm(x, w.ffn_norm, c.norm_eps))  # (T, dim) normed input
         if w.ffn_gate is None:  # the file's ffn_up holds gate and up (Phi-3): adapters see it whole
-            h = glu(self._project(li, acts, lora, w.ffn_up, ffn_up=w.ffn_up))  # (T, hidden_dim)
+            h = glu(self._project(li, acts, lora, w.ffn_up, ("ffn_up",)))  # (T, hidden_dim)
         elif self.gate_up[li] is not None:  # gate and up stacked: one product
-            h = glu(self._project(li, acts, lora, self.gate_up[li], ffn_gate=w.ffn_gate, ffn_up=w.ffn_up))
+            h = glu(self._project(li, acts, lora, self.gate_up[li], ("ffn_gate", "ffn_up")))
         else:  # gate and up of two types: two products
-            h = glu(self._project(li, acts, lora, w.ffn_gate, ffn_gate=w.ffn_gate),
-                    self._project(li, acts, lora, w.ffn_up, ffn_up=w.ffn_up))
-        out = self._project(li, Activations(h), lora, w.ffn_down, ffn_down=w.ffn_down)  # (T, dim)
+            h = glu(self._project(li, acts, lora, w.ffn_gate, ("ffn_gate",)),
+                    self._project(li, acts, lora, w.ffn_up, ("ffn_up",)))
+        out = self._project(li, Activations(h), lora, w.ffn_down, ("ffn_down",))  # (T, dim)
         if w.post_ffw_norm is not None:  # norm of the block's output (Gemma 2, 3)
             out = rmsnorm(out, w.post_ffw_norm, c.norm_eps)
         return out
 
-    def _project(self, li: int, acts: Activations, lora: LoraRows, matrix: PackedMatrix,
-                 **parts: PackedMatrix) -> np.ndarray:
+    def _project(self, li: int, acts: Activations, lora: LoraRows | None, matrix: PackedMatrix,
+                 names: tuple[str, ...]) -> np.ndarray:
         """acts (T, n_in) times `matrix` (T, its rows), plus each LoRA adapter's term for the
-        matrices of layer li it holds: `parts`, by GGUF name, in row order (several when stacked)."""
+        matrices of layer li it holds: `names`, the file's, in row order (several when stacked)."""
         out = matmul(matrix, acts)
-        if lora:
+        if lora is not None:
             row = 0
-            for name, part in parts.items():
-                lora.add(self.layers.start + li, acts, **{name: out[:, row : row + part.rows]})
-                row += part.rows
+            for name in names:
+                n_rows = out.shape[1] if len(names) == 1 else getattr(self.weights[li], name).rows
+                lora.add(self.layers.start + li, acts, **{name: out[:, row : row + n_rows]})
+                row += n_rows
         return out
