@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
-from gguf import GGMLQuantizationType as QT
 
 from .simd import GROUP_ROWS
 from .simd_formats import (
@@ -81,11 +80,6 @@ from .simd_formats import (
     ungroup_rows,
 )
 
-TYPES = (QT.Q5_0, QT.Q5_1, QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.BF16)
-GROUPED = TYPES[:-1]  # stored in groups of GROUP_ROWS rows
-
-# K-quant -> (name in simd_formats, GGUF block bytes)
-K_QUANTS = {QT.Q2_K: ("q2_k", 84), QT.Q3_K: ("q3_k", 110), QT.Q4_K: ("q4_k", 144), QT.Q5_K: ("q5_k", 176), QT.Q6_K: ("q6_k", 210)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,29 +108,52 @@ def _bit_planes(planes: np.ndarray, shifts, mask: int) -> np.ndarray:
     return (values & mask).reshape(*planes.shape[:-1], -1)
 
 
-def gguf_quants(ttype: QT, blocks: np.ndarray) -> np.ndarray:
-    """(rows, n_blocks, block_bytes) GGUF blocks -> (rows, n_blocks, 32 or 256) int32 u: each
-    weight's stored integer, unsigned (the layouts above; Q3_K as q + 4)."""
-    if ttype in (QT.Q5_0, QT.Q5_1):
-        head = 2 if ttype == QT.Q5_0 else 4  # d (and m) before qh
-        qs = blocks[..., head + 4 :].astype(np.int32)
-        qh = blocks[..., head : head + 4].copy().view("<u4").astype(np.int64)  # (rows, n_blocks, 1)
-        return np.concatenate((qs & 15, qs >> 4), axis=-1) | (((qh >> np.arange(32)) & 1) << 4).astype(np.int32)
+def quants_q5(blocks: np.ndarray, head: int) -> np.ndarray:
+    """(rows, n_blocks, block_bytes) Q5_0/Q5_1 blocks (`head` bytes of d, and m, before qh) ->
+    (rows, n_blocks, 32) int32 u: each weight's stored integer."""
+    qs = blocks[..., head + 4 :].astype(np.int32)
+    qh = blocks[..., head : head + 4].copy().view("<u4").astype(np.int64)  # (rows, n_blocks, 1)
+    return np.concatenate((qs & 15, qs >> 4), axis=-1) | (((qh >> np.arange(32)) & 1) << 4).astype(np.int32)
+
+
+_TWO_BIT = [0, 2, 4, 6]
+
+
+def quants_q2_k(blocks: np.ndarray) -> np.ndarray:
+    """(rows, n_super, 84) -> (rows, n_super, 256) u: qs[64] at 16, weight 128n + 32j + l is bits 2j of qs[32n + l]."""
     rows, n_super = blocks.shape[:2]
-    two_bit = [0, 2, 4, 6]
-    if ttype == QT.Q2_K:  # qs[64] at 16: weight 128n + 32j + l is bits 2j of qs[32n + l]
-        return _bit_planes(blocks[..., 16:80].reshape(rows, n_super, 2, 32), two_bit, 3).reshape(rows, n_super, QK_K)
-    if ttype == QT.Q3_K:  # hmask[32] at 0, qs[64] at 32; the third bit is bit (4n + j) of hmask[l]
-        low = _bit_planes(blocks[..., 32:96].reshape(rows, n_super, 2, 32), two_bit, 3).reshape(rows, n_super, QK_K)
-        return low | (_bit_planes(blocks[..., 0:32], range(8), 1) << 2)
-    if ttype in (QT.Q4_K, QT.Q5_K):  # qs[128] at 16 (Q5_K: 48, after qh[32]): weight 64c + 32h + l
-        start = 16 if ttype == QT.Q4_K else 48
-        low = _bit_planes(blocks[..., start : start + 128].reshape(rows, n_super, 4, 32), [0, 4], 15).reshape(rows, n_super, QK_K)
-        return low if ttype == QT.Q4_K else low | (_bit_planes(blocks[..., 16:48], range(8), 1) << 4)
-    # Q6_K: ql[128] at 0, qh[64] at 128; weight 128n + 32k + l
+    return _bit_planes(blocks[..., 16:80].reshape(rows, n_super, 2, 32), _TWO_BIT, 3).reshape(rows, n_super, QK_K)
+
+
+def quants_q3_k(blocks: np.ndarray) -> np.ndarray:
+    """(rows, n_super, 110) -> u = q + 4: hmask[32] at 0, qs[64] at 32; the third bit is bit (4n + j) of hmask[l]."""
+    rows, n_super = blocks.shape[:2]
+    low = _bit_planes(blocks[..., 32:96].reshape(rows, n_super, 2, 32), _TWO_BIT, 3).reshape(rows, n_super, QK_K)
+    return low | (_bit_planes(blocks[..., 0:32], range(8), 1) << 2)
+
+
+def _nibbles_k(blocks: np.ndarray, start: int) -> np.ndarray:
+    """qs[128] at `start`: weight 64c + 32h + l is nibble h of qs[32c + l]."""
+    rows, n_super = blocks.shape[:2]
+    return _bit_planes(blocks[..., start : start + 128].reshape(rows, n_super, 4, 32), [0, 4], 15).reshape(rows, n_super, QK_K)
+
+
+def quants_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """(rows, n_super, 144) -> u: qs[128] at 16."""
+    return _nibbles_k(blocks, 16)
+
+
+def quants_q5_k(blocks: np.ndarray) -> np.ndarray:
+    """(rows, n_super, 176) -> u: qs[128] at 48 after qh[32], whose bit (2c + h) of qh[l] is u's bit 4."""
+    return _nibbles_k(blocks, 48) | (_bit_planes(blocks[..., 16:48], range(8), 1) << 4)
+
+
+def quants_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """(rows, n_super, 210) -> u = q + 32: ql[128] at 0, qh[64] at 128; weight 128n + 32k + l."""
+    rows, n_super = blocks.shape[:2]
     ql = blocks[..., :128].astype(np.int32).reshape(rows, n_super, 2, 1, 2, 32)  # (half n, -, k % 2, l)
     low = ((ql >> np.array([0, 4]).reshape(2, 1, 1)) & 15).reshape(rows, n_super, 2, 4, 32)
-    high = _bit_planes(blocks[..., 128:192].reshape(rows, n_super, 2, 32), two_bit, 3).reshape(rows, n_super, 2, 4, 32)
+    high = _bit_planes(blocks[..., 128:192].reshape(rows, n_super, 2, 32), _TWO_BIT, 3).reshape(rows, n_super, 2, 4, 32)
     return (low | (high << 4)).reshape(rows, n_super, QK_K)
 
 
@@ -154,52 +171,62 @@ def _padded(values: np.ndarray) -> np.ndarray:
     return np.concatenate((values, np.zeros((extra, *values.shape[1:]), values.dtype)))
 
 
-def pack(ttype: QT, raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
-    """(rows, cols, arrays) of a GGUF tensor of one of TYPES (2-D, as GGUFFile.tensor_data)."""
+def pack_bf16(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
+    """(rows, cols, (bits,)) of a BF16 tensor (2-D, as GGUFFile.tensor_data)."""
+    bits = np.ascontiguousarray(raw).view(np.uint16).reshape(raw.shape[0], -1)
+    return raw.shape[0], bits.shape[1], (bits,)
+
+
+def pack_q5(raw: np.ndarray, scale_offsets: tuple[int, ...]) -> tuple[int, int, tuple[np.ndarray, ...]]:
+    """(rows, cols, (quants, d[, m])) of a Q5_0 or Q5_1 tensor whose blocks hold f16 fields at
+    `scale_offsets` (d, and Q5_1's m) before qh."""
     rows = raw.shape[0]
-    if ttype == QT.BF16:
-        bits = np.ascontiguousarray(raw).view(np.uint16).reshape(rows, -1)
-        return rows, bits.shape[1], (bits,)
-    if ttype in (QT.Q5_0, QT.Q5_1):
-        blocks = _padded(raw.reshape(rows, -1, 22 if ttype == QT.Q5_0 else 24))
-        quants = encode_quants("q5", gguf_quants(ttype, blocks))
-        scales = [group_rows(_f16_bits(blocks, offset)) for offset in ((0,) if ttype == QT.Q5_0 else (0, 2))]
-        return rows, blocks.shape[1] * QK, (quants, *scales)
-    name, block_bytes = K_QUANTS[ttype]
+    head = 2 * len(scale_offsets)
+    blocks = _padded(raw.reshape(rows, -1, head + 4 + QK // 2))
+    quants = encode_quants("q5", quants_q5(blocks, head))
+    return rows, blocks.shape[1] * QK, (quants, *(group_rows(_f16_bits(blocks, at)) for at in scale_offsets))
+
+
+def meta_q2_k(blocks: np.ndarray) -> np.ndarray:
+    """scales[16] at 0, kept as they are (scale and minimum nibbles)."""
+    return blocks[..., :16].view(np.int8)
+
+
+def meta_q3_k(blocks: np.ndarray) -> np.ndarray:
+    """scales[12] at 96: the 16 6-bit scales, less 32."""
+    return (q3_k_scales(blocks[..., 96:108]) - 32).astype(np.int8)
+
+
+def meta_q4_k(blocks: np.ndarray) -> np.ndarray:
+    """scales[12] at 4 (Q4_K and Q5_K): 8 scales, then 8 minima."""
+    sc, mn = q4_k_scales(blocks[..., 4:16])
+    return np.concatenate((sc, mn), axis=-1).astype(np.int8)
+
+
+def meta_q6_k(blocks: np.ndarray) -> np.ndarray:
+    """scales[16] i8 at 192, as stored."""
+    return blocks[..., 192:208].view(np.int8)
+
+
+def pack_k(raw: np.ndarray, name: str, block_bytes: int, quants, scale_offsets: tuple[int, ...], meta):
+    """(rows, cols, (quants, d[, dmin], meta)) of a K-quant tensor: `quants` and `meta` read a
+    block's integers and sub-block scales, its f16 d (and dmin) are at `scale_offsets`."""
+    rows = raw.shape[0]
     blocks = _padded(raw.reshape(rows, -1, block_bytes))
-    quants = encode_quants(name, gguf_quants(ttype, blocks))
-    cols = blocks.shape[1] * QK_K
-    if ttype == QT.Q2_K:  # scales[16] at 0: kept as they are (scale and minimum nibbles)
-        meta = blocks[..., :16]
-        return rows, cols, (quants, group_rows(_f16_bits(blocks, 80)), group_rows(_f16_bits(blocks, 82)), group_rows(meta).view(np.int8))
-    if ttype == QT.Q3_K:
-        meta = (q3_k_scales(blocks[..., 96:108]) - 32).astype(np.int8)
-        return rows, cols, (quants, group_rows(_f16_bits(blocks, 108)), group_rows(meta))
-    if ttype in (QT.Q4_K, QT.Q5_K):
-        sc, mn = q4_k_scales(blocks[..., 4:16])
-        meta = np.concatenate((sc, mn), axis=-1).astype(np.int8)
-        return rows, cols, (quants, group_rows(_f16_bits(blocks, 0)), group_rows(_f16_bits(blocks, 2)), group_rows(meta))
-    # Q6_K
-    meta = blocks[..., 192:208].view(np.int8)
-    return rows, cols, (quants, group_rows(_f16_bits(blocks, 208)), group_rows(meta))
+    scales = tuple(group_rows(_f16_bits(blocks, at)) for at in scale_offsets)
+    return rows, blocks.shape[1] * QK_K, (encode_quants(name, quants(blocks)), *scales, group_rows(meta(blocks)))
 
 
-# Which of pack()'s arrays hold f16 bits (the scales d and minima m or dmin, as laid out above);
-# the others hold integers, and BF16's bits are checked as bf16.
-F16_ARRAYS = {QT.Q5_0: (1,), QT.Q5_1: (1, 2), QT.Q2_K: (1, 2), QT.Q3_K: (1,), QT.Q4_K: (1, 2), QT.Q5_K: (1, 2),
-              QT.Q6_K: (1,)}
+def packed_nbytes_q5(rows: int, cols: int, block_bytes: int) -> int:
+    """What pack_q5() makes: rows padded to whole groups, blocks as stored."""
+    return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * block_bytes
 
 
-def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
-    """What pack() makes of a (rows, cols) matrix: rows padded to whole groups, quants as stored,
-    f16 scales as stored, and the K-quants' sub-block scales in 16 bytes per superblock."""
-    if ttype == QT.BF16:
-        return rows * cols * 2
-    padded = -(-rows // GROUP_ROWS) * GROUP_ROWS
-    if ttype in (QT.Q5_0, QT.Q5_1):
-        return padded * cols // QK * (20 + (2 if ttype == QT.Q5_0 else 4))
-    fmt = K_FORMATS[K_QUANTS[ttype][0]]
-    return padded * cols // QK_K * (fmt.quant_bytes + META_BYTES + (4 if fmt.has_min else 2))
+def packed_nbytes_k(rows: int, cols: int, name: str) -> int:
+    """What pack_k() makes: rows padded to whole groups, quants as stored, f16 scales as stored,
+    and the sub-block scales in 16 bytes per superblock."""
+    fmt = K_FORMATS[name]
+    return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK_K * (fmt.quant_bytes + META_BYTES + (4 if fmt.has_min else 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -338,24 +365,31 @@ def _grouped_matmul(tokens1, tokens4, k_quant: bool):
     return kernel
 
 
-_MATMULS = {
-    QT.Q5_0: _grouped_matmul(q5_0_x8_tokens1, q5_0_x8_tokens4, False),
-    QT.Q5_1: _grouped_matmul(q5_1_x8_tokens1, q5_1_x8_tokens4, False),
-    QT.Q2_K: _grouped_matmul(q2_k_x8_tokens1, q2_k_x8_tokens4, True),
-    QT.Q3_K: _grouped_matmul(q3_k_x8_tokens1, q3_k_x8_tokens4, True),
-    QT.Q4_K: _grouped_matmul(q4_k_x8_tokens1, q4_k_x8_tokens4, True),
-    QT.Q5_K: _grouped_matmul(q5_k_x8_tokens1, q5_k_x8_tokens4, True),
-    QT.Q6_K: _grouped_matmul(q6_k_x8_tokens1, q6_k_x8_tokens4, True),
-}
+# The compiled products, by format: kernel(*weights, *activations, out); BF16's is matmul_bf16
+MATMUL_Q5_0 = _grouped_matmul(q5_0_x8_tokens1, q5_0_x8_tokens4, False)
+MATMUL_Q5_1 = _grouped_matmul(q5_1_x8_tokens1, q5_1_x8_tokens4, False)
+MATMUL_Q2_K = _grouped_matmul(q2_k_x8_tokens1, q2_k_x8_tokens4, True)
+MATMUL_Q3_K = _grouped_matmul(q3_k_x8_tokens1, q3_k_x8_tokens4, True)
+MATMUL_Q4_K = _grouped_matmul(q4_k_x8_tokens1, q4_k_x8_tokens4, True)
+MATMUL_Q5_K = _grouped_matmul(q5_k_x8_tokens1, q5_k_x8_tokens4, True)
+MATMUL_Q6_K = _grouped_matmul(q6_k_x8_tokens1, q6_k_x8_tokens4, True)
 
 
-def weight_arguments(ttype: QT, arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
-    """pack()'s arrays as simd_formats' products take them: K-quants (wq, wd, wdmin, wmeta),
-    Q5_x (wq, wd, wm); where a format has no dmin or m, d stands in (unread)."""
-    if ttype in K_QUANTS:
-        wq, wd, wmeta = arrays[0], arrays[1], arrays[-1]
-        return wq, wd, arrays[2] if len(arrays) == 4 else wd, wmeta
-    return arrays[0], arrays[1], arrays[2] if ttype == QT.Q5_1 else arrays[1]
+def k_quant_weights(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """pack_k()'s arrays as simd_formats' K-quant products take them: (wq, wd, wdmin, wmeta),
+    d standing in (unread) where a format has no dmin."""
+    wq, wd, wmeta = arrays[0], arrays[1], arrays[-1]
+    return wq, wd, arrays[2] if len(arrays) == 4 else wd, wmeta
+
+
+def q8_k_blocks(acts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The K-quants' activations: Q8_K superblocks (qs, d, bsums), made once per Activations."""
+    return acts.form(quantize_q8_k)
+
+
+def bf16_rows(acts) -> tuple[np.ndarray]:
+    """BF16's activations: x rounded to bf16, as its tiles read it, made once per Activations."""
+    return (acts.form(bf16_activations),)
 
 
 # BF16: prange over blocks of BF16_BLOCK_ROWS weight rows (16 rows of 2048 columns: 64 KiB, in
@@ -372,7 +406,7 @@ _bf16_tile_one = BF16_PRODUCTS[1, 1]
 
 
 @nb.njit(cache=True, nogil=True, parallel=True)
-def _matmul_bf16(w, x, out):
+def matmul_bf16(w, x, out):
     n_tokens = x.shape[0]
     rows = w.shape[0]
     tiled = n_tokens // BF16_TILE_TOKENS * BF16_TILE_TOKENS
@@ -393,50 +427,48 @@ def _matmul_bf16(w, x, out):
                 _bf16_tile_one(w, r, x, t, out)
 
 
-def matmul(ttype: QT, arrays: tuple[np.ndarray, ...], acts, out: np.ndarray) -> None:
-    """out (T, rows) = acts.x (T, cols) @ W.T for W packed as pack() made `arrays`; acts is a
-    quants.Activations (its Q8_0/Q8_1 blocks, and the forms made here, are made once)."""
-    if ttype == QT.BF16:
-        _matmul_bf16(arrays[0], acts.form(bf16_activations), out)
-        return
-    if ttype in K_QUANTS:
-        activations = acts.form(quantize_q8_k)
-    else:
-        xq, xd, xs = acts.q8()
-        activations = (xq, xd, xs if ttype == QT.Q5_1 else acts.q8_sums())
-    _MATMULS[ttype](*weight_arguments(ttype, arrays), *activations, out)
-
-
 # ---------------------------------------------------------------------------------------------
 # Row lookup (token embeddings), in numpy with gguf-py's float steps, so rows equal
 # gguf.quants.dequantize exactly
 
 
-def dequantize_rows(ttype: QT, arrays: tuple[np.ndarray, ...], ids: np.ndarray) -> np.ndarray:
-    """Rows `ids` of W as f32 (len(ids), cols)."""
-    f32 = np.float32
-    if ttype == QT.BF16:
-        return (arrays[0][ids].astype(np.uint32) << 16).view(f32)
-    n = len(ids)
+def rows_bf16(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of a BF16 matrix as f32 (len(ids), cols)."""
+    return (arrays[0][ids].astype(np.uint32) << 16).view(np.float32)
+
+
+def _decoded_groups(ids: np.ndarray):
+    """(the row groups holding `ids`, sorted; each id's row among those groups' rows)."""
     groups, inverse = np.unique(ids // GROUP_ROWS, return_inverse=True)
-    pick = inverse.reshape(-1) * GROUP_ROWS + ids % GROUP_ROWS  # rows of the decoded groups
+    return groups, inverse.reshape(-1) * GROUP_ROWS + ids % GROUP_ROWS
 
-    def halves(bits):
-        return ungroup_rows(bits[groups], 1)[pick][..., 0].view(np.float16).astype(f32)
 
-    if ttype in (QT.Q5_0, QT.Q5_1):
-        u = decode_quants("q5", arrays[0][groups], QK)[pick]
-        d = halves(arrays[1])[..., None]
-        if ttype == QT.Q5_0:
-            return (d * (u - 16).astype(f32)).reshape(n, -1)
-        return (d * u.astype(f32) + halves(arrays[2])[..., None]).reshape(n, -1)
-    name = K_QUANTS[ttype][0]
+def _halves(bits: np.ndarray, groups: np.ndarray, pick: np.ndarray) -> np.ndarray:
+    """Grouped f16 bits (groups, n_blocks * 8) -> the picked rows' f32 (len(pick), n_blocks)."""
+    return ungroup_rows(bits[groups], 1)[pick][..., 0].view(np.float16).astype(np.float32)
+
+
+def rows_q5(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of a Q5_0 (w = d * (u - 16)) or Q5_1 (w = d * u + m) matrix as f32."""
+    f32 = np.float32
+    groups, pick = _decoded_groups(ids)
+    u = decode_quants("q5", arrays[0][groups], QK)[pick]
+    d = _halves(arrays[1], groups, pick)[..., None]
+    if len(arrays) == 2:
+        return (d * (u - 16).astype(f32)).reshape(len(ids), -1)
+    return (d * u.astype(f32) + _halves(arrays[2], groups, pick)[..., None]).reshape(len(ids), -1)
+
+
+def rows_k(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray, name: str) -> np.ndarray:
+    """Rows `ids` of a K-quant matrix as f32: d * sc * (u - zero point) [- dmin * mn]."""
+    f32 = np.float32
+    fmt = K_FORMATS[name]
+    n = len(ids)
+    groups, pick = _decoded_groups(ids)
     u = decode_quants(name, arrays[0][groups], QK_K)[pick].reshape(n, -1, 16, 16)
     scales, minima = (None if m is None else m[pick].astype(f32)[..., None] for m in decode_meta(name, arrays[-1][groups]))
-    d = halves(arrays[1])[..., None, None]
-    if ttype == QT.Q3_K:  # q = u - 4, scale sc - 32 (stored so)
-        return ((d * scales) * (u - 4).astype(f32)).reshape(n, -1)
-    if ttype == QT.Q6_K:
-        return ((d * scales) * (u - 32).astype(f32)).reshape(n, -1)
-    dmin = halves(arrays[2])[..., None, None]
+    d = _halves(arrays[1], groups, pick)[..., None, None]
+    if not fmt.has_min:  # Q3_K: q = u - 4, scale sc - 32 (stored so); Q6_K: q = u - 32
+        return ((d * scales) * (u - fmt.offset).astype(f32)).reshape(n, -1)
+    dmin = _halves(arrays[2], groups, pick)[..., None, None]
     return ((d * scales) * u.astype(f32) - dmin * minima).reshape(n, -1)

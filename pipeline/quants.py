@@ -29,9 +29,12 @@ in the batch (a sequence decodes to the same tokens alone or batched with others
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
+from typing import Callable
 
 import numba as nb
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from . import formats
@@ -71,9 +74,6 @@ def f16_to_f32_table() -> np.ndarray:
 # this table, as ggml does with its ggml_table_f32_f16.
 F16_TO_F32 = f16_to_f32_table()
 
-SUPPORTED_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, *formats.TYPES)
-
-
 class UnsupportedTypeError(ValueError):
     pass
 
@@ -109,7 +109,7 @@ class PackedMatrix:
     @property
     def group_rows(self) -> int:
         """Rows stored together (the arrays' first axis counts groups): 8 for block formats."""
-        return GROUP_ROWS if self.type in _GROUPED or self.type in formats.GROUPED else 1
+        return FORMATS[self.type].group_rows
 
     def row_slice(self, start: int, stop: int) -> "PackedMatrix":
         """Rows [start, stop) as a view (no copy); grouped formats need whole groups."""
@@ -124,29 +124,27 @@ class PackedMatrix:
 # Repacking from GGUF block bytes (load time, numpy)
 
 
-# Block layouts as ggml-common.h writes them: (bytes before the quants: f16 d [and m], quant bytes).
-_GROUPED = {QT.Q4_0: (2, QK // 2), QT.Q4_1: (4, QK // 2), QT.Q8_0: (2, QK)}
-
-
 def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
     """Repack a GGUF tensor (2-D view from GGUFFile.tensor_data) for the kernels."""
-    if ttype not in SUPPORTED_TYPES:
+    if ttype not in FORMATS:
         raise UnsupportedTypeError(f"{name}: unsupported type {ttype.name} (supported: {supported_names()})")
-    if ttype in formats.TYPES:
-        return PackedMatrix(ttype, *formats.pack(ttype, raw))
-    if ttype == QT.F32:
-        values = np.ascontiguousarray(raw, dtype=np.float32)
-        return PackedMatrix(ttype, values.shape[0], values.shape[1], (values,))
-    if ttype == QT.F16:
-        bits = np.ascontiguousarray(raw).view(np.uint16)
-        return PackedMatrix(ttype, bits.shape[0], bits.shape[1], (bits,))
-    return _pack_grouped(ttype, raw)
+    return PackedMatrix(ttype, *FORMATS[ttype].pack(raw))
 
 
-def _pack_grouped(ttype: QT, raw: np.ndarray) -> PackedMatrix:
-    """(rows, row bytes) GGUF blocks -> simd.py's groups of 8 rows: the quants interleaved four
-    bytes at a time, then each f16 field (d, and Q4_1's m) eight rows side by side."""
-    head, quant_bytes = _GROUPED[ttype]
+def _pack_f32(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
+    values = np.ascontiguousarray(raw, dtype=np.float32)
+    return values.shape[0], values.shape[1], (values,)
+
+
+def _pack_f16(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
+    bits = np.ascontiguousarray(raw).view(np.uint16)
+    return bits.shape[0], bits.shape[1], (bits,)
+
+
+def _pack_grouped(raw: np.ndarray, head: int, quant_bytes: int) -> tuple[int, int, tuple[np.ndarray, ...]]:
+    """(rows, row bytes) GGUF blocks of `head` bytes of f16 fields (d, and Q4_1's m) then
+    `quant_bytes` of quants -> simd.py's groups of 8 rows: the quants interleaved four bytes at a
+    time, then each f16 field eight rows side by side."""
     rows = raw.shape[0]
     n_blocks = raw.shape[1] // (head + quant_bytes)
     groups = -(-rows // GROUP_ROWS)
@@ -160,12 +158,8 @@ def _pack_grouped(ttype: QT, raw: np.ndarray) -> PackedMatrix:
         np.ascontiguousarray(by_group[:, :, :, at : at + 2].transpose(0, 2, 1, 3)).view(np.uint16).reshape(groups, n_blocks * GROUP_ROWS)
         for at in range(0, head, 2)
     )
-    return PackedMatrix(ttype, rows, n_blocks * QK, (qs, *fields))
+    return rows, n_blocks * QK, (qs, *fields)
 
-
-# Which of PackedMatrix.arrays hold f16 bits, by format: block scales and minima, or F16's
-# values. The other arrays hold integers (quants, sub-block scales), which cannot be NaN or Inf.
-_F16_ARRAYS = {QT.F16: (0,), QT.Q8_0: (1,), QT.Q4_0: (1,), QT.Q4_1: (1, 2), **formats.F16_ARRAYS}
 
 # A float whose exponent bits are all ones is an Inf or a NaN (IEEE 754): the masks, by format.
 _F16_EXPONENT, _BF16_EXPONENT, _F32_EXPONENT = 0x7C00, 0x7F80, 0x7F800000
@@ -176,13 +170,11 @@ def non_finite_part(m: PackedMatrix) -> str | None:
     """What of m holds a NaN or an Inf ("values" of a float format, "block scales" of a block
     format), or None. Only the float arrays are read (a block format's scales are a tenth or
     less of its bytes), as bits with a mask, a chunk at a time."""
-    if m.type == QT.F32:
-        return "values" if _any_exponent_all_ones(m.arrays[0].view(np.uint32), _F32_EXPONENT) else None
-    if m.type == QT.BF16:
-        return "values" if _any_exponent_all_ones(m.arrays[0], _BF16_EXPONENT) else None
-    for index in _F16_ARRAYS[m.type]:
-        if _any_exponent_all_ones(m.arrays[index], _F16_EXPONENT):
-            return "values" if m.type == QT.F16 else "block scales"
+    fmt = FORMATS[m.type]
+    for index in fmt.float_arrays:
+        bits = m.arrays[index]
+        if _any_exponent_all_ones(bits.view(np.dtype(f"u{bits.itemsize}")), fmt.float_exponent):
+            return fmt.floats_are
     return None
 
 
@@ -193,15 +185,13 @@ def _any_exponent_all_ones(bits: np.ndarray, mask: int) -> bool:
 
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
-    any weight is read): GGUF's own bytes per block, over whole groups of 8 rows."""
-    if ttype in formats.TYPES:
-        return formats.packed_nbytes(ttype, rows, cols)
-    if ttype == QT.F32:
-        return rows * cols * 4
-    if ttype == QT.F16:
-        return rows * cols * 2
-    head, quant_bytes = _GROUPED[ttype]
-    return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * (head + quant_bytes)
+    any weight is read)."""
+    return FORMATS[ttype].packed_nbytes(rows, cols)
+
+
+def _packed_nbytes_grouped(rows: int, cols: int, block_bytes: int) -> int:
+    """GGUF's own bytes per block, over whole groups of 8 rows."""
+    return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * block_bytes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +293,7 @@ def _matmul_f32(w, x, out):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _matmul_f16(w, x16, table, out):
+def _matmul_f16(w, table, x16, out):
     rows, cols = w.shape
     for r in nb.prange(rows):
         for t in range(x16.shape[0]):
@@ -338,28 +328,42 @@ def _grouped_matmul(tokens1, tokens4):
     return kernel
 
 
-_GROUPED_MATMULS = {
-    QT.Q4_0: _grouped_matmul(q4_0_group_tokens1, q4_0_group_tokens4),
-    QT.Q4_1: _grouped_matmul(q4_1_group_tokens1, q4_1_group_tokens4),
-    QT.Q8_0: _grouped_matmul(q8_0_group_tokens1, q8_0_group_tokens4),
-}
+def with_unread_minima(arrays: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """(wq, wd, wm) from a grouped block format's arrays: where it has no minima, d stands in
+    (unread)."""
+    return arrays[0], arrays[1], arrays[2] if len(arrays) > 2 else arrays[1]
+
+
+def q8_blocks(acts: Activations) -> tuple[np.ndarray, ...]:
+    """(qs, d, s, n): Q8_0 blocks with both block sums, Q8_1's d * sum(qs) and the integer sum."""
+    return (*acts.q8(), acts.q8_sums())
+
+
+def q8_0_blocks(acts: Activations) -> tuple[np.ndarray, ...]:
+    """(qs, d, n): Q8_0 blocks with their integer sums (for a zero point)."""
+    xq, xd, _ = acts.q8()
+    return xq, xd, acts.q8_sums()
+
+
+def q8_1_blocks(acts: Activations) -> tuple[np.ndarray, ...]:
+    """(qs, d, s): Q8_1 blocks, s = d * sum(qs) (for a minimum m)."""
+    return acts.q8()
+
+
+def f16_rows(acts: Activations) -> tuple[np.ndarray]:
+    return (acts.f16(),)
+
+
+def f32_rows(acts: Activations) -> tuple[np.ndarray]:
+    return (acts.x,)
 
 
 def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) -> np.ndarray:
     """(T, cols) activations times W (rows, cols) transposed -> (T, rows) f32."""
-    n_rows = acts.x.shape[0]
     if out is None:
-        out = np.empty((n_rows, w.rows), np.float32)
-    if w.type in formats.TYPES:
-        formats.matmul(w.type, w.arrays, acts, out)
-    elif w.type in _GROUPED:
-        wq, wd = w.arrays[:2]
-        wm = w.arrays[2] if len(w.arrays) > 2 else wd  # only Q4_1 has minima; the others ignore it
-        _GROUPED_MATMULS[w.type](wq, wd, wm, *acts.q8(), acts.q8_sums(), out)
-    elif w.type == QT.F16:
-        _matmul_f16(w.arrays[0], acts.f16(), F16_TO_F32, out)
-    else:
-        _matmul_f32(w.arrays[0], acts.x, out)
+        out = np.empty((acts.x.shape[0], w.rows), np.float32)
+    fmt = FORMATS[w.type]
+    fmt.kernel(*fmt.weights(w.arrays), *fmt.activations(acts), out)
     return out
 
 
@@ -389,16 +393,103 @@ def _rows_grouped(wq, wd, wm, table, block_bytes, signed, zero_point, has_min, i
 
 def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of W as f32 (len(ids), cols)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if w.type in formats.TYPES:
-        return formats.dequantize_rows(w.type, w.arrays, ids)
-    if w.type == QT.F32:
-        return w.arrays[0][ids].copy()
-    if w.type == QT.F16:
-        return F16_TO_F32[w.arrays[0][ids]]
-    out = np.empty((ids.shape[0], w.cols), np.float32)
-    fmt = GROUP_FORMATS[w.type.name.lower()]
-    wq, wd = w.arrays[:2]
-    wm = w.arrays[2] if fmt.has_min else wd
+    return FORMATS[w.type].dequantize_rows(w.arrays, w.cols, np.asarray(ids, dtype=np.int64))
+
+
+def _rows_f32(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
+    return arrays[0][ids].copy()
+
+
+def _rows_f16(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
+    return F16_TO_F32[arrays[0][ids]]
+
+
+def _rows_group_format(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray, fmt) -> np.ndarray:
+    """Rows `ids` of a Q4_0, Q4_1 or Q8_0 matrix (fmt: its simd.GroupFormat) as f32."""
+    out = np.empty((ids.shape[0], cols), np.float32)
+    wq, wd, wm = with_unread_minima(arrays)
     _rows_grouped(wq, wd, wm, F16_TO_F32, fmt.block_bytes, fmt.signed, fmt.zero_point, fmt.has_min, ids, out)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The formats: one record per GGUF type, as gguf-py's _type_traits
+
+
+@dataclass(frozen=True)
+class Format:
+    """How caravan stores and multiplies one GGUF tensor type."""
+
+    type: QT
+    scale_offsets: tuple[int, ...]  # byte offsets of a GGUF block's f16 fields (d, then m or dmin)
+    group_rows: int  # rows pack() stores together (the arrays' first axis counts groups)
+    pack: Callable  # (raw GGUF tensor_data (rows, row bytes)) -> (rows, cols, arrays)
+    packed_nbytes: Callable  # (rows, cols) -> what pack() makes of them, without packing
+    kernel: Callable  # the compiled product: kernel(*weights(arrays), *activations(acts), out)
+    weights: Callable  # pack()'s arrays as kernel takes them
+    activations: Callable  # (Activations) -> the form of x kernel reads: ggml's vec_dot_type
+    dequantize_rows: Callable  # (arrays, cols, ids) -> (len(ids), cols) f32
+    float_arrays: tuple[int, ...]  # which arrays hold floats (values, or block scales and minima)
+    float_exponent: int  # the exponent mask of those floats: all ones is an Inf or a NaN
+    floats_are: str  # what those floats are, for messages
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """(weights, bytes) of one GGUF block (gguf-py's GGML_QUANT_SIZES)."""
+        return GGML_QUANT_SIZES[self.type]
+
+
+def _identity(arrays):
+    return arrays
+
+
+def _float(ttype: QT, pack, kernel, weights, activations, rows, exponent: int) -> Format:
+    """F32, F16, BF16: rows of plain values."""
+    return Format(ttype, (), 1, pack, lambda rows_, cols: rows_ * cols * GGML_QUANT_SIZES[ttype][1], kernel, weights,
+                  activations, rows, (0,), exponent, "values")
+
+
+def _grouped(ttype: QT, scale_offsets: tuple[int, ...], kernel, activations) -> Format:
+    """Q4_0, Q4_1, Q8_0: simd.py's groups of 8 rows, against Q8 activation blocks."""
+    block_bytes = GGML_QUANT_SIZES[ttype][1]
+    head = 2 * len(scale_offsets)
+    return Format(ttype, scale_offsets, GROUP_ROWS, partial(_pack_grouped, head=head, quant_bytes=block_bytes - head),
+                  partial(_packed_nbytes_grouped, block_bytes=block_bytes), kernel, with_unread_minima, activations,
+                  partial(_rows_group_format, fmt=GROUP_FORMATS[ttype.name.lower()]),
+                  tuple(range(1, 1 + len(scale_offsets))), _F16_EXPONENT, "block scales")
+
+
+def _q5(ttype: QT, scale_offsets: tuple[int, ...], kernel, activations) -> Format:
+    """Q5_0, Q5_1: formats.py's groups of 8 rows, against Q8 activation blocks."""
+    return Format(ttype, scale_offsets, GROUP_ROWS, partial(formats.pack_q5, scale_offsets=scale_offsets),
+                  partial(formats.packed_nbytes_q5, block_bytes=GGML_QUANT_SIZES[ttype][1]), kernel, with_unread_minima,
+                  activations, formats.rows_q5, tuple(range(1, 1 + len(scale_offsets))), _F16_EXPONENT, "block scales")
+
+
+def _k_quant(ttype: QT, scale_offsets: tuple[int, ...], kernel, quants, meta) -> Format:
+    """The K-quants: formats.py's groups of 8 rows, against Q8_K superblocks; `quants` and
+    `meta` read a GGUF block's integers and sub-block scales."""
+    name = ttype.name.lower()
+    pack_k = partial(formats.pack_k, name=name, block_bytes=GGML_QUANT_SIZES[ttype][1], quants=quants,
+                     scale_offsets=scale_offsets, meta=meta)
+    return Format(ttype, scale_offsets, GROUP_ROWS, pack_k, partial(formats.packed_nbytes_k, name=name), kernel,
+                  formats.k_quant_weights, formats.q8_k_blocks, partial(formats.rows_k, name=name),
+                  tuple(range(1, 1 + len(scale_offsets))), _F16_EXPONENT, "block scales")
+
+
+FORMATS = {f.type: f for f in (
+    _float(QT.F32, _pack_f32, _matmul_f32, _identity, f32_rows, _rows_f32, _F32_EXPONENT),
+    _float(QT.F16, _pack_f16, _matmul_f16, lambda arrays: (arrays[0], F16_TO_F32), f16_rows, _rows_f16, _F16_EXPONENT),
+    _grouped(QT.Q8_0, (0,), _grouped_matmul(q8_0_group_tokens1, q8_0_group_tokens4), q8_blocks),
+    _grouped(QT.Q4_0, (0,), _grouped_matmul(q4_0_group_tokens1, q4_0_group_tokens4), q8_blocks),
+    _grouped(QT.Q4_1, (0, 2), _grouped_matmul(q4_1_group_tokens1, q4_1_group_tokens4), q8_blocks),
+    _q5(QT.Q5_0, (0,), formats.MATMUL_Q5_0, q8_0_blocks),
+    _q5(QT.Q5_1, (0, 2), formats.MATMUL_Q5_1, q8_1_blocks),
+    _k_quant(QT.Q2_K, (80, 82), formats.MATMUL_Q2_K, formats.quants_q2_k, formats.meta_q2_k),
+    _k_quant(QT.Q3_K, (108,), formats.MATMUL_Q3_K, formats.quants_q3_k, formats.meta_q3_k),
+    _k_quant(QT.Q4_K, (0, 2), formats.MATMUL_Q4_K, formats.quants_q4_k, formats.meta_q4_k),
+    _k_quant(QT.Q5_K, (0, 2), formats.MATMUL_Q5_K, formats.quants_q5_k, formats.meta_q4_k),
+    _k_quant(QT.Q6_K, (208,), formats.MATMUL_Q6_K, formats.quants_q6_k, formats.meta_q6_k),
+    _float(QT.BF16, formats.pack_bf16, formats.matmul_bf16, _identity, formats.bf16_rows, formats.rows_bf16, _BF16_EXPONENT),
+)}
+SUPPORTED_TYPES = tuple(FORMATS)

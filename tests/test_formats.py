@@ -17,33 +17,29 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from caravan.pipeline import formats, simd_formats
-from caravan.pipeline.quants import Activations, dequantize_rows, matmul, pack, packed_nbytes
+from caravan.pipeline.quants import FORMATS, Activations, dequantize_rows, matmul, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
 from support import naive
 from support.products import assert_product_close, random_activations
 
-TYPES = formats.TYPES
+# Every format of the registry beyond test_quants.py's five: a format added to it is tested here.
+TYPES = tuple(t for t in FORMATS if t not in (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1))
 K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 ROWS = (1, 3, 67)
 COLS = (256, 1536)
 TOKENS = (1, 5, 17)
 
-# Byte offsets of each block's f16 fields (d, then m or dmin), by ggml-common.h's layouts.
-F16_FIELDS = {QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2),
-              QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
-
-
 def random_raw(ttype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """(rows, row_bytes) uint8 GGUF data: every byte random (so every quant and sub-block scale
     bit pattern occurs) except the f16 scales, which are finite, of both signs and of varied
-    size row by row. BF16: random finite values."""
+    size row by row. Float formats: random finite values."""
     rng = np.random.default_rng(seed)
-    if ttype == QT.BF16:
-        w = rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.2, 0.2, (rows, 1))
-        return quantize(w.astype(np.float32), QT.BF16)
     block_size, type_size = GGML_QUANT_SIZES[ttype]
+    if block_size == 1:
+        w = rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.2, 0.2, (rows, 1))
+        return quantize(w.astype(np.float32), ttype)
     blocks = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[ttype]:
+    for offset in FORMATS[ttype].scale_offsets:
         scale = rng.standard_normal(blocks.shape[:2]) * rng.uniform(0.001, 0.05, (rows, 1))
         blocks[:, :, offset : offset + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
     return blocks.reshape(rows, -1)
@@ -60,9 +56,10 @@ def minima(ttype: QT, raw: np.ndarray) -> dict:
 # Dequantization and activation rounding: exact
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 @pytest.mark.parametrize("cols", (256, 768), ids=lambda c: f"cols{c}")
 def test_dequantize_rows_equals_gguf(ttype, cols):
+    """Every format of the registry (the list cannot drift from it)."""
     raw = random_raw(ttype, 67, cols)
     expected = dequantize(raw, ttype).reshape(67, cols)
     packed = pack(ttype, raw, "w")
@@ -203,20 +200,14 @@ def test_matmul_thread_count_invariant(ttype):
 
 
 def activation_arrays(ttype: QT, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The activation arrays the kernel for ttype reads (as formats.matmul passes them)."""
-    if ttype == QT.BF16:
-        return (formats.bf16_activations(x),)
-    if ttype in K_QUANTS:
-        return formats.quantize_q8_k(x)
-    acts = Activations(x)
-    xq, xd, xs = acts.q8()
-    return (xq, xd, xs) if ttype == QT.Q5_1 else (xq, xd, acts.q8_sums())
+    """The activation arrays the kernel for ttype reads (its registry record's form)."""
+    return FORMATS[ttype].activations(Activations(x))
 
 
 def _group_dots(kernel1, kernel4, k_quant):
     """A compiled loop over every group of 8 weight rows with the given eight-row intrinsics:
     token rows 0 .. 3 in the four-token form, the rest one by one; arguments: the weight
-    arguments (formats.weight_arguments), the three activation arrays, out."""
+    arguments (the registry's weights), the three activation arrays, out."""
     if k_quant:
 
         @numba.njit
@@ -285,7 +276,7 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
             _bf16_tiles(simd_formats.BF16_TILES)(*packed.arrays, *acts, out)
         else:
             kernels = (simd_formats.INTRINSICS[(name, 1, isa)], simd_formats.INTRINSICS[(name, 4, isa)])
-            _group_dots(*kernels, ttype in K_QUANTS)(*formats.weight_arguments(ttype, packed.arrays), *acts, out)
+            _group_dots(*kernels, ttype in K_QUANTS)(*FORMATS[ttype].weights(packed.arrays), *acts, out)
         results.append(out)
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
@@ -298,14 +289,14 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
         twin = getattr(simd_formats, f"{name}_x8_tokens1")
         for g in range(2):
             for t in range(8):
-                twin(*formats.weight_arguments(ttype, packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
+                twin(*FORMATS[ttype].weights(packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
     if ttype == QT.BF16:  # float steps only, each emulated exactly
         np.testing.assert_array_equal(twin_out, results[0])
     np.testing.assert_allclose(twin_out, results[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(matmul(packed, Activations(x)), results[0])
 
 
-@pytest.mark.parametrize("ttype", formats.GROUPED, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", [t for t in TYPES if FORMATS[t].group_rows > 1], ids=lambda t: t.name)
 def test_row_slices_of_grouped_formats(ttype):
     """Rows stored eight to a group slice only at group edges (stage.py stacks Q, K and V and
     takes each back as a slice)."""
