@@ -17,7 +17,8 @@ import numpy as np
 
 from .numba_config import FASTMATH
 from .quants import F16_TO_F32
-from .simd import TILE_COLS, TILE_ROWS, exp_f32, f16_bits, round_f16, tile_f16
+from .attention_tiles import TILE_COLS, TILE_ROWS, tile_f16
+from .vector import exp_f32, f16_bits, round_f16
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})

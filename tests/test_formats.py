@@ -1,4 +1,5 @@
-"""Q5_0, Q5_1, the K-quants and BF16 (pipeline/formats.py, pipeline/simd_formats.py).
+"""Q5_0, Q5_1, the K-quants and BF16 (pipeline/formats/q5.py, kquants.py, floats.py), and every format's
+dequantization.
 
 The same layers of trust as test_quants.py: dequantization bit-exact against
 `gguf.quants.dequantize` on random blocks (every scale bit pattern), activation rounding exactly
@@ -12,12 +13,12 @@ from __future__ import annotations
 import numba
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-from caravan.pipeline import formats, simd_formats
-from caravan.pipeline.quants import FORMATS, Activations, dequantize_rows, matmul, pack, packed_nbytes
+from caravan.pipeline import vector
+from caravan.pipeline.formats import FORMATS, floats, kquants, q5
+from caravan.pipeline.quants import Activations, dequantize_rows, matmul, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
 from support import naive
 from support.products import assert_product_close, random_activations
@@ -34,7 +35,7 @@ def random_raw(ttype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     bit pattern occurs) except the f16 scales, which are finite, of both signs and of varied
     size row by row. Float formats: random finite values."""
     rng = np.random.default_rng(seed)
-    block_size, type_size = GGML_QUANT_SIZES[ttype]
+    block_size, type_size = FORMATS[ttype].block
     if block_size == 1:
         w = rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.2, 0.2, (rows, 1))
         return quantize(w.astype(np.float32), ttype)
@@ -100,12 +101,12 @@ def test_q8_k_activations_equal_ggml_reference():
     x[3, :256] = np.linspace(-1.0, 1.0, 256, dtype=np.float32)  # -1 and 1 tie: the first wins
     x[4, 512:768] = np.float32(0.5)
     for rows in (x[:1], x[:3], x):  # one row, and the parallel path from 8 rows
-        got = formats.quantize_q8_k(rows)
+        got = kquants.quantize_q8_k(rows)
         expected = naive.quantize_q8_k_activations(rows)
         for g, e in zip(got, expected):
             assert g.dtype == e.dtype
             np.testing.assert_array_equal(g, e)
-    q, d, _ = formats.quantize_q8_k(x)
+    q, d, _ = kquants.quantize_q8_k(x)
     assert q.min() >= -127 and q.max() <= 127
     assert np.all(d[2, 1] == 0) and not q[2, 256:512].any()
 
@@ -119,7 +120,7 @@ def test_bf16_rounding_equals_gguf():
                  0x80000000, 0x00008000, 0x00018000, 0x3F80FFFF] + [0x3F800000] * 52
     x = bits.view(np.float32).reshape(64, 4096)
     expected = dequantize(quantize(x, QT.BF16), QT.BF16).reshape(x.shape)
-    got = formats.round_bf16(x)
+    got = floats.round_bf16(x)
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
@@ -234,10 +235,10 @@ def _group_dots(kernel1, kernel4, k_quant):
 
 
 def _bf16_tiles(tiles):
-    """BF16's tiles (simd_formats.BF16_TILES) over 13 weight rows and 10 token rows in every
+    """BF16's tiles (floats.BF16_TILES) over 13 weight rows and 10 token rows in every
     shape: whole tiles of tokens over rows 0 .. 11 and row 12 alone, then each remaining token
     row (at least one) over whole tiles of rows and the rest of the rows alone."""
-    n_rows, n_tokens, single = simd_formats.BF16_TILE_ROWS, simd_formats.BF16_TILE_TOKENS, simd_formats.BF16_SINGLE_ROWS
+    n_rows, n_tokens, single = floats.BF16_TILE_ROWS, floats.BF16_TILE_TOKENS, floats.BF16_SINGLE_ROWS
     full, one_row, one_token, one = tiles[n_rows, n_tokens], tiles[1, n_tokens], tiles[single, 1], tiles[1, 1]
     assert 12 % n_rows == 0 and 10 % n_tokens and 13 % single
 
@@ -260,7 +261,7 @@ def _bf16_tiles(tiles):
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
 def test_kernels_give_the_same_bits_on_every_isa(ttype):
-    """simd_formats.py's AVX2 lanes and its generic IR (what an aarch64 node runs) give the same
+    """q5.py's and kquants.py's AVX2 lanes and its generic IR (what an aarch64 node runs) give the same
     bits, the four-token and one-token forms agree, the plain-numpy twin agrees, and matmul is
     the same sum. 13 rows: a whole group of 8 and a partial one. On a host without AVX2 only
     the generic path and the twin are compared."""
@@ -270,12 +271,13 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
     acts = activation_arrays(ttype, x)
     name = ttype.name.lower()
     results = []
-    for isa in simd_formats.ISAS:
+    for isa in vector.ISAS:
         out = np.full((n_tokens, 13), np.nan, np.float32)
         if ttype == QT.BF16:  # float IR only: one form for every ISA
-            _bf16_tiles(simd_formats.BF16_TILES)(*packed.arrays, *acts, out)
+            _bf16_tiles(floats.BF16_TILES)(*packed.arrays, *acts, out)
         else:
-            kernels = (simd_formats.INTRINSICS[(name, 1, isa)], simd_formats.INTRINSICS[(name, 4, isa)])
+            intrinsics = (kquants if ttype in K_QUANTS else q5).INTRINSICS
+            kernels = (intrinsics[(name, 1, isa)], intrinsics[(name, 4, isa)])
             _group_dots(*kernels, ttype in K_QUANTS)(*FORMATS[ttype].weights(packed.arrays), *acts, out)
         results.append(out)
     for other in results[1:]:
@@ -284,9 +286,9 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
     if ttype == QT.BF16:
         for r in range(13):
             for t in range(n_tokens):
-                simd_formats.BF16_PRODUCTS[1, 1](*packed.arrays, r, *acts, t, twin_out)
+                floats.BF16_PRODUCTS[1, 1](*packed.arrays, r, *acts, t, twin_out)
     else:
-        twin = getattr(simd_formats, f"{name}_x8_tokens1")
+        twin = getattr(kquants if ttype in K_QUANTS else q5, f"{name}_x8_tokens1")
         for g in range(2):
             for t in range(8):
                 twin(*FORMATS[ttype].weights(packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
@@ -315,7 +317,7 @@ def test_activations_are_made_once_per_product_input():
     for ttype in TYPES:
         packed = pack(ttype, random_raw(ttype, 7, 512, seed=5), "w")
         np.testing.assert_array_equal(matmul(packed, acts), matmul(packed, Activations(x.copy())))
-    assert acts.form(formats.quantize_q8_k) is acts.form(formats.quantize_q8_k)
+    assert acts.form(kquants.quantize_q8_k) is acts.form(kquants.quantize_q8_k)
 
 
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
@@ -329,7 +331,7 @@ def test_packed_size_stays_near_the_file_size(ttype):
     """Repacking keeps the quants and f16 scales as they are: only the K-quants' packed 6-bit
     scales grow from 12 to 16 bytes a superblock (under 4%)."""
     rows, cols = 64, 4096
-    block_size, type_size = GGML_QUANT_SIZES[ttype]
+    block_size, type_size = FORMATS[ttype].block
     file_bytes = rows * cols // block_size * type_size
     assert file_bytes <= packed_nbytes(ttype, rows, cols) <= 1.04 * file_bytes
 
