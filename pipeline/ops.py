@@ -398,8 +398,9 @@ def _gated_parallel(gate, up, u0, out, gelu_table):
             _swiglu_row(gate, up, u0, out, t)
 
 
-# Rows from which an element-wise op is worth waking the threads for (a prefill chunk).
-PARALLEL_ROWS = 32
+# Rows from which the gated activation (SwiGLU, GeGLU) is worth waking the threads for (a
+# prefill chunk).
+GATED_PARALLEL_ROWS = 32
 
 
 def _gated_product(gate: np.ndarray, up: np.ndarray | None, gelu: bool) -> np.ndarray:
@@ -412,7 +413,7 @@ def _gated_product(gate: np.ndarray, up: np.ndarray | None, gelu: bool) -> np.nd
         up, u0 = np.ascontiguousarray(up), 0
     out = np.empty((gate.shape[0], hidden_dim), np.float32)
     table = _gelu_table() if gelu else _NO_TABLE  # SwiGLU: an empty table
-    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, u0, out, table)
+    (_gated_parallel if gate.shape[0] >= GATED_PARALLEL_ROWS else _gated)(gate, up, u0, out, table)
     return out
 
 

@@ -270,7 +270,7 @@ AWKWARD_AND_RANDOM = pytest.mark.parametrize("rows", (awkward_activations(), ran
 
 @AWKWARD_AND_RANDOM
 def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
-    """Activations.q8 (a thread per row from PARALLEL_ROWS rows, serial below) gives ggml's x86
+    """Activations.q8 (a thread per row from Q8_PARALLEL_ROWS rows, serial below) gives ggml's x86
     quantize_row_q8_1 integers and f16 scales (tests/support/naive.py) and its block sums, and so does
     activations.quantize_block_q8's plain-numpy twin."""
     acts = Activations(rows)

@@ -161,7 +161,7 @@ def _quantize_q8_parallel(x, qs, d, s, n):
 # Rows from which quantizing is worth waking the threads for (a prefill chunk, not a decode
 # batch: measured, 8 rows cost more in thread wake-ups than in work); each row is
 # the same code either way.
-PARALLEL_ROWS = 32
+Q8_PARALLEL_ROWS = 32
 
 
 @nb.njit(cache=True, nogil=True)
@@ -199,7 +199,7 @@ class Activations:
             d = np.empty((n_rows, cols // QK), np.float32)
             s = np.empty((n_rows, cols // QK), np.float32)
             n = np.empty((n_rows, cols // QK), np.int32)
-            (_quantize_q8_parallel if n_rows >= PARALLEL_ROWS else _quantize_q8)(self.x, qs, d, s, n)
+            (_quantize_q8_parallel if n_rows >= Q8_PARALLEL_ROWS else _quantize_q8)(self.x, qs, d, s, n)
             self._q8, self._q8_sums = (qs, d, s), n
         return self._q8
 

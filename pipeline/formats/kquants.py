@@ -413,7 +413,9 @@ def _quantize_q8_k_parallel(x, qs, d, bsums):
         _quantize_row_q8_k(x, qs, d, bsums, t)
 
 
-PARALLEL_ROWS = 8  # as quants.PARALLEL_ROWS: a prefill chunk quantizes its rows in parallel
+# Rows from which Q8_K quantizing runs a thread per row: the 8 that Q8 blocks used before
+# Q8_PARALLEL_ROWS was measured at 32, not yet measured for Q8_K's scalar loop.
+Q8_K_PARALLEL_ROWS = 8
 
 
 def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -422,7 +424,7 @@ def quantize_q8_k(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     qs = np.empty((n_rows, n), np.int8)
     d = np.empty((n_rows, n // QK_K), np.float32)
     bsums = np.empty((n_rows, n // 16), np.int16)
-    (_quantize_q8_k_parallel if n_rows >= PARALLEL_ROWS else _quantize_q8_k)(x, qs, d, bsums)
+    (_quantize_q8_k_parallel if n_rows >= Q8_K_PARALLEL_ROWS else _quantize_q8_k)(x, qs, d, bsums)
     return qs, d, bsums
 
 
