@@ -18,7 +18,7 @@ from gguf.quants import dequantize, quantize
 
 from caravan.pipeline import vector
 from caravan.pipeline.formats import FORMATS, floats, kquants, q5
-from caravan.pipeline.quants import Activations, dequantize_rows, matmul, pack, packed_nbytes
+from caravan.pipeline.quants import Activations, dequantize_rows, matmul, non_finite_part, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
 from support import naive
 from support.products import assert_product_close, random_activations
@@ -320,10 +320,25 @@ def test_activations_are_made_once_per_product_input():
     assert acts.form(kquants.quantize_q8_k) is acts.form(kquants.quantize_q8_k)
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 def test_packed_nbytes_predicts_pack(ttype):
     for rows, cols in ((1, 256), (67, 1536)):
         assert packed_nbytes(ttype, rows, cols) == pack(ttype, random_raw(ttype, rows, cols), "w").nbytes
+
+
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
+def test_non_finite_part_finds_a_nan_where_the_record_keeps_floats(ttype):
+    """A NaN in the last f16 field (a scale or minimum) of a row's last block, or in a float
+    format's last value, of row 8 (the second group of eight): non_finite_part names what the
+    record says it holds."""
+    fmt = FORMATS[ttype]
+    raw = random_raw(ttype, 9, 512)
+    assert non_finite_part(pack(ttype, raw, "w")) is None
+    row = raw.view(np.uint8)[8]
+    width = 2 if fmt.scale_offsets else fmt.block[1]
+    at = row.size - fmt.block[1] + (fmt.scale_offsets[-1] if fmt.scale_offsets else 0)
+    row[at : at + width] = np.frombuffer((fmt.float_exponent | 1).to_bytes(width, "little"), np.uint8)
+    assert non_finite_part(pack(ttype, raw, "w")) == fmt.floats_are
 
 
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)

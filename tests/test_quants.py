@@ -28,7 +28,6 @@ from caravan.pipeline.quants import (
     dequantize_rows,
     matmul,
     pack,
-    packed_nbytes,
 )
 from support import naive
 from support.products import assert_product_close, random_activations
@@ -356,13 +355,6 @@ def test_unsupported_type_names_tensor_type_and_supported(ttype):
     assert ttype.name in message
     for supported in SUPPORTED_TYPES:
         assert supported.name in message
-
-
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-def test_packed_nbytes_predicts_pack(ttype):
-    for rows, cols in ((1, 32), (67, 1536)):
-        raw, _ = random_weights(rows, cols, ttype)
-        assert packed_nbytes(ttype, rows, cols) == pack(ttype, raw, "w").nbytes
 
 
 @numba.njit(cache=True)
