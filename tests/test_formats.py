@@ -10,6 +10,8 @@ against llama.cpp.
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
 from caravan.pipeline import vector
-from caravan.pipeline.formats import FORMATS, floats, kquants, q5
+from caravan.pipeline.formats import FORMATS, floats, kquants
 from caravan.pipeline.quants import Activations, dequantize_rows, matmul, non_finite_part, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
 from support import naive
@@ -258,6 +260,11 @@ def _bf16_tiles(tiles):
     return run
 
 
+def kernel_module(ttype: QT):
+    """The file of pipeline/formats/ that holds ttype's kernel (its INTRINSICS and products)."""
+    return sys.modules[FORMATS[ttype].kernel.py_func.__module__]
+
+
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
 def test_kernels_give_the_same_bits_on_every_isa(ttype):
@@ -276,7 +283,7 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
         if ttype == QT.BF16:  # float IR only: one form for every ISA
             _bf16_tiles(floats.BF16_TILES)(*packed.arrays, *acts, out)
         else:
-            intrinsics = (kquants if ttype in K_QUANTS else q5).INTRINSICS
+            intrinsics = kernel_module(ttype).INTRINSICS
             kernels = (intrinsics[(name, 1, isa)], intrinsics[(name, 4, isa)])
             _group_dots(*kernels, ttype in K_QUANTS)(*FORMATS[ttype].weights(packed.arrays), *acts, out)
         results.append(out)
@@ -288,7 +295,7 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
             for t in range(n_tokens):
                 floats.BF16_PRODUCTS[1, 1](*packed.arrays, r, *acts, t, twin_out)
     else:
-        twin = getattr(kquants if ttype in K_QUANTS else q5, f"{name}_x8_tokens1")
+        twin = getattr(kernel_module(ttype), f"{name}_x8_tokens1")
         for g in range(2):
             for t in range(8):
                 twin(*FORMATS[ttype].weights(packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
