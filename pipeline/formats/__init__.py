@@ -17,9 +17,11 @@ in one fixed order, so results depend neither on the thread count nor on how man
 are in the batch (a sequence decodes to the same tokens alone or batched with others).
 
 Adding a format: its kernels, pack and row lookup in a family's file (or a new one) with a
-record() that fills a Format; one line in FORMATS below; tests/test_formats.py then runs it
-through every test it parametrizes over the registry (dequantization against gguf-py first),
-and its product needs a float64 reference in tests/support/naive.py.
+record() that fills a Format; one line in FORMATS below. tests/test_formats.py then runs it
+through every test it parametrizes over the registry (dequantization against gguf-py,
+packed_nbytes, non_finite_part, products against float64, batch, threads, instruction sets);
+its product needs a float64 reference in tests/support/naive.py, and a block format the spread
+of its integers in speed.py's _Q_STD (the node benchmark's random blocks).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ from .activations import f16_rows, f32_rows, q8_0_blocks, q8_1_blocks
 from .base import BF16_EXPONENT, F16_EXPONENT, F32_EXPONENT, Format, same_arrays
 
 FORMATS: dict[QT, Format] = {f.type: f for f in (
-    floats.record(QT.F32, floats._pack_f32, floats._matmul_f32, same_arrays, f32_rows, floats._rows_f32, F32_EXPONENT),
-    floats.record(QT.F16, floats._pack_f16, floats._matmul_f16, floats.f16_weights, f16_rows, floats._rows_f16, F16_EXPONENT),
+    floats.record(QT.F32, floats.pack_f32, floats.matmul_f32, same_arrays, f32_rows, floats.rows_f32, F32_EXPONENT),
+    floats.record(QT.F16, floats.pack_f16, floats.matmul_f16, floats.f16_weights, f16_rows, floats.rows_f16, F16_EXPONENT),
     legacy.record(QT.Q8_0, (0,), legacy.matmul_q8_0),
     legacy.record(QT.Q4_0, (0,), legacy.matmul_q4_0),
     legacy.record(QT.Q4_1, (0, 2), legacy.matmul_q4_1),

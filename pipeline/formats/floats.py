@@ -38,7 +38,7 @@ from .base import F16_TO_F32, Format
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _matmul_f32(w, x, out):
+def matmul_f32(w, x, out):
     rows, cols = w.shape
     for r in nb.prange(rows):
         for t in range(x.shape[0]):
@@ -49,7 +49,7 @@ def _matmul_f32(w, x, out):
 
 
 @nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _matmul_f16(w, table, x16, out):
+def matmul_f16(w, table, x16, out):
     rows, cols = w.shape
     for r in nb.prange(rows):
         for t in range(x16.shape[0]):
@@ -59,21 +59,21 @@ def _matmul_f16(w, table, x16, out):
             out[t, r] = acc
 
 
-def _pack_f32(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
+def pack_f32(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
     values = np.ascontiguousarray(raw, dtype=np.float32)
     return values.shape[0], values.shape[1], (values,)
 
 
-def _pack_f16(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
+def pack_f16(raw: np.ndarray) -> tuple[int, int, tuple[np.ndarray, ...]]:
     bits = np.ascontiguousarray(raw).view(np.uint16)
     return bits.shape[0], bits.shape[1], (bits,)
 
 
-def _rows_f32(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
+def rows_f32(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
     return arrays[0][ids].copy()
 
 
-def _rows_f16(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
+def rows_f16(arrays: tuple[np.ndarray, ...], cols: int, ids: np.ndarray) -> np.ndarray:
     return F16_TO_F32[arrays[0][ids]]
 
 
