@@ -36,14 +36,16 @@ _VERSION_FOLDER = re.compile(r"[0-9a-f]{16}|\w+_[0-9a-f]{40}")
 
 
 def kernel_sources_fingerprint(folder: Path = Path(__file__).parent) -> str:
-    """16 hex digits of sha256 over the pipeline's Python sources (names and contents).
+    """16 hex digits of sha256 over the pipeline's Python sources, its subpackages' included
+    (paths and contents).
 
-    Numba checks a cached function against its own source file only: a kernel in quants.py
-    that inlines simd.py's vector IR stays cached after simd.py changes. Kernels cached under
-    this fingerprint are never used by another version of the sources, an upgrade included."""
+    Numba checks a cached function against its own source file only: a kernel in
+    formats/legacy.py that inlines vector.py's IR stays cached after vector.py changes. Kernels
+    cached under this fingerprint are never used by another version of the sources, an upgrade
+    included."""
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 
 

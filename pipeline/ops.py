@@ -17,7 +17,8 @@ import numpy as np
 
 from .numba_config import FASTMATH
 from .quants import F16_TO_F32
-from .simd import TILE_COLS, TILE_ROWS, exp_f32, f16_bits, round_f16, tile_f16
+from .attention_tiles import TILE_COLS, TILE_ROWS, tile_f16
+from .vector import exp_f32, f16_bits, round_f16
 
 
 @nb.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})
@@ -397,8 +398,9 @@ def _gated_parallel(gate, up, u0, out, gelu_table):
             _swiglu_row(gate, up, u0, out, t)
 
 
-# Rows from which an element-wise op is worth waking the threads for (a prefill chunk).
-PARALLEL_ROWS = 32
+# Rows from which the gated activation (SwiGLU, GeGLU) is worth waking the threads for (a
+# prefill chunk).
+GATED_PARALLEL_ROWS = 32
 
 
 def _gated_product(gate: np.ndarray, up: np.ndarray | None, gelu: bool) -> np.ndarray:
@@ -411,7 +413,7 @@ def _gated_product(gate: np.ndarray, up: np.ndarray | None, gelu: bool) -> np.nd
         up, u0 = np.ascontiguousarray(up), 0
     out = np.empty((gate.shape[0], hidden_dim), np.float32)
     table = _gelu_table() if gelu else _NO_TABLE  # SwiGLU: an empty table
-    (_gated_parallel if gate.shape[0] >= PARALLEL_ROWS else _gated)(gate, up, u0, out, table)
+    (_gated_parallel if gate.shape[0] >= GATED_PARALLEL_ROWS else _gated)(gate, up, u0, out, table)
     return out
 
 

@@ -1,77 +1,35 @@
-"""Quantized weight formats and the Numba kernels that multiply by them without dequantizing.
+"""Quantized weight matrices and their products, over the formats' registry (pipeline/formats/).
 
-Block layouts, from ggml-common.h (block size in weights, bytes per block):
-
-    Q4_0: (32, 2 + 16)      d: f16, qs[16]: w[j] = d * ((qs[j] & 15) - 8), w[j+16] = d * ((qs[j] >> 4) - 8)
-    Q4_1: (32, 2 + 2 + 16)  d: f16, m: f16, qs[16]: w[j] = d * (qs[j] & 15) + m, w[j+16] = d * (qs[j] >> 4) + m
-    Q8_0: (32, 2 + 32)      d: f16, qs[32]: int8, w[j] = d * qs[j]
-    F16, F32: plain rows
-
-Q5_0, Q5_1, the K-quants (Q2_K .. Q6_K) and BF16 live in formats.py; the functions here hand
-them over.
-
-At load time each matrix is repacked once into contiguous arrays (nibbles or int8 values in one
-array, the scales in another: widened to f32, or for Q4_0 kept as f16 and interleaved eight rows
-at a time, see simd.py), so the kernels' hot loops read unit-stride memory with fixed trip
-counts. The weights stay quantized.
-
-As in llama.cpp (ggml-cpu's `vec_dot_type`), activations are quantized once per product to
-8-bit blocks of 32 and the inner loops are integer dot products: Q8_0 activations for Q4_0 and
-Q8_0 weights, Q8_1 (with the block sum, for the `m` term) for Q4_1. F16 weights see activations
-rounded to f16, as ggml_vec_dot_f16 does. Matching ggml's choice keeps caravan's numbers close
-to llama.cpp's, not only fast.
-
-Every kernel runs `prange` over output rows only: each output element is summed by one thread
-in one fixed order, so results do not depend on the thread count or on how many token rows are
-in the batch (a sequence decodes to the same tokens alone or batched with others).
+A PackedMatrix is one (rows, cols) matrix in one GGUF format, repacked for that format's kernels;
+pack, matmul and dequantize_rows look its format up in FORMATS and do what its record says.
+Activations keep the forms of one activation matrix that the products read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba as nb
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from . import formats
-from .numba_config import FASTMATH
-from .simd import (
-    GROUP_FORMATS,
-    GROUP_ROWS,
-    q4_0_group_tokens1,
-    q4_0_group_tokens4,
-    q4_1_group_tokens1,
-    q4_1_group_tokens4,
-    q8_0_group_tokens1,
-    q8_0_group_tokens4,
-    quantize_block_q8,
-    round_f16,
-)
+from .formats import FORMATS, SUPPORTED_TYPES
+from .formats.activations import Activations
+from .formats.base import F16_TO_F32
 
-QK = 32  # weights per block, for every block format here
-
-
-def f16_to_f32_table() -> np.ndarray:
-    """(65536,) f32: the value of every f16 bit pattern, made from the bits alone so every machine
-    builds the same table without a floating-point exception. It is ggml's ggml_table_f32_f16 bit
-    for bit (F16C's vcvtph2ps and ggml_compute_fp16_to_fp32 agree): a NaN keeps its sign and
-    payload and comes out quiet, where numpy's cast leaves a signalling NaN signalling on x86 and
-    quiets it on ARM with a RuntimeWarning."""
-    h = np.arange(1 << 16, dtype=np.uint32)
-    sign, exponent, mantissa = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
-    normal = ((exponent + (127 - 15)) << 23) | (mantissa << 13)
-    subnormal = (mantissa.astype(np.float32) * np.float32(2.0**-24)).view(np.uint32)  # exact: a power of 2 apart
-    inf_nan = np.uint32(0x7F800000) | (mantissa << 13) | np.where(mantissa != 0, np.uint32(0x00400000), np.uint32(0))
-    bits = np.select([exponent == 0, exponent == 31], [subnormal, inf_nan], normal)
-    return (sign | bits).astype(np.uint32).view(np.float32)
-
-
-# f16 -> f32 for every bit pattern: Numba has no float16, so compiled code decodes f16 through
-# this table, as ggml does with its ggml_table_f32_f16.
-F16_TO_F32 = f16_to_f32_table()
-
-SUPPORTED_TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1, *formats.TYPES)
+__all__ = [
+    "F16_TO_F32",
+    "FORMATS",
+    "SUPPORTED_TYPES",
+    "Activations",
+    "PackedMatrix",
+    "UnsupportedTypeError",
+    "dequantize_rows",
+    "matmul",
+    "non_finite_part",
+    "pack",
+    "packed_nbytes",
+    "supported_names",
+]
 
 
 class UnsupportedTypeError(ValueError):
@@ -93,8 +51,8 @@ class PackedMatrix:
         Q4_0: (qs u8 (groups, cols // 2 * 8), d u16 (groups, cols // 32 * 8))
         Q4_1: (qs u8 (groups, cols // 2 * 8), d u16 (groups, cols // 32 * 8), m u16 (same))
     The block formats keep rows in groups of 8 (the last padded with zeros), interleaved as
-    simd.py describes, with their f16 scales and minima as uint16 bits; the others as
-    formats.py describes.
+    formats/legacy.py describes, with their f16 scales and minima as uint16 bits; the others as
+    their files in pipeline/formats/ describe.
     """
 
     type: QT
@@ -109,7 +67,7 @@ class PackedMatrix:
     @property
     def group_rows(self) -> int:
         """Rows stored together (the arrays' first axis counts groups): 8 for block formats."""
-        return GROUP_ROWS if self.type in _GROUPED or self.type in formats.GROUPED else 1
+        return FORMATS[self.type].group_rows
 
     def row_slice(self, start: int, stop: int) -> "PackedMatrix":
         """Rows [start, stop) as a view (no copy); grouped formats need whole groups."""
@@ -120,55 +78,15 @@ class PackedMatrix:
         return PackedMatrix(self.type, stop - start, self.cols, tuple(a[first:last] for a in self.arrays))
 
 
-# ---------------------------------------------------------------------------------------------
-# Repacking from GGUF block bytes (load time, numpy)
-
-
-# Block layouts as ggml-common.h writes them: (bytes before the quants: f16 d [and m], quant bytes).
-_GROUPED = {QT.Q4_0: (2, QK // 2), QT.Q4_1: (4, QK // 2), QT.Q8_0: (2, QK)}
 
 
 def pack(ttype: QT, raw: np.ndarray, name: str) -> PackedMatrix:
     """Repack a GGUF tensor (2-D view from GGUFFile.tensor_data) for the kernels."""
-    if ttype not in SUPPORTED_TYPES:
+    if ttype not in FORMATS:
         raise UnsupportedTypeError(f"{name}: unsupported type {ttype.name} (supported: {supported_names()})")
-    if ttype in formats.TYPES:
-        return PackedMatrix(ttype, *formats.pack(ttype, raw))
-    if ttype == QT.F32:
-        values = np.ascontiguousarray(raw, dtype=np.float32)
-        return PackedMatrix(ttype, values.shape[0], values.shape[1], (values,))
-    if ttype == QT.F16:
-        bits = np.ascontiguousarray(raw).view(np.uint16)
-        return PackedMatrix(ttype, bits.shape[0], bits.shape[1], (bits,))
-    return _pack_grouped(ttype, raw)
+    return PackedMatrix(ttype, *FORMATS[ttype].pack(raw))
 
 
-def _pack_grouped(ttype: QT, raw: np.ndarray) -> PackedMatrix:
-    """(rows, row bytes) GGUF blocks -> simd.py's groups of 8 rows: the quants interleaved four
-    bytes at a time, then each f16 field (d, and Q4_1's m) eight rows side by side."""
-    head, quant_bytes = _GROUPED[ttype]
-    rows = raw.shape[0]
-    n_blocks = raw.shape[1] // (head + quant_bytes)
-    groups = -(-rows // GROUP_ROWS)
-    padded = np.zeros((groups * GROUP_ROWS, n_blocks, head + quant_bytes), np.uint8)
-    padded[:rows] = raw.reshape(rows, n_blocks, head + quant_bytes)
-    by_group = padded.reshape(groups, GROUP_ROWS, n_blocks, head + quant_bytes)
-    # (group, block, chunk c, row k, byte i) <- quant byte 4c + i of row k's block
-    chunks = by_group[:, :, :, head:].reshape(groups, GROUP_ROWS, n_blocks, quant_bytes // 4, 4).transpose(0, 2, 3, 1, 4)
-    qs = np.ascontiguousarray(chunks).reshape(groups, -1)
-    fields = tuple(
-        np.ascontiguousarray(by_group[:, :, :, at : at + 2].transpose(0, 2, 1, 3)).view(np.uint16).reshape(groups, n_blocks * GROUP_ROWS)
-        for at in range(0, head, 2)
-    )
-    return PackedMatrix(ttype, rows, n_blocks * QK, (qs, *fields))
-
-
-# Which of PackedMatrix.arrays hold f16 bits, by format: block scales and minima, or F16's
-# values. The other arrays hold integers (quants, sub-block scales), which cannot be NaN or Inf.
-_F16_ARRAYS = {QT.F16: (0,), QT.Q8_0: (1,), QT.Q4_0: (1,), QT.Q4_1: (1, 2), **formats.F16_ARRAYS}
-
-# A float whose exponent bits are all ones is an Inf or a NaN (IEEE 754): the masks, by format.
-_F16_EXPONENT, _BF16_EXPONENT, _F32_EXPONENT = 0x7C00, 0x7F80, 0x7F800000
 _CHECK_CHUNK = 1 << 20  # values checked at once: bounds the temporaries for a large tensor
 
 
@@ -176,13 +94,11 @@ def non_finite_part(m: PackedMatrix) -> str | None:
     """What of m holds a NaN or an Inf ("values" of a float format, "block scales" of a block
     format), or None. Only the float arrays are read (a block format's scales are a tenth or
     less of its bytes), as bits with a mask, a chunk at a time."""
-    if m.type == QT.F32:
-        return "values" if _any_exponent_all_ones(m.arrays[0].view(np.uint32), _F32_EXPONENT) else None
-    if m.type == QT.BF16:
-        return "values" if _any_exponent_all_ones(m.arrays[0], _BF16_EXPONENT) else None
-    for index in _F16_ARRAYS[m.type]:
-        if _any_exponent_all_ones(m.arrays[index], _F16_EXPONENT):
-            return "values" if m.type == QT.F16 else "block scales"
+    fmt = FORMATS[m.type]
+    for index in fmt.float_arrays:
+        bits = m.arrays[index]
+        if _any_exponent_all_ones(bits.view(np.dtype(f"u{bits.itemsize}")), fmt.float_exponent):
+            return fmt.floats_are
     return None
 
 
@@ -193,212 +109,20 @@ def _any_exponent_all_ones(bits: np.ndarray, mask: int) -> bool:
 
 def packed_nbytes(ttype: QT, rows: int, cols: int) -> int:
     """What pack() makes of a (rows, cols) matrix, without packing it (for memory plans before
-    any weight is read): GGUF's own bytes per block, over whole groups of 8 rows."""
-    if ttype in formats.TYPES:
-        return formats.packed_nbytes(ttype, rows, cols)
-    if ttype == QT.F32:
-        return rows * cols * 4
-    if ttype == QT.F16:
-        return rows * cols * 2
-    head, quant_bytes = _GROUPED[ttype]
-    return -(-rows // GROUP_ROWS) * GROUP_ROWS * cols // QK * (head + quant_bytes)
+    any weight is read)."""
+    return FORMATS[ttype].packed_nbytes(rows, cols)
 
-
-# ---------------------------------------------------------------------------------------------
-# Activation quantization (per product, compiled)
-
-
-@nb.njit(inline="always")
-def _quantize_row_q8(x, qs, d, s, n, t):
-    """Row t of x (T, K) f32 -> qs (T, K) i8, d (T, K//32) f32, s (T, K//32) f32 = d * sum(qs)
-    and n (T, K//32) i32 = sum(qs): ggml's quantize_row_q8_0/q8_1, a block at a time in
-    simd.py's IR (simd.quantize_block_q8 says how the scales are taken)."""
-    for b in range(x.shape[1] // QK):
-        quantize_block_q8(x, qs, d, s, n, t, b)
-
-
-# No fastmath: the float work is simd.py's IR, in a fixed order.
-@nb.njit(cache=True, nogil=True)
-def _quantize_q8(x, qs, d, s, n):
-    for t in range(x.shape[0]):
-        _quantize_row_q8(x, qs, d, s, n, t)
-
-
-@nb.njit(cache=True, nogil=True, parallel=True)
-def _quantize_q8_parallel(x, qs, d, s, n):
-    for t in nb.prange(x.shape[0]):
-        _quantize_row_q8(x, qs, d, s, n, t)
-
-
-# Rows from which quantizing is worth waking the threads for (a prefill chunk, not a decode
-# batch: measured, 8 rows cost more in thread wake-ups than in work); each row is
-# the same code either way.
-PARALLEL_ROWS = 32
-
-
-@nb.njit(cache=True, nogil=True)
-def _round_to_f16(x, out):
-    n_rows, n = x.shape
-    for t in range(n_rows):
-        for j in range(n):
-            out[t, j] = round_f16(x[t, j])
-
-
-class Activations:
-    """One activation matrix x (T, K) f32 and its quantized forms, made on first use and shared
-    by every product that reads the same x (Q, K and V; gate and up)."""
-
-    __slots__ = ("x", "_q8", "_q8_sums", "_f16", "_forms")
-
-    def __init__(self, x: np.ndarray):
-        self.x = x
-        self._q8 = None
-        self._q8_sums = None
-        self._f16 = None
-        self._forms = {}
-
-    def form(self, make):
-        """make(x), made once (formats.py's Q8_K and bf16 activations)."""
-        if make not in self._forms:
-            self._forms[make] = make(self.x)
-        return self._forms[make]
-
-    def q8(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(qs, d, s) as _quantize_row_q8 makes them."""
-        if self._q8 is None:
-            n_rows, cols = self.x.shape
-            qs = np.empty((n_rows, cols), np.int8)
-            d = np.empty((n_rows, cols // QK), np.float32)
-            s = np.empty((n_rows, cols // QK), np.float32)
-            n = np.empty((n_rows, cols // QK), np.int32)
-            (_quantize_q8_parallel if n_rows >= PARALLEL_ROWS else _quantize_q8)(self.x, qs, d, s, n)
-            self._q8, self._q8_sums = (qs, d, s), n
-        return self._q8
-
-    def q8_sums(self) -> np.ndarray:
-        """(T, K // 32) i32: each Q8 block's sum of its integers."""
-        self.q8()
-        return self._q8_sums
-
-    def f16(self) -> np.ndarray:
-        if self._f16 is None:
-            self._f16 = np.empty_like(self.x)
-            _round_to_f16(self.x, self._f16)
-        return self._f16
-
-
-# ---------------------------------------------------------------------------------------------
-# Products: out (T, rows) = x (T, cols) @ W.T, one kernel per weight format
-
-
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _matmul_f32(w, x, out):
-    rows, cols = w.shape
-    for r in nb.prange(rows):
-        for t in range(x.shape[0]):
-            acc = np.float32(0.0)
-            for j in range(cols):
-                acc += w[r, j] * x[t, j]
-            out[t, r] = acc
-
-
-@nb.njit(cache=True, nogil=True, parallel=True, fastmath=FASTMATH)
-def _matmul_f16(w, x16, table, out):
-    rows, cols = w.shape
-    for r in nb.prange(rows):
-        for t in range(x16.shape[0]):
-            acc = np.float32(0.0)
-            for j in range(cols):
-                acc += table[w[r, j]] * x16[t, j]
-            out[t, r] = acc
-
-
-# Each kernel walks groups of eight weight rows (prange) and, for each, token rows four at a
-# time (the group's weights unpacked once for four activation rows: prefill and batched decode),
-# then the rest one at a time; simd.py computes a token row's sums with the same float
-# operations either way, so a row's output does not depend on the batch around it. No fastmath
-# here: the float work is all in simd.py's IR, in a fixed order.
-
-
-def _grouped_matmul(tokens1, tokens4):
-    """The compiled product of one grouped format, from its simd.py products (as formats.py
-    makes its own); Numba's cache tells these kernels apart by the products they close over."""
-
-    @nb.njit(cache=True, nogil=True, parallel=True)
-    def kernel(wq, wd, wm, xq, xd, xs, xn, out):
-        n_tokens, rows = out.shape
-        n_quads = n_tokens // 4 * 4
-        for g in nb.prange(wq.shape[0]):
-            n_valid = min(GROUP_ROWS, rows - g * GROUP_ROWS)
-            for t in range(0, n_quads, 4):
-                tokens4(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-            for t in range(n_quads, n_tokens):
-                tokens1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
-
-    return kernel
-
-
-_GROUPED_MATMULS = {
-    QT.Q4_0: _grouped_matmul(q4_0_group_tokens1, q4_0_group_tokens4),
-    QT.Q4_1: _grouped_matmul(q4_1_group_tokens1, q4_1_group_tokens4),
-    QT.Q8_0: _grouped_matmul(q8_0_group_tokens1, q8_0_group_tokens4),
-}
 
 
 def matmul(w: PackedMatrix, acts: Activations, out: np.ndarray | None = None) -> np.ndarray:
     """(T, cols) activations times W (rows, cols) transposed -> (T, rows) f32."""
-    n_rows = acts.x.shape[0]
     if out is None:
-        out = np.empty((n_rows, w.rows), np.float32)
-    if w.type in formats.TYPES:
-        formats.matmul(w.type, w.arrays, acts, out)
-    elif w.type in _GROUPED:
-        wq, wd = w.arrays[:2]
-        wm = w.arrays[2] if len(w.arrays) > 2 else wd  # only Q4_1 has minima; the others ignore it
-        _GROUPED_MATMULS[w.type](wq, wd, wm, *acts.q8(), acts.q8_sums(), out)
-    elif w.type == QT.F16:
-        _matmul_f16(w.arrays[0], acts.f16(), F16_TO_F32, out)
-    else:
-        _matmul_f32(w.arrays[0], acts.x, out)
+        out = np.empty((acts.x.shape[0], w.rows), np.float32)
+    fmt = FORMATS[w.type]
+    fmt.kernel(*fmt.weights(w.arrays), *fmt.activations(acts), out)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Row lookup (token embeddings): dequantize only the rows asked for
-
-
-@nb.njit(cache=True, nogil=True)
-def _rows_grouped(wq, wd, wm, table, block_bytes, signed, zero_point, has_min, ids, out):
-    """Rows `ids` of a grouped block matrix as f32: w = d * (q - zero_point) [+ m]."""
-    n_chunks = block_bytes // 4
-    for i in range(ids.shape[0]):
-        g, k = divmod(ids[i], GROUP_ROWS)
-        for b in range(out.shape[1] // QK):
-            d = table[wd[g, b * GROUP_ROWS + k]]
-            m = table[wm[g, b * GROUP_ROWS + k]] if has_min else np.float32(0.0)
-            base = b * GROUP_ROWS * block_bytes + k * 4
-            for c in range(n_chunks):
-                for j in range(4):
-                    byte = np.int32(wq[g, base + c * 32 + j])
-                    if signed:
-                        out[i, b * QK + 4 * c + j] = d * np.float32(byte - 256 if byte > 127 else byte)
-                    else:
-                        out[i, b * QK + 4 * c + j] = d * np.float32((byte & 15) - zero_point) + m
-                        out[i, b * QK + QK // 2 + 4 * c + j] = d * np.float32((byte >> 4) - zero_point) + m
 
 
 def dequantize_rows(w: PackedMatrix, ids: np.ndarray) -> np.ndarray:
     """Rows `ids` of W as f32 (len(ids), cols)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if w.type in formats.TYPES:
-        return formats.dequantize_rows(w.type, w.arrays, ids)
-    if w.type == QT.F32:
-        return w.arrays[0][ids].copy()
-    if w.type == QT.F16:
-        return F16_TO_F32[w.arrays[0][ids]]
-    out = np.empty((ids.shape[0], w.cols), np.float32)
-    fmt = GROUP_FORMATS[w.type.name.lower()]
-    wq, wd = w.arrays[:2]
-    wm = w.arrays[2] if fmt.has_min else wd
-    _rows_grouped(wq, wd, wm, F16_TO_F32, fmt.block_bytes, fmt.signed, fmt.zero_point, fmt.has_min, ids, out)
-    return out
+    return FORMATS[w.type].dequantize_rows(w.arrays, w.cols, np.asarray(ids, dtype=np.int64))

@@ -16,16 +16,14 @@ from gguf import GGMLQuantizationType as QT
 from gguf.quants import quantize
 
 from .model import LayerWeights, ModelConfig, layer_tensor_shapes
-from .quants import SUPPORTED_TYPES, UnsupportedTypeError, supported_names
+from .quants import FORMATS, SUPPORTED_TYPES, UnsupportedTypeError, supported_names
 from .stage import LayerRange, LocalStage, Segment, StageBatch
 
-# Per block format: (std of its stored integer q, uniform over its range, less any zero point;
-# byte offset of the f16 scale d; of the f16 minimum (Q4_1/Q5_1: m, K-quants: dmin), or None),
-# by the ggml-common.h layouts (formats.py writes the newer ones down).
-_BLOCK_FIELDS = {
-    QT.Q8_0: (73.9, 0, None), QT.Q4_0: (4.61, 0, None), QT.Q4_1: (4.61, 0, 2),
-    QT.Q5_0: (9.23, 0, None), QT.Q5_1: (9.23, 0, 2),
-    QT.Q2_K: (1.12, 80, 82), QT.Q3_K: (2.29, 108, None), QT.Q4_K: (4.61, 0, 2), QT.Q5_K: (9.23, 0, 2), QT.Q6_K: (18.5, 208, None),
+# Per block format: the std of its stored integer q, uniform over its range, less any zero point
+# (its f16 scale d and minimum, m or dmin, are where the format's record says).
+_Q_STD = {
+    QT.Q8_0: 73.9, QT.Q4_0: 4.61, QT.Q4_1: 4.61, QT.Q5_0: 9.23, QT.Q5_1: 9.23,
+    QT.Q2_K: 1.12, QT.Q3_K: 2.29, QT.Q4_K: 4.61, QT.Q5_K: 9.23, QT.Q6_K: 18.5,
 }
 
 
@@ -52,7 +50,8 @@ def random_blocks(ttype: QT, rows: int, cols: int, rng: np.random.Generator, std
     centre on zero too)."""
     if ttype == QT.BF16:
         return quantize((rng.standard_normal((rows, cols)) * std).astype(np.float32), QT.BF16)
-    q_std, d_at, min_at = _BLOCK_FIELDS[ttype]
+    q_std = _Q_STD[ttype]
+    d_at, *minimum = FORMATS[ttype].scale_offsets
     block_size, type_size = GGML_QUANT_SIZES[ttype]
     blocks = rng.integers(0, 256, size=(rows, cols // block_size, type_size), dtype=np.uint8)
     sub = lambda low, high, n: rng.integers(low, high + 1, size=(rows, blocks.shape[1], n))  # noqa: E731
@@ -76,7 +75,7 @@ def random_blocks(ttype: QT, rows: int, cols: int, rng: np.random.Generator, std
         scale = 1.0
     d = std / (q_std * scale)
     blocks[:, :, d_at : d_at + 2] = np.frombuffer(np.float16(d).tobytes(), np.uint8)
-    if min_at is not None:
+    for min_at in minimum:
         # Q4_1/Q5_1 add m; K-quants subtract dmin * (a minimum, about as large as a scale)
         m = -q_mean * d if ttype in (QT.Q4_1, QT.Q5_1) else q_mean * d
         blocks[:, :, min_at : min_at + 2] = np.frombuffer(np.float16(m).tobytes(), np.uint8)

@@ -141,18 +141,19 @@ def test_kernels_compile_once_into_caravans_cache(env, tmp_path):
 
 
 def test_kernel_cache_is_kept_apart_per_version_of_the_sources(tmp_path):
-    """Numba checks a cached kernel against its own file only, so a change to simd.py's vector
-    IR would leave the quants.py kernels that inline it cached: any change to the pipeline's
-    sources moves the compiled kernels to a new folder. An operator's NUMBA_CACHE_DIR wins."""
+    """Numba checks a cached kernel against its own file only, so a change to vector.py's IR
+    would leave the formats' kernels that inline it cached: any change to the pipeline's sources,
+    in a subpackage too, moves the compiled kernels to a new folder. An operator's
+    NUMBA_CACHE_DIR wins."""
     sources = Path(numba_config.__file__).parent
     copy = tmp_path / "pipeline"
-    copy.mkdir()
-    for path in sources.glob("*.py"):
-        shutil.copy(path, copy / path.name)
+    shutil.copytree(sources, copy, ignore=shutil.ignore_patterns("__pycache__"))
     fingerprint = numba_config.kernel_sources_fingerprint(copy)
     assert fingerprint == numba_config.kernel_sources_fingerprint(sources)
-    (copy / "simd.py").write_text((copy / "simd.py").read_text() + "\n# changed\n")
-    assert numba_config.kernel_sources_fingerprint(copy) != fingerprint
+    for changed in ("vector.py", "formats/kquants.py"):
+        before = numba_config.kernel_sources_fingerprint(copy)
+        (copy / changed).write_text((copy / changed).read_text() + "\n# changed\n")
+        assert numba_config.kernel_sources_fingerprint(copy) != before
 
     environ: dict[str, str] = {}
     numba_config.keep_compiled_kernels_in(tmp_path / "home", environ)

@@ -1,4 +1,5 @@
-"""Q5_0, Q5_1, the K-quants and BF16 (pipeline/formats.py, pipeline/simd_formats.py).
+"""Q5_0, Q5_1, the K-quants and BF16 (pipeline/formats/q5.py, kquants.py, floats.py), and every format's
+dequantization.
 
 The same layers of trust as test_quants.py: dequantization bit-exact against
 `gguf.quants.dequantize` on random blocks (every scale bit pattern), activation rounding exactly
@@ -9,41 +10,39 @@ against llama.cpp.
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-from caravan.pipeline import formats, simd_formats
-from caravan.pipeline.quants import Activations, dequantize_rows, matmul, pack, packed_nbytes
+from caravan.pipeline import vector
+from caravan.pipeline.formats import FORMATS, floats, kquants
+from caravan.pipeline.quants import Activations, dequantize_rows, matmul, non_finite_part, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
 from support import naive
 from support.products import assert_product_close, random_activations
 
-TYPES = formats.TYPES
+# Every format of the registry beyond test_quants.py's five: a format added to it is tested here.
+TYPES = tuple(t for t in FORMATS if t not in (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1))
 K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 ROWS = (1, 3, 67)
 COLS = (256, 1536)
 TOKENS = (1, 5, 17)
 
-# Byte offsets of each block's f16 fields (d, then m or dmin), by ggml-common.h's layouts.
-F16_FIELDS = {QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2),
-              QT.Q5_K: (0, 2), QT.Q6_K: (208,)}
-
-
 def random_raw(ttype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     """(rows, row_bytes) uint8 GGUF data: every byte random (so every quant and sub-block scale
     bit pattern occurs) except the f16 scales, which are finite, of both signs and of varied
-    size row by row. BF16: random finite values."""
+    size row by row. Float formats: random finite values."""
     rng = np.random.default_rng(seed)
-    if ttype == QT.BF16:
+    block_size, type_size = FORMATS[ttype].block
+    if block_size == 1:
         w = rng.standard_normal((rows, cols)) * rng.uniform(0.05, 2.0, (rows, 1)) + rng.uniform(-0.2, 0.2, (rows, 1))
-        return quantize(w.astype(np.float32), QT.BF16)
-    block_size, type_size = GGML_QUANT_SIZES[ttype]
+        return quantize(w.astype(np.float32), ttype)
     blocks = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
-    for offset in F16_FIELDS[ttype]:
+    for offset in FORMATS[ttype].scale_offsets:
         scale = rng.standard_normal(blocks.shape[:2]) * rng.uniform(0.001, 0.05, (rows, 1))
         blocks[:, :, offset : offset + 2] = scale.astype(np.float16)[..., None].view(np.uint8)
     return blocks.reshape(rows, -1)
@@ -60,9 +59,10 @@ def minima(ttype: QT, raw: np.ndarray) -> dict:
 # Dequantization and activation rounding: exact
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 @pytest.mark.parametrize("cols", (256, 768), ids=lambda c: f"cols{c}")
 def test_dequantize_rows_equals_gguf(ttype, cols):
+    """Every format of the registry (the list cannot drift from it)."""
     raw = random_raw(ttype, 67, cols)
     expected = dequantize(raw, ttype).reshape(67, cols)
     packed = pack(ttype, raw, "w")
@@ -103,12 +103,12 @@ def test_q8_k_activations_equal_ggml_reference():
     x[3, :256] = np.linspace(-1.0, 1.0, 256, dtype=np.float32)  # -1 and 1 tie: the first wins
     x[4, 512:768] = np.float32(0.5)
     for rows in (x[:1], x[:3], x):  # one row, and the parallel path from 8 rows
-        got = formats.quantize_q8_k(rows)
+        got = kquants.quantize_q8_k(rows)
         expected = naive.quantize_q8_k_activations(rows)
         for g, e in zip(got, expected):
             assert g.dtype == e.dtype
             np.testing.assert_array_equal(g, e)
-    q, d, _ = formats.quantize_q8_k(x)
+    q, d, _ = kquants.quantize_q8_k(x)
     assert q.min() >= -127 and q.max() <= 127
     assert np.all(d[2, 1] == 0) and not q[2, 256:512].any()
 
@@ -122,7 +122,7 @@ def test_bf16_rounding_equals_gguf():
                  0x80000000, 0x00008000, 0x00018000, 0x3F80FFFF] + [0x3F800000] * 52
     x = bits.view(np.float32).reshape(64, 4096)
     expected = dequantize(quantize(x, QT.BF16), QT.BF16).reshape(x.shape)
-    got = formats.round_bf16(x)
+    got = floats.round_bf16(x)
     np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32))
 
 
@@ -203,20 +203,14 @@ def test_matmul_thread_count_invariant(ttype):
 
 
 def activation_arrays(ttype: QT, x: np.ndarray) -> tuple[np.ndarray, ...]:
-    """The activation arrays the kernel for ttype reads (as formats.matmul passes them)."""
-    if ttype == QT.BF16:
-        return (formats.bf16_activations(x),)
-    if ttype in K_QUANTS:
-        return formats.quantize_q8_k(x)
-    acts = Activations(x)
-    xq, xd, xs = acts.q8()
-    return (xq, xd, xs) if ttype == QT.Q5_1 else (xq, xd, acts.q8_sums())
+    """The activation arrays the kernel for ttype reads (its registry record's form)."""
+    return FORMATS[ttype].activations(Activations(x))
 
 
 def _group_dots(kernel1, kernel4, k_quant):
     """A compiled loop over every group of 8 weight rows with the given eight-row intrinsics:
     token rows 0 .. 3 in the four-token form, the rest one by one; arguments: the weight
-    arguments (formats.weight_arguments), the three activation arrays, out."""
+    arguments (the registry's weights), the three activation arrays, out."""
     if k_quant:
 
         @numba.njit
@@ -243,10 +237,10 @@ def _group_dots(kernel1, kernel4, k_quant):
 
 
 def _bf16_tiles(tiles):
-    """BF16's tiles (simd_formats.BF16_TILES) over 13 weight rows and 10 token rows in every
+    """BF16's tiles (floats.BF16_TILES) over 13 weight rows and 10 token rows in every
     shape: whole tiles of tokens over rows 0 .. 11 and row 12 alone, then each remaining token
     row (at least one) over whole tiles of rows and the rest of the rows alone."""
-    n_rows, n_tokens, single = simd_formats.BF16_TILE_ROWS, simd_formats.BF16_TILE_TOKENS, simd_formats.BF16_SINGLE_ROWS
+    n_rows, n_tokens, single = floats.BF16_TILE_ROWS, floats.BF16_TILE_TOKENS, floats.BF16_SINGLE_ROWS
     full, one_row, one_token, one = tiles[n_rows, n_tokens], tiles[1, n_tokens], tiles[single, 1], tiles[1, 1]
     assert 12 % n_rows == 0 and 10 % n_tokens and 13 % single
 
@@ -266,10 +260,15 @@ def _bf16_tiles(tiles):
     return run
 
 
+def kernel_module(ttype: QT):
+    """The file of pipeline/formats/ that holds ttype's kernel (its INTRINSICS and products)."""
+    return sys.modules[FORMATS[ttype].kernel.py_func.__module__]
+
+
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
 def test_kernels_give_the_same_bits_on_every_isa(ttype):
-    """simd_formats.py's AVX2 lanes and its generic IR (what an aarch64 node runs) give the same
+    """q5.py's and kquants.py's AVX2 lanes and its generic IR (what an aarch64 node runs) give the same
     bits, the four-token and one-token forms agree, the plain-numpy twin agrees, and matmul is
     the same sum. 13 rows: a whole group of 8 and a partial one. On a host without AVX2 only
     the generic path and the twin are compared."""
@@ -279,13 +278,14 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
     acts = activation_arrays(ttype, x)
     name = ttype.name.lower()
     results = []
-    for isa in simd_formats.ISAS:
+    for isa in vector.ISAS:
         out = np.full((n_tokens, 13), np.nan, np.float32)
         if ttype == QT.BF16:  # float IR only: one form for every ISA
-            _bf16_tiles(simd_formats.BF16_TILES)(*packed.arrays, *acts, out)
+            _bf16_tiles(floats.BF16_TILES)(*packed.arrays, *acts, out)
         else:
-            kernels = (simd_formats.INTRINSICS[(name, 1, isa)], simd_formats.INTRINSICS[(name, 4, isa)])
-            _group_dots(*kernels, ttype in K_QUANTS)(*formats.weight_arguments(ttype, packed.arrays), *acts, out)
+            intrinsics = kernel_module(ttype).INTRINSICS
+            kernels = (intrinsics[(name, 1, isa)], intrinsics[(name, 4, isa)])
+            _group_dots(*kernels, ttype in K_QUANTS)(*FORMATS[ttype].weights(packed.arrays), *acts, out)
         results.append(out)
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
@@ -293,19 +293,19 @@ def test_kernels_give_the_same_bits_on_every_isa(ttype):
     if ttype == QT.BF16:
         for r in range(13):
             for t in range(n_tokens):
-                simd_formats.BF16_PRODUCTS[1, 1](*packed.arrays, r, *acts, t, twin_out)
+                floats.BF16_PRODUCTS[1, 1](*packed.arrays, r, *acts, t, twin_out)
     else:
-        twin = getattr(simd_formats, f"{name}_x8_tokens1")
+        twin = getattr(kernel_module(ttype), f"{name}_x8_tokens1")
         for g in range(2):
             for t in range(8):
-                twin(*formats.weight_arguments(ttype, packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
+                twin(*FORMATS[ttype].weights(packed.arrays), g, *acts, twin_out, t, min(8, 13 - 8 * g))
     if ttype == QT.BF16:  # float steps only, each emulated exactly
         np.testing.assert_array_equal(twin_out, results[0])
     np.testing.assert_allclose(twin_out, results[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(matmul(packed, Activations(x)), results[0])
 
 
-@pytest.mark.parametrize("ttype", formats.GROUPED, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", [t for t in TYPES if FORMATS[t].group_rows > 1], ids=lambda t: t.name)
 def test_row_slices_of_grouped_formats(ttype):
     """Rows stored eight to a group slice only at group edges (stage.py stacks Q, K and V and
     takes each back as a slice)."""
@@ -324,13 +324,28 @@ def test_activations_are_made_once_per_product_input():
     for ttype in TYPES:
         packed = pack(ttype, random_raw(ttype, 7, 512, seed=5), "w")
         np.testing.assert_array_equal(matmul(packed, acts), matmul(packed, Activations(x.copy())))
-    assert acts.form(formats.quantize_q8_k) is acts.form(formats.quantize_q8_k)
+    assert acts.form(kquants.quantize_q8_k) is acts.form(kquants.quantize_q8_k)
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 def test_packed_nbytes_predicts_pack(ttype):
     for rows, cols in ((1, 256), (67, 1536)):
         assert packed_nbytes(ttype, rows, cols) == pack(ttype, random_raw(ttype, rows, cols), "w").nbytes
+
+
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
+def test_non_finite_part_finds_a_nan_where_the_record_keeps_floats(ttype):
+    """A NaN in the last f16 field (a scale or minimum) of a row's last block, or in a float
+    format's last value, of row 8 (the second group of eight): non_finite_part names what the
+    record says it holds."""
+    fmt = FORMATS[ttype]
+    raw = random_raw(ttype, 9, 512)
+    assert non_finite_part(pack(ttype, raw, "w")) is None
+    row = raw.view(np.uint8)[8]
+    width = 2 if fmt.scale_offsets else fmt.block[1]
+    at = row.size - fmt.block[1] + (fmt.scale_offsets[-1] if fmt.scale_offsets else 0)
+    row[at : at + width] = np.frombuffer((fmt.float_exponent | 1).to_bytes(width, "little"), np.uint8)
+    assert non_finite_part(pack(ttype, raw, "w")) == fmt.floats_are
 
 
 @pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
@@ -338,7 +353,7 @@ def test_packed_size_stays_near_the_file_size(ttype):
     """Repacking keeps the quants and f16 scales as they are: only the K-quants' packed 6-bit
     scales grow from 12 to 16 bytes a superblock (under 4%)."""
     rows, cols = 64, 4096
-    block_size, type_size = GGML_QUANT_SIZES[ttype]
+    block_size, type_size = FORMATS[ttype].block
     file_bytes = rows * cols // block_size * type_size
     assert file_bytes <= packed_nbytes(ttype, rows, cols) <= 1.04 * file_bytes
 

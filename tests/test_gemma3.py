@@ -19,7 +19,7 @@ from caravan.pipeline.quants import SUPPORTED_TYPES
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 
-# The file's Q4_K, Q6_K and Q5_0 tensors need the K-quant kernels (pipeline/formats.py); until
+# The file's Q4_K, Q6_K and Q5_0 tensors need the K-quant kernels (pipeline/formats/kquants.py); until
 # they are in this tree, every test here says so instead of failing on the first tensor.
 pytestmark = [
     pytest.mark.model,

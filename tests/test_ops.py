@@ -15,7 +15,7 @@ import pytest
 
 from numba.typed import List
 
-from caravan.pipeline import simd
+from caravan.pipeline import attention_tiles, vector
 from caravan.pipeline.numba_config import FASTMATH
 from caravan.pipeline.ops import attention, attention_segments, geglu, rmsnorm, rope_, rope_tables, softcap_, swiglu
 from support import naive
@@ -255,7 +255,7 @@ def test_attention_large_scores_stay_finite():
 
 
 def _tile_numpy(n_rows, a, b, b_off, b_stride, k, c, n_cols):
-    simd.tile_f16(n_rows, a, 0, 40, 80, 120, b, b_off, b_stride, k, c, 0, 40, 80, 120, n_cols)
+    attention_tiles.tile_f16(n_rows, a, 0, 40, 80, 120, b, b_off, b_stride, k, c, 0, 40, 80, 120, n_cols)
 
 
 _tile = numba.njit(_tile_numpy)
@@ -282,7 +282,7 @@ def test_tile_f16_every_width(n_rows, b_goes_on):
     rng = np.random.default_rng(n_rows)
     a = randn(160, seed=n_rows)
     k, stride = 37, 48
-    for n_cols in range(1, simd.TILE_COLS[n_rows] + 1):
+    for n_cols in range(1, attention_tiles.TILE_COLS[n_rows] + 1):
         b = _before_a_guard_page(k * stride)
         b[:] = rng.integers(0, 0x7BFF, k * stride).astype(np.uint16) | (rng.integers(0, 2, k * stride).astype(np.uint16) << 15)
         b_off = stride - (n_cols + 8 if b_goes_on else n_cols)  # the last row ends after the tile, or with it
@@ -303,12 +303,12 @@ def test_tile_f16_every_width(n_rows, b_goes_on):
 @numba.njit(fastmath=FASTMATH)  # the flags the ops compile with
 def _exp_f32_loop(x, out):
     for i in range(x.shape[0]):  # LLVM vectorizes this loop: the vector code is what the ops run
-        out[i] = simd.exp_f32(x[i])
+        out[i] = vector.exp_f32(x[i])
 
 
 @numba.njit(fastmath=FASTMATH)
 def _exp_f32_one(x):
-    return simd.exp_f32(x)
+    return vector.exp_f32(x)
 
 
 def test_exp_f32_within_two_ulp():

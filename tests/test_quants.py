@@ -17,16 +17,17 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 from gguf.quants import dequantize, quantize
 
-from caravan.pipeline import formats, simd
+from caravan.pipeline import vector
+from caravan.pipeline.formats import activations, legacy
 from caravan.pipeline.quants import (
     F16_TO_F32,
+    FORMATS,
     SUPPORTED_TYPES,
     Activations,
     UnsupportedTypeError,
     dequantize_rows,
     matmul,
     pack,
-    packed_nbytes,
 )
 from support import naive
 from support.products import assert_product_close, random_activations
@@ -207,13 +208,13 @@ def test_matmul_thread_count_invariant(ttype):
 
 
 def _group_products(kernel1, kernel4):
-    """A compiled loop over every (row group, token row) with the given simd.py intrinsics."""
+    """A compiled loop over every (row group, token row) with the given legacy.py intrinsics."""
 
     @numba.njit
     def run(wq, wd, wm, xq, xd, xs, xn, out):
         rows = out.shape[1]
         for g in range(wq.shape[0]):
-            n_valid = min(simd.GROUP_ROWS, rows - g * simd.GROUP_ROWS)
+            n_valid = min(legacy.GROUP_ROWS, rows - g * legacy.GROUP_ROWS)
             kernel4(wq, wd, wm, g, xq, xd, xs, xn, out, 0, n_valid)
             for t in range(4, xq.shape[0]):
                 kernel1(wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid)
@@ -224,7 +225,7 @@ def _group_products(kernel1, kernel4):
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
 @pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1), ids=lambda t: t.name)
 def test_group_products_give_the_same_bits_on_every_isa(ttype):
-    """simd.py's AVX2 integers (vpmaddubsw/vpmaddwd) and its generic IR (what an aarch64 node
+    """legacy.py's AVX2 integers (vpmaddubsw/vpmaddwd) and its generic IR (what an aarch64 node
     runs) give the same bits, equal to the plain-numpy twin's; the four-token and one-token
     forms agree; a last group of 5 rows (13 = 8 + 5) has its missing rows never written."""
     raw, _ = random_weights(13, 256, ttype)
@@ -235,16 +236,16 @@ def test_group_products_give_the_same_bits_on_every_isa(ttype):
     args = (wq, wd, wm, *acts.q8(), acts.q8_sums())
     name = ttype.name.lower()
     results = []
-    for isa in simd.ISAS:
+    for isa in vector.ISAS:
         out = np.full((8, 13), np.nan, np.float32)
-        _group_products(simd.GROUP_INTRINSICS[(name, 1, isa)], simd.GROUP_INTRINSICS[(name, 4, isa)])(*args, out)
+        _group_products(legacy.GROUP_INTRINSICS[(name, 1, isa)], legacy.GROUP_INTRINSICS[(name, 4, isa)])(*args, out)
         results.append(out)
     for other in results[1:]:
         np.testing.assert_array_equal(other, results[0])
     twin = np.full((8, 13), np.nan, np.float32)
     for g in range(2):
         for t in range(8):
-            getattr(simd, f"{name}_group_tokens1")(*args[:3], g, *args[3:], twin, t, min(8, 13 - 8 * g))
+            getattr(legacy, f"{name}_group_tokens1")(*args[:3], g, *args[3:], twin, t, min(8, 13 - 8 * g))
     np.testing.assert_array_equal(twin, results[0])
     np.testing.assert_array_equal(matmul(packed, acts), results[0])
 
@@ -268,9 +269,9 @@ AWKWARD_AND_RANDOM = pytest.mark.parametrize("rows", (awkward_activations(), ran
 
 @AWKWARD_AND_RANDOM
 def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
-    """Activations.q8 (a thread per row from PARALLEL_ROWS rows, serial below) gives ggml's x86
+    """Activations.q8 (a thread per row from Q8_PARALLEL_ROWS rows, serial below) gives ggml's x86
     quantize_row_q8_1 integers and f16 scales (tests/support/naive.py) and its block sums, and so does
-    simd.quantize_block_q8's plain-numpy twin."""
+    activations.quantize_block_q8's plain-numpy twin."""
     acts = Activations(rows)
     qs, d, s = acts.q8()
     for a, b in zip(naive.quantize_q8_activations(rows), (qs, d, s)):
@@ -281,7 +282,7 @@ def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
     twin = tuple(np.empty_like(a) for a in (qs, d, s, acts.q8_sums()))
     for t in range(len(rows)):
         for b in range(rows.shape[1] // 32):
-            simd.quantize_block_q8(rows, *twin, t, b)
+            activations.quantize_block_q8(rows, *twin, t, b)
     for a, b in zip((qs, d, s, acts.q8_sums()), twin):
         np.testing.assert_array_equal(b, a)
 
@@ -289,10 +290,10 @@ def test_activation_quantizing_is_ggml_x86_and_its_twin(rows):
 @pytest.mark.skipif(numba.config.DISABLE_JIT, reason="compares compiled instruction sequences")
 @AWKWARD_AND_RANDOM
 def test_activation_quantizing_gives_the_same_bits_on_every_isa(rows):
-    """simd.py's AVX2 rounding (vcvtps2dq) and its generic IR (rint and a saturating conversion,
+    """activations.py's AVX2 rounding (vcvtps2dq) and its generic IR (rint and a saturating conversion,
     what an aarch64 node runs) quantize to the same bits."""
     expected = (*Activations(rows).q8(), Activations(rows).q8_sums())
-    for isa, block in simd.QUANTIZE_INTRINSICS.items():
+    for isa, block in activations.QUANTIZE_INTRINSICS.items():
         @numba.njit
         def quantize(x, qs, d, s, n):
             for t in range(x.shape[0]):
@@ -339,8 +340,9 @@ def test_shared_activations_give_the_same_products():
 
 
 def test_supported_types():
-    """These five here, and formats.py's (tests/test_formats.py)."""
-    assert set(SUPPORTED_TYPES) == set(TYPES) | set(formats.TYPES)
+    """The registry's formats, these five here and the rest in tests/test_formats.py."""
+    assert SUPPORTED_TYPES == tuple(FORMATS)
+    assert set(TYPES) <= set(FORMATS)
 
 
 @pytest.mark.parametrize("ttype", (QT.IQ2_XS, QT.IQ4_NL, QT.TQ1_0), ids=lambda t: t.name)
@@ -355,18 +357,11 @@ def test_unsupported_type_names_tensor_type_and_supported(ttype):
         assert supported.name in message
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-def test_packed_nbytes_predicts_pack(ttype):
-    for rows, cols in ((1, 32), (67, 1536)):
-        raw, _ = random_weights(rows, cols, ttype)
-        assert packed_nbytes(ttype, rows, cols) == pack(ttype, raw, "w").nbytes
-
-
 @numba.njit(cache=True)
 def _f16_conversions(x, rounded, bits):
     for i in range(x.shape[0]):
-        rounded[i] = simd.round_f16(x[i])
-        bits[i] = simd.f16_bits(x[i])
+        rounded[i] = vector.round_f16(x[i])
+        bits[i] = vector.f16_bits(x[i])
 
 
 @pytest.mark.slow  # a sweep over f32's range
