@@ -132,10 +132,11 @@ def python_share(pipeline, prompt_ids) -> float:
     import caravan.pipeline
 
     kernels = set()
-    for info in pkgutil.iter_modules(caravan.pipeline.__path__, "caravan.pipeline."):
+    for info in pkgutil.walk_packages(caravan.pipeline.__path__, "caravan.pipeline."):  # formats/ too
         for value in vars(importlib.import_module(info.name)).values():
-            # module-level kernels, and those a module keeps in a registry ({format: kernel})
+            # module-level kernels, and those a module keeps in a registry ({format: kernel or record})
             for item in value.values() if isinstance(value, dict) else [value]:
+                item = getattr(item, "kernel", item)  # a format's record holds its kernel
                 if isinstance(item, numba.core.registry.CPUDispatcher):
                     code = item.py_func.__code__
                     kernels.add((code.co_filename, code.co_firstlineno, code.co_name))
