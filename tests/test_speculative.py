@@ -52,7 +52,7 @@ class Recording:
     """A stage that keeps each batch's segments and its session lengths after the batch."""
 
     def __init__(self, stage):
-        self.stage, self.layers = stage, stage.layers
+        self.stage, self.layers, self.depth = stage, stage.layers, stage.depth
         self.passes: list[tuple[Segment, int]] = []
 
     def forward(self, batch):

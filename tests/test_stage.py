@@ -423,13 +423,13 @@ def test_generation_frees_every_stage_cache(tiny_q8_path):
     pipeline = build(tiny_q8_path, [1, 2])
     generation = Generation(pipeline, list(prompt(6)), greedy(), max_tokens=3, stop_ids=frozenset())
     tokens = list(generation)
-    assert len(tokens) == 3 and generation.stopped_by == "length"
+    assert len(tokens) == 3 and generation.finish_reason == "length"
     assert all(not stage.sessions for stage in pipeline.stages)
 
     generation = Generation(pipeline, list(prompt(6)), greedy(), max_tokens=50, stop_ids=frozenset())
     iterator = iter(generation)
     next(iterator)
-    assert all(generation.session_id in stage.sessions for stage in pipeline.stages)
+    assert all(generation.sequence.session_id in stage.sessions for stage in pipeline.stages)
     iterator.close()  # a client that goes away
     assert all(not stage.sessions for stage in pipeline.stages)
 
@@ -460,7 +460,7 @@ def test_generation_stops_at_the_context(tiny_q8_path):
 
     pipeline = build(tiny_q8_path, n_ctx=16)
     generation = Generation(pipeline, list(prompt(10)), greedy(), max_tokens=100, stop_ids=frozenset())
-    assert len(list(generation)) == 7 and generation.stopped_by == "context"
+    assert len(list(generation)) == 7 and generation.finish_reason == "length"
     with pytest.raises(ContextFullError, match="prompt of 16 tokens does not fit the context of 16 tokens"):
         Generation(pipeline, list(prompt(16)), greedy(), max_tokens=1, stop_ids=frozenset())
 
@@ -471,7 +471,7 @@ def test_generation_stops_at_an_end_of_generation_token(tiny_q8_path):
     # Stop at the first token not seen before it (or at once, if greedy repeats one token).
     cut = next((i for i in range(1, len(first)) if first[i] not in first[:i]), 0)
     generation = Generation(pipeline, list(prompt(6)), greedy(), max_tokens=8, stop_ids=frozenset({first[cut]}))
-    assert list(generation) == first[:cut] and generation.stopped_by == "eog"
+    assert list(generation) == first[:cut] and generation.finish_reason == "stop"
 
 
 # ---------------------------------------------------------------------------------------------

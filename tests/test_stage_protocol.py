@@ -43,7 +43,8 @@ def test_local_submit_gives_forwards_bits_and_stats_count_the_cache(tiny_q8_path
     assert np.array_equal(result(), expected)
     (row,) = one.stats()
     assert row == StageStats(stage.layers, "local", None, sessions=1, cached_positions=len(ids),
-                             kv_bytes=stage.sessions["s"].nbytes, weight_bytes=stage.weight_bytes)
+                             kv_bytes=stage.sessions["s"].nbytes, weight_bytes=stage.weight_bytes,
+                             prompt_cache=stage.prompt_cache.stats())
     one.close()
     assert one.stats()[0].sessions == 0
 
