@@ -21,42 +21,26 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from caravan.coordinator.remote import NodeClient, RemoteStage
-from caravan.node.server import PEER_KEEPALIVE_MS, NodeSettings, create_server
+from caravan.node.server import PEER_KEEPALIVE_MS
 from caravan.node.streams import MAX_STREAMS_PER_PEER
 from caravan.pipeline.loader import load_model
-from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Segment, StageBatch
+from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageBatch
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import caravan_pb2_grpc as pb_grpc
 from caravan.proto import wire
 
-from support.nodes import NodeProcess, cluster_token
+from support.nodes import MODEL_SHA as SHA, NODE_CTX as N_CTX, NODE_LAYERS as LAYERS
+from support.nodes import NodeProcess, cluster_token, loaded_node
 from support.wait import wait_for
 
 pytestmark = pytest.mark.slow  # spawns caravan node processes
 
 
-SHA = "ab" * 32
-N_CTX = 64
-LAYERS = LayerRange(0, 3)
 
 
 @pytest.fixture
 def model(tiny_q8_path):
     return load_model(tiny_q8_path)
-
-
-@contextlib.contextmanager
-def loaded_node(model, tmp_path, **settings) -> Iterator[tuple[NodeClient, object]]:
-    """(client, servicer) of a node in this process holding LAYERS, stopped on the way out."""
-    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=tmp_path,
-                                                        **settings))
-    client = NodeClient(f"127.0.0.1:{port}")
-    try:
-        client.load(model.file, SHA, model.config, LAYERS, N_CTX)
-        yield client, servicer
-    finally:
-        client.close()
-        server.stop(0)
 
 
 @contextlib.contextmanager

@@ -21,11 +21,10 @@ from caravan.pipeline.loader import load_model
 from caravan.pipeline.stage import KVCache, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto.wire import NODE_RUNTIME_BYTES
-from support.nodes import NodeProcess, cluster_token
+from support.nodes import NODE_CTX, NODE_LAYERS as LAYERS, NodeProcess, cluster_token, loaded_node
 from support.serve import MODEL, Server, chat_ids
 from support.stages import build, greedy, prompt
 from support.wait import wait_for
-from test_node_hardening import LAYERS, N_CTX as NODE_CTX, loaded_node
 
 N_CTX = 128
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from caravan.pipeline.catalog import default_cache_dir
+from caravan.coordinator.remote import NodeClient
+from caravan.node.server import NodeSettings, create_server
+from caravan.pipeline.stage import LayerRange
 from caravan.proto.auth import TOKEN_FILE, load_token
+
+NODE_CTX = 64  # the context of loaded_node's sessions
+NODE_LAYERS = LayerRange(0, 3)  # the layers loaded_node holds
+MODEL_SHA = "ab" * 32  # what loaded_node calls the model: a node only compares it
 
 
 def cluster_token_file() -> Path:
@@ -85,3 +94,18 @@ class NodeProcess:
         if self.proc.stdout:
             self.proc.stdout.close()
         self._log.close()
+
+
+@contextlib.contextmanager
+def loaded_node(model, cache_dir: Path, **settings) -> Iterator[tuple[NodeClient, object]]:
+    """(client, servicer) of a node in this process holding NODE_LAYERS of `model` (a
+    LoadedModel), stopped on the way out; settings: NodeSettings fields."""
+    server, port, servicer = create_server(NodeSettings(host="127.0.0.1", port=0, threads=1, cache_dir=cache_dir,
+                                                        **settings))
+    client = NodeClient(f"127.0.0.1:{port}")
+    try:
+        client.load(model.file, MODEL_SHA, model.config, NODE_LAYERS, NODE_CTX)
+        yield client, servicer
+    finally:
+        client.close()
+        server.stop(0)
