@@ -276,10 +276,16 @@ def test_stop_halts_a_stream_and_frees_the_server(page, server):
     time.sleep(1.5)
     assert page.text_content(".msg.assistant") == text  # no more text arrives
     assert metric(server, "caravan_generated_tokens_total") == generated  # nor is any computed
-    # The partial answer is kept, and can be asked for again.
-    assert not page.is_disabled("#regenerate")
+    # The partial answer is kept, and can be asked for again; Esc stops that one.
     stored = page.evaluate("JSON.parse(localStorage.getItem('caravan-chats')).list[0].messages")
     assert stored[1]["stopped"] is True and stored[1]["content"].strip()
+    page.click("#regenerate")
+    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 20 && "
+                           "document.getElementById('send').disabled", timeout=ANSWER_TIMEOUT_MS)
+    page.keyboard.press("Escape")
+    page.wait_for_function(ANSWERED, arg=1, timeout=10_000)
+    wait_for(lambda: metric(server, "caravan_requests_in_flight") == 0, 10, "the second stopped sequence freed")
+    assert page.locator(".msg.assistant").count() == 1 and "Stopped." in page.text_content(".msg.assistant .note")
 
 
 def test_regenerate_replaces_the_last_answer(page):
