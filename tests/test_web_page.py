@@ -17,9 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from support.serve import Server
 from support.wait import wait_for
+
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -94,7 +94,7 @@ def ask(page, text: str, answers: int = 1) -> None:
 def metric(server: Server, name: str) -> float:
     with urllib.request.urlopen(server.base_url + "/metrics", timeout=30) as response:
         text = response.read().decode()
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE).group(1))
 
 
 def test_chat_page_streams_an_answer(page):
@@ -201,7 +201,8 @@ def test_markup_in_an_answer_runs_nothing(page):
 def test_the_page_never_hands_text_to_the_html_parser():
     """Safety by construction: the page builds every node itself, so no answer text can become markup."""
     source = PAGE.read_text(encoding="utf-8")
-    code = re.sub(r"^\s*//.*$|\s//\s.*$", "", source, flags=re.M)  # the comments may name what the code avoids
+    # The comments may name what the code avoids.
+    code = re.sub(r"^\s*//.*$|\s//\s.*$", "", source, flags=re.MULTILINE)
     for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
                  "createContextualFragment", "DOMParser", "srcdoc", "setAttribute(\"on"):
         assert sink not in code, sink
