@@ -4,7 +4,7 @@
     POST /v1/completions        a raw prompt
     GET  /v1/models             the model served, and MODEL:ADAPTER for each --lora adapter
     GET  /v1/models/{id}        one of them (a JSON 404 for any other id)
-    GET  /                      a small web chat page (coordinator/chat.html)
+    GET  /                      a web chat page (coordinator/chat.html), under a strict CSP
     GET  /health                200 when ready, 503 while no plan of nodes works; the stages
     GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
     /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version
@@ -51,10 +51,13 @@ text (metrics.py) and Ollama's API (ollama.py).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import hashlib
 import hmac
 import logging
+import re
 import time
 import uuid
 from pathlib import Path
@@ -115,6 +118,7 @@ class API:
         self.api_key = api_key
         self.created = int(time.time())
         self.chat_page = (Path(__file__).parent / "chat.html").read_text(encoding="utf-8")
+        self.chat_page_headers = page_headers(self.chat_page)
         # Waiting for the writes pays where this process runs every layer on every core; in front
         # of nodes it would only hold the lane's next batch back from them.
         in_process = all(row.address is None for row in scheduler.pipeline.stats(ask_nodes=False))
@@ -269,7 +273,7 @@ class API:
         return JSONResponse(self._model_object(model_id))
 
     async def page(self, request: HTTPRequest) -> Response:
-        return HTMLResponse(self.chat_page)
+        return HTMLResponse(self.chat_page, headers=self.chat_page_headers)
 
     async def health(self, request: HTTPRequest) -> Response:
         rows = self.scheduler.pipeline.stats(ask_nodes=False)
@@ -439,6 +443,19 @@ class API:
         finally:  # the client may be gone: free every sequence's caches
             for request, _ in runs:
                 request.cancel()
+
+
+def page_headers(page: str) -> dict[str, str]:
+    """The chat page's headers: a Content-Security-Policy under which only the page's own script
+    and style run and it talks only to this server, so that not even a fault in its markdown
+    renderer could run what an answer holds; no referrer for the links in answers; no framing."""
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", page, re.DOTALL))
+
+    policy = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+              "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return {"Content-Security-Policy": policy, "Referrer-Policy": "no-referrer", "X-Content-Type-Options": "nosniff"}
 
 
 async def _client_gone(request: HTTPRequest) -> None:

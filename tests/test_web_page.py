@@ -26,7 +26,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 PAGE = Path(__file__).parent.parent / "coordinator" / "chat.html"
 ANSWER_TIMEOUT_MS = 60_000  # the real model on a loaded 2-core machine
 CHAT_ROUTE = "**/v1/chat/completions"
-# An answer is done: the page holds `n` answers and has enabled Send again.
+# An answer is done: the page holds `n` answers and has enabled Send again. (Conditions are
+# functions: Playwright evaluates a bare expression with eval, which the page's policy forbids.)
 ANSWERED = ("n => document.querySelectorAll('.msg.assistant').length == n && "
             "!document.getElementById('send').disabled")
 
@@ -56,9 +57,12 @@ def server():
 def page(browser, server):
     """The chat page in a fresh browser context (its own localStorage), once it knows the model."""
     context = browser.new_context()
+    # What the page's Content-Security-Policy blocks, for the tests to see.
+    context.add_init_script("window.blocked = []; document.addEventListener('securitypolicyviolation', "
+                            "e => window.blocked.push(e.effectiveDirective + ' ' + e.blockedURI));")
     page = context.new_page()
     page.goto(server.base_url + "/")
-    page.wait_for_function("document.getElementById('stages').textContent.includes('layers 0–29')")
+    page.wait_for_function("() => document.getElementById('stages').textContent.includes('layers 0–29')")
     yield page
     context.close()
 
@@ -99,10 +103,10 @@ def metric(server: Server, name: str) -> float:
 
 def test_chat_page_streams_an_answer(page):
     page.goto(page.url + "?temperature=0")  # greedy: the answer is known
-    page.wait_for_function("document.getElementById('stages').textContent.includes('layers 0–29')")
+    page.wait_for_function("() => document.getElementById('stages').textContent.includes('layers 0–29')")
     assert "smollm2-135m-instruct" in page.text_content("#model")
     ask(page, "What is the capital of France? Answer in one word.")
-    page.wait_for_function("document.getElementById('stats').textContent.includes('tokens/s')")
+    page.wait_for_function("() => document.getElementById('stats').textContent.includes('tokens/s')")
     assert "Paris" in page.text_content(".msg.assistant")
     assert "local: layers 0–29" in page.text_content("#stages")
     # A second turn goes with the first one's history.
@@ -111,10 +115,11 @@ def test_chat_page_streams_an_answer(page):
     page.wait_for_function(ANSWERED, arg=2, timeout=ANSWER_TIMEOUT_MS)
     assert page.locator(".msg.assistant").nth(1).text_content().strip()
     # The cluster at a glance: this process's one stage, its KV cache and the server's tokens/s.
-    page.wait_for_function("document.getElementById('cluster-totals').textContent.includes('tokens/s')")
+    page.wait_for_function("() => document.getElementById('cluster-totals').textContent.includes('tokens/s')")
     assert page.locator("#nodes tr td").first.text_content() == "local"
     assert "MB" in page.text_content("#nodes")
     assert "prompt cache" in page.text_content("#cluster-totals")
+    assert page.evaluate("window.blocked") == []  # the page itself keeps to its own policy
 
 
 MARKDOWN = """# Sorting in Python
@@ -159,6 +164,7 @@ def test_a_markdown_answer_renders_as_markdown(page):
     assert link.get_attribute("rel") == "noopener noreferrer nofollow"
     assert answer.locator("table th").all_text_contents() == ["name", "kind"]
     assert answer.locator("table td").all_text_contents() == ["sorted", "function"]
+    assert page.evaluate("window.blocked") == []
 
 
 HOSTILE = """Here you go <script>window.pwned = "script"</script>
@@ -196,6 +202,28 @@ def test_markup_in_an_answer_runs_nothing(page):
     text = answer.text_content()
     assert "<script>window.pwned" in text and "onerror=" in text  # shown as text, not run
     assert answer.locator("pre > code").text_content() == "<img src=x onerror=\"window.pwned = 'code'\">"
+
+
+def test_the_page_policy_stops_what_a_renderer_fault_would_let_in(page):
+    """Defence in depth: were the renderer ever to make a script, a handler or a javascript: link
+    from an answer, the page's Content-Security-Policy would still stop them."""
+    policy = page.goto(page.url).headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "unsafe" not in policy and "frame-ancestors 'none'" in policy
+    page.evaluate("""() => {
+        const log = document.getElementById('log');
+        const img = document.createElement('img');
+        img.setAttribute('onerror', "window.pwned = 'img'");
+        img.src = 'x';
+        const script = document.createElement('script');
+        script.textContent = "window.pwned = 'script'";
+        const a = document.createElement('a');
+        a.href = "javascript:window.pwned = 'link'";
+        log.append(img, script, a);
+        a.click();
+    }""")
+    page.wait_for_function("() => window.blocked.length >= 3", timeout=5_000)
+    page.wait_for_timeout(300)
+    assert page.evaluate("window.pwned") is None
 
 
 def test_the_page_never_hands_text_to_the_html_parser():
@@ -263,10 +291,10 @@ def test_streamed_rendering_keeps_finished_blocks_and_costs_about_its_length(pag
 
 def test_stop_halts_a_stream_and_frees_the_server(page, server):
     page.goto(page.url + "?temperature=0&max_tokens=400")
-    page.wait_for_function("document.getElementById('stages').textContent.includes('layers 0–29')")
+    page.wait_for_function("() => document.getElementById('stages').textContent.includes('layers 0–29')")
     page.fill("#input", "Count from 1 to 500, one number per line.")
     page.press("#input", "Enter")
-    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 20",
+    page.wait_for_function("() => document.querySelector('.msg.assistant').textContent.length > 20",
                            timeout=ANSWER_TIMEOUT_MS)
     assert metric(server, "caravan_requests_in_flight") == 1  # still generating
     page.click("#stop")
@@ -281,7 +309,7 @@ def test_stop_halts_a_stream_and_frees_the_server(page, server):
     stored = page.evaluate("JSON.parse(localStorage.getItem('caravan-chats')).list[0].messages")
     assert stored[1]["stopped"] is True and stored[1]["content"].strip()
     page.click("#regenerate")
-    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 20 && "
+    page.wait_for_function("() => document.querySelector('.msg.assistant').textContent.length > 20 && "
                            "document.getElementById('send').disabled", timeout=ANSWER_TIMEOUT_MS)
     page.keyboard.press("Escape")
     page.wait_for_function(ANSWERED, arg=1, timeout=10_000)
@@ -294,7 +322,7 @@ def test_regenerate_replaces_the_last_answer(page):
     ask(page, "Tell me something")
     assert page.text_content(".msg.assistant") == "The first answer."
     page.click("#regenerate")
-    page.wait_for_function("document.querySelector('.msg.assistant').textContent == 'The second answer.' && "
+    page.wait_for_function("() => document.querySelector('.msg.assistant').textContent == 'The second answer.' && "
                            "!document.getElementById('send').disabled", timeout=10_000)
     assert page.locator(".msg.assistant").count() == 1 and page.locator(".msg.user").count() == 1
     assert page.text_content(".msg.assistant em") == "second"
