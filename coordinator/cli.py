@@ -739,7 +739,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     model.check_chat_template()
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
-    with from_flags.pipeline(args, model, args.ctx) as pipeline:
+    with from_flags.pipeline(args, model, args.ctx) as pipeline, from_flags.watched(args, pipeline) as watcher:
         chosen = from_flags.adapters(args, model, pipeline)
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
@@ -754,6 +754,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             loopback = ipaddress.ip_address(host).is_loopback
             api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits,
                       cache_dir=from_flags.cache_dir(args))
+            if watcher is not None:
+                api.missing_nodes = watcher.missing
             if api_key is None and not loopback:
                 log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
             _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
@@ -800,6 +802,8 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("caravan").setLevel(level)
+    # Nodes joining and leaving a running server, and its re-plans, are worth a line without -v.
+    logging.getLogger("caravan.coordinator.heal").setLevel(min(level, logging.INFO))
 
 
 def main(argv: list[str] | None = None) -> int:
