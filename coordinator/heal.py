@@ -104,17 +104,19 @@ class Watcher:
         self._thread.join(timeout=PROBE_TIMEOUT_S * 4)
 
     def missing(self) -> list[dict]:
-        """The configured nodes that are not in the pool now, each with why."""
+        """The configured nodes that do not answer, or answer again but have not joined the pool
+        yet, each with why. One that has settled and that the planner leaves out is not missing."""
         cluster = self.pipeline.cluster
         pooled = {n.address for n in cluster.nodes} if cluster else set()
+        now = time.monotonic()
         rows = []
         with self._lock:
             for address in self.configured:
                 seen = self._seen.get(address) or _Seen()
                 if seen.since is None:
                     rows.append({"node": address, "error": seen.error})
-                elif address not in pooled:
-                    rows.append({"node": address, "error": "answers again; joins the plan once it has settled"})
+                elif address not in pooled and now - seen.since < self._settle(seen):
+                    rows.append({"node": address, "error": "answers again; joins the pool once it has settled"})
         return rows
 
     def _run(self) -> None:
