@@ -73,7 +73,12 @@ class Router:
         A node that does not answer is left out; on the first plan, an explicit node that
         refuses the cluster token or speaks another protocol is an error (a setup mistake).
         `lost`: why each earlier plan was dropped, for the error when none fits."""
-        addresses = self.addresses()
+        try:
+            addresses = self.addresses()
+        except NodeError:  # --discover found no node: after the first plan, this process may carry on alone
+            if first:
+                raise
+            addresses = []
         optional = [a for a in addresses if self.optional(a)] if first else addresses
         left_out: list[NodeError] = []
         nodes = connect(addresses, self.token, optional, self.tls, left_out)

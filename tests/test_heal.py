@@ -17,9 +17,10 @@ from caravan.coordinator.heal import Watcher
 from caravan.coordinator.planner import PlanError
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from support.nodes import cluster_token
+from support.nodes import NodeProcess, cluster_token
 from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids
 from support.wait import wait_for
+from test_discovery import netns  # noqa: F401  (the fixture: a network namespace with multicast on its loopback)
 from test_failover import cluster, expected, generation, nodes  # noqa: F401  (expected, nodes: fixtures)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -227,3 +228,41 @@ def test_coordinator_without_the_memory_ends_with_a_clear_error(smollm2, nodes, 
             next(run)
     finally:
         pipeline.close()
+
+
+def test_node_found_by_zeroconf_joins_a_running_server(netns, tmp_path):  # noqa: F811
+    """`serve --discover` inside a network namespace (test_discovery.py's): a second node that
+    starts advertising while it serves is found and taken into the plan."""
+    import json
+    import selectors
+    import subprocess
+    import sys
+
+    alpha = NodeProcess(tmp_path / "alpha", advertise=True, prefix=netns, name="alpha")
+    log_path = tmp_path / "serve.log"
+    serve = subprocess.Popen([*netns, sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
+                              "--ctx", str(N_CTX), "--discover", "--discover-seconds", "2"],
+                             stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
+    started = [alpha]
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(serve.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout=120), log_path.read_text()
+        url = serve.stdout.readline().rsplit(" ", 1)[1].strip().removesuffix("/v1") + "/health"
+
+        def stages() -> list[str]:  # asked from inside the namespace, where the server listens
+            got = subprocess.run([*netns, sys.executable, "-c", "import sys, urllib.request; "
+                                  "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url],
+                                 capture_output=True, text=True, timeout=60)
+            return [s["node"] for s in json.loads(got.stdout).get("stages", [])] if got.returncode == 0 else []
+
+        assert stages() == ["alpha"]
+        started.append(NodeProcess(tmp_path / "beta", advertise=True, prefix=netns, name="beta"))
+        wait_for(lambda: stages() == ["alpha", "beta"], REJOIN_S, "beta, found by zeroconf, in the plan",
+                 interval_s=1.0)
+        assert "node beta (" in log_path.read_text() and "joined the pool" in log_path.read_text()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        for node in started:
+            node.stop()
