@@ -743,9 +743,12 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         chosen = from_flags.adapters(args, model, pipeline)
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
-        # next node works on another's. In one process a lane would only wait for the other.
+        # next node works on another's. In one process a lane would only wait for the other. A
+        # --nodes entry down at the start counts too: it joins the plan once it answers.
         nodes = pipeline.stats(ask_nodes=False)
         lanes = len(nodes) if any(row.address is not None for row in nodes) else 1
+        if watcher is not None:
+            lanes = max(lanes, len(watcher.configured))
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
                               draft_max=args.draft_max if args.speculate else 0,
                               prompt_cache=_prompt_cache(args, pipeline))

@@ -8,9 +8,9 @@ kernels are deterministic, so the refilled caches hold the same bits and the gen
 on exactly as it would have: the client sees a delay, not an error. Every plan, the first one
 included, is made the same way: a node that does not answer is left out, and one lost while it
 is measured, loaded, connected to or refilled is dropped and the plan made again. When no node
-answers at all after the first plan, this process carries the whole model, if its memory allows
-rather than ending the conversation; the nodes take the layers back once they answer
-again (coordinator/heal.py offers their plan with `adopt`, at the next call boundary).
+answers at all after the first plan, this process carries the whole model if its memory allows,
+rather than ending the conversation; the nodes take the layers back once they answer again
+(coordinator/heal.py offers their plan with `adopt`, at the next call boundary).
 
 Finished sessions the stages keep in their prompt caches (retire_session) are not refilled: a
 re-plan drops them, and a later copy from one fails as an unknown session, which the scheduler

@@ -160,6 +160,26 @@ def test_greedy_text_unchanged_while_a_node_rejoins(smollm2, expected, nodes, tm
         pipeline.close()
 
 
+def test_node_restarted_between_requests_is_loaded_again_at_once(smollm2, expected, nodes, tmp_path):  # noqa: F811
+    """A node of the plan restarts while no request runs: it answers, but without its layers; the
+    watcher re-plans before the next request needs them (no failure meets that request)."""
+    a, b = nodes(), nodes()
+    pipeline = cluster(smollm2, [a.address, b.address], tmp_path)
+    watcher = Watcher(pipeline, lambda: [a.address, b.address], [a.address, b.address], cluster_token(),
+                      period_s=0.5, settle_s=1.0).start()
+    try:
+        before = pipeline.generation
+        b.kill()
+        nodes(port=b.port, cache_dir=b.cache_dir)
+        wait_for(lambda: pipeline.generation > before, REJOIN_S, "the plan loaded onto b again")
+        assert planned(pipeline) == [a.address, b.address]
+        assert list(generation(pipeline, smollm2)) == expected
+        assert pipeline.recoveries == []  # no batch met a lost node
+    finally:
+        watcher.close()
+        pipeline.close()
+
+
 def test_a_flapping_node_is_not_taken_at_every_blink(smollm2, nodes, tmp_path):  # noqa: F811
     """A node that answers for less than the settle time, again and again, is never planned with;
     once it stays, it joins after a longer settle time, in one re-plan."""
