@@ -739,13 +739,16 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     model.check_chat_template()
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
-    with from_flags.pipeline(args, model, args.ctx) as pipeline:
+    with from_flags.pipeline(args, model, args.ctx) as pipeline, from_flags.watched(args, pipeline) as watcher:
         chosen = from_flags.adapters(args, model, pipeline)
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
-        # next node works on another's. In one process a lane would only wait for the other.
+        # next node works on another's. In one process a lane would only wait for the other. A
+        # --nodes entry down at the start counts too: it joins the plan once it answers.
         nodes = pipeline.stats(ask_nodes=False)
         lanes = len(nodes) if any(row.address is not None for row in nodes) else 1
+        if watcher is not None:
+            lanes = max(lanes, len(watcher.configured))
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
                               draft_max=args.draft_max if args.speculate else 0,
                               prompt_cache=_prompt_cache(args, pipeline))
@@ -754,6 +757,8 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             loopback = ipaddress.ip_address(host).is_loopback
             api = API(model, scheduler, model_id, api_key, loopback_only=loopback, adapters=adapters, limits=limits,
                       cache_dir=from_flags.cache_dir(args))
+            if watcher is not None:
+                api.missing_nodes = watcher.missing
             if api_key is None and not loopback:
                 log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
             _emit(out, f"caravan serving {model_id} on http://{host}:{port}/v1")
@@ -800,6 +805,8 @@ def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("caravan").setLevel(level)
+    # Nodes joining and leaving a running server, and its re-plans, are worth a line without -v.
+    logging.getLogger("caravan.coordinator.heal").setLevel(min(level, logging.INFO))
 
 
 def main(argv: list[str] | None = None) -> int:

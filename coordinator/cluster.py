@@ -89,6 +89,11 @@ def _local_info() -> pb.NodeInfo:
                        architecture=platform.machine(), state=pb.NODE_STATE_IDLE)
 
 
+def local_node() -> Node:
+    """This process as a place for layers, with the memory it has free now."""
+    return Node(LOCAL, None, _local_info())
+
+
 def connect(addresses: list[str], token: str | None = None, optional: Collection[str] = (),
             tls: auth.TLSFiles | None = None, left_out: list[NodeError] | None = None) -> list[Node]:
     """Ask every node who it is. One unreachable, untrusted or incompatible node is an error
@@ -100,7 +105,7 @@ def connect(addresses: list[str], token: str | None = None, optional: Collection
     try:
         for address in addresses:
             if address == LOCAL:
-                nodes.append(Node(LOCAL, None, _local_info()))
+                nodes.append(local_node())
                 continue
             client = NodeClient(address, token, tls)
             try:

@@ -7,7 +7,10 @@ needs, refills every session's KV cache from its tokens, and runs the batch agai
 kernels are deterministic, so the refilled caches hold the same bits and the generation goes
 on exactly as it would have: the client sees a delay, not an error. Every plan, the first one
 included, is made the same way: a node that does not answer is left out, and one lost while it
-is measured, loaded, connected to or refilled is dropped and the plan made again.
+is measured, loaded, connected to or refilled is dropped and the plan made again. When no node
+answers at all after the first plan, this process carries the whole model if its memory allows,
+rather than ending the conversation; the nodes take the layers back once they answer again
+(coordinator/heal.py offers their plan with `adopt`, at the next call boundary).
 
 Finished sessions the stages keep in their prompt caches (retire_session) are not refilled: a
 re-plan drops them, and a later copy from one fails as an unknown session, which the scheduler
@@ -37,7 +40,7 @@ from caravan.pipeline.stage import Segment, StageError, StageStats
 from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
 
-from .cluster import Cluster, Node, close_nodes, connect, deploy, make_plan, measure
+from .cluster import Cluster, Node, close_nodes, connect, deploy, local_node, make_plan, measure
 from .planner import Plan, PlanError
 from .remote import FORWARD_TIMEOUT_S, NodeError
 
@@ -70,21 +73,35 @@ class Router:
         A node that does not answer is left out; on the first plan, an explicit node that
         refuses the cluster token or speaks another protocol is an error (a setup mistake).
         `lost`: why each earlier plan was dropped, for the error when none fits."""
-        addresses = self.addresses()
+        try:
+            addresses = self.addresses()
+        except NodeError:  # --discover found no node: after the first plan, this process may carry on alone
+            if first:
+                raise
+            addresses = []
         optional = [a for a in addresses if self.optional(a)] if first else addresses
         left_out: list[NodeError] = []
         nodes = connect(addresses, self.token, optional, self.tls, left_out)
+        alone = not first and not nodes
+        if alone:  # every node is gone: this process carries the model, if its memory allows
+            nodes = [local_node()]
         try:
             measure(nodes, self.model)
             plan = make_plan(self.model, nodes, self.n_ctx)
         except PlanError as exc:
             close_nodes(nodes)
+            if alone:
+                raise PlanError(f"every node is gone ({'; '.join(map(str, left_out)) or 'none listed'}) and this "
+                                f"process cannot carry the model alone: {exc}") from None
             raise _no_plan(nodes, left_out, lost, exc) from None
         except BaseException:
             close_nodes(nodes)
             raise
         for exc in left_out:
             log.warning("leaving out %s", exc)
+        if alone:
+            log.warning("every node is gone: this process carries all %d layers until nodes answer again",
+                        self.model.config.n_layers)
         return deploy(self.model, nodes, plan, self.n_ctx, self.cache_dir, self.wire_format, self.progress,
                       self.forward_timeout_s)
 
@@ -176,6 +193,16 @@ class ClusterPipeline:
         return self.cluster.plan
 
     @property
+    def generation(self) -> int:
+        """Plans made so far: what `adopt` is given, so that a plan offered on an older one is refused."""
+        return self._generation
+
+    @property
+    def replanning(self) -> bool:
+        """A re-plan is waiting for the calls in flight, or running."""
+        return self._recovering
+
+    @property
     def prefill_depth(self) -> int:
         cluster = self.cluster
         return cluster.pipeline.prefill_depth if cluster is not None else 1
@@ -263,6 +290,38 @@ class ClusterPipeline:
             self._recover(error, generation)
         raise PlanError(f"gave up after {MAX_RECOVERIES} re-plans: {self.recoveries[-1] if self.recoveries else 'no plan'}")
 
+    def adopt(self, nodes: list[Node], plan: Plan, generation: int) -> bool:
+        """Move to `plan` over `nodes` (connected and measured; this call owns them) at the next
+        call boundary: no call is using the current plan then, and every session's caches are
+        refilled on the new one, so the text goes on unchanged. False, with the nodes closed, when
+        the plan has changed since `generation` (a failure re-planned first). A node lost while
+        moving is routed around as in any re-plan."""
+        with self._gate:
+            if self._generation != generation or self._recovering:
+                close_nodes(nodes)
+                return False
+            self._recovering = True
+            while self._in_flight:
+                self._gate.wait()
+        try:
+            if self.cluster is not None:
+                self.cluster.close()
+                self.cluster = None
+            router = self.router
+            self._replan(offered=lambda: deploy(router.model, nodes, plan, router.n_ctx, router.cache_dir,
+                                                router.wire_format, router.progress, router.forward_timeout_s))
+            return True
+        finally:
+            self._next_generation()
+
+    def layout(self) -> str:
+        """The current plan in a few words: each stage's node and layers."""
+        cluster = self.cluster
+        if cluster is None:
+            return "no plan"
+        names = {node.address: node.name for node in cluster.nodes}
+        return ", ".join(f"{names.get(a.node.name, a.node.name)} {a.layers}" for a in cluster.plan.assignments)
+
     def _recover(self, error: NodeError | None, generation: int) -> None:
         """Drop the plan `error` was met on and make a new one, unless another call did already."""
         with self._gate:
@@ -272,14 +331,20 @@ class ClusterPipeline:
             while self._in_flight:
                 self._gate.wait()
         try:
+            was = self.layout()
+            t0 = time.perf_counter()
             if error is not None:
                 self._drop(error)
             self._replan()
+            log.warning("re-planned in %.1f s: was %s; now %s", time.perf_counter() - t0, was, self.layout())
         finally:
-            with self._gate:
-                self._generation += 1
-                self._recovering = False
-                self._gate.notify_all()
+            self._next_generation()
+
+    def _next_generation(self) -> None:
+        with self._gate:
+            self._generation += 1
+            self._recovering = False
+            self._gate.notify_all()
 
     def _drop(self, exc: NodeError) -> None:
         """Give up the current plan: a stage's node is gone or stuck."""
@@ -289,22 +354,19 @@ class ClusterPipeline:
             self.cluster.close()
         self.cluster = None
 
-    def _replan(self, first: bool = False) -> None:
-        """Place the layers on the nodes that answer now and refill every session's caches; a
-        node lost on the way (connecting, loading, opening streams, refilling) is dropped and the
-        plan made again, up to MAX_RECOVERIES times."""
-        t0 = time.perf_counter()
+    def _replan(self, first: bool = False, offered: Callable[[], Cluster] | None = None) -> None:
+        """Place the layers on the nodes that answer now (or deploy the plan `offered`) and refill
+        every session's caches; a node lost on the way (connecting, loading, opening streams,
+        refilling) is dropped and the plan made again, up to MAX_RECOVERIES times."""
         for attempt in range(MAX_RECOVERIES + 1):
             try:
-                self.cluster = self.router.deploy(first, self.recoveries)
+                self.cluster = offered() if offered is not None else self.router.deploy(first, self.recoveries)
                 for adapter in self.adapters.values():
                     self.cluster.pipeline.add_adapter(adapter)
                 self.replay.refill(self.cluster.pipeline)
                 break
             except NodeError as exc:
+                offered = None  # once more from the nodes that answer now
                 if not exc.lost or attempt == MAX_RECOVERIES:
                     raise
                 self._drop(exc)
-        if self.recoveries:
-            log.warning("re-planned in %.1f s: %s", time.perf_counter() - t0,
-                        ", ".join(f"{a.node.name} {a.layers}" for a in self.plan.assignments))

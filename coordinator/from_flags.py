@@ -26,6 +26,7 @@ from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
 from .cluster import LOCAL, Node, close_nodes, connect, measure, parse_nodes, say
 from .discovery import discover
 from .failover import ClusterPipeline
+from .heal import Watcher
 from .remote import NodeError
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,20 @@ def pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterat
         yield cluster
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def watched(args: argparse.Namespace, pipeline: Pipeline) -> Iterator[Watcher | None]:
+    """For `serve` over nodes: the watcher that lets nodes that come back, or new ones, join the
+    plan while it serves (coordinator/heal.py); None when every layer runs in this process."""
+    if not (args.nodes or args.discover):
+        yield None
+        return
+    watcher = Watcher(pipeline, lambda: addresses(args), _explicit(args), token(args), tls(args)).start()
+    try:
+        yield watcher
+    finally:
+        watcher.close()
 
 
 def _compile_kernels(args: argparse.Namespace, model: LoadedModel) -> None:

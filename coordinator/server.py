@@ -5,7 +5,8 @@
     GET  /v1/models             the model served, and MODEL:ADAPTER for each --lora adapter
     GET  /v1/models/{id}        one of them (a JSON 404 for any other id)
     GET  /                      a web chat page (coordinator/chat.html), under a strict CSP
-    GET  /health                200 when ready, 503 while no plan of nodes works; the stages
+    GET  /health                200 "ok", or "degraded" with the --nodes missing; 503 while no plan
+                                of nodes works; the stages
     GET  /metrics               Prometheus text: requests, queue, tokens, KV cache per stage
     /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version
                                 Ollama's API, on the same model (coordinator/ollama.py)
@@ -61,7 +62,7 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -126,6 +127,7 @@ class API:
         scheduler.flush = self._handoff.flush
         self._stopping = asyncio.Event()  # set on SIGTERM: answers still running are cut short
         self._loop: asyncio.AbstractEventLoop | None = None  # the requests' loop, once there is one
+        self.missing_nodes: Callable[[], list[dict]] = list  # --nodes not in the pool, for /health (serve sets it)
         self.app = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
@@ -277,11 +279,14 @@ class API:
 
     async def health(self, request: HTTPRequest) -> Response:
         rows = self.scheduler.pipeline.stats(ask_nodes=False)
+        missing = self.missing_nodes()
         if not rows:  # a ClusterPipeline between plans
-            return JSONResponse({"status": "no plan of nodes fits; waiting for nodes", "model": self.model_id},
-                                status_code=503)
+            return JSONResponse({"status": "no plan of nodes fits; waiting for nodes", "model": self.model_id,
+                                 "missing": missing}, status_code=503)
         stages = [{"node": row.node, "layers": [row.layers.start, row.layers.stop]} for row in rows]
-        return JSONResponse({"status": "ok", "model": self.model_id, "stages": stages})
+        # Degraded still answers every request: 200, so that a load balancer keeps sending them.
+        return JSONResponse({"status": "degraded" if missing else "ok", "model": self.model_id, "stages": stages,
+                             **({"missing": missing} if missing else {})})
 
     async def metrics(self, request: HTTPRequest) -> Response:
         try:

@@ -1,0 +1,288 @@
+"""A cluster that heals and grows while it serves (issue 25): `caravan serve` in front of real node
+processes on loopback ports; nodes are killed, come back, or start late, and join the plan while it
+serves, without another failure to prompt it; /health says "degraded" meanwhile; with every node
+gone the coordinator carries the model alone. Greedy text is the one-process text throughout."""
+
+from __future__ import annotations
+
+import socket
+import time
+from unittest.mock import ANY
+
+import pytest
+
+from caravan.coordinator import cluster as cluster_module
+from caravan.coordinator.failover import ClusterPipeline
+from caravan.coordinator.heal import Watcher
+from caravan.coordinator.planner import PlanError
+from caravan.pipeline.generate import Generation
+from caravan.pipeline.sampler import Sampler, SamplingParams
+from support.nodes import NodeProcess, cluster_token
+from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids
+from support.wait import wait_for
+from test_discovery import netns  # noqa: F401  (the fixture: a network namespace with multicast on its loopback)
+from test_failover import cluster, expected, generation, nodes  # noqa: F401  (expected, nodes: fixtures)
+
+pytestmark = [pytest.mark.model, pytest.mark.slow]
+
+REJOIN_S = 60.0  # a node that answers again is in the plan within this (settle time, probes, measuring, loading)
+STORY = [{"role": "user", "content": "Tell me a long story about a caravan of llamas crossing the mountains."}]
+STORY_TOKENS = 40
+
+
+def one_process_text(model, messages, max_tokens: int) -> str:
+    tokens = Generation(model.local_pipeline(N_CTX), chat_ids(model, messages), Sampler(SamplingParams(temperature=0)),
+                        max_tokens, model.tokenizer.eog_ids)
+    return model.tokenizer.decode(list(tokens))
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """`caravan serve ARGS` with its log in a file (read with .log()); stopped after the test."""
+    started = []
+
+    def start(*args):
+        log_path = tmp_path / f"serve{len(started)}.log"
+        server = Server(*args, stderr=open(log_path, "w"))
+        server.log = log_path.read_text
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+def health(server) -> dict:
+    status, body = server.get("/health", timeout=10)
+    assert status == (503 if body["status"].startswith("no plan") else 200), body
+    return body
+
+
+def staged(server) -> list[str]:
+    """The node names of the plan, in order, as /health tells them."""
+    return [stage["node"] for stage in health(server).get("stages", [])]
+
+
+def ask(server, messages=QUESTION, max_tokens=16) -> str:
+    reply = server.client().chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                    max_tokens=max_tokens)
+    return reply.choices[0].message.content
+
+
+def stream(server, messages, max_tokens, on_chunk=lambda i: None) -> str:
+    pieces = []
+    chunks = server.client().chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                                     max_tokens=max_tokens, stream=True)
+    for i, chunk in enumerate(chunks):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        on_chunk(i)
+    return "".join(pieces)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_node_killed_and_restarted_rejoins_and_health_follows(smollm2, nodes, serve):  # noqa: F811
+    answer = one_process_text(smollm2, QUESTION, 16)
+    a, b = nodes(name="a"), nodes(name="b")
+    server = serve("--nodes", f"{a.address},{b.address}")
+    assert health(server)["status"] == "ok" and staged(server) == ["a", "b"]
+
+    b.kill()
+    wait_for(lambda: health(server)["status"] == "degraded", 30, "/health says degraded")
+    assert [row["node"] for row in health(server)["missing"]] == [b.address]
+    assert ask(server) == answer  # routed around b
+    assert staged(server) == ["a"]
+
+    nodes(name="b", port=b.port, cache_dir=b.cache_dir)  # b restarts where it was; no request prompts the join
+    took = wait_for(lambda: staged(server) == ["a", "b"], REJOIN_S, "b back in the plan")
+    body = health(server)
+    assert body["status"] == "ok" and "missing" not in body, body
+    assert ask(server) == answer
+    log = server.log()
+    assert f"node {b.address}: asking for its info: unreachable" in log and "it left the pool" in log, log
+    assert "node b (" in log and "joined the pool" in log, log
+    assert "re-planned" in log and "was a [0, 30); now a [0, " in log, log
+    print(f"b rejoined {took:.1f} s after it restarted")
+
+
+def test_node_that_starts_late_joins_a_running_server(smollm2, nodes, serve):  # noqa: F811
+    """A configured address with nothing on it at the start: the server serves over the other, and
+    takes the node once it answers, at a request boundary."""
+    answer = one_process_text(smollm2, QUESTION, 16)
+    a = nodes(name="a")
+    late = f"127.0.0.1:{free_port()}"
+    server = serve("--nodes", f"{a.address},{late}")
+    body = health(server)
+    assert body["status"] == "degraded" and [row["node"] for row in body["missing"]] == [late], body
+    assert ask(server) == answer
+    nodes(name="late", port=int(late.rsplit(":", 1)[1]))
+    wait_for(lambda: staged(server) == ["a", "late"], REJOIN_S, "the late node in the plan")
+    assert health(server)["status"] == "ok"
+    assert ask(server) == answer
+
+
+def planned(pipeline) -> list[str]:
+    """The addresses of a ClusterPipeline's plan, in order ([] while it moves)."""
+    current = pipeline.cluster
+    return [a.node.name for a in current.plan.assignments] if current is not None else []
+
+
+def test_greedy_text_unchanged_while_a_node_rejoins(smollm2, expected, nodes, tmp_path):  # noqa: F811
+    """A greedy generation runs while a lost node comes back: the watcher moves the plan onto it
+    between two tokens (the generation waits there for it), and the text is the one-process text."""
+    a, b = nodes(), nodes()
+    pipeline = cluster(smollm2, [a.address, b.address], tmp_path)
+    watcher = Watcher(pipeline, lambda: [a.address, b.address], [a.address, b.address], cluster_token(),
+                      period_s=0.5, settle_s=1.0).start()
+    try:
+        tokens = []
+        for i, token in enumerate(generation(pipeline, smollm2)):
+            tokens.append(token)
+            if i == 3:
+                b.kill()
+            if i == 8:
+                assert [s.node.name for s in pipeline.plan.assignments] == [a.address]
+                assert watcher.missing() == [{"node": b.address, "error": ANY}]
+                before = pipeline.generation
+                nodes(port=b.port, cache_dir=b.cache_dir)
+                wait_for(lambda: pipeline.generation > before, REJOIN_S, "the plan moved onto b")
+        assert tokens == expected
+        assert [s.node.name for s in pipeline.plan.assignments] == [a.address, b.address]
+        assert watcher.missing() == []
+    finally:
+        watcher.close()
+        pipeline.close()
+
+
+def test_node_restarted_between_requests_is_loaded_again_at_once(smollm2, expected, nodes, tmp_path):  # noqa: F811
+    """A node of the plan restarts while no request runs: it answers, but without its layers; the
+    watcher re-plans before the next request needs them (no failure meets that request)."""
+    a, b = nodes(), nodes()
+    pipeline = cluster(smollm2, [a.address, b.address], tmp_path)
+    watcher = Watcher(pipeline, lambda: [a.address, b.address], [a.address, b.address], cluster_token(),
+                      period_s=0.5, settle_s=1.0).start()
+    try:
+        before = pipeline.generation
+        b.kill()
+        nodes(port=b.port, cache_dir=b.cache_dir)
+        wait_for(lambda: pipeline.generation > before, REJOIN_S, "the plan loaded onto b again")
+        assert planned(pipeline) == [a.address, b.address]
+        assert list(generation(pipeline, smollm2)) == expected
+        assert pipeline.recoveries == []  # no batch met a lost node
+    finally:
+        watcher.close()
+        pipeline.close()
+
+
+def test_a_flapping_node_is_not_taken_at_every_blink(smollm2, nodes, tmp_path):  # noqa: F811
+    """A node that answers for less than the settle time, again and again, is never planned with;
+    once it stays, it joins after a longer settle time, in one re-plan."""
+    a = nodes()
+    port = free_port()
+    flapper = f"127.0.0.1:{port}"
+    pipeline = cluster(smollm2, [a.address, flapper], tmp_path)
+    watcher = Watcher(pipeline, lambda: [a.address, flapper], [a.address, flapper], cluster_token(),
+                      period_s=0.25, settle_s=2.0).start()
+    try:
+        first = pipeline.generation
+        for _ in range(3):
+            up = nodes(port=port)
+            time.sleep(0.8)
+            up.kill()
+            time.sleep(0.5)
+        assert pipeline.generation == first
+        nodes(port=port)
+        took = wait_for(lambda: planned(pipeline) == [a.address, flapper], REJOIN_S, "the node, steady now, in the plan")
+        assert pipeline.generation == first + 1
+        assert took >= 3.0, took  # its settle time grew with its blinks
+    finally:
+        watcher.close()
+        pipeline.close()
+
+
+def test_every_node_gone_the_coordinator_carries_on(smollm2, nodes, serve):  # noqa: F811
+    """Both nodes are killed mid-stream: the coordinator holds the model itself and the text goes
+    on unchanged; once a node answers again, it takes the layers back."""
+    story = one_process_text(smollm2, STORY, STORY_TOKENS)
+    a, b = nodes(name="a"), nodes(name="b")
+    server = serve("--nodes", f"{a.address},{b.address}")
+
+    def kill_both(i: int) -> None:
+        if i == 4:
+            a.kill()
+            b.kill()
+
+    assert stream(server, STORY, STORY_TOKENS, kill_both) == story
+    assert "this process carries all 30 layers" in server.log()
+    body = health(server)
+    assert body["status"] == "degraded" and staged(server) == ["local"], body
+    nodes(name="a", port=a.port, cache_dir=a.cache_dir)
+    wait_for(lambda: staged(server) == ["a"], REJOIN_S, "a takes the layers back from the coordinator")
+
+
+def test_coordinator_without_the_memory_ends_with_a_clear_error(smollm2, nodes, tmp_path, monkeypatch):  # noqa: F811
+    """Every node gone and this process short of memory for the model: the error says so, as before."""
+    a = nodes()
+    pipeline = ClusterPipeline(smollm2, lambda: [a.address], 256, tmp_path, progress=False, token=cluster_token())
+    try:
+        run = iter(Generation(pipeline, smollm2.tokenizer.encode("Once upon a time"),
+                              Sampler(SamplingParams(temperature=0)), 8, stop_ids=frozenset()))
+        next(run)
+        real = cluster_module._local_info
+
+        def short_of_memory():
+            info = real()
+            info.memory_available = 1 << 20
+            return info
+
+        monkeypatch.setattr(cluster_module, "_local_info", short_of_memory)
+        a.kill()
+        with pytest.raises(PlanError, match=r"^every node is gone \(node .*\) and this process cannot carry the "
+                                            r"model alone: the model's 30 layers need .* MiB"):
+            next(run)
+    finally:
+        pipeline.close()
+
+
+def test_node_found_by_zeroconf_joins_a_running_server(netns, tmp_path):  # noqa: F811
+    """`serve --discover` inside a network namespace (test_discovery.py's): a second node that
+    starts advertising while it serves is found and taken into the plan."""
+    import json
+    import selectors
+    import subprocess
+    import sys
+
+    alpha = NodeProcess(tmp_path / "alpha", advertise=True, prefix=netns, name="alpha")
+    log_path = tmp_path / "serve.log"
+    serve = subprocess.Popen([*netns, sys.executable, "-m", "caravan.coordinator", "serve", "--port", "0", "-t", "1",
+                              "--ctx", str(N_CTX), "--discover", "--discover-seconds", "2"],
+                             stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True)
+    started = [alpha]
+    try:
+        sel = selectors.DefaultSelector()
+        sel.register(serve.stdout, selectors.EVENT_READ)
+        assert sel.select(timeout=120), log_path.read_text()
+        url = serve.stdout.readline().rsplit(" ", 1)[1].strip().removesuffix("/v1") + "/health"
+
+        def stages() -> list[str]:  # asked from inside the namespace, where the server listens
+            got = subprocess.run([*netns, sys.executable, "-c", "import sys, urllib.request; "
+                                  "print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())", url],
+                                 capture_output=True, text=True, timeout=60)
+            return [s["node"] for s in json.loads(got.stdout).get("stages", [])] if got.returncode == 0 else []
+
+        assert stages() == ["alpha"]
+        started.append(NodeProcess(tmp_path / "beta", advertise=True, prefix=netns, name="beta"))
+        wait_for(lambda: stages() == ["alpha", "beta"], REJOIN_S, "beta, found by zeroconf, in the plan",
+                 interval_s=1.0)
+        assert "node beta (" in log_path.read_text() and "joined the pool" in log_path.read_text()
+    finally:
+        serve.terminate()
+        serve.wait(timeout=30)
+        for node in started:
+            node.stop()
