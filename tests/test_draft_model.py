@@ -4,6 +4,10 @@ the model's own, in one process, in the server's scheduler and through 3 real no
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -16,6 +20,7 @@ from caravan.pipeline.draft_model import DraftModel, DraftModelError, check_voca
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.sampler import Sampler, SamplingParams
+from caravan.pipeline.stage import Segment
 from caravan.pipeline.tokenizer import Tokenizer
 from support.nodes import NodeProcess, cluster_token
 from support.stages import greedy
@@ -190,37 +195,43 @@ def three_nodes(tmp_path):
 @pytest.mark.slow
 def test_the_draft_model_through_three_nodes_and_a_node_killed_mid_speculation(smollm2, target, draft, three_nodes,
                                                                                  tmp_path):
-    """Through 3 real node processes the draft model gives one process's greedy text; after each
-    pass every node caches the pass's start (the accepted length) plus its rows. A node killed
-    right after a pass that rejected draft tokens changes nothing either."""
+    """Through 3 real node processes the draft model gives one process's greedy text, and every
+    pass's rows, those after a rejection included, have the bits the same segments give in this
+    process: the nodes attend to the accepted positions only, as LocalStage does (checked in
+    test_every_stage_keeps_only_accepted_positions). A node killed right after a pass that
+    rejected draft tokens changes nothing either."""
     ids, eog = chat_prompt(smollm2, MESSAGES[1]), smollm2.tokenizer.eog_ids
     alone = list(Generation(target, ids, greedy(), N_TOKENS, eog))
     addresses = [node.address for node in three_nodes]
     pipeline = ClusterPipeline(smollm2, lambda: list(addresses), N_CTX, tmp_path, progress=False,
                                forward_timeout_s=10.0, token=cluster_token())
-    passes = []
+    passes = []  # (segment, token ids, hidden) of each decode pass
     forward = pipeline.forward
-    pipeline.forward = lambda segments, token_ids: (passes.append(segments[0]), forward(segments, token_ids))[1]
+
+    def recorded(segments, token_ids):
+        hidden = forward(segments, token_ids)
+        passes.append((segments[0], token_ids, hidden))
+        return hidden
+
+    pipeline.forward = recorded
     try:
         assert len(pipeline.plan.assignments) == 3
+        generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=draft.drafter())
+        assert list(generation) == alone
+        assert generation.sequence.drafted > generation.sequence.accepted > 0
+        target.prefill("mirror", ids)
+        for segment, token_ids, hidden in passes:
+            mirror = target.forward([Segment("mirror", segment.start, segment.length)], token_ids)
+            np.testing.assert_array_equal(hidden, mirror)
+        target.end_session("mirror")
+
+        passes.clear()
         generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=draft.drafter())
         tokens = []
         for token in generation:
             tokens.append(token)
-            if passes and not generation.sequence.finished:
-                last = passes[-1]
-                assert [row.cached_positions for row in pipeline.stats()] == [last.start + last.length] * 3
-        assert tokens == alone
-        assert generation.sequence.drafted > generation.sequence.accepted > 0
-
-        passes.clear()
-        drafter = draft.drafter()
-        generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=drafter)
-        tokens = []
-        for token in generation:
-            tokens.append(token)
-            seq = generation.sequence
-            rejected = passes and passes[-1].start + passes[-1].length > seq.accepted_length
+            last = passes[-1][0] if passes else None
+            rejected = last is not None and last.start + last.length > generation.sequence.accepted_length
             if rejected and not pipeline.recoveries and three_nodes[1].proc.poll() is None:
                 three_nodes[1].kill()  # its rows past the accepted length are in every stage's cache
         assert tokens == alone
@@ -228,3 +239,43 @@ def test_the_draft_model_through_three_nodes_and_a_node_killed_mid_speculation(s
         assert draft.sessions == 0
     finally:
         pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def env(smollm2_path, tmp_path_factory):
+    """A private CARAVAN_HOME whose one model links to the shared SmolLM2 file."""
+    cache = tmp_path_factory.mktemp("caravan-home")
+    (cache / "models").mkdir()
+    os.symlink(smollm2_path, cache / "models" / smollm2_path.name)
+    return {**os.environ, "CARAVAN_HOME": str(cache), "PYTHONIOENCODING": "utf-8"}
+
+
+def caravan(env, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "caravan.coordinator", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_run_with_a_draft_model_gives_the_same_tokens(env, draft_path):
+    run = ("run", "The llama is a domesticated", "--json", "--temperature", "0", "--max-tokens", "16", "--threads", "1")
+    plain = caravan(env, *run, "--no-speculate")
+    drafted = caravan(env, *run, "--draft", str(draft_path), "--draft-max", "3")
+    assert plain.returncode == 0 and drafted.returncode == 0, drafted.stderr
+    plain, drafted = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert drafted["tokens"] == plain["tokens"] and drafted["timings"]["tokens_per_pass"] > 1
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_draft_it_cannot_use_in_one_line(env, tiny_q8_path, tmp_path):
+    """Another vocabulary, a file that is not GGUF, a missing file: one line, exit status 1, for
+    run (before anything runs) and serve (before it listens)."""
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a model at all")
+    cases = [(tiny_q8_path, "its vocabulary has 300 tokens, the model's 49152"), (garbage, "not a GGUF file"),
+             (tmp_path / "missing.gguf", "no such file")]
+    for path, reason in cases:
+        for verb in (("run", "Hello"), ("serve", "--port", "0")):
+            result = caravan(env, *verb, "--draft", str(path))
+            assert result.returncode == 1 and result.stdout == "", result
+            assert result.stderr.startswith(f"caravan: error: --draft {path}: ") and reason in result.stderr
+            assert result.stderr.count("\n") == 1, result.stderr
