@@ -5,9 +5,6 @@ the model's own, in one process, in the server's scheduler and through 3 real no
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -25,6 +22,7 @@ from caravan.pipeline.tokenizer import Tokenizer
 from support.nodes import NodeProcess, cluster_token
 from support.stages import greedy
 from support.tiny_models import tiny_llama
+from test_cli import caravan, env  # noqa: F401  (env: the fixture of a private CARAVAN_HOME)
 
 pytestmark = pytest.mark.model
 
@@ -239,20 +237,6 @@ def test_the_draft_model_through_three_nodes_and_a_node_killed_mid_speculation(s
         assert draft.sessions == 0
     finally:
         pipeline.close()
-
-
-@pytest.fixture(scope="module")
-def env(smollm2_path, tmp_path_factory):
-    """A private CARAVAN_HOME whose one model links to the shared SmolLM2 file."""
-    cache = tmp_path_factory.mktemp("caravan-home")
-    (cache / "models").mkdir()
-    os.symlink(smollm2_path, cache / "models" / smollm2_path.name)
-    return {**os.environ, "CARAVAN_HOME": str(cache), "PYTHONIOENCODING": "utf-8"}
-
-
-def caravan(env, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "caravan.coordinator", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
 
 
 @pytest.mark.slow
