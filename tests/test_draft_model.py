@@ -20,6 +20,7 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 from caravan.pipeline.tokenizer import Tokenizer
 from support.nodes import NodeProcess, cluster_token
+from support.serve import MODEL, Server
 from support.stages import greedy
 from support.tiny_models import tiny_llama
 from test_cli import caravan, env  # noqa: F401  (env: the fixture of a private CARAVAN_HOME)
@@ -263,3 +264,29 @@ def test_cli_refuses_a_draft_it_cannot_use_in_one_line(env, tiny_q8_path, tmp_pa
             assert result.returncode == 1 and result.stdout == "", result
             assert result.stderr.startswith(f"caravan: error: --draft {path}: ") and reason in result.stderr
             assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.slow
+def test_serve_with_a_draft_model_answers_each_request_as_alone(draft_path, smollm2, alone):
+    """`caravan serve --draft`: concurrent greedy requests (one with n = 2) get the text each
+    gets alone without speculation."""
+    server = Server("--draft", str(draft_path), "--draft-max", "4")
+    try:
+        prompts = [f"{message} ({i})" for i in range(2) for message in MESSAGES]
+        answers: dict[int, dict] = {}
+
+        def ask(i: int) -> None:
+            body = {"model": MODEL, "prompt": prompts[i], "max_tokens": 12, "temperature": 0, "n": 2 if i == 0 else 1}
+            status, answers[i] = server.post("/completions", json.dumps(body).encode(), timeout=300)
+            assert status == 200, answers[i]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=300)
+        for i, prompt in enumerate(prompts):
+            expected = alone(smollm2.tokenizer.encode(prompt), 12)
+            assert [choice["text"] for choice in answers[i]["choices"]] == [expected] * (2 if i == 0 else 1)
+    finally:
+        server.stop()
