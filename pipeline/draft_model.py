@@ -117,11 +117,10 @@ class ModelDrafter:
             self.length = accepted + 1
 
     def end(self) -> None:
-        """Let go of the draft session; the sequence has ended."""
-        if self.fed:
-            with self.draft.lock:
-                self.draft.pipeline.end_session(self.session_id)
-            self.fed = []
+        """Let go of the draft session (if it was made); the sequence has ended."""
+        with self.draft.lock:
+            self.draft.pipeline.end_session(self.session_id)
+        self.fed = []
 
 
 def _argmax(pipeline: Pipeline, hidden: np.ndarray) -> int:

@@ -63,6 +63,7 @@ def chat_prompt(model, message: str) -> list[int]:
     return model.tokenizer.encode(text, special=True)
 
 
+@pytest.mark.slow
 def test_the_draft_models_greedy_text_is_the_models(smollm2, target, draft):
     """Greedy ids with the draft model equal the ids without speculation, for prompts where the
     draft is rejected at its first token and where a draft of DRAFT_MAX is kept whole; each
@@ -92,6 +93,7 @@ def test_the_draft_models_greedy_text_is_the_models(smollm2, target, draft):
     assert rejected_at_first > 0 and kept_whole > 0
 
 
+@pytest.mark.slow
 def test_sampled_text_is_the_same_with_the_draft_model(smollm2, target, draft):
     """At temperature > 0 a seed gives the same text with the draft model or without one."""
     ids = chat_prompt(smollm2, MESSAGES[2])
@@ -103,6 +105,7 @@ def test_sampled_text_is_the_same_with_the_draft_model(smollm2, target, draft):
     assert generation.sequence.accepted > 0 and drafter.passes > 0
 
 
+@pytest.mark.slow
 def test_every_stage_keeps_only_accepted_positions(smollm2, draft):
     """Over a pipeline of three stages: each pass starts at the sequence's accepted length, and
     after a pass that rejected draft tokens each stage's first accepted-length positions hold
