@@ -55,7 +55,7 @@ from caravan.pipeline.prompt_cache import CACHE_SHARE_OF_FREE, default_budget
 from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import SUPPORTED_TYPES, UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from caravan.pipeline.speculative import DRAFT_MAX
+from caravan.pipeline.speculative import DRAFT_MAX, Drafter
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
@@ -244,13 +244,17 @@ def _sampling_flags() -> argparse.ArgumentParser:
 
 
 def _speculation_flags() -> argparse.ArgumentParser:
-    """Speculative decoding with prompt lookup (pipeline/speculative.py), on by default."""
+    """Speculative decoding with prompt lookup (pipeline/speculative.py), on by default, or with a
+    draft model (pipeline/draft_model.py)."""
     speculation = argparse.ArgumentParser(add_help=False)
+    speculation.add_argument("--draft", default=None, metavar="PATH|NAME",
+                             help="draft with this smaller model of the same vocabulary (a .gguf file or a known "
+                             "model name), run in this process, instead of prompt lookup")
     speculation.add_argument("--draft-max", type=_positive_int, default=DRAFT_MAX, metavar="N",
-                             help="draft at most N tokens a pass by prompt lookup; the model checks them in one "
+                             help="draft at most N tokens a pass (prompt lookup or --draft); the model checks them in one "
                              f"pass (default: {DRAFT_MAX})")
     speculation.add_argument("--no-speculate", dest="speculate", action="store_false",
-                             help="decode one token a pass, without drafts")
+                             help="decode one token a pass, without drafts (neither prompt lookup nor --draft)")
     return speculation
 
 
@@ -446,12 +450,14 @@ def cmd_rm(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
     model = from_flags.loaded_model(args)
-    with from_flags.pipeline(args, model, args.ctx) as pipeline:
+    draft = from_flags.draft_model(args, model)
+    with from_flags.pipeline(args, model, args.ctx) as pipeline, \
+            from_flags.drafters(args, draft, pipeline.n_ctx) as new_drafter:
         tokenizer = model.tokenizer
         adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
         generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters,
-                                from_flags.drafter(args))
+                                new_drafter())
         if args.json:
             for _ in generation:
                 pass
@@ -471,12 +477,14 @@ def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     params = _sampling_params(args)
     model = from_flags.loaded_model(args)
     model.check_chat_template()
-    with from_flags.pipeline(args, model, args.ctx) as pipeline:
-        return _chat_loop(args, out, model, pipeline, params)
+    draft = from_flags.draft_model(args, model)
+    with from_flags.pipeline(args, model, args.ctx) as pipeline, \
+            from_flags.drafters(args, draft, pipeline.n_ctx) as new_drafter:
+        return _chat_loop(args, out, model, pipeline, params, new_drafter)
 
 
 def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeline: Pipeline,
-               params: SamplingParams) -> int:
+               params: SamplingParams, new_drafter: Callable[[], Drafter | None]) -> int:
     tokenizer = model.tokenizer
     adapters = from_flags.adapters(args, model, pipeline)
     sampler = Sampler(params)  # one generator for the whole conversation: a seed fixes it all
@@ -506,7 +514,7 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
         history.append({"role": "user", "content": line})
         prompt_ids = _chat_prompt(model, system, history, pipeline.n_ctx)
         generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters,
-                                from_flags.drafter(args))
+                                new_drafter())
         if args.json:
             for _ in generation:
                 pass
@@ -655,9 +663,10 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     if args.prompt_tokens + args.decode_tokens > n_ctx:
         raise ValueError(f"--prompt-tokens plus --decode-tokens must fit the context of {n_ctx}")
     prompt = bench.bench_prompt(model.tokenizer, args.prompt_tokens)
-    with from_flags.pipeline(args, model, n_ctx) as pipeline:
-        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs,
-                                           lambda: from_flags.drafter(args))
+    draft = from_flags.draft_model(args, model)
+    with from_flags.pipeline(args, model, n_ctx) as pipeline, \
+            from_flags.drafters(args, draft, pipeline.n_ctx) as new_drafter:
+        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs, new_drafter)
         stages = bench.stage_rows(pipeline)
     result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
     # Memory first: llama.cpp would add its own to this process's resident size.
@@ -737,9 +746,11 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
     limits = ServeLimits(max_body=args.max_body, read_timeout=args.read_timeout, max_connections=args.max_connections)
     model = from_flags.loaded_model(args)
     model.check_chat_template()
+    draft = from_flags.draft_model(args, model)
     model_id = args.model if not args.model.endswith(".gguf") else Path(args.model).stem
     sock = socket.create_server((args.host, args.port))
-    with from_flags.pipeline(args, model, args.ctx) as pipeline, from_flags.watched(args, pipeline) as watcher:
+    with from_flags.pipeline(args, model, args.ctx) as pipeline, from_flags.watched(args, pipeline) as watcher, \
+            from_flags.drafters(args, draft, pipeline.n_ctx) as new_drafter:
         chosen = from_flags.adapters(args, model, pipeline)
         adapters = {f"{model_id}:{name}": ((name, scale),) for name, scale in chosen}
         # One lane per node when there are nodes: each node works on one lane's batch while the
@@ -750,7 +761,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         if watcher is not None:
             lanes = max(lanes, len(watcher.configured))
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
-                              draft_max=args.draft_max if args.speculate else 0,
+                              draft_max=args.draft_max if args.speculate else 0, drafter=new_drafter,
                               prompt_cache=_prompt_cache(args, pipeline))
         try:
             host, port = sock.getsockname()[:2]

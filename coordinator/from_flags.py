@@ -1,6 +1,7 @@
 """What a `caravan` verb runs on, built from its command-line flags: the model (--model,
 --threads, --cache-dir), the cluster token and TLS files, the nodes (--nodes, --discover), the
-pipeline over them, the LoRA adapters (--lora) and the drafter (--draft-max, --no-speculate).
+pipeline over them, the LoRA adapters (--lora) and the drafters (--draft, --draft-max,
+--no-speculate).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numba
 
 from caravan.pipeline import warmup
-from caravan.pipeline.catalog import default_cache_dir, resolve_model
+from caravan.pipeline.catalog import PullError, default_cache_dir, resolve_model
+from caravan.pipeline.draft_model import DraftModel, DraftModelError, check_vocabulary
 from caravan.pipeline.generate import Pipeline
+from caravan.pipeline.gguf_file import GGUFError
 from caravan.pipeline.loader import LoadedModel, load_model
 from caravan.pipeline.lora import LoraAdapter, LoraError
-from caravan.pipeline.speculative import PromptLookup
+from caravan.pipeline.model import ModelError
+from caravan.pipeline.speculative import Drafter, PromptLookup
+from caravan.pipeline.tokenizer import TokenizerError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
 
@@ -46,9 +51,35 @@ def adapters(args: argparse.Namespace, model: LoadedModel, pipeline: Pipeline) -
     return tuple(chosen)
 
 
-def drafter(args: argparse.Namespace) -> PromptLookup | None:
-    """Prompt lookup for one sequence, unless --no-speculate."""
-    return PromptLookup(args.draft_max) if args.speculate else None
+def draft_model(args: argparse.Namespace, model: LoadedModel) -> LoadedModel | None:
+    """The --draft model, opened and checked against the model's vocabulary before anything
+    runs; None without --draft or with --no-speculate."""
+    if args.draft is None or not args.speculate:
+        return None
+    try:
+        path = resolve_model(args.draft, cache_dir(args), progress=not args.json)
+        draft = load_model(path)
+    except (PullError, GGUFError, ModelError, TokenizerError, OSError) as exc:
+        reason = f"{exc.filename}: {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else exc
+        raise DraftModelError(f"--draft {args.draft}: {reason}") from exc
+    check_vocabulary(model.tokenizer, draft.tokenizer, args.draft)
+    log.info("draft model %s: %d layers, dim %d, from %s", draft.name, draft.config.n_layers, draft.config.dim, path)
+    return draft
+
+
+@contextlib.contextmanager
+def drafters(args: argparse.Namespace, draft: LoadedModel | None, n_ctx: int) -> Iterator[Callable[[], Drafter | None]]:
+    """What makes each sequence's drafter: the draft model's (its layers loaded in this process
+    for the context n_ctx), else prompt lookup, else none with --no-speculate."""
+    if draft is None:
+        yield lambda: PromptLookup(args.draft_max) if args.speculate else None
+        return
+    _compile_kernels(args, draft)
+    shared = DraftModel(draft, n_ctx, args.draft_max)
+    try:
+        yield shared.drafter
+    finally:
+        shared.close()
 
 
 def _set_threads(threads: int | None) -> None:

@@ -43,7 +43,7 @@ import numpy as np
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.sampler import Sampler
 from caravan.pipeline.sequence import FINISH_CANCELLED, FINISH_STOP, SequenceState, check_prompt_fits
-from caravan.pipeline.speculative import PromptLookup
+from caravan.pipeline.speculative import Drafter, PromptLookup, common_prefix
 from caravan.pipeline.stage import Segment
 
 from .prompt_cache import PromptIndex
@@ -104,13 +104,17 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
-                 threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False):
+                 threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False,
+                 drafter: Callable[[], Drafter | None] | None = None):
         self.pipeline = pipeline
         self.prompt_cache = PromptIndex() if prompt_cache else None  # finished sessions the stages keep
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
         self.step_prompt_tokens = step_prompt_tokens
         self.draft_max = draft_max  # prompt lookup's longest draft; 0: no speculative decoding
+        # Each sequence's drafter, made at submit: `drafter` when given (a draft model's), else
+        # prompt lookup with draft_max.
+        self.new_drafter = drafter or (lambda: PromptLookup(draft_max) if draft_max else None)
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
@@ -139,8 +143,8 @@ class Scheduler:
     def submit(self, request: Request) -> Request:
         check_prompt_fits(request.prompt_ids, self.pipeline.n_ctx)
         for sequence in (request, *request.followers):
-            if self.draft_max and sequence.drafter is None:
-                sequence.drafter = PromptLookup(self.draft_max)
+            if sequence.drafter is None:
+                sequence.drafter = self.new_drafter()
         with self._wake:
             self.waiting.append(request)
             self._wake.notify_all()
@@ -265,6 +269,9 @@ class Scheduler:
         followers, request.followers = request.followers, []  # still waiting for the prefill they share
         for follower in followers:
             follower.on_event(event)
+        for sequence in (request, *followers):
+            if sequence.drafter is not None:
+                sequence.drafter.end()  # a draft model's session for it
 
     def _start_followers(self, lane: _Lane, leader: Request, row: int, sampled: list[_Sampled]) -> None:
         """The leader's prompt is through: give each follower a copy of its caches and a place
@@ -434,15 +441,6 @@ def cached_tokens(request: Request, event: Event) -> list[int]:
         return request.prompt_ids[: request.prefilled]
     fed = len(request.history) if event.finish_reason == FINISH_STOP else request.accepted_length
     return request.history[:fed]
-
-
-def common_prefix(a: list[int], b: list[int], limit: int) -> int:
-    """How many tokens a and b share from the start, at most limit."""
-    n = min(len(a), len(b), limit)
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:

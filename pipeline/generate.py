@@ -157,7 +157,7 @@ class Timings:
 @dataclass
 class Generation:
     """One sequence's generation, a batch of one; iterate it for token ids. The KV caches on
-    every stage are released when it finishes or is closed."""
+    every stage, and the drafter's, are released when it finishes or is closed."""
 
     pipeline: Pipeline
     prompt_ids: Sequence[int]
@@ -187,6 +187,8 @@ class Generation:
             yield from self._run()
         finally:
             self.pipeline.end_session(self.sequence.session_id)
+            if self.drafter is not None:
+                self.drafter.end()
 
     def _run(self) -> Iterator[int]:
         """Prefill, then passes of the last token and a draft (if any) until the sequence ends."""

@@ -14,8 +14,9 @@ speculative sampling") for a deterministic drafter, whose q is a point mass on d
 probability p(d), else draw from p with d's mass removed and renormalized. Drawing t from p
 with the sampler and accepting d when t == d is that rule: P(t = d) = p(d), and given t != d, t
 follows p without d. Each kept token costs the sampler one draw, as decoding without a draft
-does, so a seed gives the same text with speculation or without. A drafter that is a model (a
-q that is not a point mass) needs the general rule on its q; the Drafter protocol leaves room.
+does, so a seed gives the same text with speculation or without. The draft model's drafter
+(draft_model.py) decodes greedily, so its q is a point mass too; a drafter whose q is not one
+would need the general rule on its q, and the Drafter protocol leaves room.
 
 The stages keep only accepted positions in use: rows of rejected tokens stay in a session's KV
 cache past its accepted length, but the next segment starts at the accepted length (a segment
@@ -41,6 +42,17 @@ class Drafter(Protocol):
     def propose(self, history: Sequence[int], limit: int) -> list[int]: ...  # at most `limit` tokens to follow history
 
     def update(self, proposed: int, accepted: int) -> None: ...  # how many of the last draft's tokens the model kept
+
+    def end(self) -> None: ...  # the sequence has ended: let go of what drafting for it holds
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many tokens a and b share from the start, at most limit."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def lookup(history: Sequence[int], n_draft: int, ngram_min: int = NGRAM_MIN, ngram_max: int = NGRAM_MAX) -> list[int]:
@@ -92,3 +104,6 @@ class PromptLookup:
             self.length = accepted + 1
         self.misses = self.misses + 1 if accepted == 0 else 0
         self.pause = min(2**self.misses - 1, PAUSE_MAX)
+
+    def end(self) -> None:
+        pass  # it holds nothing beyond its counters

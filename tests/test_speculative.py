@@ -47,6 +47,9 @@ class Scripted:
     def update(self, proposed, accepted):
         self.updates.append((proposed, accepted))
 
+    def end(self):
+        pass
+
 
 class Recording:
     """A stage that keeps each batch's segments and its session lengths after the batch."""
