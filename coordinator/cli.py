@@ -251,6 +251,9 @@ def _speculation_flags() -> argparse.ArgumentParser:
                              f"pass (default: {DRAFT_MAX})")
     speculation.add_argument("--no-speculate", dest="speculate", action="store_false",
                              help="decode one token a pass, without drafts")
+    speculation.add_argument("--drafts-in-flight", type=_positive_int, default=0, metavar="N",
+                             help="through a chain of nodes, send up to N drafts at once, each on the guess that "
+                             "the one before is kept whole (default: one per node; 1: one at a time)")
     return speculation
 
 
@@ -451,7 +454,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
         generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters,
-                                from_flags.drafter(args))
+                                from_flags.drafter(args), in_flight=args.drafts_in_flight)
         if args.json:
             for _ in generation:
                 pass
@@ -506,7 +509,7 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
         history.append({"role": "user", "content": line})
         prompt_ids = _chat_prompt(model, system, history, pipeline.n_ctx)
         generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters,
-                                from_flags.drafter(args))
+                                from_flags.drafter(args), in_flight=args.drafts_in_flight)
         if args.json:
             for _ in generation:
                 pass
@@ -657,7 +660,7 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     prompt = bench.bench_prompt(model.tokenizer, args.prompt_tokens)
     with from_flags.pipeline(args, model, n_ctx) as pipeline:
         timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs,
-                                           lambda: from_flags.drafter(args))
+                                           lambda: from_flags.drafter(args), args.drafts_in_flight)
         stages = bench.stage_rows(pipeline)
     result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
     # Memory first: llama.cpp would add its own to this process's resident size.

@@ -193,6 +193,29 @@ class ClusterPipeline:
 
         return self._with_recovery(call)
 
+    def submit(self, segments: Sequence[Segment], token_ids: np.ndarray) -> Callable[[], np.ndarray]:
+        """Pipeline.submit on the current plan, without recovery: batches sent after this one
+        may be in flight on the same plan, so a lost node is the caller's to handle (its
+        function raises the NodeError; forward then re-plans). Answers must be collected in
+        the order sent: each one's tokens are remembered then, as the caches took them."""
+        try:
+            with self._plan_in_use():
+                if self.cluster is None:
+                    raise PlanError("no plan: the last re-plan failed")
+                wait = self.cluster.pipeline.submit(segments, token_ids)
+        except (NodeError, PlanError) as exc:
+            error = exc
+
+            def wait() -> np.ndarray:
+                raise error
+
+        def result() -> np.ndarray:
+            hidden = wait()
+            self.replay.remember(segments, token_ids)
+            return hidden
+
+        return result
+
     def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
         ids = np.asarray(prompt_ids, dtype=np.int64)
 

@@ -61,6 +61,10 @@ class Recording:
             self.passes.append((seg, self.stage.sessions[seg.session_id].length))
         return out
 
+    def submit(self, batch):
+        out = self.forward(batch)
+        return lambda: out
+
     def end_session(self, session_id):
         self.stage.end_session(session_id)
 
@@ -153,6 +157,7 @@ def test_prompt_lookup_gives_the_greedy_text_split_or_not(tiny_q8_path):
                                 drafter=PromptLookup(draft_max=5))
         assert list(generation) == alone
         assert generation.sequence.drafted > 0
+        assert generation.timings.in_flight.most_in_flight == 1  # LocalStages: one pass at a time
 
 
 def test_sampled_text_is_the_same_with_a_draft(tiny_q8_path):
