@@ -103,6 +103,7 @@ class PipelinedSpeculation:
         self.flights: collections.deque[_Flight] = collections.deque()  # in the order sent
         self.assumed: list[int] = []  # the history once every valid batch in flight is kept whole
         self.counts = InFlightCounts()
+        self.logits: np.ndarray | None = None  # the last pass checked: (rows, vocab), row i gave its token i
 
     def step(self) -> list[int]:
         """Send batches up to the bound, then check the oldest valid one: the tokens it gives,
@@ -175,7 +176,8 @@ class PipelinedSpeculation:
         """The tokens the batch gives; the batches after it stay valid only if it was kept whole
         and its own next token is the first row of the next one."""
         seq = self.sequence
-        new = seq.advance(self.pipeline.head.logits(hidden), self.pipeline.n_ctx, flight.draft)
+        self.logits = self.pipeline.head.logits(hidden)  # (1 + len(draft), vocab)
+        new = seq.advance(self.logits, self.pipeline.n_ctx, flight.draft)
         self.counts.kept_ahead += flight.ahead
         following = next((f for f in self.flights if not f.cancelled), None)
         if following is None or seq.finished:

@@ -5,11 +5,14 @@ token; in one process and through three real nodes, also when a node dies mid-st
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from caravan.coordinator.failover import ClusterPipeline
-from caravan.pipeline.generate import Generation
+from caravan.coordinator.scheduler import Event, Request, Scheduler
+from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.pipelined_speculation import PipelinedSpeculation
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
@@ -128,8 +131,8 @@ def next_logits(pipeline, sequence) -> np.ndarray:
 def test_batches_in_flight_through_three_nodes_and_a_node_killed(smollm2, three_nodes, tmp_path):
     """Through 3 real node processes, with up to 3 batches in flight: every drafter script
     gives one process's greedy text, batches were in flight together, the caches of every node
-    hold the accepted tokens after the stream; then a node killed while batches are in flight
-    changes nothing either."""
+    hold the accepted tokens after the stream; so does serve's scheduler with prompt lookup;
+    then a node killed while batches are in flight changes nothing either."""
     ids, eog = copy_prompt(smollm2), smollm2.tokenizer.eog_ids
     local = smollm2.local_pipeline(512)
     plain, _ = decode(local, ids, None, 1, 40, eog)
@@ -148,6 +151,15 @@ def test_batches_in_flight_through_three_nodes_and_a_node_killed(smollm2, three_
             assert (passes.counts.cut > 0) == ("cut" in faults) and (passes.counts.missed_guess > 0) == ("miss" in faults)
             np.testing.assert_array_equal(next_logits(pipeline, fast), plain_next)
             pipeline.end_session(fast.session_id)
+        scheduler = Scheduler(pipeline, draft_max=6)
+        got, done = [], threading.Event()
+        request = Request(ids, greedy(), 40, eog, lambda e: (got.append(e), e.kind != "token" and done.set()))
+        try:
+            scheduler.submit(request)
+            assert done.wait(120)
+        finally:
+            scheduler.close()
+        assert [e.token for e in got if e.kind == "token"] == plain.tokens and scheduler.passes_kept_ahead > 0
         drafter = Guessing(len(ids), plain.tokens + [0] * 8, vocab=vocab, **SCRIPTS["mixed"])
         generation = Generation(pipeline, ids, greedy(), 40, eog, drafter=drafter)
         tokens = []
@@ -160,3 +172,49 @@ def test_batches_in_flight_through_three_nodes_and_a_node_killed(smollm2, three_
         assert len(pipeline.recoveries) == 1 and three_nodes[1].address in pipeline.recoveries[0]
     finally:
         pipeline.close()
+
+
+class Chain(Pipeline):
+    """One LocalStage that passes for a chain of three nodes: passes are sent ahead (each is
+    computed when sent, so every assumption is acted on)."""
+
+    prefill_depth = 3
+
+
+def serve_lone_then_joined(path, draft_max: int) -> tuple[list[Event], list[Event], Scheduler]:
+    """A request alone in the scheduler's lane, joined by a second one after its sixth token;
+    both requests' events."""
+    local = build(path)
+    scheduler = Scheduler(Chain(local.head, local.stages, local.n_ctx), draft_max=draft_max)
+    passage = list(prompt(14, seed=21))
+    first = Request(passage + passage[:10], seeded(), 30, frozenset(), None, top_logprobs=2)
+    second = Request(list(prompt(9, seed=22)), seeded(), 12, frozenset(), None)
+    events: tuple[list[Event], list[Event]] = ([], [])
+    done = threading.Semaphore(0)
+
+    def on_first(event: Event) -> None:
+        events[0].append(event)
+        if len(events[0]) == 6:
+            scheduler.submit(second)  # from the scheduler's thread: it joins at the next step
+        if event.kind != "token":
+            done.release()
+
+    first.on_event = on_first
+    second.on_event = lambda e: (events[1].append(e), done.release() if e.kind != "token" else None)
+    try:
+        scheduler.submit(first)
+        assert done.acquire(timeout=120) and done.acquire(timeout=120)
+    finally:
+        scheduler.close()
+    return events[0], events[1], scheduler
+
+
+def test_the_scheduler_keeps_a_lone_requests_passes_in_flight(tiny_q8_path):
+    """serve: a request alone in its lane sends passes ahead; once another joins, the passes
+    land and the two share steps. Tokens and logprobs are those without drafts."""
+    plain_first, plain_second, _ = serve_lone_then_joined(tiny_q8_path, draft_max=0)
+    first, second, scheduler = serve_lone_then_joined(tiny_q8_path, draft_max=4)
+    assert (first, second) == (plain_first, plain_second)
+    assert first[-1].finish_reason == "length" and all(e.top for e in first[:-1])
+    assert scheduler.passes_kept_ahead > 0 and scheduler.tokens_generated > scheduler.sequence_passes
+    assert all(lane.passes is None for lane in scheduler.lanes)
