@@ -750,7 +750,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
         nodes = pipeline.stats(ask_nodes=False)
         lanes = len(nodes) if any(row.address is not None for row in nodes) else 1
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
-                              draft_max=args.draft_max if args.speculate else 0,
+                              draft_max=args.draft_max if args.speculate else 0, in_flight=args.drafts_in_flight,
                               prompt_cache=_prompt_cache(args, pipeline))
         try:
             host, port = sock.getsockname()[:2]

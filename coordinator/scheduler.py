@@ -108,13 +108,15 @@ class _Lane:
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
-                 threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False):
+                 threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False,
+                 in_flight: int = 0):
         self.pipeline = pipeline
         self.prompt_cache = PromptIndex() if prompt_cache else None  # finished sessions the stages keep
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
         self.max_batch = max_batch
         self.step_prompt_tokens = step_prompt_tokens
         self.draft_max = draft_max  # prompt lookup's longest draft; 0: no speculative decoding
+        self.in_flight = in_flight  # a lone request's passes in flight at most: 0, the pipeline's depth; 1, one
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
@@ -347,12 +349,16 @@ class Scheduler:
                 sampled.append(_Sampled(request, row - 1))
         return prefilling, self.step_prompt_tokens - budget
 
+    @property
+    def _passes_in_flight(self) -> int:
+        return self.in_flight or self.pipeline.prefill_depth
+
     def _flies(self, lane: _Lane) -> Request | None:
         """The lane's request, when it is alone there, decoding with a drafter, in front of a
         chain of nodes: its passes can be in flight several at once."""
         request = lane.active[0] if len(lane.active) == 1 else None
         if (request is None or not request.decoding or not request.tokens or request.followers
-                or request.drafter is None or self.pipeline.prefill_depth == 1):
+                or request.drafter is None or self._passes_in_flight == 1):
             return None
         return request
 
@@ -366,7 +372,7 @@ class Scheduler:
         """The lone request's next pass checked, with passes sent behind it (pipelined_speculation.py)."""
         if lane.passes is None or lane.passes.sequence is not request:
             self._land(lane)
-            lane.passes = PipelinedSpeculation(self.pipeline, request, self.pipeline.prefill_depth)
+            lane.passes = PipelinedSpeculation(self.pipeline, request, self._passes_in_flight)
         passes = lane.passes
         accepted, drafted, kept_ahead = request.accepted, request.drafted, passes.counts.kept_ahead
         try:

@@ -12,7 +12,7 @@ import pytest
 
 from caravan.coordinator.failover import ClusterPipeline
 from caravan.coordinator.scheduler import Event, Request, Scheduler
-from caravan.pipeline.generate import Generation, Pipeline
+from caravan.pipeline.generate import Generation
 from caravan.pipeline.pipelined_speculation import PipelinedSpeculation
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
@@ -174,18 +174,10 @@ def test_batches_in_flight_through_three_nodes_and_a_node_killed(smollm2, three_
         pipeline.close()
 
 
-class Chain(Pipeline):
-    """One LocalStage that passes for a chain of three nodes: passes are sent ahead (each is
-    computed when sent, so every assumption is acted on)."""
-
-    prefill_depth = 3
-
-
 def serve_lone_then_joined(path, draft_max: int) -> tuple[list[Event], list[Event], Scheduler]:
     """A request alone in the scheduler's lane, joined by a second one after its sixth token;
     both requests' events."""
-    local = build(path)
-    scheduler = Scheduler(Chain(local.head, local.stages, local.n_ctx), draft_max=draft_max)
+    scheduler = Scheduler(build(path), draft_max=draft_max, in_flight=3)  # as in front of 3 nodes
     passage = list(prompt(14, seed=21))
     first = Request(passage + passage[:10], seeded(), 30, frozenset(), None, top_logprobs=2)
     second = Request(list(prompt(9, seed=22)), seeded(), 12, frozenset(), None)
