@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import grpc
 import numpy as np
 
 from caravan.pipeline.generate import Pipeline
@@ -197,9 +198,10 @@ class ClusterPipeline:
         """Pipeline.submit on the current plan, without recovery: batches sent after this one
         may be in flight on the same plan, so a lost node is the caller's to handle (its
         function raises the NodeError; forward then re-plans). Answers must be collected in
-        the order sent: each one's tokens are remembered then, as the caches took them."""
+        the order sent: each one's tokens are remembered then, as the caches took them, unless
+        another call re-planned meanwhile (the new plan's caches were refilled without them)."""
         try:
-            with self._plan_in_use():
+            with self._plan_in_use() as generation:
                 if self.cluster is None:
                     raise PlanError("no plan: the last re-plan failed")
                 wait = self.cluster.pipeline.submit(segments, token_ids)
@@ -211,7 +213,11 @@ class ClusterPipeline:
 
         def result() -> np.ndarray:
             hidden = wait()
-            self.replay.remember(segments, token_ids)
+            with self._plan_in_use() as now:
+                if now != generation:
+                    raise NodeError("re-plan", "the batch ran on a plan replaced since; run it again",
+                                    grpc.StatusCode.UNAVAILABLE)
+                self.replay.remember(segments, token_ids)
             return hidden
 
         return result

@@ -138,7 +138,7 @@ class Timings:
     first_token_s: float = 0.0  # from the call to the first sampled token
     decode_s: float = 0.0  # from the first token to the last
     decode_passes: int = 0  # decode passes checked: fewer than tokens when drafts are kept
-    in_flight: InFlightCounts = field(default_factory=InFlightCounts)  # the passes sent, ahead and cancelled
+    passes: InFlightCounts = field(default_factory=InFlightCounts)  # the decode passes sent, ahead and cancelled
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -162,8 +162,8 @@ class Timings:
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "first_token_s": round(self.first_token_s, 6),
             "tokens_per_pass": round(self.tokens_per_pass, 3),
-            "passes_cancelled": self.in_flight.cancelled,
-            "most_passes_in_flight": self.in_flight.most_in_flight,
+            "passes_cancelled": self.passes.cancelled,
+            "most_passes_in_flight": self.passes.most_in_flight,
         }
 
 
@@ -209,15 +209,16 @@ class Generation:
         t0 = time.perf_counter()
         hidden = self.pipeline.prefill(seq.session_id, seq.prompt_ids, seq.adapters)
         seq.prefilled = len(seq.prompt_ids)
-        new = seq.advance(self.pipeline.head.logits(hidden), n_ctx)  # the prompt's last row gives the first token
+        logits = self.pipeline.head.logits(hidden)  # (1, vocab): the prompt's last row gives the first token
         self.timings.prompt_tokens = len(seq.prompt_ids)
         self.timings.prefill_s = time.perf_counter() - t0
+        new = seq.advance(logits, n_ctx)
         t_first = time.perf_counter()
         self.timings.first_token_s = t_first - t0
         self.timings.generated_tokens = len(seq.tokens)
         yield from new
         passes = PipelinedSpeculation(self.pipeline, seq, self.in_flight or self.pipeline.prefill_depth)
-        self.timings.in_flight = passes.counts
+        self.timings.passes = passes.counts
         try:
             while not seq.finished:
                 new = passes.step()

@@ -94,7 +94,7 @@ def test_batches_sent_ahead_give_the_text_of_decoding(tiny_q8_path, script, samp
     drafter = Guessing(len(ids), alone, **SCRIPTS[script])
     generation = Generation(build(tiny_q8_path), ids, sampler(), N_TOKENS, frozenset(), drafter=drafter, in_flight=3)
     assert list(generation) == alone
-    counts = generation.timings.in_flight
+    counts = generation.timings.passes
     assert counts.most_in_flight == 3 and counts.kept_ahead > 0
     assert (counts.cut > 0) == ("cut" in SCRIPTS[script]) and (counts.missed_guess > 0) == ("miss" in SCRIPTS[script])
     assert (counts.cancelled > 0) == bool(SCRIPTS[script])
@@ -168,7 +168,7 @@ def test_batches_in_flight_through_three_nodes_and_a_node_killed(smollm2, three_
             if len(tokens) >= 8 and three_nodes[1].proc.poll() is None:
                 three_nodes[1].kill()
         assert tokens == plain.tokens
-        assert generation.timings.in_flight.rerun == 1 and generation.timings.in_flight.cancelled > 0
+        assert generation.timings.passes.rerun == 1 and generation.timings.passes.cancelled > 0
         assert len(pipeline.recoveries) == 1 and three_nodes[1].address in pipeline.recoveries[0]
     finally:
         pipeline.close()
