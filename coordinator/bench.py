@@ -33,14 +33,15 @@ def bench_prompt(tokenizer: Tokenizer, n_tokens: int) -> list[int]:
 
 
 def timed_runs(pipeline: Pipeline, prompt: list[int], decode_tokens: int, runs: int,
-               drafter: Callable[[], Drafter | None] = lambda: None) -> tuple[list[dict], list[int]]:
+               drafter: Callable[[], Drafter | None] = lambda: None, in_flight: int = 0) -> tuple[list[dict], list[int]]:
     """The timings of `runs` greedy generations after a warm-up one, and the tokens of the last;
-    `drafter` makes each generation's drafter (speculative decoding) or None."""
+    `drafter` makes each generation's drafter (speculative decoding) or None; `in_flight`, the
+    drafts in flight at once (Generation.in_flight)."""
     greedy = SamplingParams(temperature=0)
     timings = []
     for run in range(runs + 1):  # the first warms up: compiled kernels loaded, pages touched
         generation = Generation(pipeline, prompt, Sampler(greedy), decode_tokens, stop_ids=frozenset(),
-                                drafter=drafter())
+                                drafter=drafter(), in_flight=in_flight)
         tokens = list(generation)
         if run:
             timings.append(generation.timings.as_dict())

@@ -255,6 +255,9 @@ def _speculation_flags() -> argparse.ArgumentParser:
                              f"pass (default: {DRAFT_MAX})")
     speculation.add_argument("--no-speculate", dest="speculate", action="store_false",
                              help="decode one token a pass, without drafts (neither prompt lookup nor --draft)")
+    speculation.add_argument("--drafts-in-flight", type=_positive_int, default=0, metavar="N",
+                             help="through a chain of nodes, send up to N drafts at once, each on the guess that "
+                             "the one before is kept whole (default: one per node; 1: one at a time)")
     return speculation
 
 
@@ -457,7 +460,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
         generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters,
-                                new_drafter())
+                                new_drafter(), in_flight=args.drafts_in_flight)
         if args.json:
             for _ in generation:
                 pass
@@ -514,7 +517,7 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
         history.append({"role": "user", "content": line})
         prompt_ids = _chat_prompt(model, system, history, pipeline.n_ctx)
         generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters,
-                                new_drafter())
+                                new_drafter(), in_flight=args.drafts_in_flight)
         if args.json:
             for _ in generation:
                 pass
@@ -666,7 +669,8 @@ def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:
     draft = from_flags.draft_model(args, model)
     with from_flags.pipeline(args, model, n_ctx) as pipeline, \
             from_flags.drafters(args, draft, pipeline.n_ctx) as new_drafter:
-        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs, new_drafter)
+        timings, tokens = bench.timed_runs(pipeline, prompt, args.decode_tokens, args.runs, new_drafter,
+                                           args.drafts_in_flight)
         stages = bench.stage_rows(pipeline)
     result = bench.summary(model.name, prompt, args.decode_tokens, timings, stages)
     # Memory first: llama.cpp would add its own to this process's resident size.
@@ -762,6 +766,7 @@ def cmd_serve(args: argparse.Namespace, out: TextIO) -> int:
             lanes = max(lanes, len(watcher.configured))
         scheduler = Scheduler(pipeline, max_batch=args.max_batch, threads=args.threads, lanes=lanes,
                               draft_max=args.draft_max if args.speculate else 0, drafter=new_drafter,
+                              in_flight=args.drafts_in_flight,
                               prompt_cache=_prompt_cache(args, pipeline))
         try:
             host, port = sock.getsockname()[:2]

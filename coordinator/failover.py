@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import grpc
 import numpy as np
 
 from caravan.pipeline.generate import Pipeline
@@ -219,6 +220,34 @@ class ClusterPipeline:
             return hidden
 
         return self._with_recovery(call)
+
+    def submit(self, segments: Sequence[Segment], token_ids: np.ndarray) -> Callable[[], np.ndarray]:
+        """Pipeline.submit on the current plan, without recovery: batches sent after this one
+        may be in flight on the same plan, so a lost node is the caller's to handle (its
+        function raises the NodeError; forward then re-plans). Answers must be collected in
+        the order sent: each one's tokens are remembered then, as the caches took them, unless
+        another call re-planned meanwhile (the new plan's caches were refilled without them)."""
+        try:
+            with self._plan_in_use() as generation:
+                if self.cluster is None:
+                    raise PlanError("no plan: the last re-plan failed")
+                wait = self.cluster.pipeline.submit(segments, token_ids)
+        except (NodeError, PlanError) as exc:
+            error = exc
+
+            def wait() -> np.ndarray:
+                raise error
+
+        def result() -> np.ndarray:
+            hidden = wait()
+            with self._plan_in_use() as now:
+                if now != generation:
+                    raise NodeError("re-plan", "the batch ran on a plan replaced since; run it again",
+                                    grpc.StatusCode.UNAVAILABLE)
+                self.replay.remember(segments, token_ids)
+            return hidden
+
+        return result
 
     def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
         ids = np.asarray(prompt_ids, dtype=np.int64)

@@ -14,7 +14,9 @@ step's kernels (handoff.EventHandoff).
 
 In front of several nodes the scheduler runs one lane per stage: each lane is a thread with
 its own batch, and the lanes' batches follow each other through the stages, so every node
-works at once (pipelining) instead of waiting for the batch to come round again.
+works at once (pipelining) instead of waiting for the batch to come round again. A request
+alone in its lane, with drafts, keeps several of its own passes in flight instead
+(pipeline/pipelined_speculation.py), for as long as it stays alone.
 
 Several samples of one prompt (n > 1) share its prefill: only the first request, the leader,
 runs the prompt; its followers then get a copy of its KV caches on every stage and sample
@@ -41,6 +43,7 @@ import numba
 import numpy as np
 
 from caravan.pipeline.generate import Pipeline
+from caravan.pipeline.pipelined_speculation import PipelinedSpeculation
 from caravan.pipeline.sampler import Sampler
 from caravan.pipeline.sequence import FINISH_CANCELLED, FINISH_STOP, SequenceState, check_prompt_fits
 from caravan.pipeline.speculative import Drafter, PromptLookup, common_prefix
@@ -100,12 +103,13 @@ class _Lane:
         self.index = index
         self.active: list[Request] = []
         self.thread: threading.Thread | None = None
+        self.passes: PipelinedSpeculation | None = None  # the passes in flight of a request alone in the lane
 
 
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
                  threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False,
-                 drafter: Callable[[], Drafter | None] | None = None):
+                 drafter: Callable[[], Drafter | None] | None = None, in_flight: int = 0):
         self.pipeline = pipeline
         self.prompt_cache = PromptIndex() if prompt_cache else None  # finished sessions the stages keep
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
@@ -115,6 +119,7 @@ class Scheduler:
         # Each sequence's drafter, made at submit: `drafter` when given (a draft model's), else
         # prompt lookup with draft_max.
         self.new_drafter = drafter or (lambda: PromptLookup(draft_max) if draft_max else None)
+        self.in_flight = in_flight  # a lone request's passes in flight at most: 0, the pipeline's depth; 1, one
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
         self.waiting: list[Request] = []
@@ -126,6 +131,7 @@ class Scheduler:
         self.sequence_passes = 0  # a request's rows through the stages that gave tokens, counted once a step
         self.draft_tokens = 0  # draft tokens run through the stages
         self.draft_tokens_accepted = 0  # of those, the ones kept
+        self.passes_kept_ahead = 0  # passes of a lone request sent while its earlier one was in flight, and kept
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         # Called on a lane's thread after each turn of its loop (a step and its events) and after
@@ -264,6 +270,8 @@ class Scheduler:
         for lane in self.lanes:
             if request in lane.active:
                 lane.active.remove(request)
+            if lane.passes is not None and lane.passes.sequence is request:
+                self._land(lane)  # before the stages let go of its session
         self._retire(request, event)
         request.on_event(event)
         followers, request.followers = request.followers, []  # still waiting for the prefill they share
@@ -347,8 +355,51 @@ class Scheduler:
                 sampled.append(_Sampled(request, row - 1))
         return prefilling, self.step_prompt_tokens - budget
 
+    @property
+    def _passes_in_flight(self) -> int:
+        return self.in_flight or self.pipeline.prefill_depth
+
+    def _flies(self, lane: _Lane) -> Request | None:
+        """The lane's request, when it is alone there, decoding with a drafter, in front of a
+        chain of nodes: its passes can be in flight several at once."""
+        request = lane.active[0] if len(lane.active) == 1 else None
+        if (request is None or not request.decoding or not request.tokens or request.followers
+                or request.drafter is None or self._passes_in_flight == 1):
+            return None
+        return request
+
+    def _land(self, lane: _Lane) -> None:
+        """Collect the answers of the lane's passes in flight: its next step sends one batch."""
+        if lane.passes is not None:
+            passes, lane.passes = lane.passes, None
+            passes.close()
+
+    def _step_in_flight(self, lane: _Lane, request: Request) -> None:
+        """The lone request's next pass checked, with passes sent behind it (pipelined_speculation.py)."""
+        if lane.passes is None or lane.passes.sequence is not request:
+            self._land(lane)
+            lane.passes = PipelinedSpeculation(self.pipeline, request, self._passes_in_flight)
+        passes = lane.passes
+        accepted, drafted, kept_ahead = request.accepted, request.drafted, passes.counts.kept_ahead
+        try:
+            tokens = passes.step()
+        except Exception as exc:  # noqa: BLE001  (refused, or nodes lost beyond recovery)
+            self._end(request, Event("error", message=str(exc)))
+            return
+        with self._counts:
+            self.steps += 1
+            self.sequence_passes += 1
+            self.draft_tokens += request.drafted - drafted
+            self.passes_kept_ahead += passes.counts.kept_ahead - kept_ahead
+        self._record(self._tell(request, tokens, passes.logits, accepted))
+
     def _step(self, lane: _Lane) -> None:
         """One forward call: a row for each decoding request of the lane, plus prompt tokens."""
+        lone = self._flies(lane)
+        if lone is not None:
+            self._step_in_flight(lane, lone)
+            return
+        self._land(lane)
         segments, ids, sampled = [], [], []  # sampled: the requests whose rows give tokens
         row = 0
         for request in lane.active:
@@ -403,18 +454,28 @@ class Scheduler:
             first += 1 + len(draft)
         with self._counts:
             self.sequence_passes += len(sampled)
-            self.tokens_generated += generated
             self.draft_tokens += sum(len(s.draft) for s in sampled)
+        self._record(generated)
+
+    def _record(self, generated: int) -> None:
+        """A step's tokens, for tokens_generated and tokens_per_second."""
+        with self._counts:
+            self.tokens_generated += generated
         self._recent.append((time.monotonic(), generated))
         while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
             self._recent.popleft()
 
     def _advance(self, request: Request, logits: np.ndarray, draft: tuple[int, ...]) -> int:
-        """The request's next tokens from its rows' logits (1 + len(draft), vocab), each told to
-        its client with the logprobs of its own row; the request ends if they finish it. Returns
-        how many tokens it got."""
+        """The request's next tokens from its rows' logits (1 + len(draft), vocab), told to its
+        client (_tell). Returns how many tokens it got."""
         accepted = request.accepted
         tokens = request.advance(logits, self.pipeline.n_ctx, draft)
+        return self._tell(request, tokens, logits, accepted)
+
+    def _tell(self, request: Request, tokens: list[int], logits: np.ndarray, accepted: int) -> int:
+        """Tokens the request just got, each told to its client with the logprobs of its own
+        row of `logits`; the request ends if they finish it (`accepted`: its draft tokens kept
+        before them). Returns how many tokens it got."""
         if not request.first_token_s:
             request.first_token_s = time.perf_counter() - request.submitted
         for token, row_logits in zip(tokens, logits):

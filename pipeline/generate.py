@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .lora import LoraAdapter
 from .model import ModelHead
+from .pipelined_speculation import InFlightCounts, PipelinedSpeculation
 from .sampler import Sampler
 from .sequence import ContextFullError, SequenceState, check_prompt_fits  # noqa: F401  (ContextFullError: imported from here)
 from .speculative import Drafter
@@ -46,10 +47,19 @@ class Pipeline:
             hidden = stage.forward(StageBatch(tuple(segments), hidden))
         return hidden
 
+    def submit(self, segments: Sequence[Segment], token_ids: np.ndarray) -> Callable[[], np.ndarray]:
+        """forward, sent now; the function returned waits for the last hidden states. When the
+        stages are one chain of nodes, batches submitted one after another compute at once, each
+        node on its own, in the order sent (pipelined_speculation.py); else this is forward."""
+        if len(self.stages) > 1:
+            hidden = self.forward(segments, token_ids)
+            return lambda: hidden
+        return self.stages[0].submit(StageBatch(tuple(segments), self.head.embed(token_ids)))
+
     @property
     def prefill_depth(self) -> int:
-        """How many chunks of one prompt can be computing at once: the stage's depth (the nodes
-        of a chain) when the stages are one, else 1."""
+        """How many batches of one sequence (chunks of a prompt, drafts) can be computing at
+        once: the stage's depth (the nodes of a chain) when the stages are one, else 1."""
         return self.stages[0].depth if len(self.stages) == 1 else 1
 
     def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
@@ -127,7 +137,8 @@ class Timings:
     prefill_s: float = 0.0  # from the call to the prompt's logits
     first_token_s: float = 0.0  # from the call to the first sampled token
     decode_s: float = 0.0  # from the first token to the last
-    decode_passes: int = 0  # decode steps through the stages: fewer than tokens when drafts are kept
+    decode_passes: int = 0  # decode passes checked: fewer than tokens when drafts are kept
+    passes: InFlightCounts = field(default_factory=InFlightCounts)  # the decode passes sent, ahead and cancelled
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -151,6 +162,8 @@ class Timings:
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "first_token_s": round(self.first_token_s, 6),
             "tokens_per_pass": round(self.tokens_per_pass, 3),
+            "passes_cancelled": self.passes.cancelled,
+            "most_passes_in_flight": self.passes.most_in_flight,
         }
 
 
@@ -167,6 +180,7 @@ class Generation:
     adapters: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), added with Pipeline.add_adapter
     drafter: Drafter | None = None  # speculative decoding's guesses (speculative.py); None: one token a pass
     timings: Timings = field(default_factory=Timings)
+    in_flight: int = 0  # decode passes in flight at once at most: 0, the pipeline's depth; 1, one at a time
     sequence: SequenceState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -191,28 +205,28 @@ class Generation:
                 self.drafter.end()
 
     def _run(self) -> Iterator[int]:
-        """Prefill, then passes of the last token and a draft (if any) until the sequence ends."""
+        """Prefill, then passes of the last token and a draft (if any), several in flight through
+        a chain of nodes (pipelined_speculation.py), until the sequence ends."""
         seq, n_ctx = self.sequence, self.pipeline.n_ctx
         t0 = time.perf_counter()
         hidden = self.pipeline.prefill(seq.session_id, seq.prompt_ids, seq.adapters)
         seq.prefilled = len(seq.prompt_ids)
-        logits, draft = self.pipeline.head.logits(hidden), []  # (1, vocab)
+        logits = self.pipeline.head.logits(hidden)  # (1, vocab): the prompt's last row gives the first token
         self.timings.prompt_tokens = len(seq.prompt_ids)
         self.timings.prefill_s = time.perf_counter() - t0
-        t_first = 0.0
-        while True:
-            new = seq.advance(logits, n_ctx, draft)
-            if t_first == 0.0:
-                t_first = time.perf_counter()
-                self.timings.first_token_s = t_first - t0
-            else:
+        new = seq.advance(logits, n_ctx)
+        t_first = time.perf_counter()
+        self.timings.first_token_s = t_first - t0
+        self.timings.generated_tokens = len(seq.tokens)
+        yield from new
+        passes = PipelinedSpeculation(self.pipeline, seq, self.in_flight or self.pipeline.prefill_depth)
+        self.timings.passes = passes.counts
+        try:
+            while not seq.finished:
+                new = passes.step()
+                self.timings.decode_passes += 1
                 self.timings.decode_s = time.perf_counter() - t_first
-            self.timings.generated_tokens = len(seq.tokens)
-            yield from new
-            if seq.finished:
-                return
-            segment, ids = seq.decode_segment(n_ctx)
-            draft = ids[1:]
-            hidden = self.pipeline.forward([segment], np.array(ids, dtype=np.int64))
-            logits = self.pipeline.head.logits(hidden)  # (1 + len(draft), vocab)
-            self.timings.decode_passes += 1
+                self.timings.generated_tokens = len(seq.tokens)
+                yield from new
+        finally:
+            passes.close()

@@ -85,9 +85,9 @@ def test_run_json_greedy_completes_paris(paris):
 
 
 def test_run_gives_the_same_tokens_without_speculation_or_with_short_drafts(env, paris):
-    """Speculative decoding (on by default) changes no token: --no-speculate and --draft-max 2
-    give the default run's tokens."""
-    for flags in (["--no-speculate"], ["--draft-max", "2"]):
+    """Speculative decoding (on by default) changes no token: --no-speculate, --draft-max 2 and
+    --drafts-in-flight 3 (passes sent ahead, even in one process) give the default run's tokens."""
+    for flags in (["--no-speculate"], ["--draft-max", "2"], ["--drafts-in-flight", "3"]):
         result = caravan(env, *PARIS, "--json", *flags)
         assert result.returncode == 0, result.stderr
         assert only_json(result.stdout)["tokens"] == paris["tokens"]

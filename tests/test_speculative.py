@@ -64,6 +64,10 @@ class Recording:
             self.passes.append((seg, self.stage.sessions[seg.session_id].length))
         return out
 
+    def submit(self, batch):
+        out = self.forward(batch)
+        return lambda: out
+
     def end_session(self, session_id):
         self.stage.end_session(session_id)
 
@@ -156,6 +160,7 @@ def test_prompt_lookup_gives_the_greedy_text_split_or_not(tiny_q8_path):
                                 drafter=PromptLookup(draft_max=5))
         assert list(generation) == alone
         assert generation.sequence.drafted > 0
+        assert generation.timings.passes.most_in_flight == 1  # LocalStages: one pass at a time
 
 
 def test_sampled_text_is_the_same_with_a_draft(tiny_q8_path):
@@ -311,8 +316,8 @@ def test_speculation_through_three_nodes_and_a_node_killed_mid_speculation(smoll
         assert list(Generation(pipeline, ids, greedy(), 40, eog, drafter=lookup_drafter)) == alone
         assert any(accepted == proposed > 1 for proposed, accepted in lookup_drafter.updates)
         scripted = Scripted(len(ids), alone, ["wrong", "right", "partial"] * 6, vocab=smollm2.config.vocab_size)
-        tokens = []
-        for token in Generation(pipeline, ids, greedy(), 40, eog, drafter=scripted):
+        tokens = []  # one pass in flight at a time: the script is pass by pass (passes sent ahead: test_pipelined_speculation)
+        for token in Generation(pipeline, ids, greedy(), 40, eog, drafter=scripted, in_flight=1):
             tokens.append(token)
             if len(scripted.updates) == 3 and not pipeline.recoveries and three_nodes[1].proc.poll() is None:
                 three_nodes[1].kill()  # right after the pass that kept 2 of its 4 draft tokens
