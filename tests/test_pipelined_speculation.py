@@ -51,6 +51,9 @@ class Guessing:
     def update(self, proposed, accepted):
         self.updates.append((proposed, accepted))
 
+    def end(self):
+        pass
+
 
 def decode(pipeline, ids, drafter, in_flight: int, max_tokens: int = N_TOKENS, stop=frozenset()):
     """Generation's loop without ending the session: (the sequence, its passes), closed."""
