@@ -201,26 +201,36 @@ def test_the_draft_model_through_three_nodes_and_a_node_killed_mid_speculation(s
     pass's rows, those after a rejection included, have the bits the same segments give in this
     process: the nodes attend to the accepted positions only, as LocalStage does (checked in
     test_every_stage_keeps_only_accepted_positions). A node killed right after a pass that
-    rejected draft tokens changes nothing either."""
+    rejected draft tokens changes nothing either. One pass at a time, so that the kill follows a
+    rejected pass; batches in flight through a kill are test_pipelined_speculation's."""
     ids, eog = chat_prompt(smollm2, MESSAGES[1]), smollm2.tokenizer.eog_ids
     alone = list(Generation(target, ids, greedy(), N_TOKENS, eog))
     addresses = [node.address for node in three_nodes]
     pipeline = ClusterPipeline(smollm2, lambda: list(addresses), N_CTX, tmp_path, progress=False,
                                forward_timeout_s=10.0, token=cluster_token())
-    passes = []  # (segment, token ids, hidden) of each decode pass
-    forward = pipeline.forward
+    passes = []  # (segment, token ids, hidden) of each decode pass, in the order the stages ran them
+    forward, submit = pipeline.forward, pipeline.submit
 
     def recorded(segments, token_ids):
         hidden = forward(segments, token_ids)
         passes.append((segments[0], token_ids, hidden))
         return hidden
 
-    pipeline.forward = recorded
+    def recorded_submit(segments, token_ids):
+        answer = submit(segments, token_ids)
+
+        def hidden():
+            rows = answer()
+            passes.append((segments[0], token_ids, rows))
+            return rows
+        return hidden
+
+    pipeline.forward, pipeline.submit = recorded, recorded_submit
     try:
         assert len(pipeline.plan.assignments) == 3
-        generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=draft.drafter())
+        generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=draft.drafter(), in_flight=1)
         assert list(generation) == alone
-        assert generation.sequence.drafted > generation.sequence.accepted > 0
+        assert generation.sequence.drafted > generation.sequence.accepted > 0 and passes
         target.prefill("mirror", ids)
         for segment, token_ids, hidden in passes:
             mirror = target.forward([Segment("mirror", segment.start, segment.length)], token_ids)
@@ -228,7 +238,7 @@ def test_the_draft_model_through_three_nodes_and_a_node_killed_mid_speculation(s
         target.end_session("mirror")
 
         passes.clear()
-        generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=draft.drafter())
+        generation = Generation(pipeline, ids, greedy(), N_TOKENS, eog, drafter=draft.drafter(), in_flight=1)
         tokens = []
         for token in generation:
             tokens.append(token)
