@@ -447,8 +447,9 @@ def _quantize_q8_k_parallel(x, qs, d, bsums):
         _quantize_row_q8_k(x, qs, d, bsums, t)
 
 
-# Rows from which Q8_K quantizing runs a thread per row: the 8 that Q8 blocks used before
-# Q8_PARALLEL_ROWS was measured at 32, not yet measured for Q8_K's scalar loop.
+# Rows from which Q8_K quantizing runs a thread per row: fewer than Q8_PARALLEL_ROWS, since a
+# Q8_K row is a scalar loop several times the cost of a Q8 row in vector IR, so waking the
+# threads pays off sooner (tests/bench/bench_parallel_rows.py).
 Q8_K_PARALLEL_ROWS = 8
 
 
