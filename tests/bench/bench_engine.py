@@ -45,7 +45,8 @@ from caravan.coordinator.reference import last_logits
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
-from caravan.pipeline.sampler import Sampler, SamplingParams, log_z
+from caravan.pipeline.perplexity import log_z  # there in older revisions too (ab.py runs them)
+from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 
 N_CTX = 1024
