@@ -59,7 +59,7 @@ from caravan.pipeline.speculative import DRAFT_MAX, Drafter
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
-from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError
+from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError, add_auth_flags
 
 from . import bench, from_flags
 from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, survey_node
@@ -200,13 +200,11 @@ def _cluster_flags() -> argparse.ArgumentParser:
                          help="use the nodes that answer on the LAN (zeroconf), after any --nodes")
     cluster.add_argument("--discover-seconds", type=_positive_seconds, default=DISCOVER_SECONDS, metavar="S",
                          help=f"how long to listen for nodes (default: {DISCOVER_SECONDS})")
-    cluster.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                         help="the cluster join token shared with the nodes (default: CACHE_DIR/cluster-token, "
-                         "created if missing)")
-    cluster.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
-                         help="mutual TLS with the nodes: this coordinator's certificate (with --tls-key, --tls-ca)")
-    cluster.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
-    cluster.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help="the CA that signed the nodes' certificates")
+    add_auth_flags(cluster,
+                   token_file="the cluster join token shared with the nodes (default: CACHE_DIR/cluster-token, "
+                   "created if missing)",
+                   tls_cert="mutual TLS with the nodes: this coordinator's certificate (with --tls-key, --tls-ca)",
+                   tls_ca="the CA that signed the nodes' certificates")
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
     return cluster
@@ -533,13 +531,9 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
 def _chat_prompt(model: LoadedModel, system: list[dict], history: list[dict], n_ctx: int) -> list[int]:
     """Token ids of the whole conversation, ready for the reply. When it does not fit the
     context, the oldest turns are dropped (the system message stays), as chat UIs do."""
-    tokenizer = model.tokenizer
-    bos_text = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
     while True:
         text = model.chat_template.render(system + history, add_generation_prompt=True)
-        # A template that writes the BOS token itself must not get a second one.
-        add_bos = False if bos_text and text.startswith(bos_text) else tokenizer.add_bos
-        ids = tokenizer.encode(text, add_bos=add_bos, special=True)
+        ids = model.tokenizer.encode_rendered(text)
         if len(ids) < n_ctx or len(history) <= 1:
             return ids  # a lone message that does not fit raises ContextFullError in Generation
         log.info("conversation of %d tokens does not fit the context of %d; dropping the oldest turn", len(ids), n_ctx)

@@ -9,7 +9,6 @@ output is bit-identical.
 from __future__ import annotations
 
 import collections
-import hashlib
 import itertools
 import logging
 import math
@@ -180,17 +179,10 @@ class NodeClient:
 
 def _adapter_chunks(adapter: LoraAdapter, layers: LayerRange) -> Iterator[pb.AdapterChunk]:
     tensors = adapter.tensors_for(layers)
-    yield pb.AdapterChunk(header=pb.AdapterHeader(
+    header = pb.AdapterHeader(
         name=adapter.name, alpha=float(adapter.alpha), arch=adapter.arch,
-        tensors=[pb.TensorEntry(name=t.name, type=int(t.type), shape=t.shape, n_bytes=t.n_bytes) for t in tensors]))
-    digest = hashlib.sha256()
-    for info in tensors:
-        data = adapter.tensor_bytes(info)
-        for start in range(0, len(data), wire.WEIGHT_CHUNK_BYTES):
-            piece = bytes(data[start : start + wire.WEIGHT_CHUNK_BYTES])
-            digest.update(piece)
-            yield pb.AdapterChunk(data=piece)
-    yield pb.AdapterChunk(sha256=digest.hexdigest())
+        tensors=[pb.TensorEntry(name=t.name, type=int(t.type), shape=t.shape, n_bytes=t.n_bytes) for t in tensors])
+    return wire.chunked_stream(pb.AdapterChunk, header, (adapter.tensor_bytes(info) for info in tensors))
 
 
 def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int) -> pb.LoadRequest:
@@ -208,19 +200,9 @@ def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers
 def _weight_chunks(model: GGUFFile, request: pb.LoadRequest, on_bytes: Callable[[int], None]) -> Iterator[pb.WeightChunk]:
     """The header, the tensors of request.push_layers straight from the memory-mapped file in
     1 MiB pieces, then the sha256 of every byte sent."""
-    yield pb.WeightChunk(header=request)
-    digest = hashlib.sha256()
     prefixes = tuple(f"blk.{layer}." for layer in request.push_layers)
-    for entry in request.tensors:
-        if not entry.name.startswith(prefixes):
-            continue
-        data = model.tensor_bytes(entry.name)
-        for start in range(0, len(data), wire.WEIGHT_CHUNK_BYTES):
-            piece = bytes(data[start : start + wire.WEIGHT_CHUNK_BYTES])
-            digest.update(piece)
-            on_bytes(len(piece))
-            yield pb.WeightChunk(data=piece)
-    yield pb.WeightChunk(sha256=digest.hexdigest())
+    blobs = (model.tensor_bytes(entry.name) for entry in request.tensors if entry.name.startswith(prefixes))
+    return wire.chunked_stream(pb.WeightChunk, request, blobs, on_bytes)
 
 
 @dataclass(frozen=True)

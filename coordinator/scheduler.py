@@ -44,7 +44,7 @@ import numpy as np
 
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.pipelined_speculation import PipelinedSpeculation
-from caravan.pipeline.sampler import Sampler
+from caravan.pipeline.sampler import Sampler, log_z
 from caravan.pipeline.sequence import FINISH_CANCELLED, FINISH_STOP, SequenceState, check_prompt_fits
 from caravan.pipeline.speculative import Drafter, PromptLookup, common_prefix
 from caravan.pipeline.stage import Segment
@@ -508,8 +508,7 @@ def token_logprobs(logits: np.ndarray, token: int, k: int) -> tuple[float, tuple
     """log p(token) under the model's distribution (softmax of the raw logits, before any
     sampling setting), and the k most likely (token, log p), most likely first."""
     logits = logits.astype(np.float64)
-    top = logits.max()
-    log_z = top + np.log(np.exp(logits - top).sum())
+    normalizer = log_z(logits)
     best = np.argpartition(-logits, k)[:k] if 0 < k < logits.shape[0] else np.arange(logits.shape[0] if k else 0)
     best = best[np.argsort(-logits[best], kind="stable")]
-    return float(logits[token] - log_z), tuple((int(i), float(logits[i] - log_z)) for i in best)
+    return float(logits[token] - normalizer), tuple((int(i), float(logits[i] - normalizer)) for i in best)

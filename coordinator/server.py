@@ -205,9 +205,7 @@ class API:
         except ChatTemplateError as exc:
             raise APIError(400, f"the chat template failed on these messages: {exc}", "messages") from None
         self._refuse_past_context(len(text), "messages")
-        bos_text = tokenizer.token_text(tokenizer.bos_id) if tokenizer.bos_id is not None else ""
-        add_bos = False if bos_text and text.startswith(bos_text) else tokenizer.add_bos
-        return tokenizer.encode(text, add_bos=add_bos, special=True)
+        return tokenizer.encode_rendered(text)
 
     # --- endpoints -------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from caravan.pipeline.numba_config import NODE_SPIN, spin_briefly_when_idle
 from caravan.pipeline.warmup import nothing_compiled
 from caravan.pipeline.prompt_cache import CACHE_SHARE_OF_FREE
 
-from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, check_token, load_token
+from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, ClusterToken, TLSFiles, add_auth_flags, check_token, load_token
 from caravan.proto.wire import PROTOCOL_VERSION, STATE_NAMES
 
 from .advertise import Advertisement
@@ -60,19 +60,14 @@ def build_parser(prog: str = "caravan node") -> argparse.ArgumentParser:
                    help="keep finished sessions' KV caches, up to SIZE, for later requests that begin alike "
                         f"(the next turn of a chat) to copy; 0 keeps none (default: {CACHE_SHARE_OF_FREE * 100:g}%% of the "
                         "memory the layers leave free)")
-    tokens = p.add_mutually_exclusive_group()
-    tokens.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                        help="the cluster join token, copied from the coordinator (`caravan token` there says where "
-                        "it is); read again when a call is refused, so a new copy needs no restart (default: "
-                        f"${TOKEN_ENV} if set, else CACHE_DIR/cluster-token, created if missing)")
-    tokens.add_argument("--token", default=None, metavar="TOKEN",
-                        help="the cluster join token itself, as `caravan token` prints it; other users of this "
-                        f"machine can read it in the process list: prefer --token-file or ${TOKEN_ENV}")
-    p.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
-                   help="mutual TLS: this node's certificate, naming its address (with --tls-key, --tls-ca)")
-    p.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
-    p.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
-                   help="the CA whose certificates coordinators must present")
+    add_auth_flags(p,
+                   token_file="the cluster join token, copied from the coordinator (`caravan token` there says where "
+                   "it is); read again when a call is refused, so a new copy needs no restart (default: "
+                   f"${TOKEN_ENV} if set, else CACHE_DIR/cluster-token, created if missing)",
+                   token="the cluster join token itself, as `caravan token` prints it; other users of this "
+                   f"machine can read it in the process list: prefer --token-file or ${TOKEN_ENV}",
+                   tls_cert="mutual TLS: this node's certificate, naming its address (with --tls-key, --tls-ca)",
+                   tls_ca="the CA whose certificates coordinators must present")
     p.add_argument("--no-advertise", action="store_true", help="do not announce the node with zeroconf")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr (-v info, -vv debug)")
     return p

@@ -237,34 +237,21 @@ class StageServicer(pb_grpc.StageServicer):
     def PushWeights(self, request_iterator, context):
         writer = None
         try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise WeightError("PushWeights must start with the load request")
-            config, manifest = self._manifest(first.header)
+            header = wire.stream_header(request_iterator, "PushWeights", "the load request")
+            config, manifest = self._manifest(header)
             try:
-                writer = self.cache.receive(manifest, config, list(first.header.push_layers))
+                writer = self.cache.receive(manifest, config, list(header.push_layers))
             except OSError as exc:
                 raise OSError(f"cannot write the weight cache in {self.settings.cache_dir}: {exc.strerror or exc}") from None
-            finished = False
-            for chunk in request_iterator:
-                part = chunk.WhichOneof("part")
-                if part == "data" and not finished:
-                    writer.write(chunk.data)
-                elif part == "sha256" and not finished:
-                    writer.finish(chunk.sha256)
-                    finished = True
-                else:
-                    raise WeightError(f"unexpected {part} in the weight stream")
-            if not finished:
-                raise WeightError(f"the weight stream for layers {manifest.layers} ended before its sha256")
+            writer.finish(wire.receive_stream(request_iterator, f"the weight stream for layers {manifest.layers}", writer.write))
             received = writer.received
             writer = None
-            log.info("received layers %s: %d bytes", list(first.header.push_layers), received)
+            log.info("received layers %s: %d bytes", list(header.push_layers), received)
             missing = self.cache.missing(manifest.model_sha256, manifest.layers)
             if missing:
                 raise WeightError(f"layers {missing} of {manifest.layers} are still missing after the push")
             self._load(self.cache.source(manifest.model_sha256, manifest.layers), config, manifest,
-                       first.header.n_ctx, "pushed")
+                       header.n_ctx, "pushed")
             self._announce(context, manifest.layers)
         except Exception as exc:  # noqa: BLE001
             if writer is not None:
@@ -469,10 +456,7 @@ class StageServicer(pb_grpc.StageServicer):
 
     def LoadAdapter(self, request_iterator, context):
         try:
-            first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise wire.WireError("LoadAdapter must start with the adapter header")
-            header = first.header
+            header = wire.stream_header(request_iterator, "LoadAdapter", "the adapter header")
             with self._lock:
                 stage = self._stage
             if stage is None:
@@ -486,19 +470,16 @@ class StageServicer(pb_grpc.StageServicer):
                 raise MemoryError(f"adapter {header.name!r} needs {2 * expected >> 20} MiB; this node has "
                                   f"{available >> 20} MiB free")
             data, digest = bytearray(), hashlib.sha256()
-            finished = False
-            for chunk in request_iterator:
-                part = chunk.WhichOneof("part")
-                if part == "data" and not finished and len(data) + len(chunk.data) <= expected:
-                    data += chunk.data
-                    digest.update(chunk.data)
-                elif part == "sha256" and not finished and len(data) == expected and chunk.sha256 == digest.hexdigest():
-                    finished = True
-                else:
-                    raise wire.WireError(f"adapter {header.name!r}: unexpected {part}, more bytes than declared "
-                                         f"({expected}), or a wrong sha256")
-            if not finished:
-                raise wire.WireError(f"adapter {header.name!r}: the stream ended before its sha256")
+
+            def take(piece: bytes) -> None:
+                if len(data) + len(piece) > expected:
+                    raise wire.WireError(f"adapter {header.name!r}: more bytes than declared ({expected})")
+                data.extend(piece)
+                digest.update(piece)
+
+            sha256 = wire.receive_stream(request_iterator, f"the stream of adapter {header.name!r}", take)
+            if len(data) != expected or sha256 != digest.hexdigest():
+                raise wire.WireError(f"adapter {header.name!r}: {len(data)} of {expected} bytes, or a wrong sha256")
             adapter = LoraAdapter.received(header.name, header.alpha, header.arch, stage.config, tensors,
                                            bytes(data), stage.layers)
             self._run(stage.add_adapter, adapter)

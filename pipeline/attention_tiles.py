@@ -25,87 +25,109 @@ TILE_ROWS = 4  # rows of A (and C) per call at most
 TILE_COLS = (0, 32, 32, 24, 16)  # TILE_COLS[n_rows]
 
 
+class _TileCode:
+    """The IR of one call of a tile of n_rows rows, built in steps: the arguments as pointers,
+    the loops over kk (one per variant, chosen once per call), the masked stores of C."""
+
+    def __init__(self, n_rows: int, context, builder, signature, args):
+        a, a0, a1, a2, a3, b, b_off, b_stride, k, c, c0, c1, c2, c3, n_cols = args
+        self.n_rows, self.n_halves = n_rows, TILE_COLS[n_rows] // 8  # n_halves: <8 x float> vectors per row of C
+        self.context, self.builder, self.args_t = context, builder, signature.args
+        self.intp = context.get_value_type(types.intp)
+        a_data, b_data, c_data = self._data(0, a, _F32), self._data(5, b, _I16), self._data(9, c, _F32)
+        self.a_rows = [builder.gep(a_data, [self._cast(1 + i, off)]) for i, off in enumerate((a0, a1, a2, a3)[:n_rows])]
+        self.c_rows = [builder.gep(c_data, [self._cast(10 + i, off)]) for i, off in enumerate((c0, c1, c2, c3)[:n_rows])]
+        self.b_base = builder.gep(b_data, [self._cast(6, b_off)])
+        self.b_stride = self._cast(7, b_stride)
+        self.k = self._cast(8, k)
+        self.n_cols = self._cast(14, n_cols)
+        limit = _splat(builder, builder.trunc(self.n_cols, _I32), _V8_I32)
+        self.masks = [builder.icmp_signed("<", ir.Constant(_V8_I32, list(range(h * 8, h * 8 + 8))), limit)
+                      for h in range(self.n_halves)]
+        self.accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8_F32, [0.0] * 8)) for _ in range(self.n_halves)]
+                     for _ in range(n_rows)]
+        self.b, self.b_off = b, b_off
+
+    def _data(self, index, value, element):
+        ary = self.context.make_array(self.args_t[index])(self.context, self.builder, value)
+        return self.builder.bitcast(ary.data, element.as_pointer())
+
+    def _cast(self, index, value):
+        return self.context.cast(self.builder, value, self.args_t[index], types.intp)
+
+    def _load_b(self, pointer, mask, masked: bool):
+        builder = self.builder
+        if not masked:
+            return builder.load(builder.bitcast(pointer, _V8_I16.as_pointer()), align=2)
+        pointer = builder.bitcast(pointer, _V8_I16.as_pointer())
+        return _call(builder, "llvm.masked.load.v8i16.p0", _V8_I16,
+                     [pointer, ir.Constant(_I32, 2), mask, ir.Constant(_V8_I16, [0] * 8)])
+
+    def loop(self, n_used: int, last_masked: bool) -> None:
+        """The chains of the first n_used halves, the last one read masked or whole (AVX2
+        has no masked 16-bit load: LLVM makes one a load per lane, twice the tile's time)."""
+        builder = self.builder
+        with cgutils.for_range(builder, self.k) as kk_loop:
+            kk = kk_loop.index
+            b_row = builder.gep(self.b_base, [builder.mul(kk, self.b_stride)])
+            halves = []
+            for h in range(n_used):
+                bits = self._load_b(builder.gep(b_row, [ir.Constant(self.intp, 8 * h)]), self.masks[h],
+                                    last_masked and h == n_used - 1)
+                halves.append(builder.fpext(builder.bitcast(bits, ir.VectorType(_HALF, 8)), _V8_F32))
+            for i in range(self.n_rows):
+                a_val = _splat(builder, builder.load(builder.gep(self.a_rows[i], [kk])), _V8_F32)
+                for h in range(n_used):
+                    builder.store(_fma(builder, a_val, halves[h], builder.load(self.accs[i][h])), self.accs[i][h])
+
+    def loops(self) -> None:
+        """One loop per (halves used, last one read masked or whole), chosen once per call. A
+        partial last half is read whole when B goes on past it (its extra columns are computed,
+        never stored), masked only at the very end of B."""
+        builder, intp, n_cols = self.builder, self.intp, self.n_cols
+        n_used = builder.sdiv(builder.add(n_cols, ir.Constant(intp, 7)), ir.Constant(intp, 8))
+        b_size = builder.extract_value(self.context.make_array(self.args_t[5])(self.context, builder, self.b).shape, 0)
+        last_row = builder.add(self._cast(6, self.b_off), builder.mul(builder.sub(self.k, ir.Constant(intp, 1)), self.b_stride))
+        last_read = builder.add(last_row, builder.mul(n_used, ir.Constant(intp, 8)))
+        masked = builder.and_(builder.icmp_signed("!=", builder.srem(n_cols, ir.Constant(intp, 8)), ir.Constant(intp, 0)),
+                              builder.icmp_signed(">", last_read, b_size))
+        variants = [(used, last_masked) for used in range(1, self.n_halves + 1) for last_masked in (False, True)]
+        self._choose(variants, 0, n_used, masked)
+
+    def _choose(self, variants, i: int, n_used, masked) -> None:
+        """Variant i's loop if it is the one (the last variant without asking), else the next."""
+        builder, intp = self.builder, self.intp
+        used, last_masked = variants[i]
+        if i == len(variants) - 1:
+            self.loop(used, last_masked)
+            return
+        this = builder.and_(builder.icmp_signed("==", n_used, ir.Constant(intp, used)),
+                            builder.icmp_signed("==", masked, ir.Constant(ir.IntType(1), int(last_masked))))
+        with builder.if_else(this) as (then, otherwise):
+            with then:
+                self.loop(used, last_masked)
+            with otherwise:
+                self._choose(variants, i + 1, n_used, masked)
+
+    def store(self) -> None:
+        """C's columns below n_cols, by masked stores."""
+        builder = self.builder
+        for i in range(self.n_rows):
+            for h in range(self.n_halves):
+                pointer = builder.bitcast(builder.gep(self.c_rows[i], [ir.Constant(self.intp, 8 * h)]), _V8_F32.as_pointer())
+                _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(),
+                      [builder.load(self.accs[i][h]), pointer, ir.Constant(_I32, 4), self.masks[h]])
+
+
 def _codegen_tile(n_rows: int):
     """Each C element is one chain of fused multiply-adds in kk order, whatever the tile's rows
     and columns, so a row's results do not depend on which rows share its tile. Columns past n
     are never written to C (masked stores), and read from B only where B goes on past them."""
-    n_halves = TILE_COLS[n_rows] // 8  # <8 x float> vectors per row of C
 
     def codegen(context, builder, signature, args):
-        a, a0, a1, a2, a3, b, b_off, b_stride, k, c, c0, c1, c2, c3, n_cols = args
-        intp = context.get_value_type(types.intp)
-        args_t = signature.args
-
-        def data(index, value, element):
-            ary = context.make_array(args_t[index])(context, builder, value)
-            return builder.bitcast(ary.data, element.as_pointer())
-
-        def cast(index, value):
-            return context.cast(builder, value, args_t[index], types.intp)
-
-        a_data, b_data, c_data = data(0, a, _F32), data(5, b, _I16), data(9, c, _F32)
-        a_rows = [builder.gep(a_data, [cast(1 + i, off)]) for i, off in enumerate((a0, a1, a2, a3)[:n_rows])]
-        c_rows = [builder.gep(c_data, [cast(10 + i, off)]) for i, off in enumerate((c0, c1, c2, c3)[:n_rows])]
-        b_base = builder.gep(b_data, [cast(6, b_off)])
-        b_stride = cast(7, b_stride)
-        k = cast(8, k)
-        n_cols = cast(14, n_cols)
-        limit = _splat(builder, builder.trunc(n_cols, _I32), _V8_I32)
-        masks = [builder.icmp_signed("<", ir.Constant(_V8_I32, list(range(h * 8, h * 8 + 8))), limit) for h in range(n_halves)]
-        accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8_F32, [0.0] * 8)) for _ in range(n_halves)] for _ in range(n_rows)]
-
-        def masked_load(pointer, mask):
-            pointer = builder.bitcast(pointer, _V8_I16.as_pointer())
-            return _call(builder, "llvm.masked.load.v8i16.p0", _V8_I16, [pointer, ir.Constant(_I32, 2), mask, ir.Constant(_V8_I16, [0] * 8)])
-
-        def plain_load(pointer, mask):
-            return builder.load(builder.bitcast(pointer, _V8_I16.as_pointer()), align=2)
-
-        def loop(n_used, last_masked):
-            """The chains of the first n_used halves, the last one read masked or whole (AVX2
-            has no masked 16-bit load: LLVM makes one a load per lane, twice the tile's time)."""
-            with cgutils.for_range(builder, k) as kk_loop:
-                kk = kk_loop.index
-                b_row = builder.gep(b_base, [builder.mul(kk, b_stride)])
-                halves = []
-                for h in range(n_used):
-                    load = masked_load if last_masked and h == n_used - 1 else plain_load
-                    bits = load(builder.gep(b_row, [ir.Constant(intp, 8 * h)]), masks[h])
-                    halves.append(builder.fpext(builder.bitcast(bits, ir.VectorType(_HALF, 8)), _V8_F32))
-                for i in range(n_rows):
-                    a_val = _splat(builder, builder.load(builder.gep(a_rows[i], [kk])), _V8_F32)
-                    for h in range(n_used):
-                        builder.store(_fma(builder, a_val, halves[h], builder.load(accs[i][h])), accs[i][h])
-
-        # One loop per (halves used, last one read masked or whole), chosen once per call. A
-        # partial last half is read whole when B goes on past it (its extra columns are computed,
-        # never stored), masked only at the very end of B.
-        n_used = builder.sdiv(builder.add(n_cols, ir.Constant(intp, 7)), ir.Constant(intp, 8))
-        b_size = builder.extract_value(context.make_array(args_t[5])(context, builder, b).shape, 0)
-        last_read = builder.add(builder.add(cast(6, b_off), builder.mul(builder.sub(k, ir.Constant(intp, 1)), b_stride)),
-                                builder.mul(n_used, ir.Constant(intp, 8)))
-        masked = builder.and_(builder.icmp_signed("!=", builder.srem(n_cols, ir.Constant(intp, 8)), ir.Constant(intp, 0)),
-                              builder.icmp_signed(">", last_read, b_size))
-        variants = [(used, last_masked) for used in range(1, n_halves + 1) for last_masked in (False, True)]
-
-        def choose(i):
-            used, last_masked = variants[i]
-            if i == len(variants) - 1:
-                loop(used, last_masked)
-                return
-            this = builder.and_(builder.icmp_signed("==", n_used, ir.Constant(intp, used)),
-                                builder.icmp_signed("==", masked, ir.Constant(ir.IntType(1), int(last_masked))))
-            with builder.if_else(this) as (then, otherwise):
-                with then:
-                    loop(used, last_masked)
-                with otherwise:
-                    choose(i + 1)
-
-        choose(0)
-        for i in range(n_rows):
-            for h in range(n_halves):
-                pointer = builder.bitcast(builder.gep(c_rows[i], [ir.Constant(intp, 8 * h)]), _V8_F32.as_pointer())
-                _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [builder.load(accs[i][h]), pointer, ir.Constant(_I32, 4), masks[h]])
+        tile = _TileCode(n_rows, context, builder, signature, args)
+        tile.loops()
+        tile.store()
         return context.get_dummy_value()
 
     return codegen

@@ -181,6 +181,10 @@ def tensor_nbytes(ttype: GGMLQuantizationType, shape: tuple[int, ...], name: str
     return n_blocks * type_size
 
 
+# (name, type, shape, offset in the data section) of one tensor info, before its size is checked
+_TensorEntry = tuple[str, GGMLQuantizationType, tuple[int, ...], int]
+
+
 class GGUFFile:
     """A parsed GGUF header plus read-only numpy views of tensor data, memory-mapped.
 
@@ -217,8 +221,19 @@ class GGUFFile:
         self._parse()
 
     def _parse(self) -> None:
-        what = str(self.path)
-        cur = _Cursor(self._buf, what)
+        """Header, key/values, tensor infos, then each tensor's place in the data section, every
+        count and size checked against the file before it is trusted."""
+        cur = _Cursor(self._buf, str(self.path))
+        n_tensors, n_kv = self._read_header(cur)
+        self._read_metadata(cur, n_kv)
+        self.alignment = self._read_alignment()
+        infos = self._read_tensor_infos(cur, n_tensors)
+        self.data_offset = -(-cur.pos // self.alignment) * self.alignment
+        self._place_tensors(infos)
+
+    def _read_header(self, cur: _Cursor) -> tuple[int, int]:
+        """Magic and version; (tensor count, key/value count), each possible for the file's size."""
+        what = cur.what
         if bytes(self._buf[:4]) != GGUF_MAGIC:
             raise GGUFError(f"{what}: not a GGUF file (magic {bytes(self._buf[:4])!r}, expected b'GGUF')")
         cur.pos = 4
@@ -234,7 +249,11 @@ class GGUFFile:
             raise GGUFError(f"{what}: key/value count {n_kv} is impossible for a {self.file_size}-byte file")
         if n_tensors * 33 > cur.remaining():
             raise GGUFError(f"{what}: tensor count {n_tensors} is impossible for a {self.file_size}-byte file")
+        return n_tensors, n_kv
 
+    def _read_metadata(self, cur: _Cursor, n_kv: int) -> None:
+        """n_kv key/values into self.metadata, with their GGUF types into self.value_types."""
+        what = cur.what
         for index in range(n_kv):
             key = cur.string(f"key #{index}")
             if not key:
@@ -248,15 +267,15 @@ class GGUFFile:
             self.metadata[key] = _read_value(cur, vtype, key)
             self.value_types[key] = (vtype, item_type)
 
-        self.alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if (
-            not isinstance(self.alignment, int)
-            or isinstance(self.alignment, bool)
-            or self.alignment <= 0
-            or self.alignment & (self.alignment - 1)
-        ):
-            raise GGUFError(f"{what}: general.alignment {describe(self.alignment)} is not a positive power of two")
+    def _read_alignment(self) -> int:
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(f"{self.path}: general.alignment {describe(alignment)} is not a positive power of two")
+        return alignment
 
+    def _read_tensor_infos(self, cur: _Cursor, n_tensors: int) -> list[_TensorEntry]:
+        """n_tensors (name, type, shape, offset in the data section), each name reserved in self.tensors."""
+        what = cur.what
         infos = []
         for index in range(n_tensors):
             name = cur.string(f"tensor #{index} name")
@@ -273,20 +292,21 @@ class GGUFFile:
             code = cur.u32(f"{name} type")
             if code not in _TENSOR_TYPES:
                 raise GGUFError(f"{what}: tensor {name} has unknown type {code}")
-            ttype = _TENSOR_TYPES[code]
             offset = cur.u64(f"{name} offset")
             if offset % self.alignment:
                 raise GGUFError(f"{what}: tensor {name} offset {offset} is not aligned to {self.alignment}")
-            infos.append((name, ttype, shape, offset))
+            infos.append((name, _TENSOR_TYPES[code], shape, offset))
             self.tensors[name] = None  # type: ignore[assignment]  # reserve the name
+        return infos
 
-        self.data_offset = -(-cur.pos // self.alignment) * self.alignment
+    def _place_tensors(self, infos: list[_TensorEntry]) -> None:
+        """self.tensors from the infos, each tensor checked to end inside the file."""
         data_size = self.file_size - self.data_offset
         for name, ttype, shape, offset in infos:
-            n_bytes = tensor_nbytes(ttype, shape, f"{what}: tensor {name}")
+            n_bytes = tensor_nbytes(ttype, shape, f"{self.path}: tensor {name}")
             if offset + n_bytes > data_size:
                 raise GGUFError(
-                    f"{what}: tensor {name} ({n_bytes} bytes at data offset {offset}) runs past the end "
+                    f"{self.path}: tensor {name} ({n_bytes} bytes at data offset {offset}) runs past the end "
                     f"of the file (truncated?)"
                 )
             self.tensors[name] = TensorInfo(name, ttype, shape, self.data_offset + offset, n_bytes)

@@ -110,94 +110,30 @@ class ModelConfig:
         """The config llama.cpp would read from these GGUF key/values. block_tensors: the names of
         block 0's tensors after "blk.0." (None: the architecture's required ones); rope_freqs: the
         rope_freqs.weight tensor, if the file has one."""
-        arch = metadata.get("general.architecture")
-        if not isinstance(arch, str) or arch not in ARCHITECTURES:
-            raise ModelError(
-                f"unknown architecture {describe(arch)} (general.architecture; "
-                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
-        family = ARCHITECTURES[arch]
-
-        def key(name: str, default=None):
-            value = metadata.get(f"{arch}.{name}", default)
-            if value is None:
-                raise ModelError(f"missing metadata key {arch}.{name}")
-            if isinstance(value, np.ndarray):  # per-layer arrays (llama.cpp's get_key_or_arr)
-                raise ModelError(f"{arch}.{name}: per-layer values are not supported")
-            return value
-
-        # llama.cpp refuses a key of the wrong GGUF type too (llama_model_loader::get_key).
-        def int_key(name: str, default=None) -> int:
-            value = key(name, default)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ModelError(f"{arch}.{name}: expected an integer, got {describe(value)}")
-            return int(value)
-
-        def float_key(name: str, default: float) -> float:
-            value = key(name, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ModelError(f"{arch}.{name}: expected a number, got {describe(value)}")
-            if not (math.isfinite(value) and value > 0):
-                raise ModelError(f"{arch}.{name}: must be a positive finite number, got {value}")
-            return float(value)
-
-        dim = int_key("embedding_length")
-        n_heads = int_key("attention.head_count")
-        n_kv_heads = int_key("attention.head_count_kv", n_heads)
-        if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
-            raise ModelError(f"{arch}: head_count {n_heads} is not a positive multiple of head_count_kv {n_kv_heads}")
-        head_dim = int_key("attention.key_length", dim // n_heads if dim % n_heads == 0 else 0)
-        if head_dim <= 0 or head_dim % 2:
-            raise ModelError(f"{arch}: head width {head_dim} must be positive and even")
-        if int_key("attention.value_length", head_dim) != head_dim:
-            raise ModelError(f"{arch}.attention.value_length must equal the key length {head_dim}")
-        n_rot = int_key("rope.dimension_count", head_dim)
-        if not 0 < n_rot <= head_dim or n_rot % 2:
-            raise ModelError(f"{arch}.rope.dimension_count {n_rot} must be even and at most the head width {head_dim}")
-        n_layers = int_key("block_count")
+        keys = _MetadataKeys(metadata)
+        arch, family = keys.arch, ARCHITECTURES[keys.arch]
+        dim, n_heads, n_kv_heads, head_dim, n_rot = _attention_shape(keys)
+        n_layers = keys.integer("block_count")
         if n_layers <= 0:
             raise ModelError(f"{arch}: n_layers must be positive, got {n_layers}")
-
-        scaling = metadata.get(f"{arch}.rope.scaling.type", "linear")
-        if scaling not in SUPPORTED_ROPE_SCALING:
-            raise ModelError(f"{arch}.rope.scaling.type {describe(scaling)} is not supported "
-                             f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
-        rope_scale = float_key("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
-        attn_factor = metadata.get(f"{arch}.rope.scaling.attn_factor", 1.0)
-        if not isinstance(attn_factor, (int, float, np.integer, np.floating)) or attn_factor != 1.0:
-            raise ModelError(f"{arch}.rope.scaling.attn_factor {describe(attn_factor)} is not supported (only 1.0)")
-
-        window, sliding = 0, ()
-        if family.reads_sliding_window:
-            window = int_key("attention.sliding_window", family.sliding_window)
-        elif metadata.get(f"{arch}.attention.sliding_window"):
-            log.warning("%s.attention.sliding_window is ignored: llama.cpp runs %s models without a sliding "
-                        "window, and so does caravan", arch, arch)
-        if window < 0:
-            raise ModelError(f"{arch}.attention.sliding_window must not be negative, got {window}")
-        if window:
-            sliding = _sliding_layers(metadata.get(f"{arch}.attention.sliding_window_pattern", family.swa_period),
-                                      n_layers, arch)
-        attn_softcap = float_key("attn_logit_softcapping", family.attn_softcap) if family.attn_softcap else 0.0
-        final_softcap = family.final_softcap
-        if family.reads_final_softcap and metadata.get(f"{arch}.final_logit_softcapping") not in (None, 0, 0.0):
-            final_softcap = float_key("final_logit_softcapping", family.final_softcap)
-
+        rope_scale = _rope_scale(keys)
+        window, sliding = _sliding_window(keys, family, n_layers)
+        attn_softcap, final_softcap = _softcaps(keys, family)
         config = cls(
             arch=arch,
             n_layers=n_layers,
             dim=dim,
-            hidden_dim=int_key("feed_forward_length"),
+            hidden_dim=keys.integer("feed_forward_length"),
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,
             head_dim=head_dim,
             n_rot=n_rot,
             vocab_size=vocab_size,
-            context_length=int_key("context_length", 2048),
-            norm_eps=float_key("attention.layer_norm_rms_epsilon", 1e-5),
-            rope_theta=(rope_theta := float_key("rope.freq_base", 10000.0)),
+            context_length=keys.integer("context_length", 2048),
+            norm_eps=keys.number("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_theta=(rope_theta := keys.number("rope.freq_base", 10000.0)),
             rope_scale=rope_scale,
-            rope_theta_swa=float_key("rope.freq_base_swa", family.rope_theta_swa or rope_theta),
+            rope_theta_swa=keys.number("rope.freq_base_swa", family.rope_theta_swa or rope_theta),
             rope_freq_factors=_rope_freq_factors(rope_freqs, n_rot),
             sliding_window=window,
             sliding_layers=sliding,
@@ -209,6 +145,105 @@ class ModelConfig:
             if getattr(config, field) <= 0:
                 raise ModelError(f"{arch}: {field} must be positive, got {getattr(config, field)}")
         return config
+
+
+class _MetadataKeys:
+    """An architecture's GGUF keys ({arch}.name), read with llama.cpp's checks: a key of the wrong
+    GGUF type is refused (llama_model_loader::get_key), and so are per-layer arrays."""
+
+    def __init__(self, metadata: dict):
+        arch = metadata.get("general.architecture")
+        if not isinstance(arch, str) or arch not in ARCHITECTURES:
+            raise ModelError(
+                f"unknown architecture {describe(arch)} (general.architecture; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        self.metadata, self.arch = metadata, arch
+
+    def get(self, name: str, default=None):
+        """{arch}.name as stored, unchecked; default when absent."""
+        return self.metadata.get(f"{self.arch}.{name}", default)
+
+    def value(self, name: str, default=None):
+        value = self.get(name, default)
+        if value is None:
+            raise ModelError(f"missing metadata key {self.arch}.{name}")
+        if isinstance(value, np.ndarray):  # per-layer arrays (llama.cpp's get_key_or_arr)
+            raise ModelError(f"{self.arch}.{name}: per-layer values are not supported")
+        return value
+
+    def integer(self, name: str, default=None) -> int:
+        value = self.value(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ModelError(f"{self.arch}.{name}: expected an integer, got {describe(value)}")
+        return int(value)
+
+    def number(self, name: str, default: float) -> float:
+        """A positive finite number."""
+        value = self.value(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ModelError(f"{self.arch}.{name}: expected a number, got {describe(value)}")
+        if not (math.isfinite(value) and value > 0):
+            raise ModelError(f"{self.arch}.{name}: must be a positive finite number, got {value}")
+        return float(value)
+
+
+def _attention_shape(keys: _MetadataKeys) -> tuple[int, int, int, int, int]:
+    """(dim, n_heads, n_kv_heads, head_dim, n_rot), checked to fit together."""
+    arch = keys.arch
+    dim = keys.integer("embedding_length")
+    n_heads = keys.integer("attention.head_count")
+    n_kv_heads = keys.integer("attention.head_count_kv", n_heads)
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ModelError(f"{arch}: head_count {n_heads} is not a positive multiple of head_count_kv {n_kv_heads}")
+    head_dim = keys.integer("attention.key_length", dim // n_heads if dim % n_heads == 0 else 0)
+    if head_dim <= 0 or head_dim % 2:
+        raise ModelError(f"{arch}: head width {head_dim} must be positive and even")
+    if keys.integer("attention.value_length", head_dim) != head_dim:
+        raise ModelError(f"{arch}.attention.value_length must equal the key length {head_dim}")
+    n_rot = keys.integer("rope.dimension_count", head_dim)
+    if not 0 < n_rot <= head_dim or n_rot % 2:
+        raise ModelError(f"{arch}.rope.dimension_count {n_rot} must be even and at most the head width {head_dim}")
+    return dim, n_heads, n_kv_heads, head_dim, n_rot
+
+
+def _rope_scale(keys: _MetadataKeys) -> float:
+    """rope.scaling.factor for linear scaling (1.0 without); other scalings are refused."""
+    arch = keys.arch
+    scaling = keys.get("rope.scaling.type", "linear")
+    if scaling not in SUPPORTED_ROPE_SCALING:
+        raise ModelError(f"{arch}.rope.scaling.type {describe(scaling)} is not supported "
+                         f"(supported: {', '.join(SUPPORTED_ROPE_SCALING)})")
+    rope_scale = keys.number("rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
+    attn_factor = keys.get("rope.scaling.attn_factor", 1.0)
+    if not isinstance(attn_factor, (int, float, np.integer, np.floating)) or attn_factor != 1.0:
+        raise ModelError(f"{arch}.rope.scaling.attn_factor {describe(attn_factor)} is not supported (only 1.0)")
+    return rope_scale
+
+
+def _sliding_window(keys: _MetadataKeys, family: Architecture, n_layers: int) -> tuple[int, tuple[bool, ...]]:
+    """(window, which layers slide): (0, ()) for families llama.cpp runs without a window."""
+    arch = keys.arch
+    window, sliding = 0, ()
+    if family.reads_sliding_window:
+        window = keys.integer("attention.sliding_window", family.sliding_window)
+    elif keys.get("attention.sliding_window"):
+        log.warning("%s.attention.sliding_window is ignored: llama.cpp runs %s models without a sliding "
+                    "window, and so does caravan", arch, arch)
+    if window < 0:
+        raise ModelError(f"{arch}.attention.sliding_window must not be negative, got {window}")
+    if window:
+        sliding = _sliding_layers(keys.get("attention.sliding_window_pattern", family.swa_period), n_layers, arch)
+    return window, sliding
+
+
+def _softcaps(keys: _MetadataKeys, family: Architecture) -> tuple[float, float]:
+    """(attention softcap, final softcap), 0.0 where the family caps nothing."""
+    attn_softcap = keys.number("attn_logit_softcapping", family.attn_softcap) if family.attn_softcap else 0.0
+    final_softcap = family.final_softcap
+    if family.reads_final_softcap and keys.get("final_logit_softcapping") not in (None, 0, 0.0):
+        final_softcap = keys.number("final_logit_softcapping", family.final_softcap)
+    return attn_softcap, final_softcap
 
 
 def _sliding_layers(pattern, n_layers: int, arch: str) -> tuple[bool, ...]:

@@ -399,7 +399,7 @@ def _gated_parallel(gate, up, u0, out, gelu_table):
 
 
 # Rows from which the gated activation (SwiGLU, GeGLU) is worth waking the threads for (a
-# prefill chunk).
+# prefill chunk; tests/bench/bench_parallel_rows.py).
 GATED_PARALLEL_ROWS = 32
 
 

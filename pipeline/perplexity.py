@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 
 from .generate import PREFILL_CHUNK, Pipeline
+from .sampler import log_z
 from .stage import Segment
 from .tokenizer import Tokenizer
 
@@ -57,8 +58,3 @@ def window_nll(pipeline: Pipeline, window: np.ndarray) -> np.ndarray:
         pipeline.end_session(session_id)
     return np.concatenate(nll)
 
-
-def log_z(logits: np.ndarray) -> np.ndarray:
-    """log(sum(exp(logits))) of each row, computed from the row's maximum so it cannot overflow."""
-    top = logits.max(axis=1)
-    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))

@@ -167,6 +167,20 @@ def quantize_model(src_path: str | os.PathLike[str], dst_path: str | os.PathLike
     dst = Path(dst_path)
     if dst.exists() or dst.is_symlink():
         raise QuantizeError(f"{dst}: already exists; remove it or give another output path")
+    arch = _model_architecture(src)
+    tied_output = "output.weight" not in src.tensors
+    plans = [plan_tensor(info, target, tied_output) for info in src.tensors.values()]
+    report = _planned_report(src, target, plans)
+    for plan in plans:
+        if plan.type != plan.info.type:
+            _check_dequantizable(plan.info)
+    _write_model(src, dst, arch, target, plans, report, progress)
+    report.seconds = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _model_architecture(src: GGUFFile) -> str:
+    """src's general.architecture, after checking that src is a whole model file."""
     arch = src.metadata.get("general.architecture")
     if not isinstance(arch, str) or not arch:
         raise QuantizeError(f"{src.path}: no general.architecture; only a model file can be quantized")
@@ -174,9 +188,12 @@ def quantize_model(src_path: str | os.PathLike[str], dst_path: str | os.PathLike
     if isinstance(split_count, int) and split_count > 1:
         raise QuantizeError(f"{src.path} is one part of a model split in {split_count} files; merge them first "
                             "(llama-gguf-split --merge)")
+    return arch
 
-    tied_output = "output.weight" not in src.tensors
-    plans = [plan_tensor(info, target, tied_output) for info in src.tensors.values()]
+
+def _planned_report(src: GGUFFile, target: QT, plans: list[TensorPlan]) -> QuantizeReport:
+    """The report before writing: the plans' notes and the quantized types to re-quantize, each
+    logged as a warning."""
     report = QuantizeReport(target.name, n_tensors=len(plans))
     for plan in plans:
         if plan.note:
@@ -187,10 +204,13 @@ def quantize_model(src_path: str | os.PathLike[str], dst_path: str | os.PathLike
         report.requantized_from = requantized
         log.warning("%s is already quantized (%s): re-quantizing dequantizes it first, so accuracy is lost twice; "
                     "quantize from the F16/F32 file where you have it", src.path, ", ".join(requantized))
-    for plan in plans:
-        if plan.type != plan.info.type:
-            _check_dequantizable(plan.info)
+    return report
 
+
+def _write_model(src: GGUFFile, dst: Path, arch: str, target: QT, plans: list[TensorPlan], report: QuantizeReport,
+                 progress: bool) -> None:
+    """Write the file to a hidden temporary beside dst and rename it into place, so that dst is
+    either whole or absent."""
     tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         writer = _writer(src, tmp, arch, target)
@@ -201,19 +221,7 @@ def quantize_model(src_path: str | os.PathLike[str], dst_path: str | os.PathLike
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with tqdm(total=sum(p.info.n_bytes for p in plans), unit="B", unit_scale=True, file=sys.stderr,
-                  disable=not progress, desc=f"quantize {target.name}") as bar:
-            for plan in plans:
-                data = _convert(src, plan, bar)
-                writer.write_tensor_data(data)
-                report.bytes_in += plan.info.n_bytes
-                report.bytes_out += data.nbytes
-                del data
-                src.release(plan.info.name)
-                if plan.type == plan.info.type:
-                    report.n_kept += 1
-                else:
-                    report.n_converted += 1
+        _write_tensors(src, writer, target, plans, report, progress)
         writer.close()
         os.replace(tmp, dst)
     except OSError as exc:
@@ -221,8 +229,24 @@ def quantize_model(src_path: str | os.PathLike[str], dst_path: str | os.PathLike
     finally:
         if tmp.exists():
             tmp.unlink()
-    report.seconds = round(time.perf_counter() - t0, 3)
-    return report
+
+
+def _write_tensors(src: GGUFFile, writer: GGUFWriter, target: QT, plans: list[TensorPlan], report: QuantizeReport,
+                   progress: bool) -> None:
+    """Each tensor's data in its planned type, one at a time, counted in the report."""
+    with tqdm(total=sum(p.info.n_bytes for p in plans), unit="B", unit_scale=True, file=sys.stderr,
+              disable=not progress, desc=f"quantize {target.name}") as bar:
+        for plan in plans:
+            data = _convert(src, plan, bar)
+            writer.write_tensor_data(data)
+            report.bytes_in += plan.info.n_bytes
+            report.bytes_out += data.nbytes
+            del data
+            src.release(plan.info.name)
+            if plan.type == plan.info.type:
+                report.n_kept += 1
+            else:
+                report.n_converted += 1
 
 
 def _check_dequantizable(info: TensorInfo) -> None:

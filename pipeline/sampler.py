@@ -111,6 +111,13 @@ def top_k_candidates(logits: np.ndarray, k: int) -> np.ndarray:
     return ids[order]
 
 
+def log_z(logits: np.ndarray) -> np.ndarray:
+    """log(sum(exp(logits))) over the last axis (each row of a 2-D array), computed from the
+    maximum so it cannot overflow: log-softmax is logits - log_z(logits)."""
+    top = logits.max(axis=-1)
+    return top + np.log(np.exp(logits - top[..., None]).sum(axis=-1))
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities in float64, shifted by the max so exp never overflows."""
     shifted = logits.astype(np.float64) - logits.max()

@@ -296,6 +296,13 @@ class Tokenizer:
             after_special = False
         return ids
 
+    def encode_rendered(self, text: str) -> list[int]:
+        """Token ids of a prompt a chat template rendered, special tokens mapped: BOS where the
+        model asks for one, except that a template that writes the BOS token itself must not
+        get a second one."""
+        starts_with_bos = self.bos_id is not None and text.startswith(self.token_text(self.bos_id))
+        return self.encode(text, add_bos=False if starts_with_bos else self.add_bos, special=True)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control tokens render as "" (llama_token_to_piece, special=False).
 

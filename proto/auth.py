@@ -239,6 +239,19 @@ class TLSFiles:
         return parts[0], parts[1], parts[2]
 
 
+def add_auth_flags(parser, *, token_file: str, tls_cert: str, tls_ca: str, token: str | None = None) -> None:
+    """The authentication flags of the coordinator's and the node's command lines: --token-file
+    (and --token, exclusive with it, where `token` gives its help), --tls-cert, --tls-key and
+    --tls-ca. Each argument is a flag's help, since the two sides present different things."""
+    tokens = parser.add_mutually_exclusive_group() if token else parser
+    tokens.add_argument("--token-file", type=Path, default=None, metavar="PATH", help=token_file)
+    if token:
+        tokens.add_argument("--token", default=None, metavar="TOKEN", help=token)
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="PEM", help=tls_cert)
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="its private key")
+    parser.add_argument("--tls-ca", type=Path, default=None, metavar="PEM", help=tls_ca)
+
+
 def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
     cert, key, ca = tls.read()
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)

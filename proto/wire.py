@@ -7,7 +7,10 @@ dim, the most rows they accept).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import math
+from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
@@ -261,18 +264,56 @@ def decode_tensor_entries(entries) -> dict[str, TensorInfo]:
     return tensors
 
 
+# --- chunked streams (PushWeights, LoadAdapter) ---------------------------------------------
+# A header, then the data in pieces of WEIGHT_CHUNK_BYTES, then the sha256 of every byte sent.
+
+
+def chunked_stream(message: type, header, blobs: Iterable, on_bytes: Callable[[int], None] | None = None) -> Iterator:
+    """The messages (pb.WeightChunk or pb.AdapterChunk) that send `header` and the bytes of each
+    blob, read lazily, one piece at a time; on_bytes hears the size of each piece sent."""
+    yield message(header=header)
+    digest = hashlib.sha256()
+    for data in blobs:
+        for start in range(0, len(data), WEIGHT_CHUNK_BYTES):
+            piece = bytes(data[start : start + WEIGHT_CHUNK_BYTES])
+            digest.update(piece)
+            if on_bytes is not None:
+                on_bytes(len(piece))
+            yield message(data=piece)
+    yield message(sha256=digest.hexdigest())
+
+
+def stream_header(request_iterator: Iterator, rpc: str, what: str):
+    """The header that must open a chunked stream; what: the header's name in the error."""
+    first = next(request_iterator, None)
+    if first is None or first.WhichOneof("part") != "header":
+        raise WireError(f"{rpc} must start with {what}")
+    return first.header
+
+
+def receive_stream(request_iterator: Iterator, what: str, on_data: Callable[[bytes], None]) -> str:
+    """Hand each data piece after the header to on_data, and return the sender's sha256, which
+    must end the stream; what: the stream's name in the errors."""
+    sha256 = None
+    for chunk in request_iterator:
+        part = chunk.WhichOneof("part")
+        if part == "data" and sha256 is None:
+            on_data(chunk.data)
+        elif part == "sha256" and sha256 is None:
+            sha256 = chunk.sha256
+        else:
+            raise WireError(f"unexpected {part} in {what}")
+    if sha256 is None:
+        raise WireError(f"{what} ended before its sha256")
+    return sha256
+
+
 # --- model config -----------------------------------------------------------------------------
 
 
 def encode_config(c: ModelConfig) -> pb.ModelConfig:
-    return pb.ModelConfig(
-        arch=c.arch, n_layers=c.n_layers, dim=c.dim, hidden_dim=c.hidden_dim, n_heads=c.n_heads,
-        n_kv_heads=c.n_kv_heads, head_dim=c.head_dim, n_rot=c.n_rot, vocab_size=c.vocab_size,
-        context_length=c.context_length, norm_eps=c.norm_eps, rope_theta=c.rope_theta, rope_scale=c.rope_scale,
-        rope_theta_swa=c.rope_theta_swa, rope_freq_factors=c.rope_freq_factors, sliding_window=c.sliding_window,
-        sliding_layers=c.sliding_layers, attn_softcap=c.attn_softcap, final_softcap=c.final_softcap,
-        layer_tensors=c.layer_tensors,
-    )
+    """The message's fields are ModelConfig's, by the same names (test_wire checks it)."""
+    return pb.ModelConfig(**dataclasses.asdict(c))
 
 
 MAX_DIM = 1 << 16  # wider than any LLaMA-family model; bounds what a node allocates

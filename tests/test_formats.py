@@ -1,5 +1,6 @@
-"""Q5_0, Q5_1, the K-quants and BF16 (pipeline/formats/q5.py, kquants.py, floats.py), and every format's
-dequantization.
+"""Q5_0, Q5_1, the K-quants and BF16 (pipeline/formats/q5.py, kquants.py, floats.py), and what
+every format of the registry promises: dequantization, products against float64, batch and
+thread-count invariance.
 
 The same layers of trust as test_quants.py: dequantization bit-exact against
 `gguf.quants.dequantize` on random blocks (every scale bit pattern), activation rounding exactly
@@ -29,7 +30,12 @@ from support.products import assert_product_close, random_activations
 TYPES = tuple(t for t in FORMATS if t not in (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1))
 K_QUANTS = (QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K)
 ROWS = (1, 3, 67)
-COLS = (256, 1536)
+COLS = (32, 96, 256, 1536)  # each format takes those that are whole blocks of it
+
+
+def format_cols(cols=COLS) -> list:
+    """(format, cols) for every format of the registry and every width that is whole blocks of it."""
+    return [pytest.param(t, c, id=f"{t.name}-cols{c}") for t in FORMATS for c in cols if c % FORMATS[t].block[0] == 0]
 TOKENS = (1, 5, 17)
 
 def random_raw(ttype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -49,20 +55,21 @@ def random_raw(ttype: QT, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 def minima(ttype: QT, raw: np.ndarray) -> dict:
-    """{"w": m (rows, n_blocks)} for Q5_1 (d f16, m f16, qh[4], qs[16]), else {}."""
-    if ttype != QT.Q5_1:
+    """{"w": m (rows, n_blocks)} for Q4_1 (d f16, m f16, qs[16]) and Q5_1 (d f16, m f16, qh[4],
+    qs[16]), whose products add an f16 block-sum term (ggml-common.h), else {}."""
+    if ttype not in (QT.Q4_1, QT.Q5_1):
         return {}
-    return {"w": np.ascontiguousarray(raw.reshape(raw.shape[0], -1, 24)[:, :, 2:4]).view(np.float16)[..., 0]}
+    block_bytes = FORMATS[ttype].block[1]
+    return {"w": np.ascontiguousarray(raw.reshape(raw.shape[0], -1, block_bytes)[:, :, 2:4]).view(np.float16)[..., 0]}
 
 
 # ---------------------------------------------------------------------------------------------
 # Dequantization and activation rounding: exact
 
 
-@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
-@pytest.mark.parametrize("cols", (256, 768), ids=lambda c: f"cols{c}")
+@pytest.mark.parametrize("ttype,cols", format_cols((32, 96, 256, 768)))
 def test_dequantize_rows_equals_gguf(ttype, cols):
-    """Every format of the registry (the list cannot drift from it)."""
+    """Every format of the registry (the list cannot drift from it), one block wide and more."""
     raw = random_raw(ttype, 67, cols)
     expected = dequantize(raw, ttype).reshape(67, cols)
     packed = pack(ttype, raw, "w")
@@ -131,9 +138,15 @@ def test_bf16_rounding_equals_gguf():
 
 
 def rounded_reference(ttype: QT, raw: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 product with the activations rounded as the kernel rounds them, |x'| @ |W|.T)."""
+    """(float64 product with the activations rounded as the kernel rounds them, |x'| @ |W|.T):
+    x unchanged for F32, rounded to f16 for F16 and to bf16 for BF16, Q8_K superblocks for the
+    K-quants and Q8 blocks for the other block formats (naive.kernel_product)."""
     ref = naive.kernel_product({"w": ttype.name}, minima(ttype, raw))({"w": w}, "w", x)
-    if ttype == QT.BF16:
+    if ttype == QT.F32:
+        xr = x.astype(np.float64)
+    elif ttype == QT.F16:
+        xr = naive.round_f16(x)
+    elif ttype == QT.BF16:
         xr = naive.round_bf16(x)
     elif ttype in K_QUANTS:
         xr = naive.dequantize_q8_k_activations(*naive.quantize_q8_k_activations(x)[:2])
@@ -143,9 +156,8 @@ def rounded_reference(ttype: QT, raw: np.ndarray, w: np.ndarray, x: np.ndarray) 
 
 
 @pytest.mark.parametrize("n_tokens", TOKENS, ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("cols", COLS, ids=lambda c: f"cols{c}")
 @pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype,cols", format_cols())
 def test_matmul_vs_float64(ttype, rows, cols, n_tokens):
     raw = random_raw(ttype, rows, cols)
     w = dequantize(raw, ttype).astype(np.float64).reshape(rows, cols)
@@ -153,9 +165,10 @@ def test_matmul_vs_float64(ttype, rows, cols, n_tokens):
     out = matmul(pack(ttype, raw, "w"), Activations(x))
     assert out.shape == (n_tokens, rows) and out.dtype == np.float32
 
-    # Loose: 8-bit blocks round each activation by amax / 254 at most, bf16 by 2**-9 relative.
+    # Loose: 8-bit blocks round each activation by amax / 254 at most, f16 by 2**-11 and bf16
+    # by 2**-9 relative; relative to |x| @ |W| that stays under 1%.
     ref, scale = rounded_reference(ttype, raw, w, x)
-    assert_product_close(out, ref, scale, x, w, loose=1e-2)
+    assert_product_close(out, ref, scale, x, w, loose=1e-6 if ttype == QT.F32 else 1e-2)
 
 
 def test_bf16_matmul_with_a_tail_of_columns():
@@ -168,17 +181,19 @@ def test_bf16_matmul_with_a_tail_of_columns():
     assert (np.abs(out - ref) / (np.abs(x) @ np.abs(w).T)).max() < 1e-5
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 def test_matmul_zero_activations(ttype):
-    """All-zero activations have scale 0: no division by zero and a product of exactly 0."""
+    """All-zero activations have scale 0: no division by zero and a product of exactly 0 (Q4_1
+    and Q5_1 included: their m term reads the block sum, 0)."""
     raw = random_raw(ttype, 5, 512)
     out = matmul(pack(ttype, raw, "w"), Activations(np.zeros((3, 512), np.float32)))
     np.testing.assert_array_equal(out, 0.0)
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 def test_matmul_batch_invariant(ttype):
-    """T rows at once equal each row alone, bit for bit."""
+    """T rows at once equal each row alone, bit for bit: a sequence decodes to the same tokens
+    whether it is batched with others or not."""
     packed = pack(ttype, random_raw(ttype, 67, 512), "w")
     x = random_activations(17, 512)
     together = matmul(packed, Activations(x))
@@ -186,7 +201,7 @@ def test_matmul_batch_invariant(ttype):
         np.testing.assert_array_equal(together[t : t + 1], matmul(packed, Activations(x[t : t + 1])))
 
 
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", tuple(FORMATS), ids=lambda t: t.name)
 def test_matmul_thread_count_invariant(ttype):
     packed = pack(ttype, random_raw(ttype, 67, 1536), "w")
     x = random_activations(5, 1536)

@@ -285,7 +285,7 @@ def test_a_node_lost_in_the_middle_of_a_chain_fails_it_at_once(model, chain_node
         chain.close()
 
 
-def chunks(model, request, data_sha=None, extra=b"", drop_last=False):
+def chunks(model, request, data_sha=None, extra=b"", drop_last=False, after_sha=b""):
     request.push_layers.extend(range(request.layer_start, request.layer_stop))
     yield pb.WeightChunk(header=request)
     digest = hashlib.sha256()
@@ -297,12 +297,15 @@ def chunks(model, request, data_sha=None, extra=b"", drop_last=False):
         yield pb.WeightChunk(data=extra)
     if not drop_last:
         yield pb.WeightChunk(sha256=data_sha or digest.hexdigest())
+    if after_sha:
+        yield pb.WeightChunk(data=after_sha)
 
 
 @pytest.mark.parametrize("kind,message", [
     ("bad sha", "sha256"),
     ("extra bytes", "more than"),
     ("no sha", "ended before its sha256"),
+    ("data after sha", "unexpected data"),
     ("no header", "must start with the load request"),
     ("no layers", "layers to push []"),
 ])
@@ -315,6 +318,8 @@ def test_bad_weight_streams_are_refused_and_leave_nothing(model, node, kind, mes
         stream = chunks(model, request, extra=b"x")
     elif kind == "no sha":
         stream = chunks(model, request, drop_last=True)
+    elif kind == "data after sha":
+        stream = chunks(model, request, after_sha=b"x")
     elif kind == "no layers":
         stream = iter([pb.WeightChunk(header=request)])
     else:

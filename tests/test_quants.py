@@ -1,9 +1,9 @@
-"""Weight formats and products: dequantization exact vs gguf-py, products vs float64 references.
-
-Layers of trust, in order: `dequantize_rows` is bit-exact against `gguf.quants.dequantize`; the
-activation rounding is ggml's (tests/support/naive.py writes it down), so `matmul` is compared tightly
-with the float64 product of the dequantized weights and the rounded activations, and loosely
-with the unrounded product; then the invariances the kernels promise (batch, thread count).
+"""F32, F16, Q8_0, Q4_0 and Q4_1 (pipeline/formats/legacy.py, floats.py) and the activations
+they take: the f16 table, Q8 activation blocks bit for bit against ggml's rounding
+(tests/support/naive.py), the eight-row products of every ISA against their numpy twins, and
+unsupported types refused. What every format promises (dequantization exact against gguf-py,
+products against float64, batch and thread-count invariance) is tested for the whole registry
+in test_formats.py.
 """
 
 from __future__ import annotations
@@ -30,12 +30,9 @@ from caravan.pipeline.quants import (
     pack,
 )
 from support import naive
-from support.products import assert_product_close, random_activations
+from support.products import random_activations
 
 TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
-ROWS = (1, 3, 67)
-COLS = (32, 96, 1536)
-TOKENS = (1, 5, 17)
 
 
 def random_weights(rows: int, cols: int, ttype: QT, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -48,41 +45,8 @@ def random_weights(rows: int, cols: int, ttype: QT, seed: int = 0) -> tuple[np.n
     return raw, dequantize(raw, ttype).astype(np.float64).reshape(rows, cols)
 
 
-def rounded_reference(ttype: QT, raw: np.ndarray, w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 product as the kernel defines it, the scale of each output: |x'| @ |W|.T).
-
-    x' is x as the kernel sees it (naive.kernel_product): unchanged for F32, rounded to f16 for
-    F16, Q8 blocks for the block formats, plus Q4_1's f16 block-sum term."""
-    minima = {}
-    if ttype == QT.Q4_1:
-        # Q4_1 block: d f16, m f16, qs[16] (ggml-common.h)
-        minima["w"] = np.ascontiguousarray(raw.reshape(w.shape[0], -1, 20)[:, :, 2:4]).view(np.float16)[..., 0]
-    ref = naive.kernel_product({"w": ttype.name}, minima)({"w": w}, "w", x)
-    if ttype == QT.F32:
-        xr = x.astype(np.float64)
-    elif ttype == QT.F16:
-        xr = naive.round_f16(x)
-    else:
-        xr = naive.dequantize_q8_activations(*naive.quantize_q8_activations(x)[:2])
-    return ref, np.abs(xr) @ np.abs(w).T
-
-
 # ---------------------------------------------------------------------------------------------
 # Dequantization: exact
-
-
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-@pytest.mark.parametrize("cols", (32, 96), ids=lambda c: f"cols{c}")
-def test_dequantize_rows_equals_gguf(ttype, cols):
-    raw, _ = random_weights(67, cols, ttype)
-    expected = dequantize(raw, ttype).reshape(67, cols)
-    packed = pack(ttype, raw, "w")
-    assert (packed.rows, packed.cols) == (67, cols)
-    all_rows = dequantize_rows(packed, np.arange(67))
-    assert all_rows.dtype == np.float32
-    np.testing.assert_array_equal(all_rows, expected)
-    ids = np.random.default_rng(2).integers(0, 67, 23)  # with repeats, out of order
-    np.testing.assert_array_equal(dequantize_rows(packed, ids), expected[ids])
 
 
 def test_f16_table_is_every_bit_pattern_by_its_fields():
@@ -150,61 +114,6 @@ def test_f16_rounding_equals_numpy_cast():
 
 # ---------------------------------------------------------------------------------------------
 # Products
-
-
-@pytest.mark.parametrize("n_tokens", TOKENS, ids=lambda t: f"T{t}")
-@pytest.mark.parametrize("cols", COLS, ids=lambda c: f"cols{c}")
-@pytest.mark.parametrize("rows", ROWS, ids=lambda r: f"rows{r}")
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-def test_matmul_vs_float64(ttype, rows, cols, n_tokens):
-    raw, w = random_weights(rows, cols, ttype)
-    x = random_activations(n_tokens, cols)
-    out = matmul(pack(ttype, raw, "w"), Activations(x))
-    assert out.shape == (n_tokens, rows) and out.dtype == np.float32
-
-    # Tight: a single activation rounded to a different q would cost ~1e-3 of the row scale.
-    # Loose: Q8 blocks round each x by at most d / 2 = amax / 254, f16 by 2**-11 relative;
-    # relative to |x| @ |W| that stays under 1%.
-    ref, scale = rounded_reference(ttype, raw, w, x)
-    assert_product_close(out, ref, scale, x, w, loose=1e-6 if ttype == QT.F32 else 1e-2)
-
-
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-def test_matmul_zero_activations(ttype):
-    """An all-zero block has scale 0: no division by zero, and the product is exactly 0
-    (Q4_1 included: its m term reads the block sum, 0)."""
-    raw, _ = random_weights(5, 64, ttype)
-    out = matmul(pack(ttype, raw, "w"), Activations(np.zeros((3, 64), np.float32)))
-    np.testing.assert_array_equal(out, 0.0)
-
-
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-def test_matmul_batch_invariant(ttype):
-    """T rows at once equal each row alone, bit for bit: a sequence decodes to the same tokens
-    whether it is batched with others or not."""
-    raw, _ = random_weights(67, 96, ttype)
-    packed = pack(ttype, raw, "w")
-    x = random_activations(17, 96)
-    together = matmul(packed, Activations(x))
-    for t in range(x.shape[0]):
-        np.testing.assert_array_equal(together[t : t + 1], matmul(packed, Activations(x[t : t + 1])))
-
-
-@pytest.mark.parametrize("ttype", TYPES, ids=lambda t: t.name)
-def test_matmul_thread_count_invariant(ttype):
-    raw, _ = random_weights(67, 1536, ttype)
-    packed = pack(ttype, raw, "w")
-    x = random_activations(5, 1536)
-    before = numba.get_num_threads()
-    try:
-        results = []
-        for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
-            numba.set_num_threads(n)
-            results.append(matmul(packed, Activations(x)))
-    finally:
-        numba.set_num_threads(before)
-    for other in results[1:]:
-        np.testing.assert_array_equal(results[0], other)
 
 
 def _group_products(kernel1, kernel4):

@@ -253,6 +253,13 @@ def spm(spm_path) -> Tokenizer:
     return Tokenizer.from_metadata(read_gguf(spm_path).metadata)
 
 
+def test_a_rendered_prompt_gets_one_bos_whether_or_not_the_template_wrote_it(spm):
+    assert spm.add_bos and spm.token_text(spm.bos_id) == "<s>"
+    assert spm.encode_rendered("<s>hello") == spm.encode("<s>hello", add_bos=False, special=True)
+    assert spm.encode_rendered("<s>hello").count(spm.bos_id) == 1
+    assert spm.encode_rendered("hello") == spm.encode("hello", add_bos=True, special=True)
+
+
 @pytest.mark.oracle
 def test_spm_encode_matches_llama_cpp(spm, spm_path):
     ref = llama_cpp_vocab(spm_path)

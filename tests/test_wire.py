@@ -144,6 +144,9 @@ def test_every_family_config_round_trips(config):
     import dataclasses
     import json
 
+    from caravan.proto import caravan_pb2
+
+    assert [f.name for f in dataclasses.fields(ModelConfig)] == [f.name for f in caravan_pb2.ModelConfig.DESCRIPTOR.fields]
     assert wire.decode_config(wire.encode_config(config)) == config
     assert ModelConfig.from_dict(json.loads(json.dumps(dataclasses.asdict(config)))) == config
 

@@ -174,76 +174,110 @@ META_BYTES = 16  # bytes of scales (and minima) per row per superblock
 
 
 
-def _codegen_k(fmt: _KFormat, n_tokens: int, isa: str):
-    spans = QK_K // SPAN
-    block_bytes = spans * fmt.spans.vectors * 32
+class _KCode:
+    """The IR of one call of a K-quant product (eight weight rows of group g against n_tokens
+    activation rows), built in steps: the arguments as row pointers, then per superblock the
+    integer totals and their scaling into the accumulators, then the stores."""
 
-    def codegen(context, builder, signature, args):
+    def __init__(self, fmt: _KFormat, n_tokens: int, isa: str, context, builder, signature, args):
+        self.fmt, self.n_tokens, self.isa, self.context, self.builder = fmt, n_tokens, isa, context, builder
         wq, wd, wdmin, wmeta, _, xq, xd, xbs, out, _, _ = args  # wdmin: unread without minima
         wq_t, wd_t, wdmin_t, wmeta_t, _, xq_t, xd_t, xbs_t, out_t, _, _ = signature.args
-        const = lambda value: context.get_constant(types.intp, value)  # noqa: E731
-        g, rows, n_valid = _group_indices(context, builder, signature, args, n_tokens)
-        w_group, _ = _row_pointer(context, builder, wq_t, wq, g)
-        d_group, wd_ary = _row_pointer(context, builder, wd_t, wd, g)
-        dmin_group = _row_pointer(context, builder, wdmin_t, wdmin, g)[0] if fmt.has_min else None
-        meta_group, _ = _row_pointer(context, builder, wmeta_t, wmeta, g)
-        n_super = builder.udiv(cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1], const(GROUP_ROWS))
-        x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in rows]
-        xd_rows = [builder.bitcast(_row_pointer(context, builder, xd_t, xd, i)[0], _F32.as_pointer()) for i in rows]
-        xbs_rows = [_row_pointer(context, builder, xbs_t, xbs, i)[0] for i in rows]
+        self.g, self.rows, self.n_valid = _group_indices(context, builder, signature, args, n_tokens)
+        g, rows = self.g, self.rows
+        self.w_group, _ = _row_pointer(context, builder, wq_t, wq, g)
+        self.d_group, wd_ary = _row_pointer(context, builder, wd_t, wd, g)
+        self.dmin_group = _row_pointer(context, builder, wdmin_t, wdmin, g)[0] if fmt.has_min else None
+        self.meta_group, _ = _row_pointer(context, builder, wmeta_t, wmeta, g)
+        self.n_super = builder.udiv(cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1], self.const(GROUP_ROWS))
+        self.x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in rows]
+        self.xd_rows = [builder.bitcast(_row_pointer(context, builder, xd_t, xd, i)[0], _F32.as_pointer()) for i in rows]
+        self.xbs_rows = [_row_pointer(context, builder, xbs_t, xbs, i)[0] for i in rows]
         zero = ir.Constant(_V8_F32, [0.0] * 8)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in rows]
-        acc_mins = [cgutils.alloca_once_value(builder, zero) for _ in rows]
-        with cgutils.for_range(builder, n_super) as loop:
-            b = loop.index
-            block = builder.gep(w_group, [builder.mul(b, const(block_bytes))])
-            meta = builder.gep(meta_group, [builder.mul(b, const(META_BYTES * GROUP_ROWS))])
-            x_blocks = [builder.gep(x_row, [builder.mul(b, const(QK_K))]) for x_row in x_rows]
-            totals = [ir.Constant(_V8_I32, [0] * 8)] * n_tokens
-            for p in range(spans):
-                span = builder.gep(block, [const(p * fmt.spans.vectors * 32)])
-                for first in range(0, 8, fmt.unit_chunks):
-                    scales = fmt.scales(builder, meta, (8 * p + first) // fmt.unit_chunks)
-                    for run in range(first, first + fmt.unit_chunks, fmt.run_chunks):
-                        # chunk by chunk, each decoded once for every token row: few live vectors
-                        pairs = [None] * n_tokens
-                        for c in range(run, run + fmt.run_chunks):
-                            chunk = fmt.spans.chunk(builder, span, c)
-                            for i in range(n_tokens):
-                                acts = _broadcast4(builder, builder.gep(x_blocks[i], [const(SPAN * p + 4 * c)]))
-                                product = _pair_products(builder, chunk, acts, False, isa)
-                                pairs[i] = product if pairs[i] is None else builder.add(pairs[i], product)
+        self.accs = [cgutils.alloca_once_value(builder, zero) for _ in rows]
+        self.acc_mins = [cgutils.alloca_once_value(builder, zero) for _ in rows]
+        self.out, self.out_t = out, out_t
+
+    def const(self, value):
+        return self.context.get_constant(types.intp, value)
+
+    def superblock(self, b) -> None:
+        """Superblock b of every row into the accumulators."""
+        builder, const, fmt = self.builder, self.const, self.fmt
+        block = builder.gep(self.w_group, [builder.mul(b, const(QK_K // SPAN * fmt.spans.vectors * 32))])
+        meta = builder.gep(self.meta_group, [builder.mul(b, const(META_BYTES * GROUP_ROWS))])
+        x_blocks = [builder.gep(x_row, [builder.mul(b, const(QK_K))]) for x_row in self.x_rows]
+        totals = self._totals(block, meta, x_blocks)
+        w_scales = _load_f16x8(builder, builder.gep(self.d_group, [builder.mul(b, const(2 * GROUP_ROWS))]))
+        w_minima = None
+        if fmt.has_min:
+            w_minima = _load_f16x8(builder, builder.gep(self.dmin_group, [builder.mul(b, const(2 * GROUP_ROWS))]))
+        for i in range(self.n_tokens):
+            self._accumulate(i, b, meta, totals[i], w_scales, w_minima)
+
+    def _totals(self, block, meta, x_blocks) -> list:
+        """Per token row, <8 x i32>: each weight row's sum over sub-blocks of scale * sum(u * x)."""
+        builder, const, fmt, isa, n_tokens = self.builder, self.const, self.fmt, self.isa, self.n_tokens
+        totals = [ir.Constant(_V8_I32, [0] * 8)] * n_tokens
+        for p in range(QK_K // SPAN):
+            span = builder.gep(block, [const(p * fmt.spans.vectors * 32)])
+            for first in range(0, 8, fmt.unit_chunks):
+                scales = fmt.scales(builder, meta, (8 * p + first) // fmt.unit_chunks)
+                for run in range(first, first + fmt.unit_chunks, fmt.run_chunks):
+                    # chunk by chunk, each decoded once for every token row: few live vectors
+                    pairs = [None] * n_tokens
+                    for c in range(run, run + fmt.run_chunks):
+                        chunk = fmt.spans.chunk(builder, span, c)
                         for i in range(n_tokens):
-                            totals[i] = builder.add(totals[i], _pair_dot(builder, pairs[i], scales, isa))
-            w_scales = _load_f16x8(builder, builder.gep(d_group, [builder.mul(b, const(2 * GROUP_ROWS))]))
-            if fmt.has_min:
-                w_minima = _load_f16x8(builder, builder.gep(dmin_group, [builder.mul(b, const(2 * GROUP_ROWS))]))
-            for i in range(n_tokens):
-                bsums = builder.gep(xbs_rows[i], [builder.mul(b, const(2 * QK_K // 16))])
-                bsum_pairs = [_broadcast4(builder, builder.gep(bsums, [const(4 * p)])) for p in range(8)]
-                bsum_pairs = [builder.bitcast(v, _V16_I16) for v in bsum_pairs]
-                total = totals[i]
-                if fmt.offset:
-                    correction = None
-                    for p in range(8):
-                        term = _pair_dot(builder, fmt.pairs(builder, meta, p, False), bsum_pairs[p], isa)
-                        correction = term if correction is None else builder.add(correction, term)
-                    total = builder.sub(total, builder.mul(correction, _const(_V8_I32, fmt.offset)))
-                x_scale = _splat(builder, builder.load(builder.gep(xd_rows[i], [b])), _V8_F32)
-                scale = builder.fmul(w_scales, x_scale)
-                builder.store(_fma(builder, scale, builder.sitofp(total, _V8_F32), builder.load(accs[i])), accs[i])
-                if fmt.has_min:
-                    minima = None
-                    for p in range(8):
-                        term = _pair_dot(builder, fmt.pairs(builder, meta, p, True), bsum_pairs[p], isa)
-                        minima = term if minima is None else builder.add(minima, term)
-                    min_scale = builder.fmul(w_minima, x_scale)
-                    builder.store(_fma(builder, min_scale, builder.sitofp(minima, _V8_F32), builder.load(acc_mins[i])), acc_mins[i])
+                            acts = _broadcast4(builder, builder.gep(x_blocks[i], [const(SPAN * p + 4 * c)]))
+                            product = _pair_products(builder, chunk, acts, False, isa)
+                            pairs[i] = product if pairs[i] is None else builder.add(pairs[i], product)
+                    for i in range(n_tokens):
+                        totals[i] = builder.add(totals[i], _pair_dot(builder, pairs[i], scales, isa))
+        return totals
+
+    def _accumulate(self, i: int, b, meta, total, w_scales, w_minima) -> None:
+        """Token row i's total (less the zero point's share) and minima, scaled, into its accumulators."""
+        builder, fmt = self.builder, self.fmt
+        bsums = builder.gep(self.xbs_rows[i], [builder.mul(b, self.const(2 * QK_K // 16))])
+        bsum_pairs = [_broadcast4(builder, builder.gep(bsums, [self.const(4 * p)])) for p in range(8)]
+        bsum_pairs = [builder.bitcast(v, _V16_I16) for v in bsum_pairs]
+        if fmt.offset:
+            correction = self._scaled_bsums(meta, bsum_pairs, False)
+            total = builder.sub(total, builder.mul(correction, _const(_V8_I32, fmt.offset)))
+        x_scale = _splat(builder, builder.load(builder.gep(self.xd_rows[i], [b])), _V8_F32)
+        scale = builder.fmul(w_scales, x_scale)
+        builder.store(_fma(builder, scale, builder.sitofp(total, _V8_F32), builder.load(self.accs[i])), self.accs[i])
+        if fmt.has_min:
+            minima = self._scaled_bsums(meta, bsum_pairs, True)
+            min_scale = builder.fmul(w_minima, x_scale)
+            builder.store(_fma(builder, min_scale, builder.sitofp(minima, _V8_F32), builder.load(self.acc_mins[i])),
+                          self.acc_mins[i])
+
+    def _scaled_bsums(self, meta, bsum_pairs, minima: bool):
+        """<8 x i32>: per weight row, the sum over sub-blocks of its scale (minimum) * bsum."""
+        total = None
+        for p in range(8):
+            term = _pair_dot(self.builder, self.fmt.pairs(self.builder, meta, p, minima), bsum_pairs[p], self.isa)
+            total = term if total is None else self.builder.add(total, term)
+        return total
+
+    def store(self) -> None:
+        """Each token row's acc (less acc_min) into out."""
+        builder = self.builder
         results = []
-        for i in range(n_tokens):
-            result = builder.load(accs[i])
-            results.append(builder.fsub(result, builder.load(acc_mins[i])) if fmt.has_min else result)
-        _store_rows(context, builder, out_t, out, rows, g, n_valid, results)
+        for i in range(self.n_tokens):
+            result = builder.load(self.accs[i])
+            results.append(builder.fsub(result, builder.load(self.acc_mins[i])) if self.fmt.has_min else result)
+        _store_rows(self.context, builder, self.out_t, self.out, self.rows, self.g, self.n_valid, results)
+
+
+def _codegen_k(fmt: _KFormat, n_tokens: int, isa: str):
+    def codegen(context, builder, signature, args):
+        code = _KCode(fmt, n_tokens, isa, context, builder, signature, args)
+        with cgutils.for_range(builder, code.n_super) as loop:
+            code.superblock(loop.index)
+        code.store()
         return context.get_dummy_value()
 
     return codegen
@@ -413,8 +447,9 @@ def _quantize_q8_k_parallel(x, qs, d, bsums):
         _quantize_row_q8_k(x, qs, d, bsums, t)
 
 
-# Rows from which Q8_K quantizing runs a thread per row: the 8 that Q8 blocks used before
-# Q8_PARALLEL_ROWS was measured at 32, not yet measured for Q8_K's scalar loop.
+# Rows from which Q8_K quantizing runs a thread per row: fewer than Q8_PARALLEL_ROWS, since a
+# Q8_K row is a scalar loop several times the cost of a Q8 row in vector IR, so waking the
+# threads pays off sooner (tests/bench/bench_parallel_rows.py).
 Q8_K_PARALLEL_ROWS = 8
 
 

@@ -25,7 +25,6 @@ Not a test: figures depend on the machine and on what else runs on it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import statistics
@@ -39,6 +38,7 @@ import numba
 import numpy as np
 import psutil
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from caravan.proto.polling import poll_sockets_in_place  # noqa: E402
@@ -46,10 +46,11 @@ from caravan.proto.polling import poll_sockets_in_place  # noqa: E402
 poll_sockets_in_place()  # as `caravan` does, before grpc is imported: this process calls nodes too
 
 from support.nodes import NodeProcess, cluster_token  # noqa: E402
+from bench_engine import model_flags  # noqa: E402
 
 from caravan.coordinator.cluster import connect, layer_bytes  # noqa: E402
 from caravan.coordinator.remote import Part, RemoteStage  # noqa: E402
-from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model  # noqa: E402
+from caravan.pipeline.catalog import default_cache_dir, resolve_model  # noqa: E402
 from caravan.pipeline.loader import load_model  # noqa: E402
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch  # noqa: E402
 from caravan.proto.wire import WIRE_FORMATS  # noqa: E402
@@ -256,12 +257,7 @@ def simulated_network(model, runs: int, delay_ms: float = 0.2, rate_mbit: float 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    args = model_flags(__doc__).parse_args()
     path = resolve_model(args.model, default_cache_dir(), progress=False)
     model = load_model(path)
     result = {"model": model.name, "runs": args.runs,

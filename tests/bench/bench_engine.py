@@ -45,6 +45,7 @@ from caravan.coordinator.reference import last_logits
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, resolve_model
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
+from caravan.pipeline.perplexity import log_z  # there in older revisions too (ab.py runs them)
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 
@@ -264,17 +265,24 @@ def perplexities(model, pipeline, llm, window: int):
         llm.eval(chunk)
         ref = np.asarray(llm.scores[: len(chunk)], dtype=np.float64)
         for logits, out in ((ours, nll_ours), (ref, nll_ref)):
-            logp = logits[:-1] - np.log(np.exp(logits[:-1] - logits[:-1].max(1, keepdims=True)).sum(1, keepdims=True)) - logits[:-1].max(1, keepdims=True)
+            logp = logits[:-1] - log_z(logits[:-1])[:, None]
             out.extend(-logp[np.arange(len(chunk) - 1), chunk[1:]])
     return float(np.exp(np.mean(nll_ours))), float(np.exp(np.mean(nll_ref))), len(nll_ours)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_flags(doc: str) -> argparse.ArgumentParser:
+    """The flags the whole-model benchmarks share (this one, bench_cluster.py): --model, --runs,
+    --threads (a comma-separated list) and --json; the description is doc's first paragraph."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--json", action="store_true")
+    return parser
+
+
+def main() -> int:
+    parser = model_flags(__doc__)
     parser.add_argument("--speed-only", action="store_true", help="skip agreement and perplexity")
     args = parser.parse_args()
     import llama_cpp
