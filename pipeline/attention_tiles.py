@@ -54,23 +54,35 @@ def _codegen_tile(n_rows: int):
         masks = [builder.icmp_signed("<", ir.Constant(_V8_I32, list(range(h * 8, h * 8 + 8))), limit) for h in range(n_halves)]
         accs = [[cgutils.alloca_once_value(builder, ir.Constant(_V8_F32, [0.0] * 8)) for _ in range(n_halves)] for _ in range(n_rows)]
 
-        def masked_load(pointer, mask):
-            pointer = builder.bitcast(pointer, _V8_I16.as_pointer())
-            return _call(builder, "llvm.masked.load.v8i16.p0", _V8_I16, [pointer, ir.Constant(_I32, 2), mask, ir.Constant(_V8_I16, [0] * 8)])
+        def clamped_lanes(n_used):
+            """Lane j of the last half reads column min(j, its last column): loop-invariant offsets."""
+            last = builder.sub(n_cols, ir.Constant(intp, 8 * (n_used - 1) + 1))
+            return [builder.select(builder.icmp_signed("<", ir.Constant(intp, j), last), ir.Constant(intp, j), last) for j in range(8)]
 
-        def plain_load(pointer, mask):
+        def masked_load(pointer, mask, lanes):
+            """The half's columns before n_cols, zeros after, read without a branch: a masked
+            16-bit load is a test and a branch per lane on NEON (and AVX2), so each lane is loaded
+            from a column inside B (past n_cols, the last one again) and a select zeroes those."""
+            pointer = builder.bitcast(pointer, _I16.as_pointer())
+            bits = ir.Constant(_V8_I16, ir.Undefined)
+            for j, lane in enumerate(lanes):
+                bits = builder.insert_element(bits, builder.load(builder.gep(pointer, [lane]), align=2), ir.Constant(_I32, j))
+            return builder.select(mask, bits, ir.Constant(_V8_I16, [0] * 8))
+
+        def plain_load(pointer, mask, lanes):
             return builder.load(builder.bitcast(pointer, _V8_I16.as_pointer()), align=2)
 
         def loop(n_used, last_masked):
-            """The chains of the first n_used halves, the last one read masked or whole (AVX2
-            has no masked 16-bit load: LLVM makes one a load per lane, twice the tile's time)."""
+            """The chains of the first n_used halves, the last one read masked or whole (a masked
+            read takes eight lane loads: about twice the tile's time)."""
+            lanes = clamped_lanes(n_used) if last_masked else None
             with cgutils.for_range(builder, k) as kk_loop:
                 kk = kk_loop.index
                 b_row = builder.gep(b_base, [builder.mul(kk, b_stride)])
                 halves = []
                 for h in range(n_used):
                     load = masked_load if last_masked and h == n_used - 1 else plain_load
-                    bits = load(builder.gep(b_row, [ir.Constant(intp, 8 * h)]), masks[h])
+                    bits = load(builder.gep(b_row, [ir.Constant(intp, 8 * h)]), masks[h], lanes)
                     halves.append(builder.fpext(builder.bitcast(bits, ir.VectorType(_HALF, 8)), _V8_F32))
                 for i in range(n_rows):
                     a_val = _splat(builder, builder.load(builder.gep(a_rows[i], [kk])), _V8_F32)
