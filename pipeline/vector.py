@@ -79,8 +79,8 @@ def parse_cpu_features(text: str) -> frozenset[str]:
 # CPU lacks is never compiled in, so a Pi 4 (no dotprod) never meets an illegal instruction.
 ISA_TABLE = (
     ("avx2", "x86_64", frozenset({"avx2"})),
-    ("dotprod", "aarch64", frozenset({"neon", "dotprod"})),
-    ("neon", "aarch64", frozenset({"neon"})),
+    ("dotprod", "aarch64", frozenset({"dotprod"})),
+    ("neon", "aarch64", frozenset()),  # AArch64's Advanced SIMD: in every 64-bit ARM Linux runs on
     ("generic", None, frozenset()),
 )
 QUAD_DOT_ISAS = ("dotprod",)  # the ISAs with _quad_dot: a 4-byte dot product per i32 lane

@@ -44,10 +44,11 @@ def test_isa_selection_follows_the_cpu_features():
     assert isas_for("aarch64", ci_features("cortex-a76")) == ("dotprod", "neon", "generic")
     assert isas_for("arm64", ci_features("cortex-a76")) == ("dotprod", "neon", "generic")  # macOS's name
     assert isas_for("aarch64", parse_cpu_features("+neon,-dotprod")) == ("neon", "generic")
+    assert isas_for("aarch64", parse_cpu_features("")) == ("neon", "generic")  # NUMBA_CPU_NAME=generic: NEON is AArch64's own
     assert isas_for("x86_64", parse_cpu_features("+avx,+avx2,+fma")) == ("avx2", "generic")
     assert isas_for("x86_64", parse_cpu_features("+sse4.2,-avx2")) == ("generic",)
     assert isas_for("x86_64", ci_features("cortex-a76")) == ("generic",)
-    assert isas_for("aarch64", parse_cpu_features("+avx2")) == ("generic",)
+    assert isas_for("aarch64", parse_cpu_features("+avx2")) == ("neon", "generic")
 
 
 def _run_group_product(ttype: QT, isa: str):
