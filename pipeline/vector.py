@@ -233,8 +233,8 @@ def _pair_sums(builder, pairs, isa):
     """<8 x i32>: lane k = pairs[2k] + pairs[2k + 1]."""
     if isa == "avx2":
         return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8_I32, [pairs, ir.Constant(_V16_I16, [1] * 16)])
-    if isa in ("neon", "dotprod"):  # saddlp
-        return _joined(builder, [_neon(builder, "saddlp.v4i32.v8i16", _V4_I32, [half]) for half in _quarters(builder, pairs, 8)])
+    if isa in ("neon", "dotprod"):
+        return _pair_sums_long(builder, pairs)
     wide = builder.sext(pairs, _V16_I32)
     undef = ir.Constant(_V16_I32, ir.Undefined)
     even, odd = (builder.shuffle_vector(wide, undef, ir.Constant(_V8_I32, list(range(i, 16, 2)))) for i in (0, 1))
@@ -257,6 +257,23 @@ def _quad_dot(builder, acc, weights, acts):
     int8 (nibbles and K-quant units are below 128, so the same signed): sdot, on QUAD_DOT_ISAS only."""
     halves = zip(_quarters(builder, acc, 4), _quarters(builder, weights, 16), _quarters(builder, acts, 16))
     return _joined(builder, [_neon(builder, "sdot.v4i32.v16i8", _V4_I32, list(args)) for args in halves])
+
+
+def _byte_products(builder, weights, acts):
+    """<32 x i16>: weights[j] * acts[j], both int8 (NEON: smull per 8 bytes, smlal where added to
+    a sum)."""
+    return builder.mul(builder.sext(weights, _V32_I16), builder.sext(acts, _V32_I16))
+
+
+def _quad_sums(builder, pair_sums):
+    """<8 x i32>: lane k = pair_sums[2k] + pair_sums[2k + 1] of a <16 x i32> (addp)."""
+    halves = _quarters(builder, pair_sums, 4)
+    return _joined(builder, [_neon(builder, "addp.v4i32", _V4_I32, halves[i : i + 2]) for i in (0, 2)])
+
+
+def _pair_sums_long(builder, products):
+    """i32 lane m = products[2m] + products[2m + 1], from 16 or 32 lanes of i16 (NEON's saddlp)."""
+    return _joined(builder, [_neon(builder, "saddlp.v4i32.v8i16", _V4_I32, [q]) for q in _quarters(builder, products, 8)])
 
 
 def _signed_weights(builder, packed, isa):

@@ -41,6 +41,7 @@ from ..vector import (
     ISA,
     ISAS,
     QUAD_DOT_ISAS,
+    _byte_products,
     _call,
     _fma,
     _fma_np,
@@ -48,7 +49,9 @@ from ..vector import (
     _load_f16x8,
     _pair_products,
     _pair_sums,
+    _pair_sums_long,
     _quad_dot,
+    _quad_sums,
     _row_pointer,
     _shuffle,
     _signed_weights,
@@ -128,15 +131,23 @@ def _block_sums(builder, chunks, x_block, fmt: GroupFormat, isa: str, x_sum):
         for weights, offset in chunks:
             total = _quad_dot(builder, total, weights, builder.bitcast(_shuffle(builder, words, [offset // 4] * 8), _V32_I8))
         return total
+    # NEON, nibbles: each byte lane's products summed over the block (smlal: at most
+    # 8 * 15 * 127, room in i16), each row's four lanes once at the end (saddlp, addp)
+    nibbles_by_lane = isa == "neon" and not fmt.signed
     total = None
     for weights, offset in chunks:
         four = builder.load(builder.bitcast(builder.gep(x_block, [ir.Constant(_I32, offset)]), _I32.as_pointer()), align=1)
         acts = builder.bitcast(_splat(builder, four, _V8_I32), _V32_I8)
-        part = _pair_products(builder, weights, acts, fmt.signed, isa)
-        if fmt.signed:  # no room in i16 for more than one chunk
-            part = _pair_sums(builder, part, isa)
+        if nibbles_by_lane:
+            part = _byte_products(builder, weights, acts)
+        else:
+            part = _pair_products(builder, weights, acts, fmt.signed, isa)
+            part = _pair_sums(builder, part, isa) if fmt.signed else part  # no room in i16 for more than one chunk
         total = part if total is None else builder.add(total, part)
-    total = total if fmt.signed else _pair_sums(builder, total, isa)
+    if nibbles_by_lane:
+        total = _quad_sums(builder, _pair_sums_long(builder, total))
+    elif not fmt.signed:
+        total = _pair_sums(builder, total, isa)
     if x_sum is not None:
         total = builder.sub(total, _splat(builder, builder.mul(x_sum, ir.Constant(_I32, fmt.zero_point)), _V8_I32))
     return total
