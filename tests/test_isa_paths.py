@@ -4,9 +4,9 @@
 The selection is a pure function of the machine and the feature string, so it is tested on any
 host, with the feature strings .ci/arm64 gives the emulated boards. The bit-identity tests need
 an aarch64 CPU (or its emulation: .ci/arm64 runs them as a Pi 4 and a Pi 5 would compile them)
-and skip elsewhere; they compile one small product per format and instruction set, the fewest
-that reach every integer sequence the ARM paths have (legacy sdot with and without a zero
-point, signed Q8_0, the K-quant span loop and its minima, the activations' rounding).
+and skip elsewhere; they compile one small product per format and instruction set: legacy sdot
+with and without a zero point, signed Q8_0, the K-quant span loop with 32- and 16-weight
+sub-blocks, minima and zero points, and the activations' rounding (.ci/arm64 runs Q4_0 and Q4_K).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def _activation_rows(cols: int) -> np.ndarray:
 
 
 @on_arm
-@pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K), ids=lambda t: t.name)
+@pytest.mark.parametrize("ttype", (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q4_K, QT.Q2_K, QT.Q3_K, QT.Q5_K, QT.Q6_K), ids=lambda t: t.name)
 def test_arm_products_give_the_generic_bits(ttype):
     """The NEON and dot-product paths (those this CPU runs) give the generic IR's bits, on 13
     rows (a whole group of 8 and a partial one) of random blocks, every quant byte random."""
