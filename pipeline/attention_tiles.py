@@ -55,25 +55,38 @@ class _TileCode:
     def _cast(self, index, value):
         return self.context.cast(self.builder, value, self.args_t[index], types.intp)
 
-    def _load_b(self, pointer, mask, masked: bool):
+    def _clamped_lanes(self, n_used: int):
+        """Lane j of the last half reads column min(j, its last column): loop-invariant offsets."""
+        builder, intp = self.builder, self.intp
+        last = builder.sub(self.n_cols, ir.Constant(intp, 8 * (n_used - 1) + 1))
+        return [builder.select(builder.icmp_signed("<", ir.Constant(intp, j), last), ir.Constant(intp, j), last)
+                for j in range(8)]
+
+    def _load_b(self, pointer, mask, lanes):
+        """A half of B's row; with `lanes`, its columns before n_cols and zeros after, read without
+        a branch: a masked 16-bit load is a test and a branch per lane on NEON (and AVX2), so each
+        lane is loaded from a column inside B (past n_cols, the last one again) and a select zeroes those."""
         builder = self.builder
-        if not masked:
+        if lanes is None:
             return builder.load(builder.bitcast(pointer, _V8_I16.as_pointer()), align=2)
-        pointer = builder.bitcast(pointer, _V8_I16.as_pointer())
-        return _call(builder, "llvm.masked.load.v8i16.p0", _V8_I16,
-                     [pointer, ir.Constant(_I32, 2), mask, ir.Constant(_V8_I16, [0] * 8)])
+        pointer = builder.bitcast(pointer, _I16.as_pointer())
+        bits = ir.Constant(_V8_I16, ir.Undefined)
+        for j, lane in enumerate(lanes):
+            bits = builder.insert_element(bits, builder.load(builder.gep(pointer, [lane]), align=2), ir.Constant(_I32, j))
+        return builder.select(mask, bits, ir.Constant(_V8_I16, [0] * 8))
 
     def loop(self, n_used: int, last_masked: bool) -> None:
-        """The chains of the first n_used halves, the last one read masked or whole (AVX2
-        has no masked 16-bit load: LLVM makes one a load per lane, twice the tile's time)."""
+        """The chains of the first n_used halves, the last one read masked or whole (a masked
+        read takes eight lane loads: about twice the tile's time)."""
         builder = self.builder
+        lanes = self._clamped_lanes(n_used) if last_masked else None
         with cgutils.for_range(builder, self.k) as kk_loop:
             kk = kk_loop.index
             b_row = builder.gep(self.b_base, [builder.mul(kk, self.b_stride)])
             halves = []
             for h in range(n_used):
                 bits = self._load_b(builder.gep(b_row, [ir.Constant(self.intp, 8 * h)]), self.masks[h],
-                                    last_masked and h == n_used - 1)
+                                    lanes if h == n_used - 1 else None)
                 halves.append(builder.fpext(builder.bitcast(bits, ir.VectorType(_HALF, 8)), _V8_F32))
             for i in range(self.n_rows):
                 a_val = _splat(builder, builder.load(builder.gep(self.a_rows[i], [kk])), _V8_F32)

@@ -10,12 +10,16 @@ Integer work has one instruction sequence per instruction set in ISAS, all with 
 results:
   - "avx2": vpmaddubsw + vpmaddwd (signed weights use vpsignb to move their sign onto the
     activations), vcvtps2dq, chosen when the host has AVX2;
-  - "generic": widen and multiply in LLVM vectors; LLVM lowers it to the target's SIMD (NEON on
-    a 64-bit Raspberry Pi).
+  - "dotprod": the Cortex-A76's (a Pi 5's) sdot, four byte products summed into each i32 lane,
+    which is the grouped layout's four bytes per row; kernels that have it call _quad_dot, the
+    rest take the NEON sequences; chosen only where the CPU reports the dotprod feature;
+  - "neon": smull + addp / saddlp, fcvtns, on any aarch64 (a Pi 4's Cortex-A72);
+  - "generic": widen and multiply in LLVM vectors, for any other target.
 Everything after the integers is the same IR for all, so they give identical floats (the tests
-compare every ISA the host runs). Every ISA-specific sequence is in the section "Integer
-sequences by instruction set" below: a new instruction set (say NEON's sdot) is a row of
-ISA_TABLE and a branch in each function there.
+compare every ISA the host runs; tests/test_isa_paths.py the ARM ones, under .ci/arm64).
+Every ISA-specific sequence is in the section "Integer sequences by instruction set" below: a
+new instruction set is a row of ISA_TABLE and a branch in each function there.
+tests/bench/count_instructions.py counts each one's instructions per weight block.
 
 Each public helper has a plain-numpy twin with the same name, which runs when Numba's JIT is
 disabled (NUMBA_DISABLE_JIT=1, as one of the tests does); compiled code gets the IR through
@@ -23,6 +27,8 @@ disabled (NUMBA_DISABLE_JIT=1, as one of the tests does); compiled code gets the
 """
 
 from __future__ import annotations
+
+import platform
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -42,6 +48,7 @@ _V8_F32 = ir.VectorType(_F32, 8)
 _V8_I8 = ir.VectorType(_I8, 8)
 _V16_I8 = ir.VectorType(_I8, 16)
 _V8_I16 = ir.VectorType(_I16, 8)
+_V4_I32 = ir.VectorType(_I32, 4)
 _V32_I16 = ir.VectorType(_I16, 32)
 _V16_I32 = ir.VectorType(_I32, 16)
 _V32_I32 = ir.VectorType(_I32, 32)
@@ -49,22 +56,46 @@ _HALF = ir.HalfType()
 _V8_HALF = ir.VectorType(_HALF, 8)
 
 
-def host_has_avx2() -> bool:
-    """Whether the code Numba generates may use AVX2: the CPU Numba compiles for (NUMBA_CPU_NAME
-    and NUMBA_CPU_FEATURES when set, for portable caches) or else the host's."""
+# The machine names platform.machine() reports, as LLVM's target architectures.
+_MACHINES = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
+
+
+def cpu_features() -> frozenset[str]:
+    """The features of the CPU Numba compiles for, as LLVM names them ("avx2", "neon", "dotprod"):
+    NUMBA_CPU_FEATURES when NUMBA_CPU_NAME is set (portable caches, an emulated board), else the
+    host's as LLVM reads them (on Linux aarch64 from /proc/cpuinfo: asimd is neon, asimddp dotprod)."""
     if config.CPU_NAME:
-        return "+avx2" in (config.CPU_FEATURES or "").split(",")
-    return bool(llvm.get_host_cpu_features().get("avx2", False))
+        return parse_cpu_features(config.CPU_FEATURES or "")
+    return frozenset(name for name, on in llvm.get_host_cpu_features().items() if on)
 
 
-# The instruction sets the integer sequences below are written for, the preferred first, each
-# with whether the CPU Numba compiles for has it; "generic" runs anywhere.
-ISA_TABLE = (("avx2", host_has_avx2), ("generic", lambda: True))
+def parse_cpu_features(text: str) -> frozenset[str]:
+    """The features an LLVM feature string turns on ("+neon,+dotprod,-sve" -> neon, dotprod)."""
+    return frozenset(f.strip()[1:] for f in text.split(",") if f.strip().startswith("+"))
+
+
+# The instruction sets the integer sequences below are written for, the preferred first: each
+# with the architecture it needs (None: any) and the CPU features it needs. An instruction the
+# CPU lacks is never compiled in, so a Pi 4 (no dotprod) never meets an illegal instruction.
+ISA_TABLE = (
+    ("avx2", "x86_64", frozenset({"avx2"})),
+    ("dotprod", "aarch64", frozenset({"dotprod"})),
+    ("neon", "aarch64", frozenset()),  # AArch64's Advanced SIMD: in every 64-bit ARM Linux runs on
+    ("generic", None, frozenset()),
+)
+QUAD_DOT_ISAS = ("dotprod",)  # the ISAs with _quad_dot: a 4-byte dot product per i32 lane
+
+
+def isas_for(machine: str, features: frozenset[str]) -> tuple[str, ...]:
+    """The instruction sets a CPU of `machine` (platform.machine()) with `features` runs, the
+    preferred first."""
+    arch = _MACHINES.get(machine.lower(), machine.lower())
+    return tuple(name for name, needs_arch, needs in ISA_TABLE if needs_arch in (None, arch) and needs <= features)
 
 
 def host_isas() -> tuple[str, ...]:
     """The instruction sets this host runs, the one the kernels use first."""
-    return tuple(name for name, available in ISA_TABLE if available())
+    return isas_for(platform.machine(), cpu_features())
 
 
 ISAS = host_isas()  # every variant this host can run (the tests compare them)
@@ -161,14 +192,36 @@ def _load_f16x8(builder, pointer):
 # Integer sequences by instruction set
 
 
+def _neon(builder, name, return_type, args):
+    """An AArch64 NEON intrinsic (llvm.aarch64.neon.NAME) on 64- or 128-bit vectors."""
+    return _call(builder, f"llvm.aarch64.neon.{name}", return_type, args)
+
+
+def _quarters(builder, vector, width):
+    """`vector` cut into consecutive pieces of `width` lanes."""
+    return [_shuffle(builder, vector, range(i, i + width)) for i in range(0, vector.type.count, width)]
+
+
+def _joined(builder, pieces):
+    """Consecutive vectors of one type concatenated, pairwise (the inverse of _quarters)."""
+    while len(pieces) > 1:
+        pieces = [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 2 * a.type.count), list(range(2 * a.type.count))))
+                  for a, b in zip(pieces[::2], pieces[1::2])]
+    return pieces[0]
+
+
 def _pair_products(builder, weights, acts, signed, isa):
     """<16 x i16>: lane m = weights[2m] * acts[2m] + weights[2m + 1] * acts[2m + 1], acts
-    signed, weights nibbles 0 .. 15 or (signed) int8; `weights` is |w| on AVX2 when signed."""
+    signed, weights nibbles 0 .. 31, K-quant units below 64 or (signed) int8; `weights` is |w| on
+    AVX2 when signed."""
     if isa == "avx2":
         if signed:
             acts = _call(builder, "llvm.x86.avx2.psign.b", _V32_I8, [acts, weights[1]])
             weights = weights[0]
         return _call(builder, "llvm.x86.avx2.pmadd.ub.sw", _V16_I16, [weights, acts])
+    if isa in ("neon", "dotprod"):  # smull per 8 bytes (weights below 128 are the same signed), addp
+        products = [_neon(builder, "smull.v8i16", _V8_I16, [w, x]) for w, x in zip(_quarters(builder, weights, 8), _quarters(builder, acts, 8))]
+        return _joined(builder, [_neon(builder, "addp.v8i16", _V8_I16, products[i : i + 2]) for i in (0, 2)])
     wide = builder.sext(weights, _V32_I16) if signed else builder.zext(weights, _V32_I16)
     products = builder.mul(wide, builder.sext(acts, _V32_I16))
     undef = ir.Constant(_V32_I16, ir.Undefined)
@@ -180,6 +233,8 @@ def _pair_sums(builder, pairs, isa):
     """<8 x i32>: lane k = pairs[2k] + pairs[2k + 1]."""
     if isa == "avx2":
         return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8_I32, [pairs, ir.Constant(_V16_I16, [1] * 16)])
+    if isa in ("neon", "dotprod"):
+        return _pair_sums_long(builder, pairs)
     wide = builder.sext(pairs, _V16_I32)
     undef = ir.Constant(_V16_I32, ir.Undefined)
     even, odd = (builder.shuffle_vector(wide, undef, ir.Constant(_V8_I32, list(range(i, 16, 2)))) for i in (0, 1))
@@ -190,8 +245,35 @@ def _pair_dot(builder, pairs, multipliers, isa):
     """<8 x i32>: lane k = pairs[2k] * multipliers[2k] + pairs[2k + 1] * multipliers[2k + 1] (vpmaddwd)."""
     if isa == "avx2":
         return _call(builder, "llvm.x86.avx2.pmadd.wd", _V8_I32, [pairs, multipliers])
+    if isa in ("neon", "dotprod"):  # smull per 4 lanes, addp
+        products = [_neon(builder, "smull.v4i32", _V4_I32, [p, m]) for p, m in zip(_quarters(builder, pairs, 4), _quarters(builder, multipliers, 4))]
+        return _joined(builder, [_neon(builder, "addp.v4i32", _V4_I32, products[i : i + 2]) for i in (0, 2)])
     products = builder.mul(builder.sext(pairs, _V16_I32), builder.sext(multipliers, _V16_I32))
     return builder.add(_shuffle(builder, products, range(0, 16, 2)), _shuffle(builder, products, range(1, 16, 2)))
+
+
+def _quad_dot(builder, acc, weights, acts):
+    """<8 x i32>: acc plus, in lane k, sum over i < 4 of weights[4k + i] * acts[4k + i], both
+    int8 (nibbles and K-quant units are below 128, so the same signed): sdot, on QUAD_DOT_ISAS only."""
+    halves = zip(_quarters(builder, acc, 4), _quarters(builder, weights, 16), _quarters(builder, acts, 16))
+    return _joined(builder, [_neon(builder, "sdot.v4i32.v16i8", _V4_I32, list(args)) for args in halves])
+
+
+def _byte_products(builder, weights, acts):
+    """<32 x i16>: weights[j] * acts[j], both int8 (NEON: smull per 8 bytes, smlal where added to
+    a sum)."""
+    return builder.mul(builder.sext(weights, _V32_I16), builder.sext(acts, _V32_I16))
+
+
+def _quad_sums(builder, pair_sums):
+    """<8 x i32>: lane k = pair_sums[2k] + pair_sums[2k + 1] of a <16 x i32> (addp)."""
+    halves = _quarters(builder, pair_sums, 4)
+    return _joined(builder, [_neon(builder, "addp.v4i32", _V4_I32, halves[i : i + 2]) for i in (0, 2)])
+
+
+def _pair_sums_long(builder, products):
+    """i32 lane m = products[2m] + products[2m + 1], from 16 or 32 lanes of i16 (NEON's saddlp)."""
+    return _joined(builder, [_neon(builder, "saddlp.v4i32.v8i16", _V4_I32, [q]) for q in _quarters(builder, products, 8)])
 
 
 def _signed_weights(builder, packed, isa):
@@ -206,6 +288,8 @@ def _round_to_int(builder, v, isa):
     """<8 x float> -> <8 x i32>, to nearest with ties to even; a NaN gives no poison."""
     if isa == "avx2":  # vcvtps2dq: the rounding mode's nearest-even; NaN -> 0x80000000
         return _call(builder, "llvm.x86.avx.cvt.ps2dq.256", _V8_I32, [v])
+    if isa in ("neon", "dotprod"):  # fcvtns: nearest-even, saturating, NaN -> 0, as below
+        return _joined(builder, [_neon(builder, "fcvtns.v4i32.v4f32", _V4_I32, [half]) for half in _quarters(builder, v, 4)])
     rounded = _call(builder, "llvm.rint.v8f32", _V8_F32, [v])  # frintx on ARM
     return _call(builder, "llvm.fptosi.sat.v8i32.v8f32", _V8_I32, [rounded])  # NaN -> 0
 

@@ -33,7 +33,8 @@ its scale bytes as stored ([16][8], scale nibble and minimum nibble).
 
 Chunks are summed in i16 as long as no sum can overflow (2 * u_max * 127 per chunk: 8 chunks of
 Q4_K, 2 of Q6_K), then one vpmaddwd by the rows' scale of those weights gives each row's exact
-int32:
+int32 (the A76's sdot path sums a sub-block's chunks in i32 and multiplies by the scales after,
+and Q4_K's and Q5_K's minima by each sub-block's x total; the same integers):
 
     total_k = sum over sub-blocks s of sc[k, s] * sum(u * x) - zero_point * sum_s sc[k, s] * bsum_s
     minima_k = sum_s m[k, s] * bsum_s                    (Q2_K, Q4_K, Q5_K; bsum: 16 x's summed)
@@ -67,10 +68,13 @@ from ..vector import (
     _V8_F32,
     _V8_I8,
     _V8_I32,
+    _V32_I8,
     _V16_I8,
     _V16_I16,
+    _V8_I16,
     ISA,
     ISAS,
+    QUAD_DOT_ISAS,
     _bits,
     _broadcast4,
     _check,
@@ -81,6 +85,7 @@ from ..vector import (
     _load_f16x8,
     _pair_dot,
     _pair_products,
+    _quad_dot,
     _row_pointer,
     _shuffle,
     _splat,
@@ -131,12 +136,14 @@ class _KFormat:
     has_min: bool  # dmin and minima (Q2_K, Q4_K, Q5_K)
     meta_layout: str  # "signed16" (Q3_K, Q6_K), "units32" (Q4_K, Q5_K), "nibbles16" (Q2_K)
 
+    def scale_bytes(self, builder, meta, s):
+        """<8 x i8>: row k's scale of sub-block s in lane k."""
+        eight = _meta_vector(builder, meta, 8 * s, _V8_I8)
+        return _bits(builder, eight, 0, 15) if self.meta_layout == "nibbles16" else eight
+
     def scales(self, builder, meta, s):
         """<16 x i16>: row k's scale of sub-block s in lanes 2k, 2k + 1."""
-        eight = _meta_vector(builder, meta, 8 * s, _V8_I8)
-        if self.meta_layout == "nibbles16":
-            eight = _bits(builder, eight, 0, 15)
-        return _dup8(builder, eight)
+        return _dup8(builder, self.scale_bytes(builder, meta, s))
 
     def pairs(self, builder, meta, p, minima):
         """<16 x i16>: row k's two scales (minima) of the 16-weight sub-blocks 2p, 2p + 1 in lanes
@@ -172,6 +179,62 @@ META_BYTES = 16  # bytes of scales (and minima) per row per superblock
 # ---------------------------------------------------------------------------------------------
 # K-quants: eight rows against Q8_K activations
 
+
+
+def _quad_dot_scaled(builder, fmt: _KFormat, span, words, first, row_scales, totals):
+    """totals (one <8 x i32> per token row) plus each row's scale (row_scales, i32) times its
+    exact sum over the chunks first .. first + unit_chunks - 1 of the span (u * x): sdot, i32 all
+    the way, so no run is cut short for room in i16. words: each token row's 32 activation bytes
+    of the span."""
+    quads = [ir.Constant(_V8_I32, [0] * 8)] * len(words)
+    for c in range(first, first + fmt.unit_chunks):
+        chunk = fmt.spans.chunk(builder, span, c)
+        quads = [_quad_dot(builder, q, chunk, builder.bitcast(_shuffle(builder, w, [c] * 8), _V32_I8)) for q, w in zip(quads, words)]
+    return [builder.add(total, builder.mul(q, row_scales)) for total, q in zip(totals, quads)]
+
+
+SPANS_PER_PASS = 2  # spans per pass of _quad_dot_spans' loop: more, and LLVM's scheduler spills registers
+
+
+def _quad_dot_spans(context, builder, fmt: _KFormat, block, meta, x_blocks):
+    """Each token row's <8 x i32> total over the superblock at `block` of scale * sum(u * x), a
+    span per pass of a loop: written out, LLVM's scheduler interleaves the spans until the
+    registers spill."""
+    const = lambda value: context.get_constant(types.intp, value)  # noqa: E731
+    sums = [cgutils.alloca_once_value(builder, ir.Constant(_V8_I32, [0] * 8)) for _ in x_blocks]
+    with cgutils.for_range(builder, const(QK_K // SPAN // SPANS_PER_PASS)) as loop:
+        totals = [builder.load(total) for total in sums]
+        for q in range(SPANS_PER_PASS):
+            p = builder.add(builder.mul(loop.index, const(SPANS_PER_PASS)), const(q))
+            span = builder.gep(block, [builder.mul(p, const(fmt.spans.vectors * 32))])
+            span_meta = builder.gep(meta, [builder.mul(p, const(8 * 8 // fmt.unit_chunks))])  # its sub-blocks' scales
+            words = [_load(builder, builder.gep(x_block, [builder.mul(p, const(SPAN))]), _V8_I32) for x_block in x_blocks]
+            for first in range(0, 8, fmt.unit_chunks):
+                row_scales = builder.sext(fmt.scale_bytes(builder, span_meta, first // fmt.unit_chunks), _V8_I32)
+                totals = _quad_dot_scaled(builder, fmt, span, words, first, row_scales, totals)
+        for total, value in zip(sums, totals):
+            builder.store(value, total)
+    return [builder.load(total) for total in sums]
+
+
+def _minima(builder, fmt: _KFormat, meta, bsums, bsum_pairs, isa):
+    """<8 x i32>: each row's sum over its sub-blocks of minimum * (the sub-block's sum of x)."""
+    if isa in QUAD_DOT_ISAS and fmt.meta_layout == "units32":
+        # a 32-weight sub-block's two bsums added first (at most 32 * 127: still i16), then one
+        # widening multiply-add per sub-block: smlal by lane
+        both = _load(builder, bsums, _V16_I16)
+        totals = builder.add(_shuffle(builder, both, range(0, 16, 2)), _shuffle(builder, both, range(1, 16, 2)))
+        minima = ir.Constant(_V8_I32, [0] * 8)
+        for p in range(8):
+            m = builder.sext(builder.sext(_meta_vector(builder, meta, 64 + 8 * p, _V8_I8), _V8_I16), _V8_I32)
+            x_total = builder.sext(_shuffle(builder, totals, [p] * 8), _V8_I32)
+            minima = builder.add(minima, builder.mul(m, x_total))
+        return minima
+    minima = None
+    for p in range(8):
+        term = _pair_dot(builder, fmt.pairs(builder, meta, p, True), bsum_pairs[p], isa)
+        minima = term if minima is None else builder.add(minima, term)
+    return minima
 
 
 class _KCode:
@@ -218,6 +281,8 @@ class _KCode:
     def _totals(self, block, meta, x_blocks) -> list:
         """Per token row, <8 x i32>: each weight row's sum over sub-blocks of scale * sum(u * x)."""
         builder, const, fmt, isa, n_tokens = self.builder, self.const, self.fmt, self.isa, self.n_tokens
+        if isa in QUAD_DOT_ISAS:
+            return _quad_dot_spans(self.context, builder, fmt, block, meta, x_blocks)
         totals = [ir.Constant(_V8_I32, [0] * 8)] * n_tokens
         for p in range(QK_K // SPAN):
             span = builder.gep(block, [const(p * fmt.spans.vectors * 32)])
@@ -249,7 +314,7 @@ class _KCode:
         scale = builder.fmul(w_scales, x_scale)
         builder.store(_fma(builder, scale, builder.sitofp(total, _V8_F32), builder.load(self.accs[i])), self.accs[i])
         if fmt.has_min:
-            minima = self._scaled_bsums(meta, bsum_pairs, True)
+            minima = _minima(builder, fmt, meta, bsums, bsum_pairs, self.isa)
             min_scale = builder.fmul(w_minima, x_scale)
             builder.store(_fma(builder, min_scale, builder.sitofp(minima, _V8_F32), builder.load(self.acc_mins[i])),
                           self.acc_mins[i])

@@ -40,6 +40,8 @@ from ..vector import (
     _V32_I8,
     ISA,
     ISAS,
+    QUAD_DOT_ISAS,
+    _byte_products,
     _call,
     _fma,
     _fma_np,
@@ -47,7 +49,11 @@ from ..vector import (
     _load_f16x8,
     _pair_products,
     _pair_sums,
+    _pair_sums_long,
+    _quad_dot,
+    _quad_sums,
     _row_pointer,
+    _shuffle,
     _signed_weights,
     _splat,
 )
@@ -76,10 +82,11 @@ from .base import F16_EXPONENT, F16_TO_F32, GROUP_ROWS, QK, Format, scale_arrays
 #
 # and a row's result is acc (Q4_1: acc + mins), as ggml's repacked GEMMs (q4_0_8x8) and its
 # ARM dot-product kernels order it: the block's integer sum is exact, so only the per-block
-# float steps round. The integers are exact on both instruction sets ("generic": widen and
-# multiply in LLVM vectors, lowered to NEON on a Raspberry Pi), and the float steps are the same
-# IR, so both give the same bits; and a row's float steps are the same whichever rows share its
-# group or its batch, so results do not depend on the batch.
+# float steps round. The integers are exact on every instruction set (pipeline/vector.py; the
+# A76's sdot sums each row's four bytes of a chunk straight into its i32 lane, starting from
+# Q4_0's -8 * sum(x)), and the float steps are the same IR, so all give the same bits; and a
+# row's float steps are the same whichever rows share its group or its batch, so results do not
+# depend on the batch.
 
 
 
@@ -113,17 +120,37 @@ def _group_chunks(builder, block, fmt: GroupFormat, isa: str):
     return chunks
 
 
-def _block_sums(builder, chunks, x_block, fmt: GroupFormat, isa: str):
-    """<8 x i32>: each of the eight rows' exact sum over the block of (stored weight) * x."""
+def _block_sums(builder, chunks, x_block, fmt: GroupFormat, isa: str, x_sum):
+    """<8 x i32>: each of the eight rows' exact sum over the block of w * x, from the stored
+    weights (w + zero_point: zero_point * x_sum taken off; x_sum None without a zero point)."""
+    if isa in QUAD_DOT_ISAS:  # one sdot per four rows and chunk, its activations a lane of one load
+        words = _load(builder, x_block, _V8_I32)
+        total = ir.Constant(_V8_I32, [0] * 8)
+        if x_sum is not None:  # the chain starts from the zero point's term: no subtraction after
+            total = _splat(builder, builder.mul(x_sum, ir.Constant(_I32, -fmt.zero_point)), _V8_I32)
+        for weights, offset in chunks:
+            total = _quad_dot(builder, total, weights, builder.bitcast(_shuffle(builder, words, [offset // 4] * 8), _V32_I8))
+        return total
+    # NEON, nibbles: each byte lane's products summed over the block (smlal: at most
+    # 8 * 15 * 127, room in i16), each row's four lanes once at the end (saddlp, addp)
+    nibbles_by_lane = isa == "neon" and not fmt.signed
     total = None
     for weights, offset in chunks:
         four = builder.load(builder.bitcast(builder.gep(x_block, [ir.Constant(_I32, offset)]), _I32.as_pointer()), align=1)
         acts = builder.bitcast(_splat(builder, four, _V8_I32), _V32_I8)
-        part = _pair_products(builder, weights, acts, fmt.signed, isa)
-        if fmt.signed:  # no room in i16 for more than one chunk
-            part = _pair_sums(builder, part, isa)
+        if nibbles_by_lane:
+            part = _byte_products(builder, weights, acts)
+        else:
+            part = _pair_products(builder, weights, acts, fmt.signed, isa)
+            part = _pair_sums(builder, part, isa) if fmt.signed else part  # no room in i16 for more than one chunk
         total = part if total is None else builder.add(total, part)
-    return total if fmt.signed else _pair_sums(builder, total, isa)
+    if nibbles_by_lane:
+        total = _quad_sums(builder, _pair_sums_long(builder, total))
+    elif not fmt.signed:
+        total = _pair_sums(builder, total, isa)
+    if x_sum is not None:
+        total = builder.sub(total, _splat(builder, builder.mul(x_sum, ir.Constant(_I32, fmt.zero_point)), _V8_I32))
+    return total
 
 
 
@@ -156,10 +183,8 @@ def _codegen_group(fmt: GroupFormat, n_tokens: int, isa: str):
                 w_mins = _load_f16x8(builder, builder.gep(m_group, [builder.mul(b, scale_bytes)]))
             x_offset = builder.mul(b, context.get_constant(intp, QK))
             for i in range(n_tokens):
-                sums = _block_sums(builder, chunks, builder.gep(x_rows[i], [x_offset]), fmt, isa)
-                if fmt.zero_point:
-                    x_sum = builder.load(builder.gep(xn_rows[i], [b]))
-                    sums = builder.sub(sums, _splat(builder, builder.mul(x_sum, ir.Constant(_I32, fmt.zero_point)), _V8_I32))
+                x_sum = builder.load(builder.gep(xn_rows[i], [b])) if fmt.zero_point else None
+                sums = _block_sums(builder, chunks, builder.gep(x_rows[i], [x_offset]), fmt, isa, x_sum)
                 scale = builder.fmul(w_scales, _splat(builder, builder.load(builder.gep(xd_rows[i], [b])), _V8_F32))
                 builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(accs[i])), accs[i])
                 if fmt.has_min:
