@@ -24,6 +24,20 @@ keep_compiled_kernels_in(default_cache_dir(), os.environ)
 poll_sockets_in_place(os.environ)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cpu-report", nargs="?", const="", default=None, metavar="FILE",
+                     help="per test file: wall time, CPU seconds and processes started (support/cpu_report.py); "
+                          "with FILE, each test's line is also appended there as it ends")
+
+
+def pytest_configure(config):
+    if config.getoption("--cpu-report") is not None:
+        from support import cpu_report
+
+        cpu_report.log_path = config.getoption("--cpu-report") or None
+        config.pluginmanager.register(cpu_report, "cpu_report")
+
+
 def pytest_collection_modifyitems(config, items):
     """An oracle test is slow: it loads llama.cpp and runs the model a second time."""
     for item in items:
