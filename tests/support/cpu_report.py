@@ -16,6 +16,7 @@ import time
 TOP_TESTS = 60
 log_path: str | None = None  # where each test's line goes as it ends (conftest sets it)
 _started = 0
+_controller = False
 _original_init = subprocess.Popen.__init__
 
 
@@ -56,15 +57,20 @@ _totals = _Totals()
 
 
 def pytest_sessionstart(session):
+    global _controller
+    # pytest-xdist's controller hears of its workers' tests interleaved: they count them (with FILE).
+    _controller = session.config.pluginmanager.hasplugin("dsession")
     subprocess.Popen.__init__ = _counting_init
 
 
 def pytest_runtest_logstart(nodeid, location):
-    _totals.start()
+    if not _controller:
+        _totals.start()
 
 
 def pytest_runtest_logfinish(nodeid, location):
-    _totals.finish(nodeid)
+    if not _controller:
+        _totals.finish(nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
