@@ -6,8 +6,10 @@ it; never from a model hub) and shared by all tests that need it.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import numba
 import pytest
 from gguf import GGMLQuantizationType as QT
 
@@ -22,6 +24,31 @@ from support.tiny_models import write_tiny_llama
 keep_compiled_kernels_in(default_cache_dir(), os.environ)
 # gRPC as caravan's own commands set it up, here and in the processes the tests start.
 poll_sockets_in_place(os.environ)
+# One compute thread for the kernels the tests run in this process (a test that compares thread
+# counts sets its own): the caravan processes the tests start, and another pytest-xdist worker,
+# share the same cores, and a parallel region with more threads than free cores waits on
+# whichever of its threads is not running, spinning the others.
+numba.set_num_threads(1)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cpu-report", nargs="?", const="", default=None, metavar="FILE",
+                     help="per test file: wall time, CPU seconds and processes started (support/cpu_report.py); "
+                          "with FILE, each test's line is also appended there as it ends")
+
+
+def pytest_configure(config):
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        # pytest-xdist's workers would otherwise race to create the cluster token (a test node
+        # or coordinator may read it before it is written), so the controller makes it first.
+        from support.nodes import cluster_token_file
+
+        cluster_token_file()
+    if config.getoption("--cpu-report") is not None:
+        from support import cpu_report
+
+        cpu_report.log_path = config.getoption("--cpu-report") or None
+        config.pluginmanager.register(cpu_report, "cpu_report")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,16 +133,19 @@ def server():
     s.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def alone(smollm2):
-    """Greedy answers computed in this process, one request at a time."""
+    """Greedy answers computed in this process, one request at a time; each computed once per
+    session (greedy text depends only on the prompt and the length)."""
     from caravan.pipeline.generate import Generation
     from caravan.pipeline.sampler import Sampler, SamplingParams
 
     pipeline = smollm2.local_pipeline(N_CTX)
 
-    def run(prompt_ids, max_tokens):
-        g = Generation(pipeline, prompt_ids, Sampler(SamplingParams(temperature=0)), max_tokens, smollm2.tokenizer.eog_ids)
+    @functools.cache
+    def greedy_text(prompt_ids: tuple[int, ...], max_tokens: int) -> str:
+        g = Generation(pipeline, list(prompt_ids), Sampler(SamplingParams(temperature=0)), max_tokens,
+                       smollm2.tokenizer.eog_ids)
         return smollm2.tokenizer.decode(list(g))
 
-    return run
+    return lambda prompt_ids, max_tokens: greedy_text(tuple(prompt_ids), max_tokens)

@@ -22,6 +22,7 @@ from caravan.pipeline.loader import load_model
 from caravan.pipeline.model import ModelError, ModelHead
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment
 from support import naive
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 from support.tiny_models import dequantized_weights, tiny_model, write_gguf, write_tiny_model
 
 N_CTX = 128
@@ -104,7 +105,8 @@ def caravan_greedy(pipeline: Pipeline, ids: np.ndarray, n: int) -> list[int]:
 
 def llama_cpp_model(path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=LLAMA_CPP_THREADS,
+                           logits_all=True, verbose=False)
 
 
 def llama_cpp_logits(llama, ids: np.ndarray) -> np.ndarray:
@@ -269,7 +271,8 @@ def test_a_lora_adapter_on_another_family_matches_llama_cpp(model_dir, name):
     chosen = ((adapter.name, 1.0),)
     ids = prompt_ids(model.config.vocab_size)
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    llama = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=2, logits_all=True, verbose=False,
+    llama = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_threads=LLAMA_CPP_THREADS,
+                            logits_all=True, verbose=False,
                             lora_path=str(adapter_path), lora_scale=1.0)
     ref = llama_cpp_logits(llama, ids)
     hidden = pipeline.forward([Segment("lora", 0, len(ids), chosen)], ids)

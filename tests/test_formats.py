@@ -24,6 +24,7 @@ from caravan.pipeline.formats import FORMATS, floats, kquants
 from caravan.pipeline.quants import Activations, dequantize_rows, matmul, non_finite_part, pack, packed_nbytes
 from caravan.pipeline.speed import random_blocks
 from support import naive
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 from support.products import assert_product_close, random_activations
 
 # Every format of the registry beyond test_quants.py's five: a format added to it is tested here.
@@ -451,7 +452,8 @@ def test_tiny_model_agrees_with_llama_cpp(tiny_model, label):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
     path = tiny_model(label)
     ids, ours = caravan_logits(path)
-    llama = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
+    llama = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=LLAMA_CPP_THREADS,
+                            logits_all=True, verbose=False)
     llama.eval(ids.tolist())
     ref = np.asarray(llama.scores[:N_PROMPT])
     spread = ref.max(axis=1) - ref.min(axis=1)

@@ -18,6 +18,7 @@ from caravan.pipeline.generate import Generation
 from caravan.pipeline.quants import SUPPORTED_TYPES
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 
 # The file's Q4_K, Q6_K and Q5_0 tensors need the K-quant kernels (pipeline/formats/kquants.py); until
 # they are in this tree, every test here says so instead of failing on the first tensor.
@@ -68,7 +69,8 @@ def pipeline(gemma3):
 @pytest.fixture(scope="module")
 def llama(gemma3_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    return llama_cpp.Llama(model_path=str(gemma3_path), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    return llama_cpp.Llama(model_path=str(gemma3_path), n_ctx=1024, n_threads=LLAMA_CPP_THREADS,
+                           logits_all=True, verbose=False)
 
 
 def greedy(model, pipeline, ids: list[int], n: int) -> list[int]:

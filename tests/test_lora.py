@@ -28,6 +28,7 @@ from caravan.pipeline.model import ModelHead
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import LayerRange, LocalStage, Segment, StageBatch, StageError
 from caravan.proto import caravan_pb2 as pb
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 from support.serve import Server
 from support.tiny_models import tiny_llama, tiny_lora, write_gguf, write_tiny_model
 
@@ -83,7 +84,8 @@ def prompt_logits(pipeline, adapters=()) -> np.ndarray:
 
 def llama_cpp_run(model_path, adapter_path, scale: float, n: int) -> tuple[list[int], np.ndarray]:
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    llama = llama_cpp.Llama(model_path=str(model_path), n_ctx=N_CTX, n_threads=1, logits_all=True, verbose=False,
+    llama = llama_cpp.Llama(model_path=str(model_path), n_ctx=N_CTX, n_threads=LLAMA_CPP_THREADS,
+                            logits_all=True, verbose=False,
                             lora_path=str(adapter_path), lora_scale=scale)
     llama.eval(PROMPT)
     logits = np.asarray(llama.scores[: len(PROMPT)]).copy()
@@ -550,7 +552,8 @@ def test_real_model_with_an_adapter_follows_llama_cpp(smollm2, smollm2_path, tmp
     pipeline = smollm2.local_pipeline(512)
     adapter = LoraAdapter.open(path, c)
     pipeline.add_adapter(adapter)
-    llama = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+    llama = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=LLAMA_CPP_THREADS,
+                            logits_all=True, verbose=False,
                             lora_path=str(path), lora_scale=0.2)
     changed = 0
     for prompt in ("The capital of France is", "Once upon a time", "def fibonacci(n):"):

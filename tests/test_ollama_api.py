@@ -15,6 +15,7 @@ from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw
 from support.wait import wait_for
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
+openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -186,9 +187,13 @@ def test_bad_requests_get_ollamas_errors_and_the_server_goes_on(server, path, bo
 
 def test_the_client_sees_the_errors_as_ollamas():
     """A schema in format that the constrained-decoding library refuses, through the client: a 400
-    naming format, never a silent answer."""
+    naming format, never a silent answer. The server wants an API key (--api-key): both clients
+    are refused without it."""
     s = Server("--api-key", "letmein")
     try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert s.client("letmein").models.list().data[0].id == MODEL
         c = ollama.Client(host=base_url(s), headers={"Authorization": "Bearer letmein"}, timeout=120)
         with pytest.raises(ollama.ResponseError) as refused:
             c.chat(model=MODEL, messages=QUESTION, format={"type": "array", "uniqueItems": True})
@@ -227,12 +232,18 @@ def leave_an_answer(server: Server) -> None:
     sock.close()  # before the answer is written
 
 
-@pytest.mark.parametrize("leave", [leave_a_stream, leave_an_answer])
-def test_a_client_that_leaves_frees_its_sequence(server, smollm2, leave):
+@pytest.fixture(scope="module")
+def counting_runs_long(smollm2):
+    """Greedy, COUNTING runs the whole LONG tokens in this process (checked once for every way of
+    leaving): only a cancellation ends the request early."""
     ids = smollm2.tokenizer.encode(COUNTING)
     pipeline = smollm2.local_pipeline(N_CTX)
     long = len(list(Generation(pipeline, ids, Sampler(SamplingParams(temperature=0)), LONG, smollm2.tokenizer.eog_ids)))
-    assert long == LONG  # only a cancellation ends the request early
+    assert long == LONG
+
+
+@pytest.mark.parametrize("leave", [leave_a_stream, leave_an_answer])
+def test_a_client_that_leaves_frees_its_sequence(server, smollm2, counting_runs_long, leave):
     before = metrics(server)["caravan_generated_tokens_total"]
     leave(server)
     wait_for(lambda: not metrics(server)["caravan_requests_in_flight"], 20, "no request in flight")

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from caravan.pipeline import perplexity
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 
 pytestmark = [pytest.mark.model, pytest.mark.oracle]
 
@@ -47,7 +48,8 @@ def llama_cpp_perplexity(model_path, text: str, n_ctx: int, n_windows: int) -> t
     """llama-perplexity's procedure on llama.cpp's own tokens and logits (llama-cpp-python ships
     no llama-perplexity binary)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True,
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=LLAMA_CPP_THREADS,
+                          logits_all=True,
                           verbose=False)
     # common_tokenize(text, add_special=true, parse_special=false): a BOS only where the model adds one.
     ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)

@@ -19,6 +19,7 @@ from caravan.pipeline.quantize import FILE_TYPES, QuantizeError, parse_type, qua
 from caravan.pipeline.quants import SUPPORTED_TYPES
 from caravan.pipeline.stage import Segment
 from support import naive
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 from support.tiny_models import dequantized_weights, tiny_llama, write_gguf
 
 
@@ -171,7 +172,7 @@ def test_cli_writes_and_reports(tiny_model_path, tmp_path, capsys):
 
 def llama_cpp_model(path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=LLAMA_CPP_THREADS, logits_all=True, verbose=False)
 
 
 def llama_cpp_greedy(llama, ids: list[int], n: int) -> list[int]:
@@ -242,7 +243,7 @@ def test_real_model_requantized(smollm2_path, smollm2, tmp_path):
     model = load_model(q8)
     assert model.file.metadata["tokenizer.ggml.merges"] == smollm2.file.metadata["tokenizer.ggml.merges"]
     llama_cpp = pytest.importorskip("llama_cpp")
-    llama = llama_cpp.Llama(model_path=str(q8), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llama = llama_cpp.Llama(model_path=str(q8), n_ctx=512, n_threads=LLAMA_CPP_THREADS, logits_all=True, verbose=False)
     pipeline = model.local_pipeline(512)
     for prompt in ("The capital of France is", "Once upon a time"):
         ids = model.tokenizer.encode(prompt)

@@ -8,6 +8,7 @@ import pytest
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
+from support.llama_cpp_taps import LLAMA_CPP_THREADS
 
 # Greedy 32-token completions, caravan's own: a regression check, as any change to the numerics
 # shows here. llama.cpp (llama-cpp-python 0.3.36, n_ctx 1024) gives the same 32 tokens for the
@@ -81,7 +82,8 @@ def test_same_seed_same_text(smollm2, pipeline):
 @pytest.fixture(scope="module")
 def llama(smollm2_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (the reference engine) is not installed")
-    return llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    return llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=1024, n_threads=LLAMA_CPP_THREADS,
+                           logits_all=True, verbose=False)
 
 
 @pytest.mark.oracle

@@ -18,6 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+# llama.cpp's compute threads wherever the tests run it: one, as caravan's kernels in pytest's own
+# process (tests/conftest.py), since the processes the tests start share the cores and a thread
+# barrier waits on whichever thread is descheduled.
+LLAMA_CPP_THREADS = 1
+
 
 def _ggml():
     from llama_cpp import _ggml
@@ -51,7 +56,8 @@ def _contexts_calling(callback):
         llama_module.llama_cpp.llama_context_default_params = default
 
 
-def record(model_path: str | Path, ids: list[int], names: set[str], n_threads: int = 2) -> dict[str, list[np.ndarray]]:
+def record(model_path: str | Path, ids: list[int], names: set[str],
+           n_threads: int = LLAMA_CPP_THREADS) -> dict[str, list[np.ndarray]]:
     """Evaluate ids with llama.cpp (one batch) and keep the f32 tensors named in `names`."""
     import llama_cpp
 
