@@ -62,10 +62,10 @@ from caravan.proto import wire
 from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError, add_auth_flags
 
 from . import bench, from_flags
-from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, survey_node
+from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, row_share, survey_node
 from .discovery import DISCOVER_SECONDS
 from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
-from .planner import PlanError
+from .planner import PlanError, Speculation, check_speculation
 from .reference import llama_cpp_comparison
 from .remote import NodeError
 from .scheduler import Scheduler
@@ -311,6 +311,10 @@ def _add_cluster_verbs(verbs, shared: SharedFlags) -> None:
                          help="which node would get which layers, and the expected tokens/s")
     p.add_argument("--ctx", "-c", type=int, default=DEFAULT_CTX, metavar="N",
                    help=f"context size in tokens (default: {DEFAULT_CTX}, at most the model's)")
+    p.add_argument("--acceptance", default=None, metavar="A",
+                   help="also the expected tokens/s with speculative decoding, each draft token kept with chance A (0..1)")
+    p.add_argument("--draft-max", type=_positive_int, default=DRAFT_MAX, metavar="K",
+                   help=f"with --acceptance: draft tokens a pass (default: {DRAFT_MAX})")
     p.set_defaults(func=cmd_plan)
 
 
@@ -628,12 +632,16 @@ def cmd_nodes(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     if not (args.nodes or args.discover):
         raise ValueError("plan needs --nodes HOST:PORT,... or --discover")
+    acceptance = None if args.acceptance is None else _acceptance(args.acceptance, args.draft_max)
     model = from_flags.loaded_model(args)
     n_ctx = model.context_size(args.ctx)
     nodes = from_flags.measured_nodes(args, model)
     try:
         plan = make_plan(model, nodes, n_ctx)
-        result = describe_plan(plan, nodes, model, n_ctx, head_ms(model))
+        speculation = None
+        if acceptance is not None:
+            speculation = Speculation(acceptance, args.draft_max, row_share(model, args.draft_max))
+        result = describe_plan(plan, nodes, model, n_ctx, head_ms(model), speculation)
     finally:
         close_nodes(nodes)
     if args.json:
@@ -649,7 +657,22 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
         _emit(out, f"{u['node']:<20} unused: {u['why']}")
     _emit(out, f"expected: {result['expected_tokens_per_s']:.1f} tokens/s for one stream "
                f"(head {result['head_ms']:.2f} ms), {result['pipelined_tokens_per_s']:.1f} tokens/s with every stage busy")
+    if "speculation" in result:
+        sp = result["speculation"]
+        _emit(out, f"with speculation (acceptance {sp['acceptance']:g}, {sp['draft_max']} draft tokens a pass): "
+                   f"{sp['tokens_per_pass']:.2f} tokens a pass of {sp['pass_ms']:.2f} ms (each extra row "
+                   f"{sp['row_share'] * 100:.0f}% of a row's compute), {sp['tokens_per_s']:.1f} tokens/s for one stream")
     return 0
+
+
+def _acceptance(text: str, draft_max: int) -> float:
+    """--acceptance as a number, checked before anything is loaded."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise PlanError(f"--acceptance must be a number between 0 and 1, got {text!r}") from None
+    check_speculation(value, draft_max)
+    return value
 
 
 def cmd_bench(args: argparse.Namespace, out: TextIO) -> int:

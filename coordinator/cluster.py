@@ -38,7 +38,7 @@ from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import auth, wire
 
-from .planner import ModelCost, NodeCapacity, Plan, PlanError, plan_layers
+from .planner import ModelCost, NodeCapacity, Plan, PlanError, Speculation, plan_layers, tokens_per_pass
 from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, Part, RemoteStage
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,16 @@ def head_ms(model: LoadedModel, repeats: int = 5) -> float:
     return float(np.median(times[1:]) * 1e3)
 
 
+def row_share(model: LoadedModel, draft_max: int) -> float:
+    """Each extra row of a decode step of 1 + draft_max rows, as a share of a one-row step, timed
+    here on a synthetic layer of the model's shape: nodes report one row's time only."""
+    weight_type = layer_weight_type(model)
+    warmup.warm(model.config, warmup.cold_formats(model.config, [weight_type]), say)
+    one = ms_per_layer(model.config, weight_type)
+    many = ms_per_layer(model.config, weight_type, rows=draft_max + 1)
+    return max(0.0, (many - one) / (draft_max * one))
+
+
 @dataclass
 class Cluster:
     pipeline: Pipeline
@@ -345,11 +355,12 @@ def _push_progress(model: LoadedModel, layers: LayerRange, name: str, progress: 
     return _PushProgress(total, desc, progress and sys.stderr.isatty())
 
 
-def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int, head: float) -> dict:
+def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int, head: float,
+                  speculation: Speculation | None = None) -> dict:
     """The plan as a JSON-able dict: what `caravan plan --json` prints."""
     by_address = {n.address: n for n in nodes}
     cost = model_cost(model, n_ctx)
-    return {
+    described = {
         "model": model.name,
         "n_layers": model.config.n_layers,
         "n_ctx": n_ctx,
@@ -366,7 +377,16 @@ def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int,
         "expected_tokens_per_s": round(plan.tokens_per_s(head), 2),
         "pipelined_tokens_per_s": round(plan.pipelined_tokens_per_s(), 2),
     }
+    if speculation is not None:
+        described["speculation"] = {
+            "acceptance": speculation.acceptance, "draft_max": speculation.draft_max,
+            "row_share": round(speculation.row_share, 4),
+            "tokens_per_pass": round(tokens_per_pass(speculation.acceptance, speculation.draft_max), 4),
+            "pass_ms": round(speculation.pass_ms(plan, head), 4),
+            "tokens_per_s": round(speculation.tokens_per_s(plan, head), 2),
+        }
+    return described
 
 
 __all__ = ["LOCAL", "Cluster", "Node", "NodeError", "PlanError", "connect", "deploy", "describe_plan",
-           "head_ms", "make_plan", "measure", "parse_nodes"]
+           "head_ms", "make_plan", "measure", "parse_nodes", "row_share"]

@@ -85,6 +85,48 @@ class Plan:
         return 1e3 / self.bottleneck_ms
 
 
+def check_speculation(acceptance: float, draft_max: int) -> None:
+    if not 0.0 <= acceptance <= 1.0:  # also refuses NaN
+        raise PlanError(f"--acceptance must be between 0 and 1 (the chance that a draft token is kept), got {acceptance:g}")
+    if draft_max < 1:
+        raise PlanError(f"--draft-max must be at least 1, got {draft_max}")
+
+
+def tokens_per_pass(acceptance: float, draft_max: int) -> float:
+    """Tokens a pass of a token and `draft_max` draft tokens gives when each draft token is kept
+    with probability `acceptance`, given the ones before it (Leviathan et al. 2023, eq. 1):
+    the kept prefix plus the model's own next token."""
+    check_speculation(acceptance, draft_max)
+    if acceptance == 1.0:
+        return float(draft_max + 1)
+    return (1.0 - acceptance ** (draft_max + 1)) / (1.0 - acceptance)
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """What `caravan plan --acceptance A --draft-max K` assumes of speculative decoding."""
+
+    acceptance: float  # the chance that a draft token is kept, given the ones before it
+    draft_max: int  # draft tokens a pass: every pass is taken to carry this many
+    row_share: float  # each extra row of a pass, as a share of one row's compute (measured on the coordinator)
+
+    @property
+    def rows_factor(self) -> float:
+        """A pass of 1 + draft_max rows against one row: the weights are read once for all rows."""
+        return 1.0 + self.draft_max * self.row_share
+
+    def pass_ms(self, plan: Plan, head_ms: float) -> float:
+        """One pass through every stage and the head: the stages' and the head's compute grows by
+        rows_factor; the hops carry a few more rows of dim floats, which costs latency, not bandwidth."""
+        compute = sum(len(a.layers) * a.node.ms_per_layer for a in plan.assignments)
+        hops = plan.total_ms - compute
+        return (compute + head_ms) * self.rows_factor + hops
+
+    def tokens_per_s(self, plan: Plan, head_ms: float) -> float:
+        """One stream with speculation: the tokens a pass gives over the pass's time."""
+        return 1e3 * tokens_per_pass(self.acceptance, self.draft_max) / self.pass_ms(plan, head_ms)
+
+
 def plan_layers(nodes: list[NodeCapacity], cost: ModelCost) -> Plan:
     if not nodes:
         raise PlanError("no nodes to place the layers on")

@@ -126,16 +126,17 @@ def synthetic_layer(config: ModelConfig, weight_type: QT, seed: int = 0) -> Laye
     return LayerWeights.load(_SyntheticLayer(config, weight_type, seed), config, 0)
 
 
-def ms_per_layer(config: ModelConfig, weight_type: QT, repeats: int = 7, context: int = 64) -> float:
-    """Median milliseconds for one decode token through one layer, `context` tokens in."""
+def ms_per_layer(config: ModelConfig, weight_type: QT, repeats: int = 7, context: int = 64, rows: int = 1) -> float:
+    """Median milliseconds for one decode step of `rows` rows of one sequence (a token and its
+    draft, when rows > 1) through one layer, `context` tokens in."""
     layer = synthetic_layer(config, weight_type)
-    stage = LocalStage(config, LayerRange(0, 1), [layer], n_ctx=context + repeats + 2)
+    stage = LocalStage(config, LayerRange(0, 1), [layer], n_ctx=context + (repeats + 1) * rows + 1)
     rng = np.random.default_rng(1)
     stage.forward(StageBatch((Segment("bench", 0, context),), rng.standard_normal((context, config.dim), np.float32)))
     times = []
     for i in range(repeats + 1):  # the first compiles (or loads from Numba's cache)
-        x = rng.standard_normal((1, config.dim), np.float32)
+        x = rng.standard_normal((rows, config.dim), np.float32)
         t0 = time.perf_counter()
-        stage.forward(StageBatch((Segment("bench", context + i, 1),), x))
+        stage.forward(StageBatch((Segment("bench", context + i * rows, rows),), x))
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]) * 1e3)

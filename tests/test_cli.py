@@ -277,13 +277,43 @@ def bad_files(smollm2_path, tmp_path_factory):
         (["run", "hi", "--threads", "0"], "--threads must be between 1"),
         (["perplexity", "{bad}/missing.txt"], "No such file"),
         (["bench", "--decode-tokens", "1", "--prompt-tokens", "8", *ONE_THREAD], "--decode-tokens must be at least 2"),
+        # refused before the model loads or the (unreachable) node is asked
+        (["plan", "--nodes", "127.0.0.1:9", "--acceptance", "1.5"], "--acceptance must be between 0 and 1"),
+        (["plan", "--nodes", "127.0.0.1:9", "--acceptance", "most"], "--acceptance must be a number between 0 and 1"),
     ],
     ids=["missing", "not-gguf", "truncated", "truncated-tokenize", "unknown-name", "unknown-arch", "prompt-too-long",
-         "bad-temperature", "bad-threads", "missing-text", "bench-one-token"],
+         "bad-temperature", "bad-threads", "missing-text", "bench-one-token", "plan-acceptance-range",
+         "plan-acceptance-text"],
 )
 def test_expected_failures_are_one_line(env, bad_files, args, expected):
     args = [a.replace("{bad}", str(bad_files)) for a in args]
     assert_one_error_line(caravan(env, *args), expected)
+
+
+def test_plan_with_speculation_follows_the_formula(env, tmp_path):
+    """`caravan plan --acceptance A --draft-max K` over a real node: E = (1 - A^(K+1)) / (1 - A)
+    tokens a pass, a pass's compute and head grown by 1 + K * row_share, the hops not."""
+    from support.nodes import NodeProcess, cluster_token_file
+    from support.tiny_models import write_tiny_llama
+
+    path = write_tiny_llama(tmp_path / "tiny.gguf")
+    node = NodeProcess(tmp_path / "node")
+    try:
+        result = caravan(env, "plan", "--model", str(path), "--nodes", node.address, "--acceptance", "0.7",
+                         "--draft-max", "4", "--token-file", str(cluster_token_file()), "--json", *ONE_THREAD)
+    finally:
+        node.stop()
+    assert result.returncode == 0, result.stderr
+    plan = only_json(result.stdout)
+    sp = plan["speculation"]
+    assert sp["acceptance"] == 0.7 and sp["draft_max"] == 4
+    assert sp["tokens_per_pass"] == pytest.approx((1 - 0.7 ** 5) / 0.3, abs=1e-4)
+    compute = sum((st["layers"][1] - st["layers"][0]) * st["ms_per_layer"] for st in plan["stages"])
+    hops = sum(st["rtt_ms"] / 2 for st in plan["stages"]) + plan["stages"][-1]["rtt_ms"] / 2  # there and back
+    assert 1e3 / (compute + plan["head_ms"] + hops) == pytest.approx(plan["expected_tokens_per_s"], rel=0.01)
+    grown = (compute + plan["head_ms"]) * (1 + 4 * sp["row_share"]) + hops
+    assert sp["pass_ms"] == pytest.approx(grown, rel=0.02)  # the JSON's figures are rounded
+    assert sp["tokens_per_s"] == pytest.approx(1e3 * sp["tokens_per_pass"] / sp["pass_ms"], rel=0.01)
 
 
 @pytest.fixture(scope="module")

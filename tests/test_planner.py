@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from caravan.coordinator.planner import MIB, ModelCost, NodeCapacity, PlanError, plan_layers
+from caravan.coordinator.planner import MIB, ModelCost, NodeCapacity, PlanError, Speculation, plan_layers, tokens_per_pass
 
 GIB = 1 << 30
 COST = ModelCost(n_layers=30, layer_bytes=3 * MIB, kv_bytes_per_layer=1 * MIB, runtime_bytes=100 * MIB)
@@ -85,3 +85,30 @@ def test_expected_speed():
     assert plan.total_ms == pytest.approx(30.75)  # 15 layers each, three one-way trips of 0.25 ms
     assert plan.tokens_per_s(head_ms=4.0) == pytest.approx(1e3 / 34.75)
     assert plan.pipelined_tokens_per_s() == pytest.approx(1e3 / 15.25)
+
+
+@pytest.mark.parametrize("acceptance,draft_max,expected", [
+    (0.0, 8, 1.0),  # every draft rejected: the model's own token only
+    (1.0, 8, 9.0),  # every draft kept, and the model's next token
+    (0.5, 1, 1.5),
+    (0.5, 3, 1.875),  # 1 + 1/2 + 1/4 + 1/8
+    (0.8, 4, (1 - 0.8 ** 5) / 0.2),
+])
+def test_tokens_per_pass(acceptance, draft_max, expected):
+    assert tokens_per_pass(acceptance, draft_max) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("acceptance", [-0.1, 1.5, float("nan")])
+def test_acceptance_outside_0_1_is_refused(acceptance):
+    with pytest.raises(PlanError, match=r"^--acceptance must be between 0 and 1 .*got"):
+        tokens_per_pass(acceptance, 4)
+
+
+def test_speculative_pass_time_and_rate():
+    nodes = [node("a", 1.0, rtt=2.0), node("b", 1.0, rtt=2.0), node("c", 1.0, rtt=2.0)]
+    plan = plan_layers(nodes, COST)  # 10 layers each: 30 ms of compute, 4 hops of 1 ms
+    speculation = Speculation(acceptance=0.5, draft_max=3, row_share=0.1)
+    # compute and head grow by 1 + 3 * 0.1; the hops do not
+    assert speculation.pass_ms(plan, head_ms=2.0) == pytest.approx((30 + 2) * 1.3 + 4)
+    assert speculation.tokens_per_s(plan, head_ms=2.0) == pytest.approx(1e3 * 1.875 / 45.6)
+    assert plan.tokens_per_s(head_ms=2.0) == pytest.approx(1e3 / 36)
