@@ -24,6 +24,7 @@ from caravan.coordinator.reference import llama_cpp_available
 from caravan.pipeline import numba_config
 from caravan.pipeline.catalog import PullError
 from caravan.pipeline.generate import ContextFullError
+from support.cli import caravan, env  # noqa: F401  (env: a fixture)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -38,19 +39,7 @@ TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def env(smollm2_path, tmp_path_factory):
-    cache = tmp_path_factory.mktemp("caravan-home")
-    (cache / "models").mkdir()
-    os.symlink(smollm2_path, cache / "models" / smollm2_path.name)
-    return {**os.environ, "CARAVAN_HOME": str(cache), "PYTHONIOENCODING": "utf-8"}
 
-
-def caravan(env, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "caravan.coordinator", *args],
-        input=stdin, capture_output=True, text=True, env=env, timeout=300,
-    )
 
 
 def only_json(stdout: str) -> dict:

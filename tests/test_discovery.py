@@ -7,7 +7,6 @@ Needs root and iproute2; skipped with the reason otherwise.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -16,34 +15,10 @@ import sys
 
 import pytest
 
+from support.netns import ip_command, namespace_numbers, netns  # noqa: F401  (netns: the fixture)
 from support.nodes import NodeProcess, cluster_token_file
 
 pytestmark = pytest.mark.slow  # spawns caravan node processes
-
-
-_names = itertools.count()
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True)
-
-
-@pytest.fixture
-def netns():
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("network namespaces need root and iproute2 (`ip`)")
-    name = f"caravan-test-{os.getpid()}-{next(_names)}"
-    made = _ip("netns", "add", name)
-    if made.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {made.stderr.strip()}")
-    try:
-        for cmd in (("link", "set", "lo", "up"), ("link", "set", "lo", "multicast", "on"),
-                    ("route", "add", "224.0.0.0/4", "dev", "lo")):
-            done = _ip("netns", "exec", name, "ip", *cmd)
-            assert done.returncode == 0, done.stderr
-        yield ("ip", "netns", "exec", name)
-    finally:
-        _ip("netns", "del", name)
 
 
 def caravan_in(ns, *args, timeout=120):
@@ -96,9 +71,9 @@ def two_netns():
     two machines that exists only inside this test."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("network namespaces need root and iproute2 (`ip`)")
-    tag = f"{os.getpid()}-{next(_names)}"
+    tag = f"{os.getpid()}-{next(namespace_numbers)}"
     a, b = f"caravan-a-{tag}", f"caravan-b-{tag}"
-    made = [n for n in (a, b) if _ip("netns", "add", n).returncode == 0]
+    made = [n for n in (a, b) if ip_command("netns", "add", n).returncode == 0]
     try:
         if len(made) != 2:
             pytest.skip("cannot create network namespaces")
@@ -106,16 +81,16 @@ def two_netns():
             ("link", "add", f"va{tag[-6:]}", "netns", a, "type", "veth", "peer", "name", f"vb{tag[-6:]}", "netns", b),
         ]
         for step in steps:
-            done = _ip(*step)
+            done = ip_command(*step)
             assert done.returncode == 0, done.stderr
         for ns, dev, addr in ((a, f"va{tag[-6:]}", "10.213.0.1/24"), (b, f"vb{tag[-6:]}", "10.213.0.2/24")):
             for cmd in (("link", "set", "lo", "up"), ("addr", "add", addr, "dev", dev), ("link", "set", dev, "up")):
-                done = _ip("netns", "exec", ns, "ip", *cmd)
+                done = ip_command("netns", "exec", ns, "ip", *cmd)
                 assert done.returncode == 0, done.stderr
         yield ("ip", "netns", "exec", a), ("ip", "netns", "exec", b), f"vb{tag[-6:]}"
     finally:
         for n in made:
-            _ip("netns", "del", n)
+            ip_command("netns", "del", n)
 
 
 @pytest.mark.model

@@ -19,11 +19,12 @@ from caravan.pipeline.loader import load_model
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.stage import Segment
 from caravan.pipeline.tokenizer import Tokenizer
-from support.nodes import NodeProcess, cluster_token
+from support.nodes import cluster_token
+from support.speculation import three_nodes  # noqa: F401  (a fixture)
 from support.serve import MODEL, Server
 from support.stages import greedy
 from support.tiny_models import tiny_llama
-from test_cli import caravan, env  # noqa: F401  (env: the fixture of a private CARAVAN_HOME)
+from support.cli import caravan, env  # noqa: F401  (env: the fixture of a private CARAVAN_HOME)
 
 pytestmark = pytest.mark.model
 
@@ -184,14 +185,6 @@ def test_a_draft_model_of_another_vocabulary_is_refused(smollm2, tiny_q8_path, d
     with pytest.raises(DraftModelError, match=rf"^--draft swapped: token 100 is {tokens[100]!r} there but "):
         check_vocabulary(tiny.tokenizer, swapped, "swapped")
     check_vocabulary(smollm2.tokenizer, load_model(draft_path).tokenizer, "q4_0")  # the same tokens
-
-
-@pytest.fixture
-def three_nodes(tmp_path):
-    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(3)]
-    yield nodes
-    for node in nodes:
-        node.stop()
 
 
 @pytest.mark.slow

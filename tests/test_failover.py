@@ -12,51 +12,14 @@ import time
 import pytest
 
 from caravan.coordinator.cluster import model_cost
-from caravan.coordinator.failover import ClusterPipeline
 from caravan.coordinator.planner import NODE_RUNTIME_BYTES, PlanError
 from caravan.coordinator.remote import NodeClient, RemoteStage
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.model import layer_tensor_shapes
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from support.nodes import NodeProcess, cluster_token
+from support.failover import N_CTX, N_TOKENS, PROMPT, cluster, expected, generation, nodes  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
-
-N_CTX = 256
-PROMPT = "Once upon a time, in a small village,"
-N_TOKENS = 24
-
-
-def generation(pipeline, model):
-    return Generation(pipeline, model.tokenizer.encode(PROMPT), Sampler(SamplingParams(temperature=0)), N_TOKENS,
-                      stop_ids=frozenset())
-
-
-@pytest.fixture(scope="module")
-def expected(smollm2):
-    return list(generation(smollm2.local_pipeline(N_CTX), smollm2))
-
-
-@pytest.fixture
-def nodes(tmp_path):
-    started: list[NodeProcess] = []
-
-    def start(*args, cache_dir=None, **kwargs):
-        node = NodeProcess(cache_dir or tmp_path / f"node{len(started)}", *args, **kwargs)
-        started.append(node)
-        return node
-
-    yield start
-    for node in started:
-        if node.proc.poll() is None:
-            os.kill(node.proc.pid, signal.SIGCONT)
-        node.stop()
-
-
-def cluster(model, addresses, tmp_path, timeout_s=10.0):
-    return ClusterPipeline(model, lambda: list(addresses), N_CTX, tmp_path, progress=False,
-                           forward_timeout_s=timeout_s, token=cluster_token())
-
 
 FAULTS = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP}
 

@@ -20,8 +20,8 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from support.nodes import NodeProcess, cluster_token
 from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids
 from support.wait import wait_for
-from test_discovery import netns  # noqa: F401  (the fixture: a network namespace with multicast on its loopback)
-from test_failover import cluster, expected, generation, nodes  # noqa: F401  (expected, nodes: fixtures)
+from support.netns import netns  # noqa: F401  (the fixture: a network namespace with multicast on its loopback)
+from support.failover import cluster, expected, generation, nodes  # noqa: F401  (expected, nodes: fixtures)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 

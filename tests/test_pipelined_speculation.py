@@ -19,7 +19,7 @@ from caravan.pipeline.sequence import SequenceState
 from caravan.pipeline.stage import Segment
 from support.nodes import cluster_token
 from support.stages import build, greedy, prompt
-from test_speculative import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
+from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
 
 N_TOKENS = 40
 

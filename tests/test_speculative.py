@@ -17,7 +17,8 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
 from caravan.pipeline.speculative import PAUSE_MAX, PromptLookup, lookup
 from caravan.pipeline.stage import Segment
-from support.nodes import NodeProcess, cluster_token
+from support.nodes import cluster_token
+from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
 from support.stages import build, greedy, prompt
 
 N_TOKENS = 32
@@ -206,17 +207,6 @@ def test_tokens_kept_from_a_pass_follow_the_targets_distribution(tiny_q8_path):
     assert statistic < chi_square_critical(len(expected) - 1), (statistic, counts)
 
 
-PARAGRAPH = ("The caravan crossed the desert in seven days. Each evening the travellers pitched their tents "
-             "near a well, fed the camels and told stories about the cities they would reach.")
-
-
-def copy_prompt(model) -> list[int]:
-    """A chat prompt asking SmolLM2 to repeat a paragraph: its answer copies the prompt."""
-    text = model.chat_template.render([{"role": "user", "content": f"Repeat this paragraph exactly:\n\n{PARAGRAPH}"}],
-                                      add_generation_prompt=True)
-    return model.tokenizer.encode(text, special=True)
-
-
 class Counting(PromptLookup):
     """Prompt lookup that keeps each pass's (proposed, accepted)."""
 
@@ -286,14 +276,6 @@ def test_the_scheduler_speculates_for_many_sequences_and_changes_no_token(tiny_q
     metrics = dict(line.split() for line in prometheus_text(scheduler, []).splitlines() if not line.startswith("#"))
     assert float(metrics["caravan_tokens_per_pass"]) > 1
     assert int(metrics["caravan_draft_tokens_accepted_total"]) == scheduler.draft_tokens_accepted > 0
-
-
-@pytest.fixture
-def three_nodes(tmp_path):
-    nodes = [NodeProcess(tmp_path / f"node{i}") for i in range(3)]
-    yield nodes
-    for node in nodes:
-        node.stop()
 
 
 @pytest.mark.model
