@@ -81,3 +81,16 @@ def test_relative_imports_resolve_to_their_folder(tmp_path):
     source.write_text("from . import a\nfrom .b import c\nfrom .. import d\nimport e.f\n")
     assert imports(source, ("caravan", "node", "sub")) == [
         (1, "caravan.node.sub.a"), (2, "caravan.node.sub.b"), (3, "caravan.node.d"), (4, "e.f")]
+
+
+def test_no_test_module_imports_another():
+    """Shared fixtures and helpers live in tests/support/, so a test file stands on its own."""
+    test_modules = {path.stem for path in (REPO / "tests").glob("test_*.py")}
+    found = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            found += [f"{path.relative_to(REPO)}:{node.lineno} imports {name}" for name in names
+                      if name.split(".")[0] in test_modules]
+    assert not found, found
