@@ -483,7 +483,8 @@ def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
     model = from_flags.loaded_model(args)
     model.check_chat_template()
     draft = from_flags.draft_model(args, model)
-    with from_flags.pipeline(args, model, args.ctx) as pipeline, \
+    # Over nodes, the watcher lets one that comes back, or a new one, join between turns.
+    with from_flags.pipeline(args, model, args.ctx) as pipeline, from_flags.watched(args, pipeline), \
             from_flags.drafters(args, draft, pipeline.n_ctx) as new_drafter:
         return _chat_loop(args, out, model, pipeline, params, new_drafter)
 

@@ -167,8 +167,8 @@ def pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterat
 
 @contextlib.contextmanager
 def watched(args: argparse.Namespace, pipeline: Pipeline) -> Iterator[Watcher | None]:
-    """For `serve` over nodes: the watcher that lets nodes that come back, or new ones, join the
-    plan while it serves (coordinator/heal.py); None when every layer runs in this process."""
+    """For `serve` and `chat` over nodes: the watcher that lets nodes that come back, or new ones,
+    join the plan while it serves (coordinator/heal.py); None when every layer runs in this process."""
     if not (args.nodes or args.discover):
         yield None
         return

@@ -5,7 +5,11 @@ gone the coordinator carries the model alone. Greedy text is the one-process tex
 
 from __future__ import annotations
 
+import os
+import selectors
 import socket
+import subprocess
+import sys
 import time
 from unittest.mock import ANY
 
@@ -125,6 +129,85 @@ def test_node_that_starts_late_joins_a_running_server(smollm2, nodes, serve):  #
     wait_for(lambda: staged(server) == ["a", "late"], REJOIN_S, "the late node in the plan")
     assert health(server)["status"] == "ok"
     assert ask(server) == answer
+
+
+class Chat:
+    """`caravan chat ARGS` as a real process, its stdin a pipe (one line a turn), its log in a file."""
+
+    def __init__(self, log_path, *args: str):
+        self.log_path = log_path
+        self.proc = subprocess.Popen([sys.executable, "-m", "caravan.coordinator", "chat", "-t", "1", "--ctx",
+                                      str(N_CTX), "--temperature", "0", *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=open(log_path, "w"), text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.proc.stdout, selectors.EVENT_READ)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def turn(self, line: str, lines: int) -> str:
+        """Send one line; the reply, `lines` lines of streamed text."""
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        reply = []
+        deadline = time.monotonic() + REJOIN_S
+        while len(reply) < lines:
+            assert self.selector.select(timeout=max(0.0, deadline - time.monotonic())), self.log()
+            got = self.proc.stdout.readline()
+            assert got, self.log()
+            reply.append(got)
+        return "".join(reply).removesuffix("\n")
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def planned_now(log: str) -> str:
+    """The plan after the last re-plan a log tells of ("a [0, 15), b [15, 30)"); "" before any."""
+    moves = [line for line in log.splitlines() if "re-planned in" in line]
+    return moves[-1].rsplit("; now ", 1)[-1] if moves else ""
+
+
+def test_chat_heals_between_turns(smollm2, nodes, tmp_path):  # noqa: F811
+    """`caravan chat` over nodes: a node killed after a turn is routed around at the next; once it
+    answers again, and a --nodes address that starts answering late, both join the plan between
+    turns, without another failure to prompt it. Every turn's text is the one-process text."""
+    questions = ["What is the capital of France? Answer in one word.", "And of Italy? Answer in one word.",
+                 "And of Spain? Answer in one word."]
+    a, b = nodes(name="a"), nodes(name="b")
+    late = f"127.0.0.1:{free_port()}"
+    chat = Chat(tmp_path / "chat.log", "--nodes", f"{a.address},{b.address},{late}", "--max-tokens", "12")
+    history: list[dict] = []
+
+    def turn(question: str) -> None:
+        history.append({"role": "user", "content": question})
+        answer = one_process_text(smollm2, history, 12)
+        assert chat.turn(question, answer.count("\n") + 1) == answer, chat.log()
+        history.append({"role": "assistant", "content": answer})
+
+    try:
+        turn(questions[0])
+        b.kill()
+        turn(questions[1])  # routed around b
+        assert "re-planning over the nodes that still answer" in chat.log()
+        assert "b [" not in planned_now(chat.log())
+        nodes(name="b", port=b.port, cache_dir=b.cache_dir)
+        nodes(name="late", port=int(late.rsplit(":", 1)[1]))
+        wait_for(lambda: "b [" in planned_now(chat.log()) and "late [" in planned_now(chat.log()), REJOIN_S,
+                 "b and the late node in the plan")
+        turn(questions[2])
+        log = chat.log()
+        assert "node b (" in log and "node late (" in log and "joined the pool" in log, log
+    finally:
+        chat.stop()
+    assert chat.proc.returncode == 0, chat.log()
 
 
 def planned(pipeline) -> list[str]:
