@@ -308,14 +308,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 stages.append(LocalStage.load(model.file, model.config, layers, n_ctx))
                 sources[node.address] = "local file"
                 continue
-            pushed[node.address] = 0
-            with _push_progress(model, layers, node.name, progress) as bar:
-                def sent(n: int, address: str = node.address) -> None:
-                    pushed[address] += n
-                    bar.update(n)
-                reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
+            reply, pushed[node.address] = load_layers(model, node, layers, sha, n_ctx, progress)
             sources[node.address] = reply.source
-            log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
             chain.append(Part(node.client, layers, 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer))
         end_chain()
         pipeline = Pipeline(model.head, stages, n_ctx)
@@ -323,6 +317,21 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
         _close(stages, nodes)
         raise
     return Cluster(pipeline, plan, nodes, stages, sources, pushed)
+
+
+def load_layers(model: LoadedModel, node: Node, layers: LayerRange, sha: str, n_ctx: int,
+                progress: bool = True) -> tuple[pb.LoadReply, int]:
+    """Have a remote node load `layers`, pushing the weights it lacks (a progress bar on a
+    terminal); its reply and the bytes sent."""
+    pushed = 0
+    with _push_progress(model, layers, node.name, progress) as bar:
+        def sent(n: int) -> None:
+            nonlocal pushed
+            pushed += n
+            bar.update(n)
+        reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
+    log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
+    return reply, pushed
 
 
 class _PushProgress:

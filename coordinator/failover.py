@@ -19,7 +19,9 @@ time on sessions that may never be used again.
 
 The scheduler's lanes call it from several threads at once. Calls share the current plan; a
 recovery waits until no call is using it, and of the lanes that failed on the same lost node
-the first re-plans and the others run their batches again on the new plan.
+the first re-plans and the others run their batches again on the new plan. Whatever loads layers
+onto nodes (a re-plan, or load_ahead before a move the watcher offers) takes its turn, so that
+two never give one node different layers at once.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Callable, Iterator, Sequence
 import grpc
 import numpy as np
 
+from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.loader import LoadedModel
 from caravan.pipeline.lora import LoraAdapter
@@ -41,7 +44,7 @@ from caravan.pipeline.stage import Segment, StageError, StageStats
 from caravan.proto import auth
 from caravan.proto import caravan_pb2 as pb
 
-from .cluster import Cluster, Node, close_nodes, connect, deploy, local_node, make_plan, measure
+from .cluster import Cluster, Node, close_nodes, connect, deploy, load_layers, local_node, make_plan, measure
 from .planner import Plan, PlanError
 from .remote import FORWARD_TIMEOUT_S, NodeError
 
@@ -185,6 +188,7 @@ class ClusterPipeline:
         self._in_flight = 0  # calls using the current plan
         self._recovering = False  # a re-plan is waiting for them or running
         self._generation = 0  # plans made so far
+        self._loading = threading.Lock()  # held by whatever loads layers onto nodes: a re-plan, or load_ahead
         self._replan(first=True)
 
     @property
@@ -319,6 +323,28 @@ class ClusterPipeline:
             self._recover(error, generation)
         raise PlanError(f"gave up after {MAX_RECOVERIES} re-plans: {self.recoveries[-1] if self.recoveries else 'no plan'}")
 
+    def load_ahead(self, nodes: list[Node], plan: Plan, generation: int, stale: Sequence[str] = ()) -> list[str]:
+        """Load the layers `plan` gives each of `nodes` that serves no stage of the current plan
+        (a new node, one that came back, or a `stale` one that lost its layers), pushing the weights
+        it lacks, while calls go on over the current plan; `adopt` then finds them loaded, and the
+        move waits only for the nodes of the current plan and the refill. The current plan's
+        nodes are left alone: loading them would change their layers under the calls. Stops,
+        returning [], once a re-plan has come first; else the addresses loaded. The lock keeps
+        a failover's re-plan from loading the same node at once (it waits for this load)."""
+        cluster, router = self.cluster, self.router
+        serving = {a.node.name for a in cluster.plan.assignments} - set(stale) if cluster else set()
+        by_address = {node.address: node for node in nodes}
+        ahead = [a for a in plan.assignments if by_address[a.node.name].client is not None
+                 and a.node.name not in serving]
+        sha = file_sha256(router.model.file.path, router.cache_dir) if ahead else ""
+        for assignment in ahead:
+            with self._loading:
+                if self._recovering or self._generation != generation:
+                    return []
+                load_layers(router.model, by_address[assignment.node.name], assignment.layers, sha, router.n_ctx,
+                            router.progress)
+        return [a.node.name for a in ahead]
+
     def adopt(self, nodes: list[Node], plan: Plan, generation: int) -> bool:
         """Move to `plan` over `nodes` (connected and measured; this call owns them) at the next
         call boundary: no call is using the current plan then, and every session's caches are
@@ -387,15 +413,16 @@ class ClusterPipeline:
         """Place the layers on the nodes that answer now (or deploy the plan `offered`) and refill
         every session's caches; a node lost on the way (connecting, loading, opening streams,
         refilling) is dropped and the plan made again, up to MAX_RECOVERIES times."""
-        for attempt in range(MAX_RECOVERIES + 1):
-            try:
-                self.cluster = offered() if offered is not None else self.router.deploy(first, self.recoveries)
-                for adapter in self.adapters.values():
-                    self.cluster.pipeline.add_adapter(adapter)
-                self.replay.refill(self.cluster.pipeline)
-                break
-            except NodeError as exc:
-                offered = None  # once more from the nodes that answer now
-                if not exc.lost or attempt == MAX_RECOVERIES:
-                    raise
-                self._drop(exc)
+        with self._loading:
+            for attempt in range(MAX_RECOVERIES + 1):
+                try:
+                    self.cluster = offered() if offered is not None else self.router.deploy(first, self.recoveries)
+                    for adapter in self.adapters.values():
+                        self.cluster.pipeline.add_adapter(adapter)
+                    self.replay.refill(self.cluster.pipeline)
+                    break
+                except NodeError as exc:
+                    offered = None  # once more from the nodes that answer now
+                    if not exc.lost or attempt == MAX_RECOVERIES:
+                        raise
+                    self._drop(exc)

@@ -6,8 +6,10 @@ settle time without a miss and is not in the current plan is measured, and the p
 the plan's other nodes is offered to the pipeline when the planner's own cost says it is better:
 fewer layers on this process, or a slowest stage at most REPLAN_GAIN of today's. A node of the
 plan that answers without its layers (it restarted) makes the watcher re-plan as well. The
-pipeline moves at its next call boundary, between scheduler steps (ClusterPipeline.adopt),
-refilling every session from its tokens, so the text of running requests is unchanged.
+nodes that serve no stage of today's plan are sent their layers first, while serving goes on
+(ClusterPipeline.load_ahead); then the pipeline moves at its next call boundary, between
+scheduler steps (ClusterPipeline.adopt), refilling every session from its tokens, so the text
+of running requests is unchanged and the pause is the refill, not the push.
 
 A node that flaps is not taken at every blink: each time it stopped answering within
 FLAP_WINDOW_S doubles its settle time after the first, up to MAX_SETTLE_S. A node lost by
@@ -231,16 +233,22 @@ class Watcher:
         return nodes
 
     def _move(self, nodes: list[Node], plan: Plan, generation: int, joining: list[str], stale: list[str]) -> None:
-        """Have the pipeline move to `plan` at its next call boundary (it loads the layers then:
-        loading a node outside the plan's gate could race a failover that takes it meanwhile)."""
+        """Load the layers of the nodes that serve no stage yet while serving goes on, then have the
+        pipeline move to `plan` at its next call boundary, where it loads the others' layers."""
         names = {node.address: node.client.label for node in nodes if node.client is not None}
         why = "; ".join(filter(None, [f"joined: {', '.join(names.get(a, a) for a in joining)}" if joining else "",
                                        f"lost their layers: {', '.join(names.get(a, a) for a in stale)}" if stale else ""]))
-        was, t0 = self.pipeline.layout(), time.monotonic()
+        t0 = time.monotonic()
         try:
+            ahead = self.pipeline.load_ahead(nodes, plan, generation, stale)
+            if ahead:
+                log.info("loaded the layers of %s in %.1f s while serving went on", ", ".join(names[a] for a in ahead),
+                         time.monotonic() - t0)
+            was, t0 = self.pipeline.layout(), time.monotonic()
             moved = self.pipeline.adopt(nodes, plan, generation)
         except Exception as exc:  # noqa: BLE001  (the pipeline re-plans at its next call; the watcher goes on)
             log.warning("re-planning (%s) failed: %s", why or "no plan", exc)
+            close_nodes(nodes)
             return
         if moved:
             for address in joining:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
@@ -25,7 +26,7 @@ from support.nodes import NodeProcess, cluster_token
 from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids
 from support.wait import wait_for
 from support.netns import netns  # noqa: F401  (the fixture: a network namespace with multicast on its loopback)
-from support.failover import cluster, expected, generation, nodes  # noqa: F401  (expected, nodes: fixtures)
+from support.failover import PROMPT, cluster, expected, generation, nodes  # noqa: F401  (expected, nodes: fixtures)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -371,3 +372,72 @@ def test_node_found_by_zeroconf_joins_a_running_server(netns, tmp_path):  # noqa
         serve.wait(timeout=30)
         for node in started:
             node.stop()
+
+
+PACE_S = 0.15  # a reader's pause between tokens: the generation spans the whole move, with a history to refill
+LINK_MBIT = 12  # b's link, slow enough that pushing its layers takes several times MOVE_PAUSE_S
+MOVE_PAUSE_S = 4.0  # the longest a stream may wait for a move whose weights are pushed ahead
+
+
+@pytest.fixture
+def slow_link():
+    """start(address): a delay_proxy.py to `address` at LINK_MBIT; its address."""
+    proxies = []
+
+    def start(address: str) -> str:
+        proxy = subprocess.Popen([sys.executable, str(Path(__file__).parent / "support" / "delay_proxy.py"), address,
+                                  "0", str(LINK_MBIT)], stdout=subprocess.PIPE, text=True)
+        proxies.append(proxy)
+        return proxy.stdout.readline().rsplit(" ", 1)[1].strip()
+
+    yield start
+    for proxy in proxies:
+        proxy.kill()
+        proxy.wait()
+        proxy.stdout.close()
+
+
+def test_uncached_weights_are_pushed_before_the_move(smollm2, nodes, slow_link, tmp_path):  # noqa: F811
+    """A new node whose layers are not cached joins while a greedy generation runs: its layers are
+    pushed while the generation goes on over the old plan, so the move stalls the stream only to
+    refill the session, far less than the push takes. The text is the one-process text."""
+    a, b = nodes(), nodes()
+    b_link = slow_link(b.address)
+    n_ctx = 1024  # room for the tokens generated while b settles, is measured and is sent its layers
+    pipeline = ClusterPipeline(smollm2, lambda: [a.address], n_ctx, tmp_path, progress=False, token=cluster_token())
+    watcher = Watcher(pipeline, lambda: [a.address, b_link], [a.address, b_link], cluster_token(),
+                      period_s=0.5, settle_s=1.0)
+    prompt = smollm2.tokenizer.encode(PROMPT)
+    first, moved_at, tokens, gaps = pipeline.generation, None, [], []
+    try:
+        run = iter(Generation(pipeline, prompt, Sampler(SamplingParams(temperature=0)), n_ctx - len(prompt) - 1,
+                              stop_ids=frozenset()))
+        asked = time.monotonic()
+        for i, token in enumerate(run):
+            gaps.append(time.monotonic() - asked)
+            tokens.append(token)
+            if i == 2:
+                watcher.start()
+            if moved_at is None and pipeline.generation > first:
+                moved_at = i
+            if moved_at is not None and i >= moved_at + 4:
+                break
+            time.sleep(PACE_S)
+            asked = time.monotonic()
+        run.close()  # ends the session
+        assert moved_at is not None, "the plan never moved onto b"
+        assert planned(pipeline) == [a.address, b_link]
+    finally:
+        watcher.close()
+        pipeline.close()
+    b_layers = next(s.layers for s in pipeline.plan.assignments if s.node.name == b_link)
+    pushed = sum(info.n_bytes for name, info in smollm2.file.tensors.items()
+                 if name.startswith(tuple(f"blk.{i}." for i in b_layers)))
+    push_s = pushed * 8 / (LINK_MBIT * 1e6)
+    pause = max(gaps[3:])
+    print(f"longest gap between tokens across the move: {pause:.2f} s (pushing {pushed / 1e6:.0f} MB over "
+          f"{LINK_MBIT} Mbit/s takes {push_s:.1f} s); median gap {sorted(gaps)[len(gaps) // 2]:.3f} s")
+    assert "received layers" in b.log_path.read_text() and push_s > 2 * MOVE_PAUSE_S, push_s  # uncached, and slow
+    assert pause < MOVE_PAUSE_S, pause
+    assert tokens == list(Generation(smollm2.local_pipeline(n_ctx), prompt, Sampler(SamplingParams(temperature=0)),
+                                     len(tokens), stop_ids=frozenset()))
