@@ -9,7 +9,8 @@ plan that answers without its layers (it restarted) makes the watcher re-plan as
 nodes that serve no stage of today's plan are sent their layers first, while serving goes on
 (ClusterPipeline.load_ahead); then the pipeline moves at its next call boundary, between
 scheduler steps (ClusterPipeline.adopt), refilling every session from its tokens, so the text
-of running requests is unchanged and the pause is the refill, not the push.
+of running requests is unchanged, and serving pauses only while the plan's own nodes reload
+(from their caches, most often) and the sessions refill, not while weights cross the network.
 
 A node that flaps is not taken at every blink: each time it stopped answering within
 FLAP_WINDOW_S doubles its settle time after the first, up to MAX_SETTLE_S. A node lost by
