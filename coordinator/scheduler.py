@@ -33,6 +33,7 @@ admitted (coordinator/prompt_cache.py).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -145,7 +146,8 @@ class Scheduler:
         self.sequence_passes = 0  # a request's rows through the stages that gave tokens, counted once a step
         self.draft_tokens = 0  # draft tokens run through the stages
         self.draft_tokens_accepted = 0  # of those, the ones kept
-        self.passes_kept_ahead = 0  # passes of a lone request sent while its earlier one was in flight, and kept
+        self.passes_sent_ahead = 0  # passes of a lone request sent while its earlier one was in flight
+        self.passes_kept_ahead = 0  # of those, the ones checked and kept (the others were cancelled or landed)
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         # Called on a lane's thread after each turn of its loop (a step and its events) and after
@@ -394,7 +396,7 @@ class Scheduler:
             self._land(lane)
             lane.passes = PipelinedSpeculation(self.pipeline, request, self._passes_in_flight, build_on_sampled=False)
         passes = lane.passes
-        accepted, drafted, kept_ahead = request.accepted, request.drafted, passes.counts.kept_ahead
+        accepted, drafted, counts = request.accepted, request.drafted, dataclasses.replace(passes.counts)
         try:
             tokens = passes.step()
         except Exception as exc:  # noqa: BLE001  (refused, or nodes lost beyond recovery)
@@ -404,7 +406,8 @@ class Scheduler:
             self.steps += 1
             self.sequence_passes += 1
             self.draft_tokens += request.drafted - drafted
-            self.passes_kept_ahead += passes.counts.kept_ahead - kept_ahead
+            self.passes_sent_ahead += passes.counts.sent_ahead - counts.sent_ahead
+            self.passes_kept_ahead += passes.counts.kept_ahead - counts.kept_ahead
         self._record(self._tell(request, tokens, passes.logits, accepted))
 
     def _step(self, lane: _Lane) -> None:
