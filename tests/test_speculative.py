@@ -409,3 +409,41 @@ def test_speculation_through_three_nodes_and_a_node_killed_mid_speculation(smoll
         assert len(pipeline.recoveries) == 1 and three_nodes[1].address in pipeline.recoveries[0]
     finally:
         pipeline.close()
+
+
+def first_request_tokens(path, draft, joined: bool) -> tuple[list[int], Scheduler]:
+    """The tokens of a sampled request with a drafted draft (as in front of 3 nodes: passes may
+    fly while it is alone), alone or joined after its sixth token by a second request."""
+    scheduler = Scheduler(build(path), in_flight=3, drafter=draft.drafter)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=13)
+    first = Request(list(prompt(14, seed=21)), Sampler(params), 30, frozenset(), None)
+    second = Request(list(prompt(9, seed=22)), Sampler(params), 12, frozenset(), None)
+    got, done = [], threading.Semaphore(0)
+
+    def on_first(event: Event) -> None:
+        got.append(event)
+        if len(got) == 6 and joined:
+            scheduler.submit(second)
+        if event.kind != "token":
+            done.release()
+
+    first.on_event = on_first
+    second.on_event = lambda e: done.release() if e.kind != "token" else None
+    try:
+        scheduler.submit(first)
+        assert all(done.acquire(timeout=120) for _ in range(1 + joined))
+    finally:
+        scheduler.close()
+    assert got[-1].kind == "done"
+    return [e.token for e in got if e.kind == "token"], scheduler
+
+
+def test_a_sampled_drafts_text_does_not_depend_on_sharing_steps(untied_path, tiny_draft):
+    """serve: a seed gives a request with drawn drafts the same text whether it had its lane to
+    itself or shared its steps (its passes go one at a time either way: which positions are
+    drafted would change the draws)."""
+    alone, scheduler = first_request_tokens(untied_path, tiny_draft, joined=False)
+    joined, _ = first_request_tokens(untied_path, tiny_draft, joined=True)
+    assert joined == alone and len(alone) == 30
+    assert scheduler.draft_tokens_accepted > 0 and scheduler.passes_sent_ahead == 0
+    assert tiny_draft.sessions == 0
