@@ -16,7 +16,10 @@ In front of several nodes the scheduler runs one lane per stage: each lane is a 
 its own batch, and the lanes' batches follow each other through the stages, so every node
 works at once (pipelining) instead of waiting for the batch to come round again. A request
 alone in its lane, with drafts, keeps several of its own passes in flight instead
-(pipeline/pipelined_speculation.py), for as long as it stays alone.
+(pipeline/pipelined_speculation.py), for as long as it stays alone, unless its drafts are drawn
+at random (a draft model at temperature > 0): which positions are drafted changes such a
+request's text, and a seed's text must not depend on the lane's company. Requests that share a
+step send one batch at a time: tests/bench/RESULTS.md says why.
 
 Several samples of one prompt (n > 1) share its prefill: only the first request, the leader,
 runs the prompt; its followers then get a copy of its KV caches on every stage and sample
