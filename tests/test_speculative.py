@@ -3,8 +3,11 @@ exactly the tokens decoding gives, greedy or sampled, with any drafter."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import math
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from caravan.pipeline.sequence import SequenceState
 from caravan.pipeline.speculative import PAUSE_MAX, PromptLookup, SampledDraft, lookup
 from caravan.pipeline.stage import Segment
 from support.nodes import cluster_token
+from support.serve import Server
 from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
 from support.stages import build, greedy, prompt
 
@@ -447,3 +451,29 @@ def test_a_sampled_drafts_text_does_not_depend_on_sharing_steps(untied_path, tin
     assert joined == alone and len(alone) == 30
     assert scheduler.draft_tokens_accepted > 0 and scheduler.passes_sent_ahead == 0
     assert tiny_draft.sessions == 0
+
+
+@pytest.mark.slow
+def test_serve_with_a_drawn_draft_gives_a_seed_its_text_alone_or_not(untied_path, tiny_model_path):
+    """A real `caravan serve --draft` at temperature > 0: a seeded request gets the same text
+    alone and beside another request, and draft tokens are kept."""
+    draft_path = tiny_model_path(weight_type=QT.Q4_0, tied_output=False)
+    server = Server("--model", str(untied_path), "--draft", str(draft_path), "--draft-max", "4", "--drafts-in-flight", "3",
+                    ctx=256)  # as in front of 3 nodes: a lone request's passes may fly
+
+    def ask(seed: int, text: str) -> str:
+        body = {"model": untied_path.stem, "prompt": text, "max_tokens": 30, "temperature": 0.8, "seed": seed}
+        status, answer = server.post("/completions", json.dumps(body).encode(), timeout=120)
+        assert status == 200, answer
+        return answer["choices"][0]["text"]
+
+    try:
+        alone = ask(5, "abc abd abe")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            beside = [pool.submit(ask, 5, "abc abd abe"), pool.submit(ask, 9, "xyz xy")]
+            assert beside[0].result(timeout=120) == alone and beside[1].result(timeout=120)
+        with urllib.request.urlopen(server.base_url + "/metrics", timeout=60) as response:
+            metrics = dict(line.split() for line in response.read().decode().splitlines() if not line.startswith("#"))
+    finally:
+        server.stop()
+    assert int(metrics["caravan_draft_tokens_accepted_total"]) > 0
