@@ -142,4 +142,3 @@ class ModelDrafter:
         with self.draft.lock:
             self.draft.pipeline.end_session(self.session_id)
         self.fed = []
-
