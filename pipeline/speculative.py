@@ -59,7 +59,8 @@ PAUSE_MAX = 16  # decode steps without a draft, at most, after drafts rejected a
 class Drafter(Protocol):
     """Guesses the tokens that follow a sequence. One drafter per sequence: it may adapt to it."""
 
-    def propose(self, history: Sequence[int], limit: int) -> list[int]: ...  # at most `limit` tokens to follow history
+    # At most `limit` tokens to follow history: a list (a point mass each), or a SampledDraft.
+    def propose(self, history: Sequence[int], limit: int) -> list[int]: ...
 
     def update(self, proposed: int, accepted: int) -> None: ...  # how many of the last draft's tokens the model kept
 
