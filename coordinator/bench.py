@@ -6,7 +6,6 @@ llama.cpp's figures for the same run come from coordinator/reference.py.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import numba
 import numpy as np
@@ -14,7 +13,7 @@ import psutil
 
 from caravan.pipeline.generate import Generation, Pipeline
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from caravan.pipeline.speculative import Drafter
+from caravan.pipeline.speculative import DrafterFactory
 from caravan.pipeline.tokenizer import Tokenizer
 
 from .cluster import LOCAL
@@ -33,7 +32,7 @@ def bench_prompt(tokenizer: Tokenizer, n_tokens: int) -> list[int]:
 
 
 def timed_runs(pipeline: Pipeline, prompt: list[int], decode_tokens: int, runs: int,
-               drafter: Callable[[], Drafter | None] = lambda: None, in_flight: int = 0) -> tuple[list[dict], list[int]]:
+               drafter: DrafterFactory = lambda params: None, in_flight: int = 0) -> tuple[list[dict], list[int]]:
     """The timings of `runs` greedy generations after a warm-up one, and the tokens of the last;
     `drafter` makes each generation's drafter (speculative decoding) or None; `in_flight`, the
     drafts in flight at once (Generation.in_flight)."""
@@ -41,7 +40,7 @@ def timed_runs(pipeline: Pipeline, prompt: list[int], decode_tokens: int, runs: 
     timings = []
     for run in range(runs + 1):  # the first warms up: compiled kernels loaded, pages touched
         generation = Generation(pipeline, prompt, Sampler(greedy), decode_tokens, stop_ids=frozenset(),
-                                drafter=drafter(), in_flight=in_flight)
+                                drafter=drafter(greedy), in_flight=in_flight)
         tokens = list(generation)
         if run:
             timings.append(generation.timings.as_dict())

@@ -55,7 +55,7 @@ from caravan.pipeline.prompt_cache import CACHE_SHARE_OF_FREE, default_budget
 from caravan.pipeline.quantize import QuantizeError, offered as quantize_types, parse_type, quantize_model
 from caravan.pipeline.quants import SUPPORTED_TYPES, UnsupportedTypeError
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from caravan.pipeline.speculative import DRAFT_MAX, Drafter
+from caravan.pipeline.speculative import DRAFT_MAX, DrafterFactory
 from caravan.pipeline.stage import StageError
 from caravan.pipeline.tokenizer import StreamDecoder, Tokenizer, TokenizerError
 from caravan.proto import wire
@@ -462,7 +462,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         adapters = from_flags.adapters(args, model, pipeline)
         prompt_ids = tokenizer.encode(args.prompt, special=True)
         generation = Generation(pipeline, prompt_ids, Sampler(params), args.max_tokens, tokenizer.eog_ids, adapters,
-                                new_drafter(), in_flight=args.drafts_in_flight)
+                                new_drafter(params), in_flight=args.drafts_in_flight)
         if args.json:
             for _ in generation:
                 pass
@@ -490,7 +490,7 @@ def cmd_chat(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeline: Pipeline,
-               params: SamplingParams, new_drafter: Callable[[], Drafter | None]) -> int:
+               params: SamplingParams, new_drafter: DrafterFactory) -> int:
     tokenizer = model.tokenizer
     adapters = from_flags.adapters(args, model, pipeline)
     sampler = Sampler(params)  # one generator for the whole conversation: a seed fixes it all
@@ -520,7 +520,7 @@ def _chat_loop(args: argparse.Namespace, out: TextIO, model: LoadedModel, pipeli
         history.append({"role": "user", "content": line})
         prompt_ids = _chat_prompt(model, system, history, pipeline.n_ctx)
         generation = Generation(pipeline, prompt_ids, sampler, args.max_tokens, tokenizer.eog_ids, adapters,
-                                new_drafter(), in_flight=args.drafts_in_flight)
+                                new_drafter(params), in_flight=args.drafts_in_flight)
         if args.json:
             for _ in generation:
                 pass

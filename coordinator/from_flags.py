@@ -11,7 +11,7 @@ import contextlib
 import logging
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numba
 
@@ -23,7 +23,7 @@ from caravan.pipeline.gguf_file import GGUFError
 from caravan.pipeline.loader import LoadedModel, load_model
 from caravan.pipeline.lora import LoraAdapter, LoraError
 from caravan.pipeline.model import ModelError
-from caravan.pipeline.speculative import Drafter, PromptLookup
+from caravan.pipeline.speculative import DrafterFactory, PromptLookup
 from caravan.pipeline.tokenizer import TokenizerError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
@@ -68,11 +68,11 @@ def draft_model(args: argparse.Namespace, model: LoadedModel) -> LoadedModel | N
 
 
 @contextlib.contextmanager
-def drafters(args: argparse.Namespace, draft: LoadedModel | None, n_ctx: int) -> Iterator[Callable[[], Drafter | None]]:
+def drafters(args: argparse.Namespace, draft: LoadedModel | None, n_ctx: int) -> Iterator[DrafterFactory]:
     """What makes each sequence's drafter: the draft model's (its layers loaded in this process
     for the context n_ctx), else prompt lookup, else none with --no-speculate."""
     if draft is None:
-        yield lambda: PromptLookup(args.draft_max) if args.speculate else None
+        yield lambda params: PromptLookup(args.draft_max) if args.speculate else None
         return
     _compile_kernels(args, draft)
     shared = DraftModel(draft, n_ctx, args.draft_max)

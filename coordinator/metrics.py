@@ -50,6 +50,17 @@ def prometheus_text(s: Scheduler, kv_rows: list[tuple[str, LayerRange, int, Cach
         "# HELP caravan_tokens_per_pass Generated tokens per sequence per step since start: above 1 when drafts are kept.",
         "# TYPE caravan_tokens_per_pass gauge",
         f"caravan_tokens_per_pass {s.tokens_generated / max(s.sequence_passes, 1):.3f}",
+        "# HELP caravan_sequence_passes_total Passes of a sequence's rows through the stages that gave tokens: "
+        "generated tokens over these is tokens per pass.",
+        "# TYPE caravan_sequence_passes_total counter",
+        f"caravan_sequence_passes_total {s.sequence_passes}",
+        "# HELP caravan_passes_sent_ahead_total Verification passes sent while the same sequence's previous one "
+        "was in flight (pipelined speculation).",
+        "# TYPE caravan_passes_sent_ahead_total counter",
+        f"caravan_passes_sent_ahead_total {s.passes_sent_ahead}",
+        "# HELP caravan_passes_kept_ahead_total Of the passes sent ahead, the ones that proved valid and gave tokens.",
+        "# TYPE caravan_passes_kept_ahead_total counter",
+        f"caravan_passes_kept_ahead_total {s.passes_kept_ahead}",
         "# HELP caravan_draft_tokens_total Draft tokens (speculative decoding) checked by the model since start.",
         "# TYPE caravan_draft_tokens_total counter",
         f"caravan_draft_tokens_total {s.draft_tokens}",

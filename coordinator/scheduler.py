@@ -16,7 +16,10 @@ In front of several nodes the scheduler runs one lane per stage: each lane is a 
 its own batch, and the lanes' batches follow each other through the stages, so every node
 works at once (pipelining) instead of waiting for the batch to come round again. A request
 alone in its lane, with drafts, keeps several of its own passes in flight instead
-(pipeline/pipelined_speculation.py), for as long as it stays alone.
+(pipeline/pipelined_speculation.py), for as long as it stays alone, unless its drafts are drawn
+at random (a draft model at temperature > 0): which positions are drafted changes such a
+request's text, and a seed's text must not depend on the lane's company. Requests that share a
+step send one batch at a time: tests/bench/RESULTS.md says why.
 
 Several samples of one prompt (n > 1) share its prefill: only the first request, the leader,
 runs the prompt; its followers then get a copy of its KV caches on every stage and sample
@@ -33,10 +36,11 @@ admitted (coordinator/prompt_cache.py).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import numba
@@ -46,7 +50,7 @@ from caravan.pipeline.generate import Pipeline
 from caravan.pipeline.pipelined_speculation import PipelinedSpeculation
 from caravan.pipeline.sampler import Sampler, log_z
 from caravan.pipeline.sequence import FINISH_CANCELLED, FINISH_STOP, SequenceState, check_prompt_fits
-from caravan.pipeline.speculative import Drafter, PromptLookup, common_prefix
+from caravan.pipeline.speculative import DrafterFactory, PromptLookup, common_prefix
 from caravan.pipeline.stage import Segment
 
 from .prompt_cache import PromptIndex
@@ -92,6 +96,20 @@ class _Sampled(NamedTuple):
     request: Request
     row: int
     draft: tuple[int, ...] = ()
+    q: np.ndarray | None = None  # (len(draft), vocab): the distributions a sampled draft came from; None: point masses
+
+
+@dataclass
+class _Batch:
+    """One step's rows through the stages, and what they are for."""
+
+    segments: list[Segment] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)  # the rows' token ids, in segment order
+    sampled: list[_Sampled] = field(default_factory=list)  # the requests whose rows give tokens
+    prefilling: list[Request] = field(default_factory=list)  # the requests whose prompt tokens it carries
+    computed: int = 0  # prompt tokens it carries
+    whole_prompt: Request | None = None  # a lone request whose prompt from `start` goes into the chain at once
+    start: int = 0
 
 
 class _Lane:
@@ -109,7 +127,7 @@ class _Lane:
 class Scheduler:
     def __init__(self, pipeline: Pipeline, max_batch: int = MAX_BATCH, step_prompt_tokens: int = STEP_PROMPT_TOKENS,
                  threads: int | None = None, lanes: int = 1, draft_max: int = 0, prompt_cache: bool = False,
-                 drafter: Callable[[], Drafter | None] | None = None, in_flight: int = 0):
+                 drafter: DrafterFactory | None = None, in_flight: int = 0):
         self.pipeline = pipeline
         self.prompt_cache = PromptIndex() if prompt_cache else None  # finished sessions the stages keep
         self.threads = threads  # Numba's thread count is per calling thread: set it on ours
@@ -118,7 +136,7 @@ class Scheduler:
         self.draft_max = draft_max  # prompt lookup's longest draft; 0: no speculative decoding
         # Each sequence's drafter, made at submit: `drafter` when given (a draft model's), else
         # prompt lookup with draft_max.
-        self.new_drafter = drafter or (lambda: PromptLookup(draft_max) if draft_max else None)
+        self.new_drafter = drafter or (lambda params: PromptLookup(draft_max) if draft_max else None)
         self.in_flight = in_flight  # a lone request's passes in flight at most: 0, the pipeline's depth; 1, one
         self.lanes = [_Lane(i) for i in range(lanes)]
         self.lane_batch = -(-max_batch // lanes)  # sequences per lane at most
@@ -131,7 +149,8 @@ class Scheduler:
         self.sequence_passes = 0  # a request's rows through the stages that gave tokens, counted once a step
         self.draft_tokens = 0  # draft tokens run through the stages
         self.draft_tokens_accepted = 0  # of those, the ones kept
-        self.passes_kept_ahead = 0  # passes of a lone request sent while its earlier one was in flight, and kept
+        self.passes_sent_ahead = 0  # passes of a lone request sent while its earlier one was in flight
+        self.passes_kept_ahead = 0  # of those, the ones checked and kept (the others were cancelled or landed)
         self.prompt_tokens_computed = 0  # prompt tokens run through the stages (shared prefills once)
         self._recent: collections.deque[tuple[float, int]] = collections.deque()  # (time, tokens) per step, last minute
         # Called on a lane's thread after each turn of its loop (a step and its events) and after
@@ -150,7 +169,7 @@ class Scheduler:
         check_prompt_fits(request.prompt_ids, self.pipeline.n_ctx)
         for sequence in (request, *request.followers):
             if sequence.drafter is None:
-                sequence.drafter = self.new_drafter()
+                sequence.drafter = self.new_drafter(sequence.sampler.params)
         with self._wake:
             self.waiting.append(request)
             self._wake.notify_all()
@@ -378,9 +397,9 @@ class Scheduler:
         """The lone request's next pass checked, with passes sent behind it (pipelined_speculation.py)."""
         if lane.passes is None or lane.passes.sequence is not request:
             self._land(lane)
-            lane.passes = PipelinedSpeculation(self.pipeline, request, self._passes_in_flight)
+            lane.passes = PipelinedSpeculation(self.pipeline, request, self._passes_in_flight, build_on_sampled=False)
         passes = lane.passes
-        accepted, drafted, kept_ahead = request.accepted, request.drafted, passes.counts.kept_ahead
+        accepted, drafted, counts = request.accepted, request.drafted, dataclasses.replace(passes.counts)
         try:
             tokens = passes.step()
         except Exception as exc:  # noqa: BLE001  (refused, or nodes lost beyond recovery)
@@ -390,7 +409,8 @@ class Scheduler:
             self.steps += 1
             self.sequence_passes += 1
             self.draft_tokens += request.drafted - drafted
-            self.passes_kept_ahead += passes.counts.kept_ahead - kept_ahead
+            self.passes_sent_ahead += passes.counts.sent_ahead - counts.sent_ahead
+            self.passes_kept_ahead += passes.counts.kept_ahead - counts.kept_ahead
         self._record(self._tell(request, tokens, passes.logits, accepted))
 
     def _step(self, lane: _Lane) -> None:
@@ -400,48 +420,63 @@ class Scheduler:
             self._step_in_flight(lane, lone)
             return
         self._land(lane)
-        segments, ids, sampled = [], [], []  # sampled: the requests whose rows give tokens
-        row = 0
+        batch = self._batch(lane)
+        hidden = self._run_batch(lane, batch)
+        if hidden is not None:
+            self._sample(lane, batch, hidden)
+
+    def _batch(self, lane: _Lane) -> _Batch:
+        """The step's rows: each decoding request's last token and draft, then prompt tokens
+        (or, for a lone request, the rest of its prompt at once)."""
+        batch = _Batch()
         for request in lane.active:
             if request.decoding and request.tokens:
-                segment, rows = request.decode_segment(self.pipeline.n_ctx)
-                segments.append(segment)
-                ids.extend(rows)
-                sampled.append(_Sampled(request, row, tuple(rows[1:])))
-                row += segment.length
-        lone = lane.active[0] if not segments and len(lane.active) == 1 else None
+                segment, rows, q = request.decode_segment(self.pipeline.n_ctx)
+                batch.segments.append(segment)
+                batch.ids.extend(rows)
+                batch.sampled.append(_Sampled(request, len(batch.ids) - len(rows), tuple(rows[1:]), q))
+        lone = lane.active[0] if not batch.segments and len(lane.active) == 1 else None
         if lone is not None and self._whole_prompt_at_once(lone):
             # Nothing else in the lane waits on this step: the rest of the prompt goes into the
             # chain of nodes at once, its chunks following each other (Pipeline.prefill).
-            start, lone.prefilled = lone.prefilled, len(lone.prompt_ids)
-            prefilling, computed = [lone], lone.prefilled - start
-            sampled.append(_Sampled(lone, 0))
-
-            def forward() -> np.ndarray:
-                return self.pipeline.prefill(lone.session_id, lone.prompt_ids, lone.adapters, start)
+            batch.whole_prompt, batch.start = lone, lone.prefilled
+            lone.prefilled = len(lone.prompt_ids)
+            batch.prefilling, batch.computed = [lone], lone.prefilled - batch.start
+            batch.sampled.append(_Sampled(lone, 0))
         else:
-            prefilling, computed = self._prompt_rows(lane, segments, ids, sampled, row)
+            batch.prefilling, batch.computed = self._prompt_rows(lane, batch.segments, batch.ids, batch.sampled,
+                                                                 len(batch.ids))
+        return batch
 
-            def forward() -> np.ndarray:
-                return self.pipeline.forward(segments, np.asarray(ids, dtype=np.int64))
-
+    def _run_batch(self, lane: _Lane, batch: _Batch) -> np.ndarray | None:
+        """The batch's last hidden states (rows, dim); None when it failed, its requests ended."""
+        lone = batch.whole_prompt
         try:
-            hidden = forward()
+            if lone is not None:
+                hidden = self.pipeline.prefill(lone.session_id, lone.prompt_ids, lone.adapters, batch.start)
+            else:
+                hidden = self.pipeline.forward(batch.segments, np.asarray(batch.ids, dtype=np.int64))
         except ValueError as exc:  # a request the stages refuse (StageError, context): fail the batch's requests
-            for request in {id(s.request): s.request for s in sampled}.values():
+            for request in {id(s.request): s.request for s in batch.sampled}.values():
                 self._end(request, Event("error", message=str(exc)))
-            for request in prefilling:
+            for request in batch.prefilling:
                 if request in lane.active:
                     self._end(request, Event("error", message=str(exc)))
-            return
+            return None
         except Exception as exc:  # noqa: BLE001  (nodes lost beyond recovery, no plan fits)
             for request in list(lane.active):
                 self._end(request, Event("error", message=str(exc)))
-            return
+            return None
         with self._counts:
             self.steps += 1
-            self.prompt_tokens_computed += computed
-        for request, row, _ in list(sampled):
+            self.prompt_tokens_computed += batch.computed
+        return hidden
+
+    def _sample(self, lane: _Lane, batch: _Batch, hidden: np.ndarray) -> None:
+        """Each sampled request's tokens from its rows of hidden (rows, dim), told to its client;
+        a leader whose prompt is through brings its followers in first."""
+        sampled = batch.sampled
+        for request, row, _, _ in list(sampled):
             if request.followers:
                 self._start_followers(lane, request, row, sampled)
         if not sampled:
@@ -449,8 +484,8 @@ class Scheduler:
         rows = [s.row + i for s in sampled for i in range(1 + len(s.draft))]
         logits = self.pipeline.head.logits(hidden[rows])  # (len(rows), vocab)
         first, generated = 0, 0
-        for request, _, draft in sampled:
-            generated += self._advance(request, logits[first : first + 1 + len(draft)], draft)
+        for request, _, draft, q in sampled:
+            generated += self._advance(request, logits[first : first + 1 + len(draft)], draft, q)
             first += 1 + len(draft)
         with self._counts:
             self.sequence_passes += len(sampled)
@@ -465,11 +500,11 @@ class Scheduler:
         while self._recent and time.monotonic() - self._recent[0][0] > 60.0:
             self._recent.popleft()
 
-    def _advance(self, request: Request, logits: np.ndarray, draft: tuple[int, ...]) -> int:
+    def _advance(self, request: Request, logits: np.ndarray, draft: tuple[int, ...], q: np.ndarray | None) -> int:
         """The request's next tokens from its rows' logits (1 + len(draft), vocab), told to its
         client (_tell). Returns how many tokens it got."""
         accepted = request.accepted
-        tokens = request.advance(logits, self.pipeline.n_ctx, draft)
+        tokens = request.advance(logits, self.pipeline.n_ctx, draft, q)
         return self._tell(request, tokens, logits, accepted)
 
     def _tell(self, request: Request, tokens: list[int], logits: np.ndarray, accepted: int) -> int:

@@ -2,13 +2,16 @@
 
 The draft model runs in this process, all its layers in one pipeline shared by every sequence,
 each sequence on a session of its own (DraftModel.drafter). To guess, a drafter brings its
-session up to the sequence's history, then decodes greedily up to k tokens (ModelDrafter).
+session up to the sequence's history, then decodes up to k tokens (ModelDrafter).
 
-Greedy drafting makes the draft a point mass q, so speculative.py's acceptance rule (sample
-from the target, keep while equal) is Leviathan et al.'s rule exactly, and a seed gives the
-same text with the draft model or without one. Drafting from the draft's own distribution and
-accepting with min(1, p/q) would keep more tokens at temperature > 0; that needs the Drafter
-protocol to hand q to the acceptance step, a possible later step.
+At temperature 0 it decodes greedily: the draft is a point mass q, checked by sampling from the
+target and keeping while equal, and the text is exactly the model's. At temperature > 0 it
+draws each token from the draft's distribution under the sequence's own sampler settings
+(bias, penalties, top-k, top-p, min-p, temperature), which brings q close to the target's p, and
+hands q on with the draft (speculative.SampledDraft) for the acceptance rule min(1, p/q):
+more tokens kept than a greedy draft keeps when p is spread out. Its draws come from a generator
+of its own, seeded from the sequence's seed (DRAFT_SEED_STREAM keeps it apart from the
+sampler's), one uniform a draft token in the order drafted.
 
 The draft session follows the accepted tokens without being told them: before a guess it keeps
 the longest beginning its cached tokens share with the history (the tokens the target kept) and
@@ -28,11 +31,14 @@ import numpy as np
 from .generate import Pipeline
 from .loader import LoadedModel
 from .model import ModelError
-from .speculative import DRAFT_MAX, common_prefix
+from .sampler import Sampler, SamplingParams, inverse_cdf
+from .speculative import DRAFT_MAX, SampledDraft, common_prefix
 from .stage import Segment
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+DRAFT_SEED_STREAM = 1  # mixed into a sequence's seed for its drafter's generator, apart from its sampler's
 
 
 class DraftModelError(ModelError):
@@ -63,9 +69,10 @@ class DraftModel:
         self.draft_max = draft_max
         self.lock = threading.Lock()  # one guess at a time: the scheduler's lanes may draft at once
 
-    def drafter(self) -> "ModelDrafter":
-        """A new sequence's drafter (its draft session is made at its first guess)."""
-        return ModelDrafter(self)
+    def drafter(self, params: SamplingParams | None = None) -> "ModelDrafter":
+        """A new sequence's drafter (its draft session is made at its first guess); `params`, the
+        sequence's sampler settings: at temperature > 0 it draws its drafts with them."""
+        return ModelDrafter(self, params)
 
     @property
     def sessions(self) -> int:
@@ -77,11 +84,15 @@ class DraftModel:
 
 
 class ModelDrafter:
-    """One sequence's guesses from a draft model, greedy. Its length adapts as PromptLookup's
-    does: it grows while drafts are kept whole and shrinks to one more than the tokens kept."""
+    """One sequence's guesses from a draft model, greedy or drawn (SampledDraft) at temperature
+    > 0. Its length adapts as PromptLookup's does: it grows while drafts are kept whole and
+    shrinks to one more than the tokens kept."""
 
-    def __init__(self, draft: DraftModel):
+    def __init__(self, draft: DraftModel, params: SamplingParams | None = None):
         self.draft = draft
+        sampled = params is not None and params.temperature > 0
+        self.sampler = Sampler(params) if sampled else None  # its chain gives q; its generator is not drawn from
+        self.rng = np.random.default_rng(None if not sampled or params.seed is None else [params.seed, DRAFT_SEED_STREAM])
         self.session_id = f"draft-{uuid.uuid4().hex}"
         self.fed: list[int] = []  # tokens whose keys and values the draft session holds, in order
         self.length = draft.draft_max  # the next draft's length at most
@@ -100,12 +111,22 @@ class ModelDrafter:
             self.fed = list(history[:keep])  # until the feed succeeds: all the session surely holds
             hidden = pipeline.prefill(self.session_id, history, start=keep)  # (1, dim)
             self.fed = list(history)
-            draft = [_argmax(pipeline, hidden)]
-            while len(draft) < n:
+            draft, q = [], []  # q: the distributions drawn from, when sampling
+            while True:
+                draft.append(self._pick(pipeline.head.logits(hidden[-1:])[0], [*history, *draft], q))
+                if len(draft) == n:
+                    break
                 hidden = pipeline.forward([Segment(self.session_id, len(self.fed), 1)], np.array(draft[-1:]))
                 self.fed.append(draft[-1])
-                draft.append(_argmax(pipeline, hidden))
-        return draft
+        return SampledDraft(draft, np.stack(q)) if q else draft
+
+    def _pick(self, logits: np.ndarray, previous: list[int], q: list[np.ndarray]) -> int:
+        """The next draft token after `previous` from the draft's logits (vocab,): the argmax, or a
+        draw from the sampler chain's distribution, which is appended to q."""
+        if self.sampler is None:
+            return int(np.argmax(logits))
+        q.append(self.sampler.distribution(logits, previous))  # (vocab,)
+        return inverse_cdf(q[-1], self.rng.random())
 
     def update(self, proposed: int, accepted: int) -> None:
         self.passes += 1
@@ -121,9 +142,3 @@ class ModelDrafter:
         with self.draft.lock:
             self.draft.pipeline.end_session(self.session_id)
         self.fed = []
-
-
-def _argmax(pipeline: Pipeline, hidden: np.ndarray) -> int:
-    """The draft model's most likely next token after the last row of hidden (T, dim)."""
-    return int(np.argmax(pipeline.head.logits(hidden[-1:])[0]))
-

@@ -46,6 +46,7 @@ import numpy as np
 
 from .model import ModelHead
 from .sequence import SequenceState
+from .speculative import draft_distributions
 from .stage import Segment, StageError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class _Flight:
     rows: list[int]  # its tokens: the first row's, then its draft
     result: Callable[[], np.ndarray]  # waits for its last hidden states (len(rows), dim)
     ahead: bool  # sent while an earlier batch of the sequence was in flight
+    q: np.ndarray | None  # (len(draft), vocab): the distributions a sampled draft came from; None: point masses
     cancelled: bool = False  # built on a token that was not kept: its answer is dropped
 
     @property
@@ -94,12 +96,17 @@ class PipelinedSpeculation:
     """The decode passes of one sequence, with up to `max_in_flight` batches in flight. Call
     `step` for each checked batch's tokens until the sequence has finished, then `close`."""
 
-    def __init__(self, pipeline: SubmittingPipeline, sequence: SequenceState, max_in_flight: int = 1):
+    def __init__(self, pipeline: SubmittingPipeline, sequence: SequenceState, max_in_flight: int = 1,
+                 build_on_sampled: bool = True):
         if max_in_flight < 1:
             raise ValueError(f"batches in flight must be at least 1, got {max_in_flight}")
         self.pipeline = pipeline
         self.sequence = sequence
         self.max_in_flight = max_in_flight
+        # Whether a sampled draft (speculative.SampledDraft) is built on: which positions are
+        # drafted changes a sampled draft's text, so the server, whose requests fly only while
+        # alone, sends such a draft's passes one at a time for a seed's text not to depend on that.
+        self.build_on_sampled = build_on_sampled
         self.flights: collections.deque[_Flight] = collections.deque()  # in the order sent
         self.assumed: list[int] = []  # the history once every valid batch in flight is kept whole
         self.counts = InFlightCounts()
@@ -127,17 +134,17 @@ class PipelinedSpeculation:
                 return
             self._send(*batch)
 
-    def _next_batch(self) -> tuple[Segment, list[int]] | None:
+    def _next_batch(self) -> tuple[Segment, list[int], np.ndarray | None] | None:
         """The next batch to send: after the last valid one in flight, on the assumption it is
         kept whole (None when it has no draft to build on, or the drafter no guess, or the
         sequence would end with it); with none in flight, the sequence's own decode segment."""
         seq, n_ctx = self.sequence, self.pipeline.n_ctx
         valid = [flight for flight in self.flights if not flight.cancelled]
         if not valid:
-            segment, rows = seq.decode_segment(n_ctx)
+            segment, rows, q = seq.decode_segment(n_ctx)
             self.assumed = [*seq.history, *rows[1:]]
-            return segment, rows
-        if not valid[-1].draft or seq.drafter is None:
+            return segment, rows, q
+        if not valid[-1].draft or seq.drafter is None or (valid[-1].q is not None and not self.build_on_sampled):
             return None
         position = len(self.assumed)  # of the guessed bonus token
         generated = len(seq.tokens) + position - len(seq.history)  # before the bonus token
@@ -147,12 +154,14 @@ class PipelinedSpeculation:
         if not guess:
             return None
         self.assumed.extend(guess)
-        return Segment(seq.session_id, position, len(guess), seq.adapters), guess
+        q = draft_distributions(guess)  # its row 0 is the guessed bonus token, not a draft token: the batch
+        q = q[1:] if q is not None and len(guess) > 1 else None  # is valid only if that is the token drawn
+        return Segment(seq.session_id, position, len(guess), seq.adapters), list(guess), q
 
-    def _send(self, segment: Segment, rows: list[int]) -> None:
+    def _send(self, segment: Segment, rows: list[int], q: np.ndarray | None) -> None:
         result = self.pipeline.submit([segment], np.asarray(rows, dtype=np.int64))
         ahead = any(not flight.cancelled for flight in self.flights)
-        self.flights.append(_Flight(segment, rows, result, ahead))
+        self.flights.append(_Flight(segment, rows, result, ahead, q))
         counts = self.counts
         counts.sent += 1
         counts.sent_ahead += ahead
@@ -177,7 +186,7 @@ class PipelinedSpeculation:
         and its own next token is the first row of the next one."""
         seq = self.sequence
         self.logits = self.pipeline.head.logits(hidden)  # (1 + len(draft), vocab)
-        new = seq.advance(self.logits, self.pipeline.n_ctx, flight.draft)
+        new = seq.advance(self.logits, self.pipeline.n_ctx, flight.draft, flight.q)
         self.counts.kept_ahead += flight.ahead
         following = next((f for f in self.flights if not f.cancelled), None)
         if following is None or seq.finished:

@@ -125,6 +125,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
+def inverse_cdf(probs: np.ndarray, u: float) -> int:
+    """The index a uniform u in [0, 1) picks from probs (n,), which need not sum to 1: inverted
+    through the cumulative distribution; side="right" never lands on an index whose probability
+    is zero (or underflowed to it)."""
+    cumulative = np.cumsum(probs)
+    choice = int(np.searchsorted(cumulative, u * cumulative[-1], side="right"))
+    return min(choice, probs.shape[0] - 1)
+
+
 def top_p_count(sorted_logits: np.ndarray, p: float) -> int:
     """How many of the (descending) candidates make up the smallest head with mass >= p.
 
@@ -196,12 +205,33 @@ class Sampler:
         ids, probs = self._candidates(logits, previous_tokens)
         if p.temperature == 0.0:
             return int(ids[0])
-        # One uniform per draw, inverted through the cumulative distribution; side="right"
-        # never lands on a token whose probability underflowed to zero.
-        cumulative = np.cumsum(probs)
-        u = self._rng.random() * cumulative[-1]
-        choice = int(np.searchsorted(cumulative, u, side="right"))
-        return int(ids[min(choice, ids.shape[0] - 1)])
+        return int(ids[inverse_cdf(probs, self._rng.random())])
+
+    def check_draft(self, logits: np.ndarray, previous_tokens: Sequence[int], proposed: int, q: np.ndarray) -> int:
+        """The token at a draft token's row, by the speculative sampling rule (speculative.py):
+        `proposed` was drawn from q (vocab,); it is kept with probability min(1, p / q) at it,
+        p this sampler's distribution for `logits`, else a token is drawn from max(0, p - q)
+        renormalized, which is never `proposed`. A uniform is drawn only for a ratio strictly
+        between 0 and 1, and a residual draw only when more than one token is left in it."""
+        if self.constraint is not None:
+            _check_shape(logits)
+            logits = masked(logits, self.constraint.allowed())
+        p = self.distribution(logits, previous_tokens)  # (vocab,) float64
+        ratio = p[proposed] / q[proposed] if q[proposed] > 0 else np.inf * (p[proposed] > 0)  # q > 0 where drawn
+        if ratio >= 1.0 or (ratio > 0.0 and self._rng.random() < ratio):
+            token = proposed
+        else:
+            residual = np.maximum(p - q, 0.0)  # (vocab,)
+            residual[proposed] = 0.0
+            left = np.flatnonzero(residual)
+            if left.size == 0:  # p and q equal to rounding: the mass is p's without the token refused
+                residual, left = p.copy(), np.flatnonzero(p)
+                residual[proposed] = 0.0
+                left = left[left != proposed]
+            token = int(left[0]) if left.size == 1 else int(left[inverse_cdf(residual[left], self._rng.random())])
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        return token
 
     def distribution(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> np.ndarray:
         """The probabilities `sample` draws the next token from, (vocab,) float64: zero for the

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from .sampler import Sampler
-from .speculative import Drafter
+from .speculative import Drafter, draft_distributions
 from .stage import Segment
 
 FINISH_STOP = "stop"  # an end-of-generation token was sampled (it is not kept)
@@ -74,26 +74,32 @@ class SequenceState:
         a draft's rejected tokens); those are overwritten, and must not be kept or copied."""
         return len(self.history) - 1
 
-    def decode_segment(self, n_ctx: int) -> tuple[Segment, list[int]]:
+    def decode_segment(self, n_ctx: int) -> tuple[Segment, list[int], np.ndarray | None]:
         """The rows of a decode step: the last token, at its position (the caches hold exactly
         the positions before it: the accepted length), then the drafter's guess of the tokens
-        after it, if any. The draft stops where the context does, and a token short of
-        max_tokens (the last row's token comes without a draft)."""
+        after it, if any; and the distributions a sampled draft was drawn from (None: point
+        masses). The draft stops where the context does, and a token short of max_tokens (the
+        last row's token comes without a draft)."""
         position = self.accepted_length
         limit = min(n_ctx - len(self.history), self.max_tokens - len(self.tokens) - 1)
         draft = self.drafter.propose(self.history, limit) if self.drafter is not None and limit > 0 else []
-        return Segment(self.session_id, position, 1 + len(draft), self.adapters), [self.history[-1], *draft]
+        segment = Segment(self.session_id, position, 1 + len(draft), self.adapters)
+        return segment, [self.history[-1], *draft], draft_distributions(draft)
 
-    def advance(self, logits: np.ndarray, n_ctx: int, draft: Sequence[int] = ()) -> list[int]:
+    def advance(self, logits: np.ndarray, n_ctx: int, draft: Sequence[int] = (), q: np.ndarray | None = None) -> list[int]:
         """The tokens the rows' logits give, appended and returned: logits is (1 + len(draft),
-        vocab), row i's the logits after draft[:i]. A token is sampled from each row in turn
-        while the one before it equalled the draft (speculative.py's acceptance rule), so the
-        returned token i comes from row i. `finish_reason` is set once the sequence ends: at an
-        end-of-generation token (not returned), at max_tokens, or when the new token's
-        position would not fit the context (it could not be run through the stages)."""
+        vocab), row i's the logits after draft[:i]; q (len(draft), vocab), when the draft was
+        drawn at random, the distribution each draft token came from. A token is taken from each
+        row in turn while the one before it equalled the draft (speculative.py's acceptance
+        rule), so the returned token i comes from row i. `finish_reason` is set once the
+        sequence ends: at an end-of-generation token (not returned), at max_tokens, or when the
+        new token's position would not fit the context (it could not be run through the stages)."""
         new = []
         for i, row in enumerate(logits):
-            token = self.sampler.sample(row, self.history)
+            if q is not None and i < len(draft):
+                token = self.sampler.check_draft(row, self.history, draft[i], q[i])
+            else:
+                token = self.sampler.sample(row, self.history)
             if token in self.stop_ids:
                 self.finish_reason = FINISH_STOP
                 break

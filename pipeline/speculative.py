@@ -9,14 +9,32 @@ valid too. A pass keeps the tokens up to the first that differs from the draft, 
 target's own token: at least one token a pass, at most 1 + k.
 
 The acceptance rule is that of Leviathan et al. 2023 and Chen et al. 2023 ("Fast inference from
-transformers via speculative decoding"; "Accelerating large language model decoding with
-speculative sampling") for a deterministic drafter, whose q is a point mass on d: accept d with
-probability p(d), else draw from p with d's mass removed and renormalized. Drawing t from p
-with the sampler and accepting d when t == d is that rule: P(t = d) = p(d), and given t != d, t
-follows p without d. Each kept token costs the sampler one draw, as decoding without a draft
-does, so a seed gives the same text with speculation or without. The draft model's drafter
-(draft_model.py) decodes greedily, so its q is a point mass too; a drafter whose q is not one
-would need the general rule on its q, and the Drafter protocol leaves room.
+transformers via speculative decoding", algorithm 1; "Accelerating large language model decoding
+with speculative sampling", algorithm 2): a draft token x drawn from the drafter's q is kept
+with probability min(1, p(x) / q(x)), p the target's distribution at its row (the request's
+whole sampler chain: bias, penalties, top-k, top-p, min-p, temperature); at the first one not
+kept the token is drawn from max(0, p - q) renormalized; after a draft kept whole, the bonus
+token is drawn from p. Each kept token then follows p exactly.
+
+Two forms of q, both exact:
+- A point mass on d (prompt lookup, a draft model at temperature 0, any deterministic drafter:
+  `propose` returns a plain list). The rule is then: keep d with probability p(d), else draw
+  from p without d. Drawing t from p with the sampler and keeping d when t == d is that rule
+  (P(t = d) = p(d); given t != d, t follows p without d), and costs the sampler the one draw a
+  decode step without a draft makes, so a seed gives the same text with speculation or without.
+- A sampled draft (`SampledDraft`: a draft model drawing at the request's temperature,
+  draft_model.py), which keeps more tokens at temperature > 0 as q comes closer to p.
+  Sampler.check_draft applies the rule to each draft token in turn, and draws from the
+  request's generator, in order: one uniform for a token whose ratio p(x) / q(x) is strictly
+  between 0 and 1 (at or above 1 it is kept, at 0 refused, without a draw), one draw from the
+  residual at the first token refused (none when the residual has one token left), and the
+  bonus token's draw as a decode step makes it. The drafter draws its tokens from a generator
+  of its own, seeded from the request's seed (draft_model.py). So the same seed and settings
+  (drafter, draft length, passes in flight) give the same text, though not the text of decoding
+  without the draft (the same distribution): which positions are drafted changes the draws. The
+  server's scheduler therefore sends a sampled draft's passes one at a time, whether or not
+  the request shares its steps (pipelined_speculation.py, `build_on_sampled`).
+  Greedy (temperature 0) takes no draw and keeps exactly the argmax: p is a point mass.
 
 The stages keep only accepted positions in use: rows of rejected tokens stay in a session's KV
 cache past its accepted length, but the next segment starts at the accepted length (a segment
@@ -26,9 +44,11 @@ overwrites from there, so no rejected position is attended to again.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
+
+from .sampler import SamplingParams
 
 DRAFT_MAX = 8  # draft tokens a pass at most: rows beyond it cost more than they save when the guess is poor
 NGRAM_MAX = 3  # the longest tail looked up in the text so far
@@ -39,11 +59,30 @@ PAUSE_MAX = 16  # decode steps without a draft, at most, after drafts rejected a
 class Drafter(Protocol):
     """Guesses the tokens that follow a sequence. One drafter per sequence: it may adapt to it."""
 
-    def propose(self, history: Sequence[int], limit: int) -> list[int]: ...  # at most `limit` tokens to follow history
+    # At most `limit` tokens to follow history: a list (a point mass each), or a SampledDraft.
+    def propose(self, history: Sequence[int], limit: int) -> list[int]: ...
 
     def update(self, proposed: int, accepted: int) -> None: ...  # how many of the last draft's tokens the model kept
 
     def end(self) -> None: ...  # the sequence has ended: let go of what drafting for it holds
+
+
+DrafterFactory = Callable[[SamplingParams], "Drafter | None"]  # a new sequence's drafter, given its sampling settings
+
+
+class SampledDraft(list):
+    """Draft tokens drawn at random from the drafter's distribution rather than chosen: `q`
+    (len, vocab) float64 holds, row i, the distribution token i was drawn from."""
+
+    def __init__(self, tokens: Sequence[int], q: np.ndarray):
+        super().__init__(tokens)
+        self.q = q  # (len(tokens), vocab)
+
+
+def draft_distributions(draft: Sequence[int]) -> np.ndarray | None:
+    """The distributions a draft was drawn from, (len(draft), vocab); None for a deterministic
+    draft (a point mass on each token), whose rule needs no q."""
+    return draft.q if isinstance(draft, SampledDraft) and len(draft) else None
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

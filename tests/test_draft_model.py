@@ -95,8 +95,10 @@ def test_the_draft_models_greedy_text_is_the_models(smollm2, target, draft):
 
 
 @pytest.mark.slow
-def test_sampled_text_is_the_same_with_the_draft_model(smollm2, target, draft):
-    """At temperature > 0 a seed gives the same text with the draft model or without one."""
+def test_sampled_text_with_greedy_or_drawn_drafts(smollm2, target, draft):
+    """At temperature > 0 a seed gives the same text with greedy drafts (a point mass) as without
+    the draft model; with drafts drawn at the request's settings (what run, chat and serve do)
+    the same seed gives the same text again, and drafts are kept."""
     ids = chat_prompt(smollm2, MESSAGES[2])
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.95, seed=7)
     alone = list(Generation(target, ids, Sampler(params), N_TOKENS, smollm2.tokenizer.eog_ids))
@@ -104,6 +106,10 @@ def test_sampled_text_is_the_same_with_the_draft_model(smollm2, target, draft):
     generation = Generation(target, ids, Sampler(params), N_TOKENS, smollm2.tokenizer.eog_ids, drafter=drafter)
     assert list(generation) == alone
     assert generation.sequence.accepted > 0 and drafter.passes > 0
+    drawn = [Generation(target, ids, Sampler(params), N_TOKENS, smollm2.tokenizer.eog_ids, drafter=draft.drafter(params))
+             for _ in range(2)]
+    assert list(drawn[0]) == list(drawn[1]) and drawn[0].sequence.accepted > 0
+    assert draft.sessions == 0
 
 
 @pytest.mark.slow

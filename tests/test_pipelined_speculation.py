@@ -5,7 +5,9 @@ token; in one process and through three real nodes, also when a node dies mid-st
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
 from caravan.pipeline.stage import Segment
 from support.nodes import cluster_token
+from support.serve import Server
 from support.stages import build, greedy, prompt
 from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
 
@@ -213,3 +216,25 @@ def test_the_scheduler_keeps_a_lone_requests_passes_in_flight(tiny_q8_path):
     assert first[-1].finish_reason == "length" and all(e.top for e in first[:-1])
     assert scheduler.passes_kept_ahead > 0 and scheduler.tokens_generated > scheduler.sequence_passes
     assert all(lane.passes is None for lane in scheduler.lanes)
+
+
+@pytest.mark.slow
+def test_serve_counts_passes_sent_ahead_in_its_metrics(tiny_q8_path):
+    """A real `caravan serve` with passes in flight (as in front of 3 nodes): /metrics counts the
+    passes sent ahead and kept, and the passes whose tokens give tokens per pass, as counters."""
+    server = Server("--model", str(tiny_q8_path), "--drafts-in-flight", "3", "--draft-max", "4", ctx=256)
+    try:
+        body = {"model": tiny_q8_path.stem, "prompt": "abc abd abe abc abd abe abc", "max_tokens": 60, "temperature": 0}
+        status, answer = server.post("/completions", json.dumps(body).encode(), timeout=120)
+        assert status == 200, answer
+        with urllib.request.urlopen(server.base_url + "/metrics", timeout=60) as response:
+            text = response.read().decode()
+    finally:
+        server.stop()
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines() if not line.startswith("#")}
+    for name in ("caravan_sequence_passes_total", "caravan_passes_sent_ahead_total", "caravan_passes_kept_ahead_total"):
+        assert f"# TYPE {name} counter" in text
+    assert 0 < metrics["caravan_passes_kept_ahead_total"] <= metrics["caravan_passes_sent_ahead_total"]
+    generated, passes = metrics["caravan_generated_tokens_total"], metrics["caravan_sequence_passes_total"]
+    assert generated == answer["usage"]["completion_tokens"] and 0 < passes < generated
+    assert abs(metrics["caravan_tokens_per_pass"] - generated / passes) < 1e-3

@@ -3,21 +3,28 @@ exactly the tokens decoding gives, greedy or sampled, with any drafter."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import math
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from caravan.coordinator.failover import ClusterPipeline
 from caravan.coordinator.metrics import prometheus_text
 from caravan.coordinator.scheduler import Event, Request, Scheduler
+from caravan.pipeline.draft_model import DraftModel
 from caravan.pipeline.generate import Generation
+from caravan.pipeline.loader import load_model
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
-from caravan.pipeline.speculative import PAUSE_MAX, PromptLookup, lookup
+from caravan.pipeline.speculative import PAUSE_MAX, PromptLookup, SampledDraft, lookup
 from caravan.pipeline.stage import Segment
 from support.nodes import cluster_token
+from support.serve import Server
 from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
 from support.stages import build, greedy, prompt
 
@@ -207,6 +214,104 @@ def test_tokens_kept_from_a_pass_follow_the_targets_distribution(tiny_q8_path):
     assert statistic < chi_square_critical(len(expected) - 1), (statistic, counts)
 
 
+@pytest.fixture(scope="module")
+def untied_path(tiny_model_path):
+    """A tiny Q8_0 model with an output matrix of its own: its next token is not the last one
+    again (a tied embedding's is), so its distribution is spread out."""
+    return tiny_model_path(weight_type=QT.Q8_0, tied_output=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_draft(tiny_model_path):
+    """A draft for untied_path: the same weights in Q4_0, so the two agree in part."""
+    shared = DraftModel(load_model(tiny_model_path(weight_type=QT.Q4_0, tied_output=False)), 256, draft_max=4)
+    yield shared
+    shared.close()
+
+
+def test_sampled_drafts_keep_the_targets_distribution(untied_path, tiny_draft):
+    """A draft token drawn from the draft model's q at the request's temperature, checked by the
+    general rule (keep with min(1, p/q), else draw from max(0, p - q)): the first token kept
+    follows the target's p0, and after a kept draft token d the bonus token follows p1 after d.
+    Counted with a chi-square test (fixed seeds, fixed draws: it cannot flake); a sampled draft
+    is also kept more often than the greedy draft's point mass would be."""
+    pipeline, ids = build(untied_path), list(prompt(10, seed=9))
+    params = SamplingParams(temperature=1.5, top_k=6, top_p=1.0, min_p=0.0, seed=3)
+    sampler, drafter = Sampler(params), tiny_draft.drafter(params)
+    pipeline.prefill("chi", ids[:-1])
+    rows: dict[int, np.ndarray] = {}  # d -> the target's logits of [last, d]: (2, vocab)
+
+    def target_rows(d: int) -> np.ndarray:
+        if d not in rows:
+            hidden = pipeline.forward([Segment("chi", len(ids) - 1, 2)], np.array([ids[-1], d]))
+            rows[d] = pipeline.head.logits(hidden)
+        return rows[d]
+
+    draws, first, pairs, kept = 4000, {}, {}, 0
+    for _ in range(draws):
+        draft = drafter.propose(ids, 1)
+        assert isinstance(draft, SampledDraft) and draft.q.shape == (1, 300)
+        got = SequenceState(ids, sampler, 2, frozenset()).advance(target_rows(draft[0]), 256, draft, draft.q)
+        first[got[0]] = first.get(got[0], 0) + 1
+        if len(got) == 2:
+            kept += 1
+            pairs[tuple(got)] = pairs.get(tuple(got), 0) + 1
+    drafter.end()
+    q0 = draft.q[0]
+    p0 = sampler.distribution(target_rows(draft[0])[0], ids)
+    assert 0.1 < np.minimum(p0, q0).sum() < 0.9 and not np.allclose(p0, q0, atol=0.05)  # the draft differs
+    statistic = sum((first.get(t, 0) - draws * p0[t]) ** 2 / (draws * p0[t]) for t in np.flatnonzero(p0))
+    assert set(first) <= set(np.flatnonzero(p0).tolist())
+    assert statistic < chi_square_critical(np.count_nonzero(p0) - 1), (statistic, first)
+    for d in {d for d, _ in pairs}:  # the bonus token after each kept draft token
+        p1 = sampler.distribution(target_rows(d)[1], ids + [d])
+        n = sum(c for (t, _), c in pairs.items() if t == d)
+        if n >= 200:
+            statistic = sum((pairs.get((d, t), 0) - n * p1[t]) ** 2 / (n * p1[t]) for t in np.flatnonzero(p1))
+            assert statistic < chi_square_critical(np.count_nonzero(p1) - 1), (d, statistic, pairs)
+    point_mass = p0[int(np.argmax(q0))]  # how often a greedy draft would be kept
+    assert kept / draws > point_mass + 0.05, (kept / draws, point_mass)
+
+
+def test_sampled_draft_rule_is_greedy_at_temperature_zero_and_draws_as_documented():
+    """check_draft at temperature 0 keeps exactly the argmax and draws nothing; at temperature >
+    0 it draws one uniform for a ratio strictly between 0 and 1, none at or above 1 or at 0."""
+    logits = np.array([0.0, 2.0, 1.0, -1.0], dtype=np.float32)
+    q = np.array([0.1, 0.2, 0.6, 0.1])
+    greedy_sampler = Sampler(SamplingParams(temperature=0.0, seed=5))
+    state = greedy_sampler._rng.bit_generator.state
+    assert [greedy_sampler.check_draft(logits, [], d, q) for d in range(4)] == [1, 1, 1, 1]
+    assert greedy_sampler._rng.bit_generator.state == state
+    params = SamplingParams(temperature=1.0, top_k=2, top_p=1.0, min_p=0.0, seed=5)
+    sampler, twin = Sampler(params), Sampler(params)
+    assert sampler.check_draft(logits, [], 1, q) == 1  # p(1) > q(1): kept, no draw
+    assert sampler.check_draft(logits, [], 3, q) == 1  # p(3) = 0 (top-k): refused; the residual holds token 1 alone
+    assert sampler._rng.bit_generator.state == twin._rng.bit_generator.state
+    sampler.check_draft(logits, [], 2, q)  # 0 < p(2) / q(2) < 1: one uniform
+    twin._rng.random()
+    assert sampler._rng.bit_generator.state == twin._rng.bit_generator.state
+
+
+def sampled_text(pipeline, ids, draft, params, in_flight: int) -> list[int]:
+    return list(Generation(pipeline, ids, Sampler(params), N_TOKENS, frozenset(), drafter=draft.drafter(params),
+                           in_flight=in_flight))
+
+
+def test_a_draft_model_greedy_text_is_the_models_and_a_seed_fixes_the_sampled_text(untied_path, tiny_draft):
+    """Greedy with the tiny draft: the text without it. At temperature > 0 (drafts drawn): the
+    same seed and settings give the same text, passes in flight or not."""
+    ids = list(prompt(16, seed=8))
+    greedy_params = SamplingParams(temperature=0.0)
+    alone = list(Generation(build(untied_path), ids, greedy(), N_TOKENS, frozenset()))
+    assert sampled_text(build(untied_path), ids, tiny_draft, greedy_params, 1) == alone
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=11)
+    once = sampled_text(build(untied_path), ids, tiny_draft, params, 1)
+    assert sampled_text(build(untied_path), ids, tiny_draft, params, 1) == once
+    assert sampled_text(build(untied_path), ids, tiny_draft, params, 3) == sampled_text(build(untied_path), ids,
+                                                                                        tiny_draft, params, 3)
+    assert tiny_draft.sessions == 0
+
+
 class Counting(PromptLookup):
     """Prompt lookup that keeps each pass's (proposed, accepted)."""
 
@@ -308,3 +413,67 @@ def test_speculation_through_three_nodes_and_a_node_killed_mid_speculation(smoll
         assert len(pipeline.recoveries) == 1 and three_nodes[1].address in pipeline.recoveries[0]
     finally:
         pipeline.close()
+
+
+def first_request_tokens(path, draft, joined: bool) -> tuple[list[int], Scheduler]:
+    """The tokens of a sampled request with a drafted draft (as in front of 3 nodes: passes may
+    fly while it is alone), alone or joined after its sixth token by a second request."""
+    scheduler = Scheduler(build(path), in_flight=3, drafter=draft.drafter)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=13)
+    first = Request(list(prompt(14, seed=21)), Sampler(params), 30, frozenset(), None)
+    second = Request(list(prompt(9, seed=22)), Sampler(params), 12, frozenset(), None)
+    got, done = [], threading.Semaphore(0)
+
+    def on_first(event: Event) -> None:
+        got.append(event)
+        if len(got) == 6 and joined:
+            scheduler.submit(second)
+        if event.kind != "token":
+            done.release()
+
+    first.on_event = on_first
+    second.on_event = lambda e: done.release() if e.kind != "token" else None
+    try:
+        scheduler.submit(first)
+        assert all(done.acquire(timeout=120) for _ in range(1 + joined))
+    finally:
+        scheduler.close()
+    assert got[-1].kind == "done"
+    return [e.token for e in got if e.kind == "token"], scheduler
+
+
+def test_a_sampled_drafts_text_does_not_depend_on_sharing_steps(untied_path, tiny_draft):
+    """serve: a seed gives a request with drawn drafts the same text whether it had its lane to
+    itself or shared its steps (its passes go one at a time either way: which positions are
+    drafted would change the draws)."""
+    alone, scheduler = first_request_tokens(untied_path, tiny_draft, joined=False)
+    joined, _ = first_request_tokens(untied_path, tiny_draft, joined=True)
+    assert joined == alone and len(alone) == 30
+    assert scheduler.draft_tokens_accepted > 0 and scheduler.passes_sent_ahead == 0
+    assert tiny_draft.sessions == 0
+
+
+@pytest.mark.slow
+def test_serve_with_a_drawn_draft_gives_a_seed_its_text_alone_or_not(untied_path, tiny_model_path):
+    """A real `caravan serve --draft` at temperature > 0: a seeded request gets the same text
+    alone and beside another request, and draft tokens are kept."""
+    draft_path = tiny_model_path(weight_type=QT.Q4_0, tied_output=False)
+    server = Server("--model", str(untied_path), "--draft", str(draft_path), "--draft-max", "4", "--drafts-in-flight", "3",
+                    ctx=256)  # as in front of 3 nodes: a lone request's passes may fly
+
+    def ask(seed: int, text: str) -> str:
+        body = {"model": untied_path.stem, "prompt": text, "max_tokens": 30, "temperature": 0.8, "seed": seed}
+        status, answer = server.post("/completions", json.dumps(body).encode(), timeout=120)
+        assert status == 200, answer
+        return answer["choices"][0]["text"]
+
+    try:
+        alone = ask(5, "abc abd abe")
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            beside = [pool.submit(ask, 5, "abc abd abe"), pool.submit(ask, 9, "xyz xy")]
+            assert beside[0].result(timeout=120) == alone and beside[1].result(timeout=120)
+        with urllib.request.urlopen(server.base_url + "/metrics", timeout=60) as response:
+            metrics = dict(line.split() for line in response.read().decode().splitlines() if not line.startswith("#"))
+    finally:
+        server.stop()
+    assert int(metrics["caravan_draft_tokens_accepted_total"]) > 0
