@@ -20,7 +20,8 @@ over worker nodes; without them every layer runs in this process.
 
 Standard output carries only the result (text, a path, or with --json one JSON object);
 progress, logging and errors go to stderr. An expected failure is one line
-`caravan: error: ...` and exit status 1; argparse usage errors exit 2; Ctrl-C exits 130.
+`caravan: error: ...` and exit status 1; a flag's bad value is one line too, and it and
+argparse's other usage errors exit 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -113,15 +114,38 @@ def error_message(exc: BaseException) -> str | None:
 # --- arguments ------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a flag's bad value is one line that names the flag and what is
+    wrong, as the values checked after parsing are; the usage is printed only when the command
+    line's shape is wrong (a missing argument, an unknown flag)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, exit_on_error=False, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        try:
+            return super().parse_known_args(args, namespace)
+        except argparse.ArgumentError as exc:
+            if exc.argument_name is None:
+                self.error(str(exc))
+            self.exit(2, f"{self.prog}: error: {exc}\n")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _positive_seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value
@@ -159,7 +183,7 @@ class SharedFlags(NamedTuple):
 def build_parser() -> argparse.ArgumentParser:
     shared = SharedFlags(_common_flags(), _model_flags(), _cluster_flags(), _lora_flags(), _sampling_flags(),
                          _speculation_flags())
-    parser = argparse.ArgumentParser(prog=PROG, description="Run a LLaMA-family GGUF model.")
+    parser = _Parser(prog=PROG, description="Run a LLaMA-family GGUF model.")  # its verbs' parsers are too
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     # In the order --help lists them.
     _add_model_verbs(verbs, shared)

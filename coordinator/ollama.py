@@ -403,7 +403,7 @@ class OllamaAPI:
             return exc.response(ollama=True)
         content, calls = parse_tool_calls(text, job.tools) if job.tools else (text, [])
         reply = self._reply(job.model, chat, content or "", self._logprobs(job, tokens), calls)
-        return JSONResponse(self._done(job, runs[0][0], reply, reason, started))
+        return JSONResponse(self._done(job, runs[0][0], len(tokens), reply, reason, started))
 
     def _reply(self, model: str, chat: bool, text: str, logprobs: list | None = None,
                calls: list[dict] | None = None) -> dict:
@@ -424,20 +424,22 @@ class OllamaAPI:
         found = logprobs_object(self.api.model.tokenizer, job, tokens, True, 0)
         return None if found is None else found["content"]
 
-    def _done(self, job: Completion, request, reply: dict, reason: str, started: float) -> dict:
-        """The last object of an answer: why it ended, its counts and durations (nanoseconds)."""
+    def _done(self, job: Completion, request, generated: int, reply: dict, reason: str, started: float) -> dict:
+        """The last object of an answer: why it ended, its counts and durations (nanoseconds);
+        `generated` counts its tokens as the OpenAI routes' usage does."""
         end = time.perf_counter()
         prompt_s = request.first_token_s
         return {**reply, "done": True, "done_reason": reason, "total_duration": _ns(end - started),
                 "load_duration": 0, "prompt_eval_count": len(job.prompt_ids), "prompt_eval_duration": _ns(prompt_s),
-                "eval_count": len(request.tokens), "eval_duration": _ns(end - request.submitted - prompt_s)}
+                "eval_count": generated, "eval_duration": _ns(end - request.submitted - prompt_s)}
 
     async def _stream(self, job: Completion, runs, chat: bool, started: float) -> AsyncIterator[str]:
         request, events = runs[0]
-        reason, calls = "length", CallStream() if job.tools else None
+        reason, calls, generated = "length", CallStream() if job.tools else None, 0
         try:
             async for piece, finish, tokens in self.api._pieces(job, request, events):
                 reason = finish or reason
+                generated += len(tokens)
                 piece = calls.push(piece) if calls else piece
                 if piece or (tokens and job.top_logprobs >= 0):
                     yield _line(self._reply(job.model, chat, piece, self._logprobs(job, tokens)))
@@ -445,7 +447,7 @@ class OllamaAPI:
                 tail, found = calls.finish(job.tools)
                 if tail or found:
                     yield _line(self._reply(job.model, chat, tail, None, found))
-            yield _line(self._done(job, request, self._reply(job.model, chat, ""), reason, started))
+            yield _line(self._done(job, request, generated, self._reply(job.model, chat, ""), reason, started))
         except APIError as exc:
             yield _line({"error": exc.message})
         finally:  # the client may be gone: free the sequence's caches

@@ -330,10 +330,10 @@ class API:
             return StreamingResponse(self._stream(job, runs, chat, {**base, "object": kind + ("" if not chat else ".chunk")}),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            choices = await self._await_answer(self._answer(job, runs, chat), runs, http_request)
+            choices, generated = await self._await_answer(self._answer(job, runs, chat), runs, http_request)
         except APIError as exc:
             return exc.response()
-        usage = usage_object(len(job.prompt_ids), sum(len(r.tokens) for r, _ in runs))
+        usage = usage_object(len(job.prompt_ids), generated)
         return JSONResponse({**base, "object": kind, "choices": choices, "usage": usage})
 
     async def _await_answer(self, answer_coro, runs, http_request: HTTPRequest):
@@ -362,15 +362,17 @@ class API:
                            kind="server_error")
         return answer.result()
 
-    async def _answer(self, job: Completion, runs, chat: bool) -> list[dict]:
-        """The choices of a non-streamed answer, once every sequence is done."""
-        choices = []
+    async def _answer(self, job: Completion, runs, chat: bool) -> tuple[list[dict], int]:
+        """The choices of a non-streamed answer, once every sequence is done, and the tokens they
+        generated (as _pieces counts them)."""
+        choices, generated = [], 0
         for index, (request, events) in enumerate(runs):
             text, reason, tokens = await self._whole(job, request, events)
+            generated += len(tokens)
             logprobs = logprobs_object(self.model.tokenizer, job, tokens, chat, 0)
             content, calls = parse_tool_calls(text, job.tools) if job.tools else (text, [])
             choices.append(choice_object(index, content, "tool_calls" if calls else reason, logprobs, chat, calls))
-        return choices
+        return choices, generated
 
     async def _whole(self, job: Completion, request: Request, events: asyncio.Queue) -> tuple[str, str, list[Event]]:
         """(text, finish_reason, token events) of one sequence, once it is done."""
@@ -385,7 +387,9 @@ class API:
                       events: asyncio.Queue) -> AsyncIterator[tuple[str, str, list[Event]]]:
         """(text, finish_reason, the token events behind it) as the tokens come; finish_reason is
         set on the last one. Stop strings are held back until it is clear they are not a stop,
-        then cut."""
+        then cut. The events end with the token that completed a stop string: the ones the
+        sequence made past it before it saw its cancel are not its answer's, and llama-server's
+        completion_tokens counts the same way."""
         decoder = StreamDecoder(self.model.tokenizer)
         pending, tokens = "", []
         hold = max((len(s) for s in job.stop), default=0)
@@ -414,6 +418,7 @@ class API:
     async def _stream(self, job: Completion, runs, chat: bool, base: dict) -> AsyncIterator[str]:
         chunk = functools.partial(stream_chunk, base, chat)
         tokenizer = self.model.tokenizer
+        generated = 0  # tokens of the answers so far, as _pieces counts them
         try:
             for index, (request, events) in enumerate(runs):
                 if chat:
@@ -422,6 +427,7 @@ class API:
                 try:
                     async for piece, reason, tokens in self._pieces(job, request, events):
                         held += tokens
+                        generated += len(tokens)
                         piece = calls.push(piece) if calls else piece
                         if piece or (held and not calls):
                             logprobs = logprobs_object(tokenizer, job, held, chat, offset)
@@ -440,7 +446,7 @@ class API:
                         yield tool_calls_chunk(base, index, found)
                         finish = "tool_calls"
                 last = index == len(runs) - 1
-                usage = usage_object(len(job.prompt_ids), sum(len(r.tokens) for r, _ in runs)) if last else None
+                usage = usage_object(len(job.prompt_ids), generated) if last else None
                 yield chunk(index, "" if not chat else None, finish, usage)
             yield STREAM_END
         finally:  # the client may be gone: free every sequence's caches

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -67,15 +68,7 @@ def load_token(path: Path, create: bool = True,
     logged with it). A file others can read is refused, as ssh refuses a private key anyone can read."""
     path = Path(path)
     if create and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process made it first: use theirs
-            pass
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-            log.warning("created a new cluster token in %s: %s", path, advice)
+        _create_token_file(path, advice)
     try:
         mode = path.stat().st_mode
         text = path.read_text()
@@ -86,6 +79,27 @@ def load_token(path: Path, create: bool = True,
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise TokenError(f"{path}: the cluster token must be readable by its owner only (chmod 600 {path})")
     return ClusterToken(check_token(text, str(path)), path)
+
+
+def _create_token_file(path: Path, advice: str) -> None:
+    """A new token in `path`, unless another process makes one there first (then theirs stays).
+    The token is written whole to a private file beside it and then linked in, so a process
+    starting at the same moment reads either no file or the whole token, never an empty one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, written = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            os.link(written, path)  # unlike a rename, never replaces a token another process linked first
+        finally:
+            os.unlink(written)
+    except FileExistsError:  # another process made it first: use theirs
+        return
+    except OSError as exc:
+        raise TokenError(f"{path}: cannot create the cluster token ({exc.strerror}); "
+                         "choose a writable place with --token-file") from None
+    log.warning("created a new cluster token in %s: %s", path, advice)
 
 
 # A node's refusal ends with its token file, which the coordinator reads back out of it.

@@ -109,9 +109,33 @@ def unit_command(unit: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path, smollm2_path):
+    node_port = free_port()
+    apply = site_playbook(sshd, tmp_path, smollm2_path, node_port)
+    first = apply()
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+
+    prefix = tmp_path / "prefix"
+    units = prefix / "etc" / "systemd" / "system"
+    # The workers' kernels were compiled at install, where the node's own start finds them.
+    assert list((prefix / "opt" / "caravan" / "cache" / "numba").glob("*/warm/llama-Q4_1")), first.stdout[-4000:]
+    token = prefix / "opt" / "caravan" / "cache" / "cluster-token"
+    assert (token.stat().st_mode & 0o777) == 0o600
+    assert token.read_text().strip() == (tmp_path / "credentials" / "cluster-token").read_text().strip()
+    check_units_parse(units)
+    check_serve_unit(prefix, units, smollm2_path)
+    check_node_unit_starts_a_node(prefix, units, node_port)
+
+    second = apply()
+    assert second.returncode == 0, second.stdout[-4000:]
+    recap = [line for line in second.stdout.splitlines() if line.startswith("testhost")][-1]
+    assert "changed=0" in recap, second.stdout[-4000:]
+
+
+def site_playbook(sshd, tmp_path: Path, smollm2_path: Path, node_port: int):
+    """A function that applies playbooks/site.yml over `sshd` to this machine, into tmp_path/prefix
+    (service-manager and package steps off), with the token and API key the test checks."""
     playbook = tool("ansible-playbook")
     port, key = sshd
-    node_port = free_port()
     inventory = {"all": {
         "hosts": {"testhost": {
             "ansible_host": "127.0.0.1", "ansible_port": port, "ansible_user": getpass.getuser(),
@@ -121,11 +145,11 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
         "children": {"workers": {"hosts": {"testhost": None}}, "coordinator": {"hosts": {"testhost": None}}},
     }}
     (tmp_path / "inventory.json").write_text(json.dumps(inventory))
-    prefix = tmp_path / "prefix"
     extra = {
-        "caravan_prefix": str(prefix), "caravan_manage_services": False, "caravan_manage_packages": False,
-        "caravan_venv_site_packages": True, "caravan_model_file": str(smollm2_path), "caravan_threads": 1,
-        "caravan_node_port": node_port, "caravan_token_file": str(tmp_path / "credentials" / "cluster-token"),
+        "caravan_prefix": str(tmp_path / "prefix"), "caravan_manage_services": False,
+        "caravan_manage_packages": False, "caravan_venv_site_packages": True, "caravan_model_file": str(smollm2_path),
+        "caravan_threads": 1, "caravan_node_port": node_port,
+        "caravan_token_file": str(tmp_path / "credentials" / "cluster-token"),
         "caravan_archive": str(tmp_path / "caravan-src.tar"), "caravan_api_key": "test-api-key",
     }
     (tmp_path / "vars.json").write_text(json.dumps(extra))
@@ -135,15 +159,12 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
         return run(playbook, "-i", str(tmp_path / "inventory.json"), "playbooks/site.yml",
                    "-e", f"@{tmp_path / 'vars.json'}", cwd=ANSIBLE, env=env)
 
-    first = apply()
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+    return apply
 
-    units = prefix / "etc" / "systemd" / "system"
-    # The workers' kernels were compiled at install, where the node's own start finds them.
-    assert list((prefix / "opt" / "caravan" / "cache" / "numba").glob("*/warm/llama-Q4_1")), first.stdout[-4000:]
-    token = prefix / "opt" / "caravan" / "cache" / "cluster-token"
-    assert (token.stat().st_mode & 0o777) == 0o600
-    assert token.read_text().strip() == (tmp_path / "credentials" / "cluster-token").read_text().strip()
+
+def check_units_parse(units: Path) -> None:
+    """Both units: no MemoryDenyWriteExecute, caravan's own kernel cache, restarts, and (with
+    systemd-analyze) every key and value parses."""
     analyze = shutil.which("systemd-analyze")
     for name in ("caravan-node.service", "caravan-serve.service"):
         text = (units / name).read_text()
@@ -157,6 +178,9 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
                         if any(word in line for word in ("Unknown", "Invalid", "Failed to parse", "bad-setting"))]
             assert not problems, problems
 
+
+def check_serve_unit(prefix: Path, units: Path, smollm2_path: Path) -> None:
+    """caravan-serve's API key file, file limit and model, as the playbook installed them."""
     # The API key is in a file of the service's own, not on the command line or in the unit.
     api_key = prefix / "opt" / "caravan" / "cache" / "api-key"
     assert (api_key.stat().st_mode & 0o777) == 0o600 and api_key.read_text().strip() == "test-api-key"
@@ -172,6 +196,9 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
     assert model.stat().st_size == smollm2_path.stat().st_size and (model.stat().st_mode & 0o777) == 0o640
     assert serve_argv[serve_argv.index("--model") + 1] == str(model) and "ProtectHome=true" in serve_unit
 
+
+def check_node_unit_starts_a_node(prefix: Path, units: Path, node_port: int) -> None:
+    """The node unit's exact command line starts a node that answers health."""
     argv, unit_env = unit_command(units / "caravan-node.service")
     assert argv[0] == str(prefix / "opt" / "caravan" / "venv" / "bin" / "caravan") and "--no-advertise" not in argv
     node = subprocess.Popen(argv + ["--no-advertise"], env={**os.environ, **unit_env}, stdout=subprocess.DEVNULL,
@@ -183,8 +210,3 @@ def test_site_playbook_installs_a_working_node_and_is_idempotent(sshd, tmp_path,
     finally:
         node.terminate()
         node.wait(timeout=15)
-
-    second = apply()
-    assert second.returncode == 0, second.stdout[-4000:]
-    recap = [line for line in second.stdout.splitlines() if line.startswith("testhost")][-1]
-    assert "changed=0" in recap, second.stdout[-4000:]

@@ -337,6 +337,20 @@ def test_usage_error_exits_2(env):
                                               "must be a positive number of seconds, got -1")
 
 
+@pytest.mark.parametrize("verb, flag, value, expected", [
+    ("run", "--draft-max", "0", "argument --draft-max: must be a positive integer, got 0"),
+    ("run", "--draft-max", "-1", "argument --draft-max: must be a positive integer, got -1"),
+    ("serve", "--draft-max", "x", "argument --draft-max: must be a positive integer, got x"),
+    ("serve", "--max-body", "0", "argument --max-body: must be a positive size such as 4MiB, 512KiB or 1048576, got 0"),
+    ("run", "--max-tokens", "x", "argument --max-tokens/-n: invalid int value: 'x'"),
+], ids=["draft-max-0", "draft-max-negative", "draft-max-text", "max-body-0", "max-tokens-text"])
+def test_a_bad_flag_value_is_one_line(env, verb, flag, value, expected):
+    """As the values checked after parsing: the flag and what is wrong, not argparse's usage."""
+    result = caravan(env, verb, flag, value, *(["hi"] if verb == "run" else []))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"caravan {verb}: error: {expected}"], result.stderr
+
+
 def test_verbose_shows_the_traceback(env, bad_files):
     result = caravan(env, "run", "hi", "--model", str(bad_files / "text.gguf"), "-v")
     assert result.returncode == 1

@@ -24,6 +24,7 @@ from caravan.pipeline.formats import FORMATS, activations, kquants, legacy
 from caravan.pipeline.quants import Activations, pack
 from caravan.pipeline.speed import random_blocks
 from caravan.pipeline.vector import isas_for, parse_cpu_features
+from support.products import compiled_quantizer
 
 CI_ARM64 = Path(__file__).resolve().parents[1] / ".ci" / "arm64"
 on_arm = pytest.mark.skipif("neon" not in vector.ISAS or numba.config.DISABLE_JIT,
@@ -115,12 +116,7 @@ def test_arm_activation_quantizing_gives_the_generic_bits():
     x[2, :32] = np.float32(3e38)
     got = {}
     for isa, block in activations.QUANTIZE_INTRINSICS.items():
-        @numba.njit
-        def quantize(x, qs, d, s, n):
-            for t in range(x.shape[0]):
-                for b in range(x.shape[1] // 32):
-                    block(x, qs, d, s, n, t, b)
-
+        quantize = compiled_quantizer(block)
         arrays = (np.empty((5, 64), np.int8), np.empty((5, 2), np.float32), np.empty((5, 2), np.float32), np.empty((5, 2), np.int32))
         quantize(x, *arrays)
         got[isa] = arrays

@@ -11,7 +11,8 @@ import pytest
 
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
-from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw_request
+from support.serve import (MODEL, N_CTX, QUESTION, RECOUNT, Server, chat_ids, raw_get, raw_request,
+                           tokens_through_stop)
 from support.wait import wait_for
 
 ollama = pytest.importorskip("ollama", reason="the ollama client is in the test extra")
@@ -131,6 +132,20 @@ def test_options_map_onto_caravans_sampling(server, smollm2):
     assert c.generate(model=MODEL, prompt="Hi", raw=True, keep_alive=-1, options={**huge, "stop": ["\n"]}).done
     loaded = c.chat(model=MODEL, messages=[], keep_alive=0)
     assert loaded.done and loaded.done_reason == "load" and loaded.message.content == ""
+
+
+def test_eval_count_after_a_stop_string_is_the_openai_routes_usage(server):
+    """eval_count of an answer cut at a stop string, streamed and not: the tokens through the one
+    that completed it (as Ollama's runner and llama-server count), not those a pass of kept
+    drafts brought past it."""
+    whole = server.client().completions.create(model=MODEL, prompt=RECOUNT, temperature=0, max_tokens=40, logprobs=0)
+    through = tokens_through_stop(whole.choices[0].logprobs.tokens, "9")
+    options = {**GREEDY, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "num_predict": 40,
+               "stop": ["9"]}
+    cut = client(server).generate(model=MODEL, prompt=RECOUNT, raw=True, options=options)
+    assert cut.response == " 6, 7, 8, " and cut.done_reason == "stop" and cut.eval_count == through
+    *_, last = client(server).generate(model=MODEL, prompt=RECOUNT, raw=True, options=options, stream=True)
+    assert last.done and last.eval_count == through
 
 
 def test_logprobs_are_the_openai_routes(server):

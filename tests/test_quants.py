@@ -30,7 +30,7 @@ from caravan.pipeline.quants import (
     pack,
 )
 from support import naive
-from support.products import random_activations
+from support.products import compiled_quantizer, random_activations
 
 TYPES = (QT.F32, QT.F16, QT.Q8_0, QT.Q4_0, QT.Q4_1)
 
@@ -203,12 +203,7 @@ def test_activation_quantizing_gives_the_same_bits_on_every_isa(rows):
     what an aarch64 node runs) quantize to the same bits."""
     expected = (*Activations(rows).q8(), Activations(rows).q8_sums())
     for isa, block in activations.QUANTIZE_INTRINSICS.items():
-        @numba.njit
-        def quantize(x, qs, d, s, n):
-            for t in range(x.shape[0]):
-                for b in range(x.shape[1] // 32):
-                    block(x, qs, d, s, n, t, b)
-
+        quantize = compiled_quantizer(block)
         got = tuple(np.empty_like(a) for a in expected)
         quantize(rows, *got)
         for a, b in zip(expected, got):

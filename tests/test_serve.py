@@ -15,7 +15,8 @@ import pytest
 from caravan.coordinator.remote import NodeClient
 from caravan.pipeline.stage import Segment
 from support.nodes import NodeProcess, cluster_token
-from support.serve import MODEL, N_CTX, QUESTION, Server, chat_ids, raw_get, raw_request
+from support.serve import (MODEL, N_CTX, QUESTION, RECOUNT, Server, chat_ids, raw_get, raw_request,
+                           tokens_through_stop)
 from support.wait import wait_for
 
 openai = pytest.importorskip("openai", reason="the openai client is in the test extra")
@@ -47,6 +48,21 @@ def test_chat_and_completions_streamed_and_not(server, smollm2, alone):
 
     cut = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, stop=["."])
     assert cut.choices[0].text == expected.split(".")[0] and cut.choices[0].finish_reason == "stop"
+
+
+def test_usage_counts_the_tokens_through_the_one_that_completes_a_stop_string(server):
+    """completion_tokens after a stop string, streamed and not: the tokens through the one that
+    completed it (llama-server's count), not those a pass of kept drafts brought past it."""
+    client = server.client()
+    asked = dict(model=MODEL, prompt=RECOUNT, temperature=0, max_tokens=40)
+    whole = client.completions.create(**asked, logprobs=0)
+    assert whole.choices[0].text.startswith(" 6, 7, 8, 9, 10,")
+    through = tokens_through_stop(whole.choices[0].logprobs.tokens, "9")
+    cut = client.completions.create(**asked, stop=["9"])
+    assert cut.choices[0].text == " 6, 7, 8, " and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens == through
+    chunks = list(client.completions.create(**asked, stop=["9"], stream=True))  # usage comes in the last chunk
+    assert chunks[-1].usage.completion_tokens == through
 
 
 def test_logprobs_are_the_models_own(server, smollm2):

@@ -53,6 +53,39 @@ def test_caravan_token_creates_the_token_then_prints_the_same(tmp_path):
     assert chosen.stdout.strip() == load_token(other, create=False) != token and str(other) in chosen.stderr
 
 
+# Reads a token file path per line from stdin and answers the token it loads (or creates) there.
+_LOAD_TOKEN_PER_LINE = """
+import sys
+from pathlib import Path
+from caravan.proto.auth import TokenError, load_token
+for line in sys.stdin:
+    try:
+        print(load_token(Path(line.strip())), flush=True)
+    except TokenError as exc:
+        print("refused:", exc, flush=True)
+"""
+
+
+def test_processes_starting_at_once_on_a_fresh_machine_all_read_the_same_whole_token(tmp_path):
+    """Several processes create the token in a fresh directory at the same moment, round after
+    round: each reads the one token the winner wrote, never an empty file or a token of its own."""
+    processes = [subprocess.Popen([sys.executable, "-c", _LOAD_TOKEN_PER_LINE], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(8)]
+    try:
+        for round_ in range(200):
+            path = tmp_path / f"fresh-{round_}" / TOKEN_FILE
+            for process in processes:  # all wake at once, each blocked on its next line
+                process.stdin.write(f"{path}\n")
+                process.stdin.flush()
+            answers = {process.stdout.readline().strip() for process in processes}
+            assert answers == {load_token(path, create=False)}, (round_, answers)
+            assert sorted(p.name for p in path.parent.iterdir()) == [TOKEN_FILE]  # no temporary left behind
+    finally:
+        for process in processes:
+            process.stdin.close()
+            process.wait(timeout=60)
+
+
 def _connect_within(address: str, token: str, seconds: float):
     """connect() again until the node takes the token, or NodeError after `seconds`."""
     deadline = time.monotonic() + seconds

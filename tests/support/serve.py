@@ -19,6 +19,15 @@ START_TIMEOUT_S = 120.0
 # Greedy, this model answers "The capital of France is Paris." (without "Answer in one word." it
 # wanders into French, as llama.cpp does on the same prompt).
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+# Greedy, this model counts on from where the prompt stops: prompt lookup's drafts are kept
+# several tokens a pass, so a pass may run past a stop string.
+RECOUNT = ", ".join(str(i) for i in range(1, 21)) + "\n1, 2, 3, 4, 5,"
+
+
+def tokens_through_stop(tokens: list[str], stop: str) -> int:
+    """How many of `tokens` (their texts, in order) an answer cut at `stop` generated: through
+    the one that completes it, as llama-server counts them."""
+    return next(i for i in range(1, len(tokens) + 1) if stop in "".join(tokens[:i]))
 
 
 class Server:

@@ -104,41 +104,17 @@ def tiny_llama(
     seed: int = 0,
 ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, QT]]]:
     """(metadata, tensors) of a random LLaMA model; tensors map GGUF name -> (float32 array
-    (rows, cols) or (n,), type to store it as). Matrices are N(0, 1/fan_in), the embedding N(0, 1),
-    norm weights 1 + N(0, 0.1**2) stored as F32 (as llama.cpp's converter does)."""
-    if hidden_dim % 32 or dim % 32:
-        raise ValueError("dim and hidden_dim must be multiples of 32 (the block size)")
-    head_dim = dim // n_heads
+    (rows, cols) or (n,), type to store it as): tiny_model's llama tensors, with llama_metadata's
+    keys. Matrices are N(0, 1/fan_in), the embedding N(0, 1), norm weights 1 + N(0, 0.1**2)
+    stored as F32 (as llama.cpp's converter does)."""
     tokens, merges, types = tiny_vocabulary(vocab_size)
+    head_dim = dim // n_heads
     metadata = llama_metadata(f"tiny-llama-{weight_type.name.lower()}", n_layers=n_layers, dim=dim,
                               hidden_dim=hidden_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, ctx=ctx,
                               n_rot=head_dim if n_rot is None else n_rot, tokens=tokens, merges=merges, types=types)
-    rng = np.random.default_rng(seed)
-
-    def matrix(rows: int, cols: int) -> tuple[np.ndarray, QT]:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), weight_type
-
-    def norm(n: int) -> tuple[np.ndarray, QT]:
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32), QT.F32
-
-    tensors: dict[str, tuple[np.ndarray, QT]] = {
-        "token_embd.weight": (rng.standard_normal((vocab_size, dim)).astype(np.float32), weight_type),
-    }
-    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        tensors[p + "attn_norm.weight"] = norm(dim)
-        tensors[p + "attn_q.weight"] = matrix(q_dim, dim)
-        tensors[p + "attn_k.weight"] = matrix(kv_dim, dim)
-        tensors[p + "attn_v.weight"] = matrix(kv_dim, dim)
-        tensors[p + "attn_output.weight"] = matrix(dim, q_dim)
-        tensors[p + "ffn_norm.weight"] = norm(dim)
-        tensors[p + "ffn_gate.weight"] = matrix(hidden_dim, dim)
-        tensors[p + "ffn_up.weight"] = matrix(hidden_dim, dim)
-        tensors[p + "ffn_down.weight"] = matrix(dim, hidden_dim)
-    tensors["output_norm.weight"] = norm(dim)
-    if not tied_output:
-        tensors["output.weight"] = matrix(vocab_size, dim)
+    _, tensors = tiny_model("llama", n_layers=n_layers, dim=dim, hidden_dim=hidden_dim, n_heads=n_heads,
+                            n_kv_heads=n_kv_heads, vocab_size=vocab_size, ctx=ctx, weight_type=weight_type,
+                            tied_output=tied_output, n_rot=n_rot, seed=seed)
     return metadata, tensors
 
 
@@ -386,58 +362,73 @@ def tiny_model(
                           hidden_dim=hidden_dim, n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim, ctx=ctx,
                           n_rot=n_rot, vocab_size=vocab_size)
     meta.update(metadata or {})
-    rng = np.random.default_rng(seed)
-
-    def matrix(rows: int, cols: int) -> tuple[np.ndarray, QT]:
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), weight_type
-
-    def norm(n: int) -> tuple[np.ndarray, QT]:
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32), QT.F32
-
-    def bias(n: int) -> tuple[np.ndarray, QT]:
-        return (0.1 * rng.standard_normal(n)).astype(np.float32), QT.F32
-
-    gemma = arch.startswith("gemma")
-    tensors: dict[str, tuple[np.ndarray, QT]] = {
-        # Gemma multiplies embeddings by sqrt(dim): keep its hidden states near unit scale too
-        "token_embd.weight": ((rng.standard_normal((vocab_size, dim)) / (np.sqrt(dim) if gemma else 1.0))
-                              .astype(np.float32), weight_type),
-    }
+    w = _RandomWeights(np.random.default_rng(seed), weight_type)
+    # Gemma multiplies embeddings by sqrt(dim): keep its hidden states near unit scale too
+    embedding = w.rng.standard_normal((vocab_size, dim)) / (np.sqrt(dim) if arch.startswith("gemma") else 1.0)
+    tensors: dict[str, tuple[np.ndarray, QT]] = {"token_embd.weight": (embedding.astype(np.float32), weight_type)}
     if rope_freqs:
         tensors["rope_freqs.weight"] = (np.linspace(1.0, 8.0, n_rot // 2, dtype=np.float32), QT.F32)
-    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
-    for i in range(n_layers):
-        p = f"blk.{i}."
-        tensors[p + "attn_norm.weight"] = norm(dim)
-        if fused:
-            tensors[p + "attn_qkv.weight"] = matrix(q_dim + 2 * kv_dim, dim)
-        else:
-            tensors[p + "attn_q.weight"] = matrix(q_dim, dim)
-            tensors[p + "attn_k.weight"] = matrix(kv_dim, dim)
-            tensors[p + "attn_v.weight"] = matrix(kv_dim, dim)
-        if arch == "qwen2":
-            tensors[p + "attn_q.bias"] = bias(q_dim)
-            tensors[p + "attn_k.bias"] = bias(kv_dim)
-            tensors[p + "attn_v.bias"] = bias(kv_dim)
-        if arch == "gemma3":
-            tensors[p + "attn_q_norm.weight"] = norm(head_dim)
-            tensors[p + "attn_k_norm.weight"] = norm(head_dim)
-        tensors[p + "attn_output.weight"] = matrix(dim, q_dim)
-        if arch in ("gemma2", "gemma3"):
-            tensors[p + "post_attention_norm.weight"] = norm(dim)
-        tensors[p + "ffn_norm.weight"] = norm(dim)
-        if arch == "phi3":
-            tensors[p + "ffn_up.weight"] = matrix(2 * hidden_dim, dim)
-        else:
-            tensors[p + "ffn_gate.weight"] = matrix(hidden_dim, dim)
-            tensors[p + "ffn_up.weight"] = matrix(hidden_dim, dim)
-        tensors[p + "ffn_down.weight"] = matrix(dim, hidden_dim)
-        if arch in ("gemma2", "gemma3"):
-            tensors[p + "post_ffw_norm.weight"] = norm(dim)
-    tensors["output_norm.weight"] = norm(dim)
+    for i in range(n_layers):  # each tensor drawn in the order it is listed, so a seed gives the same model
+        tensors.update(_attention_tensors(w, arch, f"blk.{i}.", dim, n_heads, n_kv_heads, head_dim, fused))
+        tensors.update(_ffn_tensors(w, arch, f"blk.{i}.", dim, hidden_dim))
+    tensors["output_norm.weight"] = w.norm(dim)
     if not tied_output:
-        tensors["output.weight"] = matrix(vocab_size, dim)
+        tensors["output.weight"] = w.matrix(vocab_size, dim)
     return meta, tensors
+
+
+class _RandomWeights:
+    """A model's random weights, drawn from one generator in the order they are asked for."""
+
+    def __init__(self, rng: np.random.Generator, weight_type: QT):
+        self.rng, self.weight_type = rng, weight_type
+
+    def matrix(self, rows: int, cols: int) -> tuple[np.ndarray, QT]:
+        return (self.rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32), self.weight_type
+
+    def norm(self, n: int) -> tuple[np.ndarray, QT]:
+        return (1.0 + 0.1 * self.rng.standard_normal(n)).astype(np.float32), QT.F32
+
+    def bias(self, n: int) -> tuple[np.ndarray, QT]:
+        return (0.1 * self.rng.standard_normal(n)).astype(np.float32), QT.F32
+
+
+def _attention_tensors(w: _RandomWeights, arch: str, p: str, dim: int, n_heads: int, n_kv_heads: int,
+                       head_dim: int, fused: bool) -> dict[str, tuple[np.ndarray, QT]]:
+    """One layer's attention block of `arch`, its names prefixed with `p` (blk.N.)."""
+    q_dim, kv_dim = n_heads * head_dim, n_kv_heads * head_dim
+    tensors = {p + "attn_norm.weight": w.norm(dim)}
+    if fused:
+        tensors[p + "attn_qkv.weight"] = w.matrix(q_dim + 2 * kv_dim, dim)
+    else:
+        tensors[p + "attn_q.weight"] = w.matrix(q_dim, dim)
+        tensors[p + "attn_k.weight"] = w.matrix(kv_dim, dim)
+        tensors[p + "attn_v.weight"] = w.matrix(kv_dim, dim)
+    if arch == "qwen2":
+        tensors[p + "attn_q.bias"] = w.bias(q_dim)
+        tensors[p + "attn_k.bias"] = w.bias(kv_dim)
+        tensors[p + "attn_v.bias"] = w.bias(kv_dim)
+    if arch == "gemma3":
+        tensors[p + "attn_q_norm.weight"] = w.norm(head_dim)
+        tensors[p + "attn_k_norm.weight"] = w.norm(head_dim)
+    tensors[p + "attn_output.weight"] = w.matrix(dim, q_dim)
+    if arch in ("gemma2", "gemma3"):
+        tensors[p + "post_attention_norm.weight"] = w.norm(dim)
+    return tensors
+
+
+def _ffn_tensors(w: _RandomWeights, arch: str, p: str, dim: int, hidden_dim: int) -> dict[str, tuple[np.ndarray, QT]]:
+    """One layer's feed-forward block of `arch`, its names prefixed with `p` (blk.N.)."""
+    tensors = {p + "ffn_norm.weight": w.norm(dim)}
+    if arch == "phi3":
+        tensors[p + "ffn_up.weight"] = w.matrix(2 * hidden_dim, dim)
+    else:
+        tensors[p + "ffn_gate.weight"] = w.matrix(hidden_dim, dim)
+        tensors[p + "ffn_up.weight"] = w.matrix(hidden_dim, dim)
+    tensors[p + "ffn_down.weight"] = w.matrix(dim, hidden_dim)
+    if arch in ("gemma2", "gemma3"):
+        tensors[p + "post_ffw_norm.weight"] = w.norm(dim)
+    return tensors
 
 
 def write_tiny_model(path: str | os.PathLike[str], arch: str = "llama", **kwargs: Any) -> Path:
