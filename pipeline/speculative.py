@@ -71,22 +71,19 @@ def find_match(history: Sequence[int], n_draft: int, ngram_min: int = NGRAM_MIN)
     copy the longest agreement is the passage being copied; in a run of one token the latest
     occurrence agrees longest but has the fewest tokens after it, hence agreement counts only
     as far as the tokens that follow. (0, 0) when none agrees over ngram_min tokens."""
-    h = np.asarray(history, dtype=np.int64)  # (L,)
-    ends = np.flatnonzero(h[:-1] == h[-1]) if len(h) > 1 else np.empty(0, np.int64)  # earlier occurrences of the last token
-    agreed = np.ones(ends.size, dtype=np.int64)  # agreed[i]: h[ends[i] - j] == h[-1 - j] for j < agreed[i]
-    alive = np.ones(ends.size, dtype=bool)
-    for j in range(1, CONTEXT_MAX):
-        before = ends - j
-        alive &= (before >= 0) & (h[np.maximum(before, 0)] == h[len(h) - 1 - j])
-        if not alive.any():
-            break
-        agreed += alive
-    follow = ends + 1
-    after = np.minimum(len(h) - follow, n_draft)  # continuation tokens available, up to the draft's length
-    best = np.lexsort((follow, agreed, np.minimum(agreed, after)))[-1:]  # the last key sorts first
-    if not best.size or agreed[best[0]] < ngram_min:
+    if len(history) < 2:
         return 0, 0
-    return int(follow[best[0]]), int(agreed[best[0]])
+    last = len(history) - 1
+    ends = np.flatnonzero(np.asarray(history[:-1]) == history[-1]).tolist()  # earlier occurrences of the last token
+    best = (0, 0, 0)  # (agreement counted as far as the tokens after it go, agreement, continuation start)
+    for end in ends:
+        agreed = 1  # history[end - j] == history[last - j] for j < agreed
+        while agreed < CONTEXT_MAX and end >= agreed and history[end - agreed] == history[last - agreed]:
+            agreed += 1
+        follow = end + 1
+        best = max(best, (min(agreed, len(history) - follow, n_draft), agreed, follow))
+    _, agreed, follow = best
+    return (follow, agreed) if agreed >= ngram_min else (0, 0)
 
 
 def lookup(history: Sequence[int], n_draft: int, ngram_min: int = NGRAM_MIN) -> list[int]:
