@@ -32,10 +32,10 @@ from typing import Protocol, Sequence
 import numpy as np
 
 DRAFT_MAX = 8  # draft tokens a pass at most (twice as many for a LONG_MATCH): rows beyond it cost more than they save
-NGRAM_MIN = 2  # tokens a match agrees over at least: what followed one common token earlier is seldom what follows it now
+NGRAM_MIN = 2  # tokens a match agrees over at least: what followed one common token is seldom what follows now
 CONTEXT_MAX = 16  # tokens of agreement looked for before a match: enough to tell a copied passage from a common phrase
 LONG_MATCH = 9  # a match agreeing over this many tokens is a copy in progress: its draft may be twice DRAFT_MAX
-ROW_COST = 0.2  # a draft row's time over a one-row pass's, in one process (tests/bench/bench_speculative.py)
+ROW_COST = 0.2  # a draft row's time over a one-row pass's: between one process's and a chain's (bench_speculative.py)
 UNCHECKED_MAX = 32  # drafts remembered until checked: more than any chain of nodes keeps in flight
 PAUSE_MAX = 16  # decode steps without a draft, at most, after drafts rejected at their first token
 # How often a draft token is kept, a priori, by the tokens its match agrees over (the shortest of
@@ -66,11 +66,11 @@ def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
 
 def find_match(history: Sequence[int], n_draft: int, ngram_min: int = NGRAM_MIN) -> tuple[int, int]:
     """(where its continuation starts, how many tokens it agrees over) for the earlier occurrence
-    of the history's tail that predicts best: the one agreeing over the most tokens (up to
-    CONTEXT_MAX) of those with as many tokens after it (up to n_draft), then the latest. In a
-    copy the longest agreement is the passage being copied; in a run of one token the latest
-    occurrence agrees longest but has the fewest tokens after it, hence agreement counts only
-    as far as the tokens that follow. (0, 0) when none agrees over ngram_min tokens."""
+    of the history's last token whose preceding tokens agree with the history's for longest (up
+    to CONTEXT_MAX), counting agreement only as far as the tokens after it reach (up to n_draft);
+    then the longest agreement, then the latest. In a copy the longest agreement is the passage
+    being copied; in a run of one token the latest occurrence agrees longest but has the fewest
+    tokens after it. (0, 0) when none agrees over ngram_min tokens."""
     if len(history) < 2:
         return 0, 0
     last = len(history) - 1

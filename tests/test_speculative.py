@@ -15,7 +15,8 @@ from caravan.coordinator.scheduler import Event, Request, Scheduler
 from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
-from caravan.pipeline.speculative import DRAFT_MAX, LONG_MATCH, PAUSE_MAX, PromptLookup, draft_length, find_match, lookup
+from caravan.pipeline.speculative import (DRAFT_MAX, LONG_MATCH, PAUSE_MAX, PromptLookup, draft_length, find_match,
+                                          lookup)
 from caravan.pipeline.stage import Segment
 from support.nodes import cluster_token
 from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
