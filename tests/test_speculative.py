@@ -289,6 +289,40 @@ def test_prompt_lookup_gives_smollm2s_greedy_text(smollm2):
 
 
 
+CODE = """from dataclasses import dataclass
+
+
+@dataclass
+class Camel:
+    name: str
+    load_kg: float
+    water_l: float
+
+    def carry(self, kg: float) -> None:
+        if kg < 0:
+            raise ValueError(f"load must be positive, got {kg}")
+        self.load_kg += kg
+
+    def drink(self, litres: float) -> None:
+        if litres < 0:
+            raise ValueError(f"water must be positive, got {litres}")
+        self.water_l += litres
+
+    def unload(self, kg: float) -> None:"""
+
+
+@pytest.mark.model
+def test_prompt_lookup_follows_the_method_the_code_repeats(smollm2):
+    """SmolLM2 completes a method as its twins above it are written: prompt lookup follows the
+    earlier passage that agrees longest with the text (not the latest short match), so more
+    than 3 tokens a pass are kept on average, and the text is the greedy one."""
+    pipeline, ids = smollm2.local_pipeline(512), smollm2.tokenizer.encode(CODE, special=True)
+    alone = list(Generation(pipeline, ids, greedy(), 48, smollm2.tokenizer.eog_ids))
+    generation = Generation(pipeline, ids, greedy(), 48, smollm2.tokenizer.eog_ids, drafter=PromptLookup())
+    assert list(generation) == alone
+    assert generation.timings.tokens_per_pass > 3
+
+
 def serve_all(pipeline, requests: list[Request], draft_max: int) -> tuple[list[list[Event]], Scheduler]:
     """Each request's events (its followers' after it), from one scheduler that speculates with
     `draft_max` (0: off), all submitted together."""
