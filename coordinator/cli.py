@@ -273,8 +273,9 @@ def _speculation_flags() -> argparse.ArgumentParser:
                              help="draft with this smaller model of the same vocabulary (a .gguf file or a known "
                              "model name), run in this process, instead of prompt lookup")
     speculation.add_argument("--draft-max", type=_positive_int, default=DRAFT_MAX, metavar="N",
-                             help="draft at most N tokens a pass (prompt lookup or --draft); the model checks them in one "
-                             f"pass (default: {DRAFT_MAX})")
+                             help="draft at most N tokens a pass (prompt lookup or --draft; prompt lookup up to 2N "
+                             "while the answer copies a long passage); the model checks them in one pass "
+                             f"(default: {DRAFT_MAX})")
     speculation.add_argument("--no-speculate", dest="speculate", action="store_false",
                              help="decode one token a pass, without drafts (neither prompt lookup nor --draft)")
     speculation.add_argument("--drafts-in-flight", type=_positive_int, default=0, metavar="N",

@@ -21,7 +21,8 @@ from caravan.pipeline.generate import Generation
 from caravan.pipeline.loader import load_model
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.sequence import SequenceState
-from caravan.pipeline.speculative import PAUSE_MAX, PromptLookup, SampledDraft, lookup
+from caravan.pipeline.speculative import (DRAFT_MAX, LONG_MATCH, PAUSE_MAX, PromptLookup, SampledDraft, draft_length,
+                                          find_match, lookup)
 from caravan.pipeline.stage import Segment
 from support.nodes import cluster_token
 from support.serve import Server
@@ -90,21 +91,75 @@ def test_lookup_proposes_what_followed_the_longest_matching_tail():
     assert lookup([7, 7, 7, 7, 7], 3) == [7, 7]  # in a run, the occurrence with the most after it
 
 
-def test_prompt_lookup_pauses_after_misses_and_grows_after_hits():
+def test_lookup_follows_the_occurrence_that_agrees_longest_not_the_latest():
+    """Two earlier occurrences of the tail's last 3 tokens: the one whose tokens before them agree
+    with the history's too is the passage being copied, though another came later."""
+    a, b = [40, 41, 42, 43], [50, 51]
+    history = [*a, 1, 2, 3, 4, 60, 61, *b, 9, 2, 3, 4, 70, 71, *a, 1, 2, 3, 4]
+    assert find_match(history, 2) == (8, 8)  # agrees over [*a, 1, 2, 3, 4], all 8 tokens
+    assert lookup(history, 2) == [60, 61]
+    assert lookup([5, 6, 2, 3, 8, 2, 3], 2) == [8, 2]  # equal agreement: the latest
+
+
+def test_draft_length_weighs_acceptance_against_the_cost_of_a_row():
+    assert draft_length(0.1, 0.2, 8) == 1  # a poor guess: the shortest draft
+    assert draft_length(1.0, 0.2, 8) == 8  # kept whole: as long as allowed
+    assert draft_length(0.9, 0.0, 16) == 16  # rows that cost nothing: as long as allowed
+    lengths = [draft_length(p, 0.2, 16) for p in (0.5, 0.7, 0.85, 0.95)]
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    assert draft_length(0.95, 0.5, 16) < draft_length(0.95, 0.2, 16)  # dearer rows, shorter drafts
+
+
+def test_prompt_lookup_drafts_longer_in_a_copy_and_learns_from_rejections():
+    passage = list(range(100, 140))
+    copying = [*passage, 7, *passage[:12]]  # 12 tokens into a copy of the passage
     drafter = PromptLookup(draft_max=8)
-    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
-    assert drafter.propose(history, 100) == [3, 4, 5, 6, 7, 8, 9, 10]
-    drafter.update(8, 2)
-    assert drafter.length == 3 and drafter.propose(history, 100) == [3, 4, 5]
+    long_draft = drafter.propose(copying, 100)
+    assert DRAFT_MAX < len(long_draft) <= 16 and long_draft == passage[12 : 12 + len(long_draft)]
+    assert drafter.propose(copying, 3) == passage[12:15]  # never past the limit
+    short = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]  # agrees over 2 tokens only
+    first = len(drafter.propose(short, 100))
+    assert 1 < first < len(long_draft)
+    drafter.proposed.clear()  # the drafts above were never sent
+    for _ in range(2):  # short matches' drafts rejected: that class's drafts shrink
+        drafter.update(len(drafter.propose(short, 100)), 0)
+        drafter.pause = 0
+    assert len(drafter.propose(short, 100)) < first
+
+
+def test_prompt_lookup_pauses_after_misses():
+    drafter = PromptLookup(draft_max=8)
     pauses = []
     for _ in range(6):
         drafter.update(3, 0)
         pauses.append(drafter.pause)
         drafter.pause = 0
     assert pauses == [1, 3, 7, 15, PAUSE_MAX, PAUSE_MAX]
+    drafter.pause = 2
+    history = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
+    assert drafter.propose(history, 100) == [] and drafter.propose(history, 100) == []
+    assert drafter.propose(history, 100)[:1] == [3]
     drafter.update(1, 1)
-    assert (drafter.misses, drafter.pause, drafter.length) == (0, 0, 2)
-    assert drafter.propose(history, 1) == [3]  # never past the limit
+    assert (drafter.misses, drafter.pause) == (0, 0)
+
+
+def test_prompt_lookup_learns_from_the_draft_checked_when_drafts_sent_ahead_are_cancelled():
+    """Drafts sent ahead of a pass cut short are never checked: an update goes to the oldest
+    draft of its length, past the cancelled ones."""
+    passage = list(range(100, 140))
+    drafter = PromptLookup(draft_max=4)
+    copying = [*passage, 7, *passage[:12]]
+    short = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2]
+    long_draft = drafter.propose(copying, 100)
+    ahead = drafter.propose(short, 100)  # sent ahead, then cancelled
+    assert len(ahead) != len(long_draft)
+    record = {k: list(v) for k, v in drafter.record.items()}
+    drafter.update(len(long_draft), 0)  # the first pass: cut at its first token
+    changed = [k for k in record if record[k] != drafter.record[k]]
+    assert changed == [LONG_MATCH]
+    again = drafter.propose(short, 100)
+    drafter.update(len(again), len(again))
+    assert len(drafter.proposed) == 0
 
 
 def verification_vs_steps(pipeline, ids: list[int], draft: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -337,6 +392,40 @@ def test_prompt_lookup_gives_smollm2s_greedy_text(smollm2):
     assert list(Generation(pipeline, ids, greedy(), 48, smollm2.tokenizer.eog_ids, drafter=scripted)) == alone
     assert scripted.updates[:2] == [(4, 0), (4, 4)]
 
+
+
+CODE = """from dataclasses import dataclass
+
+
+@dataclass
+class Camel:
+    name: str
+    load_kg: float
+    water_l: float
+
+    def carry(self, kg: float) -> None:
+        if kg < 0:
+            raise ValueError(f"load must be positive, got {kg}")
+        self.load_kg += kg
+
+    def drink(self, litres: float) -> None:
+        if litres < 0:
+            raise ValueError(f"water must be positive, got {litres}")
+        self.water_l += litres
+
+    def unload(self, kg: float) -> None:"""
+
+
+@pytest.mark.model
+def test_prompt_lookup_follows_the_method_the_code_repeats(smollm2):
+    """SmolLM2 completes a method as its twins above it are written: prompt lookup follows the
+    earlier passage that agrees longest with the text (not the latest short match), so more
+    than 3 tokens a pass are kept on average, and the text is the greedy one."""
+    pipeline, ids = smollm2.local_pipeline(512), smollm2.tokenizer.encode(CODE, special=True)
+    alone = list(Generation(pipeline, ids, greedy(), 48, smollm2.tokenizer.eog_ids))
+    generation = Generation(pipeline, ids, greedy(), 48, smollm2.tokenizer.eog_ids, drafter=PromptLookup())
+    assert list(generation) == alone
+    assert generation.timings.tokens_per_pass > 3
 
 
 def serve_all(pipeline, requests: list[Request], draft_max: int) -> tuple[list[list[Event]], Scheduler]:

@@ -5,7 +5,8 @@ and llama.cpp's own prompt lookup (llama-cpp-python's LlamaPromptLookupDecoding)
 prompt ids, the same model file and the same thread count, greedy.
 
     python tests/bench/bench_speculative.py [--runs 3] [--tokens 64] [--threads 1,2] [--draft-max 8]
-                                            [--workloads copy_heavy,code,chat] [--no-nodes] [--no-llama-cpp] [--json]
+                                            [--workloads copy_heavy,code,chat] [--drafts-in-flight N]
+                                            [--no-nodes] [--no-llama-cpp] [--json]
 
 Every measured generation runs in a process of its own, started the way `caravan bench` starts
 (the CLI's flags build the model and the pipeline): for each thread count, one round is caravan
@@ -93,6 +94,8 @@ def caravan_worker(args: argparse.Namespace) -> dict:
     from caravan.pipeline.speculative import PromptLookup
 
     flags = ["bench", "--json", "--threads", str(args.threads), "--draft-max", str(args.draft_max)]
+    if args.drafts_in_flight:
+        flags += ["--drafts-in-flight", str(args.drafts_in_flight)]
     if args.nodes:
         spin_briefly_when_idle(WAITING_SPIN)  # as cli.main does when there are nodes
         flags += ["--nodes", args.nodes]
@@ -103,7 +106,8 @@ def caravan_worker(args: argparse.Namespace) -> dict:
 
     def generate(ids: list[int], tokens: int, lookup: bool) -> tuple[list[int], dict]:
         drafter = PromptLookup(args.draft_max) if lookup else None
-        generation = Generation(pipeline, ids, Sampler(greedy), tokens, stops, drafter=drafter)
+        generation = Generation(pipeline, ids, Sampler(greedy), tokens, stops, drafter=drafter,
+                                in_flight=options.drafts_in_flight)
         out = list(generation)
         t = generation.timings
         return out, {"tokens": t.generated_tokens, "decode_s": t.decode_s, "passes": t.decode_passes}
@@ -185,7 +189,8 @@ def llama_cpp_worker(args: argparse.Namespace) -> dict:
 
 def run_worker(engine: str, args: argparse.Namespace, threads: int, nodes: str | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", engine, "--threads", str(threads), "--tokens", str(args.tokens),
-               "--draft-max", str(args.draft_max), "--workloads", ",".join(args.workloads)]
+               "--draft-max", str(args.draft_max), "--workloads", ",".join(args.workloads),
+               "--drafts-in-flight", str(args.drafts_in_flight)]
     if nodes:
         command += ["--nodes", nodes]
     done = subprocess.run(command, capture_output=True, text=True)
@@ -256,6 +261,8 @@ def main() -> int:
     parser.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default: 1,2)")
     parser.add_argument("--draft-max", type=int, default=8, help="draft tokens a pass at most, both engines (default: 8)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"default: {','.join(WORKLOADS)}")
+    parser.add_argument("--drafts-in-flight", type=int, default=0,
+                        help="passes of one stream in flight through the nodes at most (default: 0, one per node)")
     parser.add_argument("--no-nodes", action="store_true", help="skip the 3 loopback nodes")
     parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp's prompt lookup")
     parser.add_argument("--json", action="store_true")
