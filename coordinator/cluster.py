@@ -38,7 +38,7 @@ from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import auth, wire
 
-from .planner import ModelCost, NodeCapacity, Plan, PlanError, Speculation, plan_layers, tokens_per_pass
+from .planner import ModelCost, NodeCapacity, Plan, PlanError, Speculation, place_head, plan_layers, tokens_per_pass
 from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, Part, RemoteStage
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,21 @@ def layer_bytes(model: LoadedModel) -> int:
     return largest
 
 
+def head_bytes(model: LoadedModel) -> int:
+    """Bytes of the output head (final norm and projection) once packed for the kernels."""
+    return model.head.out.nbytes
+
+
 def model_cost(model: LoadedModel, n_ctx: int, sessions: int = 1) -> ModelCost:
     kv = KVCache.bytes_for(1, model.config.kv_dim, n_ctx) * sessions
-    return ModelCost(model.config.n_layers, layer_bytes(model), kv)
+    return ModelCost(model.config.n_layers, layer_bytes(model), kv, head_bytes=head_bytes(model),
+                     row_bytes=4 * model.config.dim)
 
 
-def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int) -> Plan:
+def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int, head_on_node: bool | None = None) -> Plan:
+    """Layers placed on `nodes` in order, and the output head on the last node when that pays
+    (planner.place_head; `head_on_node` decides instead). The head stays here when this process
+    ends the model."""
     capacities = []
     for node in nodes:
         if math.isnan(node.ms_per_layer):
@@ -236,7 +245,12 @@ def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int) -> Plan:
         info = node.info
         free = info.memory_available + info.weight_bytes + info.kv_cache_bytes
         capacities.append(NodeCapacity(node.address, node.ms_per_layer, free, node.rtt_ms))
-    return plan_layers(capacities, model_cost(model, n_ctx))
+    cost = model_cost(model, n_ctx)
+    coordinator_ms = head_ms(model) if head_on_node is None else 0.0
+    plan = place_head(capacities, cost, coordinator_ms, head_on_node)
+    if plan.head and plan.assignments[-1].node.name == LOCAL:
+        return plan_layers(capacities, cost)
+    return plan
 
 
 def head_ms(model: LoadedModel, repeats: int = 5) -> float:
@@ -284,7 +298,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
            forward_timeout_s: float = FORWARD_TIMEOUT_S) -> Cluster:
     """Load each node's layers (pushing the weights it lacks) and build the pipeline: each run
     of consecutive remote nodes becomes one RemoteStage, a chain whose nodes pass the hidden
-    state on to each other."""
+    state on to each other. With plan.head, the node that ends the model loads the output head
+    too, and its chain may answer with token ids."""
     by_address = {n.address: n for n in nodes}
     stages: list[Stage] = []
     sources: dict[str, str] = {}
@@ -294,8 +309,9 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
     def end_chain() -> None:
         if chain:
             first, *then = chain
+            head = plan.head and chain[-1].layers.stop == model.config.n_layers
             stages.append(RemoteStage(first.client, first.layers, model.config.dim, wire_format, first.ms_per_layer,
-                                      forward_timeout_s, then))
+                                      forward_timeout_s, then, head, model.config.vocab_size))
             chain.clear()
 
     try:
@@ -313,7 +329,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 def sent(n: int, address: str = node.address) -> None:
                     pushed[address] += n
                     bar.update(n)
-                reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
+                head = plan.head and layers.stop == model.config.n_layers
+                reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent, head)
             sources[node.address] = reply.source
             log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
             chain.append(Part(node.client, layers, 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer))

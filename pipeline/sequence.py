@@ -86,14 +86,17 @@ class SequenceState:
 
     def advance(self, logits: np.ndarray, n_ctx: int, draft: Sequence[int] = ()) -> list[int]:
         """The tokens the rows' logits give, appended and returned: logits is (1 + len(draft),
-        vocab), row i's the logits after draft[:i]. A token is sampled from each row in turn
+        vocab), row i's the logits after draft[:i], or (1 + len(draft),) the token ids a last
+        stage holding the head picked from them (a sampler that takes the argmax only). A token is sampled from each row in turn
         while the one before it equalled the draft (speculative.py's acceptance rule), so the
         returned token i comes from row i. `finish_reason` is set once the sequence ends: at an
         end-of-generation token (not returned), at max_tokens, or when the new token's
         position would not fit the context (it could not be run through the stages)."""
         new = []
+        picked = logits.ndim == 1  # ids: the stage took the argmax, as this sampler would
+        assert not picked or self.sampler.argmax_only
         for i, row in enumerate(logits):
-            token = self.sampler.sample(row, self.history)
+            token = int(row) if picked else self.sampler.sample(row, self.history)
             if token in self.stop_ids:
                 self.finish_reason = FINISH_STOP
                 break
