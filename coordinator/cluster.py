@@ -233,10 +233,14 @@ def model_cost(model: LoadedModel, n_ctx: int, sessions: int = 1) -> ModelCost:
                      row_bytes=4 * model.config.dim)
 
 
-def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int, head_on_node: bool | None = None) -> Plan:
-    """Layers placed on `nodes` in order, and the output head on the last node when that pays
-    (planner.place_head; `head_on_node` decides instead). The head stays here when this process
-    ends the model."""
+# --head: where the output head runs; None lets the planner place it where it pays (place_head).
+HEAD_PLACES = {"coordinator": False, "node": True, "auto": None}
+
+
+def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int, head_on_node: bool | None = False) -> Plan:
+    """Layers placed on `nodes` in order, and the output head here, or on the last node with
+    `head_on_node`, or where it pays with None (planner.place_head). The head stays here when
+    this process ends the model."""
     capacities = []
     for node in nodes:
         if math.isnan(node.ms_per_layer):
@@ -329,8 +333,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 def sent(n: int, address: str = node.address) -> None:
                     pushed[address] += n
                     bar.update(n)
-                head = plan.head and layers.stop == model.config.n_layers
-                reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent, head)
+                head = {"head": True} if plan.head and layers.stop == model.config.n_layers else {}
+                reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent, **head)
             sources[node.address] = reply.source
             log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
             chain.append(Part(node.client, layers, 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer))
@@ -390,7 +394,8 @@ def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int,
             for a in plan.assignments
         ],
         "unused": [{"node": by_address[n.name].name, "address": n.name, "why": why} for n, why in plan.unused],
-        "head_ms": round(head, 4),
+        "head_ms": round(plan.node_head_ms if plan.head else head, 4),  # where the plan puts the head
+        "head_on_node": plan.head,
         "expected_tokens_per_s": round(plan.tokens_per_s(head), 2),
         "pipelined_tokens_per_s": round(plan.pipelined_tokens_per_s(), 2),
     }
@@ -405,5 +410,5 @@ def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int,
     return described
 
 
-__all__ = ["LOCAL", "Cluster", "Node", "NodeError", "PlanError", "connect", "deploy", "describe_plan",
+__all__ = ["HEAD_PLACES", "LOCAL", "Cluster", "Node", "NodeError", "PlanError", "connect", "deploy", "describe_plan",
            "head_ms", "make_plan", "measure", "parse_nodes", "row_share"]

@@ -58,9 +58,9 @@ class Router:
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
                  forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
                  optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None,
-                 head_on_node: bool | None = None):
+                 head_on_node: bool | None = False):
         self.model = model
-        self.head_on_node = head_on_node  # the output head on the last node: None, where the planner finds it pays
+        self.head_on_node = head_on_node  # the output head on the last node (make_plan): None, where it pays
         self.addresses = addresses  # called at every (re-)plan: --nodes, plus what --discover finds then
         self.optional = optional  # addresses that may be left out even on the first plan (discovered ones)
         self.n_ctx = n_ctx
@@ -175,7 +175,7 @@ class ClusterPipeline:
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
                  forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
                  optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None,
-                 head_on_node: bool | None = None):
+                 head_on_node: bool | None = False):
         self.router = Router(model, addresses, n_ctx, cache_dir, wire_format, progress, forward_timeout_s, token,
                              optional, tls, head_on_node)
         self.replay = Replay()

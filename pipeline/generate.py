@@ -63,8 +63,8 @@ class Pipeline:
     def _batch(self, stage: Stage, segments: Sequence[Segment], hidden: np.ndarray, decide: bool) -> StageBatch:
         """The batch for `stage`: one that answers with token ids where it may (the last stage
         holds the head and every segment's session is greedy) and the caller wants them."""
-        argmax = (decide and stage is self.stages[-1] and stage.holds_head
-                  and all(seg.session_id in self.greedy for seg in segments))
+        argmax = (decide and stage is self.stages[-1] and all(seg.session_id in self.greedy for seg in segments)
+                  and stage.holds_head)
         return StageBatch(tuple(segments), hidden, argmax)
 
     def submit(self, segments: Sequence[Segment], token_ids: np.ndarray) -> Callable[[], np.ndarray]:
