@@ -115,8 +115,7 @@ def test_speculative_pass_time_and_rate():
     assert plan.tokens_per_s(head_ms=2.0) == pytest.approx(1e3 / 36)
 
 
-# The head of a 30-layer model: 6 layers' bytes (a tied 49152-token embedding is about 8 of
-# SmolLM2's layers); a hidden state row of 4 KiB.
+# A model whose output head weighs as much as six of its layers, and a hidden state row of 4 KiB.
 HEAD_COST = ModelCost(n_layers=30, layer_bytes=3 * MIB, kv_bytes_per_layer=1 * MIB, runtime_bytes=100 * MIB,
                       head_bytes=18 * MIB, row_bytes=4096)
 

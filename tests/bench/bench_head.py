@@ -1,10 +1,10 @@
 """Does the output head pay on the last node? One stream through 3 loopback nodes, with the head
 on the coordinator (today's path) and on the last node (it answers greedy rows with token ids).
 
-    python tests/bench/bench_head.py [--runs 5] [--tokens 64] [--json]
+    python tests/bench/bench_head.py [--runs 5] [--tokens 64] [--threads N] [--json]
 
 Two sets of 3 node processes (1 thread each), one ClusterPipeline on each: head_on_node False
-and True, the planner placing the layers (with the head, the last node gets fewer). Runs
+and True (the coordinator computes with --threads, default all cores), the planner placing the layers (with the head, the last node gets fewer). Runs
 interleaved (one of each in turn), medians of --runs:
 - decode tokens/s, greedy, of a short prompt (one row a pass) and of a copy prompt with
   prompt lookup (up to 1 + 6 rows a pass, several passes in flight);
@@ -24,6 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numba
 import numpy as np
 import psutil
 
@@ -84,8 +85,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=0, help="the coordinator's compute threads (0: Numba's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
     model = load_model(resolve_model(DEFAULT_MODEL, default_cache_dir(), progress=False))
     workloads = {"short prompt": (model.tokenizer.encode(SHORT_PROMPT), lambda: None),
                  "copy prompt, prompt lookup": (copy_prompt(model), lambda: PromptLookup(draft_max=DRAFT_MAX))}
@@ -116,7 +120,8 @@ def main() -> None:
 
 def summarize(model, pipelines, results) -> dict:
     dim = model.config.dim
-    report = {"dim": dim, "head_bytes": model.head.out.nbytes, "configs": {}}
+    report = {"dim": dim, "head_bytes": model.head.out.nbytes, "coordinator_threads": numba.get_num_threads(),
+              "configs": {}}
     for head, by_workload in results.items():
         plan = pipelines[head].plan
         config = {"layers": [[a.layers.start, a.layers.stop] for a in plan.assignments], "workloads": {}}
