@@ -5,6 +5,8 @@ the coordinator) and its text."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -13,7 +15,8 @@ from caravan.pipeline.generate import Generation
 from caravan.pipeline.sampler import Sampler, SamplingParams
 from caravan.pipeline.speculative import PromptLookup
 from caravan.pipeline.stage import Segment
-from support.nodes import cluster_token
+from support.cli import caravan, env  # noqa: F401  (env: a fixture)
+from support.nodes import cluster_token, cluster_token_file
 from support.speculation import copy_prompt, three_nodes  # noqa: F401  (three_nodes: a fixture)
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
@@ -90,3 +93,20 @@ def test_a_lost_node_with_the_head_placed_changes_no_token(smollm2, one_process,
         assert len(pipeline.recoveries) == 2
     finally:
         pipeline.close()
+
+
+def test_run_and_plan_with_the_head_on_the_node(env, three_nodes):
+    """`caravan run --head node` gives one process's tokens; `caravan plan --head node` says
+    where the head runs, and the last node's stage counts its time."""
+    nodes = ",".join(node.address for node in three_nodes)
+    common = ("--token-file", str(cluster_token_file()), "-t", "1")
+    run = ("run", "The capital of France is", "--temperature", "0", "-n", "12", "--json", *common)
+    local, remote = caravan(env, *run), caravan(env, *run, "--nodes", nodes, "--head", "node")
+    assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout)["tokens"] == json.loads(local.stdout)["tokens"]
+    planned = caravan(env, "plan", "--nodes", nodes, "--head", "node", "--json", "--ctx", "512", *common)
+    assert planned.returncode == 0, planned.stderr
+    plan = json.loads(planned.stdout)
+    assert plan["head_on_node"] and plan["head_ms"] > 0
+    last = plan["stages"][-1]
+    assert last["stage_ms"] > (last["layers"][1] - last["layers"][0]) * last["ms_per_layer"]
