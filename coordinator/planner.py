@@ -216,8 +216,7 @@ def plan_layers(nodes: list[NodeCapacity], cost: ModelCost, head: bool = False) 
             unused.append((node, "not enough memory for one layer" if cap == 0 else "not needed: faster nodes hold every layer"))
             continue
         start += k
-        if start == cost.n_layers:  # it ends the model: with the head, its time is this node's too
-            node_head_ms = more
-        stage_ms = k * node.ms_per_layer + node.crossing_ms + (more if start == cost.n_layers else 0.0)
-        assignments.append(Assignment(node, LayerRange(start - k, start), stage_ms))
+        head_time = more if start == cost.n_layers else 0.0  # it ends the model: the head's time is its own
+        node_head_ms += head_time
+        assignments.append(Assignment(node, LayerRange(start - k, start), k * node.ms_per_layer + node.crossing_ms + head_time))
     return Plan(tuple(assignments), tuple(unused), head, node_head_ms)
