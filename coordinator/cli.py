@@ -63,7 +63,7 @@ from caravan.proto import wire
 from caravan.proto.auth import TOKEN_ENV, TOKEN_FILE, TokenError, add_auth_flags
 
 from . import bench, from_flags
-from .cluster import LOCAL, close_nodes, describe_plan, head_ms, make_plan, row_share, survey_node
+from .cluster import HEAD_PLACES, LOCAL, close_nodes, describe_plan, head_ms, make_plan, row_share, survey_node
 from .discovery import DISCOVER_SECONDS
 from .http_guard import MAX_BODY_BYTES, MAX_CONNECTIONS, READ_TIMEOUT_S
 from .planner import PlanError, Speculation, check_speculation
@@ -231,6 +231,9 @@ def _cluster_flags() -> argparse.ArgumentParser:
                    tls_ca="the CA that signed the nodes' certificates")
     cluster.add_argument("--wire", default="f32", choices=sorted(wire.WIRE_FORMATS),
                          help="hidden states between nodes: f32 (bit-exact, default), f16 or q8_0")
+    cluster.add_argument("--head", default="coordinator", choices=sorted(HEAD_PLACES),
+                         help="where the output head runs: coordinator (default), node (the last node answers "
+                         "greedy requests with token ids) or auto (the planner decides; tests/bench/RESULTS.md)")
     return cluster
 
 
@@ -663,7 +666,7 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     n_ctx = model.context_size(args.ctx)
     nodes = from_flags.measured_nodes(args, model)
     try:
-        plan = make_plan(model, nodes, n_ctx)
+        plan = make_plan(model, nodes, n_ctx, HEAD_PLACES[args.head])
         speculation = None
         if acceptance is not None:
             speculation = Speculation(acceptance, args.draft_max, row_share(model, args.draft_max))
@@ -682,7 +685,8 @@ def cmd_plan(args: argparse.Namespace, out: TextIO) -> int:
     for u in result["unused"]:
         _emit(out, f"{u['node']:<20} unused: {u['why']}")
     _emit(out, f"expected: {result['expected_tokens_per_s']:.1f} tokens/s for one stream "
-               f"(head {result['head_ms']:.2f} ms), {result['pipelined_tokens_per_s']:.1f} tokens/s with every stage busy")
+               f"(head {result['head_ms']:.2f} ms{' on the last node' if result['head_on_node'] else ''}), "
+               f"{result['pipelined_tokens_per_s']:.1f} tokens/s with every stage busy")
     if "speculation" in result:
         sp = result["speculation"]
         _emit(out, f"with speculation (acceptance {sp['acceptance']:g}, {sp['draft_max']} draft tokens a pass): "

@@ -38,7 +38,7 @@ from caravan.pipeline.stage import KVCache, LayerRange, LocalStage, Stage
 from caravan.proto import caravan_pb2 as pb
 from caravan.proto import auth, wire
 
-from .planner import ModelCost, NodeCapacity, Plan, PlanError, Speculation, plan_layers, tokens_per_pass
+from .planner import ModelCost, NodeCapacity, Plan, PlanError, Speculation, place_head, plan_layers, tokens_per_pass
 from .remote import FORWARD_TIMEOUT_S, NodeClient, NodeError, Part, RemoteStage
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,25 @@ def layer_bytes(model: LoadedModel) -> int:
     return largest
 
 
+def head_bytes(model: LoadedModel) -> int:
+    """Bytes of the output head (final norm and projection) once packed for the kernels."""
+    return model.head.out.nbytes
+
+
 def model_cost(model: LoadedModel, n_ctx: int, sessions: int = 1) -> ModelCost:
     kv = KVCache.bytes_for(1, model.config.kv_dim, n_ctx) * sessions
-    return ModelCost(model.config.n_layers, layer_bytes(model), kv)
+    return ModelCost(model.config.n_layers, layer_bytes(model), kv, head_bytes=head_bytes(model),
+                     row_bytes=4 * model.config.dim)
 
 
-def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int) -> Plan:
+# --head: where the output head runs; None lets the planner place it where it pays (place_head).
+HEAD_PLACES = {"coordinator": False, "node": True, "auto": None}
+
+
+def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int, head_on_node: bool | None = False) -> Plan:
+    """Layers placed on `nodes` in order, and the output head here, or on the last node with
+    `head_on_node`, or where it pays with None (planner.place_head). The head stays here when
+    this process ends the model."""
     capacities = []
     for node in nodes:
         if math.isnan(node.ms_per_layer):
@@ -236,7 +249,12 @@ def make_plan(model: LoadedModel, nodes: list[Node], n_ctx: int) -> Plan:
         info = node.info
         free = info.memory_available + info.weight_bytes + info.kv_cache_bytes
         capacities.append(NodeCapacity(node.address, node.ms_per_layer, free, node.rtt_ms))
-    return plan_layers(capacities, model_cost(model, n_ctx))
+    cost = model_cost(model, n_ctx)
+    coordinator_ms = head_ms(model) if head_on_node is None else 0.0
+    plan = place_head(capacities, cost, coordinator_ms, head_on_node)
+    if plan.head and plan.assignments[-1].node.name == LOCAL:
+        return plan_layers(capacities, cost)
+    return plan
 
 
 def head_ms(model: LoadedModel, repeats: int = 5) -> float:
@@ -284,7 +302,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
            forward_timeout_s: float = FORWARD_TIMEOUT_S) -> Cluster:
     """Load each node's layers (pushing the weights it lacks) and build the pipeline: each run
     of consecutive remote nodes becomes one RemoteStage, a chain whose nodes pass the hidden
-    state on to each other."""
+    state on to each other. With plan.head, the node that ends the model loads the output head
+    too, and its chain may answer with token ids."""
     by_address = {n.address: n for n in nodes}
     stages: list[Stage] = []
     sources: dict[str, str] = {}
@@ -294,8 +313,9 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
     def end_chain() -> None:
         if chain:
             first, *then = chain
+            head = plan.head and chain[-1].layers.stop == model.config.n_layers
             stages.append(RemoteStage(first.client, first.layers, model.config.dim, wire_format, first.ms_per_layer,
-                                      forward_timeout_s, then))
+                                      forward_timeout_s, then, head, model.config.vocab_size))
             chain.clear()
 
     try:
@@ -308,7 +328,8 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
                 stages.append(LocalStage.load(model.file, model.config, layers, n_ctx))
                 sources[node.address] = "local file"
                 continue
-            reply, pushed[node.address] = load_layers(model, node, layers, sha, n_ctx, progress)
+            reply, pushed[node.address] = load_layers(model, node, layers, sha, n_ctx, progress,
+                                                      head=plan.head and layers.stop == model.config.n_layers)
             sources[node.address] = reply.source
             chain.append(Part(node.client, layers, 0.0 if math.isnan(node.ms_per_layer) else node.ms_per_layer))
         end_chain()
@@ -320,16 +341,16 @@ def deploy(model: LoadedModel, nodes: list[Node], plan: Plan, n_ctx: int, cache_
 
 
 def load_layers(model: LoadedModel, node: Node, layers: LayerRange, sha: str, n_ctx: int,
-                progress: bool = True) -> tuple[pb.LoadReply, int]:
-    """Have a remote node load `layers`, pushing the weights it lacks (a progress bar on a
-    terminal); its reply and the bytes sent."""
+                progress: bool = True, head: bool = False) -> tuple[pb.LoadReply, int]:
+    """Have a remote node load `layers` (and the output head, with `head`), pushing the weights
+    it lacks (a progress bar on a terminal); its reply and the bytes sent."""
     pushed = 0
     with _push_progress(model, layers, node.name, progress) as bar:
         def sent(n: int) -> None:
             nonlocal pushed
             pushed += n
             bar.update(n)
-        reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent)
+        reply = node.client.load(model.file, sha, model.config, layers, n_ctx, sent, **({"head": True} if head else {}))
     log.info("%s: layers %s ready (weights from %s)", node.label, layers, reply.source)
     return reply, pushed
 
@@ -382,7 +403,8 @@ def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int,
             for a in plan.assignments
         ],
         "unused": [{"node": by_address[n.name].name, "address": n.name, "why": why} for n, why in plan.unused],
-        "head_ms": round(head, 4),
+        "head_ms": round(plan.node_head_ms if plan.head else head, 4),  # where the plan puts the head
+        "head_on_node": plan.head,
         "expected_tokens_per_s": round(plan.tokens_per_s(head), 2),
         "pipelined_tokens_per_s": round(plan.pipelined_tokens_per_s(), 2),
     }
@@ -397,5 +419,5 @@ def describe_plan(plan: Plan, nodes: list[Node], model: LoadedModel, n_ctx: int,
     return described
 
 
-__all__ = ["LOCAL", "Cluster", "Node", "NodeError", "PlanError", "connect", "deploy", "describe_plan",
+__all__ = ["HEAD_PLACES", "LOCAL", "Cluster", "Node", "NodeError", "PlanError", "connect", "deploy", "describe_plan",
            "head_ms", "make_plan", "measure", "parse_nodes", "row_share"]

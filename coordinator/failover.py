@@ -60,8 +60,10 @@ class Router:
     def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
                  forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
-                 optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None):
+                 optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None,
+                 head_on_node: bool | None = False):
         self.model = model
+        self.head_on_node = head_on_node  # the output head on the last node (make_plan): None, where it pays
         self.addresses = addresses  # called at every (re-)plan: --nodes, plus what --discover finds then
         self.optional = optional  # addresses that may be left out even on the first plan (discovered ones)
         self.n_ctx = n_ctx
@@ -91,7 +93,7 @@ class Router:
             nodes = [local_node()]
         try:
             measure(nodes, self.model)
-            plan = make_plan(self.model, nodes, self.n_ctx)
+            plan = make_plan(self.model, nodes, self.n_ctx, self.head_on_node)
         except PlanError as exc:
             close_nodes(nodes)
             if alone:
@@ -175,10 +177,12 @@ class ClusterPipeline:
     def __init__(self, model: LoadedModel, addresses: Callable[[], list[str]], n_ctx: int, cache_dir: Path,
                  wire_format: int = pb.WIRE_FORMAT_F32, progress: bool = True,
                  forward_timeout_s: float = FORWARD_TIMEOUT_S, token: str | None = None,
-                 optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None):
+                 optional: Callable[[str], bool] = lambda address: False, tls: auth.TLSFiles | None = None,
+                 head_on_node: bool | None = False):
         self.router = Router(model, addresses, n_ctx, cache_dir, wire_format, progress, forward_timeout_s, token,
-                             optional, tls)
+                             optional, tls, head_on_node)
         self.replay = Replay()
+        self.greedy: set[str] = set()  # Pipeline.choose_greedily's sessions, shared with every plan's pipeline
         self.head = model.head
         self.n_ctx = n_ctx
         self.adapters: dict[str, LoraAdapter] = {}  # sent again to the stages of every new plan
@@ -253,6 +257,9 @@ class ClusterPipeline:
 
         return result
 
+    def choose_greedily(self, session_id: str) -> None:
+        self.greedy.add(session_id)  # Pipeline.choose_greedily: a re-plan's pipeline shares the set
+
     def prefill(self, session_id: str, prompt_ids: Sequence[int], adapters: tuple = (), start: int = 0) -> np.ndarray:
         ids = np.asarray(prompt_ids, dtype=np.int64)
 
@@ -278,6 +285,7 @@ class ClusterPipeline:
         self._with_recovery(lambda pipeline: pipeline.add_adapter(adapter))
 
     def end_session(self, session_id: str) -> None:
+        self.greedy.discard(session_id)
         with self._plan_in_use():
             self.replay.forget(session_id)
             if self.cluster is not None:
@@ -342,7 +350,7 @@ class ClusterPipeline:
                 if self._recovering or self._generation != generation:
                     return []
                 load_layers(router.model, by_address[assignment.node.name], assignment.layers, sha, router.n_ctx,
-                            router.progress)
+                            router.progress, head=plan.head and assignment.layers.stop == router.model.config.n_layers)
         return [a.node.name for a in ahead]
 
     def adopt(self, nodes: list[Node], plan: Plan, generation: int) -> bool:
@@ -417,6 +425,7 @@ class ClusterPipeline:
             for attempt in range(MAX_RECOVERIES + 1):
                 try:
                     self.cluster = offered() if offered is not None else self.router.deploy(first, self.recoveries)
+                    self.cluster.pipeline.greedy = self.greedy
                     for adapter in self.adapters.values():
                         self.cluster.pipeline.add_adapter(adapter)
                     self.replay.refill(self.cluster.pipeline)

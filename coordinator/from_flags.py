@@ -28,7 +28,7 @@ from caravan.pipeline.tokenizer import TokenizerError
 from caravan.proto import wire
 from caravan.proto.auth import TOKEN_FILE, ClusterToken, TLSFiles, load_token
 
-from .cluster import LOCAL, Node, close_nodes, connect, measure, parse_nodes, say
+from .cluster import HEAD_PLACES, LOCAL, Node, close_nodes, connect, measure, parse_nodes, say
 from .discovery import discover
 from .failover import ClusterPipeline
 from .heal import Watcher
@@ -153,7 +153,7 @@ def pipeline(args: argparse.Namespace, model: LoadedModel, n_ctx: int) -> Iterat
     explicit = _explicit(args)
     cluster = ClusterPipeline(model, lambda: addresses(args), n_ctx, cache_dir(args), wire.wire_format(args.wire),
                               progress=not args.json, token=token(args), optional=lambda a: a not in explicit,
-                              tls=tls(args))
+                              tls=tls(args), head_on_node=HEAD_PLACES[args.head])
     try:
         summary = ", ".join(f"{a.node.name if a.node.name == LOCAL else _node_name(cluster, a.node.name)} {a.layers}"
                             for a in cluster.plan.assignments)

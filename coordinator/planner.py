@@ -11,6 +11,11 @@ candidate budgets (k layers on node i, plus the hidden state's trip to it) finds
 
 Nodes pass the hidden state on to each other and the last answers the coordinator, so a
 token crosses the network once into each node and once more back: half a round trip each.
+
+The output head (final norm and projection) runs on the coordinator, or on the node that ends
+the model when that pays (`place_head`): that node then answers greedy rows with token ids, and
+carries the head's bytes and time, so it gets fewer layers. The head's time on a node is taken
+as its bytes read at the node's measured speed per layer byte (decode reads every weight once).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from caravan.pipeline.stage import LayerRange
 from caravan.proto.wire import NODE_RUNTIME_BYTES
 
 MIB = 1 << 20
+LINK_BYTES_PER_MS = 125_000  # 1 GbE, a Raspberry Pi's port: what the last hop's hidden state costs beyond latency
 
 
 class PlanError(ValueError):
@@ -46,6 +52,12 @@ class ModelCost:
     layer_bytes: int  # weights of one layer, as the kernels hold them
     kv_bytes_per_layer: int  # keys and values of one layer for the whole context, all sessions
     runtime_bytes: int = NODE_RUNTIME_BYTES
+    head_bytes: int = 0  # the output head (final norm and projection), as the kernels hold it
+    row_bytes: int = 0  # one row's hidden state in f32: what the last node sends back without the head
+
+    def head_ms(self, node: NodeCapacity) -> float:
+        """The head's time on `node`: its bytes at the node's speed per layer byte."""
+        return node.ms_per_layer * self.head_bytes / self.layer_bytes if self.layer_bytes else 0.0
 
     @property
     def per_layer(self) -> int:
@@ -66,6 +78,8 @@ class Assignment:
 class Plan:
     assignments: tuple[Assignment, ...]
     unused: tuple[tuple[NodeCapacity, str], ...] = field(default=())  # node, why it got no layers
+    head: bool = False  # the last node holds the output head
+    node_head_ms: float = 0.0  # the head's time there, counted in its stage_ms
 
     @property
     def bottleneck_ms(self) -> float:
@@ -77,8 +91,9 @@ class Plan:
         return sum(a.stage_ms for a in self.assignments) + self.assignments[-1].node.crossing_ms
 
     def tokens_per_s(self, head_ms: float = 0.0) -> float:
-        """One stream: a token passes every stage in turn, then the head."""
-        return 1e3 / (self.total_ms + head_ms)
+        """One stream: a token passes every stage in turn, then the head (`head_ms` on the
+        coordinator, unless the last node holds it)."""
+        return 1e3 / (self.total_ms + (0.0 if self.head else head_ms))
 
     def pipelined_tokens_per_s(self) -> float:
         """Many streams keeping every stage busy: the slowest stage sets the pace."""
@@ -118,19 +133,47 @@ class Speculation:
     def pass_ms(self, plan: Plan, head_ms: float) -> float:
         """One pass through every stage and the head: the stages' and the head's compute grows by
         rows_factor; the hops carry a few more rows of dim floats, which costs latency, not bandwidth."""
-        compute = sum(len(a.layers) * a.node.ms_per_layer for a in plan.assignments)
+        compute = sum(len(a.layers) * a.node.ms_per_layer for a in plan.assignments) + plan.node_head_ms
         hops = plan.total_ms - compute
-        return (compute + head_ms) * self.rows_factor + hops
+        return (compute + (0.0 if plan.head else head_ms)) * self.rows_factor + hops
 
     def tokens_per_s(self, plan: Plan, head_ms: float) -> float:
         """One stream with speculation: the tokens a pass gives over the pass's time."""
         return 1e3 * tokens_per_pass(self.acceptance, self.draft_max) / self.pass_ms(plan, head_ms)
 
 
-def plan_layers(nodes: list[NodeCapacity], cost: ModelCost) -> Plan:
+def place_head(nodes: list[NodeCapacity], cost: ModelCost, head_ms: float, on_node: bool | None = None) -> Plan:
+    """The plan with the head on the coordinator (`head_ms` there), or on the node that ends the
+    model when that pays: one stream's token takes no longer (the head's time moves, and the
+    last hop carries a token id instead of a hidden state over a Pi's link) and the slowest
+    stage, the coordinator's head counted as one, is no slower. `on_node` decides instead."""
+    without = plan_layers(nodes, cost)
+    if on_node is False or not cost.head_bytes or on_node is None and not cost.row_bytes:
+        return without
+    try:
+        with_head = plan_layers(nodes, cost, head=True)
+    except PlanError:
+        if on_node:
+            raise
+        return without
+    if on_node:
+        return with_head
+    saved_ms = head_ms + cost.row_bytes / LINK_BYTES_PER_MS  # per row: the coordinator's head and the hop's bytes
+    pays = (with_head.total_ms <= without.total_ms + saved_ms
+            and with_head.bottleneck_ms <= max(without.bottleneck_ms, head_ms))
+    return with_head if pays else without
+
+
+def plan_layers(nodes: list[NodeCapacity], cost: ModelCost, head: bool = False) -> Plan:
+    """Every layer placed, the slowest stage as fast as possible; with `head`, the node that ends
+    the model also holds the output head, its bytes and its time."""
     if not nodes:
         raise PlanError("no nodes to place the layers on")
     caps = [min(cost.max_layers(n), cost.n_layers) for n in nodes]
+    # With the head, a node ends the model only if it also has room and time for the head.
+    head_caps = [min(max(0, (n.memory_bytes - cost.runtime_bytes - cost.head_bytes) // cost.per_layer), cost.n_layers)
+                 if head else cap for n, cap in zip(nodes, caps)]
+    extra = [cost.head_ms(n) if head else 0.0 for n in nodes]
     if sum(caps) < cost.n_layers:
         need = cost.n_layers * cost.per_layer
         have = sum(max(0, n.memory_bytes - cost.runtime_bytes) for n in nodes)
@@ -140,16 +183,24 @@ def plan_layers(nodes: list[NodeCapacity], cost: ModelCost) -> Plan:
             f"in all (after {cost.runtime_bytes / MIB:.0f} MiB of runtime each): add a node or use a smaller --ctx"
         )
 
+    def fits(node: NodeCapacity, budget: float, cap: int) -> int:
+        return int((budget - node.crossing_ms) / node.ms_per_layer + 1e-9) if node.ms_per_layer > 0 else cap
+
     def counts_within(budget: float) -> list[int] | None:
         counts, left = [], cost.n_layers
-        for node, cap in zip(nodes, caps):
-            fits = int((budget - node.crossing_ms) / node.ms_per_layer + 1e-9) if node.ms_per_layer > 0 else cap
-            k = max(0, min(cap, fits, left))
+        for node, cap, head_cap, more in zip(nodes, caps, head_caps, extra):
+            if left and min(head_cap, fits(node, budget - more, head_cap)) >= left:
+                k = left  # it ends the model, head and all
+            else:
+                k = max(0, min(cap, fits(node, budget, cap), left - 1 if head else left))
             counts.append(k)
             left -= k
         return counts if left == 0 else None
 
-    budgets = sorted({k * n.ms_per_layer + n.crossing_ms for n, cap in zip(nodes, caps) for k in range(1, cap + 1)})
+    budgets = sorted({k * n.ms_per_layer + n.crossing_ms + head_time for n, cap, more in zip(nodes, caps, extra)
+                      for k in range(1, cap + 1) for head_time in {0.0, more}})
+    if head and counts_within(budgets[-1]) is None:
+        raise PlanError("no node that could end the model has room for the output head as well")
     lo, hi = 0, len(budgets) - 1
     while lo < hi:  # the smallest budget that places every layer
         mid = (lo + hi) // 2
@@ -159,11 +210,13 @@ def plan_layers(nodes: list[NodeCapacity], cost: ModelCost) -> Plan:
             hi = mid
     counts = counts_within(budgets[lo])
     assert counts is not None  # the largest budget gives every node its cap, and the caps add up
-    assignments, unused, start = [], [], 0
-    for node, cap, k in zip(nodes, caps, counts):
+    assignments, unused, start, node_head_ms = [], [], 0, 0.0
+    for node, cap, k, more in zip(nodes, caps, counts, extra):
         if k == 0:
             unused.append((node, "not enough memory for one layer" if cap == 0 else "not needed: faster nodes hold every layer"))
             continue
-        assignments.append(Assignment(node, LayerRange(start, start + k), k * node.ms_per_layer + node.crossing_ms))
         start += k
-    return Plan(tuple(assignments), tuple(unused))
+        head_time = more if start == cost.n_layers else 0.0  # it ends the model: the head's time is its own
+        node_head_ms += head_time
+        assignments.append(Assignment(node, LayerRange(start - k, start), k * node.ms_per_layer + node.crossing_ms + head_time))
+    return Plan(tuple(assignments), tuple(unused), head, node_head_ms)

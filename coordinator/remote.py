@@ -24,7 +24,7 @@ import numpy as np
 
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.lora import LoraAdapter
-from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
+from caravan.pipeline.model import ModelConfig, head_tensor_shapes, layer_tensor_shapes, ties_output
 from caravan.pipeline.prompt_cache import CacheStats
 from caravan.pipeline.stage import LayerRange, StageBatch, StageError, StageStats
 from caravan.proto import caravan_pb2 as pb
@@ -116,13 +116,15 @@ class NodeClient:
         return reply.ms_per_layer
 
     def load(self, model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int,
-             on_bytes: Callable[[int], None] = lambda n: None) -> pb.LoadReply:
-        """Have the node load `layers`: from what it has if it can, else push exactly those tensors."""
-        request = load_request(model, model_sha256, config, layers, n_ctx)
-        doing = f"loading layers {layers}"
+             on_bytes: Callable[[int], None] = lambda n: None, head: bool = False) -> pb.LoadReply:
+        """Have the node load `layers` (and the output head, with `head`): from what it has if it
+        can, else push exactly the tensors it lacks."""
+        request = load_request(model, model_sha256, config, layers, n_ctx, head)
+        doing = f"loading layers {layers}{' and the head' if head else ''}"
         reply = self._finish(self.stub.Load.future(request, timeout=LOAD_TIMEOUT_S), doing)
         if reply.needs_weights:
             request.push_layers.extend(reply.missing_layers)
+            request.push_head = reply.needs_head
             chunks = _weight_chunks(model, request, on_bytes)
             reply = self._finish(self.stub.PushWeights.future(chunks, timeout=LOAD_TIMEOUT_S), doing)
         if not reply.ready:
@@ -185,23 +187,27 @@ def _adapter_chunks(adapter: LoraAdapter, layers: LayerRange) -> Iterator[pb.Ada
     return wire.chunked_stream(pb.AdapterChunk, header, (adapter.tensor_bytes(info) for info in tensors))
 
 
-def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int) -> pb.LoadRequest:
+def load_request(model: GGUFFile, model_sha256: str, config: ModelConfig, layers: LayerRange, n_ctx: int,
+                 head: bool = False) -> pb.LoadRequest:
+    names = [name for layer in layers for name in layer_tensor_shapes(config, layer)]
+    if head:
+        names += head_tensor_shapes(config, ties_output(model))
     tensors = []
-    for layer in layers:
-        for name in layer_tensor_shapes(config, layer):
-            info = model.tensors.get(name)
-            if info is None:
-                raise ValueError(f"{model.path}: missing tensor {name}")
-            tensors.append(pb.TensorEntry(name=name, type=int(info.type), shape=info.shape, n_bytes=info.n_bytes))
+    for name in names:
+        info = model.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{model.path}: missing tensor {name}")
+        tensors.append(pb.TensorEntry(name=name, type=int(info.type), shape=info.shape, n_bytes=info.n_bytes))
     return pb.LoadRequest(model_sha256=model_sha256, config=wire.encode_config(config), layer_start=layers.start,
-                          layer_stop=layers.stop, n_ctx=n_ctx, tensors=tensors)
+                          layer_stop=layers.stop, n_ctx=n_ctx, tensors=tensors, head=head)
 
 
 def _weight_chunks(model: GGUFFile, request: pb.LoadRequest, on_bytes: Callable[[int], None]) -> Iterator[pb.WeightChunk]:
-    """The header, the tensors of request.push_layers straight from the memory-mapped file in
-    1 MiB pieces, then the sha256 of every byte sent."""
+    """The header, the tensors of request.push_layers (then the head's, with push_head) straight
+    from the memory-mapped file in 1 MiB pieces, then the sha256 of every byte sent."""
     prefixes = tuple(f"blk.{layer}." for layer in request.push_layers)
-    blobs = (model.tensor_bytes(entry.name) for entry in request.tensors if entry.name.startswith(prefixes))
+    blobs = (model.tensor_bytes(entry.name) for entry in request.tensors
+             if entry.name.startswith(prefixes) or request.push_head and not entry.name.startswith("blk."))
     return wire.chunked_stream(pb.WeightChunk, request, blobs, on_bytes)
 
 
@@ -241,14 +247,17 @@ class RemoteStage:
     """
 
     def __init__(self, client: NodeClient, layers: LayerRange, dim: int, wire_format: int = pb.WIRE_FORMAT_F32,
-                 ms_per_layer: float = 0.0, timeout_s: float = FORWARD_TIMEOUT_S, then: Sequence[Part] = ()):
+                 ms_per_layer: float = 0.0, timeout_s: float = FORWARD_TIMEOUT_S, then: Sequence[Part] = (),
+                 head: bool = False, vocab_size: int = 0):
         self.parts = (Part(client, layers, ms_per_layer), *then)
         for a, b in zip(self.parts, self.parts[1:]):
             if a.layers.stop != b.layers.start:
                 raise ValueError(f"a chain's layers must follow on: {a.layers} then {b.layers}")
         self.client = client
+        self._head = head  # the last node holds the output head: it may answer with token ids
         self.layers = LayerRange(layers.start, self.parts[-1].layers.stop)
         self.dim = dim
+        self.vocab_size = vocab_size  # checks the token ids a chain ending in the head answers with
         self.wire_format = wire_format
         self.timeout_s = timeout_s
         self.chain = uuid.uuid4().hex
@@ -310,6 +319,10 @@ class RemoteStage:
         return self.timeout_s + 10 * rows * sum(len(p.layers) * p.ms_per_layer for p in self.parts) / 1e3
 
     @property
+    def holds_head(self) -> bool:
+        return self._head
+
+    @property
     def depth(self) -> int:
         """Nodes in the chain: how many batches can be computing at once."""
         return len(self.parts)
@@ -325,10 +338,12 @@ class RemoteStage:
         rows = batch.hidden.shape[0]
         if rows > wire.MAX_BATCH_ROWS:
             raise StageError(f"a batch of {rows} rows is more than a node takes ({wire.MAX_BATCH_ROWS})")
+        if batch.argmax and not self.holds_head:
+            raise StageError(f"nodes {self.nodes} hold no output head: they cannot answer with token ids")
         request = pb.ForwardRequest(
             segments=wire.encode_segments(batch.segments),
             hidden=wire.encode_hidden(batch.hidden, self.wire_format),
-            reply_format=self.wire_format, chain=self.chain, relay=self._relay,
+            reply_format=self.wire_format, chain=self.chain, relay=self._relay, reply_tokens=batch.argmax,
         )
         timeout = self._batch_timeout(rows)
         waiting = _Waiting(time.monotonic() + timeout)
@@ -353,9 +368,11 @@ class RemoteStage:
                     raise StageError(reply.error.message)
                 raise NodeError(self.nodes, reply.error.message, code)
             try:
+                if batch.argmax:
+                    return wire.decode_tokens(reply, rows, self.vocab_size)
                 return wire.decode_hidden(reply.hidden, self.dim, rows)
             except wire.WireError as exc:
-                raise NodeError(self.parts[-1].client.label, f"sent a bad hidden state: {exc}") from None
+                raise NodeError(self.parts[-1].client.label, f"sent a bad answer: {exc}") from None
 
         return result
 

@@ -32,7 +32,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from caravan.pipeline.catalog import file_sha256
 from caravan.pipeline.gguf_file import GGUFFile
 from caravan.pipeline.lora import LoraAdapter
-from caravan.pipeline.model import ModelConfig
+from caravan.pipeline.model import ModelConfig, OutputHead
 from caravan.pipeline import warmup
 from caravan.pipeline.prompt_cache import default_budget
 from caravan.pipeline.speed import ms_per_layer
@@ -86,7 +86,7 @@ class StageServicer(pb_grpc.StageServicer):
         self._compute = threading.Lock()
         self._lock = threading.Lock()  # guards the fields below
         self._stage: LocalStage | None = None
-        self._loaded: tuple[str, LayerRange, int] | None = None  # (model sha256, layers, n_ctx)
+        self._loaded: tuple[str, LayerRange, int, bool] | None = None  # (model sha256, layers, n_ctx, head)
         self._state = pb.NODE_STATE_IDLE
         self._error = ""
         self._benchmarks: dict[tuple, float] = {}
@@ -206,14 +206,14 @@ class StageServicer(pb_grpc.StageServicer):
             raise WeightError(f"context size {request.n_ctx} is outside 2 to {config.context_length}")
         layers = LayerRange(request.layer_start, request.layer_stop)
         entries = [(t.name, t.type, tuple(t.shape), t.n_bytes) for t in request.tensors]
-        manifest = RangeManifest.build(request.model_sha256, config, layers, entries)
+        manifest = RangeManifest.build(request.model_sha256, config, layers, entries, request.head)
         self._check_room(manifest, config.kv_dim, request.n_ctx)
         return config, manifest
 
     def _already_loaded(self, request: pb.LoadRequest) -> bool:
         with self._lock:
             return self._state == pb.NODE_STATE_READY and self._loaded == (
-                request.model_sha256, LayerRange(request.layer_start, request.layer_stop), request.n_ctx)
+                request.model_sha256, LayerRange(request.layer_start, request.layer_stop), request.n_ctx, request.head)
 
     def Load(self, request, context):
         try:
@@ -225,9 +225,10 @@ class StageServicer(pb_grpc.StageServicer):
                 source, origin = self.local_file, "local file"
             else:
                 missing = self.cache.missing(manifest.model_sha256, manifest.layers)
-                if missing:
-                    return pb.LoadReply(needs_weights=True, missing_layers=missing)
-                source, origin = self.cache.source(manifest.model_sha256, manifest.layers), "cache"
+                needs_head = manifest.head and self.cache.missing_head(manifest.model_sha256)
+                if missing or needs_head:
+                    return pb.LoadReply(needs_weights=True, missing_layers=missing, needs_head=needs_head)
+                source, origin = self.cache.source(manifest.model_sha256, manifest.layers, manifest.head), "cache"
             self._load(source, config, manifest, request.n_ctx, origin)
             self._announce(context, manifest.layers)
         except Exception as exc:  # noqa: BLE001  (mapped to a status; the node keeps serving)
@@ -240,7 +241,7 @@ class StageServicer(pb_grpc.StageServicer):
             header = wire.stream_header(request_iterator, "PushWeights", "the load request")
             config, manifest = self._manifest(header)
             try:
-                writer = self.cache.receive(manifest, config, list(header.push_layers))
+                writer = self.cache.receive(manifest, config, list(header.push_layers), header.push_head)
             except OSError as exc:
                 raise OSError(f"cannot write the weight cache in {self.settings.cache_dir}: {exc.strerror or exc}") from None
             writer.finish(wire.receive_stream(request_iterator, f"the weight stream for layers {manifest.layers}", writer.write))
@@ -248,9 +249,9 @@ class StageServicer(pb_grpc.StageServicer):
             writer = None
             log.info("received layers %s: %d bytes", list(header.push_layers), received)
             missing = self.cache.missing(manifest.model_sha256, manifest.layers)
-            if missing:
-                raise WeightError(f"layers {missing} of {manifest.layers} are still missing after the push")
-            self._load(self.cache.source(manifest.model_sha256, manifest.layers), config, manifest,
+            if missing or manifest.head and self.cache.missing_head(manifest.model_sha256):
+                raise WeightError(f"layers {missing} of {manifest.layers} (or the head) are still missing after the push")
+            self._load(self.cache.source(manifest.model_sha256, manifest.layers, manifest.head), config, manifest,
                        header.n_ctx, "pushed")
             self._announce(context, manifest.layers)
         except Exception as exc:  # noqa: BLE001
@@ -267,7 +268,7 @@ class StageServicer(pb_grpc.StageServicer):
         self.owners.clear()
         try:
             t0 = time.perf_counter()
-            stage = self._run(_load_and_warm_up, source, config, manifest.layers, n_ctx)
+            stage = self._run(_load_and_warm_up, source, config, manifest.layers, n_ctx, manifest.head)
         except Exception as exc:
             self._set_state(pb.NODE_STATE_FAILED, f"loading layers {manifest.layers} failed: {exc}")
             raise
@@ -280,7 +281,7 @@ class StageServicer(pb_grpc.StageServicer):
         stage.prompt_cache.set_budget(min(room, default_budget(room) if budget is None else budget))
         stage.prompt_cache.on_evict = self.owners.forget
         with self._lock:
-            self._stage, self._loaded, self._cap = stage, (manifest.model_sha256, manifest.layers, n_ctx), cap
+            self._stage, self._loaded, self._cap = stage, (manifest.model_sha256, manifest.layers, n_ctx, manifest.head), cap
         self._set_state(pb.NODE_STATE_READY)
         log.info("layers %s ready (from %s) in %.2f s, for at most %d sessions, %d MiB of prompt cache",
                  manifest.layers, origin, time.perf_counter() - t0, cap.limit, stage.prompt_cache.budget >> 20)
@@ -333,9 +334,13 @@ class StageServicer(pb_grpc.StageServicer):
                 raise wire.WireError(f"{hidden.shape[0]} hidden rows for segments of {rows} rows")
             # Everything that can be refused is checked before the stage makes any session's cache.
             reply_format = wire.check_format(request.reply_format or request.hidden.format, stage.config.dim)
+            # Token ids are the chain's answer: only its last node gives them.
+            argmax = request.reply_tokens and not request.relay
             t0 = time.perf_counter()
-            out = self._run(self._forward_owned, stage, owner, StageBatch(segments, hidden))
+            out = self._run(self._forward_owned, stage, owner, StageBatch(segments, hidden, argmax))
             compute_us = int((time.perf_counter() - t0) * 1e6)
+            if argmax:
+                return pb.ForwardReply(id=request.id, tokens=pb.Tokens(ids=out.tolist()), compute_us=[compute_us])
             return pb.ForwardReply(id=request.id, hidden=wire.encode_hidden(out, reply_format), compute_us=[compute_us])
         except Exception as exc:  # noqa: BLE001  (one bad batch never ends the stream)
             if wire.status_code(exc) == grpc.StatusCode.INTERNAL:
@@ -395,7 +400,8 @@ class StageServicer(pb_grpc.StageServicer):
             self._deliver(request, reply)
             return
         onward = pb.ForwardRequest(id=request.id, segments=request.segments, reply_format=request.reply_format,
-                                   chain=request.chain, relay=request.relay[1:], compute_us=compute_us)
+                                   chain=request.chain, relay=request.relay[1:], compute_us=compute_us,
+                                   reply_tokens=request.reply_tokens)
         if reply.HasField("error"):
             onward.error.CopyFrom(reply.error)
         else:
@@ -502,10 +508,12 @@ def _held(stage: LocalStage | None) -> tuple[int, int]:
     return stage.weight_bytes, sum(c.nbytes for c in list(stage.sessions.values()))
 
 
-def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: int) -> LocalStage:
-    """Load the layers, then run a prefill and a decode step so every kernel is compiled (or
-    read from Numba's cache) before the node says it is ready."""
+def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: int, head: bool = False) -> LocalStage:
+    """Load the layers (and the output head), then run a prefill and a decode step so every
+    kernel is compiled (or read from Numba's cache) before the node says it is ready."""
     stage = LocalStage.load(source, config, layers, n_ctx)
+    if head:
+        stage.output = OutputHead(source, config)
     formats = warmup.layer_formats(source, config, layers.start)
     cold = warmup.cold_formats(config, formats)
     if cold:
@@ -514,7 +522,7 @@ def _load_and_warm_up(source, config: ModelConfig, layers: LayerRange, n_ctx: in
     rows = min(5, n_ctx - 1)
     for start, n in ((0, rows), (rows, 1)):
         hidden = rng.standard_normal((n, config.dim), dtype=np.float32)
-        stage.forward(StageBatch((Segment("warm-up", start, n),), hidden))
+        stage.forward(StageBatch((Segment("warm-up", start, n),), hidden, argmax=head))
     stage.end_session("warm-up")
     for ttype in formats:
         warmup.mark(config.arch, ttype)

@@ -6,6 +6,8 @@ re-plan a node is sent only the layers it does not have yet:
     layers/<model sha256>/<layer>/manifest.json   config, the layer's tensors (name, type,
                                                   shape, n_bytes), sha256 of its data
     layers/<model sha256>/<layer>/weights.bin     the tensors' bytes as GGUF stores them
+    layers/<model sha256>/head/...                the output head's, for a node that holds the
+                                                  model's last layers and the head
 
 A push arrives in temporary folders next to the others; each layer is renamed into place only
 when every byte of the push is there and its sha256 matches, so a crash never leaves a half
@@ -32,7 +34,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as QT
 
 from caravan.pipeline.gguf_file import GGUFError, TensorInfo, release_pages, tensor_nbytes, tensor_view
-from caravan.pipeline.model import ModelConfig, layer_tensor_shapes
+from caravan.pipeline.model import ModelConfig, head_tensor_shapes, layer_tensor_shapes
 from caravan.pipeline.quants import SUPPORTED_TYPES, packed_nbytes, supported_names
 from caravan.pipeline.stage import LayerRange
 
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 LOCK_FILE = "node.lock"  # in the cache directory, locked by the node process that uses it
+HEAD = "head"  # the output head's entry in the cache, beside the layers' numbers
 
 
 class WeightError(ValueError):
@@ -53,6 +56,7 @@ class RangeManifest:
     model_sha256: str
     layers: LayerRange
     tensors: tuple[TensorInfo, ...]  # offsets relative to the start of weights.bin
+    head: bool = False  # the output head's tensors follow the layers'
 
     @property
     def n_bytes(self) -> int:
@@ -66,47 +70,62 @@ class RangeManifest:
 
     @classmethod
     def build(cls, model_sha256: str, config: ModelConfig, layers: LayerRange,
-              entries: list[tuple[str, int, tuple[int, ...], int]]) -> "RangeManifest":
+              entries: list[tuple[str, int, tuple[int, ...], int]], head: bool = False) -> "RangeManifest":
         """Check declared (name, type code, shape, n_bytes) entries against the config: exactly the
-        range's tensors in order, supported types, the shapes the model needs, honest sizes."""
+        range's tensors in order (then the head's, with `head`: only with the model's last layer),
+        supported types, the shapes the model needs, honest sizes."""
         if not _SHA256.fullmatch(model_sha256):
             raise WeightError(f"model sha256 {model_sha256!r} is not 64 lowercase hex digits")
         if layers.stop > config.n_layers:
             raise WeightError(f"layer range {layers} is past the model's {config.n_layers} layers")
+        if head and layers.stop != config.n_layers:
+            raise WeightError(f"the output head goes with the model's last layer; layers {layers} end before it")
         expected = {}
         for layer in layers:
             expected.update(layer_tensor_shapes(config, layer))
-        names = [e[0] for e in entries]
-        if names != list(expected):
-            missing = [n for n in expected if n not in names]
-            extra = [n for n in names if n not in expected]
-            raise WeightError(
-                f"tensors for layers {layers} do not match: missing {missing[:3]}, unexpected {extra[:3]}, or out of order"
-            )
-        tensors = []
-        offset = 0
-        for name, code, shape, n_bytes in entries:
-            try:
-                ttype = QT(code)
-            except ValueError:
-                raise WeightError(f"{name}: unknown tensor type {code}") from None
-            if ttype not in SUPPORTED_TYPES:
-                raise WeightError(f"{name}: unsupported type {ttype.name} (supported: {supported_names()})")
-            if tuple(shape) != expected[name]:
-                raise WeightError(f"{name}: shape {list(shape)}, expected {list(expected[name])}")
-            try:
-                actual = tensor_nbytes(ttype, tuple(shape), name)
-            except GGUFError as exc:
-                raise WeightError(str(exc)) from None
-            if n_bytes != actual:
-                raise WeightError(f"{name}: declared {n_bytes} bytes, a {ttype.name} tensor of shape {list(shape)} has {actual}")
-            tensors.append(TensorInfo(name, ttype, tuple(shape), offset, n_bytes))
-            offset += n_bytes
-        return cls(model_sha256, layers, tuple(tensors))
+        if head:
+            expected.update(head_tensor_shapes(config, tied=any(e[0] == "token_embd.weight" for e in entries)))
+        return cls(model_sha256, layers, check_entries(expected, entries, f"layers {layers}"), head)
 
     def layer_tensors(self, layer: int) -> tuple[TensorInfo, ...]:
         prefix = f"blk.{layer}."
         return tuple(t for t in self.tensors if t.name.startswith(prefix))
+
+    def head_tensors(self) -> tuple[TensorInfo, ...]:
+        return tuple(t for t in self.tensors if not t.name.startswith("blk."))
+
+
+def check_entries(expected: dict[str, tuple[int, ...]], entries: list[tuple[str, int, tuple[int, ...], int]],
+                  what: str) -> tuple[TensorInfo, ...]:
+    """Declared (name, type code, shape, n_bytes) entries, checked to be exactly the `expected`
+    names and shapes in order, of supported types and honest sizes; offsets from the first."""
+    names = [e[0] for e in entries]
+    if names != list(expected):
+        missing = [n for n in expected if n not in names]
+        extra = [n for n in names if n not in expected]
+        raise WeightError(
+            f"tensors for {what} do not match: missing {missing[:3]}, unexpected {extra[:3]}, or out of order"
+        )
+    tensors = []
+    offset = 0
+    for name, code, shape, n_bytes in entries:
+        try:
+            ttype = QT(code)
+        except ValueError:
+            raise WeightError(f"{name}: unknown tensor type {code}") from None
+        if ttype not in SUPPORTED_TYPES:
+            raise WeightError(f"{name}: unsupported type {ttype.name} (supported: {supported_names()})")
+        if tuple(shape) != expected[name]:
+            raise WeightError(f"{name}: shape {list(shape)}, expected {list(expected[name])}")
+        try:
+            actual = tensor_nbytes(ttype, tuple(shape), name)
+        except GGUFError as exc:
+            raise WeightError(str(exc)) from None
+        if n_bytes != actual:
+            raise WeightError(f"{name}: declared {n_bytes} bytes, a {ttype.name} tensor of shape {list(shape)} has {actual}")
+        tensors.append(TensorInfo(name, ttype, tuple(shape), offset, n_bytes))
+        offset += n_bytes
+    return tuple(tensors)
 
 
 class CacheDirInUse(OSError):
@@ -149,18 +168,15 @@ class CachedLayers:
         self._tensors: dict[str, tuple[mmap.mmap | None, TensorInfo]] = {}
         self._files: list[tuple[Path, mmap.mmap]] = []
         for directory in directories:
-            meta = json.loads((directory / "manifest.json").read_text())
-            config = ModelConfig.from_dict(meta["config"])
-            layer = int(meta["layer"])
-            entries = [(n, c, tuple(s), b) for n, c, s, b in meta["tensors"]]
-            manifest = RangeManifest.build(meta["model_sha256"], config, LayerRange(layer, layer + 1), entries)
+            tensors = _cached_tensors(json.loads((directory / "manifest.json").read_text()))
             path = directory / "weights.bin"
-            if path.stat().st_size != manifest.n_bytes:
-                raise WeightError(f"{path}: {path.stat().st_size} bytes, the manifest says {manifest.n_bytes}")
+            n_bytes = sum(t.n_bytes for t in tensors)
+            if path.stat().st_size != n_bytes:
+                raise WeightError(f"{path}: {path.stat().st_size} bytes, the manifest says {n_bytes}")
             with open(path, "rb") as f:
                 data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             self._files.append((path, data))
-            for info in manifest.tensors:
+            for info in tensors:
                 self._tensors[info.name] = (data, info)
 
     def tensor_type(self, name: str) -> QT | None:
@@ -193,6 +209,17 @@ class CachedLayers:
         self._tensors.clear()
 
 
+def _cached_tensors(meta: dict) -> tuple[TensorInfo, ...]:
+    """The tensors a cache entry's manifest.json lists, checked as a push's are."""
+    config = ModelConfig.from_dict(meta["config"])
+    entries = [(n, c, tuple(s), b) for n, c, s, b in meta["tensors"]]
+    if meta["layer"] == HEAD:
+        tied = any(e[0] == "token_embd.weight" for e in entries)
+        return check_entries(head_tensor_shapes(config, tied), entries, "the output head")
+    layer = int(meta["layer"])
+    return RangeManifest.build(meta["model_sha256"], config, LayerRange(layer, layer + 1), entries).tensors
+
+
 def drop_page_cache(path: Path) -> None:
     """Ask the kernel to drop the file's cached pages (those not yet written back go once they
     are): bytes a Pi's memory need not hold once they were copied."""
@@ -214,39 +241,51 @@ class WeightCache:
     def __init__(self, root: Path):
         self.root = Path(root) / "layers"
 
-    def _layer_dir(self, model_sha256: str, layer: int) -> Path:
+    def _layer_dir(self, model_sha256: str, layer: int | str) -> Path:
         return self.root / model_sha256 / str(layer)
 
     def missing(self, model_sha256: str, layers: LayerRange) -> list[int]:
         """The layers of the range this cache does not hold (whole and readable)."""
-        missing = []
-        for layer in layers:
-            directory = self._layer_dir(model_sha256, layer)
-            try:
-                CachedLayers([directory])
-            except FileNotFoundError:
-                missing.append(layer)
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                log.warning("ignoring damaged cached layer %s: %s", directory, exc)
-                missing.append(layer)
-        return missing
+        return [layer for layer in layers if not self._holds(model_sha256, layer)]
 
-    def source(self, model_sha256: str, layers: LayerRange) -> CachedLayers:
-        return CachedLayers([self._layer_dir(model_sha256, layer) for layer in layers])
+    def missing_head(self, model_sha256: str) -> bool:
+        return not self._holds(model_sha256, HEAD)
 
-    def receive(self, manifest: RangeManifest, config: ModelConfig, layers: list[int]) -> "LayerWriter":
-        return LayerWriter(self, manifest, config, layers)
+    def _holds(self, model_sha256: str, entry: int | str) -> bool:
+        directory = self._layer_dir(model_sha256, entry)
+        try:
+            CachedLayers([directory])
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring damaged cached layer %s: %s", directory, exc)
+            return False
+        return True
+
+    def source(self, model_sha256: str, layers: LayerRange, head: bool = False) -> CachedLayers:
+        entries: list[int | str] = [*layers, *([HEAD] if head else [])]
+        return CachedLayers([self._layer_dir(model_sha256, entry) for entry in entries])
+
+    def receive(self, manifest: RangeManifest, config: ModelConfig, layers: list[int], head: bool = False) -> "LayerWriter":
+        return LayerWriter(self, manifest, config, layers, head)
 
 
 class LayerWriter:
     """Bytes of some layers of a range as they arrive, in manifest order: counted against the
     manifest, hashed, written to temporary folders, and moved into the cache by finish()."""
 
-    def __init__(self, cache: WeightCache, manifest: RangeManifest, config: ModelConfig, layers: list[int]):
-        if not layers or sorted(set(layers)) != layers or not all(l in manifest.layers for l in layers):
+    def __init__(self, cache: WeightCache, manifest: RangeManifest, config: ModelConfig, layers: list[int],
+                 head: bool = False):
+        if sorted(set(layers)) != layers or not all(l in manifest.layers for l in layers):
             raise WeightError(f"layers to push {layers} are not distinct, sorted and within {manifest.layers}")
+        if head and not manifest.head:
+            raise WeightError("the output head is pushed to a node that was not asked to hold it")
+        if not layers and not head:
+            raise WeightError(f"layers to push {layers} and no head: nothing to push for {manifest.layers}")
         self.cache, self.manifest, self.config = cache, manifest, config
-        self.parts = [(layer, manifest.layer_tensors(layer)) for layer in layers]
+        self.parts: list[tuple[int | str, tuple[TensorInfo, ...]]] = [(layer, manifest.layer_tensors(layer)) for layer in layers]
+        if head:
+            self.parts.append((HEAD, manifest.head_tensors()))
         self.expected = sum(t.n_bytes for _, tensors in self.parts for t in tensors)
         self.tmp = cache.root / manifest.model_sha256 / f".incoming-{uuid.uuid4().hex}"
         self.tmp.mkdir(parents=True)

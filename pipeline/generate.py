@@ -2,7 +2,9 @@
 
 It sees only `list[Stage]`: one process is `[LocalStage(0, n_layers)]`; a chain of nodes is one
 RemoteStage (coordinator/remote.py), and a plan that also places layers in this process is a
-list of both. Embedding, the final norm, the output head and sampling run here.
+list of both. Embedding, the final norm, the output head and sampling run here, except that a
+last stage holding the head (the planner's choice) answers the decode rows of greedy sessions
+with their token ids (StageBatch.argmax): the hidden states stay on the node.
 """
 
 from __future__ import annotations
@@ -39,13 +41,31 @@ class Pipeline:
         self.head = head
         self.stages = list(stages)
         self.n_ctx = n_ctx
+        self.greedy: set[str] = set()  # sessions whose sampler takes the argmax only (choose_greedily)
+
+    def choose_greedily(self, session_id: str) -> None:
+        """The session's sampler takes the argmax and nothing else (Sampler.argmax_only): when the
+        last stage holds the output head, forward and submit answer its rows with token ids
+        (T,) instead of hidden states, and head.logits passes them through. Until end_session."""
+        self.greedy.add(session_id)
 
     def forward(self, segments: Sequence[Segment], token_ids: np.ndarray) -> np.ndarray:
-        """Embed the tokens, run them through every stage; returns the last hidden states (T, dim)."""
+        """Embed the tokens, run them through every stage; returns the last hidden states (T, dim),
+        or the rows' token ids (T,) when the last stage picks them (choose_greedily)."""
+        return self._forward(segments, token_ids, decide=True)
+
+    def _forward(self, segments: Sequence[Segment], token_ids: np.ndarray, decide: bool) -> np.ndarray:
         hidden = self.head.embed(token_ids)
         for stage in self.stages:
-            hidden = stage.forward(StageBatch(tuple(segments), hidden))
+            hidden = stage.forward(self._batch(stage, segments, hidden, decide))
         return hidden
+
+    def _batch(self, stage: Stage, segments: Sequence[Segment], hidden: np.ndarray, decide: bool) -> StageBatch:
+        """The batch for `stage`: one that answers with token ids where it may (the last stage
+        holds the head and every segment's session is greedy) and the caller wants them."""
+        argmax = (decide and stage is self.stages[-1] and all(seg.session_id in self.greedy for seg in segments)
+                  and stage.holds_head)
+        return StageBatch(tuple(segments), hidden, argmax)
 
     def submit(self, segments: Sequence[Segment], token_ids: np.ndarray) -> Callable[[], np.ndarray]:
         """forward, sent now; the function returned waits for the last hidden states. When the
@@ -54,7 +74,8 @@ class Pipeline:
         if len(self.stages) > 1:
             hidden = self.forward(segments, token_ids)
             return lambda: hidden
-        return self.stages[0].submit(StageBatch(tuple(segments), self.head.embed(token_ids)))
+        stage = self.stages[0]
+        return stage.submit(self._batch(stage, segments, self.head.embed(token_ids), decide=True))
 
     @property
     def prefill_depth(self) -> int:
@@ -71,14 +92,15 @@ class Pipeline:
         node 1 computes chunk 2 while node 2 computes chunk 1, so the nodes work at once, and
         the chunks are made small enough for that (two per node, at least PIPELINED_CHUNK_MIN
         rows). A row's result does not depend on the chunk it is in, so this is bit-identical
-        to one chunk after another."""
+        to one chunk after another. Always hidden states: a stage holding the head would give
+        every row's token where one is wanted."""
         ids = np.asarray(prompt_ids, dtype=np.int64)
         depth = self.prefill_depth
         if depth == 1:
             hidden = None
             for first in range(start, len(ids), PREFILL_CHUNK):
                 chunk = ids[first : first + PREFILL_CHUNK]
-                hidden = self.forward([Segment(session_id, first, len(chunk), adapters)], chunk)
+                hidden = self._forward([Segment(session_id, first, len(chunk), adapters)], chunk, decide=False)
             return hidden[-1:]
         stage = self.stages[0]
         size = min(PREFILL_CHUNK, max(PIPELINED_CHUNK_MIN, -(-(len(ids) - start) // (2 * depth))))
@@ -101,6 +123,7 @@ class Pipeline:
         return results[-1][-1:]
 
     def end_session(self, session_id: str) -> None:
+        self.greedy.discard(session_id)
         for stage in self.stages:
             stage.end_session(session_id)
 
@@ -208,6 +231,8 @@ class Generation:
         """Prefill, then passes of the last token and a draft (if any), several in flight through
         a chain of nodes (pipelined_speculation.py), until the sequence ends."""
         seq, n_ctx = self.sequence, self.pipeline.n_ctx
+        if self.sampler.argmax_only:
+            self.pipeline.choose_greedily(seq.session_id)
         t0 = time.perf_counter()
         hidden = self.pipeline.prefill(seq.session_id, seq.prompt_ids, seq.adapters)
         seq.prefilled = len(seq.prompt_ids)

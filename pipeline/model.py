@@ -402,18 +402,62 @@ class LayerWeights:
         return sum(p.nbytes for p in parts if p is not None)
 
 
+def head_tensor_shapes(config: "ModelConfig", tied: bool) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> GGUF shape of the output head's tensors: the final norm, then the output
+    projection (the token embedding, where the model ties the two)."""
+    output = "token_embd.weight" if tied else "output.weight"
+    return {"output_norm.weight": (config.dim,), output: (config.dim, config.vocab_size)}
+
+
+def ties_output(source: TensorSource) -> bool:
+    """Many small models tie the output projection to the embedding (no output.weight)."""
+    return source.tensor_type("output.weight") is None
+
+
+class OutputHead:
+    """The final norm and the output projection: the hidden states after the last layer to
+    logits. The coordinator holds one; so does a last node the planner gives the head."""
+
+    def __init__(self, source: TensorSource, config: ModelConfig, output: PackedMatrix | None = None):
+        self.config = config
+        self.output_norm = _vector(source, "output_norm.weight", config.dim)
+        if output is None:
+            name, (cols, rows) = list(head_tensor_shapes(config, ties_output(source)).items())[1]
+            output = _tensor(source, name, rows, cols)
+        self.output = output
+
+    @property
+    def nbytes(self) -> int:
+        return self.output.nbytes + self.output_norm.nbytes
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """(T, dim) hidden states after the last layer -> (T, vocab_size) f32."""
+        normed = rmsnorm(hidden, self.output_norm, self.config.norm_eps)
+        logits = matmul(self.output, Activations(normed))
+        if self.config.final_softcap:
+            softcap_(logits, self.config.final_softcap)
+        return logits
+
+    def argmax(self, hidden: np.ndarray) -> np.ndarray:
+        """(T, dim) -> (T,) int64: each row's greedy token as the sampler picks it (np.argmax:
+        the first maximum, and the first NaN if any), refused where the sampler refuses."""
+        logits = self.logits(hidden)  # (T, vocab)
+        best = np.argmax(logits, axis=1)
+        top = logits[np.arange(logits.shape[0]), best]
+        if np.isnan(top).any() or (top == -np.inf).any():
+            raise ModelError(f"logits of row {int(np.flatnonzero(~(top > -np.inf))[0])} are NaN or all -inf (the "
+                             "model's activations overflowed, or its weights are damaged): no token can be chosen")
+        return best.astype(np.int64)
+
+
 class ModelHead:
     """What runs around the layers: token embedding in, final norm and output projection out."""
 
     def __init__(self, source: TensorSource, config: ModelConfig):
         self.config = config
         self.token_embd = _tensor(source, "token_embd.weight", config.vocab_size, config.dim)
-        self.output_norm = _vector(source, "output_norm.weight", config.dim)
-        # Many small models tie the output projection to the embedding (no output.weight).
-        if source.tensor_type("output.weight") is None:
-            self.output = self.token_embd
-        else:
-            self.output = _tensor(source, "output.weight", config.vocab_size, config.dim)
+        self.out = OutputHead(source, config, self.token_embd if ties_output(source) else None)
+        self.output_norm, self.output = self.out.output_norm, self.out.output
         # Gemma's inp_scaled: ggml_scale by sqrtf(n_embd), in f32.
         self.embed_scale = np.float32(math.sqrt(config.dim)) if config.architecture.scale_embeddings else None
 
@@ -425,9 +469,9 @@ class ModelHead:
         return x
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """(T, dim) hidden states after the last layer -> (T, vocab_size) f32."""
-        normed = rmsnorm(hidden, self.output_norm, self.config.norm_eps)
-        logits = matmul(self.output, Activations(normed))
-        if self.config.final_softcap:
-            softcap_(logits, self.config.final_softcap)
-        return logits
+        """(T, dim) hidden states after the last layer -> (T, vocab_size) f32. Rows a last stage
+        holding the head answered already, (T,) token ids (StageBatch.argmax), pass through:
+        SequenceState.advance takes them as the greedy sampler's picks."""
+        if hidden.ndim == 1:
+            return hidden
+        return self.out.logits(hidden)

@@ -183,6 +183,16 @@ class Sampler:
         self._bias_ids = np.array([t for t, _ in params.logit_bias], dtype=np.int64)  # (n_bias,)
         self._bias = np.array([b for _, b in params.logit_bias], dtype=np.float32)  # (n_bias,)
 
+    @property
+    def argmax_only(self) -> bool:
+        """It takes the argmax of the logits as they are (greedy, no constraint, bias or
+        penalties), so whoever holds the logits picks the same token: a last stage holding the
+        output head may pick it (generate.Pipeline.choose_greedily)."""
+        p = self.params
+        penalties_off = p.repeat_last_n == 0 or (
+            p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
+        return p.temperature == 0.0 and self.constraint is None and not p.logit_bias and penalties_off
+
     def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
         """The next token id; `logits` is (vocab,) and is not modified. With a constraint, only a
         token it allows, and the constraint moves past it."""

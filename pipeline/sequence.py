@@ -88,15 +88,21 @@ class SequenceState:
 
     def advance(self, logits: np.ndarray, n_ctx: int, draft: Sequence[int] = (), q: np.ndarray | None = None) -> list[int]:
         """The tokens the rows' logits give, appended and returned: logits is (1 + len(draft),
-        vocab), row i's the logits after draft[:i]; q (len(draft), vocab), when the draft was
-        drawn at random, the distribution each draft token came from. A token is taken from each
-        row in turn while the one before it equalled the draft (speculative.py's acceptance
-        rule), so the returned token i comes from row i. `finish_reason` is set once the
-        sequence ends: at an end-of-generation token (not returned), at max_tokens, or when the
-        new token's position would not fit the context (it could not be run through the stages)."""
+        vocab), row i's the logits after draft[:i], or (1 + len(draft),) the token ids a last
+        stage holding the head picked from them (a sampler that takes the argmax only); q
+        (len(draft), vocab), when the draft was drawn at random, the distribution each draft token
+        came from. A token is taken from each row in turn while the one before it equalled the
+        draft (speculative.py's acceptance rule), so the returned token i comes from row i.
+        `finish_reason` is set once the sequence ends: at an end-of-generation token (not
+        returned), at max_tokens, or when the new token's position would not fit the context (it
+        could not be run through the stages)."""
         new = []
+        picked = logits.ndim == 1  # ids: the stage took the argmax, as this sampler would
+        assert not picked or self.sampler.argmax_only
         for i, row in enumerate(logits):
-            if q is not None and i < len(draft):
+            if picked:
+                token = int(row)
+            elif q is not None and i < len(draft):
                 token = self.sampler.check_draft(row, self.history, draft[i], q[i])
             else:
                 token = self.sampler.sample(row, self.history)

@@ -19,7 +19,7 @@ from numba.typed import List
 
 from .arena import WeightArena, room_for, room_in_file
 from .lora import AdapterWeights, LoraAdapter, LoraRows
-from .model import LayerWeights, ModelConfig, TensorSource
+from .model import LayerWeights, ModelConfig, OutputHead, TensorSource
 from .ops import attention_segments, geglu, rmsnorm, rope_, rope_tables, swiglu
 from .prompt_cache import CacheStats, PromptCache
 from .quants import Activations, PackedMatrix, matmul
@@ -69,6 +69,10 @@ class StageBatch:
 
     segments: tuple[Segment, ...]
     hidden: np.ndarray  # (sum of segment lengths, dim) f32
+    # Answer with each row's greedy token id, (T,) int64, instead of its hidden state: only a
+    # stage that holds the output head (Stage.holds_head), for sessions whose sampler takes the
+    # argmax and nothing else (generate.Pipeline decides).
+    argmax: bool = False
 
     def positions(self) -> np.ndarray:
         return np.concatenate([np.arange(s.start, s.start + s.length, dtype=np.int64) for s in self.segments])
@@ -96,8 +100,9 @@ class Stage(Protocol):
 
     layers: LayerRange
     depth: int  # batches that can be computing at once: the nodes of a chain, 1 in this process
+    holds_head: bool  # the last layers and the output head: answers a batch with argmax set with token ids
 
-    def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out
+    def forward(self, batch: StageBatch) -> np.ndarray: ...  # (T, dim) f32 in -> (T, dim) f32 out, or (T,) ids
     def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]: ...  # send now; the function waits for the output
 
     def end_session(self, session_id: str) -> None: ...
@@ -281,6 +286,7 @@ class LocalStage:
         self.sessions: dict[str, KVCache] = {}
         self.prompt_cache = PromptCache()  # retired sessions; budget 0 (keeps none) unless set
         self.adapters: dict[str, AdapterWeights] = {}  # LoRA adapter name -> its matrices in these layers
+        self.output: OutputHead | None = None  # set on the model's last layers to answer argmax batches
         self._lock = threading.Lock()  # one batch at a time: the scheduler's lanes may call at once
         self._lists: tuple[tuple[int, ...], List, List] | None = None  # see _cache_lists
 
@@ -299,9 +305,13 @@ class LocalStage:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(w.nbytes for w in self.weights)
+        return sum(w.nbytes for w in self.weights) + (self.output.nbytes if self.output is not None else 0)
 
     depth = 1  # one batch computes at a time here
+
+    @property
+    def holds_head(self) -> bool:
+        return self.output is not None
 
     def submit(self, batch: StageBatch) -> Callable[[], np.ndarray]:
         """forward(batch) now; the function returned gives its output."""
@@ -380,6 +390,9 @@ class LocalStage:
         segments = batch.segments
         if not segments:
             raise StageError("empty batch")
+        if batch.argmax and self.output is None:
+            raise StageError(f"layers {self.layers} hold no output head: they cannot answer with token ids "
+                             "(load the head with the model's last layers, or ask for hidden states)")
         if len({seg.session_id for seg in segments}) != len(segments):
             raise StageError("a batch holds at most one segment per session")
         for seg in segments:
@@ -426,6 +439,8 @@ class LocalStage:
                 if not np.isfinite(out).all():  # checked input, so these layers overflowed
                     raise StageError(f"{self._sessions_of(batch, out)}: the hidden state became NaN or Inf in layers "
                                      f"{self.layers} (the model's activations overflowed); the batch was not kept")
+                if batch.argmax:
+                    out = self.output.argmax(out)  # (T,) the rows' greedy tokens
             except BaseException:
                 self._forget(batch.segments, cached)
                 raise

@@ -168,7 +168,7 @@ class TensorEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., n_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_sha256", "config", "layer_start", "layer_stop", "n_ctx", "tensors", "push_layers")
+    __slots__ = ("model_sha256", "config", "layer_start", "layer_stop", "n_ctx", "tensors", "push_layers", "head", "push_head")
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +176,8 @@ class LoadRequest(_message.Message):
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     PUSH_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    PUSH_HEAD_FIELD_NUMBER: _ClassVar[int]
     model_sha256: str
     config: ModelConfig
     layer_start: int
@@ -183,21 +185,25 @@ class LoadRequest(_message.Message):
     n_ctx: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorEntry]
     push_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, model_sha256: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., push_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    head: bool
+    push_head: bool
+    def __init__(self, model_sha256: _Optional[str] = ..., config: _Optional[_Union[ModelConfig, _Mapping]] = ..., layer_start: _Optional[int] = ..., layer_stop: _Optional[int] = ..., n_ctx: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorEntry, _Mapping]]] = ..., push_layers: _Optional[_Iterable[int]] = ..., head: _Optional[bool] = ..., push_head: _Optional[bool] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("ready", "needs_weights", "bytes_received", "source", "missing_layers")
+    __slots__ = ("ready", "needs_weights", "bytes_received", "source", "missing_layers", "needs_head")
     READY_FIELD_NUMBER: _ClassVar[int]
     NEEDS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     MISSING_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_HEAD_FIELD_NUMBER: _ClassVar[int]
     ready: bool
     needs_weights: bool
     bytes_received: int
     source: str
     missing_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ready: _Optional[bool] = ..., needs_weights: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., source: _Optional[str] = ..., missing_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    needs_head: bool
+    def __init__(self, ready: _Optional[bool] = ..., needs_weights: _Optional[bool] = ..., bytes_received: _Optional[int] = ..., source: _Optional[str] = ..., missing_layers: _Optional[_Iterable[int]] = ..., needs_head: _Optional[bool] = ...) -> None: ...
 
 class WeightChunk(_message.Message):
     __slots__ = ("header", "data", "sha256")
@@ -242,7 +248,7 @@ class Tensor(_message.Message):
     def __init__(self, format: _Optional[_Union[WireFormat, str]] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("id", "segments", "hidden", "reply_format", "chain", "relay", "compute_us", "error")
+    __slots__ = ("id", "segments", "hidden", "reply_format", "chain", "relay", "compute_us", "error", "reply_tokens")
     ID_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -251,6 +257,7 @@ class ForwardRequest(_message.Message):
     RELAY_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     id: int
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     hidden: Tensor
@@ -259,7 +266,14 @@ class ForwardRequest(_message.Message):
     relay: _containers.RepeatedScalarFieldContainer[str]
     compute_us: _containers.RepeatedScalarFieldContainer[int]
     error: Error
-    def __init__(self, id: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., reply_format: _Optional[_Union[WireFormat, str]] = ..., chain: _Optional[str] = ..., relay: _Optional[_Iterable[str]] = ..., compute_us: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    reply_tokens: bool
+    def __init__(self, id: _Optional[int] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., reply_format: _Optional[_Union[WireFormat, str]] = ..., chain: _Optional[str] = ..., relay: _Optional[_Iterable[str]] = ..., compute_us: _Optional[_Iterable[int]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., reply_tokens: _Optional[bool] = ...) -> None: ...
+
+class Tokens(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -270,16 +284,18 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("id", "hidden", "error", "compute_us")
+    __slots__ = ("id", "hidden", "error", "tokens", "compute_us")
     ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_US_FIELD_NUMBER: _ClassVar[int]
     id: int
     hidden: Tensor
     error: Error
+    tokens: Tokens
     compute_us: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, id: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., compute_us: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
     __slots__ = ("chain",)

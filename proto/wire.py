@@ -24,7 +24,7 @@ from caravan.pipeline.stage import Segment
 
 from . import caravan_pb2 as pb
 
-PROTOCOL_VERSION = 4  # bump with any incompatible change to caravan.proto
+PROTOCOL_VERSION = 5  # bump with any incompatible change to caravan.proto
 
 Q8_BLOCK = 32  # ggml's block_q8_0: an f16 scale d, then 32 int8 q; value = q * d
 Q8_BLOCK_BYTES = 2 + Q8_BLOCK
@@ -190,6 +190,19 @@ def _dequantize_q8_0(data: bytes, rows: int, cols: int) -> np.ndarray:
     q = blocks[..., 2:].view(np.int8).astype(np.float32)
     with np.errstate(invalid="ignore"):  # an Inf scale times a zero quant: NaN, refused by the caller
         return (q * d).reshape(rows, cols)
+
+
+def decode_tokens(reply: pb.ForwardReply, rows: int, vocab_size: int) -> np.ndarray:
+    """A last node's token ids (ForwardRequest.reply_tokens) -> (rows,) int64, refusing another
+    count than the batch's rows or an id outside the vocabulary."""
+    if reply.WhichOneof("result") != "tokens":
+        raise WireError("the answer holds no token ids (a node without the head, or of another caravan version)")
+    ids = np.asarray(reply.tokens.ids, dtype=np.int64)  # (rows,)
+    if ids.shape != (rows,):
+        raise WireError(f"{ids.shape[0]} token ids for a batch of {rows} rows")
+    if ids.size and ids.max() >= vocab_size:
+        raise WireError(f"token id {int(ids.max())} is outside the vocabulary of {vocab_size}")
+    return ids
 
 
 # --- segments ---------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from caravan.coordinator.planner import MIB, ModelCost, NodeCapacity, PlanError, Speculation, plan_layers, tokens_per_pass
+from caravan.coordinator.planner import (MIB, ModelCost, NodeCapacity, PlanError, Speculation, place_head, plan_layers,
+                                         tokens_per_pass)
 
 GIB = 1 << 30
 COST = ModelCost(n_layers=30, layer_bytes=3 * MIB, kv_bytes_per_layer=1 * MIB, runtime_bytes=100 * MIB)
@@ -112,3 +113,37 @@ def test_speculative_pass_time_and_rate():
     assert speculation.pass_ms(plan, head_ms=2.0) == pytest.approx((30 + 2) * 1.3 + 4)
     assert speculation.tokens_per_s(plan, head_ms=2.0) == pytest.approx(1e3 * 1.875 / 45.6)
     assert plan.tokens_per_s(head_ms=2.0) == pytest.approx(1e3 / 36)
+
+
+# A model whose output head weighs as much as six of its layers, and a hidden state row of 4 KiB.
+HEAD_COST = ModelCost(n_layers=30, layer_bytes=3 * MIB, kv_bytes_per_layer=1 * MIB, runtime_bytes=100 * MIB,
+                      head_bytes=18 * MIB, row_bytes=4096)
+
+
+def test_the_head_on_the_last_node_costs_it_layers_and_memory():
+    nodes = [node("a"), node("b"), node("c")]
+    plan = plan_layers(nodes, HEAD_COST, head=True)  # the head is 6 ms on a node of 1 ms a layer
+    assert plan.head and plan.node_head_ms == pytest.approx(6.0)
+    assert layers_of(plan) == {"a": (0, 12), "b": (12, 24), "c": (24, 30)}
+    assert plan.bottleneck_ms == pytest.approx(12.0)
+    # memory: c has room for 10 layers, or 5 and the head: the others take one more each
+    tight = plan_layers([node("a"), node("b"), node("c", memory=100 * MIB + 10 * 4 * MIB)], HEAD_COST, head=True)
+    assert layers_of(tight) == {"a": (0, 13), "b": (13, 26), "c": (26, 30)} and tight.bottleneck_ms == 13.0
+    with pytest.raises(PlanError, match="room for the output head"):
+        plan_layers([node("a", memory=100 * MIB + 30 * 4 * MIB)], HEAD_COST, head=True)
+
+
+@pytest.mark.parametrize("coordinator_head_ms,on_node,expected", [
+    # a coordinator as fast as the nodes keeps it: on c, 12 ms of a stage would pace the
+    # pipeline instead of 10 (one stream's token takes as long either way)
+    (6.0, None, False),
+    (13.0, None, True),  # a coordinator whose head is slower than a stage paces the pipeline: it moves
+    (1.0, True, True),  # told
+    (13.0, False, False),
+])
+def test_place_head_moves_it_where_it_pays(coordinator_head_ms, on_node, expected):
+    nodes = [node("a"), node("b"), node("c")]
+    plan = place_head(nodes, HEAD_COST, coordinator_head_ms, on_node)
+    assert plan.head == expected
+    if not expected:
+        assert plan.node_head_ms == 0.0 and layers_of(plan)["c"] == (20, 30)

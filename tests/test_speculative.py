@@ -64,7 +64,7 @@ class Recording:
     """A stage that keeps each batch's segments and its session lengths after the batch."""
 
     def __init__(self, stage):
-        self.stage, self.layers, self.depth = stage, stage.layers, stage.depth
+        self.stage, self.layers, self.depth, self.holds_head = stage, stage.layers, stage.depth, stage.holds_head
         self.passes: list[tuple[Segment, int]] = []
 
     def forward(self, batch):
