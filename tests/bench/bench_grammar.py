@@ -54,20 +54,25 @@ class TimedSampler(Sampler):
         return token
 
 
-def decode(model, pipeline, ids, tokens: int, constrained: bool) -> tuple[float, float]:
-    """(decode tokens/s, sampler microseconds per token) of one run."""
+def decode(model, pipeline, ids, tokens: int, constrained: bool) -> tuple[float, float, float]:
+    """(decode tokens/s, sampler microseconds per token, CPU milliseconds per token) of one run."""
     constraint = model.grammars.constraint(model.grammars.json_schema(SCHEMA)) if constrained else None
     sampler = TimedSampler(SamplingParams(temperature=0), constraint)
-    stamps = [time.perf_counter() for _ in Generation(pipeline, ids, sampler, tokens, frozenset())]
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), sampler.spent / len(stamps) * 1e6
+    stamps = [(time.perf_counter(), time.process_time()) for _ in Generation(pipeline, ids, sampler, tokens,
+                                                                              frozenset())]
+    (wall0, cpu0), (wall1, cpu1), steps = stamps[0], stamps[-1], len(stamps) - 1
+    return steps / (wall1 - wall0), sampler.spent / len(stamps) * 1e6, (cpu1 - cpu0) / steps * 1e3
 
 
-def anchor_decode(anchor: LlamaServer, tokens: int, constrained: bool) -> float:
-    """llama-server's decode tokens/s of the same request."""
+def anchor_decode(anchor: LlamaServer, tokens: int, constrained: bool) -> tuple[float, float]:
+    """llama-server's decode tokens/s of the same request, and its CPU milliseconds per token
+    (the whole request's, its cached prompt's last token included, over the tokens)."""
     body = {"messages": ASK, "temperature": 0, "max_tokens": tokens, "ignore_eos": True}
     if constrained:
         body["json_schema"] = SCHEMA
-    return anchor.post("/v1/chat/completions", body)["timings"]["predicted_per_second"]
+    cpu0 = anchor.cpu_s()
+    timings = anchor.post("/v1/chat/completions", body)["timings"]
+    return timings["predicted_per_second"], (anchor.cpu_s() - cpu0) / timings["predicted_n"] * 1e3
 
 
 def main() -> None:
@@ -98,15 +103,20 @@ def main() -> None:
             anchor.stop()
     free, schema = (statistics.median(r[0] for r in runs[c]) for c in (False, True))
     free_us, schema_us = (statistics.median(r[1] for r in runs[c]) for c in (False, True))
+    free_cpu, schema_cpu = (statistics.median(r[2] for r in runs[c]) for c in (False, True))
     print(f"decode tokens/s, {args.threads} thread(s): unconstrained {free:.1f}, JSON schema {schema:.1f}, "
-          f"ratio {schema / free:.2f}; sampler per token {free_us:.0f} us vs {schema_us:.0f} us")
+          f"ratio {schema / free:.2f}; sampler per token {free_us:.0f} us vs {schema_us:.0f} us; "
+          f"CPU per token {free_cpu:.2f} ms vs {schema_cpu:.2f} ms (ratio of rates {free_cpu / schema_cpu:.2f})")
     if anchor:
-        a_free, a_schema = (statistics.median(anchor_runs[c]) for c in (False, True))
+        a_free, a_schema = (statistics.median(r[0] for r in anchor_runs[c]) for c in (False, True))
+        a_free_cpu, a_schema_cpu = (statistics.median(r[1] for r in anchor_runs[c]) for c in (False, True))
         print(f"llama-server, {args.threads} thread(s): unconstrained {a_free:.1f}, json_schema {a_schema:.1f}, "
-              f"ratio {a_schema / a_free:.2f}; caravan / llama-server: unconstrained {free / a_free:.2f}x, "
+              f"ratio {a_schema / a_free:.2f}; CPU per token {a_free_cpu:.2f} ms vs {a_schema_cpu:.2f} ms (ratio of "
+              f"rates {a_free_cpu / a_schema_cpu:.2f}); caravan / llama-server: unconstrained {free / a_free:.2f}x, "
               f"JSON schema {schema / a_schema:.2f}x")
-        print(f"runs seen: caravan {[round(r[0], 1) for r in runs[False]]} / {[round(r[0], 1) for r in runs[True]]}, "
-              f"llama-server {[round(r, 1) for r in anchor_runs[False]]} / {[round(r, 1) for r in anchor_runs[True]]}")
+    for c in (False, True):
+        print(f"runs seen, {'JSON schema' if c else 'unconstrained'}: caravan {[round(r[0], 1) for r in runs[c]]}"
+              + (f", llama-server {[round(r[0], 1) for r in anchor_runs[c]]}" if anchor else ""))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def first_token_s(url: str, messages: list[dict]) -> tuple[float, str]:
 
 def conversation(url: str, run: int) -> dict:
     """The two turns of run `run`'s conversation against the server at url."""
-    history = [{"role": "system", "content": f"Evening {run + 1} of the journey. " + PARAGRAPH * (HISTORY_TOKENS // 40)},
+    opening = f"Evening {run + 1} of the journey. "
+    history = [{"role": "system", "content": opening + PARAGRAPH * (HISTORY_TOKENS // 40)},
                {"role": "user", "content": "Summarize the story in one sentence."}]
     first_s, answer = first_token_s(url, history)
     second = history + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Who carried the load?"}]
@@ -106,8 +107,9 @@ def main() -> None:
               **medians(runs["caravan"])}
     if anchor:
         result["llama_server"] = medians(runs["llama_server"])
+        pairs = zip(runs["caravan"], runs["llama_server"])
         result["second_turn_vs_llama_server"] = round(statistics.median(
-            c["second_turn_ttft_s"] / a["second_turn_ttft_s"] for c, a in zip(runs["caravan"], runs["llama_server"])), 3)
+            c["second_turn_ttft_s"] / a["second_turn_ttft_s"] for c, a in pairs), 3)
     print(json.dumps(result))
 
 

@@ -90,7 +90,8 @@ class LlamaServer:
                    "--port", str(port), "-t", str(threads), "-tb", str(threads), "-c", str(ctx),
                    "-np", str(parallel), "--no-webui", *args]
         command += ["-ngl", "99", "--rpc", ",".join(rpc)] if rpc else ["-ngl", "0"]
-        self._log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log")  # noqa: SIM115 (closed by stop)
+        # Closed by stop().
+        self._log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log")  # noqa: SIM115
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{port}"
         self.url = self.base_url + "/v1"
@@ -121,6 +122,11 @@ class LlamaServer:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server has spent so far, all its threads, user and system (Linux's /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
 
     def stop(self) -> None:
         stop(self.proc)
