@@ -129,6 +129,12 @@ class GrammarConstraint:
                 self._allowed = _unpack(self._bitmask[0], self.grammars.vocab_size)
         return self._allowed
 
+    def accepts(self, token: int) -> bool:
+        """Whether `token` may come next, checked alone (cheaper than the whole mask)."""
+        if self._allowed is not None:
+            return bool(self._allowed[token])
+        return self._matcher.validate_tokens([int(token)]) == 1
+
     def advance(self, token: int) -> None:
         """The sequence chose `token`: move past it."""
         self._matcher.consume_token(int(token))

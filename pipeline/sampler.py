@@ -160,6 +160,8 @@ class Constraint(Protocol):
 
     def allowed(self) -> np.ndarray: ...  # (vocab,) bool
 
+    def accepts(self, token: int) -> bool: ...  # whether `token` may come next, without the whole mask
+
     def advance(self, token: int) -> None: ...  # the sequence chose `token`
 
     def allowed_rows(self, draft: list[int]) -> np.ndarray: ...  # (len(draft) + 1, vocab) bool, now and after each
@@ -199,9 +201,21 @@ class Sampler:
         if self.constraint is None:
             return self._draw(logits, previous_tokens)
         _check_shape(logits)
-        token = self._draw(masked(logits, self.constraint.allowed()), previous_tokens)
+        token = self._greedy_accepted(logits, previous_tokens)
+        if token is None:
+            token = self._draw(masked(logits, self.constraint.allowed()), previous_tokens)
         self.constraint.advance(token)
         return token
+
+    def _greedy_accepted(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> int | None:
+        """Plain greedy's token when the constraint accepts it, else None: the argmax of the masked
+        logits is the unmasked argmax whenever that is allowed, which spares building and applying
+        the whole mask on most steps (llama.cpp's sampler checks its grammar the same way)."""
+        p = self.params
+        if p.temperature != 0.0 or p.logit_bias or self._penalises(previous_tokens):
+            return None
+        best = int(np.argmax(logits))
+        return best if np.isfinite(logits[best]) and self.constraint.accepts(best) else None
 
     def _draw(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> int:
         p = self.params

