@@ -123,10 +123,15 @@ def test_every_stage_keeps_only_accepted_positions(smollm2, draft):
 
     c = smollm2.config
     stages = [LocalStage.load(smollm2.file, c, LayerRange(a, b), N_CTX) for a, b in ((0, 10), (10, 20), (20, c.n_layers))]
-    pipeline, unrecorded = Pipeline(smollm2.head, stages, N_CTX), Pipeline(smollm2.head, stages, N_CTX)
-    passes = []
-    forward = pipeline.forward
-    pipeline.forward = lambda segments, token_ids: (passes.append(segments[0]), forward(segments, token_ids))[1]
+    pipeline, plain = Pipeline(smollm2.head, stages, N_CTX), Pipeline(smollm2.head, stages, N_CTX)
+    passes = []  # every batch of the generation's the first stage runs: the prompt's chunks, then the passes
+    forward = stages[0].forward
+
+    def recorded(batch):
+        if batch.segments[0].session_id != "reference":
+            passes.append(batch.segments[0])
+        return forward(batch)
+    stages[0].forward = recorded
     ids = chat_prompt(smollm2, MESSAGES[1])
     generation = Generation(pipeline, ids, greedy(), N_TOKENS, smollm2.tokenizer.eog_ids, drafter=draft.drafter())
     seq, seen, next_start, checked = generation.sequence, 0, 0, 0
@@ -141,12 +146,12 @@ def test_every_stage_keeps_only_accepted_positions(smollm2, draft):
         rejected = last.start + last.length > seq.accepted_length  # rows of rejected tokens in the caches
         if rejected and checked < 2 and not seq.finished:
             n = seq.accepted_length
-            unrecorded.prefill("reference", seq.history[:n])
+            plain.prefill("reference", seq.history[:n])
             for stage in stages:
                 mine, reference = stage.sessions[seq.session_id], stage.sessions["reference"]
                 np.testing.assert_array_equal(mine.k[..., :n], reference.k[..., :n])
                 np.testing.assert_array_equal(mine.v[:, :, :n], reference.v[:, :, :n])
-            unrecorded.end_session("reference")
+            plain.end_session("reference")
             checked += 1
     assert checked > 0 and all(stage.sessions == {} for stage in stages)
 
