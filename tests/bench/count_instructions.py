@@ -91,17 +91,10 @@ def _product(name: str, n_tokens: int, isa: str):
     return nb.njit(_signature(name), nogil=True)(one_group)
 
 
-def _inner_trips(name: str) -> int:
-    """Passes of a loop inside the block loop: a K-quant's dot-product path walks its spans in one."""
-    from caravan.pipeline.formats import kquants
-
-    return kquants.QK_K // kquants.SPAN // kquants.SPANS_PER_PASS if name.endswith("_k") else 1
-
-
 def count(name: str, n_tokens: int, isa: str, arch: str) -> dict:
     """Instructions per block (and per block and token row) of one product."""
     product = _product(name, n_tokens, isa)
-    instructions, fmas = loop_counts(product.inspect_asm(product.signatures[0]), _inner_trips(name))
+    instructions, fmas = loop_counts(product.inspect_asm(product.signatures[0]))
     per_fma = 1 if arch == "x86_64" else 2  # an <8 x float> fma is two NEON fmla
     unroll = max(1, fmas // (FMAS_PER_BLOCK[name] * n_tokens * per_fma))
     return {"format": name, "tokens": n_tokens, "isa": isa, "loop": instructions, "unroll": unroll,
