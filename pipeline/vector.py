@@ -260,7 +260,7 @@ def _quad_dot(builder, acc, weights, acts):
 
 
 def _after(builder, vectors):
-    """An empty asm that reads `vectors` (<8 x i32> each, as 128-bit NEON registers) and has a
+    """An empty asm that reads `vectors` (i32 vectors, as 128-bit NEON registers) and has a
     side effect: what computes them stays before it and the loads after it stay after, so LLVM's
     scheduler cannot interleave two blocks' integer work (on QUAD_DOT_ISAS only)."""
     halves = [half for vector in vectors for half in _quarters(builder, vector, 4)]

@@ -46,6 +46,7 @@ from ..vector import (
     _call,
     _fma,
     _fma_np,
+    _joined,
     _load,
     _load_f16x8,
     _pair_products,
@@ -155,9 +156,9 @@ def _block_sums(builder, chunks, x_block, fmt: GroupFormat, isa: str, x_sum):
 
 
 
-# Blocks per pass of the loop over blocks, by instruction set: the dot-product path takes two,
-# which halves the loop's own steps (tests/bench/count_instructions.py); each block's float
-# steps stay in block order, so the bits do not change.
+# Blocks per pass of the one-token form's loop over blocks, by instruction set: the dot-product
+# path takes two, which halves the loop's own steps (tests/bench/count_instructions.py); each
+# block's float steps stay in block order, so the bits do not change.
 BLOCKS_PER_PASS = {"dotprod": 2}
 
 
@@ -191,15 +192,20 @@ class _GroupCode:
         """Block b of the eight rows against every token row, into the accumulators; returns each
         token row's integer sums."""
         builder, fmt, const = self.builder, self.fmt, lambda value: self.context.get_constant(types.intp, value)
-        chunks = _group_chunks(builder, builder.gep(self.w_group, [builder.mul(b, const(GROUP_ROWS * fmt.block_bytes))]), fmt, self.isa)
+        by_half = self.sums_by_half(b) if self.isa in QUAD_DOT_ISAS and len(self.rows) > 1 and fmt.has_min else None
+        if by_half is None:
+            chunks = _group_chunks(builder, builder.gep(self.w_group, [builder.mul(b, const(GROUP_ROWS * fmt.block_bytes))]), fmt, self.isa)
         w_scales = _load_f16x8(builder, builder.gep(self.d_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
         if fmt.has_min:
             w_mins = _load_f16x8(builder, builder.gep(self.m_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
         x_offset = builder.mul(b, const(QK))
         all_sums = []
         for i in range(len(self.rows)):
-            x_sum = builder.load(builder.gep(self.xn_rows[i], [b])) if fmt.zero_point else None
-            sums = _block_sums(builder, chunks, builder.gep(self.x_rows[i], [x_offset]), fmt, self.isa, x_sum)
+            if by_half is None:
+                x_sum = builder.load(builder.gep(self.xn_rows[i], [b])) if fmt.zero_point else None
+                sums = _block_sums(builder, chunks, builder.gep(self.x_rows[i], [x_offset]), fmt, self.isa, x_sum)
+            else:
+                sums = by_half[i]
             scale = builder.fmul(w_scales, _splat(builder, builder.load(builder.gep(self.xd_rows[i], [b])), _V8_F32))
             builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(self.accs[i])), self.accs[i])
             if fmt.has_min:
@@ -207,6 +213,23 @@ class _GroupCode:
                 builder.store(_fma(builder, w_mins, x_total, builder.load(self.mins[i])), self.mins[i])
             all_sums.append(sums)
         return all_sums
+
+    def sums_by_half(self, b) -> list:
+        """Each token row's integer sums of block b, rows 0 .. 3 for every token row, then (after
+        an empty asm, which repeats the loads: LLVM loads only the half each uses) rows 4 .. 7:
+        the sdot path's four-token Q4_1, whose sixteen accumulators (sums and minima) leave too
+        few registers for eight rows' weights at once."""
+        builder, fmt, const = self.builder, self.fmt, lambda value: self.context.get_constant(types.intp, value)
+        halves = []
+        for h in range(2):
+            chunks = _group_chunks(builder, builder.gep(self.w_group, [builder.mul(b, const(GROUP_ROWS * fmt.block_bytes))]), fmt, self.isa)
+            x_sums = [builder.load(builder.gep(row, [b])) if fmt.zero_point else None for row in self.xn_rows]
+            sums = [_block_sums(builder, chunks, builder.gep(x_row, [builder.mul(b, const(QK))]), fmt, self.isa, x_sum)
+                    for x_row, x_sum in zip(self.x_rows, x_sums)]
+            halves.append([_shuffle(builder, total, range(4 * h, 4 * h + 4)) for total in sums])
+            if h == 0:
+                _after(builder, halves[0])
+        return [_joined(builder, pair) for pair in zip(*halves)]
 
     def store(self) -> None:
         """Each token row's acc (Q4_1: plus mins) into out[row, 8g : 8g + n_valid]."""
@@ -225,7 +248,7 @@ class _GroupCode:
 def _codegen_group(fmt: GroupFormat, n_tokens: int, isa: str):
     def codegen(context, builder, signature, args):
         code = _GroupCode(fmt, n_tokens, isa, context, builder, signature, args)
-        per_pass = BLOCKS_PER_PASS.get(isa, 1)
+        per_pass = BLOCKS_PER_PASS.get(isa, 1) if n_tokens == 1 else 1  # the four-token form's registers are full
         if per_pass == 1:
             with cgutils.for_range(builder, code.n_blocks) as loop:
                 code.block(loop.index)
