@@ -36,7 +36,9 @@ from ..vector import (
     _F32,
     _I32,
     _V8_F32,
+    _V8_HALF,
     _V8_I32,
+    _V16_I16,
     _V32_I8,
     ISA,
     ISAS,
@@ -188,16 +190,20 @@ class _GroupCode:
         self.mins = [cgutils.alloca_once_value(builder, zero) for _ in self.rows]
         self.out, self.out_t = out, out_t
 
-    def block(self, b) -> list:
+    def block(self, b, factors=None) -> list:
         """Block b of the eight rows against every token row, into the accumulators; returns each
-        token row's integer sums."""
+        token row's integer sums. factors: what pair_factors() gave for b, else each is loaded
+        where it is used."""
         builder, fmt, const = self.builder, self.fmt, lambda value: self.context.get_constant(types.intp, value)
         by_half = self.sums_by_half(b) if self.isa in QUAD_DOT_ISAS and len(self.rows) > 1 and fmt.has_min else None
         if by_half is None:
             chunks = _group_chunks(builder, builder.gep(self.w_group, [builder.mul(b, const(GROUP_ROWS * fmt.block_bytes))]), fmt, self.isa)
-        w_scales = _load_f16x8(builder, builder.gep(self.d_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
-        if fmt.has_min:
-            w_mins = _load_f16x8(builder, builder.gep(self.m_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
+        if factors is None:
+            w_scales = _load_f16x8(builder, builder.gep(self.d_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
+            if fmt.has_min:
+                w_mins = _load_f16x8(builder, builder.gep(self.m_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
+        else:
+            w_scales, w_mins, x_scales, x_totals = factors
         x_offset = builder.mul(b, const(QK))
         all_sums = []
         for i in range(len(self.rows)):
@@ -206,13 +212,33 @@ class _GroupCode:
                 sums = _block_sums(builder, chunks, builder.gep(self.x_rows[i], [x_offset]), fmt, self.isa, x_sum)
             else:
                 sums = by_half[i]
-            scale = builder.fmul(w_scales, _splat(builder, builder.load(builder.gep(self.xd_rows[i], [b])), _V8_F32))
+            x_scale = builder.load(builder.gep(self.xd_rows[i], [b])) if factors is None else x_scales[i]
+            scale = builder.fmul(w_scales, _splat(builder, x_scale, _V8_F32))
             builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(self.accs[i])), self.accs[i])
             if fmt.has_min:
-                x_total = _splat(builder, builder.load(builder.gep(self.xs_rows[i], [b])), _V8_F32)
+                x_total = _splat(builder, builder.load(builder.gep(self.xs_rows[i], [b])) if factors is None else x_totals[i], _V8_F32)
                 builder.store(_fma(builder, w_mins, x_total, builder.load(self.mins[i])), self.mins[i])
             all_sums.append(sums)
         return all_sums
+
+    def pair_factors(self, b) -> list:
+        """The float factors of blocks b and b + 1, as block() takes them: each f16 field of both
+        blocks in one load (ldp) and each token row's two activation scales (and d * sums) in
+        one, loaded before the first block's integer work, so the pair shares its loads."""
+        builder, const = self.builder, lambda value: self.context.get_constant(types.intp, value)
+
+        def f16_pair(group):  # <8 x float> of block b, then of b + 1
+            both = _load(builder, builder.gep(group, [builder.mul(b, const(GROUP_ROWS * 2))]), _V16_I16)
+            return [builder.fpext(builder.bitcast(_shuffle(builder, both, range(8 * q, 8 * q + 8)), _V8_HALF), _V8_F32) for q in range(2)]
+
+        def f32_pair(row):  # row[b], row[b + 1]
+            both = builder.load(builder.bitcast(builder.gep(row, [b]), ir.VectorType(_F32, 2).as_pointer()), align=4)
+            return [builder.extract_element(both, ir.Constant(_I32, q)) for q in range(2)]
+
+        has_min = self.fmt.has_min
+        scales, mins = f16_pair(self.d_group), (f16_pair(self.m_group) if has_min else [None, None])
+        x_scales, x_totals = [f32_pair(row) for row in self.xd_rows], [f32_pair(row) for row in self.xs_rows] if has_min else None
+        return [(scales[q], mins[q], [x[q] for x in x_scales], [x[q] for x in x_totals] if has_min else None) for q in range(2)]
 
     def sums_by_half(self, b) -> list:
         """Each token row's integer sums of block b, rows 0 .. 3 for every token row, then (after
@@ -256,8 +282,9 @@ def _codegen_group(fmt: GroupFormat, n_tokens: int, isa: str):
             step = context.get_constant(types.intp, per_pass)
             passes = builder.udiv(code.n_blocks, step)
             with cgutils.for_range(builder, passes) as loop:
+                pair = code.pair_factors(builder.mul(loop.index, step))
                 for q in range(per_pass):
-                    sums = code.block(builder.add(builder.mul(loop.index, step), context.get_constant(types.intp, q)))
+                    sums = code.block(builder.add(builder.mul(loop.index, step), context.get_constant(types.intp, q)), pair[q])
                     if q + 1 < per_pass:  # one block's integers at a time: interleaved, they spill
                         _after(builder, sums)
             done = builder.mul(passes, step)
