@@ -6,7 +6,8 @@ Compiles one group product (eight weight rows against one activation row, and ag
 of Q4_0, Q4_1, Q8_0 and Q4_K for every instruction set in pipeline/vector.py's ISAS on the CPU
 Numba compiles for, takes the assembly (Numba's inspect_asm), finds the loop over weight blocks
 (the one loop of the product: the longest span from a label to a branch back to it) and counts
-its instructions. LLVM may unroll that loop: the fused multiply-adds per block are known (one
+its instructions. LLVM may unroll that loop, and the dot-product path's one-row Q4_0, Q4_1 and
+Q8_0 take two blocks a pass: the fused multiply-adds per block are known (one
 <8 x float> chain per block and token, two with minima), so the count of fma instructions in
 the loop gives the unroll factor. A block is 32 weights (Q4_K: a 256-weight superblock).
 
