@@ -259,6 +259,14 @@ def _quad_dot(builder, acc, weights, acts):
     return _joined(builder, [_neon(builder, "sdot.v4i32.v16i8", _V4_I32, list(args)) for args in halves])
 
 
+def _after(builder, vectors):
+    """An empty asm that reads `vectors` (i32 vectors, as 128-bit NEON registers) and has a
+    side effect: what computes them stays before it and the loads after it stay after, so LLVM's
+    scheduler cannot interleave two blocks' integer work (on QUAD_DOT_ISAS only)."""
+    halves = [half for vector in vectors for half in _quarters(builder, vector, 4)]
+    builder.asm(ir.FunctionType(ir.VoidType(), [h.type for h in halves]), "", ",".join(["w"] * len(halves)), halves, side_effect=True)
+
+
 def _byte_products(builder, weights, acts):
     """<32 x i16>: weights[j] * acts[j], both int8 (NEON: smull per 8 bytes, smlal where added to
     a sum)."""

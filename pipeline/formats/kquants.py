@@ -75,6 +75,7 @@ from ..vector import (
     ISA,
     ISAS,
     QUAD_DOT_ISAS,
+    _after,
     _bits,
     _broadcast4,
     _check,
@@ -136,9 +137,13 @@ class _KFormat:
     has_min: bool  # dmin and minima (Q2_K, Q4_K, Q5_K)
     meta_layout: str  # "signed16" (Q3_K, Q6_K), "units32" (Q4_K, Q5_K), "nibbles16" (Q2_K)
 
-    def scale_bytes(self, builder, meta, s):
-        """<8 x i8>: row k's scale of sub-block s in lane k."""
-        eight = _meta_vector(builder, meta, 8 * s, _V8_I8)
+    def scale_bytes(self, builder, meta, s, loaded=None):
+        """<8 x i8>: row k's scale of sub-block s in lane k; loaded: meta's 32 bytes holding it,
+        if loaded already."""
+        if loaded is None:
+            eight = _meta_vector(builder, meta, 8 * s, _V8_I8)
+        else:
+            eight = _shuffle(builder, loaded, range(8 * (s % 4), 8 * (s % 4) + 8))
         return _bits(builder, eight, 0, 15) if self.meta_layout == "nibbles16" else eight
 
     def scales(self, builder, meta, s):
@@ -193,28 +198,25 @@ def _quad_dot_scaled(builder, fmt: _KFormat, span, words, first, row_scales, tot
     return [builder.add(total, builder.mul(q, row_scales)) for total, q in zip(totals, quads)]
 
 
-SPANS_PER_PASS = 2  # spans per pass of _quad_dot_spans' loop: more, and LLVM's scheduler spills registers
-
-
 def _quad_dot_spans(context, builder, fmt: _KFormat, block, meta, x_blocks):
-    """Each token row's <8 x i32> total over the superblock at `block` of scale * sum(u * x), a
-    span per pass of a loop: written out, LLVM's scheduler interleaves the spans until the
-    registers spill."""
+    """Each token row's <8 x i32> total over the superblock at `block` of scale * sum(u * x), one
+    span after another: an empty asm after each span's sums keeps LLVM's scheduler from
+    interleaving the spans until the registers spill."""
     const = lambda value: context.get_constant(types.intp, value)  # noqa: E731
-    sums = [cgutils.alloca_once_value(builder, ir.Constant(_V8_I32, [0] * 8)) for _ in x_blocks]
-    with cgutils.for_range(builder, const(QK_K // SPAN // SPANS_PER_PASS)) as loop:
-        totals = [builder.load(total) for total in sums]
-        for q in range(SPANS_PER_PASS):
-            p = builder.add(builder.mul(loop.index, const(SPANS_PER_PASS)), const(q))
-            span = builder.gep(block, [builder.mul(p, const(fmt.spans.vectors * 32))])
-            span_meta = builder.gep(meta, [builder.mul(p, const(8 * 8 // fmt.unit_chunks))])  # its sub-blocks' scales
-            words = [_load(builder, builder.gep(x_block, [builder.mul(p, const(SPAN))]), _V8_I32) for x_block in x_blocks]
-            for first in range(0, 8, fmt.unit_chunks):
-                row_scales = builder.sext(fmt.scale_bytes(builder, span_meta, first // fmt.unit_chunks), _V8_I32)
-                totals = _quad_dot_scaled(builder, fmt, span, words, first, row_scales, totals)
-        for total, value in zip(sums, totals):
-            builder.store(value, total)
-    return [builder.load(total) for total in sums]
+    totals = [ir.Constant(_V8_I32, [0] * 8)] * len(x_blocks)
+    scale_vectors = {}  # the sub-blocks' scale bytes, 32 at a time (one ldp), loaded where first needed
+    for p in range(QK_K // SPAN):
+        span = builder.gep(block, [const(p * fmt.spans.vectors * 32)])
+        words = [_load(builder, builder.gep(x_block, [const(p * SPAN)]), _V8_I32) for x_block in x_blocks]
+        for first in range(0, 8, fmt.unit_chunks):
+            s = (8 * p + first) // fmt.unit_chunks  # the sub-block
+            if s // 4 not in scale_vectors:
+                scale_vectors[s // 4] = _meta_vector(builder, meta, 32 * (s // 4), _V32_I8)
+            row_scales = builder.sext(fmt.scale_bytes(builder, meta, s, scale_vectors[s // 4]), _V8_I32)
+            totals = _quad_dot_scaled(builder, fmt, span, words, first, row_scales, totals)
+        if p + 1 < QK_K // SPAN:
+            _after(builder, totals)
+    return totals
 
 
 def _minima(builder, fmt: _KFormat, meta, bsums, bsum_pairs, isa):
@@ -225,8 +227,9 @@ def _minima(builder, fmt: _KFormat, meta, bsums, bsum_pairs, isa):
         both = _load(builder, bsums, _V16_I16)
         totals = builder.add(_shuffle(builder, both, range(0, 16, 2)), _shuffle(builder, both, range(1, 16, 2)))
         minima = ir.Constant(_V8_I32, [0] * 8)
+        minima_bytes = [_meta_vector(builder, meta, 64 + 32 * j, _V32_I8) for j in range(2)]  # [sub-block][row], 32 at a time (one ldp)
         for p in range(8):
-            m = builder.sext(builder.sext(_meta_vector(builder, meta, 64 + 8 * p, _V8_I8), _V8_I16), _V8_I32)
+            m = builder.sext(builder.sext(_shuffle(builder, minima_bytes[p // 4], range(8 * (p % 4), 8 * (p % 4) + 8)), _V8_I16), _V8_I32)
             x_total = builder.sext(_shuffle(builder, totals, [p] * 8), _V8_I32)
             minima = builder.add(minima, builder.mul(m, x_total))
         return minima

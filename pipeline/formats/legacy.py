@@ -36,15 +36,19 @@ from ..vector import (
     _F32,
     _I32,
     _V8_F32,
+    _V8_HALF,
     _V8_I32,
+    _V16_I16,
     _V32_I8,
     ISA,
     ISAS,
     QUAD_DOT_ISAS,
+    _after,
     _byte_products,
     _call,
     _fma,
     _fma_np,
+    _joined,
     _load,
     _load_f16x8,
     _pair_products,
@@ -154,51 +158,139 @@ def _block_sums(builder, chunks, x_block, fmt: GroupFormat, isa: str, x_sum):
 
 
 
-def _codegen_group(fmt: GroupFormat, n_tokens: int, isa: str):
-    def codegen(context, builder, signature, args):
+# Blocks per pass of the one-token form's loop over blocks, by instruction set: the dot-product
+# path takes two, which halves the loop's own steps (tests/bench/count_instructions.py); each
+# block's float steps stay in block order, so the bits do not change.
+BLOCKS_PER_PASS = {"dotprod": 2}
+
+
+class _GroupCode:
+    """The IR of one call of a group product (eight weight rows of group g against n_tokens
+    activation rows): the arguments as row pointers, one block's steps, the stores."""
+
+    def __init__(self, fmt: GroupFormat, n_tokens: int, isa: str, context, builder, signature, args):
+        self.fmt, self.isa, self.context, self.builder = fmt, isa, context, builder
         wq, wd, wm, g, xq, xd, xs, xn, out, t, n_valid = args
         wq_t, wd_t, wm_t, g_t, xq_t, xd_t, xs_t, xn_t, out_t, t_t, n_valid_t = signature.args
         intp = types.intp
-        g = context.cast(builder, g, g_t, intp)
+        self.g = context.cast(builder, g, g_t, intp)
         t = context.cast(builder, t, t_t, intp)
-        n_valid = builder.trunc(context.cast(builder, n_valid, n_valid_t, intp), _I32)
-        rows = [builder.add(t, context.get_constant(intp, i)) for i in range(n_tokens)]
-        w_group, _ = _row_pointer(context, builder, wq_t, wq, g)
-        d_group, wd_ary = _row_pointer(context, builder, wd_t, wd, g)
-        m_group, _ = _row_pointer(context, builder, wm_t, wm, g)
-        n_blocks = builder.udiv(cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1], context.get_constant(intp, GROUP_ROWS))
-        x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in rows]
-        xd_rows, xs_rows = ([builder.bitcast(_row_pointer(context, builder, a_t, a, i)[0], _F32.as_pointer()) for i in rows] for a, a_t in ((xd, xd_t), (xs, xs_t)))
-        xn_rows = [builder.bitcast(_row_pointer(context, builder, xn_t, xn, i)[0], _I32.as_pointer()) for i in rows]
+        self.n_valid = builder.trunc(context.cast(builder, n_valid, n_valid_t, intp), _I32)
+        self.rows = [builder.add(t, context.get_constant(intp, i)) for i in range(n_tokens)]
+        self.w_group, _ = _row_pointer(context, builder, wq_t, wq, self.g)
+        self.d_group, wd_ary = _row_pointer(context, builder, wd_t, wd, self.g)
+        self.m_group, _ = _row_pointer(context, builder, wm_t, wm, self.g)
+        self.n_blocks = builder.udiv(cgutils.unpack_tuple(builder, wd_ary.shape, 2)[1], context.get_constant(intp, GROUP_ROWS))
+        self.x_rows = [_row_pointer(context, builder, xq_t, xq, i)[0] for i in self.rows]
+        self.xd_rows, self.xs_rows = ([builder.bitcast(_row_pointer(context, builder, a_t, a, i)[0], _F32.as_pointer()) for i in self.rows]
+                                      for a, a_t in ((xd, xd_t), (xs, xs_t)))
+        self.xn_rows = [builder.bitcast(_row_pointer(context, builder, xn_t, xn, i)[0], _I32.as_pointer()) for i in self.rows]
         zero = ir.Constant(_V8_F32, [0.0] * 8)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in rows]
-        mins = [cgutils.alloca_once_value(builder, zero) for _ in rows]
-        group_bytes = context.get_constant(intp, GROUP_ROWS * fmt.block_bytes)
-        scale_bytes = context.get_constant(intp, GROUP_ROWS * 2)
-        with cgutils.for_range(builder, n_blocks) as loop:
-            b = loop.index
-            chunks = _group_chunks(builder, builder.gep(w_group, [builder.mul(b, group_bytes)]), fmt, isa)
-            w_scales = _load_f16x8(builder, builder.gep(d_group, [builder.mul(b, scale_bytes)]))
+        self.accs = [cgutils.alloca_once_value(builder, zero) for _ in self.rows]
+        self.mins = [cgutils.alloca_once_value(builder, zero) for _ in self.rows]
+        self.out, self.out_t = out, out_t
+
+    def block(self, b, factors=None) -> list:
+        """Block b of the eight rows against every token row, into the accumulators; returns each
+        token row's integer sums. factors: what pair_factors() gave for b, else each is loaded
+        where it is used."""
+        builder, fmt, const = self.builder, self.fmt, lambda value: self.context.get_constant(types.intp, value)
+        by_half = self.sums_by_half(b) if self.isa in QUAD_DOT_ISAS and len(self.rows) > 1 and fmt.has_min else None
+        if by_half is None:
+            chunks = _group_chunks(builder, builder.gep(self.w_group, [builder.mul(b, const(GROUP_ROWS * fmt.block_bytes))]), fmt, self.isa)
+        if factors is None:
+            w_scales = _load_f16x8(builder, builder.gep(self.d_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
             if fmt.has_min:
-                w_mins = _load_f16x8(builder, builder.gep(m_group, [builder.mul(b, scale_bytes)]))
-            x_offset = builder.mul(b, context.get_constant(intp, QK))
-            for i in range(n_tokens):
-                x_sum = builder.load(builder.gep(xn_rows[i], [b])) if fmt.zero_point else None
-                sums = _block_sums(builder, chunks, builder.gep(x_rows[i], [x_offset]), fmt, isa, x_sum)
-                scale = builder.fmul(w_scales, _splat(builder, builder.load(builder.gep(xd_rows[i], [b])), _V8_F32))
-                builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(accs[i])), accs[i])
-                if fmt.has_min:
-                    x_total = _splat(builder, builder.load(builder.gep(xs_rows[i], [b])), _V8_F32)
-                    builder.store(_fma(builder, w_mins, x_total, builder.load(mins[i])), mins[i])
-        out_ary = context.make_array(out_t)(context, builder, out)
-        first_col = builder.mul(g, context.get_constant(intp, GROUP_ROWS))
-        mask = builder.icmp_unsigned("<", ir.Constant(_V8_I32, list(range(GROUP_ROWS))), _splat(builder, n_valid, _V8_I32))
-        for i in range(n_tokens):
-            result = builder.load(accs[i])
+                w_mins = _load_f16x8(builder, builder.gep(self.m_group, [builder.mul(b, const(GROUP_ROWS * 2))]))
+        else:
+            w_scales, w_mins, x_scales, x_totals = factors
+        x_offset = builder.mul(b, const(QK))
+        all_sums = []
+        for i in range(len(self.rows)):
+            if by_half is None:
+                x_sum = builder.load(builder.gep(self.xn_rows[i], [b])) if fmt.zero_point else None
+                sums = _block_sums(builder, chunks, builder.gep(self.x_rows[i], [x_offset]), fmt, self.isa, x_sum)
+            else:
+                sums = by_half[i]
+            x_scale = builder.load(builder.gep(self.xd_rows[i], [b])) if factors is None else x_scales[i]
+            scale = builder.fmul(w_scales, _splat(builder, x_scale, _V8_F32))
+            builder.store(_fma(builder, scale, builder.sitofp(sums, _V8_F32), builder.load(self.accs[i])), self.accs[i])
             if fmt.has_min:
-                result = builder.fadd(result, builder.load(mins[i]))
-            pointer = cgutils.get_item_pointer(context, builder, out_t, out_ary, [rows[i], first_col], wraparound=False)
+                x_total = _splat(builder, builder.load(builder.gep(self.xs_rows[i], [b])) if factors is None else x_totals[i], _V8_F32)
+                builder.store(_fma(builder, w_mins, x_total, builder.load(self.mins[i])), self.mins[i])
+            all_sums.append(sums)
+        return all_sums
+
+    def pair_factors(self, b) -> list:
+        """The float factors of blocks b and b + 1, as block() takes them: each f16 field of both
+        blocks in one load (ldp) and each token row's two activation scales (and d * sums) in
+        one, loaded before the first block's integer work, so the pair shares its loads."""
+        builder, const = self.builder, lambda value: self.context.get_constant(types.intp, value)
+
+        def f16_pair(group):  # <8 x float> of block b, then of b + 1
+            both = _load(builder, builder.gep(group, [builder.mul(b, const(GROUP_ROWS * 2))]), _V16_I16)
+            return [builder.fpext(builder.bitcast(_shuffle(builder, both, range(8 * q, 8 * q + 8)), _V8_HALF), _V8_F32) for q in range(2)]
+
+        def f32_pair(row):  # row[b], row[b + 1]
+            both = builder.load(builder.bitcast(builder.gep(row, [b]), ir.VectorType(_F32, 2).as_pointer()), align=4)
+            return [builder.extract_element(both, ir.Constant(_I32, q)) for q in range(2)]
+
+        has_min = self.fmt.has_min
+        scales, mins = f16_pair(self.d_group), (f16_pair(self.m_group) if has_min else [None, None])
+        x_scales, x_totals = [f32_pair(row) for row in self.xd_rows], [f32_pair(row) for row in self.xs_rows] if has_min else None
+        return [(scales[q], mins[q], [x[q] for x in x_scales], [x[q] for x in x_totals] if has_min else None) for q in range(2)]
+
+    def sums_by_half(self, b) -> list:
+        """Each token row's integer sums of block b, rows 0 .. 3 for every token row, then (after
+        an empty asm, which repeats the loads: LLVM loads only the half each uses) rows 4 .. 7:
+        the sdot path's four-token Q4_1, whose sixteen accumulators (sums and minima) leave too
+        few registers for eight rows' weights at once."""
+        builder, fmt, const = self.builder, self.fmt, lambda value: self.context.get_constant(types.intp, value)
+        halves = []
+        for h in range(2):
+            chunks = _group_chunks(builder, builder.gep(self.w_group, [builder.mul(b, const(GROUP_ROWS * fmt.block_bytes))]), fmt, self.isa)
+            x_sums = [builder.load(builder.gep(row, [b])) if fmt.zero_point else None for row in self.xn_rows]
+            sums = [_block_sums(builder, chunks, builder.gep(x_row, [builder.mul(b, const(QK))]), fmt, self.isa, x_sum)
+                    for x_row, x_sum in zip(self.x_rows, x_sums)]
+            halves.append([_shuffle(builder, total, range(4 * h, 4 * h + 4)) for total in sums])
+            if h == 0:
+                _after(builder, halves[0])
+        return [_joined(builder, pair) for pair in zip(*halves)]
+
+    def store(self) -> None:
+        """Each token row's acc (Q4_1: plus mins) into out[row, 8g : 8g + n_valid]."""
+        builder, context, intp = self.builder, self.context, types.intp
+        out_ary = context.make_array(self.out_t)(context, builder, self.out)
+        first_col = builder.mul(self.g, context.get_constant(intp, GROUP_ROWS))
+        mask = builder.icmp_unsigned("<", ir.Constant(_V8_I32, list(range(GROUP_ROWS))), _splat(builder, self.n_valid, _V8_I32))
+        for i, row in enumerate(self.rows):
+            result = builder.load(self.accs[i])
+            if self.fmt.has_min:
+                result = builder.fadd(result, builder.load(self.mins[i]))
+            pointer = cgutils.get_item_pointer(context, builder, self.out_t, out_ary, [row, first_col], wraparound=False)
             _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [result, pointer, ir.Constant(_I32, 4), mask])
+
+
+def _codegen_group(fmt: GroupFormat, n_tokens: int, isa: str):
+    def codegen(context, builder, signature, args):
+        code = _GroupCode(fmt, n_tokens, isa, context, builder, signature, args)
+        per_pass = BLOCKS_PER_PASS.get(isa, 1) if n_tokens == 1 else 1  # the four-token form's registers are full
+        if per_pass == 1:
+            with cgutils.for_range(builder, code.n_blocks) as loop:
+                code.block(loop.index)
+        else:
+            step = context.get_constant(types.intp, per_pass)
+            passes = builder.udiv(code.n_blocks, step)
+            with cgutils.for_range(builder, passes) as loop:
+                pair = code.pair_factors(builder.mul(loop.index, step))
+                for q in range(per_pass):
+                    sums = code.block(builder.add(builder.mul(loop.index, step), context.get_constant(types.intp, q)), pair[q])
+                    if q + 1 < per_pass:  # one block's integers at a time: interleaved, they spill
+                        _after(builder, sums)
+            done = builder.mul(passes, step)
+            with cgutils.for_range(builder, builder.sub(code.n_blocks, done)) as loop:  # the blocks left over
+                code.block(builder.add(done, loop.index))
+        code.store()
         return context.get_dummy_value()
 
     return codegen

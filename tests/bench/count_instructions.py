@@ -6,7 +6,8 @@ Compiles one group product (eight weight rows against one activation row, and ag
 of Q4_0, Q4_1, Q8_0 and Q4_K for every instruction set in pipeline/vector.py's ISAS on the CPU
 Numba compiles for, takes the assembly (Numba's inspect_asm), finds the loop over weight blocks
 (the one loop of the product: the longest span from a label to a branch back to it) and counts
-its instructions. LLVM may unroll that loop: the fused multiply-adds per block are known (one
+its instructions. LLVM may unroll that loop, and the dot-product path's one-row Q4_0, Q4_1 and
+Q8_0 take two blocks a pass: the fused multiply-adds per block are known (one
 <8 x float> chain per block and token, two with minima), so the count of fma instructions in
 the loop gives the unroll factor. A block is 32 weights (Q4_K: a 256-weight superblock).
 
@@ -91,17 +92,10 @@ def _product(name: str, n_tokens: int, isa: str):
     return nb.njit(_signature(name), nogil=True)(one_group)
 
 
-def _inner_trips(name: str) -> int:
-    """Passes of a loop inside the block loop: a K-quant's dot-product path walks its spans in one."""
-    from caravan.pipeline.formats import kquants
-
-    return kquants.QK_K // kquants.SPAN // kquants.SPANS_PER_PASS if name.endswith("_k") else 1
-
-
 def count(name: str, n_tokens: int, isa: str, arch: str) -> dict:
     """Instructions per block (and per block and token row) of one product."""
     product = _product(name, n_tokens, isa)
-    instructions, fmas = loop_counts(product.inspect_asm(product.signatures[0]), _inner_trips(name))
+    instructions, fmas = loop_counts(product.inspect_asm(product.signatures[0]))
     per_fma = 1 if arch == "x86_64" else 2  # an <8 x float> fma is two NEON fmla
     unroll = max(1, fmas // (FMAS_PER_BLOCK[name] * n_tokens * per_fma))
     return {"format": name, "tokens": n_tokens, "isa": isa, "loop": instructions, "unroll": unroll,
