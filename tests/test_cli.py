@@ -361,6 +361,9 @@ def test_ctrl_c_exits_130_quietly(env):
     process = subprocess.Popen(
         [sys.executable, "-m", "caravan.coordinator", "run", "Once upon a time", "--max-tokens", "200", *ONE_THREAD],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # As a terminal would start it: pytest run in the background of a script inherits
+        # SIGINT ignored (POSIX, for asynchronous commands), and so would caravan.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         process.stdout.read(1)  # the first streamed text: the model is loaded and generating
