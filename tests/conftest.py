@@ -45,6 +45,8 @@ def pytest_cmdline_main(config):
 
 def pytest_configure(config):
     workers.make_lock_folder(config)
+    if hasattr(config, "workerinput"):
+        workers.lock_numba_cache_saves()
     if workers.is_controller(config):
         # pytest-xdist's workers would otherwise race to create the cluster token (a test node
         # or coordinator may read it before it is written), so the controller makes it first.

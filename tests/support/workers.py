@@ -33,9 +33,11 @@ def default_workers() -> int:
 
 def distribute_by_default(config: pytest.Config) -> None:
     """`pytest` alone runs on default_workers(), each test file on one worker (its module-scoped
-    servers start once); `-n N` (`-n 0`: in this process), `-p no:xdist`, --pdb and a worker's
-    own configuration are left as they are."""
+    servers start once); `-n N` (`-n 0`: in this process), `-p no:xdist`, --pdb, a worker's own
+    configuration and a pytest that a worker's test starts (test_nojit.py's: it has the worker's
+    core) are left as they are."""
     if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
+            or "PYTEST_XDIST_WORKER" in os.environ
             or config.option.numprocesses is not None or config.getoption("usepdb")):
         return
     config.option.numprocesses = default_workers()
@@ -90,3 +92,27 @@ def one_worker_at_a_time(name: str) -> Iterator[None]:
     with open(_folder / name, "a") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
         yield
+
+
+def lock_numba_cache_saves() -> None:
+    """Make this process's saves into Numba's kernel cache one at a time per function.
+
+    Numba adds a compiled signature by reading the function's index, picking the first free
+    data file number and writing both back, unlocked (numba/numba#4807): two processes saving
+    two signatures of one function at once can both pick the same number, and the index may
+    then name a file holding the other signature's code. Two workers on a cold cache compile
+    the same kernels side by side; under this lock (one per cache folder) the second reads the
+    first's index."""
+    from numba.core.caching import IndexDataCacheFile
+
+    save = IndexDataCacheFile.save
+    if getattr(save, "locked", False):
+        return
+
+    def locked_save(self, key, data):
+        with open(os.path.join(self._cache_path, "saving.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            save(self, key, data)
+
+    locked_save.locked = True
+    IndexDataCacheFile.save = locked_save
