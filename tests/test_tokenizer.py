@@ -111,9 +111,10 @@ def test_smollm2_header(smol):
 def test_smollm2_builds_fast(smollm2_metadata):
     import time
 
-    start = time.perf_counter()
+    # CPU seconds, which another test running beside it on the same cores does not lengthen.
+    start = time.process_time()
     Tokenizer.from_metadata(smollm2_metadata)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
 
 
 @pytest.mark.model
