@@ -21,7 +21,9 @@ from typing import Iterator
 
 import pytest
 
-MAX_WORKERS = 2  # each worker's tests start servers and nodes of their own: more share the cores too thinly
+# Each worker holds its own loaded models and starts servers and nodes of its own; the suite's
+# wall-time bounds are measured at this many.
+MAX_WORKERS = 2
 LOCK_FOLDER = "caravan_locks"  # the key in each worker's workerinput
 _folder: Path | None = None  # this run's lock folder: made by the controller, known to each worker
 
@@ -35,9 +37,9 @@ def distribute_by_default(config: pytest.Config) -> None:
     """`pytest` alone runs on default_workers(), each test file on one worker (its module-scoped
     servers start once); `-n N` (`-n 0`: in this process), `-p no:xdist`, --pdb, a worker's own
     configuration and a pytest that a worker's test starts (test_nojit.py's: it has the worker's
-    core) are left as they are."""
+    core) are left as they are, and one core keeps the tests in this process."""
     if (not config.pluginmanager.hasplugin("xdist") or hasattr(config, "workerinput")
-            or "PYTEST_XDIST_WORKER" in os.environ
+            or "PYTEST_XDIST_WORKER" in os.environ or default_workers() < 2
             or config.option.numprocesses is not None or config.getoption("usepdb")):
         return
     config.option.numprocesses = default_workers()
