@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as QT
 from caravan.pipeline.catalog import DEFAULT_MODEL, default_cache_dir, pull
 from caravan.pipeline.numba_config import keep_compiled_kernels_in
 from caravan.proto.polling import poll_sockets_in_place
+from support import workers
 from support.serve import N_CTX, Server
 from support.tiny_models import write_tiny_llama
 
@@ -37,8 +38,16 @@ def pytest_addoption(parser):
                           "with FILE, each test's line is also appended there as it ends")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    workers.distribute_by_default(config)
+
+
 def pytest_configure(config):
-    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+    workers.make_lock_folder(config)
+    if hasattr(config, "workerinput"):
+        workers.lock_numba_cache_saves()
+    if workers.is_controller(config):
         # pytest-xdist's workers would otherwise race to create the cluster token (a test node
         # or coordinator may read it before it is written), so the controller makes it first.
         from support.nodes import cluster_token_file
@@ -51,6 +60,21 @@ def pytest_configure(config):
         config.pluginmanager.register(cpu_report, "cpu_report")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    workers.hand_lock_folder_to(node)
+
+
+def pytest_unconfigure(config):
+    workers.remove_lock_folder(config)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_protocol(item, nextitem):
+    with workers.turn(serial=item.get_closest_marker("serial") is not None):
+        return (yield)
+
+
 def pytest_collection_modifyitems(config, items):
     """An oracle test is slow: it loads llama.cpp and runs the model a second time."""
     for item in items:
@@ -60,7 +84,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def smollm2_path():
-    return pull(DEFAULT_MODEL, default_cache_dir(), progress=False)
+    with workers.one_worker_at_a_time("pull"):
+        return pull(DEFAULT_MODEL, default_cache_dir(), progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +99,8 @@ def smollm2(smollm2_path):
 @pytest.fixture(scope="session")
 def gemma3_path():
     """The real Gemma 3 270M (Q4_K_M), pulled once like SmolLM2."""
-    return pull("gemma3-270m", default_cache_dir(), progress=False)
+    with workers.one_worker_at_a_time("pull"):
+        return pull("gemma3-270m", default_cache_dir(), progress=False)
 
 
 @pytest.fixture(scope="session")

@@ -262,6 +262,7 @@ def test_node_that_fails_while_loading_is_named(smollm2_path, tmp_path):
         node.stop()
 
 
+@pytest.mark.serial  # the plan follows the nodes' measured speed, which a neighbour's load changes
 def test_cli_bench_and_nodes_report_hops_and_memory(smollm2_path, node_pool):
     nodes = ",".join(n.address for n in node_pool[:2])
     result = caravan("bench", "--nodes", f"{nodes},local", "--json", "--runs", "1", "--prompt-tokens", "16",

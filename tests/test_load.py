@@ -32,6 +32,7 @@ CACHE_BUDGET = 16 << 20  # each node's prompt cache fills to it by design: count
 HEALTH_LIMIT_S = 1.0
 
 
+@pytest.mark.serial  # /health's bound holds under the test's own load, not another test's too
 def test_thirty_two_clients_for_a_minute_while_others_misbehave(tmp_path):
     nodes = [NodeProcess(tmp_path / f"n{i}", "--cache-budget", str(CACHE_BUDGET)) for i in range(2)]
     server = Server("--nodes", ",".join(n.address for n in nodes), "--max-batch", "32")

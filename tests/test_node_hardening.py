@@ -270,6 +270,7 @@ def test_two_nodes_cannot_share_a_cache_directory(tmp_path):
     NodeProcess(tmp_path / "shared").stop()  # free again once the first has gone
 
 
+@pytest.mark.serial  # a bound on wall time: alone on the machine
 def test_a_node_holding_layers_and_streams_exits_on_sigterm_at_once(model, tmp_path):
     node = NodeProcess(tmp_path / "n")
     client = NodeClient(node.address, cluster_token())

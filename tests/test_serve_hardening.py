@@ -139,6 +139,7 @@ def status_and_json(answer: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body) if body else {}
 
 
+@pytest.mark.serial  # a bound on wall time: alone on the machine
 def test_large_bodies_and_prompts_are_refused_fast_and_health_stays_quick(server):
     """Issue 22, defect 1: a body past --max-body is a 413 (by its Content-Length, and counted
     as a chunked upload comes in), a prompt that cannot fit the context is refused before it is
@@ -304,6 +305,7 @@ def test_api_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
         _api_key(args(api_key_file=tmp_path / "missing"))
 
 
+@pytest.mark.serial  # a bound on wall time: alone on the machine
 def test_sigterm_ends_the_server_quickly_with_requests_in_flight():
     """Issue 22, defect 5: SIGTERM with 4 answers being written ends `serve` within seconds,
     exit code 0, and the key from the environment is the one asked for. Answers still running get
@@ -338,6 +340,7 @@ def test_sigterm_ends_the_server_quickly_with_requests_in_flight():
         s.stop()
 
 
+@pytest.mark.serial  # a bound on wall time: alone on the machine
 def test_sigterm_in_front_of_nodes_closes_their_sessions(tmp_path):
     """Issue 22, defect 5: SIGTERM in front of two nodes, with answers being written, leaves
     no session behind on either node."""

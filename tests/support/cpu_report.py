@@ -3,7 +3,9 @@ measuring the suite on a shared machine: `pytest --cpu-report ...` (tests/confte
 
 Wall time on a busy machine says more about the neighbours than about the tests; CPU seconds
 (this process and the children it has waited for) and the count of processes started do not.
-A module-scoped server is counted in the test whose teardown stops it.
+A module-scoped server is counted in the test whose teardown stops it. Under pytest-xdist each
+worker measures its own tests and hands them to the controller, which reports them all; a test
+measures its own process, not what the other worker runs beside it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import collections
 import resource
 import subprocess
 import time
+
+import pytest
 
 TOP_TESTS = 60
 log_path: str | None = None  # where each test's line goes as it ends (conftest sets it)
@@ -43,10 +47,13 @@ class _Totals:
     def finish(self, nodeid: str):
         wall, cpu, started = self._start
         test = (time.monotonic() - wall, _cpu_s() - cpu, _started - started)
-        self.per_test[nodeid] = test
         if log_path:
             with open(log_path, "a") as log:
                 log.write(f"{test[0]:.2f}\t{test[1]:.2f}\t{test[2]}\t{nodeid}\n")
+        self.add(nodeid, test)
+
+    def add(self, nodeid: str, test: tuple[float, float, int]):
+        self.per_test[nodeid] = test
         row = self.per_file[nodeid.split("::", 1)[0]]
         row[0] += 1
         for i, value in enumerate(test, start=1):
@@ -58,9 +65,21 @@ _totals = _Totals()
 
 def pytest_sessionstart(session):
     global _controller
-    # pytest-xdist's controller hears of its workers' tests interleaved: they count them (with FILE).
+    # pytest-xdist's controller hears of its workers' tests interleaved: they measure them.
     _controller = session.config.pluginmanager.hasplugin("dsession")
     subprocess.Popen.__init__ = _counting_init
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["cpu_report"] = [[nodeid, *test] for nodeid, test in _totals.per_test.items()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """A pytest-xdist worker has finished: its tests join the report."""
+    for nodeid, *test in getattr(node, "workeroutput", {}).get("cpu_report", []):
+        _totals.add(nodeid, tuple(test))
 
 
 def pytest_runtest_logstart(nodeid, location):
