@@ -191,9 +191,7 @@ class Sampler:
         penalties), so whoever holds the logits picks the same token: a last stage holding the
         output head may pick it (generate.Pipeline.choose_greedily)."""
         p = self.params
-        penalties_off = p.repeat_last_n == 0 or (
-            p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0)
-        return p.temperature == 0.0 and self.constraint is None and not p.logit_bias and penalties_off
+        return p.temperature == 0.0 and self.constraint is None and not p.logit_bias and not self._penalties_on
 
     def sample(self, logits: np.ndarray, previous_tokens: Sequence[int] = ()) -> int:
         """The next token id; `logits` is (vocab,) and is not modified. With a constraint, only a
@@ -211,15 +209,13 @@ class Sampler:
         """Plain greedy's token when the constraint accepts it, else None: the argmax of the masked
         logits is the unmasked argmax whenever that is allowed, which spares building and applying
         the whole mask on most steps (llama.cpp's sampler checks its grammar the same way)."""
-        p = self.params
-        if p.temperature != 0.0 or p.logit_bias or self._penalises(previous_tokens):
+        if not self._plain_greedy(previous_tokens):
             return None
         best = int(np.argmax(logits))
         return best if np.isfinite(logits[best]) and self.constraint.accepts(best) else None
 
     def _draw(self, logits: np.ndarray, previous_tokens: Sequence[int]) -> int:
-        p = self.params
-        if p.temperature == 0.0 and not p.logit_bias and not self._penalises(previous_tokens):
+        if self._plain_greedy(previous_tokens):
             # np.argmax returns the first maximum (ties go to the lowest id), and the first NaN
             # if there is one: one pass over the logits checks them and picks the token.
             _check_shape(logits)
@@ -227,7 +223,7 @@ class Sampler:
             _check_top(logits[best])
             return best
         ids, probs = self._candidates(logits, previous_tokens)
-        if p.temperature == 0.0:
+        if self.params.temperature == 0.0:
             return int(ids[0])
         return int(ids[inverse_cdf(probs, self._rng.random())])
 
@@ -241,7 +237,10 @@ class Sampler:
             _check_shape(logits)
             logits = masked(logits, self.constraint.allowed())
         p = self.distribution(logits, previous_tokens)  # (vocab,) float64
-        ratio = p[proposed] / q[proposed] if q[proposed] > 0 else np.inf * (p[proposed] > 0)  # q > 0 where drawn
+        if q[proposed] > 0:
+            ratio = p[proposed] / q[proposed]
+        else:  # q is positive wherever a token was drawn; kept only if p allows it at all
+            ratio = np.inf if p[proposed] > 0 else 0.0
         if ratio >= 1.0 or (ratio > 0.0 and self._rng.random() < ratio):
             token = proposed
         else:
@@ -282,10 +281,19 @@ class Sampler:
             kept = kept[: min_p_count(kept, p.min_p)]
         return ids[: kept.shape[0]], softmax(kept / np.float32(p.temperature))  # (n_kept,) each
 
-    def _penalises(self, previous_tokens: Sequence[int]) -> bool:
+    def _plain_greedy(self, previous_tokens: Sequence[int]) -> bool:
+        """The argmax of the logits as they are: temperature 0, no bias, no penalty after `previous_tokens`."""
+        p = self.params
+        return p.temperature == 0.0 and not p.logit_bias and not self._penalises(previous_tokens)
+
+    @property
+    def _penalties_on(self) -> bool:
         p = self.params
         off = p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-        return not (off or p.repeat_last_n == 0 or len(previous_tokens) == 0)
+        return not (off or p.repeat_last_n == 0)
+
+    def _penalises(self, previous_tokens: Sequence[int]) -> bool:
+        return self._penalties_on and len(previous_tokens) > 0
 
     def _biased(self, logits: np.ndarray) -> np.ndarray:
         if not self._bias_ids.size:
